@@ -1,0 +1,175 @@
+"""The ``airi`` command: ``up``, ``down``, ``status``, ``chat``.
+
+``airi up`` starts a local Ray head (unless one runs or ``--address`` names a cluster),
+deploys an app spec and serves the OpenAI-compatible API; ``airi down`` undoes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = "deployments/quickstart.yaml"
+
+
+def _ray_running() -> bool:
+    return subprocess.run(
+        ["ray", "status"], capture_output=True, text=True, env=os.environ | {"RAY_ADDRESS": "auto"}
+    ).returncode == 0
+
+
+def _start_ray(resources: str | None, num_cpus: int | None) -> None:
+    cmd = [
+        "ray", "start", "--head", "--disable-usage-stats",
+        "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+    ]
+    if resources:
+        cmd += ["--resources", resources]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    print("starting a local Ray cluster:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from airi_ray.client import deploy, init_ray
+    from airi_ray.config import load_spec
+
+    spec = load_spec(args.config)
+    if args.port is not None:
+        spec = spec.model_copy(update={"ingress": spec.ingress.model_copy(update={"port": args.port})})
+    if args.address is None and not _ray_running():
+        _start_ray(args.resources, args.num_cpus)
+    init_ray(args.address or "auto")
+    print(f"deploying {args.config} (models load in the background; this waits until ready)", flush=True)
+    status = deploy(spec)
+    _print_status(status)
+    if spec.ingress.enabled:
+        print(f"\nOpenAI-compatible API: http://{spec.ingress.host}:{spec.ingress.port}/v1")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from airi_ray.client import init_ray, shutdown
+
+    if _ray_running() or args.address:
+        init_ray(args.address or "auto")
+        shutdown()
+        print("airi app stopped")
+    if not args.keep_ray and args.address is None:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        print("local Ray cluster stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from airi_ray.client import connect
+
+    status = connect(args.address or "auto").status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    return 0
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    print(f"app: {status['app']}")
+    print(f"{'MODEL':<20} {'VERSION':<8} {'TASK':<9} {'READY':>5}/{'WANT':<5} {'CTX':>6}  ERROR")
+    for m in status["models"]:
+        print(
+            f"{m['name']:<20} {m['version']:<8} {m['task']:<9} {m['ready_replicas']:>5}/{m['replicas']:<5} "
+            f"{m['max_model_len'] or '-':>6}  {m.get('error') or ''}"
+        )
+    print(f"\n{'REPLICA':<32} {'STATE':<9} {'ACCEL':<6} {'RUN':>4} {'WAIT':>4} {'KV%':>5}")
+    for r in status["replicas"]:
+        print(
+            f"{r['replica_id']:<32} {r['state']:<9} {r['accelerator']:<6} {r['running']:>4} "
+            f"{r['waiting']:>4} {100 * r['kv_cache_usage']:>5.1f}"
+        )
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from airi_ray.client import connect
+
+    client = connect(args.address or "auto", api_key=args.api_key)
+    model = args.model or next((m["name"] for m in client.models() if m["task"] == "generate"), None)
+    if model is None:
+        print("no chat model is deployed", file=sys.stderr)
+        return 1
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {model}; empty line or Ctrl-D to quit")
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            if interactive:
+                break
+            continue
+        history.append({"role": "user", "content": line})
+        print(f"{model}> ", end="", flush=True)
+        answer = []
+        for piece in client.chat(model, history, stream=True, max_tokens=args.max_tokens, temperature=args.temperature):
+            answer.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(answer)})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="airi", description="AI runtime on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start or join a Ray cluster and deploy an app spec")
+    up.add_argument("--config", default=DEFAULT_CONFIG, help=f"app spec YAML (default {DEFAULT_CONFIG})")
+    up.add_argument("--port", type=int, default=None, help="HTTP port (overrides the spec)")
+    up.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one)")
+    up.add_argument("--resources", default=None, help='extra Ray resources for a new local head, as JSON')
+    up.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local head")
+    up.set_defaults(fn=cmd_up)
+
+    down = sub.add_parser("down", help="stop the app and the local Ray cluster")
+    down.add_argument("--address", default=None)
+    down.add_argument("--keep-ray", action="store_true", help="leave the Ray cluster running")
+    down.set_defaults(fn=cmd_down)
+
+    st = sub.add_parser("status", help="models, replicas and their state")
+    st.add_argument("--address", default=None)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    chat = sub.add_parser("chat", help="chat with a deployed model (stdin lines)")
+    chat.add_argument("--model", default=None)
+    chat.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
+    chat.add_argument("--address", default=None)
+    chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.set_defaults(fn=cmd_chat)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from airi_ray.core.errors import AiriError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except AiriError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The app spec: typed, validated description of what airi deploys.
+
+An app spec names models (with engine arguments and replica counts), tenants with their
+API keys, and scheduler and ingress settings. It is loaded from YAML (``load_spec``) or
+built in Python; unknown fields are refused so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from airi_ray.core.errors import InvalidRequest
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Spec):
+    """One served model and how its replicas run."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Name clients use in the `model` field.")
+    version: str = Field("1", pattern=r"^[A-Za-z0-9._-]{1,32}$", description="Version label.")
+    model: str = Field(
+        min_length=1,
+        description=(
+            "Weights to load: a local directory (`~` and $VARS expand), a Hugging Face id, "
+            "or `package:MODULE/SUBDIR` for weights shipped inside an installed Python package."
+        ),
+    )
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="`generate` for chat/completions, `embed` for embeddings."
+    )
+    replicas: int = Field(1, ge=0, le=64, description="Number of engine replicas.")
+    max_concurrency: int = Field(
+        64, ge=1, le=4096, description="Requests one replica runs at once (vLLM max_num_seqs)."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources per replica, e.g. accelerator_type:L4."
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, le=256, description="Threads for CPU kernels (OMP_NUM_THREADS) in the engine."
+    )
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE); GPU ignores it."
+    )
+    probe_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="A health probe (one real token) must finish within this."
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments passed through (dtype, max_model_len, ...).",
+    )
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class TenantSpec(_Spec):
+    """A tenant and the API keys that authenticate as it."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Tenant name used in metrics and usage.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer keys of this tenant (at least 16 characters)."
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if len(k) < 16:
+                raise ValueError("each API key must have at least 16 characters")
+        return keys
+
+
+class SchedulerSpec(_Spec):
+    max_queue_per_model: int = Field(
+        1024, ge=1, description="Requests allowed to wait per model before 503 queue_full."
+    )
+    queue_timeout_s: float = Field(
+        60.0, gt=0, description="A request waiting longer than this for a replica gets 503."
+    )
+
+
+class IngressSpec(_Spec):
+    enabled: bool = Field(True, description="Start the OpenAI-compatible HTTP API.")
+    host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP API.")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Larger request bodies are refused with 413."
+    )
+    auth: Literal["keys", "none"] = Field(
+        "keys", description="`keys`: every request needs a tenant key; `none`: local experiments."
+    )
+
+
+class AppSpec(_Spec):
+    """Everything one airi app deploys."""
+
+    name: str = Field("default", pattern=NAME_PATTERN, description="App name.")
+    models: list[ModelSpec] = Field(default_factory=list, description="Served models.")
+    tenants: list[TenantSpec] = Field(default_factory=list, description="Tenants and keys.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    ingress: IngressSpec = Field(default_factory=IngressSpec)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppSpec:
+        for what, names in (
+            ("model", [m.name for m in self.models]),
+            ("tenant", [t.name for t in self.tenants]),
+        ):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
+        keys = [k for t in self.tenants for k in t.api_keys]
+        if len(keys) != len(set(keys)):
+            raise ValueError("an API key may belong to only one tenant")
+        return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def parse_spec(data: Any, source: str = "spec") -> AppSpec:
+    """Validate a spec given as a dict; raises ``InvalidRequest`` naming every bad field."""
+    try:
+        return AppSpec.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise InvalidRequest(f"invalid app spec in {source}: {problems}") from None
+
+
+def load_spec(path: str | Path) -> AppSpec:
+    """Read and validate an app spec from a YAML file."""
+    p = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise InvalidRequest(f"app spec file {p} does not exist") from None
+    except yaml.YAMLError as e:
+        raise InvalidRequest(f"app spec file {p} is not valid YAML: {e}") from None
+    return parse_spec(data, source=str(p))

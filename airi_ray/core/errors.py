@@ -1,0 +1,78 @@
+"""Typed errors that reach users.
+
+Each error carries the HTTP status, the OpenAI error ``type`` and ``code`` it maps to, and
+a message that says what was wrong and what is allowed. They pickle cleanly, so an error
+raised inside a Ray actor arrives at the caller as the same type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AiriError(Exception):
+    """Base of every user-facing airi error."""
+
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.code))
+
+    def to_body(self) -> dict[str, dict[str, Any]]:
+        """The OpenAI error body: ``{"error": {"message", "type", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+def _rebuild(cls: type[AiriError], message: str, code: str | None) -> AiriError:
+    return cls(message, code=code)
+
+
+class InvalidRequest(AiriError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextWindowExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(AiriError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(AiriError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(AiriError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Overloaded(AiriError):
+    """The model's queue is full; the caller should retry later."""
+
+    status = 503
+    type = "overloaded_error"
+    code = "queue_full"
+
+
+class ReplicaUnavailable(AiriError):
+    """No ready replica could serve the request (none deployed, or all failed)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_ready_replica"

@@ -1,0 +1,123 @@
+"""What a model call asks for, validated once for every surface (HTTP, Python, graphs).
+
+Each check raises ``InvalidRequest`` with a message that names the field, the value and
+what is allowed, so the HTTP layer and the Python client report the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from airi_ray.core.errors import ContextWindowExceeded, InvalidRequest
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters of one generation; ``max_tokens=None`` means "up to the window"."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidRequest(f"temperature must be between 0 and 2, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequest("stop must be at most 4 non-empty strings")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": list(self.stop),
+            "seed": self.seed,
+            "ignore_eos": self.ignore_eos,
+        }
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+def parse_messages(messages: Any) -> list[ChatMessage]:
+    """Validate OpenAI-style chat messages (a non-empty list of ``{role, content}``)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
+    parsed = []
+    for i, m in enumerate(messages):
+        if isinstance(m, ChatMessage):
+            parsed.append(m)
+            continue
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
+        if isinstance(content, list):  # OpenAI content parts: only text is supported
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise InvalidRequest(f"messages[{i}].content parts must all be of type 'text'")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        parsed.append(ChatMessage(role, content))
+    return parsed
+
+
+def resolve_max_tokens(
+    model: str, prompt_tokens: int, max_tokens: int | None, max_model_len: int
+) -> int:
+    """The output budget of a request, refusing what can never fit the context window.
+
+    Raises:
+        ContextWindowExceeded: prompt plus ``max_tokens`` is longer than ``max_model_len``.
+    """
+    if max_tokens is None:
+        if prompt_tokens >= max_model_len:
+            raise ContextWindowExceeded(
+                f"model {model!r} has a context window of {max_model_len} tokens; the prompt "
+                f"alone has {prompt_tokens} tokens, which leaves no room for output"
+            )
+        return max_model_len - prompt_tokens
+    if prompt_tokens + max_tokens > max_model_len:
+        raise ContextWindowExceeded(
+            f"model {model!r} has a context window of {max_model_len} tokens; the prompt has "
+            f"{prompt_tokens} tokens and max_tokens is {max_tokens} ({prompt_tokens + max_tokens} "
+            f"in all). Shorten the prompt or lower max_tokens to at most "
+            f"{max(max_model_len - prompt_tokens, 0)}."
+        )
+    return max_tokens
+
+
+@dataclass
+class Usage:
+    """Token counts and timings of one finished call, reported at release."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    e2e_s: float = 0.0
+    finish_reason: str | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.ttft_s is None or self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)

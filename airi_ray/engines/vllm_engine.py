@@ -1,0 +1,164 @@
+"""A model engine: vLLM's ``AsyncLLM`` (continuous batching) behind a small interface.
+
+The replica actor talks to this class only, so the engine arguments, the sampling and
+pooling parameter types and the stats plumbing of vLLM live in this one module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airi_ray.config import ModelSpec
+from airi_ray.core.errors import InvalidRequest
+from airi_ray.engines.source import resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Engine state read from vLLM's scheduler stats (updated every engine step)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int = 0  # tokens found there, cumulative
+    steps: int = 0
+
+
+def _stat_logger_class(stats: EngineStats) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Recorder(StatLoggerBase):
+        """Copies vLLM's per-step scheduler stats into ``stats``."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kw: Any) -> None:
+            if scheduler_stats is None:
+                return
+            stats.running = scheduler_stats.num_running_reqs
+            stats.waiting = scheduler_stats.num_waiting_reqs
+            stats.kv_cache_usage = scheduler_stats.kv_cache_usage
+            pc = scheduler_stats.prefix_cache_stats
+            stats.prefix_cache_queries += pc.queries
+            stats.prefix_cache_hits += pc.hits
+            stats.steps += 1
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _Recorder
+
+
+def engine_args(spec: ModelSpec) -> Any:
+    """The ``AsyncEngineArgs`` of a model spec; unknown engine keys are refused by name."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    allowed = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(spec.engine) - allowed)
+    if unknown:
+        raise InvalidRequest(
+            f"model {spec.name!r}: unknown vLLM engine arguments {', '.join(unknown)} "
+            "(see vLLM's AsyncEngineArgs for the allowed names)"
+        )
+    kwargs: dict[str, Any] = {
+        "model": resolve_model_source(spec.model),
+        "max_num_seqs": spec.max_concurrency,
+        "disable_log_stats": True,  # our stat logger still receives every step
+        "enable_log_requests": False,
+    }
+    if spec.task == "embed":
+        kwargs["runner"] = "pooling"
+    kwargs.update(spec.engine)
+    return AsyncEngineArgs(**kwargs)
+
+
+class Engine:
+    """One vLLM engine serving generation or embeddings for one model spec."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.spec = spec
+        self.stats = EngineStats()
+        self._llm = AsyncLLM.from_engine_args(
+            engine_args(spec), stat_loggers=[_stat_logger_class(self.stats)]
+        )
+        self.max_model_len: int = self._llm.model_config.max_model_len
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any]
+    ) -> AsyncIterator[tuple[str, int, str | None]]:
+        """Stream ``(new_text, new_token_count, finish_reason)`` per engine step.
+
+        Closing the iterator early aborts the request in the engine.
+        """
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = SamplingParams(
+            max_tokens=params["max_tokens"],
+            temperature=params.get("temperature", 1.0),
+            top_p=params.get("top_p", 1.0),
+            stop=params.get("stop") or None,
+            seed=params.get("seed"),
+            ignore_eos=params.get("ignore_eos", False),
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = {"prompt_token_ids": prompt_token_ids}
+        async for out in self._llm.generate(prompt, sampling, request_id):
+            c = out.outputs[0]
+            yield c.text, len(c.token_ids), c.finish_reason if out.finished else None
+
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Embed pre-tokenized inputs, all at once (the engine batches them)."""
+        from vllm import PoolingParams
+
+        async def one(ids: list[int]) -> list[float]:
+            rid = f"embed-{uuid.uuid4().hex}"
+            result = None
+            async for out in self._llm.encode(
+                {"prompt_token_ids": ids}, PoolingParams(task="embed"), rid
+            ):
+                result = out
+            assert result is not None
+            return [float(x) for x in result.outputs.data.tolist()]
+
+        return list(await asyncio.gather(*(one(ids) for ids in token_ids)))
+
+    async def abort(self, request_ids: list[str]) -> None:
+        await self._llm.abort(request_ids)
+
+    async def probe(self, timeout_s: float) -> float:
+        """One real token (or one embedding) within ``timeout_s``; returns seconds taken.
+
+        An engine can hang while its process looks alive; only real work proves it serves.
+        """
+        start = time.perf_counter()
+        rid = f"probe-{uuid.uuid4().hex}"
+
+        async def run() -> None:
+            if self.spec.task == "embed":
+                await self.embed([[0, 1]])
+                return
+            async for _ in self.generate(rid, [0], {"max_tokens": 1, "temperature": 0.0}):
+                pass
+
+        try:
+            await asyncio.wait_for(run(), timeout_s)
+        except TimeoutError:
+            await self.abort([rid])
+            raise
+        return time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,1 @@
+"""Model builders for demos and tests (e.g. the tiny support model in ``tiny``)."""

@@ -1,0 +1,1 @@
+"""Metric definitions of airi (names prefixed ``airi_``)."""

@@ -1,0 +1,133 @@
+"""The metric catalogue: every ``airi_`` metric is defined here and nowhere else.
+
+``RuntimeMetrics`` lives in the scheduler actor, which sees every request's lease and
+release whatever surface it came from (HTTP, Python client, graphs), and the engine stats
+the controller collects from replicas. ``HttpMetrics`` lives in each ingress replica.
+Each owns a private registry, so ``/metrics`` concatenates their texts without clashes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from airi_ray.core.requests import Usage
+from airi_ray.core.stats import RateWindow
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+class _EngineCollector(Collector):
+    """Exports the latest engine stats of each replica (pushed by the controller)."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, dict[str, Any]] = {}
+
+    def collect(self) -> Iterator[Any]:
+        gauges = {
+            "running": GaugeMetricFamily(
+                "airi_engine_running_requests", "Requests running in the engine", labels=["model", "replica"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "airi_engine_waiting_requests", "Requests waiting inside the engine", labels=["model", "replica"]
+            ),
+            "kv_cache_usage": GaugeMetricFamily(
+                "airi_kv_cache_usage_ratio", "Fraction of the KV cache in use", labels=["model", "replica"]
+            ),
+        }
+        queries = CounterMetricFamily(
+            "airi_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=["model", "replica"]
+        )
+        hits = CounterMetricFamily(
+            "airi_prefix_cache_hits", "Prompt tokens found in the prefix cache", labels=["model", "replica"]
+        )
+        rate = GaugeMetricFamily(
+            "airi_prefix_cache_hit_rate", "Prefix-cache hits over queries since start", labels=["model"]
+        )
+        per_model: dict[str, list[int]] = {}
+        for rid, s in sorted(self.replicas.items()):
+            labels = [s["model"], rid]
+            for key, g in gauges.items():
+                g.add_metric(labels, float(s.get(key, 0)))
+            queries.add_metric(labels, float(s.get("prefix_cache_queries", 0)))
+            hits.add_metric(labels, float(s.get("prefix_cache_hits", 0)))
+            acc = per_model.setdefault(s["model"], [0, 0])
+            acc[0] += int(s.get("prefix_cache_hits", 0))
+            acc[1] += int(s.get("prefix_cache_queries", 0))
+        for model, (h, q) in sorted(per_model.items()):
+            rate.add_metric([model], h / q if q else 0.0)
+        yield from gauges.values()
+        yield from (queries, hits, rate)
+
+
+class RuntimeMetrics:
+    """Request, token, queue and engine metrics labelled by model and tenant."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "airi_requests", "Finished model calls", ["model", "tenant", "outcome"], registry=r
+        )
+        self.ttft = Histogram(
+            "airi_ttft_seconds", "Time to first token", ["model", "tenant"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "airi_time_per_output_token_seconds", "Time per output token after the first", ["model"],
+            buckets=TPOT_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "airi_request_latency_seconds", "End-to-end latency of a model call", ["model", "tenant"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "airi_queue_wait_seconds", "Time from acquire to lease", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.input_tokens = Counter("airi_input_tokens", "Prompt tokens", ["model", "tenant"], registry=r)
+        self.output_tokens = Counter("airi_output_tokens", "Generated tokens", ["model", "tenant"], registry=r)
+        self.queue_depth = Gauge("airi_queue_depth", "Requests waiting for a replica", ["model"], registry=r)
+        self.in_flight = Gauge("airi_in_flight_requests", "Leased requests", ["model"], registry=r)
+        self.tokens_per_s = Gauge(
+            "airi_output_tokens_per_second", "Output tokens per second over the last 10 s", ["model"], registry=r
+        )
+        self.replicas = Gauge("airi_replicas", "Replicas by state", ["model", "state"], registry=r)
+        self.engines = _EngineCollector()
+        r.register(self.engines)
+        self._rates: dict[str, RateWindow] = {}
+
+    def record_call(self, model: str, tenant: str, usage: Usage, queue_wait_s: float) -> None:
+        self.requests.labels(model, tenant, "error" if usage.error else "ok").inc()
+        self.queue_wait.labels(model).observe(queue_wait_s)
+        self.input_tokens.labels(model, tenant).inc(usage.prompt_tokens)
+        self.output_tokens.labels(model, tenant).inc(usage.completion_tokens)
+        self.e2e.labels(model, tenant).observe(usage.e2e_s)
+        if usage.ttft_s is not None:
+            self.ttft.labels(model, tenant).observe(usage.ttft_s)
+        if usage.tpot_s is not None:
+            self.tpot.labels(model).observe(usage.tpot_s)
+        self._rates.setdefault(model, RateWindow(10.0)).add(time.monotonic(), usage.completion_tokens)
+
+    def text(self) -> bytes:
+        now = time.monotonic()
+        for model, window in self._rates.items():
+            self.tokens_per_s.labels(model).set(window.rate(now))
+        return generate_latest(self.registry)
+
+
+class HttpMetrics:
+    """HTTP-level counts of one ingress replica, by route and status code."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.responses = Counter(
+            "airi_http_responses", "HTTP responses", ["route", "code"], registry=self.registry
+        )
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

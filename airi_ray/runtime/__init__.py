@@ -1,0 +1,10 @@
+"""Ray actors (thin shells around ``airi_ray.core`` objects) and the one call path.
+
+``actors`` applies ``ray.remote`` in one place; ``replica``, ``scheduler`` and ``controller``
+are plain classes; ``calls`` is the path every model call takes (acquire a lease, stream from
+the replica, release), shared by the client, the ingress and, later, graphs.
+"""
+
+NAMESPACE = "airi"
+CONTROLLER_NAME = "airi-controller"
+SCHEDULER_NAME = "airi-scheduler"

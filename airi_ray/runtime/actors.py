@@ -1,0 +1,85 @@
+"""The one place ``ray.remote`` is applied, with options taken from the app spec.
+
+The actor classes (``ModelReplica``, ``GlobalScheduler``, ``Controller``) are plain Python
+classes; this module turns them into named Ray actors and finds them again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from airi_ray.config import ModelSpec
+from airi_ray.runtime import CONTROLLER_NAME, NAMESPACE, SCHEDULER_NAME
+
+# Async actors: thousands of concurrent calls (waiting acquires, open channels) are normal.
+_MAX_CONCURRENCY = 10_000
+
+
+def replica_options(spec: ModelSpec, replica_id: str) -> dict[str, Any]:
+    env = {
+        # Ray gives num_cpus=0 actors one OMP thread; set the engine's threads explicitly.
+        "OMP_NUM_THREADS": str(spec.cpu_threads or max(int(spec.num_cpus), 1)),
+        "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib or 1),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return {
+        "name": replica_id,
+        "namespace": NAMESPACE,
+        "num_cpus": spec.num_cpus,
+        "num_gpus": spec.num_gpus,
+        "resources": dict(spec.resources),
+        "max_concurrency": _MAX_CONCURRENCY,
+        "max_restarts": 0,  # the controller replaces dead replicas itself
+        "runtime_env": {"env_vars": env},
+    }
+
+
+def start_replica(replica_id: str, spec: ModelSpec) -> Any:
+    from airi_ray.runtime.replica import ModelReplica
+
+    cls = ray.remote(ModelReplica).options(**replica_options(spec, replica_id))
+    return cls.remote(replica_id, spec.model_dump())
+
+
+def get_or_start_scheduler() -> Any:
+    from airi_ray.runtime.scheduler import GlobalScheduler
+
+    return (
+        ray.remote(GlobalScheduler)
+        .options(
+            name=SCHEDULER_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=0,
+            max_concurrency=_MAX_CONCURRENCY,
+        )
+        .remote()
+    )
+
+
+def get_or_start_controller() -> Any:
+    from airi_ray.runtime.controller import Controller
+
+    return (
+        ray.remote(Controller)
+        .options(
+            name=CONTROLLER_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            max_concurrency=_MAX_CONCURRENCY,
+        )
+        .remote()
+    )
+
+
+def get_actor(name: str) -> Any:
+    """A named airi actor; raises ``ValueError`` when it does not exist."""
+    return ray.get_actor(name, namespace=NAMESPACE)

@@ -1,0 +1,370 @@
+"""The call path every model call takes: acquire a lease, stream from the replica, release.
+
+``CallPath`` lives in the caller's process (an ingress replica, a driver using the Python
+client, later the graph executor) and is bound to one asyncio loop. Per request it
+tokenizes (applying the chat template), refuses what cannot fit the context window,
+acquires a lease from the scheduler, streams tokens straight from the chosen replica over
+that replica's channel, and releases the lease with the real usage. A request whose
+replica dies before it produced a token is retried on another replica.
+
+Messages to actors are coalesced per event-loop turn (submits per replica, releases to
+the scheduler): a Ray call costs about as much as generating several tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import ray
+
+from airi_ray.core.errors import AiriError, ContextWindowExceeded, InvalidRequest, ModelNotFound, ReplicaUnavailable
+from airi_ray.core.requests import ChatMessage, GenerationParams, Usage, resolve_max_tokens
+from airi_ray.core.scheduling import AcquireRequest, Lease
+from airi_ray.engines.source import resolve_model_source
+from airi_ray.runtime import CONTROLLER_NAME, SCHEDULER_NAME, actors
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_ATTEMPTS = 3
+MODEL_INFO_TTL_S = 5.0
+
+
+class ReplicaDied(Exception):
+    """The replica's actor died while serving the request."""
+
+
+class _Coalescer(Generic[T]):
+    """Collects items during one event-loop turn and hands them to ``flush`` as one list."""
+
+    def __init__(self, flush: Callable[[list[T]], None]) -> None:
+        self._flush = flush
+        self._items: list[T] = []
+
+    def add(self, item: T) -> None:
+        if not self._items:
+            asyncio.get_running_loop().call_soon(self._drain)
+        self._items.append(item)
+
+    def _drain(self) -> None:
+        items, self._items = self._items, []
+        if items:
+            self._flush(items)
+
+
+class ReplicaChannel:
+    """This process's single stream from one replica, demultiplexed to its requests."""
+
+    def __init__(self, replica_id: str, handle: Any, channel_id: str) -> None:
+        self.replica_id = replica_id
+        self._handle = handle
+        self._channel_id = channel_id
+        self._queues: dict[str, asyncio.Queue[tuple[str, int, str | None, str | None] | BaseException]] = {}
+        self._submits = _Coalescer[tuple[str, list[int], dict[str, Any]]](self._send_submits)
+        self._aborts = _Coalescer[str](self._send_aborts)
+        self._reader: asyncio.Task[None] | None = None
+        self.dead: BaseException | None = None
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: dict[str, Any]
+    ) -> AsyncIterator[tuple[str, int, str | None]]:
+        """Yield ``(text, n_tokens, finish_reason)``; leaving early aborts the request."""
+        if self.dead is not None:
+            raise ReplicaDied(str(self.dead))
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._submits.add((request_id, prompt_ids, params))
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                text, n, finish, error = item
+                while not queue.empty() and finish is None:  # merge what piled up meanwhile
+                    more = queue.get_nowait()
+                    if isinstance(more, BaseException):
+                        queue.put_nowait(more)
+                        break
+                    text, n, finish, error = text + more[0], n + more[1], more[2], more[3]
+                if error is not None:
+                    raise InvalidRequest(f"the engine refused the request: {error}")
+                finished = finish is not None
+                yield text, n, finish
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and self.dead is None:
+                self._aborts.add(request_id)
+
+    def _send_submits(self, calls: list[tuple[str, list[int], dict[str, Any]]]) -> None:
+        ref = self._handle.submit.remote(self._channel_id, calls)
+        ref.future().add_done_callback(lambda f: self._on_send_done(f, [c[0] for c in calls]))
+
+    def _send_aborts(self, request_ids: list[str]) -> None:
+        self._handle.abort.remote(request_ids).future().add_done_callback(lambda f: f.exception())
+
+    def _on_send_done(self, fut: Any, request_ids: list[str]) -> None:
+        err = fut.exception()
+        if err is not None:  # the replica could not take them: their callers see why
+            loop = self._reader.get_loop() if self._reader else None
+            if loop is not None:
+                loop.call_soon_threadsafe(self._fail, request_ids, ReplicaDied(str(err)))
+
+    def _fail(self, request_ids: list[str], err: BaseException) -> None:
+        for rid in request_ids:
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(err)
+
+    async def _read(self) -> None:
+        gen = self._handle.open_channel.options(num_returns="streaming").remote(self._channel_id)
+        try:
+            async for ref in gen:
+                for rid, text, n, finish, error in await ref:
+                    q = self._queues.get(rid)
+                    if q is not None:
+                        q.put_nowait((text, n, finish, error))
+            raise RuntimeError("the replica closed the channel")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.dead = e
+            self._fail(list(self._queues), ReplicaDied(f"replica {self.replica_id}: {e}"))
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    version: str
+    task: str
+    source: str
+    max_model_len: int | None
+    ready_replicas: int
+    tokenizer: Any = None
+
+
+@dataclass
+class Generation:
+    """A streamed generation; iterate for ``(text, n_tokens, finish_reason)``, then read usage."""
+
+    request_id: str
+    model: str
+    usage: Usage = field(default_factory=Usage)
+    _stream: AsyncIterator[tuple[str, int, str | None]] | None = None
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, int, str | None]]:
+        assert self._stream is not None
+        return self._stream
+
+    async def text(self) -> str:
+        return "".join([t async for t, _, _ in self])
+
+
+class CallPath:
+    """Runs model calls from this process; one per asyncio loop."""
+
+    def __init__(self) -> None:
+        self.caller_id = uuid.uuid4().hex
+        self._scheduler = actors.get_actor(SCHEDULER_NAME)
+        self._controller = actors.get_actor(CONTROLLER_NAME)
+        self._channels: dict[str, ReplicaChannel] = {}
+        self._handles: dict[str, Any] = {}
+        self._models: dict[str, ModelInfo] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._models_at = 0.0
+        self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](
+            lambda items: self._scheduler.release.remote(items)
+        )
+
+    # -- models and tokenizers -----------------------------------------------------------
+
+    async def list_models(self, refresh: bool = False) -> list[ModelInfo]:
+        if refresh or time.monotonic() - self._models_at > MODEL_INFO_TTL_S:
+            infos = await self._controller.models.remote()
+            self._models = {i["name"]: ModelInfo(**{k: i[k] for k in ModelInfo.__dataclass_fields__ if k in i}) for i in infos}
+            self._models_at = time.monotonic()
+        return list(self._models.values())
+
+    async def model(self, name: str, task: str) -> ModelInfo:
+        """The model's info; refreshes once before deciding it does not exist."""
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("model must be a non-empty string naming a deployed model")
+        for refresh in (False, True):
+            await self.list_models(refresh)
+            info = self._models.get(name)
+            if info is not None:
+                break
+        else:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise ModelNotFound(f"model {name!r} is not deployed; deployed models: {known}")
+        if info.task != task:
+            what = "chat/completions" if task == "generate" else "embeddings"
+            raise InvalidRequest(f"model {name!r} serves {info.task!r}, it cannot be used for {what}")
+        if info.max_model_len is None:
+            raise ReplicaUnavailable(f"model {name!r} has no ready replica yet; retry shortly")
+        if info.tokenizer is None:
+            info.tokenizer = await asyncio.to_thread(self._load_tokenizer, info.source)
+        return info
+
+    def _load_tokenizer(self, source: str) -> Any:
+        if source not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[source] = AutoTokenizer.from_pretrained(resolve_model_source(source))
+        return self._tokenizers[source]
+
+    # -- generation --------------------------------------------------------------------
+
+    async def chat(
+        self, model: str, messages: list[ChatMessage], params: GenerationParams, tenant: str
+    ) -> Generation:
+        info = await self.model(model, "generate")
+        if getattr(info.tokenizer, "chat_template", None) is None:
+            raise InvalidRequest(f"model {model!r} has no chat template; use completions instead")
+        ids = info.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=True,
+            tokenize=True,
+        )
+        if not isinstance(ids, list):  # transformers may return a BatchEncoding
+            ids = list(ids["input_ids"])
+        return self._generation(info, list(ids), params, tenant)
+
+    async def complete(self, model: str, prompt: str, params: GenerationParams, tenant: str) -> Generation:
+        if not isinstance(prompt, str):
+            raise InvalidRequest("prompt must be a string")
+        info = await self.model(model, "generate")
+        ids = info.tokenizer(prompt)["input_ids"]
+        return self._generation(info, list(ids), params, tenant)
+
+    def _generation(
+        self, info: ModelInfo, prompt_ids: list[int], params: GenerationParams, tenant: str
+    ) -> Generation:
+        assert info.max_model_len is not None
+        max_tokens = resolve_max_tokens(info.name, len(prompt_ids), params.max_tokens, info.max_model_len)
+        g = Generation(request_id=f"req-{uuid.uuid4().hex}", model=info.name)
+        g.usage.prompt_tokens = len(prompt_ids)
+        g._stream = self._stream(g, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}, tenant)
+        return g
+
+    async def _stream(
+        self, g: Generation, prompt_ids: list[int], params: dict[str, Any], tenant: str
+    ) -> AsyncIterator[tuple[str, int, str | None]]:
+        start = time.perf_counter()
+        usage = g.usage
+        exclude: set[str] = set()
+        for attempt in range(MAX_ATTEMPTS):
+            request_id = g.request_id if attempt == 0 else f"{g.request_id}-r{attempt}"
+            lease = await self._acquire(request_id, g.model, tenant, len(prompt_ids), params["max_tokens"], exclude)
+            failed_replica = False
+            try:
+                channel = self._channel(lease.replica_id)
+                async for text, n, finish in channel.generate(request_id, prompt_ids, params):
+                    if usage.ttft_s is None:
+                        usage.ttft_s = time.perf_counter() - start
+                    usage.completion_tokens += n
+                    usage.finish_reason = finish
+                    yield text, n, finish
+                return
+            except ReplicaDied as e:
+                failed_replica = True
+                self._drop_channel(lease.replica_id)
+                if usage.completion_tokens:
+                    usage.error = "replica_died"
+                    raise ReplicaUnavailable(
+                        f"the replica serving model {g.model!r} died after {usage.completion_tokens} "
+                        "tokens were sent; the request cannot be resumed"
+                    ) from e
+                logger.warning("replica %s died before the first token; retrying", lease.replica_id)
+                exclude.add(lease.replica_id)
+            except BaseException as e:
+                usage.error = type(e).__name__
+                raise
+            finally:
+                usage.e2e_s = time.perf_counter() - start
+                self._release(lease, usage, failed_replica)
+        usage.error = "no_replica"
+        raise ReplicaUnavailable(f"model {g.model!r}: {MAX_ATTEMPTS} replicas failed before answering")
+
+    async def embed(self, model: str, texts: list[str], tenant: str) -> tuple[list[list[float]], Usage]:
+        """Embed ``texts`` on one replica; returns vectors and usage."""
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequest("input must be a non-empty string or a non-empty list of strings")
+        info = await self.model(model, "embed")
+        assert info.max_model_len is not None
+        ids = [list(x) for x in info.tokenizer(texts)["input_ids"]]
+        for i, x in enumerate(ids):
+            if len(x) > info.max_model_len:
+                raise ContextWindowExceeded(
+                    f"input[{i}] has {len(x)} tokens; model {model!r} embeds at most {info.max_model_len}"
+                )
+        usage = Usage(prompt_tokens=sum(len(x) for x in ids))
+        start = time.perf_counter()
+        exclude: set[str] = set()
+        for attempt in range(MAX_ATTEMPTS):
+            lease = await self._acquire(f"emb-{uuid.uuid4().hex}", model, tenant, usage.prompt_tokens, 0, exclude)
+            failed = False
+            try:
+                vectors = await self._handle(lease.replica_id).embed.remote(ids)
+                usage.ttft_s = time.perf_counter() - start
+                return vectors, usage
+            except (ray.exceptions.RayActorError, ReplicaDied):
+                failed = True
+                exclude.add(lease.replica_id)
+            except BaseException as e:
+                usage.error = type(e).__name__
+                raise
+            finally:
+                usage.e2e_s = time.perf_counter() - start
+                self._release(lease, usage, failed)
+        raise ReplicaUnavailable(f"model {model!r}: {MAX_ATTEMPTS} replicas failed before answering")
+
+    # -- leases, handles, channels ---------------------------------------------------------
+
+    async def _acquire(
+        self, request_id: str, model: str, tenant: str, prompt_tokens: int, max_tokens: int, exclude: set[str]
+    ) -> Lease:
+        req = AcquireRequest(request_id, model, tenant, prompt_tokens, max_tokens, frozenset(exclude))
+        try:
+            return await self._scheduler.acquire.remote(req)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, AiriError):
+                raise e.cause from None
+            raise
+
+    def _release(self, lease: Lease, usage: Usage, replica_failed: bool) -> None:
+        d = {k: v for k, v in vars(usage).items() if k != "extra"}
+        self._releases.add((lease.request_id, d, replica_failed))
+
+    def _handle(self, replica_id: str) -> Any:
+        if replica_id not in self._handles:
+            try:
+                self._handles[replica_id] = actors.get_actor(replica_id)
+            except ValueError:
+                raise ReplicaDied(f"replica {replica_id} no longer exists") from None
+        return self._handles[replica_id]
+
+    def _channel(self, replica_id: str) -> ReplicaChannel:
+        ch = self._channels.get(replica_id)
+        if ch is None or ch.dead is not None:
+            ch = ReplicaChannel(replica_id, self._handle(replica_id), self.caller_id)
+            self._channels[replica_id] = ch
+        return ch
+
+    def _drop_channel(self, replica_id: str) -> None:
+        ch = self._channels.pop(replica_id, None)
+        self._handles.pop(replica_id, None)
+        if ch is not None:
+            ch.close()

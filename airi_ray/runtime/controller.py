@@ -1,0 +1,300 @@
+"""``Controller``: deploys an app spec and keeps its replicas alive.
+
+Goal state (the spec) against actual state (replica actors) in ``_reconcile``, wrapped in
+a loop that logs and never dies: it starts missing replicas, stops unwanted ones, reads
+engine stats, probes health with a real one-token generation, replaces replicas that died
+or hang, and pushes the replica views to the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import ray
+
+from airi_ray.config import AppSpec, ModelSpec, parse_spec
+from airi_ray.core.errors import AiriError, InvalidRequest
+from airi_ray.core.scheduling import ReplicaView
+from airi_ray.runtime import actors
+
+logger = logging.getLogger(__name__)
+
+_SPEC_KEY = b"airi/app_spec"
+LOOP_PERIOD_S = 1.0
+PROBE_PERIOD_S = 10.0
+MAX_PROBE_FAILURES = 2
+MAX_START_FAILURES = 3
+START_TIMEOUT_S = 900.0
+
+
+@dataclasses.dataclass
+class _Replica:
+    replica_id: str
+    spec: ModelSpec
+    handle: Any
+    state: str = "loading"  # loading | ready | failed | stopping
+    max_model_len: int | None = None
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    probe_failures: int = 0
+    last_probe: float = 0.0
+    error: str | None = None
+    started_at: float = dataclasses.field(default_factory=time.time)
+
+    def view(self) -> ReplicaView:
+        accel = next(
+            (k.split(":", 1)[1] for k in self.spec.resources if k.startswith("accelerator_type:")),
+            "GPU" if self.spec.num_gpus else "CPU",
+        )
+        return ReplicaView(
+            self.replica_id, self.spec.name, self.spec.max_concurrency, accel, self.state == "ready"
+        )
+
+
+class Controller:
+    def __init__(self) -> None:
+        self.spec: AppSpec | None = None
+        self.replicas: dict[str, _Replica] = {}
+        self.start_failures: dict[str, int] = {}
+        self.start_errors: dict[str, str] = {}
+        self.events: deque[str] = deque(maxlen=200)
+        self.scheduler = actors.get_or_start_scheduler()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None
+        saved = ray.experimental.internal_kv._internal_kv_get(_SPEC_KEY)
+        if saved:  # restarted after a crash: bring the last deployed spec back
+            self.spec = parse_spec(json.loads(saved), source="saved spec")
+
+    # -- API ---------------------------------------------------------------------------
+
+    async def deploy(self, spec: dict[str, Any], wait: bool = True) -> dict[str, Any]:
+        """Make the running app match ``spec``; with ``wait``, until every replica is ready.
+
+        Raises:
+            InvalidRequest: the spec is invalid or a replica failed to start (its error).
+        """
+        new = parse_spec(spec)
+        self.spec = new
+        ray.experimental.internal_kv._internal_kv_put(_SPEC_KEY, new.model_dump_json().encode())
+        self.start_failures.clear()
+        self.start_errors.clear()
+        await self.scheduler.configure.remote(
+            new.scheduler.max_queue_per_model, new.scheduler.queue_timeout_s
+        )
+        self._event(f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}")
+        self._ensure_loop()
+        await self._reconcile()
+        if wait:
+            await self._wait_ready()
+        return self.status()
+
+    def models(self) -> list[dict[str, Any]]:
+        """Served models with what callers need (task, context window, weights source)."""
+        if self.spec is None:
+            return []
+        out = []
+        for m in self.spec.models:
+            ready = [r for r in self.replicas.values() if r.spec == m and r.state == "ready"]
+            out.append(
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "task": m.task,
+                    "source": m.model,
+                    "max_model_len": next((r.max_model_len for r in ready), None),
+                    "ready_replicas": len(ready),
+                    "replicas": m.replicas,
+                    "error": self.start_errors.get(m.name),
+                }
+            )
+        return out
+
+    def api_keys(self) -> dict[str, str]:
+        """API key -> tenant name."""
+        if self.spec is None:
+            return {}
+        return {k: t.name for t in self.spec.tenants for k in t.api_keys}
+
+    def app_spec(self) -> dict[str, Any] | None:
+        return self.spec.model_dump() if self.spec else None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "app": self.spec.name if self.spec else None,
+            "ingress": self.spec.ingress.model_dump() if self.spec else None,
+            "models": self.models(),
+            "replicas": [
+                {
+                    "replica_id": r.replica_id,
+                    "model": r.spec.key,
+                    "state": r.state,
+                    "accelerator": r.view().accelerator,
+                    "error": r.error,
+                    "running": r.stats.get("running", 0),
+                    "waiting": r.stats.get("waiting", 0),
+                    "kv_cache_usage": r.stats.get("kv_cache_usage", 0.0),
+                }
+                for r in sorted(self.replicas.values(), key=lambda r: r.replica_id)
+            ],
+            "events": list(self.events)[-20:],
+        }
+
+    async def shutdown(self) -> None:
+        """Stop every replica and forget the spec."""
+        self.spec = None
+        ray.experimental.internal_kv._internal_kv_del(_SPEC_KEY)
+        if self._loop_task:
+            self._loop_task.cancel()
+        for r in list(self.replicas.values()):
+            await self._stop(r, "shutdown")
+
+    def ping(self) -> bool:
+        return True
+
+    # -- reconcile ---------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    async def _run_loop(self) -> None:
+        while True:
+            try:
+                await self._check_replicas()
+                await self._reconcile()
+            except Exception:  # the loop must survive anything one iteration does
+                logger.exception("controller loop iteration failed")
+            await asyncio.sleep(LOOP_PERIOD_S)
+
+    async def _reconcile(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            wanted = {m.name: m for m in (self.spec.models if self.spec else [])}
+            for r in list(self.replicas.values()):
+                if wanted.get(r.spec.name) != r.spec:
+                    await self._stop(r, "no longer in the spec")
+            for m in wanted.values():
+                mine = [r for r in self.replicas.values() if r.spec == m]
+                alive = [r for r in mine if r.state in ("loading", "ready")]
+                for r in alive[m.replicas :]:
+                    await self._stop(r, "scaled down")
+                if self.start_failures.get(m.name, 0) >= MAX_START_FAILURES:
+                    continue  # reported in status; a new deploy resets it
+                for _ in range(m.replicas - len(alive)):
+                    self._start(m)
+                for r in mine:
+                    if r.state == "failed":
+                        self.replicas.pop(r.replica_id, None)
+            await self._push_views()
+
+    def _start(self, m: ModelSpec) -> None:
+        rid = f"{m.name}-{m.version}-{uuid.uuid4().hex[:6]}"
+        r = _Replica(rid, m, actors.start_replica(rid, m))
+        self.replicas[rid] = r
+        self._event(f"start replica {rid}")
+        asyncio.get_running_loop().create_task(self._await_start(r))
+
+    async def _await_start(self, r: _Replica) -> None:
+        try:
+            info = await asyncio.wait_for(r.handle.start.remote(), START_TIMEOUT_S)
+        except Exception as e:
+            r.state, r.error = "failed", _short_error(e)
+            self.start_failures[r.spec.name] = self.start_failures.get(r.spec.name, 0) + 1
+            self.start_errors[r.spec.name] = r.error
+            self._event(f"replica {r.replica_id} failed to start: {r.error}")
+            ray.kill(r.handle, no_restart=True)
+            return
+        if r.state != "loading":
+            return  # stopped while loading
+        r.max_model_len, r.state, r.last_probe = info["max_model_len"], "ready", time.monotonic()
+        self.start_failures.pop(r.spec.name, None)
+        self._event(f"replica {r.replica_id} ready")
+        await self._push_views()
+
+    async def _stop(self, r: _Replica, why: str) -> None:
+        r.state = "stopping"
+        self.replicas.pop(r.replica_id, None)
+        self._event(f"stop replica {r.replica_id}: {why}")
+        try:
+            await asyncio.wait_for(r.handle.shutdown.remote(), 10)
+        except Exception:
+            pass
+        ray.kill(r.handle, no_restart=True)
+
+    async def _check_replicas(self) -> None:
+        """Read engine stats; probe health now and then; drop dead or hung replicas."""
+        now = time.monotonic()
+        ready = [r for r in self.replicas.values() if r.state == "ready"]
+
+        async def check(r: _Replica) -> None:
+            try:
+                r.stats = await asyncio.wait_for(r.handle.stats.remote(), 5)
+                if now - r.last_probe >= PROBE_PERIOD_S:
+                    await asyncio.wait_for(r.handle.probe.remote(), r.spec.probe_timeout_s + 5)
+                    r.last_probe, r.probe_failures = now, 0
+            except ray.exceptions.RayActorError as e:
+                r.state, r.error = "failed", f"actor died: {_short_error(e)}"
+                self._event(f"replica {r.replica_id} died; replacing it")
+            except Exception as e:
+                r.probe_failures += 1
+                r.last_probe = now
+                self._event(f"replica {r.replica_id} failed a health check: {_short_error(e)}")
+                if r.probe_failures >= MAX_PROBE_FAILURES:
+                    r.state, r.error = "failed", "failed health checks"
+                    self._event(f"replica {r.replica_id} is unhealthy; replacing it")
+                    ray.kill(r.handle, no_restart=True)
+
+        await asyncio.gather(*(check(r) for r in ready))
+        if any(r.state == "failed" for r in ready):
+            await self._push_views()
+
+    async def _push_views(self) -> None:
+        by_model: dict[str, list[_Replica]] = {}
+        for r in self.replicas.values():
+            if r.state in ("loading", "ready"):
+                by_model.setdefault(r.spec.name, []).append(r)
+        for name in {m.name for m in (self.spec.models if self.spec else [])} | set(by_model):
+            rs = by_model.get(name, [])
+            await self.scheduler.set_replicas.remote(
+                name,
+                [r.view() for r in rs if r.state == "ready"],
+                [r.stats | {"replica_id": r.replica_id} for r in rs if r.state == "ready"],
+            )
+
+    async def _wait_ready(self) -> None:
+        while True:
+            for m in self.spec.models if self.spec else []:
+                if self.start_failures.get(m.name, 0) >= MAX_START_FAILURES:
+                    raise InvalidRequest(
+                        f"model {m.name!r} failed to start {MAX_START_FAILURES} times; last error: "
+                        f"{self.start_errors.get(m.name)}"
+                    )
+            pending = [
+                m.name
+                for m in (self.spec.models if self.spec else [])
+                if sum(1 for r in self.replicas.values() if r.spec == m and r.state == "ready")
+                < m.replicas
+            ]
+            if not pending:
+                return
+            await asyncio.sleep(0.2)
+
+    def _event(self, text: str) -> None:
+        logger.info(text)
+        self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+
+def _short_error(e: BaseException) -> str:
+    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, AiriError):
+        return e.cause.message
+    if isinstance(e, AiriError):
+        return e.message
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]

@@ -1,0 +1,119 @@
+"""``GlobalScheduler``: the actor around ``core.scheduling.FcfsScheduler``.
+
+It hands out leases (``acquire``), takes them back with usage (``release``, batched by
+callers), keeps the replica views the controller pushes, and owns the runtime metrics,
+because every model call passes through it whatever surface it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from airi_ray.core.errors import ReplicaUnavailable
+from airi_ray.core.requests import Usage
+from airi_ray.core.scheduling import AcquireRequest, FcfsScheduler, Lease, ReplicaView
+from airi_ray.obs.metrics import RuntimeMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class GlobalScheduler:
+    def __init__(self, max_queue_per_model: int = 1024, queue_timeout_s: float = 60.0) -> None:
+        self.core = FcfsScheduler(max_queue_per_model)
+        self.queue_timeout_s = queue_timeout_s
+        self.metrics = RuntimeMetrics()
+        self._waiters: dict[str, asyncio.Future[Lease]] = {}
+
+    def configure(self, max_queue_per_model: int, queue_timeout_s: float) -> None:
+        self.core.max_queue_per_model = max_queue_per_model
+        self.queue_timeout_s = queue_timeout_s
+
+    async def acquire(self, request: AcquireRequest) -> Lease:
+        """Wait for a lease on a replica of ``request.model``.
+
+        Raises:
+            Overloaded: the model's queue is full.
+            ReplicaUnavailable: no replica became free within the queue timeout.
+        """
+        self.core.enqueue(request, time.monotonic())
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._waiters[request.request_id] = future
+        self._dispatch()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.queue_timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as e:
+            if not self.core.cancel(request.request_id) and future.done():
+                lease = future.result()
+                if isinstance(e, TimeoutError):
+                    return lease  # granted at the last moment
+                self.core.release(lease.request_id)  # the caller is gone: free the slot
+                self._dispatch()
+            if isinstance(e, TimeoutError):
+                ready = sum(1 for r in self.core.replicas(request.model) if r.ready)
+                raise ReplicaUnavailable(
+                    f"no replica of model {request.model!r} became free within "
+                    f"{self.queue_timeout_s:g}s ({ready} ready replicas); retry later"
+                ) from None
+            raise
+        finally:
+            self._waiters.pop(request.request_id, None)
+            self._update_gauges(request.model)
+
+    def release(self, items: list[tuple[str, dict[str, Any], bool]]) -> None:
+        """Take back leases ``(request_id, usage, replica_failed)`` and charge their usage."""
+        for request_id, usage_dict, replica_failed in items:
+            lease = self.core.release(request_id)
+            if lease is None:
+                continue
+            if replica_failed:
+                self.core.mark_unready(lease.replica_id)
+            self.metrics.record_call(lease.model, lease.tenant, Usage(**usage_dict), lease.queue_wait_s)
+            self._update_gauges(lease.model)
+        self._dispatch()
+
+    def set_replicas(self, model: str, views: list[ReplicaView], stats: list[dict[str, Any]]) -> None:
+        """The controller's current view of a model's replicas and their engine stats."""
+        self.core.set_replicas(model, views)
+        engines = self.metrics.engines.replicas
+        for rid in [rid for rid, s in engines.items() if s["model"] == model]:
+            del engines[rid]
+        for s in stats:
+            engines[s["replica_id"]] = {**s, "model": model}
+        ready = sum(1 for v in views if v.ready)
+        self.metrics.replicas.labels(model, "ready").set(ready)
+        self.metrics.replicas.labels(model, "unready").set(len(views) - ready)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for lease in self.core.dispatch(time.monotonic()):
+            future = self._waiters.get(lease.request_id)
+            if future is None or future.done():
+                self.core.release(lease.request_id)  # nobody waits for it any more
+                continue
+            future.set_result(lease)
+
+    def _update_gauges(self, model: str) -> None:
+        self.metrics.queue_depth.labels(model).set(self.core.queue_depth(model))
+        self.metrics.in_flight.labels(model).set(self.core.in_flight(model))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Queue depth, leases and replica views per model, for ``airi status``."""
+        models = sorted({r.model for r in self.core.replicas()})
+        return {
+            m: {
+                "queue_depth": self.core.queue_depth(m),
+                "in_flight": self.core.in_flight(m),
+                "replicas": [dataclasses.asdict(r) for r in self.core.replicas(m)],
+            }
+            for m in models
+        }
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.text()
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,1 @@
+"""The HTTP ingress: an OpenAI-compatible API on Ray Serve."""

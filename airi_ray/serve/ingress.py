@@ -1,0 +1,262 @@
+"""OpenAI-compatible HTTP API on Ray Serve (FastAPI).
+
+Routes: ``/v1/models``, ``/v1/chat/completions`` (SSE streaming and not),
+``/v1/completions``, ``/v1/embeddings``, ``/healthz``, ``/metrics``. Every error answers
+with the OpenAI error body ``{"error": {"message", "type", "code"}}``; bad input never
+reaches a replica and never turns into a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from airi_ray.client import AsyncClient
+from airi_ray.config import IngressSpec
+from airi_ray.core.errors import AiriError, AuthenticationError, InvalidRequest, PayloadTooLarge
+from airi_ray.obs.metrics import HttpMetrics
+from airi_ray.runtime.calls import Generation
+from airi_ray.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "airi"
+app = FastAPI(title="airi-ray", docs_url=None, redoc_url=None)
+http_metrics = HttpMetrics()
+
+
+@app.middleware("http")
+async def _count_responses(request: Request, call_next: Any) -> Response:
+    response = await call_next(request)
+    route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
+    http_metrics.responses.labels(route, str(response.status_code)).inc()
+    return response
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status)
+
+
+@app.exception_handler(AiriError)
+async def _airi_error(request: Request, e: AiriError) -> JSONResponse:
+    return JSONResponse(e.to_body(), status_code=e.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}", "invalid_request_error", code)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s", request.url.path)
+    return _error(500, f"internal error: {type(e).__name__}", "internal_error")
+
+
+def _pydantic_message(e: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+    )
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    """OpenAI's ``base64`` format: little-endian float32 bytes, base64-encoded."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return vector
+
+
+def _usage(g: Generation) -> dict[str, int]:
+    u = g.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+# serve.ingress pickles the app when the class is decorated: helpers the routes use must
+# be defined above this point.
+@serve.deployment(
+    name="airi-ingress",
+    num_replicas=1,
+    max_ongoing_requests=2048,  # streams are long-lived; the scheduler does the queueing
+    ray_actor_options={"num_cpus": 0},
+)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = IngressSpec.model_validate(spec)
+        self._client: AsyncClient | None = None
+
+    @property
+    def client(self) -> AsyncClient:
+        if self._client is None:  # created inside the serving event loop, where calls run
+            self._client = AsyncClient(api_key="")
+        return self._client
+
+    async def _body(self, request: Request, model: type[BaseModel]) -> Any:
+        """Read the JSON body within the size limit and validate it against ``model``."""
+        limit = self.spec.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body has {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise InvalidRequest(f"invalid request: {_pydantic_message(e)}") from None
+
+    async def _tenant(self, request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if header and scheme.lower() != "bearer":
+            raise AuthenticationError("the Authorization header must be `Bearer <key>`")
+        return await self.client.tenant_for(key.strip() or None)
+
+    # -- routes --------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        models = await self.client.models()
+        return {"status": "ok", "models": {m["name"]: m["ready_replicas"] for m in models}}
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        runtime = await self.client._path._scheduler.metrics_text.remote()
+        return Response(runtime + http_metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        await self._tenant(request)
+        models = await self.client.models()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m["name"],
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "airi",
+                    "version": m["version"],
+                    "task": m["task"],
+                    "max_model_len": m["max_model_len"],
+                    "ready_replicas": m["ready_replicas"],
+                }
+                for m in models
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        tenant = await self._tenant(request)
+        body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        g = await self.client.chat_generation(body.model, body.messages, tenant=tenant, **body.params())
+        return await self._respond(g, body.stream, bool(body.stream_options and body.stream_options.include_usage), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        tenant = await self._tenant(request)
+        body: CompletionRequest = await self._body(request, CompletionRequest)
+        g = await self.client.completion_generation(body.model, body.prompt, tenant=tenant, **body.params())
+        return await self._respond(g, body.stream, bool(body.stream_options and body.stream_options.include_usage), chat=False)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant(request)
+        body: EmbeddingRequest = await self._body(request, EmbeddingRequest)
+        vectors, usage = await self.client.embed(body.model, body.input, tenant=tenant)
+        return {
+            "object": "list",
+            "model": body.model,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+                for i, v in enumerate(vectors)
+            ],
+            "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens},
+        }
+
+    # -- responses -----------------------------------------------------------------------
+
+    async def _respond(self, g: Generation, stream: bool, include_usage: bool, chat: bool) -> Response:
+        created = int(time.time())
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        obj = "chat.completion" if chat else "text_completion"
+        if not stream:
+            text = await g.text()
+            choice: dict[str, Any] = {"index": 0, "finish_reason": g.usage.finish_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            return JSONResponse(
+                {"id": rid, "object": obj, "created": created, "model": g.model,
+                 "choices": [choice], "usage": _usage(g)}
+            )
+
+        it = g.__aiter__()
+        # Wait for the first token before answering 200: queue-full, no replica and engine
+        # refusals still get their own status code instead of an error inside a stream.
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+
+        def chunk(text: str, finish: str | None, first_chunk: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"content": text}
+                if first_chunk:
+                    delta["role"] = "assistant"
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": finish}
+            return _sse({"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
+                         "model": g.model, "choices": [choice]})
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if first is not None:
+                    yield chunk(first[0], first[2], first_chunk=True)
+                    async for text, _, finish in it:
+                        yield chunk(text, finish)
+                if include_usage:
+                    yield _sse({"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
+                                "model": g.model, "choices": [], "usage": _usage(g)})
+                yield "data: [DONE]\n\n"
+            except AiriError as e:
+                yield _sse(e.to_body())
+            finally:
+                await it.aclose()  # a client that hung up aborts the request in the engine
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def run_ingress(spec: IngressSpec) -> None:
+    """Start (or update) the HTTP ingress on the connected Ray cluster."""
+    serve.start(http_options={"host": spec.host, "port": spec.port}, proxy_location="HeadOnly")
+    serve.run(Ingress.bind(spec.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
