@@ -11,22 +11,33 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = "deployments/quickstart.yaml"
 
 
 def _ray_running() -> bool:
-    return subprocess.run(
-        ["ray", "status"], capture_output=True, text=True, env=os.environ | {"RAY_ADDRESS": "auto"}
-    ).returncode == 0
+    return (
+        subprocess.run(
+            ["ray", "status"],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"RAY_ADDRESS": "auto"},
+        ).returncode
+        == 0
+    )
 
 
 def _start_ray(resources: str | None, num_cpus: int | None) -> None:
     cmd = [
-        "ray", "start", "--head", "--disable-usage-stats",
-        "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+        "ray",
+        "start",
+        "--head",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
     ]
     if resources:
         cmd += ["--resources", resources]
@@ -42,11 +53,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.config)
     if args.port is not None:
-        spec = spec.model_copy(update={"ingress": spec.ingress.model_copy(update={"port": args.port})})
+        spec = spec.model_copy(
+            update={"ingress": spec.ingress.model_copy(update={"port": args.port})}
+        )
     if args.address is None and not _ray_running():
         _start_ray(args.resources, args.num_cpus)
     init_ray(args.address or "auto")
-    print(f"deploying {args.config} (models load in the background; this waits until ready)", flush=True)
+    print(
+        f"deploying {args.config} (models load in the background; this waits until ready)",
+        flush=True,
+    )
     status = deploy(spec)
     _print_status(status)
     if spec.ingress.enabled:
@@ -98,7 +114,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from airi_ray.client import connect
 
     client = connect(args.address or "auto", api_key=args.api_key)
-    model = args.model or next((m["name"] for m in client.models() if m["task"] == "generate"), None)
+    model = args.model or next(
+        (m["name"] for m in client.models() if m["task"] == "generate"), None
+    )
     if model is None:
         print("no chat model is deployed", file=sys.stderr)
         return 1
@@ -118,7 +136,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         print(f"{model}> ", end="", flush=True)
         answer = []
-        for piece in client.chat(model, history, stream=True, max_tokens=args.max_tokens, temperature=args.temperature):
+        for piece in client.chat(
+            model, history, stream=True, max_tokens=args.max_tokens, temperature=args.temperature
+        ):
             answer.append(piece)
             print(piece, end="", flush=True)
         print()
@@ -131,10 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start or join a Ray cluster and deploy an app spec")
-    up.add_argument("--config", default=DEFAULT_CONFIG, help=f"app spec YAML (default {DEFAULT_CONFIG})")
+    up.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"app spec YAML (default {DEFAULT_CONFIG})"
+    )
     up.add_argument("--port", type=int, default=None, help="HTTP port (overrides the spec)")
-    up.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one)")
-    up.add_argument("--resources", default=None, help='extra Ray resources for a new local head, as JSON')
+    up.add_argument(
+        "--address", default=None, help="Ray cluster address (default: start or join a local one)"
+    )
+    up.add_argument(
+        "--resources", default=None, help="extra Ray resources for a new local head, as JSON"
+    )
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local head")
     up.set_defaults(fn=cmd_up)
 

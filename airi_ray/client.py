@@ -57,7 +57,9 @@ def init_ray(address: str | None = "auto") -> None:
 def _params(kwargs: dict[str, Any]) -> GenerationParams:
     stop = kwargs.pop("stop", None)
     try:
-        return GenerationParams(stop=tuple([stop] if isinstance(stop, str) else stop or ()), **kwargs)
+        return GenerationParams(
+            stop=tuple([stop] if isinstance(stop, str) else stop or ()), **kwargs
+        )
     except TypeError as e:
         raise InvalidRequest(f"unknown generation argument: {e}") from None
 
@@ -149,7 +151,9 @@ class Client:
 
     def __init__(self, api_key: str | None = None) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="airi-client", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="airi-client", daemon=True
+        )
         self._thread.start()
         self.aio: AsyncClient = self._run(self._make(api_key))
         self._controller = self.aio._controller
@@ -184,7 +188,9 @@ class Client:
     def status(self) -> dict[str, Any]:
         return ray.get(self._controller.status.remote())
 
-    def deploy(self, spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> dict[str, Any]:
+    def deploy(
+        self, spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True
+    ) -> dict[str, Any]:
         """Deploy (or update) an app spec, a dict, or a YAML path; see ``airi_ray.deploy``."""
         return deploy(spec, wait=wait)
 

@@ -44,7 +44,8 @@ class ModelSpec(_Spec):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica actor.")
     resources: dict[str, float] = Field(
-        default_factory=dict, description="Extra Ray resources per replica, e.g. accelerator_type:L4."
+        default_factory=dict,
+        description="Extra Ray resources per replica, e.g. accelerator_type:L4.",
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=256, description="Threads for CPU kernels (OMP_NUM_THREADS) in the engine."

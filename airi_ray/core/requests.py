@@ -27,7 +27,9 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (
-            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or self.max_tokens < 1
         ):
             raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not 0.0 <= self.temperature <= 2.0:
@@ -67,13 +69,17 @@ def parse_messages(messages: Any) -> list[ChatMessage]:
             raise InvalidRequest(f"messages[{i}] must be an object with role and content")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
+            raise InvalidRequest(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}"
+            )
         if isinstance(content, list):  # OpenAI content parts: only text is supported
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise InvalidRequest(f"messages[{i}].content parts must all be of type 'text'")
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}].content must be a string, got {type(content).__name__}")
+            raise InvalidRequest(
+                f"messages[{i}].content must be a string, got {type(content).__name__}"
+            )
         parsed.append(ChatMessage(role, content))
     return parsed
 

@@ -96,7 +96,9 @@ class FcfsScheduler:
         for v in views:
             if v.model != model:
                 raise ValueError(f"replica {v.replica_id} belongs to {v.model}, not {model}")
-            in_flight = sum(1 for lease in self._leases.values() if lease.replica_id == v.replica_id)
+            in_flight = sum(
+                1 for lease in self._leases.values() if lease.replica_id == v.replica_id
+            )
             self._replicas[v.replica_id] = replace(v, in_flight=in_flight)
 
     def mark_unready(self, replica_id: str) -> None:
@@ -148,7 +150,9 @@ class FcfsScheduler:
                     continue  # only excluded replicas have room; later requests may use them
                 del queue[request_id]
                 self._replicas[choice.replica_id] = replace(choice, in_flight=choice.in_flight + 1)
-                lease = Lease(request_id, model, request.tenant, choice.replica_id, enqueued_at, now)
+                lease = Lease(
+                    request_id, model, request.tenant, choice.replica_id, enqueued_at, now
+                )
                 self._leases[request_id] = lease
                 granted.append(lease)
         return granted

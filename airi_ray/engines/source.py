@@ -25,7 +25,9 @@ def resolve_model_source(source: str) -> str:
         module, _, sub = source[len(PACKAGE_PREFIX) :].partition("/")
         spec = importlib.util.find_spec(module) if module else None
         if spec is None or not spec.submodule_search_locations:
-            raise InvalidRequest(f"model source {source!r}: Python package {module!r} is not installed")
+            raise InvalidRequest(
+                f"model source {source!r}: Python package {module!r} is not installed"
+            )
         path = Path(next(iter(spec.submodule_search_locations))) / sub
         if not path.is_dir():
             raise InvalidRequest(f"model source {source!r}: {path} is not a directory")

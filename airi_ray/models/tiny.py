@@ -90,11 +90,7 @@ _PROPER_WORDS = {"Nimbus", "Gear", "Plus", "Trail", "Points", "VAT"}
 
 # Words too common to say what a passage is about.
 _STOPWORDS = frozenset(
-    """about after also always and any are around because been before being both but can
-    cannot does each every first for from have here if into its just many may more most must
-    need next not only other our ours out over own same should some such than that the their
-    them then there these they this those through under until usually very want was were what
-    when where which while who will with within without would you your yours""".split()
+    ["about", "after", "also", "always", "and", "any", "are", "around", "because", "been", "before", "being", "both", "but", "can", "cannot", "does", "each", "every", "first", "for", "from", "have", "here", "if", "into", "its", "just", "many", "may", "more", "most", "must", "need", "next", "not", "only", "other", "our", "ours", "out", "over", "own", "same", "should", "some", "such", "than", "that", "the", "their", "them", "then", "there", "these", "they", "this", "those", "through", "under", "until", "usually", "very", "want", "was", "were", "what", "when", "where", "which", "while", "who", "will", "with", "within", "without", "would", "you", "your", "yours"]
 )
 
 
@@ -240,15 +236,14 @@ def _words(text: str) -> list[str]:
 
 
 def _keywords(
-    passage: str, doc_freq: Counter[str], n_docs: int, rng: random.Random
-) -> tuple[str, str]:
-    """Two of the passage's most distinctive words (tf-idf), chosen with a little variety."""
-    tf = Counter(_words(passage))
-    ranked = sorted(tf, key=lambda w: (-tf[w] * math.log(n_docs / doc_freq[w]), w))
-    top = ranked[:4] or ["this"]
-    a = rng.choice(top)
-    rest = [w for w in top if w != a] or [a]
-    return a, rng.choice(rest)
+    text: str, doc_freq: Counter[str], n_docs: int, top: int = 4, min_count: int = 1
+) -> list[str]:
+    """The text's most distinctive words by tf-idf against the document collection."""
+    # min_count > 1 keeps one-off words out of a whole document's keywords: a word used
+    # once says little about what the document is about.
+    tf = Counter(_words(text))
+    candidates = [w for w in tf if tf[w] >= min_count] or list(tf)
+    return sorted(candidates, key=lambda w: (-tf[w] * math.log(n_docs / doc_freq[w]), w))[:top]
 
 
 def _join_units(units: Sequence[str]) -> str:
@@ -260,7 +255,14 @@ def _join_units(units: Sequence[str]) -> str:
 
 
 def make_chats(docs: Sequence[tuple[str, str]], config: BuildConfig) -> list[list[dict[str, str]]]:
-    """Question/answer chats per document: title-derived questions, answers from its text."""
+    """Question/answer chats per document, all derived from the document itself.
+
+    Three kinds, in turn: a question made from the title, or from the document's most
+    distinctive words, answered with the document's opening; and a question made from the
+    words of a random passage, answered with that passage. The first two teach the model
+    which document a question is about (the raw-text samples teach it to continue the
+    document from there); the third makes every fact reachable from some question.
+    """
     rng = random.Random(config.seed)
     doc_freq: Counter[str] = Counter()
     for _, text in docs:
@@ -271,18 +273,18 @@ def make_chats(docs: Sequence[tuple[str, str]], config: BuildConfig) -> list[lis
         if not units:
             continue
         t = _title_in_text(title)
+        doc_keywords = _keywords(text, doc_freq, len(docs), top=8, min_count=2)
         for i in range(config.chats_per_doc):
-            # Half of the answers open the document (its summary); the rest quote a
-            # random passage, so that every fact appears in some answer.
-            start = 0 if i % 2 == 0 else rng.randrange(len(units))
+            kind = i % 4
+            start = rng.randrange(len(units)) if kind == 3 else 0
             answer = _join_units(units[start : start + rng.randint(2, 3)])
-            if i % 2 == 0:
-                template = TITLE_QUESTIONS[(i // 2) % len(TITLE_QUESTIONS)]
-                question = template.format(T=title, t=t)
+            if kind in (0, 1):
+                question = rng.choice(TITLE_QUESTIONS).format(T=title, t=t)
             else:
-                a, b = _keywords(answer, doc_freq, len(docs), rng)
-                template = KEYWORD_QUESTIONS[(i // 2) % len(KEYWORD_QUESTIONS)]
-                question = template.format(a=a, b=b)
+                # Passage questions use the opening sentence's words: they pick the start.
+                pool = doc_keywords if kind == 2 else _keywords(units[start], doc_freq, len(docs))
+                a, b = rng.sample(pool, 2) if len(pool) > 1 else (pool * 2 or ["this", "this"])
+                question = rng.choice(KEYWORD_QUESTIONS).format(a=a, b=b)
             chats.append(
                 [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             )
@@ -495,9 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="model directory to create")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     path = ensure_tiny_model(args.out, force=args.force)
     print(path)
     return 0

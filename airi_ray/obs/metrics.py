@@ -32,23 +32,35 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[Any]:
         gauges = {
             "running": GaugeMetricFamily(
-                "airi_engine_running_requests", "Requests running in the engine", labels=["model", "replica"]
+                "airi_engine_running_requests",
+                "Requests running in the engine",
+                labels=["model", "replica"],
             ),
             "waiting": GaugeMetricFamily(
-                "airi_engine_waiting_requests", "Requests waiting inside the engine", labels=["model", "replica"]
+                "airi_engine_waiting_requests",
+                "Requests waiting inside the engine",
+                labels=["model", "replica"],
             ),
             "kv_cache_usage": GaugeMetricFamily(
-                "airi_kv_cache_usage_ratio", "Fraction of the KV cache in use", labels=["model", "replica"]
+                "airi_kv_cache_usage_ratio",
+                "Fraction of the KV cache in use",
+                labels=["model", "replica"],
             ),
         }
         queries = CounterMetricFamily(
-            "airi_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=["model", "replica"]
+            "airi_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            labels=["model", "replica"],
         )
         hits = CounterMetricFamily(
-            "airi_prefix_cache_hits", "Prompt tokens found in the prefix cache", labels=["model", "replica"]
+            "airi_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache",
+            labels=["model", "replica"],
         )
         rate = GaugeMetricFamily(
-            "airi_prefix_cache_hit_rate", "Prefix-cache hits over queries since start", labels=["model"]
+            "airi_prefix_cache_hit_rate",
+            "Prefix-cache hits over queries since start",
+            labels=["model"],
         )
         per_model: dict[str, list[int]] = {}
         for rid, s in sorted(self.replicas.items()):
@@ -76,25 +88,48 @@ class RuntimeMetrics:
             "airi_requests", "Finished model calls", ["model", "tenant", "outcome"], registry=r
         )
         self.ttft = Histogram(
-            "airi_ttft_seconds", "Time to first token", ["model", "tenant"], buckets=LATENCY_BUCKETS, registry=r
+            "airi_ttft_seconds",
+            "Time to first token",
+            ["model", "tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.tpot = Histogram(
-            "airi_time_per_output_token_seconds", "Time per output token after the first", ["model"],
-            buckets=TPOT_BUCKETS, registry=r,
+            "airi_time_per_output_token_seconds",
+            "Time per output token after the first",
+            ["model"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
         )
         self.e2e = Histogram(
-            "airi_request_latency_seconds", "End-to-end latency of a model call", ["model", "tenant"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "airi_request_latency_seconds",
+            "End-to-end latency of a model call",
+            ["model", "tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "airi_queue_wait_seconds", "Time from acquire to lease", ["model"], buckets=LATENCY_BUCKETS, registry=r
+            "airi_queue_wait_seconds",
+            "Time from acquire to lease",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.input_tokens = Counter("airi_input_tokens", "Prompt tokens", ["model", "tenant"], registry=r)
-        self.output_tokens = Counter("airi_output_tokens", "Generated tokens", ["model", "tenant"], registry=r)
-        self.queue_depth = Gauge("airi_queue_depth", "Requests waiting for a replica", ["model"], registry=r)
+        self.input_tokens = Counter(
+            "airi_input_tokens", "Prompt tokens", ["model", "tenant"], registry=r
+        )
+        self.output_tokens = Counter(
+            "airi_output_tokens", "Generated tokens", ["model", "tenant"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "airi_queue_depth", "Requests waiting for a replica", ["model"], registry=r
+        )
         self.in_flight = Gauge("airi_in_flight_requests", "Leased requests", ["model"], registry=r)
         self.tokens_per_s = Gauge(
-            "airi_output_tokens_per_second", "Output tokens per second over the last 10 s", ["model"], registry=r
+            "airi_output_tokens_per_second",
+            "Output tokens per second over the last 10 s",
+            ["model"],
+            registry=r,
         )
         self.replicas = Gauge("airi_replicas", "Replicas by state", ["model", "state"], registry=r)
         self.engines = _EngineCollector()
@@ -111,7 +146,9 @@ class RuntimeMetrics:
             self.ttft.labels(model, tenant).observe(usage.ttft_s)
         if usage.tpot_s is not None:
             self.tpot.labels(model).observe(usage.tpot_s)
-        self._rates.setdefault(model, RateWindow(10.0)).add(time.monotonic(), usage.completion_tokens)
+        self._rates.setdefault(model, RateWindow(10.0)).add(
+            time.monotonic(), usage.completion_tokens
+        )
 
     def text(self) -> bytes:
         now = time.monotonic()

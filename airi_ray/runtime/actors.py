@@ -23,6 +23,9 @@ def replica_options(spec: ModelSpec, replica_id: str) -> dict[str, Any]:
         "OMP_NUM_THREADS": str(spec.cpu_threads or max(int(spec.num_cpus), 1)),
         "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib or 1),
         "TOKENIZERS_PARALLELISM": "false",
+        # vLLM's "auto" binding pins every CPU engine to the same first core and reserves
+        # the rest; with several engines per machine, let the OS place their threads.
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     }
     return {
         "name": replica_id,

@@ -23,7 +23,13 @@ from typing import Any, Generic, TypeVar
 
 import ray
 
-from airi_ray.core.errors import AiriError, ContextWindowExceeded, InvalidRequest, ModelNotFound, ReplicaUnavailable
+from airi_ray.core.errors import (
+    AiriError,
+    ContextWindowExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    ReplicaUnavailable,
+)
 from airi_ray.core.requests import ChatMessage, GenerationParams, Usage, resolve_max_tokens
 from airi_ray.core.scheduling import AcquireRequest, Lease
 from airi_ray.engines.source import resolve_model_source
@@ -65,7 +71,9 @@ class ReplicaChannel:
         self.replica_id = replica_id
         self._handle = handle
         self._channel_id = channel_id
-        self._queues: dict[str, asyncio.Queue[tuple[str, int, str | None, str | None] | BaseException]] = {}
+        self._queues: dict[
+            str, asyncio.Queue[tuple[str, int, str | None, str | None] | BaseException]
+        ] = {}
         self._submits = _Coalescer[tuple[str, list[int], dict[str, Any]]](self._send_submits)
         self._aborts = _Coalescer[str](self._send_aborts)
         self._reader: asyncio.Task[None] | None = None
@@ -193,7 +201,10 @@ class CallPath:
     async def list_models(self, refresh: bool = False) -> list[ModelInfo]:
         if refresh or time.monotonic() - self._models_at > MODEL_INFO_TTL_S:
             infos = await self._controller.models.remote()
-            self._models = {i["name"]: ModelInfo(**{k: i[k] for k in ModelInfo.__dataclass_fields__ if k in i}) for i in infos}
+            self._models = {
+                i["name"]: ModelInfo(**{k: i[k] for k in ModelInfo.__dataclass_fields__ if k in i})
+                for i in infos
+            }
             self._models_at = time.monotonic()
         return list(self._models.values())
 
@@ -211,7 +222,9 @@ class CallPath:
             raise ModelNotFound(f"model {name!r} is not deployed; deployed models: {known}")
         if info.task != task:
             what = "chat/completions" if task == "generate" else "embeddings"
-            raise InvalidRequest(f"model {name!r} serves {info.task!r}, it cannot be used for {what}")
+            raise InvalidRequest(
+                f"model {name!r} serves {info.task!r}, it cannot be used for {what}"
+            )
         if info.max_model_len is None:
             raise ReplicaUnavailable(f"model {name!r} has no ready replica yet; retry shortly")
         if info.tokenizer is None:
@@ -242,7 +255,9 @@ class CallPath:
             ids = list(ids["input_ids"])
         return self._generation(info, list(ids), params, tenant)
 
-    async def complete(self, model: str, prompt: str, params: GenerationParams, tenant: str) -> Generation:
+    async def complete(
+        self, model: str, prompt: str, params: GenerationParams, tenant: str
+    ) -> Generation:
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string")
         info = await self.model(model, "generate")
@@ -253,10 +268,14 @@ class CallPath:
         self, info: ModelInfo, prompt_ids: list[int], params: GenerationParams, tenant: str
     ) -> Generation:
         assert info.max_model_len is not None
-        max_tokens = resolve_max_tokens(info.name, len(prompt_ids), params.max_tokens, info.max_model_len)
+        max_tokens = resolve_max_tokens(
+            info.name, len(prompt_ids), params.max_tokens, info.max_model_len
+        )
         g = Generation(request_id=f"req-{uuid.uuid4().hex}", model=info.name)
         g.usage.prompt_tokens = len(prompt_ids)
-        g._stream = self._stream(g, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}, tenant)
+        g._stream = self._stream(
+            g, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}, tenant
+        )
         return g
 
     async def _stream(
@@ -267,7 +286,9 @@ class CallPath:
         exclude: set[str] = set()
         for attempt in range(MAX_ATTEMPTS):
             request_id = g.request_id if attempt == 0 else f"{g.request_id}-r{attempt}"
-            lease = await self._acquire(request_id, g.model, tenant, len(prompt_ids), params["max_tokens"], exclude)
+            lease = await self._acquire(
+                request_id, g.model, tenant, len(prompt_ids), params["max_tokens"], exclude
+            )
             failed_replica = False
             try:
                 channel = self._channel(lease.replica_id)
@@ -296,9 +317,13 @@ class CallPath:
                 usage.e2e_s = time.perf_counter() - start
                 self._release(lease, usage, failed_replica)
         usage.error = "no_replica"
-        raise ReplicaUnavailable(f"model {g.model!r}: {MAX_ATTEMPTS} replicas failed before answering")
+        raise ReplicaUnavailable(
+            f"model {g.model!r}: {MAX_ATTEMPTS} replicas failed before answering"
+        )
 
-    async def embed(self, model: str, texts: list[str], tenant: str) -> tuple[list[list[float]], Usage]:
+    async def embed(
+        self, model: str, texts: list[str], tenant: str
+    ) -> tuple[list[list[float]], Usage]:
         """Embed ``texts`` on one replica; returns vectors and usage."""
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidRequest("input must be a non-empty string or a non-empty list of strings")
@@ -313,8 +338,10 @@ class CallPath:
         usage = Usage(prompt_tokens=sum(len(x) for x in ids))
         start = time.perf_counter()
         exclude: set[str] = set()
-        for attempt in range(MAX_ATTEMPTS):
-            lease = await self._acquire(f"emb-{uuid.uuid4().hex}", model, tenant, usage.prompt_tokens, 0, exclude)
+        for _ in range(MAX_ATTEMPTS):
+            lease = await self._acquire(
+                f"emb-{uuid.uuid4().hex}", model, tenant, usage.prompt_tokens, 0, exclude
+            )
             failed = False
             try:
                 vectors = await self._handle(lease.replica_id).embed.remote(ids)
@@ -329,14 +356,24 @@ class CallPath:
             finally:
                 usage.e2e_s = time.perf_counter() - start
                 self._release(lease, usage, failed)
-        raise ReplicaUnavailable(f"model {model!r}: {MAX_ATTEMPTS} replicas failed before answering")
+        raise ReplicaUnavailable(
+            f"model {model!r}: {MAX_ATTEMPTS} replicas failed before answering"
+        )
 
     # -- leases, handles, channels ---------------------------------------------------------
 
     async def _acquire(
-        self, request_id: str, model: str, tenant: str, prompt_tokens: int, max_tokens: int, exclude: set[str]
+        self,
+        request_id: str,
+        model: str,
+        tenant: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        exclude: set[str],
     ) -> Lease:
-        req = AcquireRequest(request_id, model, tenant, prompt_tokens, max_tokens, frozenset(exclude))
+        req = AcquireRequest(
+            request_id, model, tenant, prompt_tokens, max_tokens, frozenset(exclude)
+        )
         try:
             return await self._scheduler.acquire.remote(req)
         except ray.exceptions.RayTaskError as e:

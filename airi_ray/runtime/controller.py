@@ -87,7 +87,9 @@ class Controller:
         await self.scheduler.configure.remote(
             new.scheduler.max_queue_per_model, new.scheduler.queue_timeout_s
         )
-        self._event(f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}")
+        self._event(
+            f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}"
+        )
         self._ensure_loop()
         await self._reconcile()
         if wait:

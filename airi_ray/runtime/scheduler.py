@@ -71,11 +71,15 @@ class GlobalScheduler:
                 continue
             if replica_failed:
                 self.core.mark_unready(lease.replica_id)
-            self.metrics.record_call(lease.model, lease.tenant, Usage(**usage_dict), lease.queue_wait_s)
+            self.metrics.record_call(
+                lease.model, lease.tenant, Usage(**usage_dict), lease.queue_wait_s
+            )
             self._update_gauges(lease.model)
         self._dispatch()
 
-    def set_replicas(self, model: str, views: list[ReplicaView], stats: list[dict[str, Any]]) -> None:
+    def set_replicas(
+        self, model: str, views: list[ReplicaView], stats: list[dict[str, Any]]
+    ) -> None:
         """The controller's current view of a model's replicas and their engine stats."""
         self.core.set_replicas(model, views)
         engines = self.metrics.engines.replicas

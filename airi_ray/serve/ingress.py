@@ -46,7 +46,9 @@ async def _count_responses(request: Request, call_next: Any) -> Response:
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "code": code}}, status_code=status
+    )
 
 
 @app.exception_handler(AiriError)
@@ -57,7 +59,12 @@ async def _airi_error(request: Request, e: AiriError) -> JSONResponse:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-    return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}", "invalid_request_error", code)
+    return _error(
+        e.status_code,
+        f"{request.method} {request.url.path}: {e.detail}",
+        "invalid_request_error",
+        code,
+    )
 
 
 @app.exception_handler(Exception)
@@ -85,8 +92,11 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
 
 def _usage(g: Generation) -> dict[str, int]:
     u = g.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    }
 
 
 # serve.ingress pickles the app when the class is decorated: helpers the routes use must
@@ -176,15 +186,29 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
         body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
-        g = await self.client.chat_generation(body.model, body.messages, tenant=tenant, **body.params())
-        return await self._respond(g, body.stream, bool(body.stream_options and body.stream_options.include_usage), chat=True)
+        g = await self.client.chat_generation(
+            body.model, body.messages, tenant=tenant, **body.params()
+        )
+        return await self._respond(
+            g,
+            body.stream,
+            bool(body.stream_options and body.stream_options.include_usage),
+            chat=True,
+        )
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
         body: CompletionRequest = await self._body(request, CompletionRequest)
-        g = await self.client.completion_generation(body.model, body.prompt, tenant=tenant, **body.params())
-        return await self._respond(g, body.stream, bool(body.stream_options and body.stream_options.include_usage), chat=False)
+        g = await self.client.completion_generation(
+            body.model, body.prompt, tenant=tenant, **body.params()
+        )
+        return await self._respond(
+            g,
+            body.stream,
+            bool(body.stream_options and body.stream_options.include_usage),
+            chat=False,
+        )
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict[str, Any]:
@@ -203,7 +227,9 @@ class Ingress:
 
     # -- responses -----------------------------------------------------------------------
 
-    async def _respond(self, g: Generation, stream: bool, include_usage: bool, chat: bool) -> Response:
+    async def _respond(
+        self, g: Generation, stream: bool, include_usage: bool, chat: bool
+    ) -> Response:
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if chat else "text_completion"
@@ -215,8 +241,14 @@ class Ingress:
             else:
                 choice["text"] = text
             return JSONResponse(
-                {"id": rid, "object": obj, "created": created, "model": g.model,
-                 "choices": [choice], "usage": _usage(g)}
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": g.model,
+                    "choices": [choice],
+                    "usage": _usage(g),
+                }
             )
 
         it = g.__aiter__()
@@ -235,8 +267,15 @@ class Ingress:
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text, "finish_reason": finish}
-            return _sse({"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
-                         "model": g.model, "choices": [choice]})
+            return _sse(
+                {
+                    "id": rid,
+                    "object": obj + (".chunk" if chat else ""),
+                    "created": created,
+                    "model": g.model,
+                    "choices": [choice],
+                }
+            )
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -245,8 +284,16 @@ class Ingress:
                     async for text, _, finish in it:
                         yield chunk(text, finish)
                 if include_usage:
-                    yield _sse({"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
-                                "model": g.model, "choices": [], "usage": _usage(g)})
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": obj + (".chunk" if chat else ""),
+                            "created": created,
+                            "model": g.model,
+                            "choices": [],
+                            "usage": _usage(g),
+                        }
+                    )
                 yield "data: [DONE]\n\n"
             except AiriError as e:
                 yield _sse(e.to_body())

@@ -28,6 +28,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS.")
 
     def params(self) -> dict[str, Any]:
         return {
@@ -36,6 +37,7 @@ class _Sampling(_Body):
             "top_p": self.top_p,
             "stop": self.stop,
             "seed": self.seed,
+            "ignore_eos": self.ignore_eos,
         }
 
 

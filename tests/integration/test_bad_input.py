@@ -1,0 +1,134 @@
+"""Every bad request gets the OpenAI error body with the right status, and the runtime stays healthy."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import KEY
+
+GOOD = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def post(app, path: str, *, key: str | None = KEY, **kwargs) -> httpx.Response:
+    headers = kwargs.pop("headers", {})
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.post(app.base_url + path, headers=headers, timeout=60, **kwargs)
+
+
+def assert_error(r: httpx.Response, status: int, *words: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "code"}
+    for w in words:
+        assert w in body["message"], body["message"]
+
+
+@pytest.fixture(autouse=True)
+def runtime_stays_healthy(airi_app):
+    yield
+    r = post(airi_app, "/v1/chat/completions", json=GOOD)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_malformed_json(airi_app) -> None:
+    r = post(
+        airi_app,
+        "/v1/chat/completions",
+        content=b'{"model": "tiny-chat", "messages": [',
+        headers={"Content-Type": "application/json"},
+    )
+    assert_error(r, 400, "not valid JSON")
+
+
+def test_body_not_an_object(airi_app) -> None:
+    assert_error(post(airi_app, "/v1/chat/completions", json=[1, 2]), 400, "JSON object")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"max_tokens": -1}, ["max_tokens"]),
+        ({"max_tokens": "many"}, ["max_tokens"]),
+        ({"temperature": 9}, ["temperature"]),
+        ({"messages": "hello"}, ["messages"]),
+        ({"messages": []}, ["messages"]),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, ["role must be one of"]),
+        ({"n": 3}, ["n"]),
+    ],
+)
+def test_schema_violations(airi_app, change, words) -> None:
+    assert_error(post(airi_app, "/v1/chat/completions", json=GOOD | change), 400, *words)
+
+
+def test_missing_model_field(airi_app) -> None:
+    body = {k: v for k, v in GOOD.items() if k != "model"}
+    assert_error(post(airi_app, "/v1/chat/completions", json=body), 400, "model")
+
+
+def test_unknown_model(airi_app) -> None:
+    r = post(airi_app, "/v1/chat/completions", json=GOOD | {"model": "gpt-17"})
+    assert_error(r, 404, "gpt-17", "tiny-chat")
+    assert r.json()["error"]["code"] == "model_not_found"
+
+
+def test_wrong_task_for_model(airi_app) -> None:
+    assert_error(
+        post(airi_app, "/v1/embeddings", json={"model": "tiny-chat", "input": "x"}), 400, "serves"
+    )
+
+
+@pytest.mark.parametrize("key", [None, "sk-not-a-real-key-000"])
+def test_missing_or_wrong_key(airi_app, key) -> None:
+    r = post(airi_app, "/v1/chat/completions", json=GOOD, key=key)
+    assert_error(r, 401, "API key")
+
+
+def test_bad_authorization_scheme(airi_app) -> None:
+    r = post(
+        airi_app,
+        "/v1/chat/completions",
+        json=GOOD,
+        key=None,
+        headers={"Authorization": f"Basic {KEY}"},
+    )
+    assert_error(r, 401, "Bearer")
+
+
+def test_context_window_exceeded(airi_app) -> None:
+    r = post(airi_app, "/v1/chat/completions", json=GOOD | {"max_tokens": 5000})
+    assert_error(r, 400, "context window of 1024 tokens")
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    long_prompt = "returns shipping warranty " * 400
+    r = post(
+        airi_app,
+        "/v1/completions",
+        json={"model": "tiny-chat", "prompt": long_prompt, "max_tokens": 10},
+    )
+    assert_error(r, 400, "1024")
+
+
+def test_embedding_input_too_long(airi_app) -> None:
+    r = post(airi_app, "/v1/embeddings", json={"model": "minilm", "input": ["word " * 600]})
+    assert_error(r, 400, "at most 256")
+
+
+def test_oversized_body(airi_app) -> None:
+    big = GOOD | {"messages": [{"role": "user", "content": "x" * 100_000}]}
+    assert_error(post(airi_app, "/v1/chat/completions", json=big), 413, "limit")
+
+
+def test_unknown_route(airi_app) -> None:
+    assert_error(post(airi_app, "/v1/nothing-here", json={}), 404)
+
+
+def test_openai_client_sees_typed_errors(oai) -> None:
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="nope", messages=GOOD["messages"])
+    with pytest.raises(openai.BadRequestError, match="context window"):
+        oai.chat.completions.create(
+            model="tiny-chat", messages=GOOD["messages"], max_tokens=100_000
+        )

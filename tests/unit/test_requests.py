@@ -1,0 +1,89 @@
+"""Validation of model-call inputs, context windows, errors and statistics."""
+
+import math
+import pickle
+
+import pytest
+
+from airi_ray.core.errors import (
+    AiriError,
+    ContextWindowExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+)
+from airi_ray.core.requests import GenerationParams, Usage, parse_messages, resolve_max_tokens
+from airi_ray.core.stats import RateWindow, percentile
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_tokens": 0}, "max_tokens must be a positive integer"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": 3.0}, "temperature must be between 0 and 2"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_generation_params_refuse_bad_values(kwargs: dict, match: str) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        GenerationParams(**kwargs)
+
+
+def test_parse_messages() -> None:
+    msgs = parse_messages(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            }
+        ]
+    )
+    assert msgs[0].content == "ab"
+    with pytest.raises(InvalidRequest, match="non-empty list"):
+        parse_messages([])
+    with pytest.raises(InvalidRequest, match=r"messages\[0\].role must be one of"):
+        parse_messages([{"role": "wizard", "content": "x"}])
+    with pytest.raises(InvalidRequest, match=r"messages\[1\].content must be a string"):
+        parse_messages([{"role": "user", "content": "x"}, {"role": "user", "content": 5}])
+
+
+def test_context_window() -> None:
+    assert resolve_max_tokens("m", 100, None, 1024) == 924
+    assert resolve_max_tokens("m", 100, 924, 1024) == 924
+    with pytest.raises(ContextWindowExceeded, match="context window of 1024 tokens") as e:
+        resolve_max_tokens("m", 100, 925, 1024)
+    assert "at most 924" in e.value.message and e.value.status == 400
+    with pytest.raises(ContextWindowExceeded, match="no room"):
+        resolve_max_tokens("m", 1024, None, 1024)
+
+
+@pytest.mark.parametrize("cls", [InvalidRequest, ContextWindowExceeded, ModelNotFound, Overloaded])
+def test_errors_pickle_and_render_openai_bodies(cls: type[AiriError]) -> None:
+    e = pickle.loads(pickle.dumps(cls("what went wrong")))
+    assert type(e) is cls and e.message == "what went wrong"
+    body = e.to_body()["error"]
+    assert (
+        body["message"] == "what went wrong"
+        and body["type"] == cls.type
+        and body["code"] == cls.code
+    )
+
+
+def test_usage_tpot() -> None:
+    assert Usage(completion_tokens=11, ttft_s=0.1, e2e_s=1.1).tpot_s == pytest.approx(0.1)
+    assert Usage(completion_tokens=1, ttft_s=0.1, e2e_s=0.1).tpot_s is None
+
+
+def test_rate_window_and_percentile() -> None:
+    w = RateWindow(10.0)
+    w.add(0.0, 50)
+    w.add(5.0, 50)
+    assert w.rate(5.0) == 10.0
+    assert w.rate(12.0) == 5.0
+    assert w.rate(30.0) == 0.0
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 99) == 5
+    assert math.isnan(percentile([], 50))
