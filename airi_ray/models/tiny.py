@@ -351,29 +351,33 @@ def _train_tokenizer(out: Path, docs: Sequence[tuple[str, str]], config: BuildCo
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
 
-def _training_sequences(
+def _training_samples(
     out: Path, docs: Sequence[tuple[str, str]], config: BuildConfig
-) -> list[list[int]]:
-    """Token ids of every training sample: document chunks and rendered chats."""
+) -> list[tuple[list[int], int]]:
+    """Every training sample as (token ids, number of leading tokens excluded from the loss)."""
     from transformers import AutoTokenizer
 
     # Render chats with the saved tokenizer, exactly as a server will render prompts.
     tok = AutoTokenizer.from_pretrained(out)
-    seqs: list[list[int]] = []
+    samples: list[tuple[list[int], int]] = []
     for _, text in docs:
         ids = tok.encode(BOS + text.strip() + EOS, add_special_tokens=False)
         # Non-overlapping windows; each window after the first is plain continuation text.
-        seqs.extend(ids[i : i + config.seq_len] for i in range(0, len(ids), config.seq_len))
+        step = config.seq_len
+        samples.extend((ids[i : i + step], 0) for i in range(0, len(ids), step))
     for chat in make_chats(docs, config):
-        rendered = tok.apply_chat_template(chat, tokenize=False)
+        prompt = tok.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(chat, tokenize=False)
         # Drop the newline after the final EOS: generation stops at EOS, nothing follows it.
-        ids = tok.encode(rendered.rstrip("\n"), add_special_tokens=False)
-        seqs.append(ids[: config.seq_len])
-    return seqs
+        ids = tok.encode(full.rstrip("\n"), add_special_tokens=False)
+        # Learn the answers only; the questions are templates, not worth model capacity.
+        n_prompt = len(tok.encode(prompt, add_special_tokens=False))
+        samples.append((ids[: config.seq_len], n_prompt))
+    return samples
 
 
 def _batches(
-    seqs: list[list[int]], config: BuildConfig, pad_id: int
+    samples: list[tuple[list[int], int]], config: BuildConfig, pad_id: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless (input_ids, attention_mask, labels) batches, seeded, length-bucketed."""
     import torch
@@ -381,23 +385,25 @@ def _batches(
     rng = random.Random(config.seed + 1)
     bs = config.batch_size
     while True:
-        order = list(range(len(seqs)))
+        order = list(range(len(samples)))
         rng.shuffle(order)
         # Sort within windows of 8 batches so a batch holds similar lengths (less padding)
         # while batches still mix documents and chats.
         window = bs * 8
         for w in range(0, len(order) - bs + 1, window):
-            chunk = sorted(order[w : w + window], key=lambda i: len(seqs[i]))
+            chunk = sorted(order[w : w + window], key=lambda i: len(samples[i][0]))
             groups = [chunk[i : i + bs] for i in range(0, len(chunk) - bs + 1, bs)]
             rng.shuffle(groups)
             for group in groups:
-                width = max(len(seqs[i]) for i in group)
+                width = max(len(samples[i][0]) for i in group)
                 ids = torch.full((bs, width), pad_id, dtype=torch.long)
                 mask = torch.zeros((bs, width), dtype=torch.long)
+                labels = torch.full((bs, width), -100, dtype=torch.long)
                 for row, i in enumerate(group):
-                    ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                    mask[row, : len(seqs[i])] = 1
-                labels = ids.masked_fill(mask == 0, -100)
+                    seq, n_prompt = samples[i]
+                    ids[row, : len(seq)] = torch.tensor(seq)
+                    mask[row, : len(seq)] = 1
+                    labels[row, n_prompt : len(seq)] = ids[row, n_prompt : len(seq)]
                 yield ids, mask, labels
 
 
@@ -407,9 +413,9 @@ def _train_model(out: Path, docs: Sequence[tuple[str, str]], config: BuildConfig
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(out)
-    seqs = _training_sequences(out, docs, config)
-    n_tokens = sum(len(s) for s in seqs)
-    log.info("training data: %d sequences, %d tokens", len(seqs), n_tokens)
+    samples = _training_samples(out, docs, config)
+    n_tokens = sum(len(ids) for ids, _ in samples)
+    log.info("training data: %d samples, %d tokens", len(samples), n_tokens)
 
     model_config = LlamaConfig(
         vocab_size=len(tok),
@@ -445,7 +451,7 @@ def _train_model(out: Path, docs: Sequence[tuple[str, str]], config: BuildConfig
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
 
-    batches = _batches(seqs, config, tok.pad_token_id)
+    batches = _batches(samples, config, tok.pad_token_id)
     started = time.monotonic()
     running = 0.0
     for step in range(1, config.steps + 1):

@@ -294,9 +294,10 @@ class Controller:
 
 
 def _short_error(e: BaseException) -> str:
-    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, AiriError):
-        return e.cause.message
+    """The message of the original error, without Ray's traceback wrapping."""
+    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+        e = e.cause
     if isinstance(e, AiriError):
         return e.message
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {' '.join(lines[:3])}"[:600]
