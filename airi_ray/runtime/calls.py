@@ -42,6 +42,12 @@ MAX_ATTEMPTS = 3
 MODEL_INFO_TTL_S = 5.0
 
 
+def _load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_source(source))
+
+
 class ReplicaDied(Exception):
     """The replica's actor died while serving the request."""
 
@@ -192,6 +198,7 @@ class CallPath:
         self._models: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, Any] = {}
         self._models_at = 0.0
+        self._tokenizer_lock = asyncio.Lock()
         self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](
             lambda items: self._scheduler.release.remote(items)
         )
@@ -228,14 +235,15 @@ class CallPath:
         if info.max_model_len is None:
             raise ReplicaUnavailable(f"model {name!r} has no ready replica yet; retry shortly")
         if info.tokenizer is None:
-            info.tokenizer = await asyncio.to_thread(self._load_tokenizer, info.source)
+            info.tokenizer = await self._tokenizer(info.source)
         return info
 
-    def _load_tokenizer(self, source: str) -> Any:
-        if source not in self._tokenizers:
-            from transformers import AutoTokenizer
-
-            self._tokenizers[source] = AutoTokenizer.from_pretrained(resolve_model_source(source))
+    async def _tokenizer(self, source: str) -> Any:
+        # One load per source, off the event loop; concurrent first requests wait for it
+        # (importing transformers from several threads at once fails).
+        async with self._tokenizer_lock:
+            if source not in self._tokenizers:
+                self._tokenizers[source] = await asyncio.to_thread(_load_tokenizer, source)
         return self._tokenizers[source]
 
     # -- generation --------------------------------------------------------------------

@@ -93,12 +93,16 @@ class GlobalScheduler:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        for lease in self.core.dispatch(time.monotonic()):
-            future = self._waiters.get(lease.request_id)
-            if future is None or future.done():
-                self.core.release(lease.request_id)  # nobody waits for it any more
-                continue
-            future.set_result(lease)
+        orphaned = True
+        while orphaned:  # a slot freed from an abandoned grant may serve the next request
+            orphaned = False
+            for lease in self.core.dispatch(time.monotonic()):
+                future = self._waiters.get(lease.request_id)
+                if future is None or future.done():
+                    self.core.release(lease.request_id)  # nobody waits for it any more
+                    orphaned = True
+                else:
+                    future.set_result(lease)
 
     def _update_gauges(self, model: str) -> None:
         self.metrics.queue_depth.labels(model).set(self.core.queue_depth(model))
