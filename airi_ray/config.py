@@ -51,7 +51,9 @@ class ModelSpec(_Spec):
         None, ge=1, le=256, description="Threads for CPU kernels (OMP_NUM_THREADS) in the engine."
     )
     kv_cache_gib: int | None = Field(
-        None, ge=1, description="CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE); GPU ignores it."
+        None,
+        ge=1,
+        description="CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE); GPU ignores it.",
     )
     probe_timeout_s: float = Field(
         30.0, gt=0, le=600, description="A health probe (one real token) must finish within this."

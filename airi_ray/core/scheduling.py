@@ -165,6 +165,13 @@ class FcfsScheduler:
             self._replicas[lease.replica_id] = replace(r, in_flight=max(r.in_flight - 1, 0))
         return lease
 
+    def models(self) -> list[str]:
+        """Models with a queue (some request ever waited for them)."""
+        return list(self._queues)
+
+    def is_queued(self, model: str, request_id: str) -> bool:
+        return request_id in self._queues.get(model, ())
+
     def queue_depth(self, model: str) -> int:
         return len(self._queues.get(model, ()))
 

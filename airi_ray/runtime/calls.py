@@ -48,6 +48,13 @@ def _load_tokenizer(source: str) -> Any:
     return AutoTokenizer.from_pretrained(resolve_model_source(source))
 
 
+def _unwrap(e: BaseException) -> BaseException:
+    """The user-facing error inside a Ray task error, if there is one."""
+    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, AiriError):
+        return e.cause
+    return e
+
+
 class ReplicaDied(Exception):
     """The replica's actor died while serving the request."""
 
@@ -199,6 +206,9 @@ class CallPath:
         self._tokenizers: dict[str, Any] = {}
         self._models_at = 0.0
         self._tokenizer_lock = asyncio.Lock()
+        self._acquires = _Coalescer[tuple[AcquireRequest, asyncio.Future[Lease]]](
+            self._send_acquires
+        )
         self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](
             lambda items: self._scheduler.release.remote(items)
         )
@@ -382,12 +392,48 @@ class CallPath:
         req = AcquireRequest(
             request_id, model, tenant, prompt_tokens, max_tokens, frozenset(exclude)
         )
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._acquires.add((req, future))
         try:
-            return await self._scheduler.acquire.remote(req)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, AiriError):
-                raise e.cause from None
+            return await future
+        except asyncio.CancelledError:
+            # The caller gave up (e.g. an HTTP client hung up while queued): release frees a
+            # lease granted meanwhile, or takes the request out of the queue.
+            self._releases.add((request_id, {"error": "cancelled"}, False))
             raise
+
+    def _send_acquires(self, items: list[tuple[AcquireRequest, asyncio.Future[Lease]]]) -> None:
+        asyncio.get_running_loop().create_task(self._acquire_batch(items))
+
+    async def _acquire_batch(
+        self, items: list[tuple[AcquireRequest, asyncio.Future[Lease]]]
+    ) -> None:
+        try:
+            results = await self._scheduler.acquire.remote([req for req, _ in items])
+        except Exception as e:
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(_unwrap(e))
+            return
+        for (req, future), result in zip(items, results, strict=True):
+            if future.done():
+                continue  # cancelled: its release is on the way
+            if isinstance(result, Lease):
+                future.set_result(result)
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                asyncio.get_running_loop().create_task(self._wait_lease(req.request_id, future))
+
+    async def _wait_lease(self, request_id: str, future: asyncio.Future[Lease]) -> None:
+        try:
+            lease = await self._scheduler.wait_lease.remote(request_id)
+        except Exception as e:
+            if not future.done():
+                future.set_exception(_unwrap(e))
+            return
+        if not future.done():
+            future.set_result(lease)
 
     def _release(self, lease: Lease, usage: Usage, replica_failed: bool) -> None:
         d = {k: v for k, v in vars(usage).items() if k != "extra"}

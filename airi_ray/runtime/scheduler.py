@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from airi_ray.core.errors import ReplicaUnavailable
+from airi_ray.core.errors import AiriError, ReplicaUnavailable
 from airi_ray.core.requests import Usage
 from airi_ray.core.scheduling import AcquireRequest, FcfsScheduler, Lease, ReplicaView
 from airi_ray.obs.metrics import RuntimeMetrics
@@ -32,42 +32,78 @@ class GlobalScheduler:
         self.core.max_queue_per_model = max_queue_per_model
         self.queue_timeout_s = queue_timeout_s
 
-    async def acquire(self, request: AcquireRequest) -> Lease:
-        """Wait for a lease on a replica of ``request.model``.
+    def acquire(self, requests: list[AcquireRequest]) -> list[Lease | AiriError | None]:
+        """Queue requests (a caller's batch) and grant what fits now.
+
+        Per request: a ``Lease`` if granted at once, an error (e.g. ``Overloaded``) if it
+        cannot be queued, or ``None`` if it waits: the caller then calls ``wait_lease``.
+        One call per batch keeps the common case (free capacity) to one message.
+        """
+        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        results: list[Lease | AiriError | None] = []
+        for request in requests:
+            try:
+                self.core.enqueue(request, now)
+            except AiriError as e:
+                results.append(e)
+                continue
+            self._waiters[request.request_id] = loop.create_future()
+            results.append(None)
+        self._dispatch()
+        for i, request in enumerate(requests):
+            future = self._waiters.get(request.request_id)
+            if results[i] is None and future is not None and future.done():
+                results[i] = future.result()
+                del self._waiters[request.request_id]
+        for model in {r.model for r in requests}:
+            self._update_gauges(model)
+        return results
+
+    async def wait_lease(self, request_id: str) -> Lease:
+        """Wait for a queued request's lease.
 
         Raises:
-            Overloaded: the model's queue is full.
-            ReplicaUnavailable: no replica became free within the queue timeout.
+            ReplicaUnavailable: no replica became free within the queue timeout, or the
+                request is not queued (it was released or cancelled).
         """
-        self.core.enqueue(request, time.monotonic())
-        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self._waiters[request.request_id] = future
-        self._dispatch()
+        future = self._waiters.get(request_id)
+        if future is None:
+            raise ReplicaUnavailable(f"request {request_id} is not waiting for a replica")
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.queue_timeout_s)
-        except (TimeoutError, asyncio.CancelledError) as e:
-            if not self.core.cancel(request.request_id) and future.done():
-                lease = future.result()
-                if isinstance(e, TimeoutError):
-                    return lease  # granted at the last moment
-                self.core.release(lease.request_id)  # the caller is gone: free the slot
-                self._dispatch()
-            if isinstance(e, TimeoutError):
-                ready = sum(1 for r in self.core.replicas(request.model) if r.ready)
-                raise ReplicaUnavailable(
-                    f"no replica of model {request.model!r} became free within "
-                    f"{self.queue_timeout_s:g}s ({ready} ready replicas); retry later"
-                ) from None
-            raise
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                return future.result()  # granted at the last moment
+            model = self._drop_waiting(request_id)
+            ready = sum(1 for r in self.core.replicas(model) if r.ready)
+            raise ReplicaUnavailable(
+                f"no replica of model {model!r} became free within {self.queue_timeout_s:g}s "
+                f"({ready} ready replicas); retry later"
+            ) from None
         finally:
-            self._waiters.pop(request.request_id, None)
-            self._update_gauges(request.model)
+            self._waiters.pop(request_id, None)
+
+    def _drop_waiting(self, request_id: str) -> str:
+        """Take a request out of its queue; returns its model."""
+        model = next((m for m in self.core.models() if self.core.is_queued(m, request_id)), "")
+        self.core.cancel(request_id)
+        future = self._waiters.pop(request_id, None)
+        if future is not None and not future.done():
+            future.cancel()
+        if model:
+            self._update_gauges(model)
+        return model
 
     def release(self, items: list[tuple[str, dict[str, Any], bool]]) -> None:
-        """Take back leases ``(request_id, usage, replica_failed)`` and charge their usage."""
+        """Take back leases ``(request_id, usage, replica_failed)`` and charge their usage.
+
+        A request still waiting in a queue (its caller gave up) is just dropped.
+        """
         for request_id, usage_dict, replica_failed in items:
             lease = self.core.release(request_id)
             if lease is None:
+                self._drop_waiting(request_id)
                 continue
             if replica_failed:
                 self.core.mark_unready(lease.replica_id)
