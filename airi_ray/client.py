@@ -102,6 +102,10 @@ class AsyncClient:
             raise AuthenticationError("invalid API key")
         return tenant
 
+    async def warm(self) -> None:
+        """Fetch model infos and load tokenizers ahead of the first call."""
+        await self._path.warm()
+
     async def models(self) -> list[dict[str, Any]]:
         return [vars(m) | {"tokenizer": None} for m in await self._path.list_models(refresh=True)]
 
@@ -159,7 +163,9 @@ class Client:
         self._controller = self.aio._controller
 
     async def _make(self, api_key: str | None) -> AsyncClient:
-        return AsyncClient(api_key)
+        client = AsyncClient(api_key)
+        await client.warm()
+        return client
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

@@ -225,6 +225,11 @@ class CallPath:
             self._models_at = time.monotonic()
         return list(self._models.values())
 
+    async def warm(self) -> None:
+        """Load model infos and tokenizers now, so the first request does not pay for them."""
+        for info in await self.list_models(refresh=True):
+            info.tokenizer = await self._tokenizer(info.source)
+
     async def model(self, name: str, task: str) -> ModelInfo:
         """The model's info; refreshes once before deciding it does not exist."""
         if not isinstance(name, str) or not name:

@@ -153,8 +153,7 @@ class Controller:
         ray.experimental.internal_kv._internal_kv_del(_SPEC_KEY)
         if self._loop_task:
             self._loop_task.cancel()
-        for r in list(self.replicas.values()):
-            await self._stop(r, "shutdown")
+        await asyncio.gather(*(self._stop(r, "shutdown") for r in list(self.replicas.values())))
 
     def ping(self) -> bool:
         return True

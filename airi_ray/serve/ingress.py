@@ -109,15 +109,12 @@ def _usage(g: Generation) -> dict[str, int]:
 )
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    async def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = IngressSpec.model_validate(spec)
-        self._client: AsyncClient | None = None
-
-    @property
-    def client(self) -> AsyncClient:
-        if self._client is None:  # created inside the serving event loop, where calls run
-            self._client = AsyncClient(api_key="")
-        return self._client
+        # Built in the serving event loop, where requests run; tokenizers load before the
+        # replica reports ready, so the first request does not wait for them.
+        self.client = AsyncClient(api_key="")
+        await self.client.warm()
 
     async def _body(self, request: Request, model: type[BaseModel]) -> Any:
         """Read the JSON body within the size limit and validate it against ``model``."""
