@@ -116,8 +116,10 @@ class ReplicaChannel:
                         queue.put_nowait(more)
                         break
                     text, n, finish, error = text + more[0], n + more[1], more[2], more[3]
-                if error is not None:
+                if finish == "invalid":
                     raise InvalidRequest(f"the engine refused the request: {error}")
+                if finish == "engine_error":  # like a dead replica: retried if nothing was sent
+                    raise ReplicaDied(f"replica {self.replica_id}: {error}")
                 finished = finish is not None
                 yield text, n, finish
         finally:

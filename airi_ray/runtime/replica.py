@@ -20,7 +20,8 @@ from airi_ray.config import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-# One channel item: (request_id, new_text, new_token_count, finish_reason, error_message).
+# One channel item: (request_id, new_text, new_token_count, finish_reason, error_message);
+# finish_reason "invalid" or "engine_error" carries an error instead of tokens.
 # A tuple rather than a dataclass: it is pickled once per request per engine step.
 Delta = tuple[str, str, int, str | None, str | None]
 
@@ -74,9 +75,11 @@ class ModelReplica:
                 channel.push((request_id, text, n, finish, None))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # an engine error belongs to this request, not the replica
-            logger.exception("request %s failed", request_id)
-            channel.push((request_id, "", 0, "error", f"{type(e).__name__}: {e}"))
+        except (ValueError, TypeError) as e:  # vLLM refused this request's input
+            channel.push((request_id, "", 0, "invalid", f"{type(e).__name__}: {e}"))
+        except Exception as e:  # the engine itself failed (e.g. its core process died)
+            logger.exception("request %s failed in the engine", request_id)
+            channel.push((request_id, "", 0, "engine_error", f"{type(e).__name__}: {e}"))
         else:
             if not finished:  # the engine aborted it (e.g. an abort from another path)
                 channel.push((request_id, "", 0, "abort", None))
