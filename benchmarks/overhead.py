@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -50,6 +51,7 @@ PROMPTS = [
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 KEY = "sk-bench-tenant-0000001"
 HTTP_PORT = 8123
+SERVE_LLM_START_TIMEOUT_S = 300
 
 # One stream: yields the number of new tokens per chunk.
 Stream = Callable[[int], AsyncIterator[int]]
@@ -208,12 +210,33 @@ def start_serve_llm(model_dir: str) -> None:
         model_loading_config={"model_id": "tiny-chat", "model_source": model_dir},
         # Ray Serve LLM requires engine stats on (it exports them), so they stay enabled here.
         engine_kwargs={
-            k: v for k, v in engine_kwargs(model_dir).items() if k not in ("model", "disable_log_stats")
+            k: v
+            for k, v in engine_kwargs(model_dir).items()
+            if k not in ("model", "disable_log_stats")
         },
         deployment_config={"num_replicas": 1, "max_ongoing_requests": 1024},
         runtime_env={"env_vars": ENGINE_ENV},
+        # A CPU bundle makes Ray Serve LLM pick its CPU accelerator config (default: one GPU).
+        placement_group_config={"bundles": [{"CPU": 1}], "strategy": "PACK"},
     )
-    serve.run(build_openai_app({"llm_configs": [config]}), name="serve-llm", route_prefix="/")
+    # serve.run waits for the app to be healthy; bound that wait so a stuck start is reported.
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(
+                build_openai_app({"llm_configs": [config]}), name="serve-llm", route_prefix="/"
+            )
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=SERVE_LLM_START_TIMEOUT_S)
+    if errors:
+        raise errors[0]
+    if thread.is_alive():
+        raise TimeoutError(f"Ray Serve LLM app not ready within {SERVE_LLM_START_TIMEOUT_S}s")
 
 
 # -- driver -------------------------------------------------------------------------------

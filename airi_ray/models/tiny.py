@@ -526,7 +526,7 @@ def _lr_factor(step: int, config: BuildConfig) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: build (or reuse) the model and print its directory last."""
     parser = argparse.ArgumentParser(
-        prog="python -m airi_ray.models.tiny", description=__doc__.splitlines()[0]
+        prog="python -m airi_ray.models.tiny", description=(__doc__ or "").strip().split("\n")[0]
     )
     parser.add_argument("--out", type=Path, default=None, help="model directory to create")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
