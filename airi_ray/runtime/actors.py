@@ -46,41 +46,33 @@ def start_replica(replica_id: str, spec: ModelSpec) -> Any:
     return cls.remote(replica_id, spec.model_dump())
 
 
-def get_or_start_scheduler() -> Any:
-    from airi_ray.runtime.scheduler import GlobalScheduler
-
+def _singleton(cls: type, name: str) -> Any:
+    """A detached, named, restarting actor: created once per cluster, found afterwards."""
     return (
-        ray.remote(GlobalScheduler)
+        ray.remote(cls)
         .options(
-            name=SCHEDULER_NAME,
+            name=name,
             namespace=NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
             max_restarts=-1,
-            max_task_retries=0,
             max_concurrency=_MAX_CONCURRENCY,
         )
         .remote()
     )
+
+
+def get_or_start_scheduler() -> Any:
+    from airi_ray.runtime.scheduler import GlobalScheduler
+
+    return _singleton(GlobalScheduler, SCHEDULER_NAME)
 
 
 def get_or_start_controller() -> Any:
     from airi_ray.runtime.controller import Controller
 
-    return (
-        ray.remote(Controller)
-        .options(
-            name=CONTROLLER_NAME,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=-1,
-            max_concurrency=_MAX_CONCURRENCY,
-        )
-        .remote()
-    )
+    return _singleton(Controller, CONTROLLER_NAME)
 
 
 def get_actor(name: str) -> Any:

@@ -28,7 +28,12 @@ from airi_ray.config import IngressSpec
 from airi_ray.core.errors import AiriError, AuthenticationError, InvalidRequest, PayloadTooLarge
 from airi_ray.obs.metrics import HttpMetrics
 from airi_ray.runtime.calls import Generation
-from airi_ray.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from airi_ray.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    SamplingRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +191,7 @@ class Ingress:
         g = await self.client.chat_generation(
             body.model, body.messages, tenant=tenant, **body.params()
         )
-        return await self._respond(
-            g,
-            body.stream,
-            bool(body.stream_options and body.stream_options.include_usage),
-            chat=True,
-        )
+        return await self._respond(g, body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -200,12 +200,7 @@ class Ingress:
         g = await self.client.completion_generation(
             body.model, body.prompt, tenant=tenant, **body.params()
         )
-        return await self._respond(
-            g,
-            body.stream,
-            bool(body.stream_options and body.stream_options.include_usage),
-            chat=False,
-        )
+        return await self._respond(g, body, chat=False)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict[str, Any]:
@@ -224,9 +219,9 @@ class Ingress:
 
     # -- responses -----------------------------------------------------------------------
 
-    async def _respond(
-        self, g: Generation, stream: bool, include_usage: bool, chat: bool
-    ) -> Response:
+    async def _respond(self, g: Generation, body: SamplingRequest, chat: bool) -> Response:
+        stream = body.stream
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if chat else "text_completion"

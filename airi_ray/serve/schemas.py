@@ -17,7 +17,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class SamplingRequest(_Body):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Output token limit.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -41,7 +41,7 @@ class _Sampling(_Body):
         }
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
@@ -49,7 +49,7 @@ class ChatCompletionRequest(_Sampling):
         return super().params() | {"max_tokens": self.max_completion_tokens or self.max_tokens}
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str
 
 
