@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from airi_ray.config import AppSpec, load_spec, parse_spec
 from airi_ray.core.errors import AuthenticationError, InvalidRequest
 from airi_ray.core.requests import GenerationParams, Usage, parse_messages
 from airi_ray.runtime import CONTROLLER_NAME, NAMESPACE, actors
-from airi_ray.runtime.calls import CallPath, Generation
+from airi_ray.runtime.calls import Cached, CallPath, Generation
 
 KEYS_TTL_S = 2.0
 ANONYMOUS_TENANT = "anonymous"
@@ -76,9 +75,7 @@ class AsyncClient:
         self.api_key = api_key if api_key is not None else env.api_key()
         self._path = CallPath()
         self._controller = actors.get_actor(CONTROLLER_NAME)
-        self._keys: dict[str, str] = {}
-        self._auth = "keys"
-        self._keys_at = 0.0
+        self._auth = Cached(self._controller.auth_config.remote, KEYS_TTL_S)
 
     async def tenant_for(self, api_key: str | None) -> str:
         """The tenant a key authenticates as.
@@ -86,18 +83,14 @@ class AsyncClient:
         Raises:
             AuthenticationError: no key (when the app requires keys) or an unknown key.
         """
-        if time.monotonic() - self._keys_at > KEYS_TTL_S:
-            self._keys = await self._controller.api_keys.remote()
-            spec = await self._controller.app_spec.remote()
-            self._auth = spec["ingress"]["auth"] if spec else "keys"
-            self._keys_at = time.monotonic()
+        auth = await self._auth.get()
         if api_key is None or api_key == "":
-            if self._auth == "none":
+            if auth["mode"] == "none":
                 return ANONYMOUS_TENANT
             raise AuthenticationError(
                 "missing API key: send `Authorization: Bearer <key>` (Python: api_key=...)"
             )
-        tenant = self._keys.get(api_key)
+        tenant = auth["keys"].get(api_key)
         if tenant is None:
             raise AuthenticationError("invalid API key")
         return tenant

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -75,6 +76,35 @@ class _Coalescer(Generic[T]):
         items, self._items = self._items, []
         if items:
             self._flush(items)
+
+
+class Cached(Generic[T]):
+    """A value fetched at most once per ``ttl_s``; concurrent callers share one fetch.
+
+    A stale value is returned at once while a refresh runs in the background, so a burst
+    of requests neither waits for nor multiplies the fetch; ``get(fresh=True)`` waits.
+    """
+
+    def __init__(self, fetch: Callable[[], Awaitable[T]], ttl_s: float) -> None:
+        self._fetch = fetch
+        self._ttl_s = ttl_s
+        self._value: T | None = None
+        self._at = -math.inf
+        self._task: asyncio.Future[None] | None = None
+
+    async def get(self, fresh: bool = False) -> T:
+        expired = time.monotonic() - self._at > self._ttl_s
+        if (expired or fresh) and (self._task is None or self._task.done()):
+            self._task = asyncio.ensure_future(self._load())
+            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if (fresh or self._value is None) and self._task is not None:
+            await asyncio.shield(self._task)
+        assert self._value is not None
+        return self._value
+
+    async def _load(self) -> None:
+        self._value = await self._fetch()
+        self._at = time.monotonic()
 
 
 class ReplicaChannel:
@@ -206,7 +236,7 @@ class CallPath:
         self._handles: dict[str, Any] = {}
         self._models: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, Any] = {}
-        self._models_at = 0.0
+        self._model_infos = Cached(self._fetch_models, MODEL_INFO_TTL_S)
         self._tokenizer_lock = asyncio.Lock()
         self._acquires = _Coalescer[tuple[AcquireRequest, asyncio.Future[Lease]]](
             self._send_acquires
@@ -218,14 +248,13 @@ class CallPath:
     # -- models and tokenizers -----------------------------------------------------------
 
     async def list_models(self, refresh: bool = False) -> list[ModelInfo]:
-        if refresh or time.monotonic() - self._models_at > MODEL_INFO_TTL_S:
-            infos = await self._controller.models.remote()
-            self._models = {
-                i["name"]: ModelInfo(**{k: i[k] for k in ModelInfo.__dataclass_fields__ if k in i})
-                for i in infos
-            }
-            self._models_at = time.monotonic()
+        self._models = await self._model_infos.get(fresh=refresh)
         return list(self._models.values())
+
+    async def _fetch_models(self) -> dict[str, ModelInfo]:
+        infos = await self._controller.models.remote()
+        fields = ModelInfo.__dataclass_fields__
+        return {i["name"]: ModelInfo(**{k: v for k, v in i.items() if k in fields}) for i in infos}
 
     async def warm(self) -> None:
         """Load model infos and tokenizers now, so the first request does not pay for them."""

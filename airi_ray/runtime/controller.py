@@ -117,11 +117,12 @@ class Controller:
             )
         return out
 
-    def api_keys(self) -> dict[str, str]:
-        """API key -> tenant name."""
+    def auth_config(self) -> dict[str, Any]:
+        """How callers authenticate: ``{"mode": "keys" | "none", "keys": {key: tenant}}``."""
         if self.spec is None:
-            return {}
-        return {k: t.name for t in self.spec.tenants for k in t.api_keys}
+            return {"mode": "keys", "keys": {}}
+        keys = {k: t.name for t in self.spec.tenants for k in t.api_keys}
+        return {"mode": self.spec.ingress.auth, "keys": keys}
 
     def app_spec(self) -> dict[str, Any] | None:
         return self.spec.model_dump() if self.spec else None
