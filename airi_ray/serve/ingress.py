@@ -8,6 +8,7 @@ reaches a replica and never turns into a 500.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -221,6 +222,7 @@ class Ingress:
 
     async def _respond(self, g: Generation, body: SamplingRequest, chat: bool) -> Response:
         stream = body.stream
+        interval_s = self.spec.stream_interval_ms / 1000
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -273,7 +275,15 @@ class Ingress:
             try:
                 if first is not None:
                     yield chunk(first[0], first[2], first_chunk=True)
-                    async for text, _, finish in it:
+                    finish = first[2]
+                    while finish is None:
+                        # Tokens that arrive meanwhile are merged into the next event.
+                        if interval_s:
+                            await asyncio.sleep(interval_s)
+                        try:
+                            text, _, finish = await it.__anext__()
+                        except StopAsyncIteration:
+                            break
                         yield chunk(text, finish)
                 if include_usage:
                     yield _sse(
