@@ -28,7 +28,7 @@ import ray
 from airi_ray import env
 from airi_ray.config import AppSpec, load_spec, parse_spec
 from airi_ray.core.errors import AuthenticationError, InvalidRequest
-from airi_ray.core.requests import GenerationParams, Usage, parse_messages
+from airi_ray.core.requests import CallOptions, GenerationParams, Usage, parse_messages
 from airi_ray.runtime import CONTROLLER_NAME, NAMESPACE, actors
 from airi_ray.runtime.calls import Cached, CallPath, Generation
 
@@ -51,6 +51,14 @@ def init_ray(address: str | None = "auto") -> None:
     """Join the Ray cluster at ``address`` ("auto": the local one) unless already joined."""
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+
+
+OPTION_NAMES = ("priority", "deadline_s", "session_id")
+
+
+def _options(kwargs: dict[str, Any]) -> CallOptions:
+    """Take the scheduling options (priority, deadline_s, session_id) out of ``kwargs``."""
+    return CallOptions(**{k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs})
 
 
 def _params(kwargs: dict[str, Any]) -> GenerationParams:
@@ -109,13 +117,17 @@ class AsyncClient:
         tenant = tenant or await self.tenant_for(self.api_key)
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return await self._path.chat(model, parse_messages(messages), _params(params), tenant)
+        options = _options(params)
+        return await self._path.chat(
+            model, parse_messages(messages), _params(params), tenant, options
+        )
 
     async def completion_generation(
         self, model: str, prompt: str, tenant: str | None = None, **params: Any
     ) -> Generation:
         tenant = tenant or await self.tenant_for(self.api_key)
-        return await self._path.complete(model, prompt, _params(params), tenant)
+        options = _options(params)
+        return await self._path.complete(model, prompt, _params(params), tenant, options)
 
     async def chat(self, model: str, messages: Any, **params: Any) -> Completion:
         """Chat and wait for the whole answer."""
@@ -131,11 +143,18 @@ class AsyncClient:
                 yield text
 
     async def embed(
-        self, model: str, texts: str | list[str], tenant: str | None = None
+        self,
+        model: str,
+        texts: str | list[str],
+        tenant: str | None = None,
+        priority: str = "interactive",
+        deadline_s: float | None = None,
     ) -> tuple[list[list[float]], Usage]:
         """Embed one text or a list; returns the vectors (one per text) and usage."""
         tenant = tenant or await self.tenant_for(self.api_key)
-        return await self._path.embed(model, [texts] if isinstance(texts, str) else texts, tenant)
+        texts = [texts] if isinstance(texts, str) else texts
+        options = CallOptions(priority=priority, deadline_s=deadline_s)
+        return await self._path.embed(model, texts, tenant, options)
 
 
 async def _collect(g: Generation) -> Completion:
@@ -177,9 +196,9 @@ class Client:
         """Plain text completion of ``prompt``."""
         return self._run(self.aio.complete(model, prompt, **params))
 
-    def embed(self, model: str, texts: str | list[str]) -> list[list[float]]:
-        """Embedding vectors, one per text."""
-        return self._run(self.aio.embed(model, texts))[0]
+    def embed(self, model: str, texts: str | list[str], **options: Any) -> list[list[float]]:
+        """Embedding vectors, one per text; ``options``: priority, deadline_s."""
+        return self._run(self.aio.embed(model, texts, **options))[0]
 
     def models(self) -> list[dict[str, Any]]:
         return self._run(self.aio.models())

@@ -66,6 +66,21 @@ class ModelSpec(_Spec):
         default_factory=dict,
         description="vLLM engine arguments passed through (dtype, max_model_len, ...).",
     )
+    accelerators: list[str] = Field(
+        default_factory=list,
+        description="Preferred accelerator types, best first (e.g. [H100, L4]); replicas on "
+        "them win routing ties. `CPU` and `GPU` name replicas without a declared type.",
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Embedding calls sent to the engine as one batch, at most."
+    )
+    max_batch_wait_ms: float = Field(
+        10.0,
+        ge=0,
+        le=1000,
+        description="Longest an embedding call waits for others to share its batch; the wait "
+        "shrinks under light load and never passes a call's deadline.",
+    )
 
     @property
     def key(self) -> str:
@@ -79,6 +94,12 @@ class TenantSpec(_Spec):
     api_keys: list[str] = Field(
         default_factory=list, description="Bearer keys of this tenant (at least 16 characters)."
     )
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="Share of served tokens under contention, relative."
+    )
+    max_queued: int | None = Field(
+        None, ge=1, description="Requests this tenant may have waiting per model before 429."
+    )
 
     @field_validator("api_keys")
     @classmethod
@@ -90,11 +111,34 @@ class TenantSpec(_Spec):
 
 
 class SchedulerSpec(_Spec):
+    policy: Literal["vtc", "fcfs"] = Field(
+        "vtc",
+        description="`vtc`: fair share of tokens across tenants (virtual token counters); "
+        "`fcfs`: arrival order.",
+    )
+    routing: Literal["affinity", "round_robin"] = Field(
+        "affinity",
+        description="`affinity`: session, then prefix cache, then preferred hardware, then "
+        "least load; `round_robin`: rotate over replicas (a baseline for comparison).",
+    )
+    output_weight: float = Field(
+        2.0, ge=0, le=100, description="Cost of an output token relative to an input token."
+    )
     max_queue_per_model: int = Field(
-        1024, ge=1, description="Requests allowed to wait per model before 503 queue_full."
+        1024, ge=1, description="Requests allowed to wait per model before 429."
+    )
+    max_queued_per_tenant: int = Field(
+        256, ge=1, description="Requests one tenant may have waiting per model before 429."
     )
     queue_timeout_s: float = Field(
         60.0, gt=0, description="A request waiting longer than this for a replica gets 503."
+    )
+    prefix_load_margin: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Prefix-cache affinity wins unless that replica's load (fraction of its "
+        "slots) exceeds the least-loaded one's by more than this.",
     )
 
 

@@ -66,7 +66,8 @@ def airi_app() -> Iterator[App]:
                 "name": "tiny-chat",
                 "model": str(model_dir),
                 "replicas": 2,
-                "max_concurrency": 64,
+                # Few slots, so a handful of concurrent requests queue in the scheduler.
+                "max_concurrency": 4,
                 "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
                 **engine_common,
             },

@@ -63,11 +63,30 @@ class PayloadTooLarge(AiriError):
 
 
 class Overloaded(AiriError):
-    """The model's queue is full; the caller should retry later."""
+    """A bounded queue (the tenant's or the model's) is full; the caller should retry later.
 
-    status = 503
+    ``retry_after_s`` is the scheduler's hint for the HTTP ``Retry-After`` header (None when
+    it has no estimate); it survives pickling, so it reaches the ingress from the actor.
+    """
+
+    status = 429
     type = "overloaded_error"
     code = "queue_full"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_overloaded, (type(self), self.message, self.code, self.retry_after_s))
+
+
+def _rebuild_overloaded(
+    cls: type[Overloaded], message: str, code: str | None, retry_after_s: float | None
+) -> Overloaded:
+    return cls(message, code=code, retry_after_s=retry_after_s)
 
 
 class ReplicaUnavailable(AiriError):

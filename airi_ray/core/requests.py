@@ -50,6 +50,37 @@ class GenerationParams:
         }
 
 
+# Priority classes of a call, most urgent first.
+PRIORITIES: tuple[str, ...] = ("interactive", "batch")
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """How the scheduler treats one call: its priority class within the tenant's queue, a
+    deadline to start by (seconds from now; it orders the queue), and a conversation id for
+    session affinity (later turns go to the replica that holds the conversation's cache)."""
+
+    priority: str = "interactive"
+    deadline_s: float | None = None
+    session_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.priority not in PRIORITIES:
+            raise InvalidRequest(
+                f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}"
+            )
+        if self.deadline_s is not None and (
+            isinstance(self.deadline_s, bool)
+            or not isinstance(self.deadline_s, int | float)
+            or not self.deadline_s > 0
+        ):
+            raise InvalidRequest(f"deadline_s must be a positive number, got {self.deadline_s!r}")
+        if self.session_id is not None and (
+            not isinstance(self.session_id, str) or not 0 < len(self.session_id) <= 256
+        ):
+            raise InvalidRequest("session_id must be a string of 1 to 256 characters")
+
+
 @dataclass(frozen=True)
 class ChatMessage:
     role: str

@@ -1,42 +1,86 @@
-"""First-come-first-served scheduling per model with least-loaded replica choice.
+"""The global scheduler's decisions: fair queues, token-aware admission, routing, leases.
 
-The scheduler owns leases: a request waits in its model's queue until a ready replica has
-a free slot, then gets a lease naming that replica; the caller streams from the replica
-itself and hands the lease back with ``release``. The scheduler decides, it never
-proxies tokens. The clock is an argument everywhere, so tests need no sleeps.
+One ``Scheduler`` object holds, per model, a fair queue of waiting requests (Virtual Token
+Counters per tenant, see ``fairness``) and the replicas that may serve them (see
+``routing``). A request waits until a ready replica has room for its token cost, then gets
+a ``Lease`` naming that replica and the reason it was chosen; the caller streams from the
+replica itself and hands the lease back with ``release`` and the real completion token
+count, which charges the tenant. The scheduler decides, it never proxies tokens.
+
+Life of a request (what the actor calls, and when):
+
+    enqueue(request, now)     # refused at once with Overloaded (429) / ReplicaUnavailable (503)
+    dispatch(now)             # after every change: returns the leases granted
+    release(id, completion_tokens, now)   # the call ended (any way) after it was granted
+    requeue(id)               # its replica died before the first token: back to the head
+    cancel(id)                # its caller gave up while it was still queued
+
+The clock is an argument everywhere, so tests need no sleeps. Per decision the cost is
+O(log tenants + log queued + replicas): no scan of the queued requests.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
-from airi_ray.core.errors import Overloaded
+from airi_ray.core.errors import InvalidRequest, Overloaded, ReplicaUnavailable
+from airi_ray.core.fairness import POLICIES, FairQueue, Policy
+from airi_ray.core.requests import PRIORITIES
+from airi_ray.core.routing import (
+    ROUTE_REASONS,
+    BoundedLRU,
+    ReplicaState,
+    ReplicaView,
+    RouteChoice,
+    RouteReason,
+    block_hashes,
+    choose_replica,
+)
 
+__all__ = [
+    "PRIORITIES",
+    "AcquireRequest",
+    "Lease",
+    "ModelStats",
+    "ReplicaView",
+    "Scheduler",
+    "TenantStats",
+    "block_hashes",
+]
 
-@dataclass(frozen=True)
-class ReplicaView:
-    """What the scheduler knows of one replica: never an actor handle."""
+Routing = Literal["affinity", "round_robin"]
+ROUTINGS: tuple[Routing, ...] = ("affinity", "round_robin")
 
-    replica_id: str
-    model: str
-    max_concurrency: int
-    accelerator: str = "CPU"
-    ready: bool = True
-    in_flight: int = 0
+# Priority classes are most urgent first; the index is the rank used for ordering.
+_RANK = {p: i for i, p in enumerate(PRIORITIES)}
 
-    @property
-    def free_slots(self) -> int:
-        return self.max_concurrency - self.in_flight if self.ready else 0
-
-    @property
-    def load(self) -> float:
-        return self.in_flight / max(self.max_concurrency, 1)
+# Retry-After hint: how long the queued work takes to drain at the observed hold time per
+# lease, clamped so a cold start (no observation yet) or a wild estimate stays sensible.
+_RETRY_AFTER_MIN_S = 1.0
+_RETRY_AFTER_MAX_S = 60.0
+_HOLD_EWMA_ALPHA = 0.1
+_HOLD_DEFAULT_S = 1.0
 
 
 @dataclass(frozen=True)
 class AcquireRequest:
-    """One model call waiting for a replica."""
+    """One model call asking for a replica.
+
+    Attributes:
+        request_id: unique among queued and leased requests.
+        model, tenant: what is called and who pays.
+        prompt_tokens: prompt length in the model's tokens (charged at dispatch).
+        max_tokens: the output budget; ``prompt_tokens + max_tokens`` is the KV cost.
+        exclude: replicas not to use (they failed this request before).
+        priority: ``"interactive"`` (first) or ``"batch"``, within the tenant's queue.
+        deadline_s: seconds from enqueue by which it should start, None for none. Relative,
+            because the caller's clock is not the scheduler's.
+        session_id: conversation id for session affinity, None for none.
+        prefix_hashes: ``block_hashes`` of the prompt's tokens, for prefix-cache affinity.
+    """
 
     request_id: str
     model: str
@@ -44,11 +88,35 @@ class AcquireRequest:
     prompt_tokens: int = 0
     max_tokens: int = 0
     exclude: frozenset[str] = field(default_factory=frozenset)
+    priority: str = "interactive"
+    deadline_s: float | None = None
+    session_id: str | None = None
+    prefix_hashes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.priority not in _RANK:
+            raise InvalidRequest(
+                f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}"
+            )
+        if self.prompt_tokens < 0 or self.max_tokens < 0:
+            raise InvalidRequest(
+                f"token counts must not be negative, got prompt_tokens={self.prompt_tokens} "
+                f"and max_tokens={self.max_tokens}"
+            )
+
+    @property
+    def cost_tokens(self) -> int:
+        """KV-cache tokens the request may occupy: prompt plus the whole output budget."""
+        return self.prompt_tokens + self.max_tokens
 
 
 @dataclass(frozen=True)
 class Lease:
-    """The right to run one request on one replica until it is released."""
+    """The right to run one request on one replica until it is released.
+
+    ``route`` says why the replica was chosen (session, prefix, hardware or load);
+    ``prefix_blocks`` is how many leading prompt blocks that replica was sent before.
+    """
 
     request_id: str
     model: str
@@ -56,124 +124,564 @@ class Lease:
     replica_id: str
     enqueued_at: float
     granted_at: float
+    route: RouteReason = "load"
+    cost_tokens: int = 0
+    prefix_blocks: int = 0
+    requeues: int = 0
 
     @property
     def queue_wait_s(self) -> float:
         return self.granted_at - self.enqueued_at
 
 
-def least_loaded(candidates: list[ReplicaView]) -> ReplicaView | None:
-    """The replica with a free slot and the lowest relative load; ties go to the lowest id."""
-    free = [r for r in candidates if r.free_slots > 0]
-    if not free:
-        return None
-    return min(free, key=lambda r: (r.load, r.replica_id))
+@dataclass(frozen=True)
+class TenantStats:
+    """One tenant's state on one model, for metrics."""
+
+    queue_depth: int
+    oldest_wait_s: float
+    in_flight: int
+    virtual_counter: float
+    admitted: int
+    refused: int
+    requeued: int
 
 
-class FcfsScheduler:
-    """Per-model FIFO queues over a set of replicas, with bounded queue length.
+@dataclass(frozen=True)
+class ModelStats:
+    """One model's scheduling state, for metrics: totals, routes by reason, tenants."""
+
+    queue_depth: int
+    in_flight: int
+    in_flight_tokens: int
+    routes: dict[str, int]
+    tenants: dict[str, TenantStats]
+
+
+@dataclass(slots=True)
+class _Queued:
+    request: AcquireRequest
+    enqueued_at: float
+    deadline: float  # absolute, on the scheduler's clock; inf for none
+    seq: int  # arrival number: the last tie-break, kept across requeues
+    requeues: int = 0
+
+
+@dataclass(slots=True)
+class _Granted:
+    lease: Lease
+    queued: _Queued
+    input_charge: float  # what dispatch added to the tenant's counter (refunded on requeue)
+
+
+@dataclass(slots=True)
+class _Counts:
+    admitted: int = 0
+    refused: int = 0
+    requeued: int = 0
+
+
+@dataclass(slots=True)
+class _Model:
+    queue: FairQueue[_Queued]
+    replicas: list[ReplicaState] = field(default_factory=list)  # sorted by id
+    preferred: tuple[str, ...] = ()
+    in_flight: int = 0
+    hold_s: float = _HOLD_DEFAULT_S  # EWMA of how long a lease is held
+    counts: dict[str, _Counts] = field(default_factory=dict)
+    routes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROUTE_REASONS, 0))
+    next_rr: int = 0  # round-robin position among ``replicas``
+
+    def tenant_counts(self, tenant: str) -> _Counts:
+        c = self.counts.get(tenant)
+        if c is None:
+            c = self.counts[tenant] = _Counts()
+        return c
+
+
+class Scheduler:
+    """Fair, token-aware scheduling of model calls over replicas, with bounded queues.
 
     Args:
         max_queue_per_model: requests allowed to wait per model; one more raises
-            ``Overloaded`` (backpressure instead of an unbounded queue).
+            ``Overloaded`` (429).
+        max_queued_per_tenant: requests one tenant may have waiting per model, unless
+            ``set_tenants`` gives it another limit; one more raises ``Overloaded``.
+        policy: ``"vtc"`` (fair across tenants) or ``"fcfs"`` (arrival order, the baseline).
+        output_weight: cost of one output token relative to one input token in the
+            virtual counters.
+        prefix_load_margin: relative load (fraction of a replica's capacity) by which the
+            prefix-affine replica may exceed the least-loaded one and still be chosen.
+        prefix_blocks_per_replica: prompt blocks remembered per replica (LRU).
+        max_sessions: conversations remembered for session affinity (LRU).
+        routing: ``"affinity"`` (session, prefix, hardware, then load) or ``"round_robin"``
+            (the baseline a plain load balancer gives; admission limits still apply).
+
+    Raises:
+        ValueError: a setting is out of range.
     """
 
-    def __init__(self, max_queue_per_model: int = 1024) -> None:
+    def __init__(
+        self,
+        max_queue_per_model: int = 1024,
+        *,
+        max_queued_per_tenant: int = 256,
+        policy: Policy = "vtc",
+        output_weight: float = 2.0,
+        prefix_load_margin: float = 0.25,
+        prefix_blocks_per_replica: int = 4096,
+        max_sessions: int = 65536,
+        routing: Routing = "affinity",
+    ) -> None:
         if max_queue_per_model < 1:
             raise ValueError("max_queue_per_model must be at least 1")
+        if max_queued_per_tenant < 1:
+            raise ValueError("max_queued_per_tenant must be at least 1")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        if output_weight < 0:
+            raise ValueError(f"output_weight must not be negative, got {output_weight}")
+        if prefix_load_margin < 0:
+            raise ValueError(f"prefix_load_margin must not be negative, got {prefix_load_margin}")
+        if prefix_blocks_per_replica < 1 or max_sessions < 1:
+            raise ValueError("prefix_blocks_per_replica and max_sessions must be at least 1")
         self.max_queue_per_model = max_queue_per_model
-        self._replicas: dict[str, ReplicaView] = {}
-        self._queues: dict[str, OrderedDict[str, tuple[AcquireRequest, float]]] = {}
-        self._leases: dict[str, Lease] = {}
+        self.max_queued_per_tenant = max_queued_per_tenant
+        self.output_weight = output_weight
+        self.prefix_load_margin = prefix_load_margin
+        self.prefix_blocks_per_replica = prefix_blocks_per_replica
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}; got {routing!r}")
+        self.routing: Routing = routing
+        self._policy: Policy = policy
+        self._weights: dict[str, float] = {}
+        self._tenant_limits: dict[str, int] = {}
+        self._models: dict[str, _Model] = {}
+        self._replicas: dict[str, ReplicaState] = {}
+        self._queued_in: dict[str, str] = {}  # request id -> model, while queued
+        self._leases: dict[str, _Granted] = {}
+        self._sessions: BoundedLRU[tuple[str, str], str] = BoundedLRU(max_sessions)
+        self._seq = 0
 
-    # -- replica set -------------------------------------------------------------------
+    # -- configuration --------------------------------------------------------------------
 
-    def set_replicas(self, model: str, views: list[ReplicaView]) -> None:
-        """Replace the replica set of ``model``; in-flight counts of known replicas persist."""
-        for rid in [rid for rid, r in self._replicas.items() if r.model == model]:
-            if rid not in {v.replica_id for v in views}:
-                del self._replicas[rid]
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Switch between ``"vtc"`` and ``"fcfs"``; only while nothing is queued.
+
+        Raises:
+            ValueError: unknown policy, or requests are queued (their order keys depend on it).
+        """
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        if self._queued_in:
+            raise ValueError(
+                f"cannot switch policy while {len(self._queued_in)} requests are queued"
+            )
+        self._policy = policy
+        for m in self._models.values():
+            m.queue.policy = policy
+
+    def set_tenants(
+        self, weights: Mapping[str, float], max_queued: Mapping[str, int] | None = None
+    ) -> None:
+        """Tenant weights (default 1.0) and per-tenant queue limits (default
+        ``max_queued_per_tenant``). Replaces the previous settings; new weights apply to
+        tokens charged from now on.
+
+        Raises:
+            ValueError: a weight is not positive or a limit is below 1.
+        """
+        for tenant, w in weights.items():
+            if not w > 0:
+                raise ValueError(f"tenant {tenant!r}: weight must be positive, got {w}")
+        for tenant, n in (max_queued or {}).items():
+            if n < 1:
+                raise ValueError(f"tenant {tenant!r}: max_queued must be at least 1, got {n}")
+        self._weights = dict(weights)
+        self._tenant_limits = dict(max_queued or {})
+
+    def set_preferred_accelerators(self, model: str, types: Sequence[str]) -> None:
+        """Accelerator types ``model`` prefers, best first; they win ties on load."""
+        self._model(model).preferred = tuple(types)
+
+    # -- replica set ----------------------------------------------------------------------
+
+    def set_replicas(self, model: str, views: Sequence[ReplicaView]) -> None:
+        """Replace the replica set of ``model`` with the controller's current views.
+
+        Kept replicas keep their in-flight counts and prefix memory; a replica seen for the
+        first time (or again after removal) counts the leases still held on it. The
+        ``in_flight`` fields of the views are ignored: the scheduler keeps its own.
+
+        Raises:
+            ValueError: a view belongs to another model or an id is repeated.
+        """
+        m = self._model(model)
+        old = {r.replica_id: r for r in m.replicas}
+        new_ids = [v.replica_id for v in views]
+        if len(set(new_ids)) != len(new_ids):
+            raise ValueError(f"replica ids of model {model!r} repeat: {new_ids}")
+        fresh: list[ReplicaState] = []
+        kept: list[ReplicaState] = []
         for v in views:
             if v.model != model:
-                raise ValueError(f"replica {v.replica_id} belongs to {v.model}, not {model}")
-            in_flight = sum(
-                1 for lease in self._leases.values() if lease.replica_id == v.replica_id
-            )
-            self._replicas[v.replica_id] = replace(v, in_flight=in_flight)
+                raise ValueError(f"replica {v.replica_id} belongs to {v.model!r}, not {model!r}")
+            other = self._replicas.get(v.replica_id)
+            if other is not None and other.view.model != model:
+                raise ValueError(
+                    f"replica id {v.replica_id} is already used by model {other.view.model!r}"
+                )
+            r = old.get(v.replica_id)
+            if r is None:
+                r = ReplicaState(v, BoundedLRU(self.prefix_blocks_per_replica))
+                fresh.append(r)
+            else:
+                r.view = v
+            kept.append(r)
+        if fresh:  # rare (replica start): one pass over the leases
+            by_id = {r.replica_id: r for r in fresh}
+            for g in self._leases.values():
+                r = by_id.get(g.lease.replica_id)
+                if r is not None:
+                    r.in_flight += 1
+                    r.in_flight_tokens += g.lease.cost_tokens
+        for rid in old.keys() - set(new_ids):
+            del self._replicas[rid]
+        for r in kept:
+            self._replicas[r.replica_id] = r
+        m.replicas = sorted(kept, key=lambda r: r.replica_id)
 
     def mark_unready(self, replica_id: str) -> None:
-        """Stop routing to a replica (it failed a call); the controller decides its fate."""
-        if replica_id in self._replicas:
-            self._replicas[replica_id] = replace(self._replicas[replica_id], ready=False)
+        """Stop routing to a replica (a call on it failed); the controller decides its fate
+        and a later ``set_replicas`` may mark it ready again."""
+        r = self._replicas.get(replica_id)
+        if r is not None:
+            r.view = replace(r.view, ready=False, starting=False)
 
     def replicas(self, model: str | None = None) -> list[ReplicaView]:
+        """Replica views with the scheduler's in-flight requests and tokens filled in."""
+        states = (
+            self._replicas.values()
+            if model is None
+            else (self._models[model].replicas if model in self._models else [])
+        )
         return sorted(
-            (r for r in self._replicas.values() if model is None or r.model == model),
-            key=lambda r: r.replica_id,
+            (
+                replace(r.view, in_flight=r.in_flight, in_flight_tokens=r.in_flight_tokens)
+                for r in states
+            ),
+            key=lambda v: v.replica_id,
         )
 
-    # -- requests ----------------------------------------------------------------------
+    # -- requests -------------------------------------------------------------------------
 
     def enqueue(self, request: AcquireRequest, now: float) -> None:
-        """Queue a request; raises ``Overloaded`` when its model's queue is full."""
-        queue = self._queues.setdefault(request.model, OrderedDict())
-        if request.request_id in queue or request.request_id in self._leases:
-            raise ValueError(f"request id {request.request_id} is already queued or leased")
-        if len(queue) >= self.max_queue_per_model:
-            raise Overloaded(
-                f"model {request.model!r} has {len(queue)} requests waiting, the limit is "
-                f"{self.max_queue_per_model}; retry later"
+        """Queue a request; ``dispatch`` grants it a lease when it is its turn and fits.
+
+        The caller has already refused requests that exceed the context window
+        (``core.requests.resolve_max_tokens``).
+
+        Raises:
+            ReplicaUnavailable: the model has no replica that is ready or starting (503).
+            Overloaded: the tenant's or the model's queue is full (429), with a
+                ``retry_after_s`` hint.
+            ValueError: the request id is already queued or leased (a caller bug).
+        """
+        rid, tenant = request.request_id, request.tenant
+        if rid in self._queued_in or rid in self._leases:
+            raise ValueError(f"request id {rid} is already queued or leased")
+        m = self._models.get(request.model)
+        if m is None or not any(r.view.ready or r.view.starting for r in m.replicas):
+            if m is not None:  # unknown model names are not counted: they would grow memory
+                m.tenant_counts(tenant).refused += 1
+            n = len(m.replicas) if m is not None else 0
+            raise ReplicaUnavailable(
+                f"model {request.model!r} has no ready replica ({n} deployed, none ready or "
+                f"starting); retry later"
             )
-        queue[request.request_id] = (request, now)
+        q = m.queue
+        tenant_limit = self._tenant_limits.get(tenant, self.max_queued_per_tenant)
+        tenant_depth = q.depth(tenant)
+        if tenant_depth >= tenant_limit:
+            m.tenant_counts(tenant).refused += 1
+            retry = self._retry_after(m)
+            raise Overloaded(
+                f"tenant {tenant!r} has {tenant_depth} requests waiting for model "
+                f"{request.model!r}, the per-tenant limit is {tenant_limit}; retry after "
+                f"{retry:g}s",
+                retry_after_s=retry,
+            )
+        if len(q) >= self.max_queue_per_model:
+            m.tenant_counts(tenant).refused += 1
+            retry = self._retry_after(m)
+            raise Overloaded(
+                f"model {request.model!r} has {len(q)} requests waiting, the limit is "
+                f"{self.max_queue_per_model}; retry after {retry:g}s",
+                retry_after_s=retry,
+            )
+        deadline = math.inf if request.deadline_s is None else now + request.deadline_s
+        self._seq += 1
+        queued = _Queued(request, now, deadline, self._seq)
+        q.push(tenant, rid, queued, rank=_RANK[request.priority], deadline=deadline, seq=self._seq)
+        self._queued_in[rid] = request.model
+        m.tenant_counts(tenant).admitted += 1
 
     def cancel(self, request_id: str) -> bool:
         """Drop a waiting request (its caller gave up). True if it was waiting."""
-        for queue in self._queues.values():
-            if queue.pop(request_id, None) is not None:
-                return True
-        return False
+        model = self._queued_in.pop(request_id, None)
+        if model is None:
+            return False
+        self._models[model].queue.remove(request_id)
+        return True
 
     def dispatch(self, now: float) -> list[Lease]:
-        """Grant leases to waiting requests, oldest first, while replicas have free slots."""
+        """Grant leases to waiting requests, in fair order, while replicas have room.
+
+        Per model, repeatedly: the tenant with the smallest virtual counter offers its first
+        request; it goes to the best replica that can take its token cost (see
+        ``routing.choose_replica``), and its prompt tokens are charged.
+
+        Head of line: when that request fits on no replica now, the model's dispatch stops
+        for this round, even if a smaller request of another tenant would fit. Letting small
+        requests pass would starve a large one for as long as small ones keep coming; with
+        the idle-replica rule (an idle replica takes any one request) the large one starts
+        as soon as one replica drains. A request whose every ready replica is excluded (it
+        failed there) does not block the others: its tenant sits out the round.
+        """
         granted: list[Lease] = []
-        for model, queue in self._queues.items():
-            for request_id, (request, enqueued_at) in list(queue.items()):
-                candidates = [
-                    r
-                    for r in self._replicas.values()
-                    if r.model == model and r.replica_id not in request.exclude
-                ]
-                if not any(r.free_slots > 0 for r in self._replicas.values() if r.model == model):
-                    break  # FCFS: nothing behind the head can go either
-                choice = least_loaded(candidates)
-                if choice is None:
-                    continue  # only excluded replicas have room; later requests may use them
-                del queue[request_id]
-                self._replicas[choice.replica_id] = replace(choice, in_flight=choice.in_flight + 1)
-                lease = Lease(
-                    request_id, model, request.tenant, choice.replica_id, enqueued_at, now
-                )
-                self._leases[request_id] = lease
-                granted.append(lease)
+        for model, m in self._models.items():
+            if len(m.queue):
+                self._dispatch_model(model, m, now, granted)
         return granted
 
-    def release(self, request_id: str) -> Lease | None:
-        """Return a lease; frees the replica slot. Unknown ids (already released) give None."""
-        lease = self._leases.pop(request_id, None)
-        if lease is not None and lease.replica_id in self._replicas:
-            r = self._replicas[lease.replica_id]
-            self._replicas[lease.replica_id] = replace(r, in_flight=max(r.in_flight - 1, 0))
+    def release(
+        self, request_id: str, completion_tokens: int = 0, now: float | None = None
+    ) -> Lease | None:
+        """Return a lease after the call ended, however it ended.
+
+        Frees the replica's slot and tokens, and charges the tenant ``output_weight *
+        completion_tokens / weight``. Pass ``now`` to feed the Retry-After estimate.
+        Unknown ids (already released, or never granted) give None.
+
+        Raises:
+            ValueError: ``completion_tokens`` is negative.
+        """
+        if completion_tokens < 0:
+            raise ValueError(f"completion_tokens must not be negative, got {completion_tokens}")
+        g = self._leases.pop(request_id, None)
+        if g is None:
+            return None
+        lease = g.lease
+        m = self._models[lease.model]
+        self._free(m, lease)
+        weight = self._weights.get(lease.tenant, 1.0)
+        m.queue.finish(lease.tenant, self.output_weight * completion_tokens / weight)
+        if now is not None:
+            held = max(now - lease.granted_at, 0.0)
+            m.hold_s += _HOLD_EWMA_ALPHA * (held - m.hold_s)
         return lease
 
+    def requeue(self, request_id: str) -> bool:
+        """Put a leased request back at the head of its tenant's queue, avoiding its replica.
+
+        For a lease whose replica died before producing any token: frees the slot and
+        tokens, refunds the prompt charge, and adds the replica to the request's
+        ``exclude``. Call ``mark_unready`` for the replica as well. Queue limits do not
+        apply (the request was admitted already). If the tenant had nothing else queued,
+        the usual lift on becoming backlogged applies after the refund. False if
+        ``request_id`` holds no lease.
+        """
+        g = self._leases.pop(request_id, None)
+        if g is None:
+            return False
+        lease, old = g.lease, g.queued
+        m = self._models[lease.model]
+        self._free(m, lease)
+        m.queue.refund(lease.tenant, g.input_charge)
+        request = replace(old.request, exclude=old.request.exclude | {lease.replica_id})
+        queued = _Queued(request, old.enqueued_at, old.deadline, old.seq, old.requeues + 1)
+        m.queue.push(
+            lease.tenant,
+            request_id,
+            queued,
+            rank=_RANK[request.priority],
+            deadline=old.deadline,
+            seq=old.seq,
+            front=True,
+        )
+        self._queued_in[request_id] = lease.model
+        m.tenant_counts(lease.tenant).requeued += 1
+        return True
+
+    # -- queries --------------------------------------------------------------------------
+
     def models(self) -> list[str]:
-        """Models with a queue (some request ever waited for them)."""
-        return list(self._queues)
+        """Models the scheduler knows (it was given replicas or preferences for them)."""
+        return list(self._models)
+
+    def queued_model(self, request_id: str) -> str | None:
+        """The model a request is queued for, None if it is not queued."""
+        return self._queued_in.get(request_id)
 
     def is_queued(self, model: str, request_id: str) -> bool:
-        return request_id in self._queues.get(model, ())
+        return self._queued_in.get(request_id) == model
 
-    def queue_depth(self, model: str) -> int:
-        return len(self._queues.get(model, ()))
+    def queue_depth(self, model: str, tenant: str | None = None) -> int:
+        m = self._models.get(model)
+        if m is None:
+            return 0
+        return len(m.queue) if tenant is None else m.queue.depth(tenant)
 
     def in_flight(self, model: str) -> int:
-        return sum(1 for lease in self._leases.values() if lease.model == model)
+        m = self._models.get(model)
+        return m.in_flight if m is not None else 0
+
+    def lease(self, request_id: str) -> Lease | None:
+        """The lease a request holds, None if it holds none."""
+        g = self._leases.get(request_id)
+        return g.lease if g is not None else None
+
+    def virtual_counter(self, model: str, tenant: str) -> float:
+        """The tenant's virtual token counter on ``model`` (weighted tokens served)."""
+        m = self._models.get(model)
+        return m.queue.counter(tenant) if m is not None else 0.0
+
+    def stats(self, now: float) -> dict[str, ModelStats]:
+        """A snapshot per model for metrics export.
+
+        O(queued requests) for the oldest waits: meant for a scrape every few seconds, not
+        for every decision.
+        """
+        out: dict[str, ModelStats] = {}
+        for model, m in self._models.items():
+            q = m.queue
+            tenants: dict[str, TenantStats] = {}
+            for tenant in sorted(set(q.tenants()) | set(m.counts)):
+                c = m.counts.get(tenant, _Counts())
+                oldest = min((x.enqueued_at for x in q.items(tenant)), default=now)
+                tenants[tenant] = TenantStats(
+                    queue_depth=q.depth(tenant),
+                    oldest_wait_s=max(float(now - oldest), 0.0),
+                    in_flight=q.in_flight(tenant),
+                    virtual_counter=q.counter(tenant),
+                    admitted=c.admitted,
+                    refused=c.refused,
+                    requeued=c.requeued,
+                )
+            out[model] = ModelStats(
+                queue_depth=len(q),
+                in_flight=m.in_flight,
+                in_flight_tokens=sum(r.in_flight_tokens for r in m.replicas),
+                routes=dict(m.routes),
+                tenants=tenants,
+            )
+        return out
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _model(self, model: str) -> _Model:
+        m = self._models.get(model)
+        if m is None:
+            m = self._models[model] = _Model(FairQueue(self._policy))
+        return m
+
+    def _dispatch_model(self, model: str, m: _Model, now: float, granted: list[Lease]) -> None:
+        q = m.queue
+        sitting_out: list[str] = []  # tenants whose head has no usable replica at all
+        try:
+            while True:
+                if not any(r.has_slot() for r in m.replicas):
+                    return
+                tenant = q.select()
+                if tenant is None:
+                    return
+                rid, queued = q.head(tenant)
+                request = queued.request
+                cost = request.cost_tokens
+                exclude = request.exclude
+                usable = False
+                fits: list[ReplicaState] = []
+                for r in m.replicas:
+                    if not r.view.ready or r.replica_id in exclude:
+                        continue
+                    usable = True
+                    if r.fits(cost):
+                        fits.append(r)
+                if not usable:
+                    sitting_out.append(tenant)
+                    continue
+                if not fits:
+                    q.put_back(tenant)  # head of line waits for room; see ``dispatch``
+                    return
+                sid = request.session_id
+                choice = (
+                    self._round_robin(m, fits)
+                    if self.routing == "round_robin"
+                    else choose_replica(
+                        fits,
+                        session_replica=self._sessions.get((model, sid)) if sid else None,
+                        prefix_hashes=request.prefix_hashes,
+                        preferred_accelerators=m.preferred,
+                        prefix_load_margin=self.prefix_load_margin,
+                    )
+                )
+                assert choice is not None  # ``fits`` is not empty
+                charge = request.prompt_tokens / self._weights.get(tenant, 1.0)
+                q.start(tenant, charge)
+                del self._queued_in[rid]
+                r = choice.replica
+                r.in_flight += 1
+                r.in_flight_tokens += cost
+                if request.prefix_hashes:
+                    r.remember_prefix(request.prefix_hashes)
+                if sid:
+                    self._sessions.put((model, sid), r.replica_id)
+                lease = Lease(
+                    rid,
+                    model,
+                    tenant,
+                    r.replica_id,
+                    queued.enqueued_at,
+                    now,
+                    choice.reason,
+                    cost,
+                    choice.prefix_blocks,
+                    queued.requeues,
+                )
+                self._leases[rid] = _Granted(lease, queued, charge)
+                m.in_flight += 1
+                m.routes[choice.reason] += 1
+                granted.append(lease)
+        finally:
+            for tenant in sitting_out:
+                q.put_back(tenant)
+
+    @staticmethod
+    def _round_robin(m: _Model, fits: list[ReplicaState]) -> RouteChoice:
+        """The next replica in id order, after the last one chosen, that fits."""
+        n = len(m.replicas)
+        for k in range(n):
+            i = (m.next_rr + k) % n
+            if m.replicas[i] in fits:
+                m.next_rr = i + 1
+                return RouteChoice(m.replicas[i], "round_robin")
+        m.next_rr += 1
+        return RouteChoice(fits[0], "round_robin")
+
+    def _free(self, m: _Model, lease: Lease) -> None:
+        """Give back a lease's slot and tokens (its replica may be gone already)."""
+        m.in_flight -= 1
+        r = self._replicas.get(lease.replica_id)
+        if r is not None:
+            r.in_flight -= 1
+            r.in_flight_tokens -= lease.cost_tokens
+
+    def _retry_after(self, m: _Model) -> float:
+        """Seconds until the queued work should have drained: a hint for Retry-After."""
+        slots = sum(r.view.max_concurrency for r in m.replicas if r.view.ready) or 1
+        estimate = len(m.queue) * m.hold_s / slots
+        return round(min(max(estimate, _RETRY_AFTER_MIN_S), _RETRY_AFTER_MAX_S), 1)

@@ -106,6 +106,11 @@ class Engine:
             engine_args(spec), stat_loggers=[_stat_logger_class(self.stats)]
         )
         self.max_model_len: int = self._llm.model_config.max_model_len
+        # Tokens the KV cache holds, as the engine core sized it (None if it did not say).
+        cache = self._llm.vllm_config.cache_config
+        self.kv_capacity_tokens: int | None = (
+            cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
+        )
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any]

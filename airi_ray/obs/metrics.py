@@ -9,7 +9,7 @@ Each owns a private registry, so ``/metrics`` concatenates their texts without c
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from airi_ray.core.requests import Usage
+from airi_ray.core.scheduling import Lease
 from airi_ray.core.stats import RateWindow
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -57,6 +58,16 @@ class _EngineCollector(Collector):
             "Prompt tokens found in the prefix cache",
             labels=["model", "replica"],
         )
+        batches = CounterMetricFamily(
+            "airi_embedding_batches",
+            "Batches of embedding calls sent to the engine",
+            labels=["model", "replica"],
+        )
+        batch_items = CounterMetricFamily(
+            "airi_embedding_batch_items",
+            "Embedding calls in those batches (items / batches = mean batch size)",
+            labels=["model", "replica"],
+        )
         rate = GaugeMetricFamily(
             "airi_prefix_cache_hit_rate",
             "Prefix-cache hits over queries since start",
@@ -69,19 +80,76 @@ class _EngineCollector(Collector):
                 g.add_metric(labels, float(s.get(key, 0)))
             queries.add_metric(labels, float(s.get("prefix_cache_queries", 0)))
             hits.add_metric(labels, float(s.get("prefix_cache_hits", 0)))
+            if s.get("embed_batches"):
+                batches.add_metric(labels, float(s["embed_batches"]))
+                batch_items.add_metric(labels, float(s["embed_batch_items"]))
             acc = per_model.setdefault(s["model"], [0, 0])
             acc[0] += int(s.get("prefix_cache_hits", 0))
             acc[1] += int(s.get("prefix_cache_queries", 0))
         for model, (h, q) in sorted(per_model.items()):
             rate.add_metric([model], h / q if q else 0.0)
         yield from gauges.values()
-        yield from (queries, hits, rate)
+        yield from (queries, hits, rate, batches, batch_items)
+
+
+class _SchedulerCollector(Collector):
+    """Exports the scheduler core's state per model and tenant, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        tenant_labels = ["model", "tenant"]
+        depth = GaugeMetricFamily(
+            "airi_queue_depth", "Requests waiting for a replica", labels=tenant_labels
+        )
+        oldest = GaugeMetricFamily(
+            "airi_queue_oldest_wait_seconds",
+            "How long the oldest waiting request has waited",
+            labels=tenant_labels,
+        )
+        in_flight = GaugeMetricFamily(
+            "airi_in_flight_requests", "Leased requests", labels=tenant_labels
+        )
+        counter = GaugeMetricFamily(
+            "airi_virtual_token_counter",
+            "Weighted tokens served (the fair scheduler serves the smallest first)",
+            labels=tenant_labels,
+        )
+        decisions = CounterMetricFamily(
+            "airi_admission_decisions",
+            "Requests admitted to a queue, refused (429/503) or requeued after a replica died",
+            labels=["model", "tenant", "decision"],
+        )
+        routes = CounterMetricFamily(
+            "airi_routing_decisions",
+            "Leases by the reason their replica was chosen",
+            labels=["model", "reason"],
+        )
+        kv_tokens = GaugeMetricFamily(
+            "airi_in_flight_tokens",
+            "Prompt plus max_tokens of leased requests (what admission counts)",
+            labels=["model"],
+        )
+        for model, m in sorted(self._stats().items()):
+            kv_tokens.add_metric([model], float(m.in_flight_tokens))
+            for reason, n in sorted(m.routes.items()):
+                routes.add_metric([model, reason], float(n))
+            for tenant, t in sorted(m.tenants.items()):
+                labels = [model, tenant]
+                depth.add_metric(labels, float(t.queue_depth))
+                oldest.add_metric(labels, t.oldest_wait_s)
+                in_flight.add_metric(labels, float(t.in_flight))
+                counter.add_metric(labels, t.virtual_counter)
+                for decision in ("admitted", "refused", "requeued"):
+                    decisions.add_metric([*labels, decision], float(getattr(t, decision)))
+        yield from (depth, oldest, in_flight, counter, decisions, routes, kv_tokens)
 
 
 class RuntimeMetrics:
     """Request, token, queue and engine metrics labelled by model and tenant."""
 
-    def __init__(self) -> None:
+    def __init__(self, scheduler_stats: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -111,7 +179,7 @@ class RuntimeMetrics:
         self.queue_wait = Histogram(
             "airi_queue_wait_seconds",
             "Time from acquire to lease",
-            ["model"],
+            ["model", "tenant"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -121,10 +189,6 @@ class RuntimeMetrics:
         self.output_tokens = Counter(
             "airi_output_tokens", "Generated tokens", ["model", "tenant"], registry=r
         )
-        self.queue_depth = Gauge(
-            "airi_queue_depth", "Requests waiting for a replica", ["model"], registry=r
-        )
-        self.in_flight = Gauge("airi_in_flight_requests", "Leased requests", ["model"], registry=r)
         self.tokens_per_s = Gauge(
             "airi_output_tokens_per_second",
             "Output tokens per second over the last 10 s",
@@ -134,11 +198,14 @@ class RuntimeMetrics:
         self.replicas = Gauge("airi_replicas", "Replicas by state", ["model", "state"], registry=r)
         self.engines = _EngineCollector()
         r.register(self.engines)
+        r.register(_SchedulerCollector(scheduler_stats))
         self._rates: dict[str, RateWindow] = {}
 
-    def record_call(self, model: str, tenant: str, usage: Usage, queue_wait_s: float) -> None:
+    def record_call(self, lease: Lease, usage: Usage) -> None:
+        """A leased call ended (however it ended): count it and its tokens and timings."""
+        model, tenant = lease.model, lease.tenant
         self.requests.labels(model, tenant, "error" if usage.error else "ok").inc()
-        self.queue_wait.labels(model).observe(queue_wait_s)
+        self.queue_wait.labels(model, tenant).observe(lease.queue_wait_s)
         self.input_tokens.labels(model, tenant).inc(usage.prompt_tokens)
         self.output_tokens.labels(model, tenant).inc(usage.completion_tokens)
         self.e2e.labels(model, tenant).observe(usage.e2e_s)
@@ -149,6 +216,10 @@ class RuntimeMetrics:
         self._rates.setdefault(model, RateWindow(10.0)).add(
             time.monotonic(), usage.completion_tokens
         )
+
+    def record_requeue(self, model: str, tenant: str) -> None:
+        """An attempt whose replica died before the first token (the request was requeued)."""
+        self.requests.labels(model, tenant, "requeued").inc()
 
     def text(self) -> bytes:
         now = time.monotonic()

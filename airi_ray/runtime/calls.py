@@ -31,8 +31,14 @@ from airi_ray.core.errors import (
     ModelNotFound,
     ReplicaUnavailable,
 )
-from airi_ray.core.requests import ChatMessage, GenerationParams, Usage, resolve_max_tokens
-from airi_ray.core.scheduling import AcquireRequest, Lease
+from airi_ray.core.requests import (
+    CallOptions,
+    ChatMessage,
+    GenerationParams,
+    Usage,
+    resolve_max_tokens,
+)
+from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
 from airi_ray.engines.source import resolve_model_source
 from airi_ray.runtime import CONTROLLER_NAME, SCHEDULER_NAME, actors
 
@@ -41,6 +47,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_ATTEMPTS = 3
 MODEL_INFO_TTL_S = 5.0
+DEFAULT_OPTIONS = CallOptions()
 
 
 def _load_tokenizer(source: str) -> Any:
@@ -295,7 +302,12 @@ class CallPath:
     # -- generation --------------------------------------------------------------------
 
     async def chat(
-        self, model: str, messages: list[ChatMessage], params: GenerationParams, tenant: str
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        tenant: str,
+        options: CallOptions = DEFAULT_OPTIONS,
     ) -> Generation:
         info = await self.model(model, "generate")
         if getattr(info.tokenizer, "chat_template", None) is None:
@@ -307,19 +319,29 @@ class CallPath:
         )
         if not isinstance(ids, list):  # transformers may return a BatchEncoding
             ids = list(ids["input_ids"])
-        return self._generation(info, list(ids), params, tenant)
+        return self._generation(info, list(ids), params, tenant, options)
 
     async def complete(
-        self, model: str, prompt: str, params: GenerationParams, tenant: str
+        self,
+        model: str,
+        prompt: str,
+        params: GenerationParams,
+        tenant: str,
+        options: CallOptions = DEFAULT_OPTIONS,
     ) -> Generation:
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string")
         info = await self.model(model, "generate")
         ids = info.tokenizer(prompt)["input_ids"]
-        return self._generation(info, list(ids), params, tenant)
+        return self._generation(info, list(ids), params, tenant, options)
 
     def _generation(
-        self, info: ModelInfo, prompt_ids: list[int], params: GenerationParams, tenant: str
+        self,
+        info: ModelInfo,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        tenant: str,
+        options: CallOptions,
     ) -> Generation:
         assert info.max_model_len is not None
         max_tokens = resolve_max_tokens(
@@ -327,56 +349,74 @@ class CallPath:
         )
         g = Generation(request_id=f"req-{uuid.uuid4().hex}", model=info.name)
         g.usage.prompt_tokens = len(prompt_ids)
+        request = AcquireRequest(
+            g.request_id,
+            info.name,
+            tenant,
+            len(prompt_ids),
+            max_tokens,
+            priority=options.priority,
+            deadline_s=options.deadline_s,
+            session_id=options.session_id,
+            prefix_hashes=block_hashes(prompt_ids),
+        )
         g._stream = self._stream(
-            g, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}, tenant
+            g, request, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}
         )
         return g
 
     async def _stream(
-        self, g: Generation, prompt_ids: list[int], params: dict[str, Any], tenant: str
+        self,
+        g: Generation,
+        request: AcquireRequest,
+        prompt_ids: list[int],
+        params: dict[str, Any],
     ) -> AsyncIterator[tuple[str, int, str | None]]:
         start = time.perf_counter()
         usage = g.usage
-        exclude: set[str] = set()
-        for attempt in range(MAX_ATTEMPTS):
-            request_id = g.request_id if attempt == 0 else f"{g.request_id}-r{attempt}"
-            lease = await self._acquire(
-                request_id, g.model, tenant, len(prompt_ids), params["max_tokens"], exclude
-            )
-            failed_replica = False
-            try:
-                channel = self._channel(lease.replica_id)
-                async for text, n, finish in channel.generate(request_id, prompt_ids, params):
-                    if usage.ttft_s is None:
-                        usage.ttft_s = time.perf_counter() - start
-                    usage.completion_tokens += n
-                    usage.finish_reason = finish
-                    yield text, n, finish
-                return
-            except ReplicaDied as e:
-                failed_replica = True
-                self._drop_channel(lease.replica_id)
-                if usage.completion_tokens:
-                    usage.error = "replica_died"
-                    raise ReplicaUnavailable(
-                        f"the replica serving model {g.model!r} died after {usage.completion_tokens} "
-                        "tokens were sent; the request cannot be resumed"
-                    ) from e
-                logger.warning("replica %s died before the first token; retrying", lease.replica_id)
-                exclude.add(lease.replica_id)
-            except BaseException as e:
-                usage.error = type(e).__name__
-                raise
-            finally:
-                usage.e2e_s = time.perf_counter() - start
-                self._release(lease, usage, failed_replica)
-        usage.error = "no_replica"
-        raise ReplicaUnavailable(
-            f"model {g.model!r}: {MAX_ATTEMPTS} replicas failed before answering"
-        )
+        lease = await self._wait(self._acquire(request), request.request_id)
+        try:
+            while True:
+                try:
+                    channel = self._channel(lease.replica_id)
+                    async for text, n, finish in channel.generate(
+                        request.request_id, prompt_ids, params
+                    ):
+                        if usage.ttft_s is None:
+                            usage.ttft_s = time.perf_counter() - start
+                        usage.completion_tokens += n
+                        usage.finish_reason = finish
+                        yield text, n, finish
+                    return
+                except ReplicaDied as e:
+                    self._drop_channel(lease.replica_id)
+                    if usage.completion_tokens:
+                        usage.error = "replica_died"
+                        raise ReplicaUnavailable(
+                            f"the replica serving model {g.model!r} died after "
+                            f"{usage.completion_tokens} tokens were sent; the request cannot "
+                            "be resumed"
+                        ) from e
+                    if lease.requeues + 1 >= MAX_ATTEMPTS:
+                        usage.error = "no_replica"
+                        raise ReplicaUnavailable(
+                            f"model {g.model!r}: {MAX_ATTEMPTS} replicas failed before answering"
+                        ) from e
+                    logger.warning(
+                        "replica %s died before the first token; requeued", lease.replica_id
+                    )
+                    # Back to the head of the tenant's queue, on another replica; the
+                    # scheduler takes the old lease back.
+                    lease = await self._wait(self._requeue(request.request_id), request.request_id)
+        except BaseException as e:
+            usage.error = usage.error or type(e).__name__
+            raise
+        finally:
+            usage.e2e_s = time.perf_counter() - start
+            self._release(lease, usage, usage.error in ("replica_died", "no_replica"))
 
     async def embed(
-        self, model: str, texts: list[str], tenant: str
+        self, model: str, texts: list[str], tenant: str, options: CallOptions = DEFAULT_OPTIONS
     ) -> tuple[list[list[float]], Usage]:
         """Embed ``texts`` on one replica; returns vectors and usage."""
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -391,50 +431,63 @@ class CallPath:
                 )
         usage = Usage(prompt_tokens=sum(len(x) for x in ids))
         start = time.perf_counter()
-        exclude: set[str] = set()
-        for _ in range(MAX_ATTEMPTS):
-            lease = await self._acquire(
-                f"emb-{uuid.uuid4().hex}", model, tenant, usage.prompt_tokens, 0, exclude
-            )
-            failed = False
-            try:
-                vectors = await self._handle(lease.replica_id).embed.remote(ids)
-                usage.ttft_s = time.perf_counter() - start
-                return vectors, usage
-            except (ray.exceptions.RayActorError, ReplicaDied):
-                failed = True
-                exclude.add(lease.replica_id)
-            except BaseException as e:
-                usage.error = type(e).__name__
-                raise
-            finally:
-                usage.e2e_s = time.perf_counter() - start
-                self._release(lease, usage, failed)
-        raise ReplicaUnavailable(
-            f"model {model!r}: {MAX_ATTEMPTS} replicas failed before answering"
+        request = AcquireRequest(
+            f"emb-{uuid.uuid4().hex}",
+            model,
+            tenant,
+            usage.prompt_tokens,
+            0,
+            priority=options.priority,
+            deadline_s=options.deadline_s,
         )
+        rid = request.request_id
+        lease = await self._wait(self._acquire(request), rid)
+        try:
+            while True:
+                try:
+                    vectors = await self._handle(lease.replica_id).embed.remote(
+                        ids, options.deadline_s
+                    )
+                    usage.ttft_s = time.perf_counter() - start
+                    return vectors, usage
+                except (ray.exceptions.RayActorError, ReplicaDied) as e:
+                    if lease.requeues + 1 >= MAX_ATTEMPTS:
+                        usage.error = "no_replica"
+                        raise ReplicaUnavailable(
+                            f"model {model!r}: {MAX_ATTEMPTS} replicas failed before answering"
+                        ) from e
+                    lease = await self._wait(self._requeue(rid), rid)
+        except BaseException as e:
+            usage.error = usage.error or type(e).__name__
+            raise
+        finally:
+            usage.e2e_s = time.perf_counter() - start
+            self._release(lease, usage, usage.error == "no_replica")
 
     # -- leases, handles, channels ---------------------------------------------------------
 
-    async def _acquire(
-        self,
-        request_id: str,
-        model: str,
-        tenant: str,
-        prompt_tokens: int,
-        max_tokens: int,
-        exclude: set[str],
-    ) -> Lease:
-        req = AcquireRequest(
-            request_id, model, tenant, prompt_tokens, max_tokens, frozenset(exclude)
-        )
+    def _acquire(self, request: AcquireRequest) -> asyncio.Future[Lease]:
+        """Ask for a lease; requests of one event-loop turn go to the scheduler together."""
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self._acquires.add((req, future))
+        self._acquires.add((request, future))
+        return future
+
+    async def _requeue(self, request_id: str) -> Lease:
+        """Put a request whose replica died back in the queue; wait for its new lease."""
         try:
-            return await future
+            lease = await self._scheduler.requeue.remote(request_id)
+            if lease is None:
+                lease = await self._scheduler.wait_lease.remote(request_id)
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+        return lease
+
+    async def _wait(self, lease: Awaitable[Lease], request_id: str) -> Lease:
+        """Await a lease. A caller that gives up meanwhile (e.g. an HTTP client hung up)
+        hands back a lease granted meanwhile, or takes its request out of the queue."""
+        try:
+            return await lease
         except asyncio.CancelledError:
-            # The caller gave up (e.g. an HTTP client hung up while queued): release frees a
-            # lease granted meanwhile, or takes the request out of the queue.
             self._releases.add((request_id, {"error": "cancelled"}, False))
             raise
 

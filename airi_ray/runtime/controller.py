@@ -41,6 +41,7 @@ class _Replica:
     handle: Any
     state: str = "loading"  # loading | ready | failed | stopping
     max_model_len: int | None = None
+    kv_capacity_tokens: int | None = None
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     probe_failures: int = 0
     last_probe: float = 0.0
@@ -53,7 +54,13 @@ class _Replica:
             "GPU" if self.spec.num_gpus else "CPU",
         )
         return ReplicaView(
-            self.replica_id, self.spec.name, self.spec.max_concurrency, accel, self.state == "ready"
+            self.replica_id,
+            self.spec.name,
+            self.spec.max_concurrency,
+            accel,
+            ready=self.state == "ready",
+            starting=self.state == "loading",
+            kv_capacity_tokens=self.kv_capacity_tokens,
         )
 
 
@@ -84,9 +91,7 @@ class Controller:
         ray.experimental.internal_kv._internal_kv_put(_SPEC_KEY, new.model_dump_json().encode())
         self.start_failures.clear()
         self.start_errors.clear()
-        await self.scheduler.configure.remote(
-            new.scheduler.max_queue_per_model, new.scheduler.queue_timeout_s
-        )
+        await self.scheduler.configure.remote(new.model_dump())
         self._event(
             f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}"
         )
@@ -215,7 +220,8 @@ class Controller:
             return
         if r.state != "loading":
             return  # stopped while loading
-        r.max_model_len, r.state, r.last_probe = info["max_model_len"], "ready", time.monotonic()
+        r.max_model_len, r.kv_capacity_tokens = info["max_model_len"], info["kv_capacity_tokens"]
+        r.state, r.last_probe = "ready", time.monotonic()
         self.start_failures.pop(r.spec.name, None)
         self._event(f"replica {r.replica_id} ready")
         await self._push_views()
@@ -266,7 +272,7 @@ class Controller:
             rs = by_model.get(name, [])
             await self.scheduler.set_replicas.remote(
                 name,
-                [r.view() for r in rs if r.state == "ready"],
+                [r.view() for r in rs],
                 [r.stats | {"replica_id": r.replica_id} for r in rs if r.state == "ready"],
             )
 

@@ -11,12 +11,15 @@ in batches with ``submit``; closing a channel (the caller went away) aborts its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airi_ray.config import ModelSpec
+from airi_ray.core.batching import BatchWindow
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,14 @@ class ModelReplica:
         self._engine: Any = None
         self._channels: dict[str, _Channel] = {}
         self.started_at = time.time()
+        self._batch = BatchWindow(
+            self.spec.max_batch_size,
+            min_wait_s=min(0.001, self.spec.max_batch_wait_ms / 1000),
+            max_wait_s=self.spec.max_batch_wait_ms / 1000,
+        )
+        self._batch_items: dict[str, tuple[list[list[int]], asyncio.Future[Any]]] = {}
+        self._batch_wake = asyncio.Event()
+        self._batcher: asyncio.Task[None] | None = None
 
     async def start(self) -> dict[str, Any]:
         """Load the engine (slow: weights, warm-up) and report what callers need."""
@@ -53,7 +64,11 @@ class ModelReplica:
 
         if self._engine is None:
             self._engine = await asyncio.to_thread(Engine, self.spec)
-        return {"replica_id": self.replica_id, "max_model_len": self._engine.max_model_len}
+        return {
+            "replica_id": self.replica_id,
+            "max_model_len": self._engine.max_model_len,
+            "kv_capacity_tokens": self._engine.kv_capacity_tokens,
+        }
 
     # -- generation over channels ------------------------------------------------------
 
@@ -112,8 +127,48 @@ class ModelReplica:
 
     # -- embeddings, health, stats -----------------------------------------------------
 
-    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
-        return await self._engine.embed(token_ids)
+    async def embed(
+        self, token_ids: list[list[int]], deadline_s: float | None = None
+    ) -> list[list[float]]:
+        """Embed pre-tokenized inputs. Calls arriving within the batching window go to the
+        engine as one batch; ``deadline_s`` (seconds from now) caps the wait."""
+        item_id = uuid.uuid4().hex
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        now = time.monotonic()
+        self._batch_items[item_id] = (token_ids, future)
+        self._batch.add(item_id, now, None if deadline_s is None else now + deadline_s)
+        self._batch_wake.set()
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._run_batches())
+        try:
+            return await asyncio.shield(future)
+        finally:
+            self._batch_items.pop(item_id, None)
+
+    async def _run_batches(self) -> None:
+        while len(self._batch):
+            now = time.monotonic()
+            at = self._batch.next_flush_at(now)
+            if at is not None and at > now:
+                self._batch_wake.clear()
+                with contextlib.suppress(TimeoutError):  # woken early by a new call
+                    await asyncio.wait_for(self._batch_wake.wait(), at - now)
+                continue
+            items = [self._batch_items.get(i) for i in self._batch.take(now)]
+            calls = [c for c in items if c is not None and not c[1].done()]
+            inputs = [x for ids, _ in calls for x in ids]
+            try:
+                vectors = await self._engine.embed(inputs) if inputs else []
+            except Exception as e:
+                for _, future in calls:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            offset = 0
+            for ids, future in calls:
+                if not future.done():
+                    future.set_result(vectors[offset : offset + len(ids)])
+                offset += len(ids)
 
     async def probe(self) -> float:
         """A real one-token generation (or one embedding) bounded by the spec's timeout."""
@@ -130,6 +185,8 @@ class ModelReplica:
             "prefix_cache_hits": s.prefix_cache_hits if s else 0,
             "channels": len(self._channels),
             "in_flight": sum(len(c.tasks) for c in self._channels.values()),
+            "embed_batches": sum(self._batch.batch_sizes.values()),
+            "embed_batch_items": sum(k * n for k, n in self._batch.batch_sizes.items()),
         }
 
     def shutdown(self) -> None:

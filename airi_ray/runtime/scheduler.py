@@ -1,8 +1,10 @@
-"""``GlobalScheduler``: the actor around ``core.scheduling.FcfsScheduler``.
+"""``GlobalScheduler``: the actor around ``core.scheduling.Scheduler``.
 
 It hands out leases (``acquire``), takes them back with usage (``release``, batched by
-callers), keeps the replica views the controller pushes, and owns the runtime metrics,
-because every model call passes through it whatever surface it came from.
+callers), puts requests whose replica died before their first token back at the head of
+their tenant's queue (``requeue``), keeps the replica views the controller pushes, and owns
+the runtime metrics, because every model call passes through it whatever surface it came
+from. Every decision is the core's; this class only keeps futures for waiting callers.
 """
 
 from __future__ import annotations
@@ -13,31 +15,49 @@ import logging
 import time
 from typing import Any
 
+from airi_ray.config import AppSpec
 from airi_ray.core.errors import AiriError, ReplicaUnavailable
 from airi_ray.core.requests import Usage
-from airi_ray.core.scheduling import AcquireRequest, FcfsScheduler, Lease, ReplicaView
+from airi_ray.core.scheduling import AcquireRequest, Lease, ReplicaView, Scheduler
 from airi_ray.obs.metrics import RuntimeMetrics
 
 logger = logging.getLogger(__name__)
 
 
 class GlobalScheduler:
-    def __init__(self, max_queue_per_model: int = 1024, queue_timeout_s: float = 60.0) -> None:
-        self.core = FcfsScheduler(max_queue_per_model)
-        self.queue_timeout_s = queue_timeout_s
-        self.metrics = RuntimeMetrics()
+    def __init__(self) -> None:
+        self.core = Scheduler()
+        self.queue_timeout_s = 60.0
+        self.metrics = RuntimeMetrics(lambda: self.core.stats(time.monotonic()))
         self._waiters: dict[str, asyncio.Future[Lease]] = {}
 
-    def configure(self, max_queue_per_model: int, queue_timeout_s: float) -> None:
-        self.core.max_queue_per_model = max_queue_per_model
-        self.queue_timeout_s = queue_timeout_s
+    def configure(self, spec: dict[str, Any]) -> None:
+        """Apply the app spec's scheduler, tenant and model routing settings."""
+        app = AppSpec.model_validate(spec)
+        s = app.scheduler
+        core = self.core
+        if s.policy != core.policy and not any(core.queue_depth(m) for m in core.models()):
+            core.set_policy(s.policy)
+        core.max_queue_per_model = s.max_queue_per_model
+        core.max_queued_per_tenant = s.max_queued_per_tenant
+        core.output_weight = s.output_weight
+        core.prefix_load_margin = s.prefix_load_margin
+        core.routing = s.routing
+        core.set_tenants(
+            {t.name: t.weight for t in app.tenants},
+            {t.name: t.max_queued for t in app.tenants if t.max_queued is not None},
+        )
+        for m in app.models:
+            core.set_preferred_accelerators(m.name, m.accelerators)
+        self.queue_timeout_s = s.queue_timeout_s
 
     def acquire(self, requests: list[AcquireRequest]) -> list[Lease | AiriError | None]:
         """Queue requests (a caller's batch) and grant what fits now.
 
-        Per request: a ``Lease`` if granted at once, an error (e.g. ``Overloaded``) if it
-        cannot be queued, or ``None`` if it waits: the caller then calls ``wait_lease``.
-        One call per batch keeps the common case (free capacity) to one message.
+        Per request: a ``Lease`` if granted at once, an error (``Overloaded``: 429,
+        ``ReplicaUnavailable``: 503) if it cannot be queued, or ``None`` if it waits: the
+        caller then calls ``wait_lease``. One call per batch keeps the common case (free
+        capacity) to one message.
         """
         now = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -56,8 +76,6 @@ class GlobalScheduler:
             if results[i] is None and future is not None and future.done():
                 results[i] = future.result()
                 del self._waiters[request.request_id]
-        for model in {r.model for r in requests}:
-            self._update_gauges(model)
         return results
 
     async def wait_lease(self, request_id: str) -> Lease:
@@ -84,15 +102,36 @@ class GlobalScheduler:
         finally:
             self._waiters.pop(request_id, None)
 
+    def requeue(self, request_id: str) -> Lease | None:
+        """The lease's replica died before the request produced a token: queue it again.
+
+        The request goes back to the head of its tenant's queue, avoiding that replica,
+        which stops taking work until the controller replaces it. Returns a new lease if
+        one is free now, else None (then ``wait_lease``).
+
+        Raises:
+            ReplicaUnavailable: the request holds no lease (it was released already).
+        """
+        lease = self.core.lease(request_id)
+        if lease is None or not self.core.requeue(request_id):
+            raise ReplicaUnavailable(f"request {request_id} holds no lease to requeue")
+        self.core.mark_unready(lease.replica_id)
+        self.metrics.record_requeue(lease.model, lease.tenant)
+        self._waiters[request_id] = asyncio.get_running_loop().create_future()
+        self._dispatch()
+        future = self._waiters[request_id]
+        if future.done():
+            del self._waiters[request_id]
+            return future.result()
+        return None
+
     def _drop_waiting(self, request_id: str) -> str:
         """Take a request out of its queue; returns its model."""
-        model = next((m for m in self.core.models() if self.core.is_queued(m, request_id)), "")
+        model = self.core.queued_model(request_id) or ""
         self.core.cancel(request_id)
         future = self._waiters.pop(request_id, None)
         if future is not None and not future.done():
             future.cancel()
-        if model:
-            self._update_gauges(model)
         return model
 
     def release(self, items: list[tuple[str, dict[str, Any], bool]]) -> None:
@@ -100,17 +139,16 @@ class GlobalScheduler:
 
         A request still waiting in a queue (its caller gave up) is just dropped.
         """
+        now = time.monotonic()
         for request_id, usage_dict, replica_failed in items:
-            lease = self.core.release(request_id)
+            usage = Usage(**usage_dict)
+            lease = self.core.release(request_id, usage.completion_tokens, now)
             if lease is None:
                 self._drop_waiting(request_id)
                 continue
             if replica_failed:
                 self.core.mark_unready(lease.replica_id)
-            self.metrics.record_call(
-                lease.model, lease.tenant, Usage(**usage_dict), lease.queue_wait_s
-            )
-            self._update_gauges(lease.model)
+            self.metrics.record_call(lease, usage)
         self._dispatch()
 
     def set_replicas(
@@ -125,7 +163,7 @@ class GlobalScheduler:
             engines[s["replica_id"]] = {**s, "model": model}
         ready = sum(1 for v in views if v.ready)
         self.metrics.replicas.labels(model, "ready").set(ready)
-        self.metrics.replicas.labels(model, "unready").set(len(views) - ready)
+        self.metrics.replicas.labels(model, "starting").set(sum(1 for v in views if v.starting))
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -140,20 +178,17 @@ class GlobalScheduler:
                 else:
                     future.set_result(lease)
 
-    def _update_gauges(self, model: str) -> None:
-        self.metrics.queue_depth.labels(model).set(self.core.queue_depth(model))
-        self.metrics.in_flight.labels(model).set(self.core.in_flight(model))
-
     def snapshot(self) -> dict[str, Any]:
         """Queue depth, leases and replica views per model, for ``airi status``."""
-        models = sorted({r.model for r in self.core.replicas()})
+        stats = self.core.stats(time.monotonic())
         return {
             m: {
                 "queue_depth": self.core.queue_depth(m),
                 "in_flight": self.core.in_flight(m),
+                "routes": stats[m].routes if m in stats else {},
                 "replicas": [dataclasses.asdict(r) for r in self.core.replicas(m)],
             }
-            for m in models
+            for m in sorted(self.core.models())
         }
 
     def metrics_text(self) -> bytes:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airi_ray.client import AsyncClient
 from airi_ray.config import IngressSpec
-from airi_ray.core.errors import AiriError, AuthenticationError, InvalidRequest, PayloadTooLarge
+from airi_ray.core.errors import (
+    AiriError,
+    AuthenticationError,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+)
 from airi_ray.obs.metrics import HttpMetrics
 from airi_ray.runtime.calls import Generation
 from airi_ray.serve.schemas import (
@@ -59,7 +66,10 @@ def _error(status: int, message: str, type_: str, code: str | None = None) -> JS
 
 @app.exception_handler(AiriError)
 async def _airi_error(request: Request, e: AiriError) -> JSONResponse:
-    return JSONResponse(e.to_body(), status_code=e.status)
+    headers = {}
+    if isinstance(e, Overloaded) and e.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
+    return JSONResponse(e.to_body(), status_code=e.status, headers=headers)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -190,7 +200,7 @@ class Ingress:
         tenant = await self._tenant(request)
         body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
         g = await self.client.chat_generation(
-            body.model, body.messages, tenant=tenant, **body.params()
+            body.model, body.messages, tenant=tenant, **body.params(), **body.options()
         )
         return await self._respond(g, body, chat=True)
 
@@ -199,7 +209,7 @@ class Ingress:
         tenant = await self._tenant(request)
         body: CompletionRequest = await self._body(request, CompletionRequest)
         g = await self.client.completion_generation(
-            body.model, body.prompt, tenant=tenant, **body.params()
+            body.model, body.prompt, tenant=tenant, **body.params(), **body.options()
         )
         return await self._respond(g, body, chat=False)
 
@@ -207,7 +217,9 @@ class Ingress:
     async def embeddings(self, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
         body: EmbeddingRequest = await self._body(request, EmbeddingRequest)
-        vectors, usage = await self.client.embed(body.model, body.input, tenant=tenant)
+        vectors, usage = await self.client.embed(
+            body.model, body.input, tenant=tenant, priority=body.priority
+        )
         return {
             "object": "list",
             "model": body.model,

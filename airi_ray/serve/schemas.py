@@ -29,6 +29,18 @@ class SamplingRequest(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS.")
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive", description="airi extension: priority class within the tenant's queue."
+    )
+    session_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="airi extension: conversation id; later turns go to the same replica.",
+    )
+
+    def options(self) -> dict[str, Any]:
+        return {"priority": self.priority, "session_id": self.session_id}
 
     def params(self) -> dict[str, Any]:
         return {
@@ -57,3 +69,4 @@ class EmbeddingRequest(_Body):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
+    priority: Literal["interactive", "batch"] = "interactive"

@@ -38,6 +38,10 @@ def test_quickstart_spec_is_valid() -> None:
             "only one tenant",
         ),
         ({"ingress": {"port": 70000}}, "ingress.port"),
+        ({"tenants": [{"name": "t", "weight": 0}]}, "tenants.0.weight"),
+        ({"scheduler": {"policy": "lottery"}}, "scheduler.policy"),
+        ({"scheduler": {"routing": "random"}}, "scheduler.routing"),
+        ({"models": [{"name": "a", "model": "x", "max_batch_size": 0}]}, "max_batch_size"),
     ],
 )
 def test_bad_specs_name_the_problem(data: dict, match: str) -> None:

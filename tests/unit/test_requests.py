@@ -12,7 +12,13 @@ from airi_ray.core.errors import (
     ModelNotFound,
     Overloaded,
 )
-from airi_ray.core.requests import GenerationParams, Usage, parse_messages, resolve_max_tokens
+from airi_ray.core.requests import (
+    CallOptions,
+    GenerationParams,
+    Usage,
+    parse_messages,
+    resolve_max_tokens,
+)
 from airi_ray.core.stats import RateWindow, percentile
 
 
@@ -87,3 +93,19 @@ def test_rate_window_and_percentile() -> None:
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([5], 99) == 5
     assert math.isnan(percentile([], 50))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"priority": "urgent"}, "priority must be one of interactive, batch"),
+        ({"deadline_s": 0}, "deadline_s must be a positive number"),
+        ({"deadline_s": True}, "deadline_s must be a positive number"),
+        ({"session_id": ""}, "session_id must be a string of 1 to 256"),
+        ({"session_id": "x" * 257}, "session_id must be a string of 1 to 256"),
+    ],
+)
+def test_call_options_refuse_bad_values(kwargs: dict, match: str) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        CallOptions(**kwargs)
+    assert CallOptions(priority="batch", deadline_s=2.5, session_id="conv-1").priority == "batch"

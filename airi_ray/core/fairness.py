@@ -1,0 +1,317 @@
+"""One model's fair queue: a queue per tenant, served by Virtual Token Counters (or FCFS).
+
+Virtual Token Counters (Sheng et al., "Fairness in Serving Large Language Models", OSDI
+2024): each tenant has a counter of the weighted tokens it was served; the next request
+comes from the backlogged tenant with the smallest counter. A tenant whose queue goes from
+empty to non-empty is lifted to the smallest counter among the backlogged tenants (or, if
+none, among tenants with work in flight), so a tenant cannot bank idle time and then
+starve the others. The caller decides what a token costs (input 1, output ``w``, divided
+by the tenant's weight) and passes amounts to ``charge``; this module only keeps order.
+
+Within a tenant, requests go by priority rank, then earliest deadline, then arrival. A
+requeued request (its replica died before producing a token) goes first in its tenant.
+
+Under ``policy="fcfs"`` the same structure serves requests in global arrival order
+(priority and deadline ignored) and counters are a plain tally of service (no lift): the
+baseline the fairness benchmark compares against.
+
+Both levels are binary heaps with lazy deletion, so choosing the next request costs
+O(log tenants + log queued), never a scan of the queue:
+- the selection heap holds ``(counter, head key..., version, tenant)``; a tenant's entry is
+  valid only while its ``version`` matches, and every change pushes a fresh entry;
+- a tenant heap holds ``(rank, deadline, seq, request_id)``; an entry is valid while the
+  request is still queued under the same key.
+Stale entries are dropped when they reach the top, and each heap is compacted once stale
+entries outnumber live ones, so memory stays proportional to what is queued.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+Policy = Literal["vtc", "fcfs"]
+POLICIES: tuple[Policy, ...] = ("vtc", "fcfs")
+
+T = TypeVar("T")
+
+# (rank, deadline, seq): how requests of one tenant are ordered.
+ItemKey = tuple[int, float, int]
+_FRONT_RANK = -1  # before every priority class: requeued requests
+_COMPACT_SLACK = 64  # stale entries tolerated before compaction is considered
+
+
+@dataclass(slots=True)
+class _Entry(Generic[T]):
+    tenant: _Tenant
+    key: ItemKey
+    item: T
+
+
+@dataclass(slots=True)
+class _Tenant:
+    name: str
+    counter: float = 0.0
+    heap: list[tuple[int, float, int, str]] = field(default_factory=list)
+    depth: int = 0  # live queued requests
+    in_flight: int = 0  # started, not yet finished or refunded
+    version: int = 0  # the selection-heap entry carrying this version is the valid one
+    checked_out: bool = False  # taken by ``select`` and not yet given back
+
+
+class FairQueue(Generic[T]):
+    """The queues of one model's tenants, in VTC (or FCFS) order.
+
+    Protocol of the dispatcher: ``select`` checks the next tenant out, ``head`` shows its
+    first request; then either ``start`` (the request got a replica) or ``put_back`` (it did
+    not) returns the tenant to the selection. ``finish`` and ``refund`` close a started
+    request. Items are opaque to this class.
+    """
+
+    def __init__(self, policy: Policy = "vtc") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        self.policy: Policy = policy
+        self._tenants: dict[str, _Tenant] = {}
+        self._entries: dict[str, _Entry[T]] = {}
+        self._select: list[tuple[float, int, float, int, int, str]] = []
+        self._backlogged = 0  # tenants with depth > 0
+        self._active: dict[str, _Tenant] = {}  # tenants with in_flight > 0
+
+    # -- queries --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._entries
+
+    def get(self, request_id: str) -> T | None:
+        entry = self._entries.get(request_id)
+        return entry.item if entry is not None else None
+
+    def tenant_of(self, request_id: str) -> str | None:
+        entry = self._entries.get(request_id)
+        return entry.tenant.name if entry is not None else None
+
+    def depth(self, tenant: str) -> int:
+        t = self._tenants.get(tenant)
+        return t.depth if t is not None else 0
+
+    def in_flight(self, tenant: str) -> int:
+        t = self._tenants.get(tenant)
+        return t.in_flight if t is not None else 0
+
+    def counter(self, tenant: str) -> float:
+        t = self._tenants.get(tenant)
+        return t.counter if t is not None else 0.0
+
+    def tenants(self) -> list[str]:
+        """Every tenant ever seen by this queue (bounded by the configured tenants)."""
+        return list(self._tenants)
+
+    def items(self, tenant: str) -> Iterator[T]:
+        """The queued items of ``tenant``, in no particular order (O(depth): for metrics)."""
+        t = self._tenants.get(tenant)
+        if t is None:
+            return
+        for _, _, _, rid in t.heap:
+            entry = self._entries.get(rid)
+            if entry is not None and entry.tenant is t:
+                yield entry.item
+
+    # -- queueing -------------------------------------------------------------------------
+
+    def push(
+        self,
+        tenant: str,
+        request_id: str,
+        item: T,
+        *,
+        rank: int,
+        deadline: float,
+        seq: int,
+        front: bool = False,
+    ) -> None:
+        """Queue ``item``; ``front`` puts it before everything else of its tenant (requeue).
+
+        Args:
+            rank: priority class, lower first (ignored under FCFS).
+            deadline: absolute deadline, ``inf`` for none (ignored under FCFS).
+            seq: arrival number, unique per request; a requeue passes the original one.
+        """
+        assert request_id not in self._entries, f"{request_id} is already queued"
+        t = self._tenants.get(tenant)
+        if t is None:
+            t = self._tenants[tenant] = _Tenant(tenant)
+        if self.policy == "fcfs":
+            rank, deadline = 0, 0.0
+        key: ItemKey = (_FRONT_RANK if front else rank, deadline, seq)
+        self._entries[request_id] = _Entry(t, key, item)
+        heapq.heappush(t.heap, (*key, request_id))
+        t.depth += 1
+        if t.depth == 1:
+            self._backlogged += 1
+            if self.policy == "vtc":
+                self._lift(t)
+        self._push_select(t)
+
+    def remove(self, request_id: str) -> T | None:
+        """Take a queued request out (cancel); None if it is not queued."""
+        entry = self._entries.pop(request_id, None)
+        if entry is None:
+            return None
+        t = entry.tenant
+        t.depth -= 1
+        if t.depth == 0:
+            self._backlogged -= 1
+            t.version += 1  # its selection entry is void
+            t.heap.clear()  # every remaining entry is stale
+        else:
+            self._push_select(t)  # the head may have changed
+            self._maybe_compact_tenant(t)
+        return entry.item
+
+    # -- dispatch protocol ----------------------------------------------------------------
+
+    def select(self) -> str | None:
+        """Check out the backlogged tenant to serve next (smallest counter), or None."""
+        heap = self._select
+        while heap:
+            _, _, _, _, version, name = heapq.heappop(heap)
+            t = self._tenants[name]
+            if version == t.version and t.depth > 0 and not t.checked_out:
+                t.checked_out = True
+                return name
+        return None
+
+    def head(self, tenant: str) -> tuple[str, T]:
+        """The first queued request of a (backlogged) tenant: ``(request_id, item)``."""
+        t = self._tenants[tenant]
+        rid = self._clean_head(t)
+        assert rid is not None, f"tenant {tenant} has no queued request"
+        return rid, self._entries[rid].item
+
+    def put_back(self, tenant: str) -> None:
+        """Return a checked-out tenant to the selection unchanged."""
+        t = self._tenants[tenant]
+        t.checked_out = False
+        self._push_select(t)
+
+    def start(self, tenant: str, charge: float) -> tuple[str, T]:
+        """Dequeue a checked-out tenant's head (it got a replica) and charge ``charge``.
+
+        Returns ``(request_id, item)``; the tenant goes back to the selection if it still
+        has requests.
+        """
+        t = self._tenants[tenant]
+        rid = self._clean_head(t)
+        assert rid is not None, f"tenant {tenant} has no queued request"
+        heapq.heappop(t.heap)
+        entry = self._entries.pop(rid)
+        t.depth -= 1
+        if t.depth == 0:
+            self._backlogged -= 1
+            t.heap.clear()  # whatever is left is stale
+        t.in_flight += 1
+        self._active[tenant] = t
+        t.counter += charge
+        t.checked_out = False
+        self._push_select(t)
+        return rid, entry.item
+
+    def finish(self, tenant: str, charge: float) -> None:
+        """A started request ended: charge its output (``charge`` >= 0)."""
+        t = self._tenants[tenant]
+        self._end(t)
+        if charge:
+            t.counter += charge
+            self._push_select(t)
+
+    def refund(self, tenant: str, charge: float) -> None:
+        """A started request is given back unserved: take back what ``start`` charged.
+
+        The only way a counter decreases; call it before re-queueing the request.
+        """
+        t = self._tenants[tenant]
+        self._end(t)
+        if charge:
+            t.counter -= charge
+            self._push_select(t)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _end(self, t: _Tenant) -> None:
+        assert t.in_flight > 0, f"tenant {t.name} has nothing in flight"
+        t.in_flight -= 1
+        if t.in_flight == 0:
+            del self._active[t.name]
+
+    def _lift(self, t: _Tenant) -> None:
+        """A tenant just became backlogged: no credit for the time it was idle.
+
+        Lifted to the smallest counter among the other backlogged tenants; if none is
+        backlogged, among the other tenants with work in flight; else it keeps its own.
+        """
+        floor = self._min_backlogged_counter()
+        if floor is None:
+            others = [a.counter for a in self._active.values() if a is not t]
+            floor = min(others) if others else None
+        if floor is not None and floor > t.counter:
+            t.counter = floor
+
+    def _min_backlogged_counter(self) -> float | None:
+        """The top of the selection heap (popping stale entries), i.e. the smallest counter.
+
+        Called from ``push`` only, when no tenant is checked out, so every backlogged tenant
+        has its valid entry in the heap (the one being pushed has none yet).
+        """
+        heap = self._select
+        while heap:
+            counter, _, _, _, version, name = heap[0]
+            t = self._tenants[name]
+            if version == t.version and t.depth > 0:
+                return counter
+            heapq.heappop(heap)
+        return None
+
+    def _push_select(self, t: _Tenant) -> None:
+        """(Re)insert a tenant in the selection heap under its current counter and head."""
+        t.version += 1
+        if t.depth == 0 or t.checked_out:
+            return
+        rid = self._clean_head(t)
+        assert rid is not None
+        rank, deadline, seq = self._entries[rid].key
+        counter = t.counter if self.policy == "vtc" else 0.0
+        heapq.heappush(self._select, (counter, rank, deadline, seq, t.version, t.name))
+        if len(self._select) > 2 * self._backlogged + _COMPACT_SLACK:
+            self._select = [
+                e
+                for e in self._select
+                if e[4] == self._tenants[e[5]].version and self._tenants[e[5]].depth > 0
+            ]
+            heapq.heapify(self._select)
+
+    def _clean_head(self, t: _Tenant) -> str | None:
+        """Drop stale entries off the top of a tenant heap; the head request id or None."""
+        heap = t.heap
+        while heap:
+            rank, deadline, seq, rid = heap[0]
+            entry = self._entries.get(rid)
+            if entry is not None and entry.tenant is t and entry.key == (rank, deadline, seq):
+                return rid
+            heapq.heappop(heap)
+        return None
+
+    def _maybe_compact_tenant(self, t: _Tenant) -> None:
+        if len(t.heap) > 2 * t.depth + _COMPACT_SLACK:
+            entries = self._entries
+            t.heap = [
+                e
+                for e in t.heap
+                if (x := entries.get(e[3])) is not None and x.tenant is t and x.key == e[:3]
+            ]
+            heapq.heapify(t.heap)

@@ -1,0 +1,294 @@
+"""Replica choice: admission by slots and KV tokens, then session, prefix, hardware, load.
+
+The router sees small values, never actor handles: a frozen ``ReplicaView`` pushed by the
+controller, plus ``ReplicaState``, the scheduler's own mutable bookkeeping of what it sent
+to that replica (requests and tokens in flight, the prompt blocks it routed there).
+
+Order of preference among the replicas that can take the request now:
+
+1. session: the replica that served this conversation before (its KV cache holds it);
+2. prefix: the replica that was sent the longest leading run of the prompt's block hashes,
+   unless it is more loaded than the least-loaded candidate by more than a margin;
+3. hardware and load: the least relative load; equal loads go to the model's preferred
+   accelerator types, then to the lowest id (so ties are deterministic).
+
+``block_hashes`` is how callers describe a prompt: chained hashes of full 16-token blocks,
+as vLLM's prefix cache keys them, so equal leading hashes mean an equal token prefix.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+RouteReason = Literal["session", "prefix", "hardware", "load", "round_robin"]
+ROUTE_REASONS: tuple[RouteReason, ...] = ("session", "prefix", "hardware", "load", "round_robin")
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+# Root of the hash chain. Not ``None``: before Python 3.12 ``hash(None)`` depends on the
+# object's address, so it would differ between the caller's process and the scheduler's.
+_ROOT_HASH = 0
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int = 16) -> tuple[int, ...]:
+    """Chained hashes of the full ``block_size``-token blocks of a prompt.
+
+    Block ``i``'s hash covers blocks ``0..i`` (it hashes its parent's hash with its own
+    tokens), so two prompts share their first ``k`` hashes exactly when they share their
+    first ``k`` blocks. A trailing partial block is left out: a cache cannot reuse it
+    either. Only ints are hashed, so the values agree across processes.
+
+    Raises:
+        ValueError: ``block_size`` is not positive.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size}")
+    hashes: list[int] = []
+    parent = _ROOT_HASH
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash((parent, tuple(token_ids[start : start + block_size])))
+        hashes.append(parent)
+    return tuple(hashes)
+
+
+class BoundedLRU(Generic[K, V]):
+    """A mapping that forgets its least recently used keys beyond ``maxsize``.
+
+    Every affinity table (sessions, prefix blocks per replica) is one of these, so memory
+    stays bounded however many conversations or prompts pass through.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be at least 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._data: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        """The value of ``key`` (marking it recently used), or None."""
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        """Set ``key`` as the most recently used entry; evict the oldest beyond the bound."""
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
+    def pop(self, key: K) -> V | None:
+        return self._data.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the controller tells the scheduler about one replica: never an actor handle.
+
+    Attributes:
+        replica_id: unique id of the replica.
+        model: the model it serves.
+        max_concurrency: requests it may run at once (at least 1).
+        accelerator: accelerator type, e.g. ``"H100"``, ``"L4"``, ``"CPU"``.
+        ready: it passed its health probe and may be given work.
+        in_flight: requests leased to it (filled in by the scheduler; ignored on input).
+        kv_capacity_tokens: tokens its KV cache holds, None if unknown (then only the slot
+            limit applies).
+        in_flight_tokens: token cost leased to it (filled in by the scheduler).
+        starting: it is loading and expected to become ready, so requests may queue for it
+            instead of being refused with 503.
+    """
+
+    replica_id: str
+    model: str
+    max_concurrency: int
+    accelerator: str = "CPU"
+    ready: bool = True
+    in_flight: int = 0
+    kv_capacity_tokens: int | None = None
+    in_flight_tokens: int = 0
+    starting: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(
+                f"replica {self.replica_id}: max_concurrency must be at least 1, "
+                f"got {self.max_concurrency}"
+            )
+        if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < 1:
+            raise ValueError(
+                f"replica {self.replica_id}: kv_capacity_tokens must be positive or None, "
+                f"got {self.kv_capacity_tokens}"
+            )
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_concurrency - self.in_flight if self.ready else 0
+
+    @property
+    def load(self) -> float:
+        """Relative load in [0, 1+]: the fuller of its slots and its KV cache."""
+        return relative_load(
+            self.in_flight, self.max_concurrency, self.in_flight_tokens, self.kv_capacity_tokens
+        )
+
+
+def relative_load(
+    in_flight: int, max_concurrency: int, in_flight_tokens: int, kv_capacity: int | None
+) -> float:
+    """The fuller of the slot and KV-token budgets, as a fraction of each."""
+    load = in_flight / max_concurrency
+    if kv_capacity is not None:
+        load = max(load, in_flight_tokens / kv_capacity)
+    return load
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    """The scheduler's mutable record of one replica (mutated in place: it is on the hot path).
+
+    ``prefixes`` holds the block hashes recently routed here, a stand-in for the replica's
+    prefix cache that the scheduler can read without asking the replica.
+    """
+
+    view: ReplicaView
+    prefixes: BoundedLRU[int, bool]
+    in_flight: int = 0
+    in_flight_tokens: int = 0
+
+    @property
+    def replica_id(self) -> str:
+        return self.view.replica_id
+
+    @property
+    def load(self) -> float:
+        v = self.view
+        return relative_load(
+            self.in_flight, v.max_concurrency, self.in_flight_tokens, v.kv_capacity_tokens
+        )
+
+    def has_slot(self) -> bool:
+        return self.view.ready and self.in_flight < self.view.max_concurrency
+
+    def fits(self, cost_tokens: int) -> bool:
+        """Whether a request of ``cost_tokens`` may start here now.
+
+        An idle replica takes any one request: a request bigger than the KV capacity but
+        within the context window would otherwise wait forever. The engine then runs it
+        alone, which is the best it can do.
+        """
+        v = self.view
+        if not v.ready:
+            return False
+        if self.in_flight == 0:
+            return True
+        if self.in_flight >= v.max_concurrency:
+            return False
+        kv = v.kv_capacity_tokens
+        return kv is None or self.in_flight_tokens + cost_tokens <= kv
+
+    def prefix_match(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of ``hashes`` were routed here and are still remembered."""
+        n = 0
+        prefixes = self.prefixes
+        for h in hashes:
+            if h not in prefixes:
+                break
+            n += 1
+        return n
+
+    def remember_prefix(self, hashes: Sequence[int]) -> None:
+        """Record that these blocks now sit in this replica's cache.
+
+        Inserted from the last block to the first, so the first (shared) blocks are the most
+        recently used and eviction trims prompts from their tails, as vLLM's cache does.
+        """
+        for h in reversed(hashes):
+            self.prefixes.put(h, True)
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """A routing decision: the replica, why it was chosen, and the prefix blocks it holds."""
+
+    replica: ReplicaState = field(compare=False)
+    reason: RouteReason
+    prefix_blocks: int = 0
+
+
+_LOAD_EPS = 1e-9  # loads are ratios of small ints; this makes "equal" robust to rounding
+
+
+def choose_replica(
+    candidates: Sequence[ReplicaState],
+    *,
+    session_replica: str | None = None,
+    prefix_hashes: Sequence[int] = (),
+    preferred_accelerators: Sequence[str] = (),
+    prefix_load_margin: float = 0.25,
+) -> RouteChoice | None:
+    """Pick one of ``candidates`` (replicas that can take the request now), or None if empty.
+
+    Args:
+        candidates: ready, non-excluded replicas with room for the request.
+        session_replica: the replica this request's session last went to, if remembered.
+        prefix_hashes: the prompt's ``block_hashes``.
+        preferred_accelerators: the model's preferred accelerator types, best first.
+        prefix_load_margin: how much more relative load (e.g. 0.25 = a quarter of the
+            replica's capacity) the prefix-affine replica may carry than the least-loaded
+            candidate before load wins over the cache hit.
+
+    O(len(candidates) * matched blocks): no state outside the candidates is read.
+    """
+    if not candidates:
+        return None
+    if session_replica is not None:
+        for r in candidates:
+            if r.replica_id == session_replica:
+                return RouteChoice(r, "session", r.prefix_match(prefix_hashes))
+
+    loads = [r.load for r in candidates]
+    min_load = min(loads)
+    ranks = [_hardware_rank(r.view.accelerator, preferred_accelerators) for r in candidates]
+
+    if prefix_hashes:
+        # Longest match; among equal matches the least loaded, then hardware, then id.
+        best_i, best_match = -1, 0
+        for i, r in enumerate(candidates):
+            m = r.prefix_match(prefix_hashes)
+            if m > best_match or (
+                m == best_match
+                and m > 0
+                and (loads[i], ranks[i], r.replica_id)
+                < (loads[best_i], ranks[best_i], candidates[best_i].replica_id)
+            ):
+                best_i, best_match = i, m
+        if best_match > 0 and loads[best_i] - min_load <= prefix_load_margin + _LOAD_EPS:
+            return RouteChoice(candidates[best_i], "prefix", best_match)
+
+    tied = [i for i, load in enumerate(loads) if load - min_load <= _LOAD_EPS]
+    chosen = min(tied, key=lambda i: (ranks[i], candidates[i].replica_id))
+    # "hardware" only when the preference decided it: an equally loaded replica on a less
+    # preferred type would otherwise have been the pick.
+    reason: RouteReason = "hardware" if any(ranks[i] > ranks[chosen] for i in tied) else "load"
+    r = candidates[chosen]
+    return RouteChoice(r, reason, r.prefix_match(prefix_hashes) if prefix_hashes else 0)
+
+
+def _hardware_rank(accelerator: str, preferred: Sequence[str]) -> int:
+    """0 for the most preferred type, larger for less preferred; unlisted types come last."""
+    for i, p in enumerate(preferred):
+        if p == accelerator:
+            return i
+    return len(preferred)
