@@ -107,6 +107,10 @@ class AsyncClient:
         """Fetch model infos and load tokenizers ahead of the first call."""
         await self._path.warm()
 
+    async def close(self) -> None:
+        """Close this client's streams (its queued requests are dropped, leases returned)."""
+        await self._path.close()
+
     async def models(self) -> list[dict[str, Any]]:
         return [vars(m) | {"tokenizer": None} for m in await self._path.list_models(refresh=True)]
 
@@ -224,6 +228,8 @@ class Client:
             self._run(it.aclose())
 
     def close(self) -> None:
+        """Close the streams to the scheduler and replicas, then stop the loop thread."""
+        self._run(self.aio.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 

@@ -83,7 +83,7 @@ class Tenant:
         self.name = name
         self.client = client
         self.events: list[tuple[float, float]] = []  # (time, weighted service)
-        self.ttfts: list[tuple[float, float]] = []  # (issue time, ttft)
+        self.ttfts: list[tuple[float, float]] = []  # (first-token time, ttft)
         self.max_prompt_tokens = 0
 
     async def one(self, i: int) -> None:
@@ -97,7 +97,7 @@ class Tenant:
             w = OUTPUT_WEIGHT * n
             if first and n:
                 first = False
-                self.ttfts.append((t0, now - t0))
+                self.ttfts.append((now, now - t0))
                 w += g.usage.prompt_tokens
                 self.max_prompt_tokens = max(self.max_prompt_tokens, g.usage.prompt_tokens)
             self.events.append((now, w))
@@ -171,7 +171,8 @@ async def run_policy(clients: dict[str, Any], rate_b: float, seconds: float) -> 
         served[k] += w
         gap = max(gap, abs(served["A"] - served["B"]))
     total = sum(served.values()) or 1.0
-    ttft_b = [d for t0, d in tenants["B"].ttfts if window[0] <= t0 < window[1]]
+    # B's requests that got their first token within the window (wherever they were issued).
+    ttft_b = [d for t, d in tenants["B"].ttfts if window[0] <= t < window[1]]
     return {
         "share_a": round(served["A"] / total, 3),
         "share_b": round(served["B"] / total, 3),

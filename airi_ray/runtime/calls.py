@@ -245,9 +245,9 @@ class CallPath:
         self._tokenizers: dict[str, Any] = {}
         self._model_infos = Cached(self._fetch_models, MODEL_INFO_TTL_S)
         self._tokenizer_lock = asyncio.Lock()
-        self._acquires = _Coalescer[tuple[AcquireRequest, asyncio.Future[Lease]]](
-            self._send_acquires
-        )
+        self._acquires = _Coalescer[AcquireRequest](self._send_acquires)
+        self._pending: dict[str, asyncio.Future[Lease]] = {}  # request -> its lease, to come
+        self._grants: asyncio.Task[None] | None = None
         self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](
             lambda items: self._scheduler.release.remote(items)
         )
@@ -468,19 +468,31 @@ class CallPath:
 
     def _acquire(self, request: AcquireRequest) -> asyncio.Future[Lease]:
         """Ask for a lease; requests of one event-loop turn go to the scheduler together."""
-        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self._acquires.add((request, future))
+        future = self._expect_grant(request.request_id)
+        self._acquires.add(request)
         return future
 
     async def _requeue(self, request_id: str) -> Lease:
         """Put a request whose replica died back in the queue; wait for its new lease."""
+        future = self._expect_grant(request_id)
         try:
-            lease = await self._scheduler.requeue.remote(request_id)
-            if lease is None:
-                lease = await self._scheduler.wait_lease.remote(request_id)
+            lease = await self._scheduler.requeue.remote(self.caller_id, request_id)
         except ray.exceptions.RayTaskError as e:
+            self._pending.pop(request_id, None)
             raise _unwrap(e) from None
-        return lease
+        if lease is not None:
+            self._pending.pop(request_id, None)
+            return lease
+        return await future
+
+    def _expect_grant(self, request_id: str) -> asyncio.Future[Lease]:
+        """A future for the request's lease, registered before the scheduler is asked, so
+        a grant arriving on the stream ahead of the reply finds it."""
+        if self._grants is None or self._grants.done():
+            self._grants = asyncio.get_running_loop().create_task(self._read_grants())
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        return future
 
     async def _wait(self, lease: Awaitable[Lease], request_id: str) -> Lease:
         """Await a lease. A caller that gives up meanwhile (e.g. an HTTP client hung up)
@@ -488,41 +500,47 @@ class CallPath:
         try:
             return await lease
         except asyncio.CancelledError:
+            self._pending.pop(request_id, None)
             self._releases.add((request_id, {"error": "cancelled"}, False))
             raise
 
-    def _send_acquires(self, items: list[tuple[AcquireRequest, asyncio.Future[Lease]]]) -> None:
-        asyncio.get_running_loop().create_task(self._acquire_batch(items))
+    def _send_acquires(self, requests: list[AcquireRequest]) -> None:
+        asyncio.get_running_loop().create_task(self._acquire_batch(requests))
 
-    async def _acquire_batch(
-        self, items: list[tuple[AcquireRequest, asyncio.Future[Lease]]]
-    ) -> None:
+    async def _acquire_batch(self, requests: list[AcquireRequest]) -> None:
         try:
-            results = await self._scheduler.acquire.remote([req for req, _ in items])
+            results = await self._scheduler.acquire.remote(self.caller_id, requests)
         except Exception as e:
-            for _, future in items:
-                if not future.done():
-                    future.set_exception(_unwrap(e))
+            self._resolve([(r.request_id, _unwrap(e)) for r in requests])
             return
-        for (req, future), result in zip(items, results, strict=True):
-            if future.done():
-                continue  # cancelled: its release is on the way
+        self._resolve(
+            [(r.request_id, x) for r, x in zip(requests, results, strict=True) if x is not None]
+        )
+
+    async def _read_grants(self) -> None:
+        """This process's one stream of grants for its queued requests."""
+        gen = self._scheduler.grants.options(num_returns="streaming").remote(self.caller_id)
+        try:
+            async for ref in gen:
+                self._resolve(await ref)
+            raise RuntimeError("the scheduler closed the grant stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            err = ReplicaUnavailable(f"lost the scheduler while waiting for a replica: {e}")
+            self._resolve([(rid, err) for rid in list(self._pending)])
+
+    def _resolve(self, results: list[tuple[str, Lease | BaseException]]) -> None:
+        for rid, result in results:
+            future = self._pending.pop(rid, None)
+            if future is None or future.done():
+                if isinstance(result, Lease):  # its caller gave up meanwhile: hand it back
+                    self._releases.add((rid, {"error": "cancelled"}, False))
+                continue
             if isinstance(result, Lease):
                 future.set_result(result)
-            elif isinstance(result, BaseException):
-                future.set_exception(result)
             else:
-                asyncio.get_running_loop().create_task(self._wait_lease(req.request_id, future))
-
-    async def _wait_lease(self, request_id: str, future: asyncio.Future[Lease]) -> None:
-        try:
-            lease = await self._scheduler.wait_lease.remote(request_id)
-        except Exception as e:
-            if not future.done():
-                future.set_exception(_unwrap(e))
-            return
-        if not future.done():
-            future.set_result(lease)
+                future.set_exception(result)
 
     def _release(self, lease: Lease, usage: Usage, replica_failed: bool) -> None:
         d = {k: v for k, v in vars(usage).items() if k != "extra"}
@@ -542,6 +560,18 @@ class CallPath:
             ch = ReplicaChannel(replica_id, self._handle(replica_id), self.caller_id)
             self._channels[replica_id] = ch
         return ch
+
+    async def close(self) -> None:
+        """Close the grant stream and every replica channel of this process."""
+        tasks = [t for t in [self._grants] if t is not None]
+        for replica_id in list(self._channels):
+            ch = self._channels[replica_id]
+            if ch._reader is not None:
+                tasks.append(ch._reader)
+            self._drop_channel(replica_id)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _drop_channel(self, replica_id: str) -> None:
         ch = self._channels.pop(replica_id, None)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from airi_ray.config import AppSpec
@@ -24,12 +26,32 @@ from airi_ray.obs.metrics import RuntimeMetrics
 logger = logging.getLogger(__name__)
 
 
+class _Grants:
+    """One caller's undelivered grants: ``(request_id, Lease | AiriError)`` pairs."""
+
+    def __init__(self) -> None:
+        self.buffer: list[tuple[str, Lease | AiriError]] = []
+        self.wake = asyncio.Event()
+
+    def push(self, request_id: str, result: Lease | AiriError) -> None:
+        self.buffer.append((request_id, result))
+        self.wake.set()
+
+
 class GlobalScheduler:
+    """Leases for model calls. A caller (one ``CallPath``) sends its acquires in batches
+    and reads the grants of its queued requests from one stream (``grants``): a waiting
+    request costs the caller no Ray call of its own, however long the queue."""
+
     def __init__(self) -> None:
         self.core = Scheduler()
         self.queue_timeout_s = 60.0
         self.metrics = RuntimeMetrics(lambda: self.core.stats(time.monotonic()))
-        self._waiters: dict[str, asyncio.Future[Lease]] = {}
+        self._callers: dict[str, _Grants] = {}
+        self._waiting: dict[str, tuple[str, float]] = {}  # request -> (caller, expiry)
+        self._expiry: list[tuple[float, str]] = []  # heap over ``_waiting``'s expiries
+        self._held: dict[str, str] = {}  # leased request -> caller
+        self._expirer: asyncio.Task[None] | None = None
 
     def configure(self, spec: dict[str, Any]) -> None:
         """Apply the app spec's scheduler, tenant and model routing settings."""
@@ -51,63 +73,37 @@ class GlobalScheduler:
             core.set_preferred_accelerators(m.name, m.accelerators)
         self.queue_timeout_s = s.queue_timeout_s
 
-    def acquire(self, requests: list[AcquireRequest]) -> list[Lease | AiriError | None]:
-        """Queue requests (a caller's batch) and grant what fits now.
+    # -- leases ----------------------------------------------------------------------------
+
+    def acquire(
+        self, caller_id: str, requests: list[AcquireRequest]
+    ) -> list[Lease | AiriError | None]:
+        """Queue a caller's batch of requests and grant what fits now.
 
         Per request: a ``Lease`` if granted at once, an error (``Overloaded``: 429,
-        ``ReplicaUnavailable``: 503) if it cannot be queued, or ``None`` if it waits: the
-        caller then calls ``wait_lease``. One call per batch keeps the common case (free
-        capacity) to one message.
+        ``ReplicaUnavailable``: 503) if it cannot be queued, or ``None`` if it waits: its
+        lease (or a timeout error) then arrives on the caller's ``grants`` stream.
         """
         now = time.monotonic()
-        loop = asyncio.get_running_loop()
-        results: list[Lease | AiriError | None] = []
+        results: dict[str, Lease | AiriError | None] = {}
+        self._callers.setdefault(caller_id, _Grants())
         for request in requests:
             try:
                 self.core.enqueue(request, now)
             except AiriError as e:
-                results.append(e)
+                results[request.request_id] = e
                 continue
-            self._waiters[request.request_id] = loop.create_future()
-            results.append(None)
-        self._dispatch()
-        for i, request in enumerate(requests):
-            future = self._waiters.get(request.request_id)
-            if results[i] is None and future is not None and future.done():
-                results[i] = future.result()
-                del self._waiters[request.request_id]
-        return results
+            results[request.request_id] = None
+            self._wait(request.request_id, caller_id, now)
+        self._dispatch(results)
+        return [results[r.request_id] for r in requests]
 
-    async def wait_lease(self, request_id: str) -> Lease:
-        """Wait for a queued request's lease.
-
-        Raises:
-            ReplicaUnavailable: no replica became free within the queue timeout, or the
-                request is not queued (it was released or cancelled).
-        """
-        future = self._waiters.get(request_id)
-        if future is None:
-            raise ReplicaUnavailable(f"request {request_id} is not waiting for a replica")
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.queue_timeout_s)
-        except TimeoutError:
-            if future.done() and not future.cancelled():
-                return future.result()  # granted at the last moment
-            model = self._drop_waiting(request_id)
-            ready = sum(1 for r in self.core.replicas(model) if r.ready)
-            raise ReplicaUnavailable(
-                f"no replica of model {model!r} became free within {self.queue_timeout_s:g}s "
-                f"({ready} ready replicas); retry later"
-            ) from None
-        finally:
-            self._waiters.pop(request_id, None)
-
-    def requeue(self, request_id: str) -> Lease | None:
+    def requeue(self, caller_id: str, request_id: str) -> Lease | None:
         """The lease's replica died before the request produced a token: queue it again.
 
         The request goes back to the head of its tenant's queue, avoiding that replica,
         which stops taking work until the controller replaces it. Returns a new lease if
-        one is free now, else None (then ``wait_lease``).
+        one is free now, else None (the lease arrives on the ``grants`` stream).
 
         Raises:
             ReplicaUnavailable: the request holds no lease (it was released already).
@@ -115,24 +111,37 @@ class GlobalScheduler:
         lease = self.core.lease(request_id)
         if lease is None or not self.core.requeue(request_id):
             raise ReplicaUnavailable(f"request {request_id} holds no lease to requeue")
+        self._held.pop(request_id, None)
         self.core.mark_unready(lease.replica_id)
         self.metrics.record_requeue(lease.model, lease.tenant)
-        self._waiters[request_id] = asyncio.get_running_loop().create_future()
-        self._dispatch()
-        future = self._waiters[request_id]
-        if future.done():
-            del self._waiters[request_id]
-            return future.result()
-        return None
+        self._wait(request_id, caller_id, time.monotonic())
+        results: dict[str, Lease | AiriError | None] = {request_id: None}
+        self._dispatch(results)
+        result = results[request_id]
+        assert not isinstance(result, AiriError)
+        return result
 
-    def _drop_waiting(self, request_id: str) -> str:
-        """Take a request out of its queue; returns its model."""
-        model = self.core.queued_model(request_id) or ""
-        self.core.cancel(request_id)
-        future = self._waiters.pop(request_id, None)
-        if future is not None and not future.done():
-            future.cancel()
-        return model
+    async def grants(self, caller_id: str) -> AsyncIterator[list[tuple[str, Lease | AiriError]]]:
+        """Stream the caller's grants, a list per wake-up, until the caller goes away;
+        then its queued requests are dropped and its leases returned."""
+        grants = self._callers.setdefault(caller_id, _Grants())
+        if self._expirer is None or self._expirer.done():
+            self._expirer = asyncio.create_task(self._expire_loop())
+        try:
+            while True:
+                await grants.wake.wait()
+                grants.wake.clear()
+                batch, grants.buffer = grants.buffer, []
+                if batch:
+                    yield batch
+        finally:
+            self._callers.pop(caller_id, None)
+            for rid in [r for r, (c, _) in self._waiting.items() if c == caller_id]:
+                self._drop_waiting(rid)
+            held = [r for r, c in self._held.items() if c == caller_id]
+            if held:
+                logger.warning("caller %s went away holding %d leases", caller_id, len(held))
+                self.release([(rid, {"error": "caller_gone"}, False) for rid in held])
 
     def release(self, items: list[tuple[str, dict[str, Any], bool]]) -> None:
         """Take back leases ``(request_id, usage, replica_failed)`` and charge their usage.
@@ -142,6 +151,7 @@ class GlobalScheduler:
         now = time.monotonic()
         for request_id, usage_dict, replica_failed in items:
             usage = Usage(**usage_dict)
+            self._held.pop(request_id, None)
             lease = self.core.release(request_id, usage.completion_tokens, now)
             if lease is None:
                 self._drop_waiting(request_id)
@@ -150,6 +160,60 @@ class GlobalScheduler:
                 self.core.mark_unready(lease.replica_id)
             self.metrics.record_call(lease, usage)
         self._dispatch()
+
+    def _wait(self, request_id: str, caller_id: str, now: float) -> None:
+        expires = now + self.queue_timeout_s
+        self._waiting[request_id] = (caller_id, expires)
+        heapq.heappush(self._expiry, (expires, request_id))
+
+    def _drop_waiting(self, request_id: str) -> str | None:
+        """Take a request out of its queue; returns its caller."""
+        self.core.cancel(request_id)
+        waiting = self._waiting.pop(request_id, None)
+        return waiting[0] if waiting else None
+
+    def _dispatch(self, results: dict[str, Lease | AiriError | None] | None = None) -> None:
+        """Grant what fits; leases of requests in ``results`` go there, others to streams."""
+        granted = True
+        while granted:  # a lease nobody waits for any more frees a slot for the next one
+            granted = False
+            for lease in self.core.dispatch(time.monotonic()):
+                rid = lease.request_id
+                waiting = self._waiting.pop(rid, None)
+                grants = self._callers.get(waiting[0]) if waiting else None
+                if waiting is None or (grants is None and (results is None or rid not in results)):
+                    self.core.release(rid)
+                    granted = True
+                    continue
+                self._held[rid] = waiting[0]
+                if results is not None and rid in results:
+                    results[rid] = lease
+                else:
+                    assert grants is not None
+                    grants.push(rid, lease)
+
+    async def _expire_loop(self) -> None:
+        """Refuse requests that waited longer than the queue timeout (checked each second)."""
+        while self._callers:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            while self._expiry and self._expiry[0][0] <= now:
+                expires, rid = heapq.heappop(self._expiry)
+                waiting = self._waiting.get(rid)
+                if waiting is None or waiting[1] != expires:
+                    continue  # granted, cancelled or requeued since
+                model = self.core.queued_model(rid) or "?"
+                caller = self._drop_waiting(rid)
+                ready = sum(1 for r in self.core.replicas(model) if r.ready)
+                grants = self._callers.get(caller or "")
+                if grants is not None:
+                    grants.push(
+                        rid,
+                        ReplicaUnavailable(
+                            f"no replica of model {model!r} became free within "
+                            f"{self.queue_timeout_s:g}s ({ready} ready replicas); retry later"
+                        ),
+                    )
 
     def set_replicas(
         self, model: str, views: list[ReplicaView], stats: list[dict[str, Any]]
@@ -165,18 +229,6 @@ class GlobalScheduler:
         self.metrics.replicas.labels(model, "ready").set(ready)
         self.metrics.replicas.labels(model, "starting").set(sum(1 for v in views if v.starting))
         self._dispatch()
-
-    def _dispatch(self) -> None:
-        orphaned = True
-        while orphaned:  # a slot freed from an abandoned grant may serve the next request
-            orphaned = False
-            for lease in self.core.dispatch(time.monotonic()):
-                future = self._waiters.get(lease.request_id)
-                if future is None or future.done():
-                    self.core.release(lease.request_id)  # nobody waits for it any more
-                    orphaned = True
-                else:
-                    future.set_result(lease)
 
     def snapshot(self) -> dict[str, Any]:
         """Queue depth, leases and replica views per model, for ``airi status``."""

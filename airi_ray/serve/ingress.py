@@ -50,12 +50,27 @@ app = FastAPI(title="airi-ray", docs_url=None, redoc_url=None)
 http_metrics = HttpMetrics()
 
 
-@app.middleware("http")
-async def _count_responses(request: Request, call_next: Any) -> Response:
-    response = await call_next(request)
-    route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
-    http_metrics.responses.labels(route, str(response.status_code)).inc()
-    return response
+class _CountResponses:
+    """Counts responses by route and status. Plain ASGI: Starlette's ``BaseHTTPMiddleware``
+    would copy every chunk of a streamed response through an extra task and queue."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")  # bounded labels
+                http_metrics.responses.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+app.add_middleware(_CountResponses)
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
