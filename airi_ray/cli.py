@@ -102,6 +102,11 @@ def _print_status(status: dict[str, Any]) -> None:
             f"{m['name']:<20} {m['version']:<8} {m['task']:<9} {m['ready_replicas']:>5}/{m['replicas']:<5} "
             f"{m['max_model_len'] or '-':>6}  {m.get('error') or ''}"
         )
+    if status.get("scheduler"):
+        print(f"\n{'MODEL':<20} {'QUEUED':>6} {'LEASED':>6}  ROUTES")
+        for name, m in status["scheduler"].items():
+            routes = ", ".join(f"{k} {v}" for k, v in m["routes"].items() if v) or "-"
+            print(f"{name:<20} {m['queue_depth']:>6} {m['in_flight']:>6}  {routes}")
     print(f"\n{'REPLICA':<32} {'STATE':<9} {'ACCEL':<6} {'RUN':>4} {'WAIT':>4} {'KV%':>5}")
     for r in status["replicas"]:
         print(

@@ -208,7 +208,11 @@ class Client:
         return self._run(self.aio.models())
 
     def status(self) -> dict[str, Any]:
-        return ray.get(self._controller.status.remote())
+        """Models, replicas and recent events, with each model's queue and routing counts."""
+        status: dict[str, Any] = ray.get(self._controller.status.remote())
+        scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+        status["scheduler"] = ray.get(scheduler.snapshot.remote())
+        return status
 
     def deploy(
         self, spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True

@@ -1,9 +1,12 @@
 """Prefix-cache affinity against round-robin routing, on two replicas of the tiny model.
 
-Workload: 32 conversations of 3 turns each, all running at once (a conversation's next
-turn starts when its previous answer is complete), every conversation starting with the
-same long system prompt (several hundred tokens); each turn carries the whole history,
-as chat clients send it. The same workload runs twice in one run: with
+Workload: 32 conversations of 3 turns each (a conversation's next turn starts when its
+previous answer is complete), every conversation starting with the same long system
+prompt (several hundred tokens); each turn carries the whole history, as chat clients send
+it. Conversations run ``CONCURRENCY`` at a time, below the 16 slots of the two replicas, so
+the router has a choice; a second scenario runs all 32 at once, saturating the slots:
+then a request goes to whichever replica frees a slot first, and routing cannot help
+(reported as ``saturated``). The same workload runs twice in one run: with
 ``scheduler.routing: affinity`` (the prompt's chained 16-token block hashes steer it to the
 replica that served the longest matching prefix, unless that replica is loaded beyond the
 margin) and with ``round_robin``. Each run uses its own system prompt text, so the
@@ -41,6 +44,7 @@ CONVERSATIONS = 32
 TURNS = 3
 ANSWER_TOKENS = 48
 SLOTS = 8
+CONCURRENCY = 12
 KV_BLOCKS = 384  # 6,144 tokens per replica
 
 
@@ -116,7 +120,7 @@ async def cache_counters() -> tuple[int, int]:
     return hits, queries
 
 
-async def run(routing: str) -> dict[str, Any]:
+async def run(routing: str, concurrency: int) -> dict[str, Any]:
     from airi_ray.client import AsyncClient
 
     client = AsyncClient(api_key=KEY)
@@ -124,8 +128,14 @@ async def run(routing: str) -> dict[str, Any]:
     h0, q0 = await cache_counters()
     ttfts: list[float] = []
     t0 = time.perf_counter()
-    system = system_prompt(routing)
-    await asyncio.gather(*(conversation(client, system, i, ttfts) for i in range(CONVERSATIONS)))
+    system = system_prompt(f"{routing} {concurrency}")
+    todo = list(range(CONVERSATIONS))
+
+    async def worker() -> None:
+        while todo:
+            await conversation(client, system, todo.pop(0), ttfts)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     await asyncio.sleep(1.0)  # the engines' last stats reach the replicas each step
     h1, q1 = await cache_counters()
@@ -151,20 +161,23 @@ def main() -> int:
     ray.init(num_cpus=2, namespace="airi", log_to_driver=False, include_dashboard=False)
     out: dict[str, Any] = {}
     try:
-        for routing in ("affinity", "round_robin"):
-            print(f"routing {routing} ...", flush=True)
-            airi.deploy(spec(model_dir, routing))
-            out[routing] = asyncio.run(run(routing))
+        for concurrency in (CONCURRENCY, CONVERSATIONS):
+            for routing in ("affinity", "round_robin"):
+                print(f"routing {routing}, {concurrency} conversations at a time ...", flush=True)
+                airi.deploy(spec(model_dir, routing))
+                out[f"{routing}@{concurrency}"] = asyncio.run(run(routing, concurrency))
     finally:
         airi.shutdown()
         ray.shutdown()
 
-    a, r = out["affinity"], out["round_robin"]
+    a, r = out[f"affinity@{CONCURRENCY}"], out[f"round_robin@{CONCURRENCY}"]
+    sa, sr = out[f"affinity@{CONVERSATIONS}"], out[f"round_robin@{CONVERSATIONS}"]
     result = {
         "workload": {
             "conversations": CONVERSATIONS,
             "turns": TURNS,
             "answer_tokens": ANSWER_TOKENS,
+            "concurrent_conversations": CONCURRENCY,
             "replicas": 2,
             "slots_per_replica": SLOTS,
             "kv_blocks_per_replica": KV_BLOCKS,
@@ -174,16 +187,22 @@ def main() -> int:
         "affinity": a,
         "round_robin": r,
         "hit_rate_ratio": round(a["hit_rate"] / max(r["hit_rate"], 1e-9), 2),
+        "saturated": {
+            "concurrent_conversations": CONVERSATIONS,
+            "affinity": sa,
+            "round_robin": sr,
+            "hit_rate_ratio": round(sa["hit_rate"] / max(sr["hit_rate"], 1e-9), 2),
+        },
         "targets": {"hit_rate_ratio": ">= 2", "ttft_p50": "affinity lower than round_robin"},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"\n{'routing':<12} {'hit rate':>9} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'wall s':>7}"
+        f"\n{'routing@concurrency':<20} {'hit rate':>9} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'wall s':>7}"
     )
     for name, x in out.items():
         print(
-            f"{name:<12} {x['hit_rate']:>9.3f} {x['ttft_p50_ms']:>12.1f} "
+            f"{name:<20} {x['hit_rate']:>9.3f} {x['ttft_p50_ms']:>12.1f} "
             f"{x['ttft_p99_ms']:>12.1f} {x['wall_s']:>7.1f}"
         )
     print(f"hit-rate ratio {result['hit_rate_ratio']} (target >= 2); wrote {RESULTS}")
