@@ -37,7 +37,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: setup
+	$(PIP) install -q -c constraints.txt -e ".[cpu,dev,bench]"
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/scheduler_core.py
+	$(PY) benchmarks/fairness.py
+	$(PY) benchmarks/prefix_routing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

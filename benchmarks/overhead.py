@@ -227,7 +227,15 @@ def start_serve_llm(model_dir: str) -> None:
     def run() -> None:
         try:
             serve.run(
-                build_openai_app({"llm_configs": [config]}), name="serve-llm", route_prefix="/"
+                build_openai_app(
+                    {
+                        "llm_configs": [config],
+                        # Its router wants a whole CPU by default; this cluster has two.
+                        "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
+                    }
+                ),
+                name="serve-llm",
+                route_prefix="/",
             )
         except BaseException as e:
             errors.append(e)
