@@ -20,6 +20,7 @@ from typing import Any
 
 from airi_ray.config import ModelSpec
 from airi_ray.core.batching import BatchWindow
+from airi_ray.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +30,10 @@ logger = logging.getLogger(__name__)
 Delta = tuple[str, str, int, str | None, str | None]
 
 
-class _Channel:
+class _Channel(Outbox[Delta]):
     def __init__(self) -> None:
-        self.buffer: list[Delta] = []
-        self.wake = asyncio.Event()
+        super().__init__()
         self.tasks: dict[str, asyncio.Task[None]] = {}
-
-    def push(self, delta: Delta) -> None:
-        self.buffer.append(delta)
-        self.wake.set()
 
 
 class ModelReplica:
@@ -105,12 +101,8 @@ class ModelReplica:
         """Stream lists of deltas, one list per wake-up, until the caller closes it."""
         channel = self._channels.setdefault(channel_id, _Channel())
         try:
-            while True:
-                await channel.wake.wait()
-                channel.wake.clear()
-                batch, channel.buffer = channel.buffer, []
-                if batch:
-                    yield batch
+            async for batch in channel.batches():
+                yield batch
         finally:
             # The caller is gone: nobody will read these tokens, stop computing them.
             self._channels.pop(channel_id, None)

@@ -22,20 +22,13 @@ from airi_ray.core.errors import AiriError, ReplicaUnavailable
 from airi_ray.core.requests import Usage
 from airi_ray.core.scheduling import AcquireRequest, Lease, ReplicaView, Scheduler
 from airi_ray.obs.metrics import RuntimeMetrics
+from airi_ray.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
 
-class _Grants:
-    """One caller's undelivered grants: ``(request_id, Lease | AiriError)`` pairs."""
-
-    def __init__(self) -> None:
-        self.buffer: list[tuple[str, Lease | AiriError]] = []
-        self.wake = asyncio.Event()
-
-    def push(self, request_id: str, result: Lease | AiriError) -> None:
-        self.buffer.append((request_id, result))
-        self.wake.set()
+# One caller's undelivered grants: ``(request_id, Lease | AiriError)`` pairs.
+_Grants = Outbox[tuple[str, Lease | AiriError]]
 
 
 class GlobalScheduler:
@@ -128,12 +121,8 @@ class GlobalScheduler:
         if self._expirer is None or self._expirer.done():
             self._expirer = asyncio.create_task(self._expire_loop())
         try:
-            while True:
-                await grants.wake.wait()
-                grants.wake.clear()
-                batch, grants.buffer = grants.buffer, []
-                if batch:
-                    yield batch
+            async for batch in grants.batches():
+                yield batch
         finally:
             self._callers.pop(caller_id, None)
             for rid in [r for r, (c, _) in self._waiting.items() if c == caller_id]:
@@ -190,7 +179,7 @@ class GlobalScheduler:
                     results[rid] = lease
                 else:
                     assert grants is not None
-                    grants.push(rid, lease)
+                    grants.push((rid, lease))
 
     async def _expire_loop(self) -> None:
         """Refuse requests that waited longer than the queue timeout (checked each second)."""
@@ -207,13 +196,11 @@ class GlobalScheduler:
                 ready = sum(1 for r in self.core.replicas(model) if r.ready)
                 grants = self._callers.get(caller or "")
                 if grants is not None:
-                    grants.push(
-                        rid,
-                        ReplicaUnavailable(
-                            f"no replica of model {model!r} became free within "
-                            f"{self.queue_timeout_s:g}s ({ready} ready replicas); retry later"
-                        ),
+                    error = ReplicaUnavailable(
+                        f"no replica of model {model!r} became free within "
+                        f"{self.queue_timeout_s:g}s ({ready} ready replicas); retry later"
                     )
+                    grants.push((rid, error))
 
     def set_replicas(
         self, model: str, views: list[ReplicaView], stats: list[dict[str, Any]]
