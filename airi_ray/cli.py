@@ -11,15 +11,22 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = "deployments/quickstart.yaml"
 
 
+def _ray_cli() -> str:
+    """The ``ray`` command of this Python environment (its bin folder may not be on PATH)."""
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else "ray"
+
+
 def _ray_running() -> bool:
     return (
         subprocess.run(
-            ["ray", "status"],
+            [_ray_cli(), "status"],
             capture_output=True,
             text=True,
             env=os.environ | {"RAY_ADDRESS": "auto"},
@@ -30,7 +37,7 @@ def _ray_running() -> bool:
 
 def _start_ray(resources: str | None, num_cpus: int | None) -> None:
     cmd = [
-        "ray",
+        _ray_cli(),
         "start",
         "--head",
         "--disable-usage-stats",
@@ -78,7 +85,10 @@ def cmd_down(args: argparse.Namespace) -> int:
         shutdown()
         print("airi app stopped")
     if not args.keep_ray and args.address is None:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        import ray
+
+        ray.shutdown()  # leave the cluster before stopping it, or this process reports its death
+        subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True)
         print("local Ray cluster stopped")
     return 0
 
