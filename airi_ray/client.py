@@ -26,14 +26,13 @@ from typing import Any
 import ray
 
 from airi_ray import env
-from airi_ray.config import AppSpec, load_spec, parse_spec
+from airi_ray.config import ANONYMOUS_TENANT, AppSpec, load_spec, parse_spec
 from airi_ray.core.errors import AuthenticationError, InvalidRequest
 from airi_ray.core.requests import CallOptions, GenerationParams, Usage, parse_messages
 from airi_ray.runtime import CONTROLLER_NAME, NAMESPACE, actors
 from airi_ray.runtime.calls import Cached, CallPath, Generation
 
 KEYS_TTL_S = 2.0
-ANONYMOUS_TENANT = "anonymous"
 
 
 @dataclass(frozen=True)
@@ -141,10 +140,16 @@ class AsyncClient:
         return await _collect(await self.completion_generation(model, prompt, **params))
 
     async def stream_chat(self, model: str, messages: Any, **params: Any) -> AsyncIterator[str]:
-        """Chat, yielding text as it is generated."""
-        async for text, _, _ in await self.chat_generation(model, messages, **params):
-            if text:
-                yield text
+        """Chat, yielding text as it is generated; closing this iterator aborts the request."""
+        stream = (await self.chat_generation(model, messages, **params)).__aiter__()
+        try:
+            async for text, _, _ in stream:
+                if text:
+                    yield text
+        finally:
+            # Closed explicitly: left to the garbage collector, the abandoned request would
+            # keep its replica slot until a collection happens to run.
+            await stream.aclose()  # type: ignore[attr-defined]
 
     async def embed(
         self,

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from airi_ray.core.errors import InvalidRequest
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# The tenant of calls without a key when the ingress runs with ``auth: none``.
+ANONYMOUS_TENANT = "anonymous"
 # SSE events per stream are batched over this window after the first token: each event
 # costs the proxy, the HTTP client and the network more than a token costs the engine.
 # Ray Serve LLM batches its streams the same way, with the same 50 ms default.
@@ -99,6 +101,24 @@ class TenantSpec(_Spec):
     )
     max_queued: int | None = Field(
         None, ge=1, description="Requests this tenant may have waiting per model before 429."
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models this tenant may call, as glob patterns (e.g. `tiny-*`); empty: all. "
+        "Any other model answers 403.",
+    )
+    rpm: int | None = Field(None, ge=1, description="Requests per minute before 429.")
+    tpm: int | None = Field(
+        None, ge=1, description="Tokens (prompt + completion) per minute before 429."
+    )
+    budget_tokens: int | None = Field(
+        None, ge=0, description="Tokens per budget period; once spent, 429 until it resets."
+    )
+    budget_period_s: float = Field(
+        86400.0, gt=0, description="Length of a budget period (aligned to UTC), in seconds."
+    )
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Requests in flight (queued or running) before 429."
     )
 
     @field_validator("api_keys")

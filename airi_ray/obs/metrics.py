@@ -196,6 +196,12 @@ class RuntimeMetrics:
             registry=r,
         )
         self.replicas = Gauge("airi_replicas", "Replicas by state", ["model", "state"], registry=r)
+        self.policy_refusals = Counter(
+            "airi_policy_refusals",
+            "Calls refused by tenant policy (ACL, rate limits, budget, concurrency), by rule",
+            ["model", "tenant", "rule"],
+            registry=r,
+        )
         self.engines = _EngineCollector()
         r.register(self.engines)
         r.register(_SchedulerCollector(scheduler_stats))

@@ -17,8 +17,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airi_ray.config import AppSpec
+from airi_ray.config import ANONYMOUS_TENANT, AppSpec
 from airi_ray.core.errors import AiriError, ReplicaUnavailable
+from airi_ray.core.policy import Admission, PolicyEngine, TenantPolicy, refusal_event
 from airi_ray.core.requests import Usage
 from airi_ray.core.scheduling import AcquireRequest, Lease, ReplicaView, Scheduler
 from airi_ray.obs.metrics import RuntimeMetrics
@@ -44,6 +45,10 @@ class GlobalScheduler:
         self._waiting: dict[str, tuple[str, float]] = {}  # request -> (caller, expiry)
         self._expiry: list[tuple[float, str]] = []  # heap over ``_waiting``'s expiries
         self._held: dict[str, str] = {}  # leased request -> caller
+        # Tenant limits (ACL, rate limits, budgets, concurrency) on every call, whatever
+        # surface it came from; an admission is settled with the real tokens at release.
+        self.policy = PolicyEngine()
+        self._admissions: dict[str, Admission] = {}
         self._expirer: asyncio.Task[None] | None = None
 
     def configure(self, spec: dict[str, Any]) -> None:
@@ -65,6 +70,22 @@ class GlobalScheduler:
         for m in app.models:
             core.set_preferred_accelerators(m.name, m.accelerators)
         self.queue_timeout_s = s.queue_timeout_s
+        policies = [
+            TenantPolicy(
+                name=t.name,
+                models=tuple(t.models),
+                weight=t.weight,
+                rpm=t.rpm,
+                tpm=t.tpm,
+                budget_tokens=t.budget_tokens,
+                budget_period_s=t.budget_period_s,
+                max_concurrent=t.max_concurrent,
+            )
+            for t in app.tenants
+        ]
+        if app.ingress.auth == "none" and ANONYMOUS_TENANT not in {t.name for t in app.tenants}:
+            policies.append(TenantPolicy(name=ANONYMOUS_TENANT))
+        self.policy.set_policies(policies)
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -80,13 +101,25 @@ class GlobalScheduler:
         now = time.monotonic()
         results: dict[str, Lease | AiriError | None] = {}
         self._callers.setdefault(caller_id, _Grants())
+        wall = time.time()  # budgets reset on UTC boundaries
         for request in requests:
+            rid = request.request_id
+            try:
+                admission = self.policy.admit(
+                    request.tenant, request.model, request.prompt_tokens, request.max_tokens, wall
+                )
+            except AiriError as e:
+                self._refused(request, e)
+                results[rid] = e
+                continue
             try:
                 self.core.enqueue(request, now)
             except AiriError as e:
-                results[request.request_id] = e
+                self.policy.release(admission, 0, 0, wall)
+                results[rid] = e
                 continue
-            results[request.request_id] = None
+            self._admissions[rid] = admission
+            results[rid] = None
             self._wait(request.request_id, caller_id, now)
         self._dispatch(results)
         return [results[r.request_id] for r in requests]
@@ -145,6 +178,7 @@ class GlobalScheduler:
             if lease is None:
                 self._drop_waiting(request_id)
                 continue
+            self._settle(request_id, usage.prompt_tokens, usage.completion_tokens)
             if replica_failed:
                 self.core.mark_unready(lease.replica_id)
             self.metrics.record_call(lease, usage)
@@ -155,9 +189,24 @@ class GlobalScheduler:
         self._waiting[request_id] = (caller_id, expires)
         heapq.heappush(self._expiry, (expires, request_id))
 
+    def _settle(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Charge a finished (or abandoned) call's real tokens to its tenant's limits."""
+        admission = self._admissions.pop(request_id, None)
+        if admission is not None:
+            self.policy.release(admission, prompt_tokens, completion_tokens, time.time())
+
+    def _refused(self, request: AcquireRequest, error: AiriError) -> None:
+        """Log and count a policy refusal; never the key, never the prompt."""
+        event = refusal_event(
+            error, tenant=request.tenant, model=request.model, request_id=request.request_id
+        )
+        logger.info("policy refused %s", event)
+        self.metrics.policy_refusals.labels(request.model, request.tenant, event.rule).inc()
+
     def _drop_waiting(self, request_id: str) -> str | None:
         """Take a request out of its queue; returns its caller."""
-        self.core.cancel(request_id)
+        if self.core.cancel(request_id):
+            self._settle(request_id, 0, 0)
         waiting = self._waiting.pop(request_id, None)
         return waiting[0] if waiting else None
 
@@ -172,6 +221,7 @@ class GlobalScheduler:
                 grants = self._callers.get(waiting[0]) if waiting else None
                 if waiting is None or (grants is None and (results is None or rid not in results)):
                     self.core.release(rid)
+                    self._settle(rid, 0, 0)
                     granted = True
                     continue
                 self._held[rid] = waiting[0]
