@@ -1,4 +1,4 @@
-"""The ``airi`` command: ``up``, ``down``, ``status``, ``chat``.
+"""The ``airi`` command: ``up``, ``down``, ``status``, ``chat``, ``keys``.
 
 ``airi up`` starts a local Ray head (unless one runs or ``--address`` names a cluster),
 deploys an app spec and serves the OpenAI-compatible API; ``airi down`` undoes it.
@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,66 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.set_defaults(fn=cmd_chat)
+
+    keys = sub.add_parser("keys", help="create, revoke and list API keys (no restart needed)")
+    keys.add_argument("--address", default=None)
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="issue a key for a tenant (printed once)")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(fn=cmd_keys)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(fn=cmd_keys)
+    listing = keys_sub.add_parser("list", help="key ids, tenants and dates (never secrets)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(fn=cmd_keys)
     return p
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import ray
+
+    from airi_ray.client import init_ray
+    from airi_ray.core.errors import AiriError
+    from airi_ray.runtime import CONTROLLER_NAME, actors
+
+    init_ray(args.address or "auto")
+    try:
+        controller = actors.get_actor(CONTROLLER_NAME)
+    except ValueError:
+        print("error: no airi app is running; start one with `airi up`", file=sys.stderr)
+        return 2
+    try:
+        if args.keys_command == "create":
+            made = ray.get(controller.create_key.remote(args.tenant))
+            print(made["key"])
+            print(
+                f"key id {made['key_id']} for tenant {made['tenant']}; it is shown only once",
+                file=sys.stderr,
+            )
+        elif args.keys_command == "revoke":
+            info = ray.get(controller.revoke_key.remote(args.key_id))
+            print(f"revoked key {info['key_id']} of tenant {info['tenant']}")
+        else:
+            keys = ray.get(controller.list_keys.remote())
+            if args.json:
+                print(json.dumps(keys, indent=2))
+            else:
+                print(f"{'KEY ID':<14} {'TENANT':<20} {'SOURCE':<6} {'CREATED':<20} REVOKED")
+                for k in keys:
+                    print(
+                        f"{k['key_id']:<14} {k['tenant']:<20} {k['source']:<6} "
+                        f"{_when(k['created_at']):<20} {_when(k['revoked_at']) or '-'}"
+                    )
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, AiriError):
+            raise e.cause from None
+        raise
+    return 0
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t else ""
 
 
 def main(argv: list[str] | None = None) -> int:

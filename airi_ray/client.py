@@ -7,7 +7,7 @@ A facade over the runtime's call path: calls from Python take the same path as H
 Example::
 
     import airi_ray as airi
-    client = airi.connect("auto", api_key="sk-airi-demo-key-0001")
+    client = airi.connect("auto", api_key="sk-airi-de0000000001-nimbusDemoTenantKey01")
     print(client.chat("tiny-chat", [{"role": "user", "content": "How do I return boots?"}]).text)
     for piece in client.chat("tiny-chat", "Shipping to Canada?", stream=True):
         print(piece, end="")
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import ray
 from airi_ray import env
 from airi_ray.config import ANONYMOUS_TENANT, AppSpec, load_spec, parse_spec
 from airi_ray.core.errors import AuthenticationError, InvalidRequest
+from airi_ray.core.policy import KeyRecord, KeyRing
 from airi_ray.core.requests import CallOptions, GenerationParams, Usage, parse_messages
 from airi_ray.runtime import CONTROLLER_NAME, NAMESPACE, actors
 from airi_ray.runtime.calls import Cached, CallPath, Generation
@@ -82,7 +84,13 @@ class AsyncClient:
         self.api_key = api_key if api_key is not None else env.api_key()
         self._path = CallPath()
         self._controller = actors.get_actor(CONTROLLER_NAME)
-        self._auth = Cached(self._controller.auth_config.remote, KEYS_TTL_S)
+        # Key records (salted hashes) refreshed every few seconds: a revoked key stops
+        # working within KEYS_TTL_S everywhere, with no call to the controller per request.
+        self._auth = Cached(self._fetch_auth, KEYS_TTL_S)
+
+    async def _fetch_auth(self) -> tuple[str, KeyRing]:
+        config = await self._controller.auth_config.remote()
+        return config["mode"], KeyRing(KeyRecord.from_dict(r) for r in config["records"])
 
     async def tenant_for(self, api_key: str | None) -> str:
         """The tenant a key authenticates as.
@@ -90,17 +98,14 @@ class AsyncClient:
         Raises:
             AuthenticationError: no key (when the app requires keys) or an unknown key.
         """
-        auth = await self._auth.get()
+        mode, keys = await self._auth.get()
         if api_key is None or api_key == "":
-            if auth["mode"] == "none":
+            if mode == "none":
                 return ANONYMOUS_TENANT
             raise AuthenticationError(
                 "missing API key: send `Authorization: Bearer <key>` (Python: api_key=...)"
             )
-        tenant = auth["keys"].get(api_key)
-        if tenant is None:
-            raise AuthenticationError("invalid API key")
-        return tenant
+        return keys.tenant_for(api_key, time.time())
 
     async def warm(self) -> None:
         """Fetch model infos and load tokenizers ahead of the first call."""

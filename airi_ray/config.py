@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from airi_ray.core.errors import InvalidRequest
+from airi_ray.core.errors import AuthenticationError, InvalidRequest
+from airi_ray.core.policy.keys import parse_key_id
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # The tenant of calls without a key when the ingress runs with ``auth: none``.
@@ -94,7 +95,9 @@ class TenantSpec(_Spec):
 
     name: str = Field(pattern=NAME_PATTERN, description="Tenant name used in metrics and usage.")
     api_keys: list[str] = Field(
-        default_factory=list, description="Bearer keys of this tenant (at least 16 characters)."
+        default_factory=list,
+        description="Bearer keys of this tenant, `sk-airi-<12 hex>-<secret>`; stored only as "
+        "salted hashes once deployed. `airi keys create` adds keys without a redeploy.",
     )
     weight: float = Field(
         1.0, gt=0, le=1000, description="Share of served tokens under contention, relative."
@@ -123,10 +126,15 @@ class TenantSpec(_Spec):
 
     @field_validator("api_keys")
     @classmethod
-    def _keys_long_enough(cls, keys: list[str]) -> list[str]:
+    def _keys_well_formed(cls, keys: list[str]) -> list[str]:
         for k in keys:
-            if len(k) < 16:
-                raise ValueError("each API key must have at least 16 characters")
+            try:
+                parse_key_id(k)
+            except AuthenticationError:
+                raise ValueError(
+                    "each API key must look like sk-airi-<12 hex digits>-<secret of 16 to 200 "
+                    "characters of A-Z, a-z, 0-9, _ and ->; `airi keys create` prints one"
+                ) from None
         return keys
 
 

@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from airi_ray.core.stats import percentile  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fairness.json"
-KEYS = {"A": "sk-bench-tenant-a-0001", "B": "sk-bench-tenant-b-0001"}
+KEYS = {
+    "A": "sk-airi-fa0000000001-benchFairnessTenantA1",
+    "B": "sk-airi-fb0000000001-benchFairnessTenantB1",
+}
 OUTPUT_TOKENS = 64
 OUTPUT_WEIGHT = 2.0
 SLOTS = 8

@@ -57,7 +57,7 @@ PROMPTS = [
     for i in range(CONCURRENCY)
 ]
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
-KEY = "sk-bench-tenant-0000001"
+KEY = "sk-airi-0e0000000001-benchOverheadTenant01"
 HTTP_PORT = 8123
 SERVE_LLM_START_TIMEOUT_S = 300
 

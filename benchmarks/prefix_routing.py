@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from airi_ray.core.stats import percentile  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefix_routing.json"
-KEY = "sk-bench-prefix-0001"
+KEY = "sk-airi-9f0000000001-benchPrefixTenant0001"
 CONVERSATIONS = 32
 TURNS = 3
 ANSWER_TOKENS = 48

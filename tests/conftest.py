@@ -18,8 +18,8 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-KEY = "sk-test-tenant-a-0001"
-OTHER_KEY = "sk-test-tenant-b-0001"
+KEY = "sk-airi-a00000000001-testTenantAsecret0001"
+OTHER_KEY = "sk-airi-b00000000001-testTenantBsecret0001"
 
 
 @dataclass

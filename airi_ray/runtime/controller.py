@@ -21,12 +21,14 @@ import ray
 
 from airi_ray.config import AppSpec, ModelSpec, parse_spec
 from airi_ray.core.errors import AiriError, InvalidRequest
+from airi_ray.core.policy import KeyRecord, KeyRing
 from airi_ray.core.scheduling import ReplicaView
 from airi_ray.runtime import actors
 
 logger = logging.getLogger(__name__)
 
-_SPEC_KEY = b"airi/app_spec"
+_SPEC_KEY = b"airi/app_spec"  # the deployed spec, without its API keys
+_KEYS_KEY = b"airi/api_keys"  # key records (salted hashes): the spec's and `airi keys`'s
 LOOP_PERIOD_S = 1.0
 PROBE_PERIOD_S = 10.0
 MAX_PROBE_FAILURES = 2
@@ -74,9 +76,18 @@ class Controller:
         self.scheduler = actors.get_or_start_scheduler()
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
+        # Keys live only as salted hashes: from the spec's api_keys (replaced on each
+        # deploy) and from `airi keys create` (kept until revoked).
+        self._spec_keys: list[KeyRecord] = []
+        self._cli_keys = KeyRing()
         saved = ray.experimental.internal_kv._internal_kv_get(_SPEC_KEY)
         if saved:  # restarted after a crash: bring the last deployed spec back
             self.spec = parse_spec(json.loads(saved), source="saved spec")
+        keys = ray.experimental.internal_kv._internal_kv_get(_KEYS_KEY)
+        if keys:
+            data = json.loads(keys)
+            self._spec_keys = [KeyRecord.from_dict(r) for r in data["spec"]]
+            self._cli_keys = KeyRing(KeyRecord.from_dict(r) for r in data["cli"])
 
     # -- API ---------------------------------------------------------------------------
 
@@ -87,11 +98,20 @@ class Controller:
             InvalidRequest: the spec is invalid or a replica failed to start (its error).
         """
         new = parse_spec(spec)
-        self.spec = new
-        ray.experimental.internal_kv._internal_kv_put(_SPEC_KEY, new.model_dump_json().encode())
+        now = time.time()
+        self._spec_keys = [
+            KeyRecord.create(key, t.name, now) for t in new.tenants for key in t.api_keys
+        ]
+        self.spec = new.model_copy(
+            update={"tenants": [t.model_copy(update={"api_keys": []}) for t in new.tenants]}
+        )
+        ray.experimental.internal_kv._internal_kv_put(
+            _SPEC_KEY, self.spec.model_dump_json().encode()
+        )
+        self._save_keys()
         self.start_failures.clear()
         self.start_errors.clear()
-        await self.scheduler.configure.remote(new.model_dump())
+        await self.scheduler.configure.remote(self.spec.model_dump())
         self._event(
             f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}"
         )
@@ -123,11 +143,69 @@ class Controller:
         return out
 
     def auth_config(self) -> dict[str, Any]:
-        """How callers authenticate: ``{"mode": "keys" | "none", "keys": {key: tenant}}``."""
-        if self.spec is None:
-            return {"mode": "keys", "keys": {}}
-        keys = {k: t.name for t in self.spec.tenants for k in t.api_keys}
-        return {"mode": self.spec.ingress.auth, "keys": keys}
+        """How callers authenticate: ``{"mode": "keys" | "none", "records": [...]}``, the
+        key records as salted hashes (callers verify keys themselves, in constant time)."""
+        records = [r.to_dict() for r in [*self._spec_keys, *self._cli_keys.records()]]
+        mode = self.spec.ingress.auth if self.spec is not None else "keys"
+        return {"mode": mode, "records": records}
+
+    def create_key(self, tenant: str) -> dict[str, Any]:
+        """Issue a key for ``tenant``; the key itself is returned once and never stored.
+
+        Raises:
+            InvalidRequest: no deployed tenant has this name.
+        """
+        tenants = [t.name for t in self.spec.tenants] if self.spec else []
+        if tenant not in tenants:
+            raise InvalidRequest(
+                f"no tenant {tenant!r} in the deployed app; tenants: {', '.join(tenants) or 'none'}"
+            )
+        key, record = self._cli_keys.issue(tenant, time.time())
+        self._save_keys()
+        self._event(f"key {record.key_id} created for tenant {tenant!r}")
+        return {"key": key, "key_id": record.key_id, "tenant": tenant}
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        """Revoke a key made by ``create_key``; callers refuse it within seconds.
+
+        Raises:
+            InvalidRequest: no such key (keys listed in the spec go away by redeploying
+                the spec without them).
+        """
+        if any(r.key_id == key_id for r in self._spec_keys):
+            raise InvalidRequest(
+                f"key {key_id} comes from the app spec; remove it there and deploy again"
+            )
+        try:
+            record = self._cli_keys.revoke(key_id, time.time())
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        self._save_keys()
+        self._event(f"key {key_id} revoked")
+        return self._key_info(record, "cli")
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        """Every key's id, tenant, origin and dates; never a secret or a hash."""
+        return [self._key_info(r, "spec") for r in self._spec_keys] + [
+            self._key_info(r, "cli") for r in self._cli_keys.records()
+        ]
+
+    @staticmethod
+    def _key_info(record: KeyRecord, source: str) -> dict[str, Any]:
+        return {
+            "key_id": record.key_id,
+            "tenant": record.tenant,
+            "source": source,
+            "created_at": record.created_at,
+            "revoked_at": record.revoked_at,
+        }
+
+    def _save_keys(self) -> None:
+        data = {
+            "spec": [r.to_dict() for r in self._spec_keys],
+            "cli": [r.to_dict() for r in self._cli_keys.records()],
+        }
+        ray.experimental.internal_kv._internal_kv_put(_KEYS_KEY, json.dumps(data).encode())
 
     def app_spec(self) -> dict[str, Any] | None:
         return self.spec.model_dump() if self.spec else None
@@ -157,6 +235,7 @@ class Controller:
         """Stop every replica and forget the spec."""
         self.spec = None
         ray.experimental.internal_kv._internal_kv_del(_SPEC_KEY)
+        ray.experimental.internal_kv._internal_kv_del(_KEYS_KEY)
         if self._loop_task:
             self._loop_task.cancel()
         await asyncio.gather(*(self._stop(r, "shutdown") for r in list(self.replicas.values())))

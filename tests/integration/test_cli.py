@@ -31,4 +31,43 @@ def test_chat_reads_stdin_lines(capsys, monkeypatch) -> None:
 def test_chat_with_a_wrong_key_fails_cleanly(capsys, monkeypatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert cli.main(["chat", "--api-key", "sk-wrong-wrong-wrong", "--model", "tiny-chat"]) == 2
-    assert "invalid API key" in capsys.readouterr().err
+    assert "malformed API key" in capsys.readouterr().err
+
+
+def test_keys_are_created_used_listed_and_revoked_without_a_restart(capsys, airi_app) -> None:
+    import httpx
+    import ray
+
+    from tests.conftest import wait_for
+
+    assert cli.main(["keys", "create", "--tenant", "tenant-b"]) == 0
+    key = capsys.readouterr().out.strip()
+    key_id = key.split("-")[2]
+
+    def chat_status() -> int:
+        return httpx.post(
+            f"{airi_app.base_url}/v1/chat/completions",
+            json={
+                "model": "tiny-chat",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2,
+            },
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        ).status_code
+
+    assert wait_for(lambda: chat_status() == 200, timeout=30, what="the new key to work")
+    assert cli.main(["keys", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    mine = next(k for k in listed if k["key_id"] == key_id)
+    assert mine["tenant"] == "tenant-b" and mine["source"] == "cli" and not mine["revoked_at"]
+    assert key not in json.dumps(listed)
+    # Only salted hashes are stored: neither this key nor the spec's keys appear in the KV.
+    for name in (b"airi/app_spec", b"airi/api_keys"):
+        stored = ray.experimental.internal_kv._internal_kv_get(name).decode()
+        assert key not in stored and KEY not in stored
+
+    assert cli.main(["keys", "revoke", key_id]) == 0
+    assert wait_for(lambda: chat_status() == 401, timeout=30, what="the revoked key to fail")
+    assert cli.main(["keys", "create", "--tenant", "nobody"]) == 2
+    assert "no tenant 'nobody'" in capsys.readouterr().err

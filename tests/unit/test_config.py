@@ -27,12 +27,13 @@ def test_quickstart_spec_is_valid() -> None:
         ({"models": [{"name": "a", "model": "x", "replicas": -1}]}, "models.0.replicas"),
         ({"models": [{"name": "a b", "model": "x"}]}, "models.0.name"),
         ({"models": [{"name": "a", "model": "x"}, {"name": "a", "model": "y"}]}, "repeated: a"),
-        ({"tenants": [{"name": "t", "api_keys": ["short"]}]}, "at least 16"),
+        ({"tenants": [{"name": "t", "api_keys": ["short"]}]}, "sk-airi-<12 hex digits>"),
+        ({"tenants": [{"name": "t", "api_keys": ["sk-airi-demo-key-0001"]}]}, "12 hex digits"),
         (
             {
                 "tenants": [
-                    {"name": "t", "api_keys": ["k" * 16]},
-                    {"name": "u", "api_keys": ["k" * 16]},
+                    {"name": "t", "api_keys": ["sk-airi-000000000001-" + "k" * 16]},
+                    {"name": "u", "api_keys": ["sk-airi-000000000001-" + "k" * 16]},
                 ]
             },
             "only one tenant",
