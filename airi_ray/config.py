@@ -90,6 +90,34 @@ class ModelSpec(_Spec):
         return f"{self.name}@{self.version}"
 
 
+FilterAction = Literal["off", "flag", "redact", "block"]
+
+
+class FilterSpec(_Spec):
+    """Content filters on a tenant's prompts and answers (streamed answers included).
+
+    Each rule is `off`, `flag` (log only), `redact` (replace the match, e.g. `[EMAIL]`) or
+    `block` (refuse with `blocked_status` and the rule's name).
+    """
+
+    models: list[str] = Field(
+        default_factory=list, description="Models the filters apply to (globs); empty: all."
+    )
+    email: FilterAction = Field("redact", description="Email addresses.")
+    phone: FilterAction = Field("redact", description="Phone numbers.")
+    card: FilterAction = Field("redact", description="Payment card numbers (Luhn-checked).")
+    national_id: FilterAction = Field("redact", description="US social security numbers.")
+    iban: FilterAction = Field("redact", description="IBANs (checksum-checked).")
+    blocklist: list[str] = Field(
+        default_factory=list, description="Phrases (whole words, any case) to refuse or redact."
+    )
+    blocklist_action: FilterAction = Field("block", description="What a blocklist match does.")
+    injection: FilterAction = Field(
+        "flag", description="Prompt-injection heuristic on user text (`block` refuses)."
+    )
+    blocked_status: Literal[400, 403] = Field(400, description="Status of a blocked request.")
+
+
 class TenantSpec(_Spec):
     """A tenant and the API keys that authenticate as it."""
 
@@ -122,6 +150,9 @@ class TenantSpec(_Spec):
     )
     max_concurrent: int | None = Field(
         None, ge=1, description="Requests in flight (queued or running) before 429."
+    )
+    filters: FilterSpec | None = Field(
+        None, description="Content filters on this tenant's prompts and answers; none if unset."
     )
 
     @field_validator("api_keys")

@@ -14,6 +14,8 @@ the scheduler): a Ray call costs about as much as generating several tokens.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import json
 import logging
 import math
 import time
@@ -31,6 +33,7 @@ from airi_ray.core.errors import (
     ModelNotFound,
     ReplicaUnavailable,
 )
+from airi_ray.core.policy import FilterConfig, FilterSet, finding_events, refusal_event
 from airi_ray.core.requests import (
     CallOptions,
     ChatMessage,
@@ -244,6 +247,8 @@ class CallPath:
         self._models: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, Any] = {}
         self._model_infos = Cached(self._fetch_models, MODEL_INFO_TTL_S)
+        self._filter_specs = Cached(self._controller.filter_config.remote, MODEL_INFO_TTL_S)
+        self._filter_sets: dict[str, FilterSet] = {}  # by the spec's JSON
         self._tokenizer_lock = asyncio.Lock()
         self._acquires = _Coalescer[AcquireRequest](self._send_acquires)
         self._pending: dict[str, asyncio.Future[Lease]] = {}  # request -> its lease, to come
@@ -312,14 +317,21 @@ class CallPath:
         info = await self.model(model, "generate")
         if getattr(info.tokenizer, "chat_template", None) is None:
             raise InvalidRequest(f"model {model!r} has no chat template; use completions instead")
+        filters = await self._filters(tenant, model)
+        contents = [
+            self._filter_input(
+                filters, m.content, "document" if m.role == "tool" else "prompt", tenant, model
+            )
+            for m in messages
+        ]
         ids = info.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
+            [{"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)],
             add_generation_prompt=True,
             tokenize=True,
         )
         if not isinstance(ids, list):  # transformers may return a BatchEncoding
             ids = list(ids["input_ids"])
-        return self._generation(info, list(ids), params, tenant, options)
+        return self._generation(info, list(ids), params, tenant, options, filters)
 
     async def complete(
         self,
@@ -332,8 +344,45 @@ class CallPath:
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string")
         info = await self.model(model, "generate")
+        filters = await self._filters(tenant, model)
+        prompt = self._filter_input(filters, prompt, "prompt", tenant, model)
         ids = info.tokenizer(prompt)["input_ids"]
-        return self._generation(info, list(ids), params, tenant, options)
+        return self._generation(info, list(ids), params, tenant, options, filters)
+
+    # -- content filters ---------------------------------------------------------------
+
+    async def _filters(self, tenant: str, model: str) -> FilterSet | None:
+        """The tenant's content filters for ``model``, compiled once per configuration."""
+        spec = (await self._filter_specs.get()).get(tenant)
+        if spec is None or (
+            spec["models"] and not any(fnmatch.fnmatchcase(model, p) for p in spec["models"])
+        ):
+            return None
+        key = json.dumps(spec, sort_keys=True)
+        filters = self._filter_sets.get(key)
+        if filters is None:
+            if len(self._filter_sets) > 256:  # configurations come and go with deploys
+                self._filter_sets.clear()
+            config = {k: v for k, v in spec.items() if k != "models"}
+            config["blocklist"] = tuple(config["blocklist"])
+            filters = self._filter_sets[key] = FilterSet(FilterConfig(**config))
+        return filters
+
+    @staticmethod
+    def _filter_input(
+        filters: FilterSet | None, text: str, where: str, tenant: str, model: str
+    ) -> str:
+        """The text as the tenant's filters pass it (redacted), or ContentBlocked."""
+        if filters is None:
+            return text
+        try:
+            result = filters.check_input(text, where=where)
+        except AiriError as e:
+            logger.info("policy %s", refusal_event(e, tenant=tenant, model=model, request_id="-"))
+            raise
+        for event in finding_events(result.findings, tenant=tenant, model=model, request_id="-"):
+            logger.info("policy %s", event)
+        return result.text
 
     def _generation(
         self,
@@ -342,6 +391,7 @@ class CallPath:
         params: GenerationParams,
         tenant: str,
         options: CallOptions,
+        filters: FilterSet | None = None,
     ) -> Generation:
         assert info.max_model_len is not None
         max_tokens = resolve_max_tokens(
@@ -361,7 +411,7 @@ class CallPath:
             prefix_hashes=block_hashes(prompt_ids),
         )
         g._stream = self._stream(
-            g, request, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}
+            g, request, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}, filters
         )
         return g
 
@@ -371,9 +421,13 @@ class CallPath:
         request: AcquireRequest,
         prompt_ids: list[int],
         params: dict[str, Any],
+        filters: FilterSet | None = None,
     ) -> AsyncIterator[tuple[str, int, str | None]]:
         start = time.perf_counter()
         usage = g.usage
+        # Answers pass the tenant's filters as they stream: a rolling hold-back window
+        # catches a match split across chunks, without waiting for the whole answer.
+        out = filters.stream() if filters is not None else None
         lease = await self._wait(self._acquire(request), request.request_id)
         try:
             while True:
@@ -386,6 +440,8 @@ class CallPath:
                             usage.ttft_s = time.perf_counter() - start
                         usage.completion_tokens += n
                         usage.finish_reason = finish
+                        if out is not None:
+                            text = out.feed(text) + (out.finish() if finish is not None else "")
                         yield text, n, finish
                     return
                 except ReplicaDied as e:

@@ -149,6 +149,11 @@ class Controller:
         mode = self.spec.ingress.auth if self.spec is not None else "keys"
         return {"mode": mode, "records": records}
 
+    def filter_config(self) -> dict[str, Any]:
+        """Each tenant's content filters (``FilterSpec`` dicts), for callers to apply."""
+        tenants = self.spec.tenants if self.spec is not None else []
+        return {t.name: t.filters.model_dump() for t in tenants if t.filters is not None}
+
     def create_key(self, tenant: str) -> dict[str, Any]:
         """Issue a key for ``tenant``; the key itself is returned once and never stored.
 
