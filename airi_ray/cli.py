@@ -52,7 +52,13 @@ def _start_ray(resources: str | None, num_cpus: int | None) -> None:
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     print("starting a local Ray cluster:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # Locked down: token authentication on (whatever Ray's default becomes), every port on
+    # loopback, and the token readable by its owner only.
+    env = os.environ | {"RAY_AUTH_MODE": "token"}
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if token.exists():
+        token.chmod(0o600)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
