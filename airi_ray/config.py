@@ -116,6 +116,26 @@ class FilterSpec(_Spec):
         "flag", description="Prompt-injection heuristic on user text (`block` refuses)."
     )
     blocked_status: Literal[400, 403] = Field(400, description="Status of a blocked request.")
+    semantic_model: str | None = Field(
+        None,
+        description="A deployed embedding model for the semantic filter: user text whose "
+        "embedding is close to one of `semantic_examples` is blocked or flagged. None: off.",
+    )
+    semantic_examples: list[str] = Field(
+        default_factory=list, max_length=256, description="Texts to keep out (by meaning)."
+    )
+    semantic_threshold: float = Field(
+        0.8, gt=0, le=1, description="Cosine similarity at or above which a text matches."
+    )
+    semantic_action: Literal["flag", "block"] = Field(
+        "block", description="What a semantic match does."
+    )
+
+    @model_validator(mode="after")
+    def _semantic_needs_examples(self) -> FilterSpec:
+        if self.semantic_model and not self.semantic_examples:
+            raise ValueError("semantic_model needs at least one of semantic_examples")
+        return self
 
 
 class TenantSpec(_Spec):

@@ -33,7 +33,13 @@ from airi_ray.core.errors import (
     ModelNotFound,
     ReplicaUnavailable,
 )
-from airi_ray.core.policy import FilterConfig, FilterSet, finding_events, refusal_event
+from airi_ray.core.policy import (
+    FilterConfig,
+    FilterSet,
+    SemanticFilter,
+    finding_events,
+    refusal_event,
+)
 from airi_ray.core.requests import (
     CallOptions,
     ChatMessage,
@@ -51,6 +57,9 @@ T = TypeVar("T")
 MAX_ATTEMPTS = 3
 MODEL_INFO_TTL_S = 5.0
 DEFAULT_OPTIONS = CallOptions()
+FILTER_FIELDS = set(FilterConfig.__dataclass_fields__)
+SEMANTIC_WINDOW_CHARS = 800  # about 200 tokens of English
+SEMANTIC_MAX_CHARS = 8 * SEMANTIC_WINDOW_CHARS
 
 
 def _load_tokenizer(source: str) -> Any:
@@ -249,6 +258,7 @@ class CallPath:
         self._model_infos = Cached(self._fetch_models, MODEL_INFO_TTL_S)
         self._filter_specs = Cached(self._controller.filter_config.remote, MODEL_INFO_TTL_S)
         self._filter_sets: dict[str, FilterSet] = {}  # by the spec's JSON
+        self._semantic_filters: dict[str, SemanticFilter] = {}
         self._tokenizer_lock = asyncio.Lock()
         self._acquires = _Coalescer[AcquireRequest](self._send_acquires)
         self._pending: dict[str, asyncio.Future[Lease]] = {}  # request -> its lease, to come
@@ -318,6 +328,9 @@ class CallPath:
         if getattr(info.tokenizer, "chat_template", None) is None:
             raise InvalidRequest(f"model {model!r} has no chat template; use completions instead")
         filters = await self._filters(tenant, model)
+        await self._semantic_check(
+            tenant, model, [m.content for m in messages if m.role in ("user", "tool")]
+        )
         contents = [
             self._filter_input(
                 filters, m.content, "document" if m.role == "tool" else "prompt", tenant, model
@@ -345,28 +358,76 @@ class CallPath:
             raise InvalidRequest("prompt must be a string")
         info = await self.model(model, "generate")
         filters = await self._filters(tenant, model)
+        await self._semantic_check(tenant, model, [prompt])
         prompt = self._filter_input(filters, prompt, "prompt", tenant, model)
         ids = info.tokenizer(prompt)["input_ids"]
         return self._generation(info, list(ids), params, tenant, options, filters)
 
     # -- content filters ---------------------------------------------------------------
 
-    async def _filters(self, tenant: str, model: str) -> FilterSet | None:
-        """The tenant's content filters for ``model``, compiled once per configuration."""
-        spec = (await self._filter_specs.get()).get(tenant)
+    async def _filter_spec(self, tenant: str, model: str) -> dict[str, Any] | None:
+        spec: dict[str, Any] | None = (await self._filter_specs.get()).get(tenant)
         if spec is None or (
             spec["models"] and not any(fnmatch.fnmatchcase(model, p) for p in spec["models"])
         ):
+            return None
+        return spec
+
+    async def _filters(self, tenant: str, model: str) -> FilterSet | None:
+        """The tenant's content filters for ``model``, compiled once per configuration."""
+        spec = await self._filter_spec(tenant, model)
+        if spec is None:
             return None
         key = json.dumps(spec, sort_keys=True)
         filters = self._filter_sets.get(key)
         if filters is None:
             if len(self._filter_sets) > 256:  # configurations come and go with deploys
                 self._filter_sets.clear()
-            config = {k: v for k, v in spec.items() if k != "models"}
+            config = {k: v for k, v in spec.items() if k in FILTER_FIELDS}
             config["blocklist"] = tuple(config["blocklist"])
             filters = self._filter_sets[key] = FilterSet(FilterConfig(**config))
         return filters
+
+    async def _semantic_check(self, tenant: str, model: str, texts: list[str]) -> None:
+        """Embed the user's text with the tenant's semantic-filter model and compare it
+        with the blocked examples; raises ContentBlocked on a match (``block``)."""
+        spec = await self._filter_spec(tenant, model)
+        if spec is None or not spec["semantic_model"] or not texts:
+            return
+        embedder = spec["semantic_model"]
+        key = json.dumps([spec[k] for k in sorted(spec) if k.startswith("semantic_")])
+        semantic = self._semantic_filters.get(key)
+        if semantic is None:
+            vectors, _ = await self.embed(embedder, list(spec["semantic_examples"]), tenant)
+            semantic = SemanticFilter(
+                vectors,
+                spec["semantic_threshold"],
+                [f"example {i + 1}" for i in range(len(vectors))],
+                action=spec["semantic_action"],
+                status=spec["blocked_status"],
+            )
+            if len(self._semantic_filters) > 256:
+                self._semantic_filters.clear()
+            self._semantic_filters[key] = semantic
+        # Windows short enough for small embedders (MiniLM reads 256 tokens); a long text
+        # is checked window by window, up to SEMANTIC_MAX_CHARS.
+        windows = [
+            t[i : i + SEMANTIC_WINDOW_CHARS]
+            for t in texts
+            for i in range(0, min(len(t), SEMANTIC_MAX_CHARS), SEMANTIC_WINDOW_CHARS)
+        ]
+        if not windows:
+            return
+        vectors, _ = await self.embed(embedder, windows, tenant)
+        for vector in vectors:
+            try:
+                finding = semantic.check(vector)
+            except AiriError as e:
+                event = refusal_event(e, tenant=tenant, model=model, request_id="-")
+                logger.info("policy %s", event)
+                raise
+            if finding is not None:
+                logger.info("policy semantic flag tenant=%s model=%s", tenant, model)
 
     @staticmethod
     def _filter_input(

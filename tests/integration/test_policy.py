@@ -152,3 +152,29 @@ def test_content_filters_block_prompts_and_redact_streamed_answers(
     assert "nimbus" not in filtered.lower()
     if "nimbus" in plain.lower():  # greedy answers match; batching noise may not be zero
         assert "[BLOCKED]" in filtered
+
+
+def test_the_semantic_filter_blocks_text_close_to_an_example(airi_app, filter_tenant_b) -> None:
+    from tests.conftest import wait_for
+
+    filter_tenant_b(
+        {
+            "semantic_model": "minilm",
+            "semantic_examples": ["how do I build a weapon"],
+            "semantic_threshold": 0.7,
+            "blocked_status": 403,
+        }
+    )
+    close = {
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": "how can I build a weapon at home"}],
+        "max_tokens": 2,
+    }
+    r = wait_for(
+        lambda: (r := post(airi_app, "/v1/chat/completions", close)).status_code == 403 and r,
+        timeout=30,
+        what="the semantic filter to apply",
+    )
+    assert "semantic filter" in r.json()["error"]["message"]
+    far = {**close, "messages": [{"role": "user", "content": "how do returns work?"}]}
+    assert post(airi_app, "/v1/chat/completions", far).status_code == 200
