@@ -12,6 +12,7 @@ from typing import Any
 from airi_ray.core.errors import ContextWindowExceeded, InvalidRequest
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_MESSAGES = 512  # a conversation longer than this is a client bug or abuse
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ def parse_messages(messages: Any) -> list[ChatMessage]:
     """Validate OpenAI-style chat messages (a non-empty list of ``{role, content}``)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(
+            f"messages has {len(messages)} entries; at most {MAX_MESSAGES} are allowed"
+        )
     parsed = []
     for i, m in enumerate(messages):
         if isinstance(m, ChatMessage):

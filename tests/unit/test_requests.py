@@ -109,3 +109,9 @@ def test_call_options_refuse_bad_values(kwargs: dict, match: str) -> None:
     with pytest.raises(InvalidRequest, match=match):
         CallOptions(**kwargs)
     assert CallOptions(priority="batch", deadline_s=2.5, session_id="conv-1").priority == "batch"
+
+
+def test_too_many_messages_are_refused_naming_the_limit() -> None:
+    with pytest.raises(InvalidRequest, match="513 entries; at most 512"):
+        parse_messages([{"role": "user", "content": "hi"}] * 513)
+    assert len(parse_messages([{"role": "user", "content": "hi"}] * 512)) == 512
