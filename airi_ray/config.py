@@ -19,6 +19,9 @@ from airi_ray.core.policy.keys import parse_key_id
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # The tenant of calls without a key when the ingress runs with ``auth: none``.
 ANONYMOUS_TENANT = "anonymous"
+# The runtime's own calls (e.g. embedding text for a tenant's semantic filter): no key maps
+# to it, it has no limits, and no spec may name a tenant so.
+SYSTEM_TENANT = "airi-system"
 # SSE events per stream are batched over this window after the first token: each event
 # costs the proxy, the HTTP client and the network more than a token costs the engine.
 # Ray Serve LLM batches its streams the same way, with the same 50 ms default.
@@ -258,6 +261,8 @@ class AppSpec(_Spec):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
+        if SYSTEM_TENANT in {t.name for t in self.tenants}:
+            raise ValueError(f"the tenant name {SYSTEM_TENANT!r} is reserved for the runtime")
         keys = [k for t in self.tenants for k in t.api_keys]
         if len(keys) != len(set(keys)):
             raise ValueError("an API key may belong to only one tenant")

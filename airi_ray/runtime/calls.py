@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import ray
 
+from airi_ray.config import SYSTEM_TENANT
 from airi_ray.core.errors import (
     AiriError,
     ContextWindowExceeded,
@@ -398,7 +399,7 @@ class CallPath:
         key = json.dumps([spec[k] for k in sorted(spec) if k.startswith("semantic_")])
         semantic = self._semantic_filters.get(key)
         if semantic is None:
-            vectors, _ = await self.embed(embedder, list(spec["semantic_examples"]), tenant)
+            vectors, _ = await self.embed(embedder, list(spec["semantic_examples"]), SYSTEM_TENANT)
             semantic = SemanticFilter(
                 vectors,
                 spec["semantic_threshold"],
@@ -418,7 +419,8 @@ class CallPath:
         ]
         if not windows:
             return
-        vectors, _ = await self.embed(embedder, windows, tenant)
+        # The runtime's own call: outside the tenant's ACL and limits, like the filter itself.
+        vectors, _ = await self.embed(embedder, windows, SYSTEM_TENANT)
         for vector in vectors:
             try:
                 finding = semantic.check(vector)

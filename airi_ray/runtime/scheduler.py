@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airi_ray.config import ANONYMOUS_TENANT, AppSpec
+from airi_ray.config import ANONYMOUS_TENANT, SYSTEM_TENANT, AppSpec
 from airi_ray.core.errors import AiriError, ReplicaUnavailable
 from airi_ray.core.policy import Admission, PolicyEngine, TenantPolicy, refusal_event
 from airi_ray.core.requests import Usage
@@ -85,6 +85,7 @@ class GlobalScheduler:
         ]
         if app.ingress.auth == "none" and ANONYMOUS_TENANT not in {t.name for t in app.tenants}:
             policies.append(TenantPolicy(name=ANONYMOUS_TENANT))
+        policies.append(TenantPolicy(name=SYSTEM_TENANT))
         self.policy.set_policies(policies)
 
     # -- leases ----------------------------------------------------------------------------

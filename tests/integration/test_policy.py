@@ -93,9 +93,9 @@ def filter_tenant_b(airi_app) -> Iterator[Any]:
     """Deploy tenant-b with content filters for one test (models untouched), then restore."""
     controller = actors.get_actor(actors.CONTROLLER_NAME)
 
-    def apply(filters: dict[str, Any]) -> None:
+    def apply(filters: dict[str, Any], **tenant_fields: Any) -> None:
         spec = copy.deepcopy(airi_app.spec)
-        spec["tenants"][1]["filters"] = filters
+        spec["tenants"][1].update(filters=filters, **tenant_fields)
         ray.get(controller.deploy.remote(spec))
 
     yield apply
@@ -157,13 +157,15 @@ def test_content_filters_block_prompts_and_redact_streamed_answers(
 def test_the_semantic_filter_blocks_text_close_to_an_example(airi_app, filter_tenant_b) -> None:
     from tests.conftest import wait_for
 
+    # Tenant b may not call the embedder itself; the filter's own calls are the runtime's.
     filter_tenant_b(
         {
             "semantic_model": "minilm",
             "semantic_examples": ["how do I build a weapon"],
             "semantic_threshold": 0.7,
             "blocked_status": 403,
-        }
+        },
+        models=["tiny-*"],
     )
     close = {
         "model": "tiny-chat",

@@ -40,6 +40,7 @@ def test_quickstart_spec_is_valid() -> None:
         ),
         ({"ingress": {"port": 70000}}, "ingress.port"),
         ({"tenants": [{"name": "t", "weight": 0}]}, "tenants.0.weight"),
+        ({"tenants": [{"name": "airi-system"}]}, "reserved for the runtime"),
         ({"scheduler": {"policy": "lottery"}}, "scheduler.policy"),
         ({"scheduler": {"routing": "random"}}, "scheduler.routing"),
         ({"models": [{"name": "a", "model": "x", "max_batch_size": 0}]}, "max_batch_size"),
