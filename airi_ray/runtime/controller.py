@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -111,7 +112,7 @@ class Controller:
         self._save_keys()
         self.start_failures.clear()
         self.start_errors.clear()
-        await self.scheduler.configure.remote(self.spec.model_dump())
+        await self.scheduler.configure.remote(self.spec.model_dump(), self._spec_version())
         self._event(
             f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}"
         )
@@ -142,9 +143,11 @@ class Controller:
             )
         return out
 
-    def auth_config(self) -> dict[str, Any]:
+    async def auth_config(self) -> dict[str, Any]:
         """How callers authenticate: ``{"mode": "keys" | "none", "records": [...]}``, the
         key records as salted hashes (callers verify keys themselves, in constant time)."""
+        if self.spec is not None:  # restarted with a saved spec: callers poll this, so the
+            self._ensure_loop()  # reconcile loop comes back with the first of them
         records = [r.to_dict() for r in [*self._spec_keys, *self._cli_keys.records()]]
         mode = self.spec.ingress.auth if self.spec is not None else "keys"
         return {"mode": mode, "records": records}
@@ -347,7 +350,14 @@ class Controller:
         if any(r.state == "failed" for r in ready):
             await self._push_views()
 
+    def _spec_version(self) -> str:
+        return hashlib.sha256(self.spec.model_dump_json().encode()).hexdigest() if self.spec else ""
+
     async def _push_views(self) -> None:
+        if self.spec is not None:  # a restarted scheduler starts empty: configure it again
+            version = self._spec_version()
+            if await self.scheduler.needs_config.remote(version):
+                await self.scheduler.configure.remote(self.spec.model_dump(), version)
         by_model: dict[str, list[_Replica]] = {}
         for r in self.replicas.values():
             if r.state in ("loading", "ready"):

@@ -50,9 +50,15 @@ class GlobalScheduler:
         self.policy = PolicyEngine()
         self._admissions: dict[str, Admission] = {}
         self._expirer: asyncio.Task[None] | None = None
+        self.config_version: str | None = None  # of the spec last applied
 
-    def configure(self, spec: dict[str, Any]) -> None:
+    def needs_config(self, version: str) -> bool:
+        """Whether this scheduler lacks the spec ``version`` (e.g. it just restarted)."""
+        return self.config_version != version
+
+    def configure(self, spec: dict[str, Any], version: str | None = None) -> None:
         """Apply the app spec's scheduler, tenant and model routing settings."""
+        self.config_version = version
         app = AppSpec.model_validate(spec)
         s = app.scheduler
         core = self.core

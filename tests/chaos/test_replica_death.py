@@ -77,3 +77,19 @@ def ready_tiny_replicas(client) -> list[str]:
         for r in client.status()["replicas"]
         if r["model"].startswith("tiny-chat") and r["state"] == "ready"
     ]
+
+
+def test_a_restarted_scheduler_is_configured_again_and_serves(client) -> None:
+    from airi_ray.core.errors import AiriError
+
+    ray.kill(actors.get_actor(actors.SCHEDULER_NAME), no_restart=False)
+
+    def served() -> bool:
+        try:
+            return client.chat("tiny-chat", "hello", max_tokens=2).usage.completion_tokens > 0
+        except (AiriError, ray.exceptions.RayError):
+            return False
+
+    # Until the controller's next loop pushes the spec and the replica views, calls fail
+    # cleanly (no tenant policy, no replica); afterwards they are served again.
+    wait_for(served, timeout=60, what="the restarted scheduler to serve")

@@ -10,7 +10,6 @@ import httpx
 import pytest
 import ray
 
-from airi_ray.config import parse_spec
 from airi_ray.runtime import actors
 from tests.conftest import OTHER_KEY
 
@@ -19,16 +18,16 @@ CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "
 
 @pytest.fixture
 def limit_tenant_b(airi_app) -> Iterator[Any]:
-    """Apply extra policy fields to tenant-b for one test, then restore the spec."""
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    """Deploy tenant-b with extra policy fields for one test (models untouched), then restore."""
+    controller = actors.get_actor(actors.CONTROLLER_NAME)
 
     def apply(**fields: Any) -> None:
         spec = copy.deepcopy(airi_app.spec)
         spec["tenants"][1].update(fields)
-        ray.get(scheduler.configure.remote(parse_spec(spec).model_dump()))
+        ray.get(controller.deploy.remote(spec))
 
     yield apply
-    ray.get(scheduler.configure.remote(parse_spec(airi_app.spec).model_dump()))
+    ray.get(controller.deploy.remote(airi_app.spec))
 
 
 def post(app, path: str, body: dict[str, Any], key: str = OTHER_KEY) -> httpx.Response:

@@ -66,13 +66,13 @@ def test_a_full_tenant_queue_answers_429_with_retry_after(client, airi_app) -> N
 
     import httpx
 
-    from airi_ray.config import parse_spec
     from tests.conftest import OTHER_KEY, wait_for
 
     scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    controller = actors.get_actor(actors.CONTROLLER_NAME)
     spec = copy.deepcopy(airi_app.spec)
     spec["tenants"][1]["max_queued"] = 1  # tenant-b may have one request waiting
-    ray.get(scheduler.configure.remote(parse_spec(spec).model_dump()))
+    ray.get(controller.deploy.remote(spec))
     # Tenant a fills every slot (2 replicas x 4) with long streams.
     streams = [
         client.chat("tiny-chat", f"long {i}", max_tokens=900, ignore_eos=True, stream=True)
@@ -106,6 +106,6 @@ def test_a_full_tenant_queue_answers_429_with_retry_after(client, airi_app) -> N
     finally:
         for s in streams:
             s.close()
-        ray.get(scheduler.configure.remote(parse_spec(airi_app.spec).model_dump()))
+        ray.get(controller.deploy.remote(airi_app.spec))
     waiter.join(timeout=120)
     assert queued and queued[0].status_code == 200  # the queued one ran once slots freed
