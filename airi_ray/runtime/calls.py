@@ -516,17 +516,7 @@ class CallPath:
                             f"{usage.completion_tokens} tokens were sent; the request cannot "
                             "be resumed"
                         ) from e
-                    if lease.requeues + 1 >= MAX_ATTEMPTS:
-                        usage.error = "no_replica"
-                        raise ReplicaUnavailable(
-                            f"model {g.model!r}: {MAX_ATTEMPTS} replicas failed before answering"
-                        ) from e
-                    logger.warning(
-                        "replica %s died before the first token; requeued", lease.replica_id
-                    )
-                    # Back to the head of the tenant's queue, on another replica; the
-                    # scheduler takes the old lease back.
-                    lease = await self._wait(self._requeue(request.request_id), request.request_id)
+                    lease = await self._retry_elsewhere(lease, usage, e)
         except BaseException as e:
             usage.error = usage.error or type(e).__name__
             raise
@@ -559,8 +549,7 @@ class CallPath:
             priority=options.priority,
             deadline_s=options.deadline_s,
         )
-        rid = request.request_id
-        lease = await self._wait(self._acquire(request), rid)
+        lease = await self._wait(self._acquire(request), request.request_id)
         try:
             while True:
                 try:
@@ -570,12 +559,7 @@ class CallPath:
                     usage.ttft_s = time.perf_counter() - start
                     return vectors, usage
                 except (ray.exceptions.RayActorError, ReplicaDied) as e:
-                    if lease.requeues + 1 >= MAX_ATTEMPTS:
-                        usage.error = "no_replica"
-                        raise ReplicaUnavailable(
-                            f"model {model!r}: {MAX_ATTEMPTS} replicas failed before answering"
-                        ) from e
-                    lease = await self._wait(self._requeue(rid), rid)
+                    lease = await self._retry_elsewhere(lease, usage, e)
         except BaseException as e:
             usage.error = usage.error or type(e).__name__
             raise
@@ -590,6 +574,18 @@ class CallPath:
         future = self._expect_grant(request.request_id)
         self._acquires.add(request)
         return future
+
+    async def _retry_elsewhere(self, lease: Lease, usage: Usage, cause: BaseException) -> Lease:
+        """The lease's replica failed before answering: back to the head of the tenant's
+        queue, on another replica (the scheduler takes the old lease back), or give up
+        after MAX_ATTEMPTS replicas."""
+        if lease.requeues + 1 >= MAX_ATTEMPTS:
+            usage.error = "no_replica"
+            raise ReplicaUnavailable(
+                f"model {lease.model!r}: {MAX_ATTEMPTS} replicas failed before answering"
+            ) from cause
+        logger.warning("replica %s failed before answering; requeued", lease.replica_id)
+        return await self._wait(self._requeue(lease.request_id), lease.request_id)
 
     async def _requeue(self, request_id: str) -> Lease:
         """Put a request whose replica died back in the queue; wait for its new lease."""

@@ -4,7 +4,8 @@ It hands out leases (``acquire``), takes them back with usage (``release``, batc
 callers), puts requests whose replica died before their first token back at the head of
 their tenant's queue (``requeue``), keeps the replica views the controller pushes, and owns
 the runtime metrics, because every model call passes through it whatever surface it came
-from. Every decision is the core's; this class only keeps futures for waiting callers.
+from. Every decision is the core's; this class only delivers grants to waiting callers
+(one stream per caller), expires requests that wait too long, and applies tenant policy.
 """
 
 from __future__ import annotations
