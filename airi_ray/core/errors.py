@@ -50,7 +50,24 @@ class AuthenticationError(AiriError):
     code = "invalid_api_key"
 
 
-class ModelNotFound(AiriError):
+class NotFound(AiriError):
+    """No such object for this tenant (another tenant's objects are "not found" too, so
+    their ids cannot be probed)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(AiriError):
+    """An idempotency key reused for different content."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class ModelNotFound(NotFound):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"

@@ -1,0 +1,264 @@
+"""``ContextStore``: conversations and graph-run state, durable on LanceDB.
+
+A write is acknowledged only once the log has committed it. Concurrent writes are
+grouped: while one commit runs, the next writes queue up and go together in the next one
+(a LanceDB commit costs about the same for one row as for sixteen). Every write carries an
+idempotency key (conversation id and turn number; run id, step and node), so a retry of a
+write that was committed but not acknowledged is answered from the store and never
+duplicated; the same key with different content is a ``Conflict``.
+
+Reads are scoped to the tenant: another tenant's conversation or run is "not found", like
+one that does not exist, so ids cannot be probed. Everything is also held in memory
+(materialised from the log at start), so reads cost no I/O; a restarted actor reloads the
+log and serves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from airi_ray.core.errors import Conflict, InvalidRequest, NotFound
+from airi_ray.data.records import LanceRecordLog, Record, RecordLog
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+MAX_ID_CHARS = 256
+MAX_TURN_CHARS = 1_000_000
+MAX_TURNS_PER_WRITE = 256
+COMPACT_EVERY = 256  # commits between compactions of the log
+
+Identity = tuple[str, str, str, int, str]
+
+
+def _check_id(what: str, value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise InvalidRequest(f"{what} must be a string of 1 to {MAX_ID_CHARS} characters")
+    return value
+
+
+def _check_seq(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+        raise InvalidRequest(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+class ContextStore:
+    """Durable conversations (ordered turns) and graph runs (events and checkpoints).
+
+    Args:
+        uri: LanceDB storage URI (a local folder or object storage).
+        log: a record log to use instead (tests, the in-process executor).
+    """
+
+    def __init__(self, uri: str | None = None, log: RecordLog | None = None) -> None:
+        if log is None:
+            if uri is None:
+                raise ValueError("ContextStore needs a storage uri or a log")
+            log = LanceRecordLog(uri)
+        self._log = log
+        self._records: dict[Identity, Record] = {}
+        self._turns: dict[tuple[str, str], dict[int, Record]] = defaultdict(dict)
+        self._runs: dict[str, list[Record]] = defaultdict(list)  # run id -> events, checkpoints
+        self._pending: dict[Identity, tuple[Record, asyncio.Future[None]]] = {}
+        self._queue: list[Record] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.commits = 0
+        start = time.perf_counter()
+        for r in log.load():
+            self._index(r)
+        logger.info(
+            "context store: %d records loaded in %.2fs",
+            len(self._records),
+            time.perf_counter() - start,
+        )
+
+    # -- conversations ---------------------------------------------------------------------
+
+    async def append_turns(
+        self, tenant: str, conversation_id: str, turns: list[dict[str, Any]]
+    ) -> list[int]:
+        """Append turns ``{"role", "content", "seq"?}`` to a conversation; returns their
+        sequence numbers once durable. A turn with a ``seq`` already stored with the same
+        role and content is a retry and is not stored twice; one without ``seq`` gets the
+        next number.
+
+        Raises:
+            InvalidRequest: a bad id, role, content or seq.
+            Conflict: a ``seq`` already used for different content.
+        """
+        _check_id("tenant", tenant)
+        _check_id("conversation_id", conversation_id)
+        if not isinstance(turns, list) or not 0 < len(turns) <= MAX_TURNS_PER_WRITE:
+            raise InvalidRequest(f"turns must be a list of 1 to {MAX_TURNS_PER_WRITE} turns")
+        next_seq = self._next_seq(tenant, conversation_id)
+        records = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or not {"role", "content"} <= t.keys():
+                raise InvalidRequest(f"turns[{i}] must be an object with role and content")
+            if t["role"] not in ROLES:
+                raise InvalidRequest(f"turns[{i}].role must be one of {', '.join(ROLES)}")
+            content = t["content"]
+            if not isinstance(content, str) or len(content) > MAX_TURN_CHARS:
+                raise InvalidRequest(
+                    f"turns[{i}].content must be a string of at most {MAX_TURN_CHARS} characters"
+                )
+            seq = t.get("seq")
+            if seq is None:
+                seq, next_seq = next_seq, next_seq + 1
+            body = json.dumps({"content": content}, ensure_ascii=False)
+            seq = _check_seq(f"turns[{i}].seq", seq)
+            records.append(
+                Record("turn", tenant, conversation_id, seq, t["role"], body, time.time())
+            )
+        await self._write(records)
+        return [r.seq for r in records]
+
+    async def conversation(
+        self, tenant: str, conversation_id: str, last: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The conversation's turns in order (the ``last`` ones only, if given).
+
+        Raises:
+            NotFound: no such conversation for this tenant.
+        """
+        turns = self._turns.get((tenant, conversation_id))
+        if not turns:
+            raise NotFound(f"conversation {conversation_id!r} not found")
+        out = [
+            {"seq": r.seq, "role": r.name, "content": json.loads(r.body)["content"], "at": r.at}
+            for r in sorted(turns.values(), key=lambda r: r.seq)
+        ]
+        return out[-last:] if last else out
+
+    def _next_seq(self, tenant: str, conversation_id: str) -> int:
+        used = [
+            s
+            for (k, t, c, s, _n) in self._pending
+            if (k, t, c) == ("turn", tenant, conversation_id)
+        ]
+        return max([*self._turns.get((tenant, conversation_id), {}), *used], default=-1) + 1
+
+    # -- graph runs ------------------------------------------------------------------------
+
+    async def run_event(self, tenant: str, run_id: str, seq: int, event: dict[str, Any]) -> None:
+        """Record a run's event (started with its graph and inputs, finished, failed...)."""
+        await self._write([self._run_record("run", tenant, run_id, seq, "event", event)])
+
+    async def checkpoint(
+        self, tenant: str, run_id: str, step: int, node: str, data: dict[str, Any]
+    ) -> None:
+        """Record a node's completion: its output and the run state after it."""
+        await self._write([self._run_record("checkpoint", tenant, run_id, step, node, data)])
+
+    async def run(self, tenant: str, run_id: str) -> dict[str, Any]:
+        """A run's events and checkpoints, in order.
+
+        Raises:
+            NotFound: no such run for this tenant.
+        """
+        records = self._runs.get(run_id)
+        if not records or records[0].tenant != tenant:
+            raise NotFound(f"run {run_id!r} not found")
+        events = [json.loads(r.body) for r in records if r.kind == "run"]
+        checkpoints = [
+            {"step": r.seq, "node": r.name, **json.loads(r.body)}
+            for r in records
+            if r.kind == "checkpoint"
+        ]
+        return {"run_id": run_id, "events": events, "checkpoints": checkpoints}
+
+    def _run_record(
+        self, kind: str, tenant: str, run_id: str, seq: int, name: str, data: dict[str, Any]
+    ) -> Record:
+        _check_id("tenant", tenant)
+        _check_id("run_id", run_id)
+        owner = self._runs.get(run_id)
+        if owner and owner[0].tenant != tenant:
+            raise NotFound(f"run {run_id!r} not found")
+        body = json.dumps(data, ensure_ascii=False, default=str)
+        return Record(kind, tenant, run_id, _check_seq("seq", seq), name, body, time.time())
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def _write(self, records: list[Record]) -> None:
+        """Queue ``records`` for the next group commit and wait until it is durable."""
+        waits = []
+        new: list[tuple[Record, asyncio.Future[None]]] = []
+        for r in records:
+            done = self._records.get(r.identity)
+            if done is None:
+                pending = self._pending.get(r.identity)
+                if pending is not None:
+                    done = pending[0]
+                    waits.append(pending[1])
+            if done is not None:
+                if done.body != r.body:
+                    raise Conflict(
+                        f"{r.kind} {r.key!r} #{r.seq} {r.name!r} is already stored with "
+                        "different content; a retry must resend the same content"
+                    )
+                continue
+            if any(r.identity == n.identity for n, _ in new):
+                raise InvalidRequest(f"{r.kind} #{r.seq} {r.name!r} appears twice in one write")
+            new.append((r, asyncio.get_running_loop().create_future()))
+        for r, fut in new:
+            self._pending[r.identity] = (r, fut)
+            self._queue.append(r)
+            waits.append(fut)
+        if new and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.get_running_loop().create_task(self._commit_loop())
+        if waits:
+            await asyncio.gather(*[asyncio.shield(f) for f in waits])
+
+    async def _commit_loop(self) -> None:
+        """Commit what is queued, one group per commit, until the queue is empty."""
+        while self._queue:
+            group, self._queue = self._queue, []
+            try:
+                await asyncio.to_thread(self._log.append, group)
+            except Exception as e:  # not durable: fail these writes, keep serving
+                logger.exception("context store commit of %d records failed", len(group))
+                for r in group:
+                    _, fut = self._pending.pop(r.identity)
+                    fut.set_exception(RuntimeError(f"the context store could not commit: {e}"))
+                continue
+            for r in group:
+                self._index(r)
+                _, fut = self._pending.pop(r.identity)
+                fut.set_result(None)
+            self.commits += 1
+            if self.commits % COMPACT_EVERY == 0:
+                await self._compact()
+
+    async def _compact(self) -> None:
+        try:
+            await asyncio.to_thread(self._log.compact)
+        except Exception:  # compaction only saves space; the data is safe without it
+            logger.exception("context store compaction failed")
+
+    def _index(self, r: Record) -> None:
+        self._records[r.identity] = r
+        if r.kind == "turn":
+            self._turns[(r.tenant, r.key)][r.seq] = r
+        elif r.kind in ("run", "checkpoint"):
+            self._runs[r.key].append(r)
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "records": len(self._records),
+            "conversations": len(self._turns),
+            "runs": len(self._runs),
+            "commits": self.commits,
+            "pending": len(self._pending),
+        }
+
+    async def ping(self) -> bool:
+        return True

@@ -1,0 +1,126 @@
+"""The context store's contract, run against both record logs (LanceDB and memory)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airi_ray.core.errors import Conflict, InvalidRequest, NotFound
+from airi_ray.data.records import LanceRecordLog, MemoryRecordLog, RecordLog
+from airi_ray.runtime.context_store import ContextStore
+
+
+@pytest.fixture(params=["lance", "memory"])
+def make_log(request: Any, tmp_path: Path) -> Any:
+    memory = MemoryRecordLog()
+
+    def make() -> RecordLog:
+        # A new log object over the same storage: what a restarted actor sees.
+        return LanceRecordLog(str(tmp_path / "state")) if request.param == "lance" else memory
+
+    return make
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_turns_are_ordered_and_survive_a_restart(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+    seqs = run(store.append_turns("t1", "c1", [{"role": "user", "content": "hi"}]))
+    seqs += run(store.append_turns("t1", "c1", [{"role": "assistant", "content": "hello"}]))
+    assert seqs == [0, 1]
+    again = ContextStore(log=make_log())
+    turns = run(again.conversation("t1", "c1"))
+    assert [(t["seq"], t["role"], t["content"]) for t in turns] == [
+        (0, "user", "hi"),
+        (1, "assistant", "hello"),
+    ]
+    assert [t["content"] for t in run(again.conversation("t1", "c1", last=1))] == ["hello"]
+
+
+def test_a_retried_write_is_stored_once(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+    turn = {"role": "user", "content": "hi", "seq": 7}
+    run(store.append_turns("t1", "c1", [turn]))
+    assert run(store.append_turns("t1", "c1", [turn])) == [7]
+    restarted = ContextStore(log=make_log())
+    assert run(restarted.append_turns("t1", "c1", [turn])) == [7]
+    assert len(run(restarted.conversation("t1", "c1"))) == 1
+    with pytest.raises(Conflict, match="different content"):
+        run(restarted.append_turns("t1", "c1", [{**turn, "content": "other"}]))
+
+
+def test_concurrent_writes_are_grouped_and_all_durable(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+
+    async def burst() -> None:
+        await asyncio.gather(
+            *[
+                store.append_turns(
+                    "t1", f"c{i % 8}", [{"role": "user", "content": f"m{i}", "seq": i}]
+                )
+                for i in range(200)
+            ]
+        )
+
+    run(burst())
+    assert store.commits < 200  # grouped
+    restarted = ContextStore(log=make_log())
+    got = sorted(t["content"] for i in range(8) for t in run(restarted.conversation("t1", f"c{i}")))
+    assert got == sorted(f"m{i}" for i in range(200))
+
+
+def test_tenants_cannot_see_each_other(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+    run(store.append_turns("t1", "c1", [{"role": "user", "content": "secret"}]))
+    with pytest.raises(NotFound, match="'c1' not found"):
+        run(store.conversation("t2", "c1"))
+    # The same conversation id under another tenant is another conversation.
+    run(store.append_turns("t2", "c1", [{"role": "user", "content": "mine"}]))
+    assert [t["content"] for t in run(store.conversation("t2", "c1"))] == ["mine"]
+    run(store.run_event("t1", "r1", 0, {"status": "started"}))
+    with pytest.raises(NotFound):
+        run(store.run("t2", "r1"))
+    with pytest.raises(NotFound):
+        run(store.checkpoint("t2", "r1", 0, "a", {"x": 1}))
+
+
+def test_run_events_and_checkpoints(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+    run(store.run_event("t1", "r1", 0, {"status": "started", "graph": "g"}))
+    run(store.checkpoint("t1", "r1", 0, "a", {"output": {"x": 1}}))
+    run(store.checkpoint("t1", "r1", 0, "a", {"output": {"x": 1}}))  # a retry
+    run(store.checkpoint("t1", "r1", 1, "b", {"output": {"y": 2}}))
+    got = run(ContextStore(log=make_log()).run("t1", "r1"))
+    assert got["events"] == [{"status": "started", "graph": "g"}]
+    assert [(c["step"], c["node"], c["output"]) for c in got["checkpoints"]] == [
+        (0, "a", {"x": 1}),
+        (1, "b", {"y": 2}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("turns", "message"),
+    [
+        ([], "1 to 256 turns"),
+        ([{"role": "robot", "content": "x"}], "role must be one of"),
+        ([{"role": "user"}], "role and content"),
+        ([{"role": "user", "content": 5}], "content must be a string"),
+        ([{"role": "user", "content": "x", "seq": -1}], "non-negative integer"),
+        ([{"role": "user", "content": "x", "seq": 1}] * 2, "twice"),
+    ],
+)
+def test_bad_turns_are_refused_and_nothing_is_written(
+    make_log: Any, turns: list[Any], message: str
+) -> None:
+    store = ContextStore(log=make_log())
+    with pytest.raises(InvalidRequest, match=message):
+        run(store.append_turns("t1", "c1", turns))
+    with pytest.raises(NotFound):
+        run(store.conversation("t1", "c1"))
+    with pytest.raises(InvalidRequest, match="conversation_id"):
+        run(store.append_turns("t1", "", [{"role": "user", "content": "x"}]))
