@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,13 +29,23 @@ import ray
 
 from airi_ray import env
 from airi_ray.config import ANONYMOUS_TENANT, AppSpec, load_spec, parse_spec
-from airi_ray.core.errors import AuthenticationError, InvalidRequest
+from airi_ray.core.errors import AuthenticationError, InvalidRequest, ReplicaUnavailable
+from airi_ray.core.graph import CompiledGraph
 from airi_ray.core.policy import KeyRecord, KeyRing
-from airi_ray.core.requests import CallOptions, GenerationParams, Usage, parse_messages
-from airi_ray.runtime import CONTROLLER_NAME, NAMESPACE, actors
-from airi_ray.runtime.calls import Cached, CallPath, Generation
+from airi_ray.core.requests import CallOptions, Usage, generation_params, parse_messages
+from airi_ray.runtime import (
+    CONTEXT_STORE_NAME,
+    CONTROLLER_NAME,
+    GRAPH_EXECUTOR_NAME,
+    NAMESPACE,
+    SCHEDULER_NAME,
+    actors,
+)
+from airi_ray.runtime.calls import Cached, CallPath, Generation, unwrap_error
+from airi_ray.runtime.graph_executor import GRAPHS_KEY
 
 KEYS_TTL_S = 2.0
+RESUME_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -60,16 +71,6 @@ OPTION_NAMES = ("priority", "deadline_s", "session_id")
 def _options(kwargs: dict[str, Any]) -> CallOptions:
     """Take the scheduling options (priority, deadline_s, session_id) out of ``kwargs``."""
     return CallOptions(**{k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs})
-
-
-def _params(kwargs: dict[str, Any]) -> GenerationParams:
-    stop = kwargs.pop("stop", None)
-    try:
-        return GenerationParams(
-            stop=tuple([stop] if isinstance(stop, str) else stop or ()), **kwargs
-        )
-    except TypeError as e:
-        raise InvalidRequest(f"unknown generation argument: {e}") from None
 
 
 class AsyncClient:
@@ -127,7 +128,7 @@ class AsyncClient:
             messages = [{"role": "user", "content": messages}]
         options = _options(params)
         return await self._path.chat(
-            model, parse_messages(messages), _params(params), tenant, options
+            model, parse_messages(messages), generation_params(params), tenant, options
         )
 
     async def completion_generation(
@@ -135,7 +136,7 @@ class AsyncClient:
     ) -> Generation:
         tenant = tenant or await self.tenant_for(self.api_key)
         options = _options(params)
-        return await self._path.complete(model, prompt, _params(params), tenant, options)
+        return await self._path.complete(model, prompt, generation_params(params), tenant, options)
 
     async def chat(self, model: str, messages: Any, **params: Any) -> Completion:
         """Chat and wait for the whole answer."""
@@ -169,6 +170,120 @@ class AsyncClient:
         texts = [texts] if isinstance(texts, str) else texts
         options = CallOptions(priority=priority, deadline_s=deadline_s)
         return await self._path.embed(model, texts, tenant, options)
+
+    # -- graphs ------------------------------------------------------------------------
+
+    async def register_graph(self, graph: CompiledGraph) -> dict[str, Any]:
+        """Register (or replace) a compiled graph on the cluster; returns its description."""
+        blob = pickle_graph(graph)
+        return await _ask(actors.get_or_start_graph_executor().register.remote(blob))
+
+    async def start_run(
+        self, graph: str, input: dict[str, Any], tenant: str | None = None, **options: Any
+    ) -> str:
+        """Start a run of ``graph``; ``options``: priority, token_budget, deadline_s, run_id."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        run_id = options.pop("run_id", None)
+        ref = _executor().start.remote(tenant, graph, input, options, run_id)
+        return str(await _ask(ref))
+
+    async def wait_run(
+        self, run_id: str, tenant: str | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """The run's result once it ends. If the executor dies meanwhile, the run is
+        resumed from its checkpoints when the executor is back."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        for _ in range(RESUME_ATTEMPTS):
+            try:
+                return await _ask(_executor().wait.remote(tenant, run_id, timeout_s))
+            except ray.exceptions.RayActorError:
+                await _ask(_executor().resume.remote(tenant, run_id))
+        raise ReplicaUnavailable(f"the graph executor kept failing while running {run_id!r}")
+
+    async def run_graph(
+        self, graph: str, input: dict[str, Any], tenant: str | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """Run ``graph`` on ``input`` and return its result: ``status``, the final
+        ``state``, ``usage``, the edges it took (``trail``) and any ``error``."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        run_id = await self.start_run(graph, input, tenant, **options)
+        return await self.wait_run(run_id, tenant)
+
+    async def stream_graph(
+        self, graph: str, input: dict[str, Any], tenant: str | None = None, **options: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run ``graph``, yielding events as nodes start and finish, then the run's end."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        run_id = await self.start_run(graph, input, tenant, **options)
+        gen = _executor().events.options(num_returns="streaming").remote(tenant, run_id)
+        async for ref in gen:
+            yield await _ask(ref)
+
+    async def get_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """The run's result so far (or its recorded end, after an executor restart)."""
+        return await self.wait_run(run_id, tenant, timeout_s=0)
+
+    async def cancel_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
+        tenant = tenant or await self.tenant_for(self.api_key)
+        return await _ask(_executor().cancel.remote(tenant, run_id))
+
+    async def resume_run(self, run_id: str, tenant: str | None = None) -> str:
+        """Continue a run from its last checkpoints (completed nodes are not run again)."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        return str(await _ask(_executor().resume.remote(tenant, run_id)))
+
+    async def graphs(self) -> list[dict[str, Any]]:
+        return await _ask(_executor().graphs.remote())
+
+    # -- conversations -------------------------------------------------------------------
+
+    async def append_turns(
+        self, conversation_id: str, turns: list[dict[str, Any]], tenant: str | None = None
+    ) -> list[int]:
+        """Append ``{"role", "content", "seq"?}`` turns durably; returns their numbers."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        store = actors.get_actor(CONTEXT_STORE_NAME)
+        return list(await _ask(store.append_turns.remote(tenant, conversation_id, turns)))
+
+    async def conversation(
+        self, conversation_id: str, tenant: str | None = None, last: int | None = None
+    ) -> list[dict[str, Any]]:
+        tenant = tenant or await self.tenant_for(self.api_key)
+        store = actors.get_actor(CONTEXT_STORE_NAME)
+        return list(await _ask(store.conversation.remote(tenant, conversation_id, last)))
+
+
+def _executor() -> Any:
+    return actors.get_actor(GRAPH_EXECUTOR_NAME)
+
+
+async def _ask(ref: Any) -> Any:
+    """Await an actor call; an airi error raised inside arrives as itself."""
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as e:
+        cause = unwrap_error(e)
+        if cause is not e:
+            raise cause from None
+        raise
+
+
+def pickle_graph(graph: CompiledGraph) -> bytes:
+    """Pickle a graph for the executor. Functions from the user's own modules (not
+    installed packages) travel by value, so the executor needs no copy of that code."""
+    import cloudpickle
+
+    fns = [n.action for n in graph.nodes.values()]
+    fns += [getattr(n.action, "build", None) for n in graph.nodes.values()]
+    fns += [b.router for b in graph.branches]
+    for fn in fns:
+        name = getattr(fn, "__module__", None) or ""
+        module = sys.modules.get(name)
+        where = getattr(module, "__file__", None) or ""
+        if module is None or name.startswith("airi_ray") or "-packages" in where or not where:
+            continue
+        cloudpickle.register_pickle_by_value(module)
+    return bytes(cloudpickle.dumps(graph))
 
 
 async def _collect(g: Generation) -> Completion:
@@ -220,7 +335,7 @@ class Client:
     def status(self) -> dict[str, Any]:
         """Models, replicas and recent events, with each model's queue and routing counts."""
         status: dict[str, Any] = ray.get(self._controller.status.remote())
-        scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+        scheduler = actors.get_actor(SCHEDULER_NAME)
         status["scheduler"] = ray.get(scheduler.snapshot.remote())
         return status
 
@@ -240,6 +355,41 @@ class Client:
                     return
         finally:
             self._run(it.aclose())
+
+    def register_graph(self, graph: CompiledGraph) -> dict[str, Any]:
+        """Register (or replace) a compiled graph; see ``airi_ray.graphs``."""
+        return self._run(self.aio.register_graph(graph))
+
+    def run_graph(self, graph: str, input: dict[str, Any], **options: Any) -> dict[str, Any]:
+        """Run a graph and return its result (``status``, ``state``, ``usage``, ``trail``).
+        ``options``: priority, token_budget, deadline_s, run_id."""
+        return self._run(self.aio.run_graph(graph, input, **options))
+
+    def stream_graph(self, graph: str, input: dict[str, Any], **options: Any) -> Iterator[Any]:
+        """Run a graph, yielding node events (``node_started``, ``node_finished``) and the
+        run's end (``run_finished``, ``run_failed``...)."""
+        return self._iterate(self.aio.stream_graph(graph, input, **options))
+
+    def start_run(self, graph: str, input: dict[str, Any], **options: Any) -> str:
+        return self._run(self.aio.start_run(graph, input, **options))
+
+    def wait_run(self, run_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        return self._run(self.aio.wait_run(run_id, timeout_s=timeout_s))
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        return self._run(self.aio.get_run(run_id))
+
+    def cancel_run(self, run_id: str) -> dict[str, Any]:
+        return self._run(self.aio.cancel_run(run_id))
+
+    def resume_run(self, run_id: str) -> str:
+        return self._run(self.aio.resume_run(run_id))
+
+    def append_turns(self, conversation_id: str, turns: list[dict[str, Any]]) -> list[int]:
+        return self._run(self.aio.append_turns(conversation_id, turns))
+
+    def conversation(self, conversation_id: str, last: int | None = None) -> list[dict[str, Any]]:
+        return self._run(self.aio.conversation(conversation_id, last=last))
 
     def close(self) -> None:
         """Close the streams to the scheduler and replicas, then stop the loop thread."""
@@ -299,7 +449,10 @@ def shutdown() -> None:
         serve.shutdown()
     except Exception:
         pass
-    for name in (CONTROLLER_NAME, actors.SCHEDULER_NAME):
+    for key in ray.experimental.internal_kv._internal_kv_list(GRAPHS_KEY):
+        ray.experimental.internal_kv._internal_kv_del(key)
+    names = (CONTROLLER_NAME, SCHEDULER_NAME, GRAPH_EXECUTOR_NAME, CONTEXT_STORE_NAME)
+    for name in names:
         try:
             handle = actors.get_actor(name)
         except ValueError:

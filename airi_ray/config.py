@@ -161,6 +161,11 @@ class TenantSpec(_Spec):
         description="Models this tenant may call, as glob patterns (e.g. `tiny-*`); empty: all. "
         "Any other model answers 403.",
     )
+    graphs: list[str] = Field(
+        default_factory=list,
+        description="Graphs this tenant may run, as glob patterns; empty: all. Any other "
+        "graph answers 403. The models a graph calls are checked against `models` too.",
+    )
     rpm: int | None = Field(None, ge=1, description="Requests per minute before 429.")
     tpm: int | None = Field(
         None, ge=1, description="Tokens (prompt + completion) per minute before 429."
@@ -243,6 +248,95 @@ class IngressSpec(_Spec):
     )
 
 
+class StorageSpec(_Spec):
+    uri: str | None = Field(
+        None,
+        description="Where durable state (conversations, graph runs) lives: a LanceDB URI, a "
+        "local folder on one machine or object storage (`s3://...`, `gs://...`) on a cluster. "
+        "Default: `AIRI_STORAGE_URI`, else `state/` under the airi cache folder.",
+    )
+
+    def resolved_uri(self) -> str:
+        from airi_ray import env
+
+        return self.uri or env.storage_uri()
+
+
+FUNCTION_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class GraphFieldSpec(_Spec):
+    reducer: Literal["replace", "append", "add", "merge"] = Field(
+        "replace", description="How a node's write merges into the field."
+    )
+    default: Any = Field(None, description="The field's value before any node writes it.")
+
+
+class GraphNodeSpec(_Spec):
+    name: str = Field(pattern=NAME_PATTERN, description="Node name.")
+    function: str | None = Field(
+        None,
+        pattern=FUNCTION_PATTERN,
+        description="A Python node: `module:function`, called with the node's view of the "
+        "state (and a run context if it takes two arguments); returns the fields it writes.",
+    )
+    model: str | None = Field(None, description="A model-call node: the deployed model.")
+    call: Literal["chat", "complete", "embed"] = Field("chat", description="Kind of model call.")
+    prompt: str | None = Field(
+        None,
+        description="Model-call input: a template over the node's reads, e.g. `Answer: {question}`"
+        " (for `embed`, the text to embed).",
+    )
+    output: str | None = Field(None, description="Field that receives the model's answer.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Generation parameters.")
+    reads: list[str] = Field(default_factory=list, description="Fields the node sees.")
+    writes: list[str] = Field(default_factory=list, description="Fields a Python node writes.")
+    max_attempts: int = Field(1, ge=1, le=10, description="Attempts before the node fails.")
+    timeout_s: float | None = Field(None, gt=0, description="Per-attempt timeout.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> GraphNodeSpec:
+        if (self.function is None) == (self.model is None):
+            raise ValueError(f"node {self.name!r} needs exactly one of `function` or `model`")
+        if self.model is not None and (self.prompt is None or self.output is None):
+            raise ValueError(f"model node {self.name!r} needs `prompt` and `output`")
+        return self
+
+
+class GraphEdgeSpec(_Spec):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    source: str | list[str] = Field(
+        alias="from", description="Node(s) the edge leaves; `start` for the entry."
+    )
+    to: str | None = Field(None, description="Target node, or `end`.")
+    router: str | None = Field(
+        None, pattern=FUNCTION_PATTERN, description="Conditional edge: `module:function`."
+    )
+    paths: dict[str, str] = Field(default_factory=dict, description="Router key -> node.")
+    reads: list[str] = Field(default_factory=list, description="Fields the router sees.")
+    max_iterations: int | None = Field(None, ge=1, description="Bound of a loop through it.")
+    exit: str | None = Field(None, description="Path taken once the bound is reached.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> GraphEdgeSpec:
+        if (self.to is None) == (self.router is None):
+            raise ValueError("an edge needs exactly one of `to` or `router` (with `paths`)")
+        if self.router is not None and not self.paths:
+            raise ValueError("a conditional edge needs `paths`")
+        return self
+
+
+class GraphSpec(_Spec):
+    """A graph declared in the spec; Python functions are referred to as `module:function`."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Graph name.")
+    state: dict[str, GraphFieldSpec] = Field(description="The shared state's fields.")
+    inputs: list[str] = Field(default_factory=list, description="Fields given at the start.")
+    nodes: list[GraphNodeSpec] = Field(min_length=1, description="The nodes.")
+    edges: list[GraphEdgeSpec] = Field(min_length=1, description="Edges and conditional edges.")
+
+
 class AppSpec(_Spec):
     """Everything one airi app deploys."""
 
@@ -251,12 +345,15 @@ class AppSpec(_Spec):
     tenants: list[TenantSpec] = Field(default_factory=list, description="Tenants and keys.")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     ingress: IngressSpec = Field(default_factory=IngressSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    graphs: list[GraphSpec] = Field(default_factory=list, description="Graphs of model calls.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppSpec:
         for what, names in (
             ("model", [m.name for m in self.models]),
             ("tenant", [t.name for t in self.tenants]),
+            ("graph", [g.name for g in self.graphs]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:

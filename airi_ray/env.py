@@ -18,3 +18,8 @@ def cache_dir() -> Path:
 def api_key() -> str | None:
     """Default API key of the Python client and the CLI (``AIRI_API_KEY``)."""
     return os.environ.get("AIRI_API_KEY") or None
+
+
+def storage_uri() -> str:
+    """Default LanceDB URI of durable state (``AIRI_STORAGE_URI``; else under the cache)."""
+    return os.environ.get("AIRI_STORAGE_URI") or str(cache_dir() / "state")

@@ -50,7 +50,7 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "c
 
 
 @pytest.fixture(scope="session")
-def airi_app() -> Iterator[App]:
+def airi_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     import ray
 
     import airi_ray as airi
@@ -84,6 +84,7 @@ def airi_app() -> Iterator[App]:
             {"name": "tenant-b", "api_keys": [OTHER_KEY]},
         ],
         "ingress": {"port": port, "max_body_bytes": 65536},
+        "storage": {"uri": str(tmp_path_factory.mktemp("state"))},
     }
     ray.init(
         num_cpus=4,

@@ -51,6 +51,22 @@ class GenerationParams:
         }
 
 
+def generation_params(kwargs: dict[str, Any]) -> GenerationParams:
+    """``GenerationParams`` from keyword arguments (``stop`` may be one string).
+
+    Raises:
+        InvalidRequest: an unknown argument or a bad value.
+    """
+    kwargs = dict(kwargs)
+    stop = kwargs.pop("stop", None)
+    try:
+        return GenerationParams(
+            stop=tuple([stop] if isinstance(stop, str) else stop or ()), **kwargs
+        )
+    except TypeError as e:
+        raise InvalidRequest(f"unknown generation argument: {e}") from None
+
+
 # Priority classes of a call, most urgent first.
 PRIORITIES: tuple[str, ...] = ("interactive", "batch")
 

@@ -8,3 +8,5 @@ the replica, release), shared by the client, the ingress and, later, graphs.
 NAMESPACE = "airi"
 CONTROLLER_NAME = "airi-controller"
 SCHEDULER_NAME = "airi-scheduler"
+CONTEXT_STORE_NAME = "airi-context-store"
+GRAPH_EXECUTOR_NAME = "airi-graph-executor"

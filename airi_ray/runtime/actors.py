@@ -1,6 +1,7 @@
 """The one place ``ray.remote`` is applied, with options taken from the app spec.
 
-The actor classes (``ModelReplica``, ``GlobalScheduler``, ``Controller``) are plain Python
+The actor classes (``ModelReplica``, ``GlobalScheduler``, ``Controller``, ``ContextStore``,
+``GraphExecutor``) are plain Python
 classes; this module turns them into named Ray actors and finds them again.
 """
 
@@ -11,7 +12,13 @@ from typing import Any
 import ray
 
 from airi_ray.config import ModelSpec
-from airi_ray.runtime import CONTROLLER_NAME, NAMESPACE, SCHEDULER_NAME
+from airi_ray.runtime import (
+    CONTEXT_STORE_NAME,
+    CONTROLLER_NAME,
+    GRAPH_EXECUTOR_NAME,
+    NAMESPACE,
+    SCHEDULER_NAME,
+)
 
 # Async actors: thousands of concurrent calls (waiting acquires, open channels) are normal.
 _MAX_CONCURRENCY = 10_000
@@ -46,8 +53,9 @@ def start_replica(replica_id: str, spec: ModelSpec) -> Any:
     return cls.remote(replica_id, spec.model_dump())
 
 
-def _singleton(cls: type, name: str) -> Any:
-    """A detached, named, restarting actor: created once per cluster, found afterwards."""
+def _singleton(cls: type, name: str, *args: Any) -> Any:
+    """A detached, named, restarting actor: created once per cluster, found afterwards.
+    A restarted actor gets the same ``args`` again."""
     return (
         ray.remote(cls)
         .options(
@@ -59,7 +67,7 @@ def _singleton(cls: type, name: str) -> Any:
             max_restarts=-1,
             max_concurrency=_MAX_CONCURRENCY,
         )
-        .remote()
+        .remote(*args)
     )
 
 
@@ -73,6 +81,18 @@ def get_or_start_controller() -> Any:
     from airi_ray.runtime.controller import Controller
 
     return _singleton(Controller, CONTROLLER_NAME)
+
+
+def get_or_start_context_store(uri: str) -> Any:
+    from airi_ray.runtime.context_store import ContextStore
+
+    return _singleton(ContextStore, CONTEXT_STORE_NAME, uri)
+
+
+def get_or_start_graph_executor() -> Any:
+    from airi_ray.runtime.graph_executor import GraphExecutor
+
+    return _singleton(GraphExecutor, GRAPH_EXECUTOR_NAME)
 
 
 def get_actor(name: str) -> Any:

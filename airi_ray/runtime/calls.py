@@ -69,7 +69,7 @@ def _load_tokenizer(source: str) -> Any:
     return AutoTokenizer.from_pretrained(resolve_model_source(source))
 
 
-def _unwrap(e: BaseException) -> BaseException:
+def unwrap_error(e: BaseException) -> BaseException:
     """The user-facing error inside a Ray task error, if there is one."""
     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, AiriError):
         return e.cause
@@ -324,7 +324,11 @@ class CallPath:
         params: GenerationParams,
         tenant: str,
         options: CallOptions = DEFAULT_OPTIONS,
+        cap: Callable[[int], int] | None = None,
     ) -> Generation:
+        """Start a chat generation (iterate it to run it). ``cap`` maps the prompt's length
+        to the most output tokens allowed (a graph run's token budget).
+        """
         info = await self.model(model, "generate")
         if getattr(info.tokenizer, "chat_template", None) is None:
             raise InvalidRequest(f"model {model!r} has no chat template; use completions instead")
@@ -345,7 +349,7 @@ class CallPath:
         )
         if not isinstance(ids, list):  # transformers may return a BatchEncoding
             ids = list(ids["input_ids"])
-        return self._generation(info, list(ids), params, tenant, options, filters)
+        return self._generation(info, list(ids), params, tenant, options, filters, cap)
 
     async def complete(
         self,
@@ -354,6 +358,7 @@ class CallPath:
         params: GenerationParams,
         tenant: str,
         options: CallOptions = DEFAULT_OPTIONS,
+        cap: Callable[[int], int] | None = None,
     ) -> Generation:
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string")
@@ -362,7 +367,7 @@ class CallPath:
         await self._semantic_check(tenant, model, [prompt])
         prompt = self._filter_input(filters, prompt, "prompt", tenant, model)
         ids = info.tokenizer(prompt)["input_ids"]
-        return self._generation(info, list(ids), params, tenant, options, filters)
+        return self._generation(info, list(ids), params, tenant, options, filters, cap)
 
     # -- content filters ---------------------------------------------------------------
 
@@ -455,11 +460,14 @@ class CallPath:
         tenant: str,
         options: CallOptions,
         filters: FilterSet | None = None,
+        cap: Callable[[int], int] | None = None,
     ) -> Generation:
         assert info.max_model_len is not None
         max_tokens = resolve_max_tokens(
             info.name, len(prompt_ids), params.max_tokens, info.max_model_len
         )
+        if cap is not None:
+            max_tokens = min(max_tokens, cap(len(prompt_ids)))
         g = Generation(request_id=f"req-{uuid.uuid4().hex}", model=info.name)
         g.usage.prompt_tokens = len(prompt_ids)
         request = AcquireRequest(
@@ -594,7 +602,7 @@ class CallPath:
             lease = await self._scheduler.requeue.remote(self.caller_id, request_id)
         except ray.exceptions.RayTaskError as e:
             self._pending.pop(request_id, None)
-            raise _unwrap(e) from None
+            raise unwrap_error(e) from None
         if lease is not None:
             self._pending.pop(request_id, None)
             return lease
@@ -626,7 +634,7 @@ class CallPath:
         try:
             results = await self._scheduler.acquire.remote(self.caller_id, requests)
         except Exception as e:
-            self._resolve([(r.request_id, _unwrap(e)) for r in requests])
+            self._resolve([(r.request_id, unwrap_error(e)) for r in requests])
             return
         self._resolve(
             [(r.request_id, x) for r, x in zip(requests, results, strict=True) if x is not None]

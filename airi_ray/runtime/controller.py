@@ -113,6 +113,9 @@ class Controller:
         self.start_failures.clear()
         self.start_errors.clear()
         await self.scheduler.configure.remote(self.spec.model_dump(), self._spec_version())
+        # Durable state first: the executor finds the store when it starts.
+        await actors.get_or_start_context_store(self.spec.storage.resolved_uri()).ping.remote()
+        actors.get_or_start_graph_executor()
         self._event(
             f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}"
         )
@@ -156,6 +159,11 @@ class Controller:
         """Each tenant's content filters (``FilterSpec`` dicts), for callers to apply."""
         tenants = self.spec.tenants if self.spec is not None else []
         return {t.name: t.filters.model_dump() for t in tenants if t.filters is not None}
+
+    def graph_acl(self) -> dict[str, list[str]]:
+        """The graphs each tenant may run (glob patterns; a missing tenant may run all)."""
+        tenants = self.spec.tenants if self.spec is not None else []
+        return {t.name: t.graphs for t in tenants if t.graphs}
 
     def create_key(self, tenant: str) -> dict[str, Any]:
         """Issue a key for ``tenant``; the key itself is returned once and never stored.

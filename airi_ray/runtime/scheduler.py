@@ -283,6 +283,11 @@ class GlobalScheduler:
                 "queue_depth": self.core.queue_depth(m),
                 "in_flight": self.core.in_flight(m),
                 "routes": stats[m].routes if m in stats else {},
+                "tenants": (
+                    {t: dataclasses.asdict(x) for t, x in stats[m].tenants.items()}
+                    if m in stats
+                    else {}
+                ),
                 "replicas": [dataclasses.asdict(r) for r in self.core.replicas(m)],
             }
             for m in sorted(self.core.models())

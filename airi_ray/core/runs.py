@@ -1,0 +1,131 @@
+"""A graph run's identity and its limits: tenant, priority, token budget, deadline.
+
+Every model call in a run inherits the run's identity. Two decisions live here:
+
+- the token budget: the run's calls together may spend at most ``token_budget`` tokens
+  (prompt and completion). A call's output is capped by what is left, and once nothing is
+  left the run stops with ``RunBudgetExceeded``;
+- the deadline split: a run with an end-to-end deadline gives each call the share of the
+  remaining time that leaves as much to every model call still ahead on the longest path,
+  so the scheduler orders the call by a deadline that keeps the whole run on time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from airi_ray.core.errors import AiriError, InvalidRequest
+from airi_ray.core.requests import PRIORITIES
+
+MAX_RUN_DEADLINE_S = 86_400.0
+
+
+class RunBudgetExceeded(AiriError):
+    """The run spent its token budget."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "run_budget_exceeded"
+
+
+class RunDeadlineExceeded(AiriError):
+    status = 504
+    type = "timeout"
+    code = "run_deadline_exceeded"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a caller chooses for a run; validated here, so every surface answers alike.
+
+    Attributes:
+        priority: the priority class of every call in the run.
+        token_budget: tokens (prompt + completion) all calls together may spend; None: no cap.
+        deadline_s: seconds from the start by which the run should finish; None: none.
+    """
+
+    priority: str = "interactive"
+    token_budget: int | None = None
+    deadline_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.priority not in PRIORITIES:
+            raise InvalidRequest(
+                f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}"
+            )
+        b = self.token_budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise InvalidRequest(f"token_budget must be a positive integer, got {b!r}")
+        d = self.deadline_s
+        if d is not None and (
+            isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d <= MAX_RUN_DEADLINE_S
+        ):
+            raise InvalidRequest(
+                f"deadline_s must be a number of seconds in (0, {MAX_RUN_DEADLINE_S:.0f}], got {d!r}"
+            )
+
+
+@dataclass
+class RunLimits:
+    """The budget and deadline of one run, as it goes.
+
+    Args:
+        options: the run's options.
+        started_at: the run's start on the caller's monotonic clock.
+    """
+
+    options: RunOptions
+    started_at: float
+    spent: int = 0
+    calls: int = 0
+    per_model: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def remaining(self) -> int | None:
+        b = self.options.token_budget
+        return None if b is None else max(b - self.spent, 0)
+
+    def check(self, now: float) -> None:
+        """Raise if the run may not make another call."""
+        if self.remaining == 0:
+            raise RunBudgetExceeded(
+                f"the run spent its token budget of {self.options.token_budget} tokens "
+                f"({self.spent} tokens over {self.calls} calls)"
+            )
+        d = self.options.deadline_s
+        if d is not None and now - self.started_at >= d:
+            raise RunDeadlineExceeded(f"the run passed its deadline of {d:g} s")
+
+    def max_tokens(self, prompt_tokens: int, wanted: int) -> int:
+        """The output cap of a call with ``prompt_tokens``: ``wanted`` or what the budget
+        leaves after the prompt.
+
+        Raises:
+            RunBudgetExceeded: the budget does not cover the prompt and one output token.
+        """
+        left = self.remaining
+        if left is None:
+            return wanted
+        if prompt_tokens + 1 > left:
+            raise RunBudgetExceeded(
+                f"the run's token budget of {self.options.token_budget} tokens has {left} left, "
+                f"not enough for a call with a {prompt_tokens}-token prompt"
+            )
+        return min(wanted, left - prompt_tokens)
+
+    def charge(self, model: str, tokens: int) -> None:
+        """Count a finished call's tokens against the budget."""
+        self.spent += tokens
+        self.calls += 1
+        self.per_model[model] = self.per_model.get(model, 0) + tokens
+
+    def call_deadline_s(self, now: float, calls_ahead: int) -> float | None:
+        """The deadline (seconds from now) of a call with ``calls_ahead`` model calls still
+        to come after it on the run's longest path; None when the run has no deadline."""
+        d = self.options.deadline_s
+        if d is None:
+            return None
+        left = d - (now - self.started_at)
+        if left <= 0:
+            raise RunDeadlineExceeded(f"the run passed its deadline of {d:g} s")
+        return left / (1 + max(calls_ahead, 0))

@@ -1,0 +1,154 @@
+"""Writing graphs: the builder, node helpers for model calls, and graphs from an app spec.
+
+    from airi_ray.graphs import END, START, Field, StateGraph, append, chat
+
+    g = StateGraph("qa", {"question": Field(), "answer": Field()}, inputs=["question"])
+    g.add_node("answer", chat("tiny-chat", lambda s: s["question"], output="answer"),
+               reads=["question"], writes=["answer"])
+    g.add_edge(START, "answer").add_edge("answer", END)
+    client.register_graph(g.compile())
+    client.run_graph("qa", {"question": "hi"})
+
+Plain Python nodes take the node's view of the state (and, with a second parameter, a
+``RunContext`` whose ``chat``/``embed`` run under the run's identity) and return the fields
+they write. A graph in a YAML spec names its Python functions as ``module:function``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from airi_ray.config import GraphSpec
+from airi_ray.core.errors import InvalidRequest
+from airi_ray.core.graph import (
+    END,
+    REDUCERS,
+    START,
+    CompiledGraph,
+    Field,
+    GraphError,
+    RetryPolicy,
+    StateGraph,
+    add,
+    append,
+    merge,
+    replace,
+)
+from airi_ray.core.nodes import ModelCall
+
+__all__ = [
+    "END",
+    "START",
+    "CompiledGraph",
+    "Field",
+    "GraphError",
+    "RetryPolicy",
+    "StateGraph",
+    "add",
+    "append",
+    "build_graph",
+    "chat",
+    "complete",
+    "embed",
+    "merge",
+    "replace",
+]
+
+Build = Callable[[Mapping[str, Any]], Any]
+
+
+def chat(
+    model: str, messages: Build, *, output: str, usage: str | None = None, **params: Any
+) -> ModelCall:
+    """A node that chats with ``model``: ``messages(view)`` gives a prompt string or a list
+    of ``{"role", "content"}``; the answer text goes to ``output``."""
+    return ModelCall("chat", model, messages, output, params, usage)
+
+
+def complete(
+    model: str, prompt: Build, *, output: str, usage: str | None = None, **params: Any
+) -> ModelCall:
+    """A node that completes ``prompt(view)`` with ``model``."""
+    return ModelCall("complete", model, prompt, output, params, usage)
+
+
+def embed(model: str, texts: Build, *, output: str) -> ModelCall:
+    """A node that embeds ``texts(view)`` (a string or a list) with ``model``."""
+    return ModelCall("embed", model, texts, output)
+
+
+def _function(ref: str) -> Callable[..., Any]:
+    module, _, name = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise InvalidRequest(f"cannot import {ref!r}: {e}") from None
+    if not callable(fn):
+        raise InvalidRequest(f"{ref!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def _template(template: str) -> Build:
+    def build(view: Mapping[str, Any]) -> str:
+        try:
+            return template.format(**view)
+        except (KeyError, IndexError) as e:
+            raise InvalidRequest(
+                f"prompt template {template!r} names {e}, not in the node's reads"
+            ) from None
+
+    return build
+
+
+def _endpoint(name: str) -> str:
+    return {"start": START, "end": END}.get(name, name)
+
+
+def build_graph(spec: GraphSpec) -> CompiledGraph:
+    """Compile a graph declared in an app spec.
+
+    Raises:
+        InvalidRequest: a function cannot be imported, or the graph does not compile
+            (the message names the node or edge).
+    """
+    fields = {
+        name: Field(reducer=REDUCERS[f.reducer], default=f.default)
+        for name, f in spec.state.items()
+    }
+    g = StateGraph(spec.name, fields, inputs=spec.inputs)
+    try:
+        for n in spec.nodes:
+            retry = RetryPolicy(max_attempts=n.max_attempts)
+            if n.function is not None:
+                action: Any = _function(n.function)
+                writes = n.writes
+            else:
+                assert n.model is not None and n.prompt is not None and n.output is not None
+                action = ModelCall(n.call, n.model, _template(n.prompt), n.output, n.params)
+                writes = [n.output]
+            g.add_node(
+                n.name, action, reads=n.reads, writes=writes, retry=retry, timeout_s=n.timeout_s
+            )
+        for e in spec.edges:
+            sources = [
+                _endpoint(s) for s in ([e.source] if isinstance(e.source, str) else e.source)
+            ]
+            if e.to is not None:
+                g.add_edge(sources if len(sources) > 1 else sources[0], _endpoint(e.to))
+            else:
+                assert e.router is not None
+                if len(sources) != 1:
+                    raise InvalidRequest("a conditional edge leaves exactly one node")
+                g.add_conditional_edges(
+                    sources[0],
+                    _function(e.router),
+                    {k: _endpoint(v) for k, v in e.paths.items()},
+                    reads=e.reads,
+                    max_iterations=e.max_iterations,
+                    exit=e.exit,
+                )
+        return g.compile()
+    except GraphError as e:
+        raise InvalidRequest(f"graph {spec.name!r}: {e}") from None

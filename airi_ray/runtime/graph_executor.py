@@ -1,0 +1,463 @@
+"""``GraphExecutor``: runs graphs of model calls on Ray, checkpointing after every node.
+
+The pure step function (``CompiledGraph.complete``) decides which nodes are ready and how
+their writes merge; this actor only runs the ready nodes of each superstep concurrently,
+model calls through the one call path (scheduler, policy, filters) under the run's
+identity, Python nodes in a thread (or on the loop, if ``async def``).
+
+Durability: a run's start (graph, inputs, options) is committed to the ``ContextStore``
+before its first node runs. Each node's output is checkpointed as soon as the node
+finishes, without holding up the next node (a commit costs more than a hop); the run's
+result is returned only once every checkpoint is durable. ``resume(run_id)`` rebuilds the
+state by replaying the checkpointed outputs through the pure step function and runs only
+what is left: a node whose checkpoint had not committed when the executor died runs again
+(at least once), a checkpointed one never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import ray
+
+from airi_ray.core.errors import AiriError, InvalidRequest, NotFound
+from airi_ray.core.graph import CompiledGraph, Node, RunError, RunState
+from airi_ray.core.nodes import ModelCall, calls_ahead
+from airi_ray.core.policy import PermissionDenied
+from airi_ray.core.requests import CallOptions, generation_params, parse_messages
+from airi_ray.core.runs import RunLimits, RunOptions
+from airi_ray.runtime import CONTEXT_STORE_NAME, CONTROLLER_NAME, actors
+from airi_ray.runtime.calls import Cached, CallPath
+
+logger = logging.getLogger(__name__)
+
+GRAPHS_KEY = "airi/graphs/"  # internal_kv prefix: graphs registered from Python (pickled)
+MAX_EVENTS = 1000  # kept per run for late subscribers
+FINISHED_RUNS_KEPT = 1000
+ACL_TTL_S = 2.0
+
+
+class NodeFailed(AiriError):
+    status = 500
+    type = "graph_error"
+    code = "node_failed"
+
+
+class RunCancelled(AiriError):
+    status = 409
+    type = "graph_error"
+    code = "run_cancelled"
+
+
+def _json_ready(value: Any) -> Any:
+    """Node writes are checkpointed as JSON: numpy arrays and tuples become lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+@dataclass
+class RunContext:
+    """What a Python node may use besides its view of the state: model calls under the
+    run's identity (its tenant, priority, budget and deadline)."""
+
+    run_id: str
+    tenant: str
+    graph: str
+    _executor: GraphExecutor
+    _run: _Run
+
+    async def chat(self, model: str, messages: Any, **params: Any) -> str:
+        call = ModelCall("chat", model, lambda _: messages, "-", params)
+        return str((await self._executor._model_call(self._run, call, {}, "-"))["-"])
+
+    async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        call = ModelCall("embed", model, lambda _: texts, "-")
+        return list((await self._executor._model_call(self._run, call, {}, "-"))["-"])
+
+
+@dataclass
+class _Run:
+    run_id: str
+    tenant: str
+    graph: str
+    inputs: dict[str, Any]
+    options: RunOptions
+    limits: RunLimits
+    state: RunState | None = None
+    status: str = "running"  # running | finished | failed | cancelled
+    error: dict[str, Any] | None = None
+    task: asyncio.Task[None] | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    listeners: list[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=list)
+    checkpoints: list[Any] = field(default_factory=list)  # refs of uncommitted writes
+    event_seq: int = 0
+    node_calls: int = 0
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "graph": self.graph,
+            "status": self.status,
+            "state": dict(self.state.values) if self.state is not None else None,
+            "error": self.error,
+            "steps": self.state.step if self.state is not None else 0,
+            "trail": [list(t) for t in self.state.trail] if self.state is not None else [],
+            "usage": {"tokens": self.limits.spent, "calls": self.limits.calls}
+            | {"per_model": dict(self.limits.per_model)},
+        }
+
+
+class GraphExecutor:
+    """Runs registered graphs; a detached named actor that restarts."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[str, CompiledGraph] = {}
+        self._ahead: dict[str, dict[str, int]] = {}
+        self._runs: dict[str, _Run] = {}
+        self._calls: CallPath | None = None
+        self._store = actors.get_actor(CONTEXT_STORE_NAME)
+        self._controller = actors.get_actor(CONTROLLER_NAME)
+        self._acl = Cached(self._controller.graph_acl.remote, ACL_TTL_S)
+        for key in ray.experimental.internal_kv._internal_kv_list(GRAPHS_KEY):
+            blob = ray.experimental.internal_kv._internal_kv_get(key)
+            if blob:
+                try:
+                    self._add(cloudpickle.loads(blob))
+                except Exception:  # a graph whose code is gone: skip it, serve the rest
+                    logger.exception("could not reload graph %s", key)
+
+    # -- registry --------------------------------------------------------------------------
+
+    def register(self, blob: bytes) -> dict[str, Any]:
+        """Register (or replace) a compiled graph sent pickled by a client."""
+        graph = cloudpickle.loads(blob)
+        if not isinstance(graph, CompiledGraph):
+            raise InvalidRequest("register takes a compiled graph: call StateGraph.compile()")
+        self._add(graph)
+        ray.experimental.internal_kv._internal_kv_put(GRAPHS_KEY + graph.name, blob)
+        return graph.describe()
+
+    def _add(self, graph: CompiledGraph) -> None:
+        self._graphs[graph.name] = graph
+        self._ahead[graph.name] = calls_ahead(graph)
+
+    def graphs(self) -> list[dict[str, Any]]:
+        return [g.describe() for g in self._graphs.values()]
+
+    # -- runs ------------------------------------------------------------------------------
+
+    async def start(
+        self,
+        tenant: str,
+        graph: str,
+        inputs: dict[str, Any],
+        options: dict[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> str:
+        """Start a run of ``graph``; returns its id once the start is durable.
+
+        Raises:
+            NotFound: no such graph.
+            PermissionDenied: the tenant may not run it.
+            InvalidRequest: bad inputs or options.
+        """
+        g = await self._graph_for(tenant, graph)
+        opts = RunOptions(**(options or {}))
+        if not isinstance(inputs, dict):
+            raise InvalidRequest("input must be an object of the graph's input fields")
+        try:
+            state = g.start(inputs)
+        except RunError as e:
+            raise InvalidRequest(f"graph {graph!r}: {e}") from None
+        if run_id is not None and (run_id in self._runs or not isinstance(run_id, str)):
+            raise InvalidRequest(f"run_id {run_id!r} is already used")
+        run_id = run_id or f"run-{uuid.uuid4().hex}"
+        run = _Run(run_id, tenant, graph, inputs, opts, RunLimits(opts, time.monotonic()), state)
+        event = {"status": "started", "graph": graph, "inputs": inputs, "options": vars(opts)}
+        await self._store.run_event.remote(tenant, run_id, 0, event)
+        run.event_seq = 1
+        self._launch(run)
+        return run_id
+
+    async def resume(self, tenant: str, run_id: str) -> str:
+        """Continue a run from its checkpoints (after the executor died); completed nodes are
+        not run again. A run that is still going here is left alone.
+
+        Raises:
+            NotFound: no such run for this tenant.
+        """
+        live = self._runs.get(run_id)
+        if live is not None and live.tenant == tenant and live.status == "running":
+            return run_id
+        record = await self._store.run.remote(tenant, run_id)
+        events = record["events"]
+        if events[-1]["status"] != "started" and events[-1]["status"] != "resumed":
+            raise InvalidRequest(
+                f"run {run_id!r} already {events[-1]['status']}; nothing to resume"
+            )
+        started = events[0]
+        g = await self._graph_for(tenant, started["graph"])
+        opts = RunOptions(**started["options"])
+        limits = RunLimits(opts, time.monotonic())
+        state = g.start(started["inputs"])
+        done = 0
+        for cp in sorted(record["checkpoints"], key=lambda c: c["step"]):
+            state = g.complete(state, cp["node"], cp["output"])
+            for model, tokens in cp.get("usage", {}).items():
+                limits.charge(model, tokens)
+            done += 1
+        run = _Run(run_id, tenant, started["graph"], started["inputs"], opts, limits, state)
+        run.event_seq = len(events) + 1
+        await self._store.run_event.remote(
+            tenant, run_id, len(events), {"status": "resumed", "replayed_nodes": done}
+        )
+        self._launch(run)
+        return run_id
+
+    async def wait(
+        self, tenant: str, run_id: str, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """The run's result once it ends (or as it stands after ``timeout_s``)."""
+        run = self._get(tenant, run_id)
+        if run is None:
+            record = await self._store.run.remote(tenant, run_id)  # NotFound if none
+            last = record["events"][-1]
+            return {"run_id": run_id, "status": last["status"], **last.get("result", {})}
+        if run.task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(run.task), timeout_s)
+        return run.result()
+
+    async def events(self, tenant: str, run_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The run's node events so far, then live ones until it ends (a Ray streaming call)."""
+        run = self._get(tenant, run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} not found")
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        for e in run.events:
+            queue.put_nowait(e)
+        if run.status == "running":
+            run.listeners.append(queue)
+        else:
+            queue.put_nowait(None)
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            if queue in run.listeners:
+                run.listeners.remove(queue)
+
+    async def cancel(self, tenant: str, run_id: str) -> dict[str, Any]:
+        """Stop a run; its in-flight model calls are aborted."""
+        run = self._get(tenant, run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} not found")
+        if run.task is not None and not run.task.done():
+            run.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run.task
+        return run.result()
+
+    def stats(self) -> dict[str, Any]:
+        by_status: dict[str, int] = {}
+        for r in self._runs.values():
+            by_status[r.status] = by_status.get(r.status, 0) + 1
+        return {"graphs": sorted(self._graphs), "runs": by_status}
+
+    # -- execution -------------------------------------------------------------------------
+
+    def _get(self, tenant: str, run_id: str) -> _Run | None:
+        run = self._runs.get(run_id)
+        return run if run is not None and run.tenant == tenant else None
+
+    async def _graph_for(self, tenant: str, name: str) -> CompiledGraph:
+        g = self._graphs.get(name)
+        if g is None:
+            known = ", ".join(sorted(self._graphs)) or "none"
+            raise NotFound(f"graph {name!r} is not registered; graphs: {known}")
+        patterns = (await self._acl.get()).get(tenant) or ["*"]
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            raise PermissionDenied(f"tenant {tenant!r} may not run graph {name!r}")
+        return g
+
+    def _launch(self, run: _Run) -> None:
+        self._runs[run.run_id] = run
+        run.task = asyncio.get_running_loop().create_task(self._execute(run))
+        finished = [r for r in self._runs.values() if r.status != "running"]
+        for old in finished[: max(len(finished) - FINISHED_RUNS_KEPT, 0)]:
+            del self._runs[old.run_id]
+
+    def _emit(self, run: _Run, event: dict[str, Any]) -> None:
+        event = {"run_id": run.run_id, "at": time.time()} | event
+        if len(run.events) < MAX_EVENTS:
+            run.events.append(event)
+        for q in run.listeners:
+            q.put_nowait(event)
+
+    async def _execute(self, run: _Run) -> None:
+        g = self._graphs[run.graph]
+        assert run.state is not None
+        try:
+            while not run.state.done:
+                step = run.state.step
+                async with asyncio.TaskGroup() as tg:
+                    for name in run.state.pending:
+                        tg.create_task(self._run_node(run, g, g.nodes[name], step))
+            await asyncio.gather(*run.checkpoints)
+            run.status = "finished"
+        except asyncio.CancelledError:
+            run.status = "cancelled"
+            run.error = RunCancelled(f"run {run.run_id!r} was cancelled").to_body()["error"]
+        except BaseException as e:
+            err = e.exceptions[0] if isinstance(e, BaseExceptionGroup) else e
+            while isinstance(err, BaseExceptionGroup):
+                err = err.exceptions[0]
+            run.status = "failed"
+            if not isinstance(err, AiriError):
+                logger.exception("run %s failed", run.run_id, exc_info=err)
+                err = NodeFailed(f"{type(err).__name__}: {err}")
+            run.error = err.to_body()["error"]
+        finally:
+            self._emit(run, {"type": "run_" + run.status, "result": run.result()})
+            for q in run.listeners:
+                q.put_nowait(None)
+            run.listeners.clear()
+            final = {"status": run.status, "result": run.result()}
+            with contextlib.suppress(Exception):
+                await self._store.run_event.remote(run.tenant, run.run_id, run.event_seq, final)
+
+    async def _run_node(self, run: _Run, g: CompiledGraph, node: Node, step: int) -> None:
+        assert run.state is not None
+        view = g.view(run.state, node.name)
+        self._emit(run, {"type": "node_started", "node": node.name, "step": step})
+        start = time.perf_counter()
+        tokens_before = dict(run.limits.per_model)
+        last: BaseException | None = None
+        for attempt in range(1, node.retry.max_attempts + 1):
+            if attempt > 1:
+                await asyncio.sleep(node.retry.delay_s(attempt))
+            try:
+                writes = await asyncio.wait_for(self._call(run, node, view), node.timeout_s)
+                break
+            except AiriError as e:
+                if e.status < 500:  # refused by policy or bad input: retrying cannot help
+                    raise
+                last = e
+            except (TimeoutError, Exception) as e:
+                last = e
+            logger.warning(
+                "run %s node %s attempt %d failed: %s", run.run_id, node.name, attempt, last
+            )
+        else:
+            what = "timed out" if isinstance(last, TimeoutError) else f"failed: {last}"
+            raise NodeFailed(
+                f"node {node.name!r} {what} (after {node.retry.max_attempts} attempt(s))"
+            ) from last
+        writes = _json_ready(dict(writes or {}))
+        run.state = g.complete(run.state, node.name, writes)
+        run.node_calls += 1
+        usage = {
+            m: t - tokens_before.get(m, 0)
+            for m, t in run.limits.per_model.items()
+            if t != tokens_before.get(m, 0)
+        }
+        ms = (time.perf_counter() - start) * 1000
+        body = {"output": writes, "usage": usage, "ms": ms, "attempts": attempt}
+        run.checkpoints.append(
+            self._store.checkpoint.remote(run.tenant, run.run_id, step, node.name, body)
+        )
+        self._emit(
+            run,
+            {"type": "node_finished", "node": node.name, "step": step, "ms": ms}
+            | {"writes": writes, "usage": usage},
+        )
+
+    async def _call(self, run: _Run, node: Node, view: dict[str, Any]) -> Mapping[str, Any]:
+        action = node.action
+        if isinstance(action, ModelCall):
+            return await self._model_call(run, action, view, node.name)
+        ctx = RunContext(run.run_id, run.tenant, run.graph, self, run)
+        args = (view, ctx) if len(inspect.signature(action).parameters) >= 2 else (view,)
+        if inspect.iscoroutinefunction(action):
+            result = await action(*args)
+        else:
+            result = await asyncio.to_thread(action, *args)
+        if result is not None and not isinstance(result, Mapping):
+            raise InvalidRequest(
+                f"node {node.name!r} returned {type(result).__name__}; a node returns a dict "
+                "of the fields it writes"
+            )
+        return result or {}
+
+    def _path(self) -> CallPath:
+        if self._calls is None:
+            self._calls = CallPath()
+        return self._calls
+
+    async def _model_call(
+        self, run: _Run, call: ModelCall, view: dict[str, Any], node: str
+    ) -> dict[str, Any]:
+        now = time.monotonic()
+        run.limits.check(now)
+        ahead = self._ahead.get(run.graph, {}).get(node, 0)
+        options = CallOptions(
+            priority=run.options.priority,
+            deadline_s=run.limits.call_deadline_s(now, ahead),
+            session_id=run.run_id,
+        )
+        payload = call.build(view)
+        path = self._path()
+        if call.kind == "embed":
+            texts = [payload] if isinstance(payload, str) else list(payload)
+            vectors, usage = await path.embed(call.model, texts, run.tenant, options)
+            run.limits.charge(call.model, usage.prompt_tokens)
+            return {call.output: vectors} | (
+                {call.usage: {"prompt_tokens": usage.prompt_tokens}} if call.usage else {}
+            )
+        params = generation_params(dict(call.params))
+        wanted = call.params.get("max_tokens") or 1 << 30
+
+        def cap(prompt_tokens: int) -> int:
+            return run.limits.max_tokens(prompt_tokens, wanted)
+
+        if call.kind == "chat":
+            messages = (
+                [{"role": "user", "content": payload}] if isinstance(payload, str) else payload
+            )
+            generation = await path.chat(
+                call.model, parse_messages(messages), params, run.tenant, options, cap
+            )
+        else:
+            generation = await path.complete(
+                call.model, str(payload), params, run.tenant, options, cap
+            )
+        u = generation.usage
+        stream = generation.__aiter__()
+        try:
+            text = "".join([t async for t, _, _ in stream])
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+            run.limits.charge(call.model, u.prompt_tokens + u.completion_tokens)
+        out: dict[str, Any] = {call.output: text}
+        if call.usage:
+            out[call.usage] = {
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "finish_reason": u.finish_reason,
+            }
+        return out
