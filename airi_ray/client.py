@@ -29,10 +29,18 @@ import ray
 
 from airi_ray import env
 from airi_ray.config import ANONYMOUS_TENANT, AppSpec, load_spec, parse_spec
-from airi_ray.core.errors import AuthenticationError, InvalidRequest, ReplicaUnavailable
+from airi_ray.core.context import build_context
+from airi_ray.core.errors import AuthenticationError, InvalidRequest, NotFound, ReplicaUnavailable
 from airi_ray.core.graph import CompiledGraph
 from airi_ray.core.policy import KeyRecord, KeyRing
-from airi_ray.core.requests import CallOptions, Usage, generation_params, parse_messages
+from airi_ray.core.requests import (
+    CallOptions,
+    ChatMessage,
+    GenerationParams,
+    Usage,
+    generation_params,
+    parse_messages,
+)
 from airi_ray.runtime import (
     CONTEXT_STORE_NAME,
     CONTROLLER_NAME,
@@ -45,6 +53,8 @@ from airi_ray.runtime.calls import Cached, CallPath, Generation, unwrap_error
 from airi_ray.runtime.graph_executor import GRAPHS_KEY
 
 KEYS_TTL_S = 2.0
+TEMPLATE_TOKENS = 8  # chat-template tokens around one message, at most, for the models we serve
+DEFAULT_RESERVE_TOKENS = 512  # kept for the answer when a conversation call sets no max_tokens
 RESUME_ATTEMPTS = 5
 
 
@@ -120,16 +130,79 @@ class AsyncClient:
         return [vars(m) | {"tokenizer": None} for m in await self._path.list_models(refresh=True)]
 
     async def chat_generation(
-        self, model: str, messages: Any, tenant: str | None = None, **params: Any
+        self,
+        model: str,
+        messages: Any,
+        tenant: str | None = None,
+        conversation_id: str | None = None,
+        **params: Any,
     ) -> Generation:
-        """Start a chat generation; iterate the result for ``(text, n_tokens, finish)``."""
+        """Start a chat generation; iterate the result for ``(text, n_tokens, finish)``.
+
+        With ``conversation_id``, the conversation's earlier turns (those that fit the
+        model's window, newest first) go before ``messages``, and once the answer is
+        complete the new messages and the answer are appended to the conversation.
+        """
         tenant = tenant or await self.tenant_for(self.api_key)
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         options = _options(params)
-        return await self._path.chat(
-            model, parse_messages(messages), generation_params(params), tenant, options
-        )
+        gen_params = generation_params(params)
+        parsed = parse_messages(messages)
+        if conversation_id is None:
+            return await self._path.chat(model, parsed, gen_params, tenant, options)
+        new_turns = [{"role": m.role, "content": m.content} for m in parsed if m.role != "system"]
+        window = await self._window(model, tenant, conversation_id, parsed, gen_params)
+        g = await self._path.chat(model, parse_messages(window), gen_params, tenant, options)
+        g._stream = self._remember(g.__aiter__(), tenant, conversation_id, new_turns)
+        return g
+
+    async def _window(
+        self,
+        model: str,
+        tenant: str,
+        conversation_id: str,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+    ) -> list[dict[str, str]]:
+        """The conversation so far plus ``messages``, cut to what fits the model's window."""
+        info = await self._path.model(model, "generate")
+        assert info.max_model_len is not None
+        try:
+            history = await self.conversation(conversation_id, tenant)
+        except NotFound:
+            history = []
+        system = "\n".join(m.content for m in messages if m.role == "system")
+        turns = [{"role": t["role"], "content": t["content"]} for t in history]
+        turns += [{"role": m.role, "content": m.content} for m in messages if m.role != "system"]
+        tokenizer = info.tokenizer
+
+        def count(text: str) -> int:
+            # Content tokens plus the chat template's few tokens around each message.
+            return len(tokenizer.encode(text, add_special_tokens=False)) + TEMPLATE_TOKENS
+
+        reserve = params.max_tokens or min(DEFAULT_RESERVE_TOKENS, info.max_model_len // 4)
+        window = build_context(system, [], turns, info.max_model_len, count, reserve)
+        return [dict(m) for m in window.messages]
+
+    async def _remember(
+        self,
+        inner: AsyncIterator[tuple[str, int, str | None]],
+        tenant: str,
+        conversation_id: str,
+        new_turns: list[dict[str, str]],
+    ) -> AsyncIterator[tuple[str, int, str | None]]:
+        """Pass a generation through; once it is complete, store the turns durably."""
+        parts: list[str] = []
+        try:
+            async for text, n, finish in inner:
+                parts.append(text)
+                if finish is not None:
+                    answer = {"role": "assistant", "content": "".join(parts)}
+                    await self.append_turns(conversation_id, [*new_turns, answer], tenant)
+                yield text, n, finish
+        finally:
+            await inner.aclose()  # type: ignore[attr-defined]
 
     async def completion_generation(
         self, model: str, prompt: str, tenant: str | None = None, **params: Any

@@ -31,6 +31,7 @@ from airi_ray.core.errors import (
     AiriError,
     AuthenticationError,
     InvalidRequest,
+    NotFound,
     Overloaded,
     PayloadTooLarge,
 )
@@ -40,6 +41,7 @@ from airi_ray.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    GraphRunRequest,
     SamplingRequest,
 )
 
@@ -215,7 +217,12 @@ class Ingress:
         tenant = await self._tenant(request)
         body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
         g = await self.client.chat_generation(
-            body.model, body.messages, tenant=tenant, **body.params(), **body.options()
+            body.model,
+            body.messages,
+            tenant=tenant,
+            conversation_id=body.conversation_id,
+            **body.params(),
+            **body.options(),
         )
         return await self._respond(g, body, chat=True)
 
@@ -244,6 +251,30 @@ class Ingress:
             ],
             "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens},
         }
+
+    # -- graphs --------------------------------------------------------------------------
+
+    @app.get("/v1/graphs")
+    async def list_graphs(self, request: Request) -> dict[str, Any]:
+        await self._tenant(request)
+        return {"object": "list", "data": await self.client.graphs()}
+
+    @app.post("/v1/graphs/{name}/runs")
+    async def run_graph(self, name: str, request: Request) -> Response:
+        tenant = await self._tenant(request)
+        body: GraphRunRequest = await self._body(request, GraphRunRequest)
+        run_id = await self.client.start_run(name, body.input, tenant, **body.options())
+        if not body.wait:
+            return JSONResponse({"run_id": run_id, "graph": name, "status": "running"}, 202)
+        return JSONResponse(await self.client.wait_run(run_id, tenant))
+
+    @app.get("/v1/graphs/{name}/runs/{run_id}")
+    async def get_run(self, name: str, run_id: str, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant(request)
+        run = await self.client.get_run(run_id, tenant)
+        if run.get("graph", name) != name:
+            raise NotFound(f"run {run_id!r} not found")
+        return run
 
     # -- responses -----------------------------------------------------------------------
 

@@ -56,6 +56,13 @@ class SamplingRequest(_Body):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    conversation_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="airi extension: a stored conversation; its earlier turns go before "
+        "`messages`, and the new turns and the answer are appended to it.",
+    )
 
     def params(self) -> dict[str, Any]:
         return super().params() | {"max_tokens": self.max_completion_tokens or self.max_tokens}
@@ -70,3 +77,18 @@ class EmbeddingRequest(_Body):
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     priority: Literal["interactive", "batch"] = "interactive"
+
+
+class GraphRunRequest(_Body):
+    input: dict[str, Any] = Field(default_factory=dict, description="The graph's input fields.")
+    priority: Literal["interactive", "batch"] = "interactive"
+    token_budget: int | None = Field(None, ge=1, description="Tokens all the run's calls may use.")
+    deadline_s: float | None = Field(None, gt=0, le=86400, description="End-to-end deadline.")
+    wait: bool = Field(True, description="Answer when the run ends; false: 202 with its id.")
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "priority": self.priority,
+            "token_budget": self.token_budget,
+            "deadline_s": self.deadline_s,
+        }

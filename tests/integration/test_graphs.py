@@ -252,3 +252,90 @@ def _alive() -> bool:
         return bool(ray.get(actors.get_actor(actors.GRAPH_EXECUTOR_NAME).stats.remote(), timeout=5))
     except Exception:
         return False
+
+
+# -- HTTP and conversations -------------------------------------------------------------------
+
+
+def test_graph_runs_over_http(airi_app, client) -> None:
+    import httpx
+
+    from tests.conftest import KEY
+
+    client.register_graph(branch_graph())
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{airi_app.base_url}/v1/graphs/branch/runs"
+    r = httpx.post(url, json={"input": {"question": "hi"}}, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["state"]["answer"] == "short: hi"
+    started = httpx.post(url, json={"input": {"question": "hi"}, "wait": False}, headers=headers)
+    assert started.status_code == 202
+    run_id = started.json()["run_id"]
+    got = wait_for(
+        lambda: (
+            (g := httpx.get(f"{url}/{run_id}", headers=headers).json())["status"] == "finished"
+            and g
+        ),
+        what="the run to finish",
+    )
+    assert got["state"]["answer"] == "short: hi"
+    assert (
+        httpx.get(
+            f"{airi_app.base_url}/v1/graphs/refine/runs/{run_id}", headers=headers
+        ).status_code
+        == 404
+    )
+    bad = httpx.post(url, json={"input": {}, "token_budget": 0}, headers=headers)
+    assert bad.status_code == 400 and "token_budget" in bad.json()["error"]["message"]
+    missing = httpx.post(f"{airi_app.base_url}/v1/graphs/nope/runs", json={}, headers=headers)
+    assert missing.status_code == 404
+    listed = httpx.get(f"{airi_app.base_url}/v1/graphs", headers=headers).json()["data"]
+    assert "branch" in {g["name"] for g in listed}
+
+
+def test_a_conversation_id_carries_memory_across_chat_calls(oai, client) -> None:
+    conversation = f"conv-{time.time_ns()}"
+    first = oai.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "My order number is 4417."}],
+        max_tokens=8,
+        extra_body={"conversation_id": conversation},
+    )
+    assert first.choices[0].message.content is not None
+    stream = oai.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "What was my order number?"}],
+        max_tokens=8,
+        stream=True,
+        extra_body={"conversation_id": conversation},
+    )
+    second = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    turns = client.conversation(conversation)
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert turns[0]["content"] == "My order number is 4417."
+    assert turns[3]["content"] == second
+    # The model saw the first turn: the second call's prompt holds both questions.
+    usage = oai.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "And again?"}],
+        max_tokens=2,
+        extra_body={"conversation_id": conversation},
+    ).usage
+    alone = oai.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "And again?"}], max_tokens=2
+    ).usage
+    assert usage.prompt_tokens > alone.prompt_tokens + 10
+
+
+def test_cancelling_a_run_aborts_its_model_calls(client) -> None:
+    client.register_graph(chain_graph("long-chain", 3, max_tokens=900, ignore_eos=True))
+    run_id = client.start_run("long-chain", {"text": "go"})
+    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+
+    def in_flight() -> int:
+        return ray.get(scheduler.snapshot.remote())["tiny-chat"]["in_flight"]
+
+    wait_for(lambda: in_flight() > 0, what="the first call to start")
+    result = client.cancel_run(run_id)
+    assert result["status"] == "cancelled"
+    wait_for(lambda: in_flight() == 0, timeout=10, what="the call to be aborted")

@@ -179,3 +179,79 @@ def test_the_semantic_filter_blocks_text_close_to_an_example(airi_app, filter_te
     assert "semantic filter" in r.json()["error"]["message"]
     far = {**close, "messages": [{"role": "user", "content": "how do returns work?"}]}
     assert post(airi_app, "/v1/chat/completions", far).status_code == 200
+
+
+def _one_call_graph() -> Any:
+    from airi_ray.graphs import END, START, Field, StateGraph, chat
+
+    g = StateGraph("policy-probe", {"q": Field(), "answer": Field()}, inputs=["q"])
+    node = chat("tiny-chat", lambda v: v["q"], output="answer", max_tokens=48, temperature=0)
+    g.add_node("ask", node, reads=["q"], writes=["answer"])
+    g.add_edge(START, "ask").add_edge("ask", END)
+    return g.compile()
+
+
+def test_a_model_call_inside_a_graph_meets_the_same_policy_as_a_direct_call(
+    airi_app, filter_tenant_b, client
+) -> None:
+    import airi_ray as airi
+    from tests.conftest import wait_for
+
+    client.register_graph(_one_call_graph())
+    question = "What does the membership plan include?"
+    plain = client.chat("tiny-chat", question, max_tokens=48, temperature=0).text
+    word = max(plain.split(), key=len).strip(".,!?;:")
+    other = airi.connect("auto", api_key=OTHER_KEY)
+    try:
+        # ACL: tenant b may not call tiny-chat, so neither may its graph.
+        filter_tenant_b({}, models=["mini*"])
+        refused = wait_for(
+            lambda: (
+                (r := other.run_graph("policy-probe", {"q": question}))["status"] == "failed" and r
+            ),
+            timeout=30,
+            what="tenant-b's ACL to apply",
+        )
+        assert refused["error"]["type"] == "permission_error"
+        assert "may not use model 'tiny-chat'" in refused["error"]["message"]
+        # Output filter: the graph's answer is redacted exactly as a direct answer is.
+        filter_tenant_b({"blocklist": [word], "blocklist_action": "redact"})
+        direct = wait_for(
+            lambda: "[BLOCKED]" in (t := other.chat("tiny-chat", question, **GREEDY).text) and t,
+            timeout=30,
+            what="tenant-b's output filter to apply",
+        )
+        # Each process refreshes the filters within seconds, the executor's too.
+        answer = wait_for(
+            lambda: (
+                "[BLOCKED]"
+                in (a := other.run_graph("policy-probe", {"q": question})["state"]["answer"])
+                and a
+            ),
+            timeout=30,
+            what="the executor to apply tenant-b's output filter",
+        )
+        assert word.lower() not in answer.lower()
+        assert answer == direct
+    finally:
+        other.close()
+
+
+GREEDY = {"max_tokens": 48, "temperature": 0}
+
+
+def test_a_graph_outside_the_tenants_acl_is_refused(airi_app, limit_tenant_b, client) -> None:
+    client.register_graph(_one_call_graph())
+    limit_tenant_b(graphs=["support-*"])
+    r = wait_for_status(airi_app, "/v1/graphs/policy-probe/runs", {"input": {"q": "hi"}}, 403)
+    assert "may not run graph 'policy-probe'" in r.json()["error"]["message"]
+
+
+def wait_for_status(app, path: str, body: dict[str, Any], status: int) -> httpx.Response:
+    from tests.conftest import wait_for
+
+    return wait_for(
+        lambda: (r := post(app, path, body)).status_code == status and r,
+        timeout=30,
+        what=f"{path} to answer {status}",
+    )
