@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from typing import Any
@@ -258,6 +259,7 @@ class ContextStore:
             "runs": len(self._runs),
             "commits": self.commits,
             "pending": len(self._pending),
+            "pid": os.getpid(),
         }
 
     async def ping(self) -> bool:
