@@ -189,9 +189,17 @@ class GraphExecutor:
         run_id = run_id or f"run-{uuid.uuid4().hex}"
         run = _Run(run_id, tenant, graph, inputs, opts, RunLimits(opts, time.monotonic()), state)
         event = {"status": "started", "graph": graph, "inputs": inputs, "options": vars(opts)}
-        await self._store.run_event.remote(tenant, run_id, 0, event)
+        started = self._store.run_event.remote(tenant, run_id, 0, event)
         run.event_seq = 1
+        # The first nodes run while the start commits (the store keeps the order of the
+        # writes, so checkpoints land after it); the caller hears of the run once it is durable.
         self._launch(run)
+        try:
+            await started
+        except BaseException:
+            assert run.task is not None
+            run.task.cancel()
+            raise
         return run_id
 
     async def resume(self, tenant: str, run_id: str) -> str:
@@ -318,8 +326,10 @@ class GraphExecutor:
                 async with asyncio.TaskGroup() as tg:
                     for name in run.state.pending:
                         tg.create_task(self._run_node(run, g, g.nodes[name], step))
-            await asyncio.gather(*run.checkpoints)
             run.status = "finished"
+            # The end is recorded in the same group commit as the last checkpoints.
+            self._record_end(run)
+            await asyncio.gather(*run.checkpoints)
         except asyncio.CancelledError:
             run.status = "cancelled"
             run.error = RunCancelled(f"run {run.run_id!r} was cancelled").to_body()["error"]
@@ -333,13 +343,18 @@ class GraphExecutor:
                 err = NodeFailed(f"{type(err).__name__}: {err}")
             run.error = err.to_body()["error"]
         finally:
+            if run.status != "finished":
+                self._record_end(run)
             self._emit(run, {"type": "run_" + run.status, "result": run.result()})
             for q in run.listeners:
                 q.put_nowait(None)
             run.listeners.clear()
-            final = {"status": run.status, "result": run.result()}
-            with contextlib.suppress(Exception):
-                await self._store.run_event.remote(run.tenant, run.run_id, run.event_seq, final)
+
+    def _record_end(self, run: _Run) -> None:
+        """Send the run's end to the store. Not awaited: if it is lost, ``resume`` replays
+        the checkpoints, finds nothing left to run and records the end then."""
+        final = {"status": run.status, "result": run.result()}
+        self._store.run_event.remote(run.tenant, run.run_id, run.event_seq, final)
 
     async def _run_node(self, run: _Run, g: CompiledGraph, node: Node, step: int) -> None:
         assert run.state is not None
