@@ -488,7 +488,7 @@ def connect(address: str | None = "auto", api_key: str | None = None) -> Client:
 
 
 def deploy(spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> dict[str, Any]:
-    """Deploy an app spec on the connected Ray cluster: models, then the HTTP ingress.
+    """Deploy an app spec on the connected Ray cluster: models, graphs, then the HTTP ingress.
 
     Raises:
         InvalidRequest: the spec is invalid, or a model failed to start (with its error).
@@ -499,6 +499,11 @@ def deploy(spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> di
         app = spec
     else:
         app = parse_spec(spec)
+    from airi_ray.graphs import build_graph
+
+    # Built here, where the spec's `module:function` names import, and before anything
+    # changes on the cluster, so a graph that does not compile changes nothing.
+    graphs = [build_graph(g) for g in app.graphs]
     init_ray(None)
     controller = actors.get_or_start_controller()
     try:
@@ -507,6 +512,9 @@ def deploy(spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> di
         if isinstance(e.cause, InvalidRequest):
             raise e.cause from None
         raise
+    if graphs:
+        executor = actors.get_or_start_graph_executor()
+        ray.get([executor.register.remote(pickle_graph(g)) for g in graphs])
     if app.ingress.enabled:
         from airi_ray.serve.ingress import run_ingress
 
