@@ -41,6 +41,11 @@ bench: setup
 	$(PY) benchmarks/scheduler_core.py
 	$(PY) benchmarks/fairness.py
 	$(PY) benchmarks/prefix_routing.py
+	$(PY) benchmarks/policy.py
+	$(PY) benchmarks/fabric.py
+	$(PY) benchmarks/control_plane.py
+	$(PY) benchmarks/features.py
+	$(PY) benchmarks/retrieval.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
