@@ -166,6 +166,24 @@ class TenantSpec(_Spec):
         description="Graphs this tenant may run, as glob patterns; empty: all. Any other "
         "graph answers 403. The models a graph calls are checked against `models` too.",
     )
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive",
+        description="The tenant's priority class: the most urgent class its calls may use "
+        "(a `batch` tenant's calls run as `batch`, whatever they ask for).",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Largest `max_tokens` a call may ask for (a larger one answers 400); a "
+        "call that sets none is bounded by the model's window and the token limits.",
+    )
+    max_messages: int | None = Field(
+        None, ge=1, le=512, description="Most chat messages in one call (400 over it)."
+    )
+    max_stop: int | None = Field(None, ge=0, description="Most stop sequences in one call.")
+    max_prompt_chars: int | None = Field(
+        None, ge=1, description="Most characters of prompt text in one call (400 over it)."
+    )
     rpm: int | None = Field(None, ge=1, description="Requests per minute before 429.")
     tpm: int | None = Field(
         None, ge=1, description="Tokens (prompt + completion) per minute before 429."
@@ -182,6 +200,16 @@ class TenantSpec(_Spec):
     filters: FilterSpec | None = Field(
         None, description="Content filters on this tenant's prompts and answers; none if unset."
     )
+
+    def shape_limits(self) -> dict[str, int]:
+        """The request-shape limits this tenant sets (the others keep the runtime's)."""
+        limits = {
+            "max_tokens": self.max_tokens,
+            "max_messages": self.max_messages,
+            "max_stop": self.max_stop,
+            "max_prompt_chars": self.max_prompt_chars,
+        }
+        return {k: v for k, v in limits.items() if v is not None}
 
     @field_validator("api_keys")
     @classmethod

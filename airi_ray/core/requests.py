@@ -71,6 +71,11 @@ def generation_params(kwargs: dict[str, Any]) -> GenerationParams:
 PRIORITIES: tuple[str, ...] = ("interactive", "batch")
 
 
+def cap_priority(requested: str, cap: str) -> str:
+    """``requested``, or ``cap`` if ``requested`` is more urgent than it."""
+    return max(requested, cap, key=PRIORITIES.index)
+
+
 @dataclass(frozen=True)
 class CallOptions:
     """How the scheduler treats one call: its priority class within the tenant's queue, a

@@ -80,6 +80,9 @@ class AcquireRequest:
             because the caller's clock is not the scheduler's.
         session_id: conversation id for session affinity, None for none.
         prefix_hashes: ``block_hashes`` of the prompt's tokens, for prefix-cache affinity.
+        requested_max_tokens, messages, stop, prompt_chars: the caller's own ``max_tokens``
+            (None if unset), chat messages, stop sequences and prompt characters, for the
+            tenant's request-shape limits.
     """
 
     request_id: str
@@ -92,6 +95,10 @@ class AcquireRequest:
     deadline_s: float | None = None
     session_id: str | None = None
     prefix_hashes: tuple[int, ...] = ()
+    requested_max_tokens: int | None = None  # the request's shape, checked against the
+    messages: int = 0  # tenant's limits
+    stop: int = 0
+    prompt_chars: int = 0
 
     def __post_init__(self) -> None:
         if self.priority not in _RANK:

@@ -349,7 +349,8 @@ class CallPath:
         )
         if not isinstance(ids, list):  # transformers may return a BatchEncoding
             ids = list(ids["input_ids"])
-        return self._generation(info, list(ids), params, tenant, options, filters, cap)
+        shape = (len(messages), sum(len(m.content) for m in messages))
+        return self._generation(info, list(ids), params, tenant, options, filters, cap, shape)
 
     async def complete(
         self,
@@ -367,7 +368,8 @@ class CallPath:
         await self._semantic_check(tenant, model, [prompt])
         prompt = self._filter_input(filters, prompt, "prompt", tenant, model)
         ids = info.tokenizer(prompt)["input_ids"]
-        return self._generation(info, list(ids), params, tenant, options, filters, cap)
+        shape = (0, len(prompt))
+        return self._generation(info, list(ids), params, tenant, options, filters, cap, shape)
 
     # -- content filters ---------------------------------------------------------------
 
@@ -461,6 +463,7 @@ class CallPath:
         options: CallOptions,
         filters: FilterSet | None = None,
         cap: Callable[[int], int] | None = None,
+        shape: tuple[int, int] = (0, 0),
     ) -> Generation:
         assert info.max_model_len is not None
         max_tokens = resolve_max_tokens(
@@ -480,6 +483,10 @@ class CallPath:
             deadline_s=options.deadline_s,
             session_id=options.session_id,
             prefix_hashes=block_hashes(prompt_ids),
+            requested_max_tokens=params.max_tokens,
+            messages=shape[0],
+            stop=len(params.stop),
+            prompt_chars=shape[1],
         )
         g._stream = self._stream(
             g, request, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}, filters

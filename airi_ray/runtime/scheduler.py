@@ -21,7 +21,7 @@ from typing import Any
 from airi_ray.config import ANONYMOUS_TENANT, SYSTEM_TENANT, AppSpec
 from airi_ray.core.errors import AiriError, ReplicaUnavailable
 from airi_ray.core.policy import Admission, PolicyEngine, TenantPolicy, refusal_event
-from airi_ray.core.requests import Usage
+from airi_ray.core.requests import Usage, cap_priority
 from airi_ray.core.scheduling import AcquireRequest, Lease, ReplicaView, Scheduler
 from airi_ray.obs.metrics import RuntimeMetrics
 from airi_ray.runtime.outbox import Outbox
@@ -81,12 +81,15 @@ class GlobalScheduler:
             TenantPolicy(
                 name=t.name,
                 models=tuple(t.models),
+                graphs=tuple(t.graphs),
+                priority=t.priority,
                 weight=t.weight,
                 rpm=t.rpm,
                 tpm=t.tpm,
                 budget_tokens=t.budget_tokens,
                 budget_period_s=t.budget_period_s,
                 max_concurrent=t.max_concurrent,
+                **t.shape_limits(),
             )
             for t in app.tenants
         ]
@@ -113,6 +116,13 @@ class GlobalScheduler:
         for request in requests:
             rid = request.request_id
             try:
+                self.policy.check_request_shape(
+                    request.tenant,
+                    max_tokens=request.requested_max_tokens,
+                    messages=request.messages,
+                    stop=request.stop,
+                    prompt_chars=request.prompt_chars,
+                )
                 admission = self.policy.admit(
                     request.tenant, request.model, request.prompt_tokens, request.max_tokens, wall
                 )
@@ -120,6 +130,10 @@ class GlobalScheduler:
                 self._refused(request, e)
                 results[rid] = e
                 continue
+            # The tenant's class caps the call's: a batch tenant cannot jump its own queue.
+            priority = cap_priority(request.priority, admission.priority)
+            if priority != request.priority:
+                request = dataclasses.replace(request, priority=priority)
             try:
                 self.core.enqueue(request, now)
             except AiriError as e:

@@ -255,3 +255,45 @@ def wait_for_status(app, path: str, body: dict[str, Any], status: int) -> httpx.
         timeout=30,
         what=f"{path} to answer {status}",
     )
+
+
+def test_request_shape_limits_are_per_tenant_and_hold_inside_graphs(
+    airi_app, limit_tenant_b, client
+) -> None:
+    import airi_ray as airi
+    from airi_ray.core.policy import PermissionDenied
+    from tests.conftest import wait_for
+
+    client.register_graph(_one_call_graph())  # asks for max_tokens=48
+    limit_tenant_b(max_tokens=16, max_messages=2, max_stop=1)
+    big = {**CHAT, "max_tokens": 32}
+    r = wait_for(
+        lambda: (r := post(airi_app, "/v1/chat/completions", big)).status_code == 400 and r,
+        timeout=30,
+        what="tenant-b's limits to apply",
+    )
+    assert "max_tokens 32 is over the limit of 16" in r.json()["error"]["message"]
+    three = {**CHAT, "messages": [{"role": "user", "content": "hi"}] * 3}
+    r = post(airi_app, "/v1/chat/completions", three)
+    assert (
+        r.status_code == 400 and "messages 3 is over the limit of 2" in r.json()["error"]["message"]
+    )
+    r = post(airi_app, "/v1/chat/completions", {**CHAT, "stop": ["a", "b"]})
+    assert r.status_code == 400 and "stop 2 is over the limit of 1" in r.json()["error"]["message"]
+    assert post(airi_app, "/v1/chat/completions", CHAT).status_code == 200
+    other = airi.connect("auto", api_key=OTHER_KEY)
+    try:
+
+        def refused() -> Any:
+            try:  # the previous test's graph ACL may linger for a second or two
+                run = other.run_graph("policy-probe", {"q": "hi"})
+            except PermissionDenied:
+                return None
+            return run["status"] == "failed" and run
+
+        run = wait_for(refused, timeout=30, what="the executor to see tenant-b's limits")
+        assert "max_tokens 48 is over the limit of 16" in run["error"]["message"]
+    finally:
+        other.close()
+    # Tenant a has no such limits.
+    assert client.chat("tiny-chat", "hi", max_tokens=32).usage.completion_tokens > 0

@@ -115,3 +115,11 @@ def test_too_many_messages_are_refused_naming_the_limit() -> None:
     with pytest.raises(InvalidRequest, match="513 entries; at most 512"):
         parse_messages([{"role": "user", "content": "hi"}] * 513)
     assert len(parse_messages([{"role": "user", "content": "hi"}] * 512)) == 512
+
+
+def test_a_tenant_class_caps_the_priority_of_its_calls() -> None:
+    from airi_ray.core.requests import cap_priority
+
+    assert cap_priority("interactive", "batch") == "batch"
+    assert cap_priority("batch", "interactive") == "batch"
+    assert cap_priority("interactive", "interactive") == "interactive"
