@@ -49,6 +49,11 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start their own Ray cluster run first, before the session's exists."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)
+
+
 @pytest.fixture(scope="session")
 def airi_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     import ray
