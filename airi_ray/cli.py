@@ -168,6 +168,33 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from airi_ray.client import connect
+
+    client = connect(args.address or "auto", api_key=args.api_key)
+    if args.collection not in client.collections():
+        made = client.create_collection(args.collection, model=args.model)
+        print(f"created collection {args.collection!r} ({made['model']}@{made['version']})")
+    folder = Path(args.path)
+    if folder.is_dir():
+        result = client.ingest(args.collection, folder=folder)
+    else:
+        text = folder.read_text()
+        result = client.ingest(args.collection, documents=[{"id": folder.stem, "text": text}])
+    print(f"{result['documents']} documents, {result['chunks']} chunks in {args.collection!r}")
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from airi_ray.client import connect
+
+    client = connect(args.address or "auto", api_key=args.api_key)
+    for hit in client.retrieve(args.collection, args.query, k=args.k):
+        first_line = hit["text"].strip().splitlines()[0][:80]
+        print(f"{hit['score']:.3f}  [{hit['id']}]  {first_line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="airi", description="AI runtime on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -203,6 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.set_defaults(fn=cmd_chat)
+
+    ingest = sub.add_parser("ingest", help="chunk, embed and store documents in a collection")
+    ingest.add_argument("collection")
+    ingest.add_argument("path", help="a folder of .md/.txt files, or one file")
+    ingest.add_argument("--model", default="minilm", help="embedding model of a new collection")
+    ingest.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
+    ingest.add_argument("--address", default=None)
+    ingest.set_defaults(fn=cmd_ingest)
+
+    retrieve = sub.add_parser("retrieve", help="the chunks of a collection closest to a query")
+    retrieve.add_argument("collection")
+    retrieve.add_argument("query")
+    retrieve.add_argument("-k", type=int, default=5)
+    retrieve.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
+    retrieve.add_argument("--address", default=None)
+    retrieve.set_defaults(fn=cmd_retrieve)
 
     keys = sub.add_parser("keys", help="create, revoke and list API keys (no restart needed)")
     keys.add_argument("--address", default=None)

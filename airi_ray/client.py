@@ -44,6 +44,7 @@ from airi_ray.core.requests import (
 from airi_ray.runtime import (
     CONTEXT_STORE_NAME,
     CONTROLLER_NAME,
+    FEATURE_SERVER_NAME,
     GRAPH_EXECUTOR_NAME,
     NAMESPACE,
     SCHEDULER_NAME,
@@ -51,6 +52,7 @@ from airi_ray.runtime import (
 )
 from airi_ray.runtime.calls import Cached, CallPath, Generation, unwrap_error
 from airi_ray.runtime.graph_executor import GRAPHS_KEY
+from airi_ray.runtime.retrieval import Retriever
 
 KEYS_TTL_S = 2.0
 TEMPLATE_TOKENS = 8  # chat-template tokens around one message, at most, for the models we serve
@@ -98,6 +100,7 @@ class AsyncClient:
         # Key records (salted hashes) refreshed every few seconds: a revoked key stops
         # working within KEYS_TTL_S everywhere, with no call to the controller per request.
         self._auth = Cached(self._fetch_auth, KEYS_TTL_S)
+        self._retriever: Retriever | None = None
 
     async def _fetch_auth(self) -> tuple[str, KeyRing]:
         config = await self._controller.auth_config.remote()
@@ -308,6 +311,80 @@ class AsyncClient:
     async def graphs(self) -> list[dict[str, Any]]:
         return await _ask(_executor().graphs.remote())
 
+    # -- collections and retrieval -------------------------------------------------------
+
+    async def _collections(self) -> Retriever:
+        if self._retriever is None:
+            uri = await self._controller.storage_uri.remote()
+            self._retriever = Retriever(self._path, uri, progress=sys.stderr.isatty())
+        return self._retriever
+
+    async def create_collection(self, name: str, model: str) -> dict[str, Any]:
+        """Create a document collection embedded by the deployed embedding ``model``."""
+        tenant = await self.tenant_for(self.api_key)
+        return await (await self._collections()).create(name, model, tenant)
+
+    async def collections(self) -> list[str]:
+        return await (await self._collections()).names()
+
+    async def ingest(
+        self,
+        collection: str,
+        documents: list[dict[str, Any]] | None = None,
+        folder: str | Path | None = None,
+        tenant: str | None = None,
+    ) -> dict[str, int]:
+        """Chunk, embed and store documents (``{"id", "text", "metadata"?}``) or every
+        ``.md``/``.txt`` file under ``folder``, as this client's tenant's; a document id
+        ingested again replaces its earlier chunks."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        where = str(folder) if folder is not None else None
+        return await (await self._collections()).ingest(collection, tenant, documents, where)
+
+    async def delete_documents(
+        self, collection: str, doc_ids: list[str], tenant: str | None = None
+    ) -> None:
+        tenant = tenant or await self.tenant_for(self.api_key)
+        await (await self._collections()).delete(collection, tenant, doc_ids)
+
+    async def retrieve(
+        self,
+        collection: str,
+        query: str,
+        k: int = 5,
+        filter: dict[str, Any] | None = None,
+        mmr_lambda: float | None = None,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The ``k`` chunks of this tenant's documents closest to ``query``, best first:
+        ``{"id", "doc_id", "text", "metadata", "score"}`` (``id`` is the citation id)."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        retriever = await self._collections()
+        return await retriever.retrieve(collection, query, tenant, k, filter, mmr_lambda)
+
+    # -- features ------------------------------------------------------------------------
+
+    async def push_events(
+        self, view: str, events: list[dict[str, Any]], tenant: str | None = None
+    ) -> int:
+        """Store a batch of events for a feature view (all or nothing); returns how many."""
+        if tenant is None:  # authenticate; the views themselves belong to the app
+            await self.tenant_for(self.api_key)
+        return int(await _ask(_feature_server().push.remote(view, events)))
+
+    async def features(
+        self,
+        view: str,
+        entity_ids: list[Any],
+        as_of: float | None = None,
+        tenant: str | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Each entity's features now (or as of ``as_of``, epoch seconds), by entity id.
+        Feature views belong to the app: any authenticated tenant may read them."""
+        if tenant is None:  # authenticate; the views themselves belong to the app
+            await self.tenant_for(self.api_key)
+        return dict(await _ask(_feature_server().get.remote(view, entity_ids, as_of)))
+
     # -- conversations -------------------------------------------------------------------
 
     async def append_turns(
@@ -328,6 +405,15 @@ class AsyncClient:
 
 def _executor() -> Any:
     return actors.get_actor(GRAPH_EXECUTOR_NAME)
+
+
+def _feature_server() -> Any:
+    try:
+        return actors.get_actor(FEATURE_SERVER_NAME)
+    except ValueError:
+        raise NotFound(
+            "the deployed app declares no feature views (`features:` in the spec)"
+        ) from None
 
 
 async def _ask(ref: Any) -> Any:
@@ -458,6 +544,39 @@ class Client:
     def resume_run(self, run_id: str) -> str:
         return self._run(self.aio.resume_run(run_id))
 
+    def create_collection(self, name: str, model: str) -> dict[str, Any]:
+        """Create a document collection embedded by the deployed embedding ``model``."""
+        return self._run(self.aio.create_collection(name, model))
+
+    def collections(self) -> list[str]:
+        return self._run(self.aio.collections())
+
+    def ingest(
+        self,
+        collection: str,
+        documents: list[dict[str, Any]] | None = None,
+        folder: str | Path | None = None,
+    ) -> dict[str, int]:
+        """Chunk, embed and store documents or a folder of ``.md``/``.txt`` files."""
+        return self._run(self.aio.ingest(collection, documents, folder))
+
+    def delete_documents(self, collection: str, doc_ids: list[str]) -> None:
+        self._run(self.aio.delete_documents(collection, doc_ids))
+
+    def retrieve(self, collection: str, query: str, k: int = 5, **options: Any) -> list[Any]:
+        """The ``k`` chunks closest to ``query``; ``options``: filter, mmr_lambda."""
+        return self._run(self.aio.retrieve(collection, query, k, **options))
+
+    def push_events(self, view: str, events: list[dict[str, Any]]) -> int:
+        """Store a batch of events for a feature view (all or nothing)."""
+        return self._run(self.aio.push_events(view, events))
+
+    def features(
+        self, view: str, entity_ids: list[Any], as_of: float | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Each entity's features now (or as of ``as_of``), by entity id."""
+        return self._run(self.aio.features(view, entity_ids, as_of))
+
     def append_turns(self, conversation_id: str, turns: list[dict[str, Any]]) -> list[int]:
         return self._run(self.aio.append_turns(conversation_id, turns))
 
@@ -532,7 +651,13 @@ def shutdown() -> None:
         pass
     for key in ray.experimental.internal_kv._internal_kv_list(GRAPHS_KEY):
         ray.experimental.internal_kv._internal_kv_del(key)
-    names = (CONTROLLER_NAME, SCHEDULER_NAME, GRAPH_EXECUTOR_NAME, CONTEXT_STORE_NAME)
+    names = (
+        CONTROLLER_NAME,
+        SCHEDULER_NAME,
+        GRAPH_EXECUTOR_NAME,
+        CONTEXT_STORE_NAME,
+        FEATURE_SERVER_NAME,
+    )
     for name in names:
         try:
             handle = actors.get_actor(name)

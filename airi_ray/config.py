@@ -365,6 +365,44 @@ class GraphSpec(_Spec):
     edges: list[GraphEdgeSpec] = Field(min_length=1, description="Edges and conditional edges.")
 
 
+WINDOW_PATTERN = r"^(\d+(\.\d+)?)(s|m|h|d)$|^all$"
+_WINDOW_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class AggregationSpec(_Spec):
+    name: str = Field(description="Feature name in lookups.")
+    field: str = Field(description="Event field (or transform, or the entity key) it reads.")
+    fn: Literal["count", "sum", "mean", "min", "max", "last"] = Field(description="Aggregate.")
+    window: str = Field(
+        pattern=WINDOW_PATTERN,
+        description="Event-time window ending at the lookup time: `30s`, `5m`, `1h`, `1d`, "
+        "or `all` (every retained event).",
+    )
+
+    def window_s(self) -> float:
+        if self.window == "all":
+            return float("inf")
+        return float(self.window[:-1]) * _WINDOW_UNITS[self.window[-1]]
+
+
+class FeatureViewSpec(_Spec):
+    """A feature view: events about entities, aggregated over event-time windows."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$", description="View name.")
+    entity_key: str = Field(description="Event field holding the entity id.")
+    timestamp_field: str = Field("ts", description="Event field holding the event time.")
+    fields: dict[str, Literal["float", "int", "str", "bool"]] = Field(
+        description="Every other event field and its type (all required in each event)."
+    )
+    transforms: dict[str, str] = Field(
+        default_factory=dict,
+        description="Derived fields: arithmetic and comparisons over fields, e.g. "
+        "`{big: amount > 100}`.",
+    )
+    aggregations: list[AggregationSpec] = Field(min_length=1, description="The features.")
+    ttl_s: float = Field(86400.0, gt=0, description="Kept this long past the longest window.")
+
+
 class AppSpec(_Spec):
     """Everything one airi app deploys."""
 
@@ -375,6 +413,9 @@ class AppSpec(_Spec):
     ingress: IngressSpec = Field(default_factory=IngressSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     graphs: list[GraphSpec] = Field(default_factory=list, description="Graphs of model calls.")
+    features: list[FeatureViewSpec] = Field(
+        default_factory=list, description="Feature views served online."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppSpec:
@@ -382,6 +423,7 @@ class AppSpec(_Spec):
             ("model", [m.name for m in self.models]),
             ("tenant", [t.name for t in self.tenants]),
             ("graph", [g.name for g in self.graphs]),
+            ("feature view", [f.name for f in self.features]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:

@@ -36,7 +36,7 @@ from airi_ray.core.graph import (
     merge,
     replace,
 )
-from airi_ray.core.nodes import ModelCall
+from airi_ray.core.nodes import Features, ModelCall, Retrieve
 
 __all__ = [
     "END",
@@ -52,8 +52,10 @@ __all__ = [
     "chat",
     "complete",
     "embed",
+    "features",
     "merge",
     "replace",
+    "retrieve",
 ]
 
 Build = Callable[[Mapping[str, Any]], Any]
@@ -77,6 +79,25 @@ def complete(
 def embed(model: str, texts: Build, *, output: str) -> ModelCall:
     """A node that embeds ``texts(view)`` (a string or a list) with ``model``."""
     return ModelCall("embed", model, texts, output)
+
+
+def retrieve(
+    collection: str,
+    query: Build,
+    *,
+    output: str,
+    k: int = 5,
+    filter: Mapping[str, Any] | None = None,
+    mmr_lambda: float | None = None,
+) -> Retrieve:
+    """A node that retrieves the ``k`` chunks closest to ``query(view)`` from
+    ``collection`` (the run's tenant's documents only) into ``output``."""
+    return Retrieve(collection, query, output, k, filter, mmr_lambda)
+
+
+def features(view: str, entities: Build, *, output: str) -> Features:
+    """A node that looks up the online features of ``entities(view)`` in a feature view."""
+    return Features(view, entities, output)
 
 
 def _function(ref: str) -> Callable[..., Any]:

@@ -90,6 +90,18 @@ def airi_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
         ],
         "ingress": {"port": port, "max_body_bytes": 65536},
         "storage": {"uri": str(tmp_path_factory.mktemp("state"))},
+        "features": [
+            {
+                "name": "orders",
+                "entity_key": "user",
+                "fields": {"amount": "float"},
+                "aggregations": [
+                    {"name": "orders_5m", "field": "amount", "fn": "count", "window": "5m"},
+                    {"name": "spend_1h", "field": "amount", "fn": "sum", "window": "1h"},
+                    {"name": "last_amount", "field": "amount", "fn": "last", "window": "all"},
+                ],
+            }
+        ],
     }
     ray.init(
         num_cpus=4,

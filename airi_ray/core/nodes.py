@@ -1,8 +1,10 @@
-"""What a graph node does when it is not a plain Python function: a model call.
+"""What a graph node does when it is not a plain Python function: a model call or a
+retrieval.
 
 A ``ModelCall`` is data: which model, how to build its input from the node's view of the
 state, which field receives the answer. The executor runs it through the same call path as
-every other model call (scheduler, policy, filters), under the run's identity.
+every other model call (scheduler, policy, filters), under the run's identity; a
+``Retrieve`` embeds its query the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +40,30 @@ class ModelCall:
     usage: str | None = None
 
 
+@dataclass(frozen=True)
+class Retrieve:
+    """A node that retrieves from a collection: ``query(view)`` is embedded by the
+    collection's model and the ``k`` best chunks of the run's tenant go to ``output`` as
+    ``{"id", "doc_id", "text", "metadata", "score"}`` dicts (``id`` is the citation id)."""
+
+    collection: str
+    query: Callable[[Mapping[str, Any]], str]
+    output: str
+    k: int = 5
+    filter: Mapping[str, Any] | None = None
+    mmr_lambda: float | None = None
+
+
+@dataclass(frozen=True)
+class Features:
+    """A node that looks up online features: ``entities(view)`` gives entity ids, and
+    ``output`` receives ``{entity id: {feature: value}}`` as of now."""
+
+    view: str
+    entities: Callable[[Mapping[str, Any]], list[Any]]
+    output: str
+
+
 def calls_ahead(graph: CompiledGraph) -> dict[str, int]:
     """For each node, the most model calls still to come after it on one path to the end
     (loops counted once): the share of a run's deadline a call may take is what is left
@@ -58,7 +84,7 @@ def calls_ahead(graph: CompiledGraph) -> dict[str, int]:
         for nxt in succ[node]:
             if nxt in path:  # a back edge: the loop is counted once
                 continue
-            here = 1 if isinstance(graph.nodes[nxt].action, ModelCall) else 0
+            here = 1 if isinstance(graph.nodes[nxt].action, ModelCall | Retrieve) else 0
             best = max(best, here + longest(nxt, path | {nxt}))
         memo[node] = best
         return best

@@ -45,7 +45,7 @@ from lancedb.index import Bitmap, HnswSq, IvfPq
 from tqdm import tqdm
 
 from airi_ray.core.chunking import Chunker
-from airi_ray.core.errors import AiriError, InvalidRequest, PayloadTooLarge
+from airi_ray.core.errors import AiriError, InvalidRequest, NotFound, PayloadTooLarge
 from airi_ray.core.mmr import mmr_select
 
 __all__ = [
@@ -87,11 +87,9 @@ _MANIFEST_SCHEMA = pa.schema(
 _TEXT_COLUMNS = ["tenant", "id", "doc_id", "text", "metadata", "labels"]
 
 
-class CollectionNotFound(AiriError, LookupError):
+class CollectionNotFound(NotFound, LookupError):
     """No collection of that name exists under the storage URI."""
 
-    status = 404
-    type = "invalid_request_error"
     code = "collection_not_found"
 
 

