@@ -36,7 +36,7 @@ from airi_ray.core.graph import (
     merge,
     replace,
 )
-from airi_ray.core.nodes import Features, ModelCall, Retrieve
+from airi_ray.core.nodes import Features, ModelCall, PolicyCheck, Retrieve
 
 __all__ = [
     "END",
@@ -50,6 +50,7 @@ __all__ = [
     "append",
     "build_graph",
     "chat",
+    "check",
     "complete",
     "embed",
     "features",
@@ -93,6 +94,16 @@ def retrieve(
     """A node that retrieves the ``k`` chunks closest to ``query(view)`` from
     ``collection`` (the run's tenant's documents only) into ``output``."""
     return Retrieve(collection, query, output, k, filter, mmr_lambda)
+
+
+def check(
+    field: str, *, output: str | None = None, where: str = "prompt", model: str = "*"
+) -> PolicyCheck:
+    """A node that runs the tenant's content filters on ``field`` (reads it, writes
+    ``output`` or ``field`` back redacted; a block fails the run)."""
+    if where not in ("prompt", "document"):
+        raise InvalidRequest(f"where must be 'prompt' or 'document', got {where!r}")
+    return PolicyCheck(field, output or field, where, model)
 
 
 def features(view: str, entities: Build, *, output: str) -> Features:

@@ -55,6 +55,20 @@ class Retrieve:
 
 
 @dataclass(frozen=True)
+class PolicyCheck:
+    """A node that passes the text in ``field`` through the run's tenant's content filters
+    (PII redaction, block lists, the injection heuristic, the semantic filter) and writes
+    the redacted text to ``output`` (default: back to ``field``); a blocked text fails the
+    run with the filter's 400/403. ``where``: ``prompt`` for user text, ``document`` for
+    retrieved text. ``model``: check with the filters that apply to that model."""
+
+    field: str
+    output: str
+    where: str = "prompt"
+    model: str = "*"
+
+
+@dataclass(frozen=True)
 class Features:
     """A node that looks up online features: ``entities(view)`` gives entity ids, and
     ``output`` receives ``{entity id: {feature: value}}`` as of now."""

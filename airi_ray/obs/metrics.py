@@ -202,6 +202,12 @@ class RuntimeMetrics:
             ["model", "tenant", "rule"],
             registry=r,
         )
+        self.policy_filter_events = Counter(
+            "airi_policy_filter_events",
+            "Content-filter outcomes on prompts and answers (block, redact, flag), by rule",
+            ["model", "tenant", "rule", "action"],
+            registry=r,
+        )
         self.engines = _EngineCollector()
         r.register(self.engines)
         r.register(_SchedulerCollector(scheduler_stats))

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -35,6 +35,7 @@ from airi_ray.core.errors import (
     ReplicaUnavailable,
 )
 from airi_ray.core.policy import (
+    AuditEvent,
     FilterConfig,
     FilterSet,
     SemanticFilter,
@@ -267,6 +268,9 @@ class CallPath:
         self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](
             lambda items: self._scheduler.release.remote(items)
         )
+        self._audit_events = _Coalescer[AuditEvent](
+            lambda items: self._scheduler.audit.remote(items)
+        )
 
     # -- models and tokenizers -----------------------------------------------------------
 
@@ -332,13 +336,14 @@ class CallPath:
         info = await self.model(model, "generate")
         if getattr(info.tokenizer, "chat_template", None) is None:
             raise InvalidRequest(f"model {model!r} has no chat template; use completions instead")
+        rid = f"req-{uuid.uuid4().hex}"
         filters = await self._filters(tenant, model)
         await self._semantic_check(
-            tenant, model, [m.content for m in messages if m.role in ("user", "tool")]
+            tenant, model, [m.content for m in messages if m.role in ("user", "tool")], rid
         )
         contents = [
             self._filter_input(
-                filters, m.content, "document" if m.role == "tool" else "prompt", tenant, model
+                filters, m.content, "document" if m.role == "tool" else "prompt", tenant, model, rid
             )
             for m in messages
         ]
@@ -350,7 +355,7 @@ class CallPath:
         if not isinstance(ids, list):  # transformers may return a BatchEncoding
             ids = list(ids["input_ids"])
         shape = (len(messages), sum(len(m.content) for m in messages))
-        return self._generation(info, list(ids), params, tenant, options, filters, cap, shape)
+        return self._generation(info, list(ids), params, tenant, options, filters, cap, shape, rid)
 
     async def complete(
         self,
@@ -364,12 +369,13 @@ class CallPath:
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string")
         info = await self.model(model, "generate")
+        rid = f"req-{uuid.uuid4().hex}"
         filters = await self._filters(tenant, model)
-        await self._semantic_check(tenant, model, [prompt])
-        prompt = self._filter_input(filters, prompt, "prompt", tenant, model)
+        await self._semantic_check(tenant, model, [prompt], rid)
+        prompt = self._filter_input(filters, prompt, "prompt", tenant, model, rid)
         ids = info.tokenizer(prompt)["input_ids"]
         shape = (0, len(prompt))
-        return self._generation(info, list(ids), params, tenant, options, filters, cap, shape)
+        return self._generation(info, list(ids), params, tenant, options, filters, cap, shape, rid)
 
     # -- content filters ---------------------------------------------------------------
 
@@ -396,7 +402,9 @@ class CallPath:
             filters = self._filter_sets[key] = FilterSet(FilterConfig(**config))
         return filters
 
-    async def _semantic_check(self, tenant: str, model: str, texts: list[str]) -> None:
+    async def _semantic_check(
+        self, tenant: str, model: str, texts: list[str], request_id: str
+    ) -> None:
         """Embed the user's text with the tenant's semantic-filter model and compare it
         with the blocked examples; raises ContentBlocked on a match (``block``)."""
         spec = await self._filter_spec(tenant, model)
@@ -432,15 +440,31 @@ class CallPath:
             try:
                 finding = semantic.check(vector)
             except AiriError as e:
-                event = refusal_event(e, tenant=tenant, model=model, request_id="-")
-                logger.info("policy %s", event)
+                self._audit([refusal_event(e, tenant=tenant, model=model, request_id=request_id)])
                 raise
             if finding is not None:
-                logger.info("policy semantic flag tenant=%s model=%s", tenant, model)
+                self._audit([AuditEvent(tenant, model, "semantic", "flag", request_id)])
 
-    @staticmethod
+    async def check_text(self, tenant: str, text: str, where: str, model: str = "*") -> str:
+        """Pass ``text`` through the tenant's input filters for ``model`` (``*``: filters
+        that apply to every model), as a call would: returns it redacted, or raises
+        ContentBlocked. ``where``: ``prompt`` (user text) or ``document`` (retrieved text)."""
+        if not isinstance(text, str):
+            raise InvalidRequest(f"a policy check takes text, got {type(text).__name__}")
+        rid = f"chk-{uuid.uuid4().hex}"
+        await self._semantic_check(tenant, model, [text], rid)
+        return self._filter_input(
+            await self._filters(tenant, model), text, where, tenant, model, rid
+        )
+
     def _filter_input(
-        filters: FilterSet | None, text: str, where: str, tenant: str, model: str
+        self,
+        filters: FilterSet | None,
+        text: str,
+        where: str,
+        tenant: str,
+        model: str,
+        request_id: str,
     ) -> str:
         """The text as the tenant's filters pass it (redacted), or ContentBlocked."""
         if filters is None:
@@ -448,11 +472,19 @@ class CallPath:
         try:
             result = filters.check_input(text, where=where)
         except AiriError as e:
-            logger.info("policy %s", refusal_event(e, tenant=tenant, model=model, request_id="-"))
+            self._audit([refusal_event(e, tenant=tenant, model=model, request_id=request_id)])
             raise
-        for event in finding_events(result.findings, tenant=tenant, model=model, request_id="-"):
-            logger.info("policy %s", event)
+        self._audit(
+            finding_events(result.findings, tenant=tenant, model=model, request_id=request_id)
+        )
         return result.text
+
+    def _audit(self, events: Iterable[AuditEvent]) -> None:
+        """Log each refusal, redaction and flag (never the text), and have the scheduler
+        count them, as it counts its own refusals."""
+        for e in events:
+            logger.info("policy %s", e)
+            self._audit_events.add(e)
 
     def _generation(
         self,
@@ -464,6 +496,7 @@ class CallPath:
         filters: FilterSet | None = None,
         cap: Callable[[int], int] | None = None,
         shape: tuple[int, int] = (0, 0),
+        request_id: str | None = None,
     ) -> Generation:
         assert info.max_model_len is not None
         max_tokens = resolve_max_tokens(
@@ -471,7 +504,7 @@ class CallPath:
         )
         if cap is not None:
             max_tokens = min(max_tokens, cap(len(prompt_ids)))
-        g = Generation(request_id=f"req-{uuid.uuid4().hex}", model=info.name)
+        g = Generation(request_id=request_id or f"req-{uuid.uuid4().hex}", model=info.name)
         g.usage.prompt_tokens = len(prompt_ids)
         request = AcquireRequest(
             g.request_id,
@@ -538,6 +571,15 @@ class CallPath:
         finally:
             usage.e2e_s = time.perf_counter() - start
             self._release(lease, usage, usage.error in ("replica_died", "no_replica"))
+            if out is not None:
+                self._audit(
+                    finding_events(
+                        out.findings,
+                        tenant=request.tenant,
+                        model=g.model,
+                        request_id=g.request_id,
+                    )
+                )
 
     async def embed(
         self, model: str, texts: list[str], tenant: str, options: CallOptions = DEFAULT_OPTIONS

@@ -32,7 +32,7 @@ import ray
 
 from airi_ray.core.errors import AiriError, InvalidRequest, NotFound
 from airi_ray.core.graph import CompiledGraph, Node, RunError, RunState
-from airi_ray.core.nodes import Features, ModelCall, Retrieve, calls_ahead
+from airi_ray.core.nodes import Features, ModelCall, PolicyCheck, Retrieve, calls_ahead
 from airi_ray.core.policy import PermissionDenied
 from airi_ray.core.requests import CallOptions, generation_params, parse_messages
 from airi_ray.core.runs import RunLimits, RunOptions
@@ -300,10 +300,11 @@ class GraphExecutor:
         if g is None:
             known = ", ".join(sorted(self._graphs)) or "none"
             raise NotFound(f"graph {name!r} is not registered; graphs: {known}")
-        patterns = (await self._acl.get()).get(tenant) or ["*"]
-        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            raise PermissionDenied(f"tenant {tenant!r} may not run graph {name!r}")
-        return g
+        for fresh in (False, True):  # a refusal is checked against the latest spec
+            patterns = (await self._acl.get(fresh)).get(tenant) or ["*"]
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                return g
+        raise PermissionDenied(f"tenant {tenant!r} may not run graph {name!r}")
 
     def _launch(self, run: _Run) -> None:
         self._runs[run.run_id] = run
@@ -410,6 +411,10 @@ class GraphExecutor:
             return await self._model_call(run, action, view, node.name)
         if isinstance(action, Retrieve):
             return await self._retrieve(run, action, view, node.name)
+        if isinstance(action, PolicyCheck):
+            text = view.get(action.field)
+            clean = await self._path().check_text(run.tenant, text, action.where, action.model)
+            return {action.output: clean}
         if isinstance(action, Features):
             server = actors.get_actor(FEATURE_SERVER_NAME)
             found = await server.get.remote(action.view, list(action.entities(view)))

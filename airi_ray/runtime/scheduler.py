@@ -20,7 +20,13 @@ from typing import Any
 
 from airi_ray.config import ANONYMOUS_TENANT, SYSTEM_TENANT, AppSpec
 from airi_ray.core.errors import AiriError, ReplicaUnavailable
-from airi_ray.core.policy import Admission, PolicyEngine, TenantPolicy, refusal_event
+from airi_ray.core.policy import (
+    Admission,
+    AuditEvent,
+    PolicyEngine,
+    TenantPolicy,
+    refusal_event,
+)
 from airi_ray.core.requests import Usage, cap_priority
 from airi_ray.core.scheduling import AcquireRequest, Lease, ReplicaView, Scheduler
 from airi_ray.obs.metrics import RuntimeMetrics
@@ -216,6 +222,13 @@ class GlobalScheduler:
         admission = self._admissions.pop(request_id, None)
         if admission is not None:
             self.policy.release(admission, prompt_tokens, completion_tokens, time.time())
+
+    def audit(self, events: list[AuditEvent]) -> None:
+        """Count content-filter outcomes (blocks, redactions, flags) reported by callers."""
+        for e in events:
+            self.metrics.policy_filter_events.labels(e.model, e.tenant, e.rule, e.action).inc(
+                e.count
+            )
 
     def _refused(self, request: AcquireRequest, error: AiriError) -> None:
         """Log and count a policy refusal; never the key, never the prompt."""
