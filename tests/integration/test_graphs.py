@@ -339,3 +339,40 @@ def test_cancelling_a_run_aborts_its_model_calls(client) -> None:
     result = client.cancel_run(run_id)
     assert result["status"] == "cancelled"
     wait_for(lambda: in_flight() == 0, timeout=10, what="the call to be aborted")
+
+
+def test_node_retries_and_timeouts(client, tmp_path: Path) -> None:
+    from airi_ray.graphs import RetryPolicy
+
+    attempts = str(tmp_path / "attempts.txt")
+
+    def flaky(view: dict[str, Any]) -> dict[str, Any]:
+        with open(attempts, "a") as f:
+            f.write("x")
+        if len(Path(attempts).read_text()) < 3:
+            raise ConnectionError("transient")
+        return {"out": "ok"}
+
+    async def slow(view: dict[str, Any]) -> dict[str, Any]:
+        import asyncio
+
+        await asyncio.sleep(30)
+        return {"out": "late"}
+
+    g = StateGraph("flaky", {"out": Field()})
+    g.add_node("flaky", flaky, writes=["out"], retry=RetryPolicy(max_attempts=3, backoff_s=0.01))
+    g.add_edge(START, "flaky").add_edge("flaky", END)
+    client.register_graph(g.compile())
+    result = client.run_graph("flaky", {})
+    assert result["status"] == "finished" and result["state"]["out"] == "ok"
+    assert Path(attempts).read_text() == "xxx"
+
+    g = StateGraph("slow", {"out": Field()})
+    g.add_node("slow", slow, writes=["out"], retry=RetryPolicy(max_attempts=2), timeout_s=0.2)
+    g.add_edge(START, "slow").add_edge("slow", END)
+    client.register_graph(g.compile())
+    started = time.monotonic()
+    result = client.run_graph("slow", {})
+    assert result["status"] == "failed" and result["error"]["code"] == "node_failed"
+    assert "node 'slow' timed out (after 2 attempt(s))" in result["error"]["message"]
+    assert time.monotonic() - started < 10
