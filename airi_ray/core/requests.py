@@ -71,6 +71,12 @@ def generation_params(kwargs: dict[str, Any]) -> GenerationParams:
 PRIORITIES: tuple[str, ...] = ("interactive", "batch")
 
 
+def check_priority(priority: object) -> None:
+    """Raise ``InvalidRequest`` unless ``priority`` is one of ``PRIORITIES``."""
+    if priority not in PRIORITIES:
+        raise InvalidRequest(f"priority must be one of {', '.join(PRIORITIES)}; got {priority!r}")
+
+
 def cap_priority(requested: str, cap: str) -> str:
     """``requested``, or ``cap`` if ``requested`` is more urgent than it."""
     return max(requested, cap, key=PRIORITIES.index)
@@ -87,10 +93,7 @@ class CallOptions:
     session_id: str | None = None
 
     def __post_init__(self) -> None:
-        if self.priority not in PRIORITIES:
-            raise InvalidRequest(
-                f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}"
-            )
+        check_priority(self.priority)
         if self.deadline_s is not None and (
             isinstance(self.deadline_s, bool)
             or not isinstance(self.deadline_s, int | float)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from airi_ray.core.errors import AiriError, InvalidRequest
-from airi_ray.core.requests import PRIORITIES
+from airi_ray.core.requests import check_priority
 
 MAX_RUN_DEADLINE_S = 86_400.0
 
@@ -49,10 +49,7 @@ class RunOptions:
     deadline_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.priority not in PRIORITIES:
-            raise InvalidRequest(
-                f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}"
-            )
+        check_priority(self.priority)
         b = self.token_budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise InvalidRequest(f"token_budget must be a positive integer, got {b!r}")

@@ -242,12 +242,17 @@ class GraphExecutor:
     async def wait(
         self, tenant: str, run_id: str, timeout_s: float | None = None
     ) -> dict[str, Any]:
-        """The run's result once it ends (or as it stands after ``timeout_s``)."""
+        """The run's result once it ends (or as it stands after ``timeout_s``). A run left
+        unfinished by an executor that died is resumed first."""
         run = self._get(tenant, run_id)
         if run is None:
             record = await self._store.run.remote(tenant, run_id)  # NotFound if none
             last = record["events"][-1]
-            return {"run_id": run_id, "status": last["status"], **last.get("result", {})}
+            if last["status"] not in ("started", "resumed"):
+                return {"run_id": run_id, "status": last["status"], **last.get("result", {})}
+            # Orphaned by an executor that died: whoever waits for it brings it back.
+            await self.resume(tenant, run_id)
+            run = self._runs[run_id]
         if run.task is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(run.task), timeout_s)
