@@ -113,12 +113,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _print_status(status: dict[str, Any]) -> None:
     print(f"app: {status['app']}")
-    print(f"{'MODEL':<20} {'VERSION':<8} {'TASK':<9} {'READY':>5}/{'WANT':<5} {'CTX':>6}  ERROR")
+    print(
+        f"{'MODEL':<20} {'VERSION':<8} {'TASK':<9} {'READY':>5}/{'WANT':<5} {'CTX':>6}  "
+        f"{'ACCELERATORS':<16} ERROR"
+    )
     for m in status["models"]:
+        accels = " ".join(f"{k}x{v}" for k, v in (m.get("accelerators") or {}).items()) or "-"
+        problem = m.get("error") or (f"pending: {m['pending']}" if m.get("pending") else "")
         print(
             f"{m['name']:<20} {m['version']:<8} {m['task']:<9} {m['ready_replicas']:>5}/{m['replicas']:<5} "
-            f"{m['max_model_len'] or '-':>6}  {m.get('error') or ''}"
+            f"{m['max_model_len'] or '-':>6}  {accels:<16} {problem}"
         )
+    if status.get("pools"):
+        print(f"\n{'POOL':<8} {'DEVICES':>7} {'USED':>6} {'FREE':>6} {'LEASES':>6} {'FRAG':>5}")
+        for kind, p in status["pools"].items():
+            print(
+                f"{kind:<8} {p['capacity_devices']:>7} {p['used_devices']:>6.2f} "
+                f"{p['free_devices']:>6.2f} {p['leases']:>6} {p['fragmentation']:>5.2f}"
+            )
     if status.get("scheduler"):
         print(f"\n{'MODEL':<20} {'QUEUED':>6} {'LEASED':>6}  ROUTES")
         for name, m in status["scheduler"].items():

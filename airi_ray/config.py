@@ -32,6 +32,31 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PlacementSpec(_Spec):
+    """Where a model's replicas may run: accelerator pools, best first, and what one
+    replica takes there. Placed replicas run in placement-group bundles leased from the
+    pools; a replica no pool can host is `pending: no capacity` (see `airi status`)."""
+
+    accelerator_types: list[str] = Field(
+        min_length=1,
+        description="Acceptable accelerator types, best first (e.g. [H100, L4]; `CPU` is the "
+        "CPU pool). A replica goes to the first type with room.",
+    )
+    devices: int = Field(1, ge=1, le=64, description="Whole devices per replica, on one node.")
+    fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of one device per replica (below 1: shared)."
+    )
+    memory_gib: float = Field(0.0, ge=0, description="Device memory per replica, GiB.")
+
+    @model_validator(mode="after")
+    def _fraction_of_one(self) -> PlacementSpec:
+        if self.fraction < 1 and self.devices != 1:
+            raise ValueError("a fraction below 1 needs devices: 1")
+        if len(set(self.accelerator_types)) != len(self.accelerator_types):
+            raise ValueError("accelerator_types must not repeat a type")
+        return self
+
+
 class ModelSpec(_Spec):
     """One served model and how its replicas run."""
 
@@ -76,6 +101,11 @@ class ModelSpec(_Spec):
         default_factory=list,
         description="Preferred accelerator types, best first (e.g. [H100, L4]); replicas on "
         "them win routing ties. `CPU` and `GPU` name replicas without a declared type.",
+    )
+    placement: PlacementSpec | None = Field(
+        None,
+        description="Place replicas on accelerator pools (placement groups); unset: the "
+        "replica actor asks Ray for `num_cpus`/`num_gpus`/`resources` directly.",
     )
     max_batch_size: int = Field(
         32, ge=1, le=1024, description="Embedding calls sent to the engine as one batch, at most."

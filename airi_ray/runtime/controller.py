@@ -9,6 +9,7 @@ or hang, and pushes the replica views to the scheduler.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import json
@@ -22,9 +23,11 @@ import ray
 
 from airi_ray.config import AppSpec, ModelSpec, parse_spec
 from airi_ray.core.errors import AiriError, InvalidRequest
+from airi_ray.core.placement import Lease, Packer, ReplicaNeeds, ReplicaRequest
 from airi_ray.core.policy import KeyRecord, KeyRing
 from airi_ray.core.scheduling import ReplicaView
 from airi_ray.runtime import actors
+from airi_ray.runtime.pools import bundle_for, pool_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +59,11 @@ class _Replica:
     last_probe: float = 0.0
     error: str | None = None
     started_at: float = dataclasses.field(default_factory=time.time)
+    lease: Lease | None = None  # its place in an accelerator pool, if the model is placed
 
     def view(self) -> ReplicaView:
-        accel = next(
+        accel = self.lease.accelerator_type if self.lease is not None else None
+        accel = accel or next(
             (k.split(":", 1)[1] for k in self.spec.resources if k.startswith("accelerator_type:")),
             "GPU" if self.spec.num_gpus else "CPU",
         )
@@ -80,6 +85,7 @@ class Controller:
         self.start_failures: dict[str, int] = {}
         self.start_errors: dict[str, str] = {}
         self.events: deque[str] = deque(maxlen=200)
+        self.pending: dict[str, str] = {}  # model -> why a replica could not be placed
         self.scheduler = actors.get_or_start_scheduler()
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
@@ -150,6 +156,12 @@ class Controller:
                     "ready_replicas": len(ready),
                     "replicas": m.replicas,
                     "error": self.start_errors.get(m.name),
+                    "pending": self.pending.get(m.name),
+                    "accelerators": dict(
+                        collections.Counter(
+                            r.view().accelerator for r in self.replicas.values() if r.spec == m
+                        )
+                    ),
                 }
             )
         return out
@@ -259,7 +271,27 @@ class Controller:
                 for r in sorted(self.replicas.values(), key=lambda r: r.replica_id)
             ],
             "events": list(self.events)[-20:],
+            "pools": self._pool_reports(),
         }
+
+    def _pool_reports(self) -> dict[str, dict[str, Any]]:
+        """Capacity, use and fragmentation per accelerator pool (placed models only)."""
+        if self.spec is None or not any(m.placement for m in self.spec.models):
+            return {}
+        reports = self._packer(ray.nodes()).reports()
+        return {kind: dataclasses.asdict(rep) for kind, rep in reports.items()}
+
+    def _packer(self, nodes: list[dict[str, Any]]) -> Packer:
+        """The pools as they stand: the cluster's nodes and the leases of live replicas
+        (a lease on a node that left the cluster is gone with it)."""
+        capacity = pool_nodes(nodes)
+        present = {n.node_id for n in capacity}
+        leases = [
+            r.lease
+            for r in self.replicas.values()
+            if r.lease is not None and r.lease.node_id in present
+        ]
+        return Packer(capacity, leases)
 
     async def shutdown(self) -> None:
         """Stop every replica and forget the spec."""
@@ -293,10 +325,15 @@ class Controller:
             self._lock = asyncio.Lock()
         async with self._lock:
             wanted = {m.name: m for m in (self.spec.models if self.spec else [])}
+            nodes = ray.nodes() if any(m.placement for m in wanted.values()) else []
             for r in list(self.replicas.values()):
                 if wanted.get(r.spec.name) != r.spec:
                     await self._stop(r, "no longer in the spec")
             for m in wanted.values():
+                for r in [r for r in self.replicas.values() if r.spec == m]:
+                    if r.state == "failed":  # dead or hung: its bundle goes back first
+                        self.replicas.pop(r.replica_id, None)
+                        self._free(r)
                 mine = [r for r in self.replicas.values() if r.spec == m]
                 alive = [r for r in mine if r.state in ("loading", "ready")]
                 for r in alive[m.replicas :]:
@@ -304,28 +341,53 @@ class Controller:
                 if self.start_failures.get(m.name, 0) >= MAX_START_FAILURES:
                     continue  # reported in status; a new deploy resets it
                 for _ in range(m.replicas - len(alive)):
-                    self._start(m)
-                for r in mine:
-                    if r.state == "failed":
-                        self.replicas.pop(r.replica_id, None)
+                    if not self._start(m, nodes):
+                        break
             await self._push_views()
 
-    def _start(self, m: ModelSpec) -> None:
+    def _start(self, m: ModelSpec, nodes: list[dict[str, Any]]) -> bool:
+        """Start one replica of ``m``; False if its pools have no room (it stays pending)."""
         rid = f"{m.name}-{m.version}-{uuid.uuid4().hex[:6]}"
-        r = _Replica(rid, m, actors.start_replica(rid, m))
+        lease = None
+        if m.placement is not None:
+            p = m.placement
+            needs = ReplicaNeeds(
+                m.name, tuple(p.accelerator_types), p.devices, p.fraction, p.memory_gib
+            )
+            placed = self._packer(nodes).place([ReplicaRequest(rid, needs)])
+            if placed.pending:
+                reason = placed.pending[0].reason
+                if self.pending.get(m.name) != reason:
+                    self._event(f"model {m.key} pending: {reason}")
+                self.pending[m.name] = reason
+                return False
+            lease = placed.leases[0]
+        self.pending.pop(m.name, None)
+        r = _Replica(rid, m, None, lease=lease)
         self.replicas[rid] = r
-        self._event(f"start replica {rid}")
-        asyncio.get_running_loop().create_task(self._await_start(r))
+        where = f" on {lease.accelerator_type} {lease.node_id}" if lease else ""
+        self._event(f"start replica {rid}{where}")
+        asyncio.get_running_loop().create_task(self._await_start(r, nodes))
+        return True
 
-    async def _await_start(self, r: _Replica) -> None:
+    async def _await_start(self, r: _Replica, nodes: list[dict[str, Any]]) -> None:
         try:
+            placement = None
+            if r.lease is not None:
+                bundle = bundle_for(r.lease, nodes, r.spec.num_cpus)
+                pool = actors.get_or_start_pool(r.lease.accelerator_type)
+                group = await pool.reserve.remote(dataclasses.asdict(r.lease), bundle)
+                placement = (group, bundle)
+            if r.state != "loading":
+                raise RuntimeError("stopped while being placed")
+            r.handle = actors.start_replica(r.replica_id, r.spec, placement)
             info = await asyncio.wait_for(r.handle.start.remote(), START_TIMEOUT_S)
         except Exception as e:
             r.state, r.error = "failed", _short_error(e)
             self.start_failures[r.spec.name] = self.start_failures.get(r.spec.name, 0) + 1
             self.start_errors[r.spec.name] = r.error
             self._event(f"replica {r.replica_id} failed to start: {r.error}")
-            ray.kill(r.handle, no_restart=True)
+            self._free(r)
             return
         if r.state != "loading":
             return  # stopped while loading
@@ -340,10 +402,18 @@ class Controller:
         self.replicas.pop(r.replica_id, None)
         self._event(f"stop replica {r.replica_id}: {why}")
         try:
-            await asyncio.wait_for(r.handle.shutdown.remote(), 10)
+            if r.handle is not None:
+                await asyncio.wait_for(r.handle.shutdown.remote(), 10)
         except Exception:
             pass
-        ray.kill(r.handle, no_restart=True)
+        self._free(r)
+
+    def _free(self, r: _Replica) -> None:
+        """Kill the replica's actor and give its bundle back to the pool."""
+        if r.handle is not None:
+            ray.kill(r.handle, no_restart=True)
+        if r.lease is not None:
+            actors.get_or_start_pool(r.lease.accelerator_type).release.remote(r.replica_id)
 
     async def _check_replicas(self) -> None:
         """Read engine stats; probe health now and then; drop dead or hung replicas."""
@@ -400,13 +470,21 @@ class Controller:
                         f"model {m.name!r} failed to start {MAX_START_FAILURES} times; last error: "
                         f"{self.start_errors.get(m.name)}"
                     )
-            pending = [
+            # A model without room in its pools does not hold the deploy up: it is reported
+            # as pending (status, events) and starts when capacity appears.
+            waiting = [
                 m.name
                 for m in (self.spec.models if self.spec else [])
                 if sum(1 for r in self.replicas.values() if r.spec == m and r.state == "ready")
                 < m.replicas
+                and not (
+                    m.name in self.pending
+                    and not any(
+                        r.spec == m and r.state == "loading" for r in self.replicas.values()
+                    )
+                )
             ]
-            if not pending:
+            if not waiting:
                 return
             await asyncio.sleep(0.2)
 

@@ -21,6 +21,7 @@ import contextlib
 import fnmatch
 import inspect
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -292,7 +293,7 @@ class GraphExecutor:
         by_status: dict[str, int] = {}
         for r in self._runs.values():
             by_status[r.status] = by_status.get(r.status, 0) + 1
-        return {"graphs": sorted(self._graphs), "runs": by_status}
+        return {"graphs": sorted(self._graphs), "runs": by_status, "pid": os.getpid()}
 
     # -- execution -------------------------------------------------------------------------
 

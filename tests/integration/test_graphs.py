@@ -234,9 +234,11 @@ def test_an_executor_killed_mid_run_resumes_without_rerunning_finished_nodes(
 
     wait_for(lambda: checkpoints() == 2 and "n3" in Path(calls).read_text(), what="n3 running")
     executor = actors.get_actor(actors.GRAPH_EXECUTOR_NAME)
+    pid = ray.get(executor.stats.remote())["pid"]
     ray.kill(executor, no_restart=False)
+    # Only once the old process is gone may n3 finish (in its new incarnation).
+    wait_for(lambda: _pid() not in (None, pid), what="the executor to restart")
     Path(gate).touch()
-    wait_for(lambda: _alive(), what="executor restarted")
     assert client.resume_run(run_id) == run_id
     result = client.wait_run(run_id)
     assert result["status"] == "finished", result
@@ -247,11 +249,12 @@ def test_an_executor_killed_mid_run_resumes_without_rerunning_finished_nodes(
     assert ran.count("n3") == 2 and ran.count("n4") == ran.count("n5") == 1
 
 
-def _alive() -> bool:
+def _pid() -> int | None:
     try:
-        return bool(ray.get(actors.get_actor(actors.GRAPH_EXECUTOR_NAME).stats.remote(), timeout=5))
+        executor = actors.get_actor(actors.GRAPH_EXECUTOR_NAME)
+        return int(ray.get(executor.stats.remote(), timeout=5)["pid"])
     except Exception:
-        return False
+        return None
 
 
 # -- HTTP and conversations -------------------------------------------------------------------
