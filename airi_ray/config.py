@@ -57,6 +57,32 @@ class PlacementSpec(_Spec):
         return self
 
 
+class AutoscaleSpec(_Spec):
+    """Scale a model's replicas with its load (`replicas` is then the starting count)."""
+
+    min_replicas: int = Field(1, ge=1, le=64, description="Fewest replicas while in use.")
+    max_replicas: int = Field(4, ge=1, le=64, description="Most replicas.")
+    target_tokens_per_replica: int = Field(
+        4000, ge=1, description="Queued plus running tokens one replica should carry."
+    )
+    ttft_p99_objective_s: float = Field(
+        2.0, gt=0, description="Scale up when the TTFT p99 of the last 30 s exceeds this."
+    )
+    scale_down_delay_s: float = Field(
+        300.0, ge=0, description="How long the load must stay low before each step down."
+    )
+    upscale_cooldown_s: float = Field(
+        30.0, ge=0, description="Least time between two scale-ups (new replicas load first)."
+    )
+    scale_to_zero: bool = Field(False, description="Let an idle model go to 0 replicas.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+
 class ModelSpec(_Spec):
     """One served model and how its replicas run."""
 
@@ -101,6 +127,9 @@ class ModelSpec(_Spec):
         default_factory=list,
         description="Preferred accelerator types, best first (e.g. [H100, L4]); replicas on "
         "them win routing ties. `CPU` and `GPU` name replicas without a declared type.",
+    )
+    autoscale: AutoscaleSpec | None = Field(
+        None, description="Scale replicas with queued tokens and TTFT; unset: fixed `replicas`."
     )
     placement: PlacementSpec | None = Field(
         None,

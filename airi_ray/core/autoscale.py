@@ -13,7 +13,8 @@ Rules, checked in this order:
    more replica); not again within ``upscale_cooldown_s`` of the last scale-up, since new
    replicas need time to load before their effect shows.
 3. Down: one replica at a time, when the load has stayed low for ``scale_down_delay_s``;
-   each further step waits a full delay again. With ``scale_to_zero`` the last replica
+   each further step waits a full delay again. Not while replicas are still loading: the
+   delay starts once the last scale-up has taken effect. With ``scale_to_zero`` the last replica
    goes once nothing was queued, running or requested for the delay.
 4. Never above ``max_replicas`` nor beyond the replicas the pools can still host
    (``pool_free_replicas``); the reason says which cap applied.
@@ -113,6 +114,8 @@ class AutoscaleContext:
         requests_in_window: requests that arrived in the recent window.
         pool_free_replicas: how many more replicas of this model the pools can host.
         state: what the previous call returned, None on the first call.
+        loading_replicas: replicas started but not ready yet; while there are any, the
+            model is not scaled down (the last scale-up has not taken effect).
     """
 
     config: AutoscaleConfig
@@ -124,6 +127,7 @@ class AutoscaleContext:
     requests_in_window: int = 0
     pool_free_replicas: int = 0
     state: AutoscaleState | None = None
+    loading_replicas: int = 0
 
     def __post_init__(self) -> None:
         counts = {
@@ -132,6 +136,7 @@ class AutoscaleContext:
             "running_tokens": self.running_tokens,
             "requests_in_window": self.requests_in_window,
             "pool_free_replicas": self.pool_free_replicas,
+            "loading_replicas": self.loading_replicas,
         }
         negative = [f"{k}={v}" for k, v in counts.items() if v < 0]
         if negative:
@@ -221,6 +226,13 @@ def policy(ctx: AutoscaleContext) -> tuple[int, AutoscaleState, ScaleDecision]:
 
     # 3. down, one step at a time after the delay
     fits_fewer = load <= (n - 1) * cfg.target_tokens_per_replica * _DOWN_UTILIZATION
+    if n > floor and fits_fewer and ctx.loading_replicas > 0:
+        # A scale-up not yet in effect cannot be judged: the delay starts once it is.
+        return decide(
+            n,
+            f"load low, but {ctx.loading_replicas} replica(s) still loading: stays at {n}",
+            replace(state, low_since=None),
+        )
     if n > floor and fits_fewer:
         since = prev.low_since if prev.low_since is not None else now
         if n == 1:

@@ -163,6 +163,7 @@ class ModelStats:
     in_flight_tokens: int
     routes: dict[str, int]
     tenants: dict[str, TenantStats]
+    queued_tokens: int = 0  # prompt + max_tokens of every queued request
 
 
 @dataclass(slots=True)
@@ -567,9 +568,12 @@ class Scheduler:
         for model, m in self._models.items():
             q = m.queue
             tenants: dict[str, TenantStats] = {}
+            queued_tokens = 0
             for tenant in sorted(set(q.tenants()) | set(m.counts)):
                 c = m.counts.get(tenant, _Counts())
-                oldest = min((x.enqueued_at for x in q.items(tenant)), default=now)
+                items = list(q.items(tenant))
+                queued_tokens += sum(x.request.prompt_tokens + x.request.max_tokens for x in items)
+                oldest = min((x.enqueued_at for x in items), default=now)
                 tenants[tenant] = TenantStats(
                     queue_depth=q.depth(tenant),
                     oldest_wait_s=max(float(now - oldest), 0.0),
@@ -585,6 +589,7 @@ class Scheduler:
                 in_flight_tokens=sum(r.in_flight_tokens for r in m.replicas),
                 routes=dict(m.routes),
                 tenants=tenants,
+                queued_tokens=queued_tokens,
             )
         return out
 

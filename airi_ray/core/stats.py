@@ -30,6 +30,28 @@ class RateWindow:
             self._total -= self._events.popleft()[1]
 
 
+class SampleWindow:
+    """The samples of the last ``window_s`` seconds (e.g. TTFTs, for a recent p99)."""
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        if window_s <= 0:
+            raise ValueError("window_s must be positive")
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, now: float, value: float) -> None:
+        self._samples.append((now, value))
+        self._expire(now)
+
+    def values(self, now: float) -> list[float]:
+        self._expire(now)
+        return [v for _, v in self._samples]
+
+    def _expire(self, now: float) -> None:
+        while self._samples and self._samples[0][0] <= now - self.window_s:
+            self._samples.popleft()
+
+
 def percentile(values: list[float], q: float) -> float:
     """The ``q``-th percentile (0-100) by linear interpolation; NaN for no values."""
     if not values:

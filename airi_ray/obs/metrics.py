@@ -208,6 +208,15 @@ class RuntimeMetrics:
             ["model", "tenant", "rule", "action"],
             registry=r,
         )
+        self.autoscale_decisions = Counter(
+            "airi_autoscale_decisions",
+            "Replica count changes the autoscaler made, by direction",
+            ["model", "direction"],
+            registry=r,
+        )
+        self.desired_replicas = Gauge(
+            "airi_desired_replicas", "Replicas the autoscaler wants", ["model"], registry=r
+        )
         self.engines = _EngineCollector()
         r.register(self.engines)
         r.register(_SchedulerCollector(scheduler_stats))

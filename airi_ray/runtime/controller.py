@@ -22,6 +22,8 @@ from typing import Any
 import ray
 
 from airi_ray.config import AppSpec, ModelSpec, parse_spec
+from airi_ray.core.autoscale import AutoscaleConfig, AutoscaleContext, AutoscaleState
+from airi_ray.core.autoscale import policy as autoscale_policy
 from airi_ray.core.errors import AiriError, InvalidRequest
 from airi_ray.core.placement import Lease, Packer, ReplicaNeeds, ReplicaRequest
 from airi_ray.core.policy import KeyRecord, KeyRing
@@ -86,6 +88,8 @@ class Controller:
         self.start_errors: dict[str, str] = {}
         self.events: deque[str] = deque(maxlen=200)
         self.pending: dict[str, str] = {}  # model -> why a replica could not be placed
+        self.desired: dict[str, int] = {}  # model -> replicas the autoscaler wants
+        self._scaling: dict[str, AutoscaleState] = {}
         self.scheduler = actors.get_or_start_scheduler()
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
@@ -154,7 +158,7 @@ class Controller:
                     "source": m.model,
                     "max_model_len": next((r.max_model_len for r in ready), None),
                     "ready_replicas": len(ready),
-                    "replicas": m.replicas,
+                    "replicas": self._wanted(m),
                     "error": self.start_errors.get(m.name),
                     "pending": self.pending.get(m.name),
                     "accelerators": dict(
@@ -315,6 +319,7 @@ class Controller:
         while True:
             try:
                 await self._check_replicas()
+                await self._autoscale()
                 await self._reconcile()
             except Exception:  # the loop must survive anything one iteration does
                 logger.exception("controller loop iteration failed")
@@ -336,14 +341,70 @@ class Controller:
                         self._free(r)
                 mine = [r for r in self.replicas.values() if r.spec == m]
                 alive = [r for r in mine if r.state in ("loading", "ready")]
-                for r in alive[m.replicas :]:
+                # Scaling down drops loading replicas first, then the youngest ready ones.
+                alive.sort(key=lambda r: (r.state == "ready", -r.started_at), reverse=True)
+                for r in alive[self._wanted(m) :]:
                     await self._stop(r, "scaled down")
                 if self.start_failures.get(m.name, 0) >= MAX_START_FAILURES:
                     continue  # reported in status; a new deploy resets it
-                for _ in range(m.replicas - len(alive)):
+                for _ in range(self._wanted(m) - len(alive)):
                     if not self._start(m, nodes):
                         break
             await self._push_views()
+
+    def _wanted(self, m: ModelSpec) -> int:
+        """Replicas ``m`` should have: the autoscaler's count, else the spec's."""
+        if m.autoscale is None:
+            return m.replicas
+        start = min(max(m.replicas, m.autoscale.min_replicas), m.autoscale.max_replicas)
+        return self.desired.get(m.name, start)
+
+    async def _autoscale(self) -> None:
+        """One autoscaling step for every model that has ``autoscale``: the pure policy
+        decides from the scheduler's signals; a change is logged, counted and acted on by
+        the reconcile that follows."""
+        models = [m for m in (self.spec.models if self.spec else []) if m.autoscale]
+        if not models:
+            return
+        signals = await self.scheduler.autoscale_signals.remote()
+        nodes = ray.nodes() if any(m.placement for m in models) else []
+        now = time.monotonic()
+        for m in models:
+            assert m.autoscale is not None
+            current = self._wanted(m)
+            config = AutoscaleConfig(**m.autoscale.model_dump())
+            sig = signals.get(m.name, {})
+            replicas, self._scaling[m.name], decision = autoscale_policy(
+                AutoscaleContext(
+                    config,
+                    now,
+                    current,
+                    queued_tokens=sig.get("queued_tokens", 0),
+                    running_tokens=sig.get("running_tokens", 0),
+                    ttft_p99_s=sig.get("ttft_p99_s"),
+                    requests_in_window=sig.get("requests_in_window", 0),
+                    pool_free_replicas=self._room_for(m, nodes, config.max_replicas - current),
+                    state=self._scaling.get(m.name),
+                    loading_replicas=sum(
+                        r.spec == m and r.state == "loading" for r in self.replicas.values()
+                    ),
+                )
+            )
+            self.desired[m.name] = replicas
+            if decision.direction != "hold":
+                self._event(f"autoscale {m.key}: {decision.reason}")
+                self.scheduler.record_scaling.remote(m.name, decision.direction, replicas)
+
+    def _room_for(self, m: ModelSpec, nodes: list[dict[str, Any]], most: int) -> int:
+        """How many more replicas of ``m`` the pools could host (up to ``most``)."""
+        if m.placement is None or most <= 0:
+            return max(most, 0)
+        p = m.placement
+        needs = ReplicaNeeds(
+            m.name, tuple(p.accelerator_types), p.devices, p.fraction, p.memory_gib
+        )
+        trial = [ReplicaRequest(f"trial-{i}", needs) for i in range(most)]
+        return len(self._packer(nodes).place(trial).leases)
 
     def _start(self, m: ModelSpec, nodes: list[dict[str, Any]]) -> bool:
         """Start one replica of ``m``; False if its pools have no room (it stays pending)."""
@@ -476,7 +537,7 @@ class Controller:
                 m.name
                 for m in (self.spec.models if self.spec else [])
                 if sum(1 for r in self.replicas.values() if r.spec == m and r.state == "ready")
-                < m.replicas
+                < self._wanted(m)
                 and not (
                     m.name in self.pending
                     and not any(

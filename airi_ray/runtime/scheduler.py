@@ -15,6 +15,7 @@ import dataclasses
 import heapq
 import logging
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,10 +30,13 @@ from airi_ray.core.policy import (
 )
 from airi_ray.core.requests import Usage, cap_priority
 from airi_ray.core.scheduling import AcquireRequest, Lease, ReplicaView, Scheduler
+from airi_ray.core.stats import RateWindow, SampleWindow, percentile
 from airi_ray.obs.metrics import RuntimeMetrics
 from airi_ray.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
+
+SIGNAL_WINDOW_S = 30.0
 
 
 # One caller's undelivered grants: ``(request_id, Lease | AiriError)`` pairs.
@@ -58,6 +62,9 @@ class GlobalScheduler:
         self._admissions: dict[str, Admission] = {}
         self._expirer: asyncio.Task[None] | None = None
         self.config_version: str | None = None  # of the spec last applied
+        # Recent TTFTs and arrivals per model: the autoscaler's latency and traffic signals.
+        self._ttfts: dict[str, SampleWindow] = defaultdict(lambda: SampleWindow(SIGNAL_WINDOW_S))
+        self._arrivals: dict[str, RateWindow] = defaultdict(lambda: RateWindow(SIGNAL_WINDOW_S))
 
     def needs_config(self, version: str) -> bool:
         """Whether this scheduler lacks the spec ``version`` (e.g. it just restarted)."""
@@ -121,6 +128,7 @@ class GlobalScheduler:
         wall = time.time()  # budgets reset on UTC boundaries
         for request in requests:
             rid = request.request_id
+            self._arrivals[request.model].add(now, 1)
             try:
                 self.policy.check_request_shape(
                     request.tenant,
@@ -207,6 +215,8 @@ class GlobalScheduler:
                 self._drop_waiting(request_id)
                 continue
             self._settle(request_id, usage.prompt_tokens, usage.completion_tokens)
+            if usage.ttft_s is not None:
+                self._ttfts[lease.model].add(now, usage.ttft_s)
             if replica_failed:
                 self.core.mark_unready(lease.replica_id)
             self.metrics.record_call(lease, usage)
@@ -222,6 +232,26 @@ class GlobalScheduler:
         admission = self._admissions.pop(request_id, None)
         if admission is not None:
             self.policy.release(admission, prompt_tokens, completion_tokens, time.time())
+
+    def autoscale_signals(self) -> dict[str, dict[str, Any]]:
+        """Per model: queued and running tokens, TTFT p99 and requests over the last
+        ``SIGNAL_WINDOW_S`` seconds (what the controller's autoscaler decides on)."""
+        now = time.monotonic()
+        out = {}
+        for model, st in self.core.stats(now).items():
+            ttfts = self._ttfts[model].values(now)
+            out[model] = {
+                "queued_tokens": st.queued_tokens,
+                "running_tokens": st.in_flight_tokens,
+                "ttft_p99_s": percentile(ttfts, 99) if ttfts else None,
+                "requests_in_window": round(self._arrivals[model].rate(now) * SIGNAL_WINDOW_S),
+            }
+        return out
+
+    def record_scaling(self, model: str, direction: str, replicas: int) -> None:
+        """Count an autoscaling decision the controller acted on."""
+        self.metrics.autoscale_decisions.labels(model, direction).inc()
+        self.metrics.desired_replicas.labels(model).set(replicas)
 
     def audit(self, events: list[AuditEvent]) -> None:
         """Count content-filter outcomes (blocks, redactions, flags) reported by callers."""

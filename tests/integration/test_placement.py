@@ -1,12 +1,14 @@
 """Accelerator pools on placement groups, on the session's fake heterogeneous cluster
 (2 H100 and 4 L4 declared as Ray resources): preference order, overflow, fractional sharing,
-and `pending: no capacity` instead of a hang."""
+`pending: no capacity` instead of a hang, and the autoscaler."""
 
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any
 
+import httpx
 import ray
 
 from airi_ray.runtime import actors
@@ -28,17 +30,27 @@ def test_replicas_run_in_pool_bundles_of_their_preferred_type(client) -> None:
     assert sum(g["name"].startswith("airi-tiny-chat") for g in groups) == 2
 
 
-def test_overflow_fraction_sharing_and_pending(airi_app, client) -> None:
+def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
+    """One extra engine shows several things, since each engine start costs half a minute:
+    a model preferring H100 overflows to L4 (tiny-chat holds both H100) and shares the
+    half-used L4 device of minilm rather than breaking into an empty one; a model that
+    only takes H100 is pending, and the deploy does not wait for it; under a burst the
+    autoscaler adds a replica, and removes it after the idle delay."""
     controller = actors.get_actor(actors.CONTROLLER_NAME)
     spec = copy.deepcopy(airi_app.spec)
     tiny = spec["models"][0]
-    extra = {
+    auto = {
         **tiny,
-        "name": "tiny-extra",
+        "name": "tiny-auto",
         "replicas": 1,
-        # H100 is full (tiny-chat holds both): it falls back to L4, where it shares the
-        # half-used device of minilm rather than breaking into an empty one.
         "placement": {"accelerator_types": ["H100", "L4"], "fraction": 0.5},
+        "autoscale": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_tokens_per_replica": 100,
+            "scale_down_delay_s": 2,
+            "upscale_cooldown_s": 0,
+        },
     }
     stuck = {
         **tiny,
@@ -46,22 +58,62 @@ def test_overflow_fraction_sharing_and_pending(airi_app, client) -> None:
         "replicas": 1,
         "placement": {"accelerator_types": ["H100"]},
     }
-    spec["models"] += [extra, stuck]
+    spec["models"] += [auto, stuck]
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            client.chat("tiny-auto", "Tell me about tents.", max_tokens=64, ignore_eos=True)
+
     try:
         status = ray.get(controller.deploy.remote(spec))  # returns: pending does not block it
-        assert _model(status, "tiny-extra")["accelerators"] == {"L4": 1}
+        assert _model(status, "tiny-auto")["accelerators"] == {"L4": 1}
         pending = _model(status, "tiny-h100")
         assert pending["ready_replicas"] == 0
         assert pending["pending"].startswith("no capacity") and "H100" in pending["pending"]
         leases = ray.get(actors.get_actor("airi-pool-L4").leases.remote())
         places = {lease["model"]: (lease["node_id"], tuple(lease["devices"])) for lease in leases}
-        assert places["tiny-extra"] == places["minilm"]
-        assert client.chat("tiny-extra", "hi", max_tokens=4).usage.completion_tokens > 0
+        assert places["tiny-auto"] == places["minilm"]
+
+        # Three streams carry about 3 x 70 tokens, over 1 x 100: the target wants more.
+        workers = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+        for w in workers:
+            w.start()
+        wait_for(
+            lambda: _model(client.status(), "tiny-auto")["replicas"] == 2,
+            timeout=60,
+            what="the autoscaler to want a second replica",
+        )
+        # The burst ends; the new replica loads faster alone, and no scale-down is judged
+        # before it is ready.
+        stop.set()
+        for w in workers:
+            w.join(timeout=120)
+        wait_for(
+            lambda: _model(client.status(), "tiny-auto")["ready_replicas"] == 2,
+            timeout=180,
+            what="the second replica to be ready",
+        )
+        wait_for(
+            lambda: (
+                (m := _model(client.status(), "tiny-auto"))["replicas"] == 1
+                and m["ready_replicas"] == 1
+            ),
+            timeout=60,
+            what="scaling back down after the idle delay",
+        )
+        events = client.status()["events"]
+        assert any("autoscale tiny-auto@1" in e and "-> 2" in e for e in events), events
+        assert any("autoscale tiny-auto@1" in e and "2 -> 1" in e for e in events), events
+        metrics = httpx.get(f"{airi_app.base_url}/metrics").text
+        assert 'airi_autoscale_decisions_total{direction="up",model="tiny-auto"}' in metrics
+        assert 'airi_autoscale_decisions_total{direction="down",model="tiny-auto"}' in metrics
     finally:
+        stop.set()
         ray.get(controller.deploy.remote(airi_app.spec))
 
     def released() -> bool:
         return len(ray.get(actors.get_actor("airi-pool-L4").leases.remote())) == 1
 
-    wait_for(released, timeout=30, what="tiny-extra's bundle to be released")
+    wait_for(released, timeout=30, what="tiny-auto's bundles to be released")
     assert "tiny-h100" not in {m["name"] for m in client.status()["models"]}

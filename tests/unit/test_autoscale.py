@@ -217,3 +217,17 @@ def test_bad_configs_are_refused(kw: dict[str, object], match: str) -> None:
 def test_bad_context_is_refused() -> None:
     with pytest.raises(AutoscaleError, match="queued_tokens=-1"):
         AutoscaleContext(CFG, 0.0, 1, queued_tokens=-1)
+
+
+def test_no_scale_down_while_replicas_are_still_loading() -> None:
+    cfg = AutoscaleConfig(min_replicas=1, max_replicas=3, scale_down_delay_s=5)
+    state = None
+    for t in range(0, 60, 5):
+        ctx = AutoscaleContext(cfg, float(t), 2, loading_replicas=1, state=state)
+        replicas, state, decision = policy(ctx)
+        assert replicas == 2 and "still loading" in decision.reason
+    # Once loaded, the delay starts from then.
+    replicas, state, _ = policy(AutoscaleContext(cfg, 60.0, 2, state=state))
+    assert replicas == 2
+    replicas, state, _ = policy(AutoscaleContext(cfg, 65.0, 2, state=state))
+    assert replicas == 1
