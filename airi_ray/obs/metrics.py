@@ -238,10 +238,6 @@ class RuntimeMetrics:
             time.monotonic(), usage.completion_tokens
         )
 
-    def record_requeue(self, model: str, tenant: str) -> None:
-        """An attempt whose replica died before the first token (the request was requeued)."""
-        self.requests.labels(model, tenant, "requeued").inc()
-
     def text(self) -> bytes:
         now = time.monotonic()
         for model, window in self._rates.items():

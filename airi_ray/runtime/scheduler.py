@@ -175,7 +175,6 @@ class GlobalScheduler:
             raise ReplicaUnavailable(f"request {request_id} holds no lease to requeue")
         self._held.pop(request_id, None)
         self.core.mark_unready(lease.replica_id)
-        self.metrics.record_requeue(lease.model, lease.tenant)
         self._wait(request_id, caller_id, time.monotonic())
         results: dict[str, Lease | AiriError | None] = {request_id: None}
         self._dispatch(results)
