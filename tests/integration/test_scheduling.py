@@ -73,6 +73,12 @@ def test_a_full_tenant_queue_answers_429_with_retry_after(client, airi_app) -> N
     spec = copy.deepcopy(airi_app.spec)
     spec["tenants"][1]["max_queued"] = 1  # tenant-b may have one request waiting
     ray.get(controller.deploy.remote(spec))
+    # Every slot must be free first: calls of earlier tests may still be finishing.
+    wait_for(
+        lambda: ray.get(scheduler.snapshot.remote())["tiny-chat"]["in_flight"] == 0,
+        timeout=120,
+        what="earlier calls on tiny-chat to finish",
+    )
     # Tenant a fills every slot (2 replicas x 4) with long streams.
     streams = [
         client.chat("tiny-chat", f"long {i}", max_tokens=900, ignore_eos=True, stream=True)
