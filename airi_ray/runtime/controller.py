@@ -48,6 +48,13 @@ def saved_spec() -> AppSpec | None:
     return parse_spec(json.loads(saved), source="saved spec") if saved else None
 
 
+def _needs(m: ModelSpec) -> ReplicaNeeds:
+    """What one replica of a placed model asks of the pools."""
+    p = m.placement
+    assert p is not None
+    return ReplicaNeeds(m.name, tuple(p.accelerator_types), p.devices, p.fraction, p.memory_gib)
+
+
 @dataclasses.dataclass
 class _Replica:
     replica_id: str
@@ -399,11 +406,7 @@ class Controller:
         """How many more replicas of ``m`` the pools could host (up to ``most``)."""
         if m.placement is None or most <= 0:
             return max(most, 0)
-        p = m.placement
-        needs = ReplicaNeeds(
-            m.name, tuple(p.accelerator_types), p.devices, p.fraction, p.memory_gib
-        )
-        trial = [ReplicaRequest(f"trial-{i}", needs) for i in range(most)]
+        trial = [ReplicaRequest(f"trial-{i}", _needs(m)) for i in range(most)]
         return len(self._packer(nodes).place(trial).leases)
 
     def _start(self, m: ModelSpec, nodes: list[dict[str, Any]]) -> bool:
@@ -411,11 +414,7 @@ class Controller:
         rid = f"{m.name}-{m.version}-{uuid.uuid4().hex[:6]}"
         lease = None
         if m.placement is not None:
-            p = m.placement
-            needs = ReplicaNeeds(
-                m.name, tuple(p.accelerator_types), p.devices, p.fraction, p.memory_gib
-            )
-            placed = self._packer(nodes).place([ReplicaRequest(rid, needs)])
+            placed = self._packer(nodes).place([ReplicaRequest(rid, _needs(m))])
             if placed.pending:
                 reason = placed.pending[0].reason
                 if self.pending.get(m.name) != reason:

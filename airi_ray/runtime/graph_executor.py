@@ -441,12 +441,7 @@ class GraphExecutor:
     async def _retrieve(
         self, run: _Run, call: Retrieve, view: dict[str, Any], node: str
     ) -> dict[str, Any]:
-        now = time.monotonic()
-        run.limits.check(now)
-        options = CallOptions(
-            priority=run.options.priority,
-            deadline_s=run.limits.call_deadline_s(now, self._ahead.get(run.graph, {}).get(node, 0)),
-        )
+        options = self._call_options(run, node)
         if self._retriever is None:
             uri = await self._controller.storage_uri.remote()
             self._retriever = Retriever(self._path(), uri)
@@ -461,6 +456,18 @@ class GraphExecutor:
         )
         return {call.output: hits}
 
+    def _call_options(self, run: _Run, node: str, session_id: str | None = None) -> CallOptions:
+        """A call's options under the run's identity; raises if the run may not call more
+        (budget spent, deadline passed)."""
+        now = time.monotonic()
+        run.limits.check(now)
+        ahead = self._ahead.get(run.graph, {}).get(node, 0)
+        return CallOptions(
+            priority=run.options.priority,
+            deadline_s=run.limits.call_deadline_s(now, ahead),
+            session_id=session_id,
+        )
+
     def _path(self) -> CallPath:
         if self._calls is None:
             self._calls = CallPath()
@@ -469,14 +476,7 @@ class GraphExecutor:
     async def _model_call(
         self, run: _Run, call: ModelCall, view: dict[str, Any], node: str
     ) -> dict[str, Any]:
-        now = time.monotonic()
-        run.limits.check(now)
-        ahead = self._ahead.get(run.graph, {}).get(node, 0)
-        options = CallOptions(
-            priority=run.options.priority,
-            deadline_s=run.limits.call_deadline_s(now, ahead),
-            session_id=run.run_id,
-        )
+        options = self._call_options(run, node, session_id=run.run_id)
         payload = call.build(view)
         path = self._path()
         if call.kind == "embed":
