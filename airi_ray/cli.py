@@ -111,6 +111,83 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from airi_ray.client import deploy, init_ray
+
+    init_ray(args.address or "auto")
+    print(f"deploying {args.file}", flush=True)
+    _print_status(deploy(args.file, wait=not args.no_wait))
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from airi_ray.client import connect
+    from airi_ray.core.errors import InvalidRequest
+
+    together = {}
+    for item in args.with_ or []:
+        name, sep, version = item.partition("=")
+        if not sep or not name or not version:
+            raise InvalidRequest(f"--with takes MODEL=VERSION, got {item!r}")
+        together[name] = version
+    steps = None
+    if args.steps:
+        try:
+            steps = [int(p) for p in args.steps.split(",")]
+        except ValueError:
+            raise InvalidRequest(
+                f"--steps takes comma-separated percentages such as 10,50,100, got {args.steps!r}"
+            ) from None
+    client = connect(args.address or "auto")
+    status = client.rollout(args.model, args.to, args.strategy, steps, together)
+    _print_versions(status)
+    if args.wait:
+        return _follow(client, args.model)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from airi_ray.client import connect
+
+    _print_versions(connect(args.address or "auto").rollback(args.model))
+    return 0
+
+
+def _follow(client: Any, model: str) -> int:
+    """Print the rollout's decisions until it finishes; 0 if promoted, 1 if rolled back."""
+    seen: set[str] = set()
+    while True:
+        status = client.status()
+        for event in status["events"]:
+            if event not in seen and model in event:
+                seen.add(event)
+                print(event, flush=True)
+        m = next((m for m in status["models"] if m["name"] == model), None)
+        ro = m and m.get("rollout")
+        if not ro or ro.get("outcome") != "running":
+            return 0 if ro and ro.get("outcome") == "promoted" else 1
+        time.sleep(1.0)
+
+
+def _print_versions(status: dict[str, Any]) -> None:
+    print(
+        f"{'MODEL':<20} {'VERSION':<10} {'STATE':<9} {'TRAFFIC':>7} {'READY':>5}/{'REPL':<4} ROLLOUT"
+    )
+    for m in status["models"]:
+        ro = m.get("rollout") or {}
+        progress = ""
+        if ro.get("outcome") == "running":
+            progress = f"{ro.get('strategy')} -> {ro.get('candidate', '')}"
+        elif ro:
+            progress = f"last: {ro['outcome']} {ro.get('candidate', '')}"
+        for i, v in enumerate(m.get("versions", [])):
+            print(
+                f"{m['name'] if i == 0 else '':<20} {v['version']:<10} {v['state']:<9} "
+                f"{100 * v['traffic']:>6.0f}% {v['ready_replicas']:>5}/{v['replicas']:<4} "
+                f"{progress if i == 0 else ''}"
+            )
+
+
 def _print_status(status: dict[str, Any]) -> None:
     print(f"app: {status['app']}")
     print(
@@ -124,6 +201,9 @@ def _print_status(status: dict[str, Any]) -> None:
             f"{m['name']:<20} {m['version']:<8} {m['task']:<9} {m['ready_replicas']:>5}/{m['replicas']:<5} "
             f"{m['max_model_len'] or '-':>6}  {accels:<16} {problem}"
         )
+    if any(len(m.get("versions", [])) > 1 or m.get("rollout") for m in status["models"]):
+        print()
+        _print_versions(status)
     if status.get("pools"):
         print(f"\n{'POOL':<8} {'DEVICES':>7} {'USED':>6} {'FREE':>6} {'LEASES':>6} {'FRAG':>5}")
         for kind, p in status["pools"].items():
@@ -229,6 +309,33 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--address", default=None)
     down.add_argument("--keep-ray", action="store_true", help="leave the Ray cluster running")
     down.set_defaults(fn=cmd_down)
+
+    dep = sub.add_parser("deploy", help="deploy an app spec on the running cluster")
+    dep.add_argument("file", help="app spec (YAML)")
+    dep.add_argument("--address", default=None)
+    dep.add_argument("--no-wait", action="store_true", help="return before replicas are ready")
+    dep.set_defaults(fn=cmd_deploy)
+
+    ro = sub.add_parser("rollout", help="move a model to another version (canary or blue-green)")
+    ro.add_argument("model")
+    ro.add_argument("--to", required=True, help="the version to move to")
+    ro.add_argument("--strategy", choices=["canary", "blue-green"], default=None)
+    ro.add_argument("--steps", default=None, help="canary traffic steps, e.g. 10,50,100")
+    ro.add_argument(
+        "--with",
+        dest="with_",
+        action="append",
+        metavar="MODEL=VERSION",
+        help="another model that switches in the same instant (repeatable)",
+    )
+    ro.add_argument("--wait", action="store_true", help="follow it until it finishes")
+    ro.add_argument("--address", default=None)
+    ro.set_defaults(fn=cmd_rollout)
+
+    rb = sub.add_parser("rollback", help="stop a rollout, or go back to the previous version")
+    rb.add_argument("model")
+    rb.add_argument("--address", default=None)
+    rb.set_defaults(fn=cmd_rollback)
 
     st = sub.add_parser("status", help="models, replicas and their state")
     st.add_argument("--address", default=None)

@@ -416,6 +416,17 @@ def _feature_server() -> Any:
         ) from None
 
 
+def _get(ref: Any) -> Any:
+    """``ray.get`` an actor call; an airi error raised inside arrives as itself."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = unwrap_error(e)
+        if cause is not e:
+            raise cause from None
+        raise
+
+
 async def _ask(ref: Any) -> Any:
     """Await an actor call; an airi error raised inside arrives as itself."""
     try:
@@ -503,6 +514,31 @@ class Client:
     ) -> dict[str, Any]:
         """Deploy (or update) an app spec, a dict, or a YAML path; see ``airi_ray.deploy``."""
         return deploy(spec, wait=wait)
+
+    def rollout(
+        self,
+        model: str,
+        to: str,
+        strategy: str | None = None,
+        steps: list[int] | None = None,
+        together: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Start moving ``model`` to version ``to`` and return the status at once.
+
+        ``strategy`` is ``"canary"`` (traffic in ``steps``, promoted while the new version
+        stays within its limits, rolled back by itself otherwise) or ``"blue-green"``
+        (all at once when warm); default: the version's ``rollout`` setting. ``together``
+        names other models to move in the same instant (``{"guard": "v2"}``).
+
+        Raises:
+            NotFound: unknown model or version. InvalidRequest: bad strategy or steps.
+            Conflict: a rollout runs already, or a ``requires`` constraint forbids it.
+        """
+        return _get(self._controller.rollout.remote(model, to, strategy, steps, together))
+
+    def rollback(self, model: str) -> dict[str, Any]:
+        """Stop ``model``'s running rollout, or go back to its previous version."""
+        return _get(self._controller.rollback.remote(model))
 
     def _iterate(self, agen: AsyncIterator[str]) -> Iterator[str]:
         it = agen.__aiter__()
@@ -625,12 +661,7 @@ def deploy(spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> di
     graphs = [build_graph(g) for g in app.graphs]
     init_ray(None)
     controller = actors.get_or_start_controller()
-    try:
-        status = ray.get(controller.deploy.remote(app.model_dump(), wait))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, InvalidRequest):
-            raise e.cause from None
-        raise
+    status = _get(controller.deploy.remote(app.model_dump(), wait))
     if graphs:
         executor = actors.get_or_start_graph_executor()
         ray.get([executor.register.remote(pickle_graph(g)) for g in graphs])
@@ -669,3 +700,11 @@ def shutdown() -> None:
             except Exception:
                 pass
         ray.kill(handle, no_restart=True)
+    # Replicas are detached (they outlive a crashed controller): whatever the controller
+    # could not stop goes now, with the pools.
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == NAMESPACE:
+            try:
+                ray.kill(actors.get_actor(actor["name"]), no_restart=True)
+            except ValueError:
+                pass

@@ -7,6 +7,7 @@ built in Python; unknown fields are refused so a typo never silently does nothin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from airi_ray.core.errors import AuthenticationError, InvalidRequest
 from airi_ray.core.policy.keys import parse_key_id
+from airi_ray.core.rollout import Constraint, RolloutError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,32}$"
 # The tenant of calls without a key when the ingress runs with ``auth: none``.
 ANONYMOUS_TENANT = "anonymous"
 # The runtime's own calls (e.g. embedding text for a tenant's semantic filter): no key maps
@@ -83,11 +86,67 @@ class AutoscaleSpec(_Spec):
         return self
 
 
+Strategy = Literal["canary", "blue-green"]
+
+# Fields whose change needs new engines; the others (replica counts, rollout settings,
+# routing preferences, batching) apply to running replicas.
+ENGINE_FIELDS = (
+    "model",
+    "task",
+    "max_concurrency",
+    "num_cpus",
+    "num_gpus",
+    "resources",
+    "cpu_threads",
+    "kv_cache_gib",
+    "engine",
+    "placement",
+)
+
+
+class RolloutSpec(_Spec):
+    """How a new version of a model takes its traffic over (`airi rollout`, or a deploy
+    that changes the version). Canary steps advance only while the candidate's error rate
+    and TTFT p99 stay within these limits of the stable version's; out of them it rolls
+    back by itself. Blue-green switches all traffic once the candidate is warm."""
+
+    strategy: Strategy = Field("blue-green", description="`canary` or `blue-green`.")
+    steps: list[int] = Field(
+        default_factory=lambda: [10, 50, 100],
+        description="Canary traffic percentages, increasing, ending at 100.",
+    )
+    max_error_rate_delta: float = Field(
+        0.01, ge=0, le=1, description="Candidate error rate over the stable's, at most."
+    )
+    max_ttft_p99_ratio: float = Field(
+        1.5, ge=1, description="Candidate TTFT p99 as a multiple of the stable's, at most."
+    )
+    min_requests_per_step: int = Field(
+        20, ge=1, description="Candidate requests a canary step needs before it is judged."
+    )
+    step_hold_s: float = Field(60.0, ge=0, description="Least time a canary step lasts.")
+    drain_timeout_s: float = Field(
+        120.0, ge=0, description="Longest a retiring version waits for its in-flight requests."
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increase_to_100(cls, steps: list[int]) -> list[int]:
+        if (
+            not steps
+            or steps[-1] != 100
+            or any(not 0 < p <= 100 for p in steps)
+            or any(a >= b for a, b in zip(steps, steps[1:], strict=False))
+        ):
+            raise ValueError(f"steps must be increasing percentages ending at 100, got {steps}")
+        return steps
+
+
 class ModelSpec(_Spec):
     """One served model and how its replicas run."""
 
     name: str = Field(pattern=NAME_PATTERN, description="Name clients use in the `model` field.")
-    version: str = Field("1", pattern=r"^[A-Za-z0-9._-]{1,32}$", description="Version label.")
+    version: str = Field("1", pattern=VERSION_PATTERN, description="Version label.")
     model: str = Field(
         min_length=1,
         description=(
@@ -146,10 +205,68 @@ class ModelSpec(_Spec):
         description="Longest an embedding call waits for others to share its batch; the wait "
         "shrinks under light load and never passes a call's deadline.",
     )
+    versions: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Other versions `airi rollout` may move to: version -> the fields that "
+        "differ from this one (e.g. `v2: {model: ./weights-v2}`).",
+    )
+    requires: dict[str, str] = Field(
+        default_factory=dict,
+        description="While this version serves, the serving versions of these models must "
+        "match: model -> versions (`>=v2`, `v2*`, `>=2, <3`). Rollouts that would break it "
+        "are refused.",
+    )
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec, description="How a new version takes traffic over."
+    )
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @model_validator(mode="after")
+    def _versions_valid(self) -> ModelSpec:
+        for version in self.versions:
+            if not re.fullmatch(VERSION_PATTERN, version):
+                raise ValueError(
+                    f"versions: {version!r} is not a version label (letters, digits, . _ -)"
+                )
+            if version == self.version:
+                raise ValueError(f"versions: {version!r} is this spec's own version")
+            self.at_version(version)  # each must be a valid spec on its own
+        return self
+
+    def at_version(self, version: str) -> ModelSpec:
+        """The spec of ``version``: this one, or this one with the version's overrides.
+
+        Raises:
+            ValueError: the version is unknown, or its overrides make an invalid spec.
+        """
+        if version == self.version:
+            return self
+        if version not in self.versions:
+            known = ", ".join([self.version, *self.versions])
+            raise ValueError(f"model {self.name!r} has no version {version!r}; known: {known}")
+        overrides = self.versions[version]
+        fixed = sorted({"name", "version", "versions"} & set(overrides))
+        if fixed:
+            raise ValueError(f"versions.{version} may not set {', '.join(fixed)}")
+        data = self.model_dump(exclude={"versions"}) | overrides | {"version": version}
+        try:
+            return ModelSpec.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+            )
+            raise ValueError(f"versions.{version}: {problems}") from None
+
+    def all_versions(self) -> list[ModelSpec]:
+        """This version's spec and every declared other version's."""
+        return [self, *(self.at_version(v) for v in self.versions)]
+
+    def engine_fields(self) -> dict[str, Any]:
+        """What its engines are made of: a change here needs new replicas."""
+        return self.model_dump(include=set(ENGINE_FIELDS))
 
 
 FilterAction = Literal["off", "flag", "redact", "block"]
@@ -462,6 +579,14 @@ class FeatureViewSpec(_Spec):
     ttl_s: float = Field(86400.0, gt=0, description="Kept this long past the longest window.")
 
 
+class ModelGroupSpec(_Spec):
+    """Models whose versions move together: a deploy or rollout that changes several of
+    them switches all their traffic in one step, once every new version is ready."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Group name.")
+    models: list[str] = Field(min_length=2, description="The member models.")
+
+
 class AppSpec(_Spec):
     """Everything one airi app deploys."""
 
@@ -475,10 +600,35 @@ class AppSpec(_Spec):
     features: list[FeatureViewSpec] = Field(
         default_factory=list, description="Feature views served online."
     )
+    groups: list[ModelGroupSpec] = Field(
+        default_factory=list, description="Models whose versions switch together."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppSpec:
+        models = {m.name for m in self.models}
+        grouped = [n for g in self.groups for n in g.models]
+        for g in self.groups:
+            unknown = sorted(set(g.models) - models)
+            if unknown:
+                raise ValueError(f"group {g.name!r} names unknown models: {', '.join(unknown)}")
+        for m in self.models:
+            for v in m.all_versions():
+                unknown = sorted(set(v.requires) - models)
+                if unknown:
+                    raise ValueError(
+                        f"model {v.key} requires unknown models: {', '.join(unknown)}; "
+                        f"models: {', '.join(sorted(models))}"
+                    )
+        twice = sorted({n for n in grouped if grouped.count(n) > 1})
+        if twice:
+            raise ValueError(f"a model may belong to one group only; in several: {twice}")
+        try:
+            self.constraints()
+        except RolloutError as e:
+            raise ValueError(str(e)) from None
         for what, names in (
+            ("group", [g.name for g in self.groups]),
             ("model", [m.name for m in self.models]),
             ("tenant", [t.name for t in self.tenants]),
             ("graph", [g.name for g in self.graphs]),
@@ -496,6 +646,18 @@ class AppSpec(_Spec):
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def constraints(self) -> list[Constraint]:
+        """The ``requires`` of every declared version, as rollout constraints."""
+        return [
+            Constraint(v.name, v.version, other, versions)
+            for m in self.models
+            for v in m.all_versions()
+            for other, versions in v.requires.items()
+        ]
+
+    def group_of(self, model: str) -> ModelGroupSpec | None:
+        return next((g for g in self.groups if model in g.models), None)
 
 
 def parse_spec(data: Any, source: str = "spec") -> AppSpec:

@@ -108,6 +108,8 @@ class ReplicaView:
         in_flight_tokens: token cost leased to it (filled in by the scheduler).
         starting: it is loading and expected to become ready, so requests may queue for it
             instead of being refused with 503.
+        version: the model version it serves, ``""`` if unnamed; a traffic split between
+            versions (``Scheduler.set_traffic``) decides which versions take new requests.
     """
 
     replica_id: str
@@ -119,6 +121,7 @@ class ReplicaView:
     kv_capacity_tokens: int | None = None
     in_flight_tokens: int = 0
     starting: bool = False
+    version: str = ""
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:

@@ -13,14 +13,23 @@ Life of a request (what the actor calls, and when):
     dispatch(now)             # after every change: returns the leases granted
     release(id, completion_tokens, now)   # the call ended (any way) after it was granted
     requeue(id)               # its replica died before the first token: back to the head
+    requeue(id, exclude_version=True)     # it failed on a canary: retry on another version
     cancel(id)                # its caller gave up while it was still queued
 
+Traffic split: ``set_traffic(model, weights, stable)`` gives each model version a share of
+new requests. With more than one version taking traffic, ``dispatch`` first picks the head
+request's version (from a hash of its session id, so a conversation stays on one version,
+else by smooth weighted round robin), then a replica of that version as usual. A lease on a
+version other than ``stable`` is marked ``canary``, so its caller can retry a failure on the
+stable version instead of failing the client.
+
 The clock is an argument everywhere, so tests need no sleeps. Per decision the cost is
-O(log tenants + log queued + replicas): no scan of the queued requests.
+O(log tenants + log queued + replicas + versions): no scan of the queued requests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -83,6 +92,7 @@ class AcquireRequest:
         requested_max_tokens, messages, stop, prompt_chars: the caller's own ``max_tokens``
             (None if unset), chat messages, stop sequences and prompt characters, for the
             tenant's request-shape limits.
+        exclude_versions: model versions not to use (a canary version failed this request).
     """
 
     request_id: str
@@ -99,6 +109,7 @@ class AcquireRequest:
     messages: int = 0  # tenant's limits
     stop: int = 0
     prompt_chars: int = 0
+    exclude_versions: frozenset[str] = frozenset()  # immutable: a plain default is safe
 
     def __post_init__(self) -> None:
         if self.priority not in _RANK:
@@ -123,6 +134,10 @@ class Lease:
 
     ``route`` says why the replica was chosen (session, prefix, hardware or load);
     ``prefix_blocks`` is how many leading prompt blocks that replica was sent before.
+    ``version`` is the model version the replica serves (its ``ReplicaView.version``);
+    ``canary`` is True when the model has a traffic split with a stable version and this
+    lease is on another version: a failure there may be retried on the stable version
+    (``Scheduler.requeue(request_id, exclude_version=True)``) instead of failing the client.
     """
 
     request_id: str
@@ -135,6 +150,8 @@ class Lease:
     cost_tokens: int = 0
     prefix_blocks: int = 0
     requeues: int = 0
+    version: str = ""
+    canary: bool = False
 
     @property
     def queue_wait_s(self) -> float:
@@ -156,7 +173,8 @@ class TenantStats:
 
 @dataclass(frozen=True)
 class ModelStats:
-    """One model's scheduling state, for metrics: totals, routes by reason, tenants."""
+    """One model's scheduling state, for metrics: totals, routes by reason, tenants, and
+    leases granted per model version since start (an unnamed version counts under ``""``)."""
 
     queue_depth: int
     in_flight: int
@@ -164,6 +182,7 @@ class ModelStats:
     routes: dict[str, int]
     tenants: dict[str, TenantStats]
     queued_tokens: int = 0  # prompt + max_tokens of every queued request
+    versions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -199,6 +218,11 @@ class _Model:
     counts: dict[str, _Counts] = field(default_factory=dict)
     routes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROUTE_REASONS, 0))
     next_rr: int = 0  # round-robin position among ``replicas``
+    traffic: dict[str, float] = field(default_factory=dict)  # version -> weight; {}: no split
+    stable: str | None = None
+    live: tuple[str, ...] = ()  # versions with weight > 0, by name; () when there is no split
+    wrr: dict[str, float] = field(default_factory=dict)  # smooth weighted round-robin scores
+    versions: dict[str, int] = field(default_factory=dict)  # leases granted per version
 
     def tenant_counts(self, tenant: str) -> _Counts:
         c = self.counts.get(tenant)
@@ -316,6 +340,52 @@ class Scheduler:
         """Accelerator types ``model`` prefers, best first; they win ties on load."""
         self._model(model).preferred = tuple(types)
 
+    def set_traffic(
+        self, model: str, weights: Mapping[str, float], stable: str | None = None
+    ) -> None:
+        """The share of new requests each version of ``model`` gets, e.g. ``{"v1": 0.9,
+        "v2": 0.1}`` (weights are relative; they need not sum to 1).
+
+        Only replicas of a version with weight > 0 take new requests; a version with weight
+        0 or not named (draining, or still warming up) gets none, but leases already held on
+        it are released as usual. ``stable`` names the version a failed canary request is
+        retried on: leases on any other version are marked ``canary``. An empty ``weights``
+        clears the split, so every replica takes requests whatever its version. Setting the
+        same split again keeps the round-robin position; a new split starts it afresh.
+
+        Raises:
+            ValueError: a weight is negative or not finite, every weight is 0, or ``stable``
+                is not one of the versions in ``weights``.
+        """
+        for version, w in weights.items():
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(
+                    f"model {model!r}: traffic weight of version {version!r} must be a finite "
+                    f"number >= 0, got {w}"
+                )
+        if weights and not any(w > 0 for w in weights.values()):
+            raise ValueError(
+                f"model {model!r}: at least one version needs a traffic weight > 0, all of "
+                f"{', '.join(sorted(weights))} are 0; pass an empty mapping to clear the split"
+            )
+        if stable is not None and stable not in weights:
+            known = ", ".join(sorted(weights)) or "none"
+            raise ValueError(
+                f"model {model!r}: stable version {stable!r} must be one of the versions in "
+                f"the traffic weights ({known})"
+            )
+        m = self._model(model)
+        if dict(weights) != m.traffic:
+            m.wrr = {}
+        m.traffic = dict(weights)
+        m.stable = stable if weights else None
+        m.live = tuple(sorted(v for v, w in weights.items() if w > 0))
+
+    def traffic(self, model: str) -> dict[str, float]:
+        """The traffic split of ``model``: weight per version, {} if there is none."""
+        m = self._models.get(model)
+        return dict(m.traffic) if m is not None else {}
+
     # -- replica set ----------------------------------------------------------------------
 
     def set_replicas(self, model: str, views: Sequence[ReplicaView]) -> None:
@@ -403,13 +473,18 @@ class Scheduler:
         if rid in self._queued_in or rid in self._leases:
             raise ValueError(f"request id {rid} is already queued or leased")
         m = self._models.get(request.model)
-        if m is None or not any(r.view.ready or r.view.starting for r in m.replicas):
+        if m is None or not _can_take_new_work(m):
             if m is not None:  # unknown model names are not counted: they would grow memory
                 m.tenant_counts(tenant).refused += 1
             n = len(m.replicas) if m is not None else 0
+            of_versions = (
+                f" of a version with traffic ({', '.join(m.live)})"
+                if m is not None and m.live
+                else ""
+            )
             raise ReplicaUnavailable(
-                f"model {request.model!r} has no ready replica ({n} deployed, none ready or "
-                f"starting); retry later"
+                f"model {request.model!r} has no ready replica{of_versions} ({n} deployed, "
+                f"none ready or starting); retry later"
             )
         q = m.queue
         tenant_limit = self._tenant_limits.get(tenant, self.max_queued_per_tenant)
@@ -493,7 +568,7 @@ class Scheduler:
             m.hold_s += _HOLD_EWMA_ALPHA * (held - m.hold_s)
         return lease
 
-    def requeue(self, request_id: str) -> bool:
+    def requeue(self, request_id: str, exclude_version: bool = False) -> bool:
         """Put a leased request back at the head of its tenant's queue, avoiding its replica.
 
         For a lease whose replica died before producing any token: frees the slot and
@@ -502,6 +577,10 @@ class Scheduler:
         apply (the request was admitted already). If the tenant had nothing else queued,
         the usual lift on becoming backlogged applies after the refund. False if
         ``request_id`` holds no lease.
+
+        With ``exclude_version``, the lease's model version is added to the request's
+        ``exclude_versions`` too: for a request that failed on a canary version (its lease
+        says ``canary``), so it is retried on the stable version.
         """
         g = self._leases.pop(request_id, None)
         if g is None:
@@ -511,6 +590,8 @@ class Scheduler:
         self._free(m, lease)
         m.queue.refund(lease.tenant, g.input_charge)
         request = replace(old.request, exclude=old.request.exclude | {lease.replica_id})
+        if exclude_version:
+            request = replace(request, exclude_versions=request.exclude_versions | {lease.version})
         queued = _Queued(request, old.enqueued_at, old.deadline, old.seq, old.requeues + 1)
         m.queue.push(
             lease.tenant,
@@ -590,6 +671,7 @@ class Scheduler:
                 routes=dict(m.routes),
                 tenants=tenants,
                 queued_tokens=queued_tokens,
+                versions=dict(m.versions),
             )
         return out
 
@@ -615,21 +697,39 @@ class Scheduler:
                 request = queued.request
                 cost = request.cost_tokens
                 exclude = request.exclude
+                live = m.live  # versions that take new requests; () when there is no split
+                skip_versions = request.exclude_versions
+                by_version = bool(live or skip_versions)  # False: the usual, cheap path
+                usable_versions: set[str] = set()
                 usable = False
                 fits: list[ReplicaState] = []
                 for r in m.replicas:
-                    if not r.view.ready or r.replica_id in exclude:
+                    v = r.view
+                    if not v.ready or r.replica_id in exclude:
                         continue
+                    if by_version:
+                        if v.version in skip_versions or (live and v.version not in live):
+                            continue
+                        usable_versions.add(v.version)
                     usable = True
                     if r.fits(cost):
                         fits.append(r)
                 if not usable:
                     sitting_out.append(tenant)
                     continue
+                sid = request.session_id
+                # Versions the split chooses between for this request; empty when there is
+                # nothing to choose (no split, or one version usable), the common case.
+                eligible: list[str] = []
+                if len(live) > 1 and len(usable_versions) > 1:
+                    eligible = [x for x in live if x in usable_versions]
+                    picked = _session_version(m, eligible, sid) if sid else _peek_wrr(m, eligible)
+                    # Only the picked version: if none of its replicas fits now, the request
+                    # waits for one rather than spilling over, so the split stays exact.
+                    fits = [r for r in fits if r.view.version == picked]
                 if not fits:
                     q.put_back(tenant)  # head of line waits for room; see ``dispatch``
                     return
-                sid = request.session_id
                 choice = (
                     self._round_robin(m, fits)
                     if self.routing == "round_robin"
@@ -650,8 +750,11 @@ class Scheduler:
                 r.in_flight_tokens += cost
                 if request.prefix_hashes:
                     r.remember_prefix(request.prefix_hashes)
+                version = r.view.version
                 if sid:
                     self._sessions.put((model, sid), r.replica_id)
+                elif eligible:
+                    _commit_wrr(m, eligible, version)  # granted: the peek becomes the pick
                 lease = Lease(
                     rid,
                     model,
@@ -663,10 +766,13 @@ class Scheduler:
                     cost,
                     choice.prefix_blocks,
                     queued.requeues,
+                    version,
+                    m.stable is not None and version != m.stable,
                 )
                 self._leases[rid] = _Granted(lease, queued, charge)
                 m.in_flight += 1
                 m.routes[choice.reason] += 1
+                m.versions[version] = m.versions.get(version, 0) + 1
                 granted.append(lease)
         finally:
             for tenant in sitting_out:
@@ -697,3 +803,58 @@ class Scheduler:
         slots = sum(r.view.max_concurrency for r in m.replicas if r.view.ready) or 1
         estimate = len(m.queue) * m.hold_s / slots
         return round(min(max(estimate, _RETRY_AFTER_MIN_S), _RETRY_AFTER_MAX_S), 1)
+
+
+def _can_take_new_work(m: _Model) -> bool:
+    """Whether a replica is ready or starting, of a version with traffic under a split."""
+    live = m.live
+    if not live:
+        return any(r.view.ready or r.view.starting for r in m.replicas)
+    return any((r.view.ready or r.view.starting) and r.view.version in live for r in m.replicas)
+
+
+# -- version choice under a traffic split (O(versions) each) ------------------------------
+
+
+def _session_version(m: _Model, eligible: Sequence[str], session_id: str) -> str:
+    """The version a session goes to: a stable hash of its id on the cumulative weights.
+
+    blake2b, not ``hash()``: ``hash`` of a str is salted per process, and the choice must
+    survive a scheduler restart so a conversation keeps its version while the split holds.
+    """
+    digest = hashlib.blake2b(session_id.encode(), digest_size=8).digest()
+    point = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
+    weights = m.traffic
+    threshold = point * sum(weights[v] for v in eligible)
+    acc = 0.0
+    for v in eligible:
+        acc += weights[v]
+        if threshold < acc:
+            return v
+    return eligible[-1]  # only reached through rounding
+
+
+def _peek_wrr(m: _Model, eligible: Sequence[str]) -> str:
+    """The version smooth weighted round robin (nginx's) picks next, without moving it.
+
+    Each pick adds every eligible version's weight to its score and takes the highest
+    score (ties to the first name); ``_commit_wrr`` records the pick once it is granted.
+    """
+    scores, weights = m.wrr, m.traffic
+    best, best_score = eligible[0], -math.inf
+    for v in eligible:
+        score = scores.get(v, 0.0) + weights[v]
+        if score > best_score:
+            best, best_score = v, score
+    return best
+
+
+def _commit_wrr(m: _Model, eligible: Sequence[str], chosen: str) -> None:
+    """Record a granted pick of ``_peek_wrr``: the winner gives back the total weight."""
+    scores, weights = m.wrr, m.traffic
+    total = 0.0
+    for v in eligible:
+        w = weights[v]
+        scores[v] = scores.get(v, 0.0) + w
+        total += w
+    scores[chosen] -= total

@@ -217,6 +217,18 @@ class RuntimeMetrics:
         self.desired_replicas = Gauge(
             "airi_desired_replicas", "Replicas the autoscaler wants", ["model"], registry=r
         )
+        self.traffic = Gauge(
+            "airi_model_traffic_weight",
+            "Share of a model's new requests each version takes (0 to 1)",
+            ["model", "version"],
+            registry=r,
+        )
+        self.rollout_decisions = Counter(
+            "airi_rollout_decisions",
+            "Rollout decisions acted on (advance, promote, rollback), by model",
+            ["model", "action"],
+            registry=r,
+        )
         self.engines = _EngineCollector()
         r.register(self.engines)
         r.register(_SchedulerCollector(scheduler_stats))

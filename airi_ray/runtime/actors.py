@@ -43,6 +43,9 @@ def replica_options(spec: ModelSpec, replica_id: str) -> dict[str, Any]:
         "resources": dict(spec.resources),
         "max_concurrency": _MAX_CONCURRENCY,
         "max_restarts": 0,  # the controller replaces dead replicas itself
+        # Detached: a replica outlives a controller that crashed (the restarted one
+        # adopts it), so serving goes on meanwhile. The controller stops it itself.
+        "lifetime": "detached",
         "runtime_env": {"env_vars": env},
     }
 

@@ -555,8 +555,14 @@ class CallPath:
                             text = out.feed(text) + (out.finish() if finish is not None else "")
                         yield text, n, finish
                     return
-                except ReplicaDied as e:
-                    self._drop_channel(lease.replica_id)
+                except Exception as e:
+                    if isinstance(e, ReplicaDied):
+                        self._drop_channel(lease.replica_id)
+                    if lease.canary and not usage.completion_tokens:
+                        lease = await self._retry_elsewhere(lease, usage, e, other_version=True)
+                        continue
+                    if not isinstance(e, ReplicaDied):
+                        raise
                     if usage.completion_tokens:
                         usage.error = "replica_died"
                         raise ReplicaUnavailable(
@@ -615,8 +621,13 @@ class CallPath:
                     )
                     usage.ttft_s = time.perf_counter() - start
                     return vectors, usage
-                except (ray.exceptions.RayActorError, ReplicaDied) as e:
-                    lease = await self._retry_elsewhere(lease, usage, e)
+                except Exception as e:
+                    if lease.canary:
+                        lease = await self._retry_elsewhere(lease, usage, e, other_version=True)
+                    elif isinstance(e, (ray.exceptions.RayActorError, ReplicaDied)):
+                        lease = await self._retry_elsewhere(lease, usage, e)
+                    else:
+                        raise
         except BaseException as e:
             usage.error = usage.error or type(e).__name__
             raise
@@ -632,23 +643,36 @@ class CallPath:
         self._acquires.add(request)
         return future
 
-    async def _retry_elsewhere(self, lease: Lease, usage: Usage, cause: BaseException) -> Lease:
+    async def _retry_elsewhere(
+        self, lease: Lease, usage: Usage, cause: BaseException, other_version: bool = False
+    ) -> Lease:
         """The lease's replica failed before answering: back to the head of the tenant's
         queue, on another replica (the scheduler takes the old lease back), or give up
-        after MAX_ATTEMPTS replicas."""
+        after MAX_ATTEMPTS replicas. With ``other_version`` (a canary version failed it,
+        whatever the error), on the stable version: clients do not pay for a bad canary,
+        which the rollout sees in its error rate and rolls back."""
         if lease.requeues + 1 >= MAX_ATTEMPTS:
             usage.error = "no_replica"
             raise ReplicaUnavailable(
                 f"model {lease.model!r}: {MAX_ATTEMPTS} replicas failed before answering"
             ) from cause
-        logger.warning("replica %s failed before answering; requeued", lease.replica_id)
-        return await self._wait(self._requeue(lease.request_id), lease.request_id)
+        if other_version:
+            logger.info(
+                "canary %s of %s failed a request (%s); retried on the stable version",
+                lease.version,
+                lease.model,
+                type(cause).__name__,
+            )
+        else:
+            logger.warning("replica %s failed before answering; requeued", lease.replica_id)
+        return await self._wait(self._requeue(lease.request_id, other_version), lease.request_id)
 
-    async def _requeue(self, request_id: str) -> Lease:
-        """Put a request whose replica died back in the queue; wait for its new lease."""
+    async def _requeue(self, request_id: str, other_version: bool = False) -> Lease:
+        """Put a request that failed before answering back in the queue; wait for its new
+        lease."""
         future = self._expect_grant(request_id)
         try:
-            lease = await self._scheduler.requeue.remote(self.caller_id, request_id)
+            lease = await self._scheduler.requeue.remote(self.caller_id, request_id, other_version)
         except ray.exceptions.RayTaskError as e:
             self._pending.pop(request_id, None)
             raise unwrap_error(e) from None

@@ -1,9 +1,19 @@
-"""``Controller``: deploys an app spec and keeps its replicas alive.
+"""``Controller``: deploys an app spec, keeps its replicas alive, and moves model versions.
 
-Goal state (the spec) against actual state (replica actors) in ``_reconcile``, wrapped in
-a loop that logs and never dies: it starts missing replicas, stops unwanted ones, reads
-engine stats, probes health with a real one-token generation, replaces replicas that died
-or hang, and pushes the replica views to the scheduler.
+Goal state (the spec, the registry of versions, running rollouts) against actual state
+(replica actors) in ``_reconcile``, wrapped in a loop that logs and never dies: it starts
+missing replicas, stops unwanted ones, reads engine stats, probes health with a real
+one-token generation, replaces replicas that died or hang, steps rollouts and the
+autoscaler, drains retiring versions, and pushes replica views and the traffic split to
+the scheduler.
+
+Versions: every model serves its ``stable`` version; a rollout (``core.rollout``) adds a
+candidate that loads, passes its probe, then takes traffic in canary steps or all at once
+(blue-green); the version that loses drains (no new requests, in-flight ones finish) and
+retires (replicas stopped, bundles freed). Models in a group switch together, in one
+scheduler call. The registry, rollouts, autoscaler state and replica records are saved
+in LanceDB under the app's storage URI (``data.control``); replicas are detached actors,
+so a killed controller comes back to the same replicas, and serving never stops meanwhile.
 """
 
 from __future__ import annotations
@@ -24,10 +34,26 @@ import ray
 from airi_ray.config import AppSpec, ModelSpec, parse_spec
 from airi_ray.core.autoscale import AutoscaleConfig, AutoscaleContext, AutoscaleState
 from airi_ray.core.autoscale import policy as autoscale_policy
-from airi_ray.core.errors import AiriError, InvalidRequest
+from airi_ray.core.errors import AiriError, Conflict, InvalidRequest, NotFound
 from airi_ray.core.placement import Lease, Packer, ReplicaNeeds, ReplicaRequest
 from airi_ray.core.policy import KeyRecord, KeyRing
+from airi_ray.core.rollout import (
+    Constraint,
+    GroupMember,
+    GroupSwitch,
+    IncompatibleRollout,
+    ModelVersion,
+    Rollout,
+    RolloutDecision,
+    RolloutError,
+    RolloutLimits,
+    State,
+    VersionStats,
+    plan_group_switch,
+    plan_rollout,
+)
 from airi_ray.core.scheduling import ReplicaView
+from airi_ray.data.control import ControlState
 from airi_ray.runtime import actors
 from airi_ray.runtime.pools import bundle_for, pool_nodes
 
@@ -58,7 +84,7 @@ def _needs(m: ModelSpec) -> ReplicaNeeds:
 @dataclasses.dataclass
 class _Replica:
     replica_id: str
-    spec: ModelSpec
+    spec: ModelSpec  # of its version
     handle: Any
     state: str = "loading"  # loading | ready | failed | stopping
     max_model_len: int | None = None
@@ -84,6 +110,80 @@ class _Replica:
             ready=self.state == "ready",
             starting=self.state == "loading",
             kv_capacity_tokens=self.kv_capacity_tokens,
+            version=self.spec.version,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What a restarted controller needs to adopt this replica again."""
+        return {
+            "key": self.spec.key,
+            "started_at": self.started_at,
+            "lease": dataclasses.asdict(self.lease) if self.lease else None,
+        }
+
+
+@dataclasses.dataclass
+class _Model:
+    """One model in the registry: its versions, which one serves, and how it is moving.
+
+    Attributes:
+        stable: the version that takes traffic (all of it, outside a rollout).
+        specs: every version known, by label (declared in a spec or deployed).
+        states: the lifecycle state of each version that ran (``core.rollout.State``).
+        history: versions that served before ``stable``, oldest first (for rollback).
+        rollout: the running rollout to a candidate, if any.
+        last: the outcome of the last finished rollout, for status.
+        drain_started: when each draining version began draining (wall clock).
+    """
+
+    stable: str
+    specs: dict[str, ModelSpec]
+    states: dict[str, State] = dataclasses.field(default_factory=dict)
+    history: list[str] = dataclasses.field(default_factory=list)
+    rollout: Rollout | None = None
+    last: dict[str, Any] | None = None
+    drain_started: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def set_state(self, name: str, version: str, state: State) -> None:
+        """Move ``version`` to ``state`` along the lifecycle (a version seen for the first
+        time, or a retired one that comes back, e.g. on rollback, starts at pending).
+
+        Raises:
+            IllegalTransition: the lifecycle does not allow the move.
+        """
+        old = self.states.get(version, "pending")
+        if old == "retired":
+            old = "pending"
+        if old != state:
+            state = ModelVersion(name, version, old).to(state).state
+        self.states[version] = state
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stable": self.stable,
+            "specs": {v: s.model_dump() for v, s in self.specs.items()},
+            "states": self.states,
+            "history": self.history,
+            "rollout": dataclasses.asdict(self.rollout) if self.rollout else None,
+            "last": self.last,
+            "drain_started": self.drain_started,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> _Model:
+        ro = d["rollout"]
+        if ro is not None:
+            ro = Rollout(
+                **ro | {"steps": tuple(ro["steps"]), "limits": RolloutLimits(**ro["limits"])}
+            )
+        return cls(
+            d["stable"],
+            {v: ModelSpec.model_validate(s) for v, s in d["specs"].items()},
+            d["states"],
+            d["history"],
+            ro,
+            d["last"],
+            d["drain_started"],
         )
 
 
@@ -91,15 +191,19 @@ class Controller:
     def __init__(self) -> None:
         self.spec: AppSpec | None = None
         self.replicas: dict[str, _Replica] = {}
-        self.start_failures: dict[str, int] = {}
+        self.start_failures: dict[str, int] = {}  # by version key (name@version)
         self.start_errors: dict[str, str] = {}
         self.events: deque[str] = deque(maxlen=200)
-        self.pending: dict[str, str] = {}  # model -> why a replica could not be placed
+        self.pending: dict[str, str] = {}  # version key -> why a replica could not be placed
         self.desired: dict[str, int] = {}  # model -> replicas the autoscaler wants
         self._scaling: dict[str, AutoscaleState] = {}
+        self.registry: dict[str, _Model] = {}
+        self.groups: dict[str, GroupSwitch] = {}  # running group switches
         self.scheduler = actors.get_or_start_scheduler()
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
+        self._control = ControlState(None)
+        self._to_adopt: dict[str, dict[str, Any]] = {}  # saved replicas not yet found again
         # Keys live only as salted hashes: from the spec's api_keys (replaced on each
         # deploy) and from `airi keys create` (kept until revoked).
         self._spec_keys: list[KeyRecord] = []
@@ -110,16 +214,68 @@ class Controller:
             data = json.loads(keys)
             self._spec_keys = [KeyRecord.from_dict(r) for r in data["spec"]]
             self._cli_keys = KeyRing(KeyRecord.from_dict(r) for r in data["cli"])
+        if self.spec is not None:
+            self._restore(self.spec.storage.resolved_uri())
+
+    def _restore(self, uri: str) -> None:
+        """Load the registry, rollouts, autoscaler state and replica records saved there."""
+        self._control = ControlState(uri)
+        docs = self._control.load()
+        self.registry = {n: _Model.from_dict(d) for n, d in docs.get("registry", {}).items()}
+        self.groups = {
+            g: GroupSwitch(g, tuple(GroupMember(**m) for m in d["members"]), d["switched"])
+            for g, d in docs.get("groups", {}).items()
+        }
+        scaling = docs.get("autoscale", {})
+        self.desired = scaling.get("desired", {})
+        self._scaling = {n: AutoscaleState(**s) for n, s in scaling.get("state", {}).items()}
+        self._to_adopt = docs.get("replicas", {})
+        if self.registry:
+            self._event(
+                f"restarted: {len(self.registry)} models, {len(self._to_adopt)} replicas "
+                "to adopt from the saved control state"
+            )
+
+    def _persist(self) -> None:
+        """Save what a restarted controller needs (only what changed is written)."""
+        self._control.save(
+            {
+                "registry": {n: m.to_dict() for n, m in self.registry.items()},
+                "groups": {
+                    g: {
+                        "members": [dataclasses.asdict(m) for m in gs.members],
+                        "switched": gs.switched,
+                    }
+                    for g, gs in self.groups.items()
+                },
+                "autoscale": {
+                    "desired": self.desired,
+                    "state": {n: dataclasses.asdict(s) for n, s in self._scaling.items()},
+                },
+                "replicas": {
+                    r.replica_id: r.record()
+                    for r in self.replicas.values()
+                    if r.state in ("loading", "ready") and r.handle is not None
+                }
+                | self._to_adopt,
+            }
+        )
 
     # -- API ---------------------------------------------------------------------------
 
     async def deploy(self, spec: dict[str, Any], wait: bool = True) -> dict[str, Any]:
         """Make the running app match ``spec``; with ``wait``, until every replica is ready.
 
+        A model whose version changes rolls out to the new version (its ``rollout``
+        settings; models of one group switch together); the old version drains.
+
         Raises:
             InvalidRequest: the spec is invalid or a replica failed to start (its error).
+            Conflict: a changed model is in the middle of a rollout, or the change would
+                serve versions that a ``requires`` constraint forbids together.
         """
         new = parse_spec(spec)
+        moves = self._plan_deploy(new)  # raises before anything changes
         now = time.time()
         self._spec_keys = [
             KeyRecord.create(key, t.name, now) for t in new.tenants for key in t.api_keys
@@ -131,47 +287,175 @@ class Controller:
             _SPEC_KEY, self.spec.model_dump_json().encode()
         )
         self._save_keys()
+        uri = self.spec.storage.resolved_uri()
+        if self._control.uri != uri:
+            self._control = ControlState(uri)
+        self._register(new, moves)
         self.start_failures.clear()
         self.start_errors.clear()
         await self.scheduler.configure.remote(self.spec.model_dump(), self._spec_version())
         # Durable state first: the executor finds the store when it starts.
-        await actors.get_or_start_context_store(self.spec.storage.resolved_uri()).ping.remote()
+        await actors.get_or_start_context_store(uri).ping.remote()
         actors.get_or_start_graph_executor()
         if self.spec.features:
             views = [f.model_dump() for f in self.spec.features]
-            server = actors.get_or_start_feature_server(self.spec.storage.resolved_uri(), views)
+            server = actors.get_or_start_feature_server(uri, views)
             await server.configure.remote(views)
         self._event(
             f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}"
         )
         self._ensure_loop()
         await self._reconcile()
+        self._persist()
         if wait:
             await self._wait_ready()
         return self.status()
 
+    async def rollout(
+        self,
+        model: str,
+        version: str,
+        strategy: str | None = None,
+        steps: list[int] | None = None,
+        together: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Start moving ``model`` to ``version`` (and ``together``'s models with it).
+
+        One model rolls out by ``strategy`` (default: the version's ``rollout`` setting);
+        several switch at once, blue-green, when every new version is ready.
+
+        Raises:
+            NotFound: the model, or the version, is unknown (the message lists the known).
+            InvalidRequest: it serves that version already; bad strategy or steps.
+            Conflict: a rollout of it is running, or the move would serve versions that a
+                ``requires`` constraint forbids together (the message names it).
+        """
+        targets = {model: version, **(together or {})}
+        for name, v in targets.items():
+            entry = self._entry(name)
+            if v not in entry.specs:
+                raise NotFound(
+                    f"model {name!r} has no version {v!r}; known versions: "
+                    f"{', '.join(sorted(entry.specs))}. Declare new versions under `versions:` "
+                    "in the app spec and deploy it"
+                )
+            if v == entry.stable:
+                raise InvalidRequest(f"model {name!r} already serves version {v!r}")
+            self._check_idle(name)
+        try:
+            if len(targets) > 1:
+                if strategy not in (None, "blue-green"):
+                    raise InvalidRequest(
+                        f"models that move together switch at once (blue-green); strategy "
+                        f"{strategy!r} is for one model at a time"
+                    )
+                group = self.spec.group_of(model) if self.spec else None
+                self._begin_group(
+                    group.name if group else "+".join(sorted(targets)),
+                    [GroupMember(n, self.registry[n].stable, v) for n, v in targets.items()],
+                    self._serving(),
+                    self._constraints(),
+                )
+            else:
+                candidate = self.registry[model].specs[version]
+                ro = self._new_rollout(model, candidate, strategy, steps)
+                self._begin(model, plan_rollout(ro, self._serving(), self._constraints()))
+        except IncompatibleRollout as e:
+            raise Conflict(str(e)) from None
+        except RolloutError as e:
+            raise InvalidRequest(str(e)) from None
+        self._persist()
+        self._ensure_loop()
+        await self._reconcile()
+        return self.status()
+
+    async def rollback(self, model: str) -> dict[str, Any]:
+        """Send ``model``'s traffic back: stop its running rollout (or its group's switch),
+        or, with none running, roll back to the version it served before (blue-green).
+
+        Raises:
+            NotFound: no such model.
+            InvalidRequest: nothing runs and no earlier version is known.
+        """
+        entry = self._entry(model)
+        group = next((g for g in self.groups.values() if model in g.traffic_split()), None)
+        if entry.rollout is not None:
+            self._apply(model, entry, *entry.rollout.rollback("rolled back by request"))
+        elif group is not None:
+            self._cancel_group(group, "rolled back by request")
+        else:
+            previous = next(
+                (v for v in reversed(entry.history) if v in entry.specs and v != entry.stable),
+                None,
+            )
+            if previous is None:
+                raise InvalidRequest(
+                    f"model {model!r} has no rollout running and no earlier version to go back to"
+                )
+            entry.history.remove(previous)
+            ro = self._new_rollout(model, entry.specs[previous], "blue-green", None)
+            try:
+                self._begin(model, plan_rollout(ro, self._serving(), self._constraints()))
+            except IncompatibleRollout as e:
+                raise Conflict(str(e)) from None
+        self._persist()
+        self._ensure_loop()
+        await self._reconcile()
+        return self.status()
+
     def models(self) -> list[dict[str, Any]]:
-        """Served models with what callers need (task, context window, weights source)."""
+        """Served models with what callers need (task, context window, weights source),
+        their versions (state, traffic share, replicas) and rollout progress."""
         if self.spec is None:
             return []
         out = []
         for m in self.spec.models:
-            ready = [r for r in self.replicas.values() if r.spec == m and r.state == "ready"]
+            entry = self.registry.get(m.name)
+            if entry is None:
+                continue
+            stable = entry.specs[entry.stable]
+            ready = [r for r in self._of(stable.key) if r.state == "ready"]
+            weights, _ = self._traffic(m.name)
+            versions = []
+            for v, state in sorted(entry.states.items()):
+                mine = self._of(f"{m.name}@{v}")
+                if state == "retired" and not mine:
+                    continue
+                versions.append(
+                    {
+                        "version": v,
+                        "state": state,
+                        "traffic": round(weights.get(v, 0.0), 4),
+                        "replicas": len(mine),
+                        "ready_replicas": sum(r.state == "ready" for r in mine),
+                        "accelerators": dict(
+                            collections.Counter(r.view().accelerator for r in mine)
+                        ),
+                    }
+                )
+            ro = entry.rollout
+            group = next((g for g in self.groups.values() if m.name in g.traffic_split()), None)
             out.append(
                 {
                     "name": m.name,
-                    "version": m.version,
-                    "task": m.task,
-                    "source": m.model,
+                    "version": entry.stable,
+                    "task": stable.task,
+                    "source": stable.model,
                     "max_model_len": next((r.max_model_len for r in ready), None),
                     "ready_replicas": len(ready),
-                    "replicas": self._wanted(m),
-                    "error": self.start_errors.get(m.name),
-                    "pending": self.pending.get(m.name),
+                    "replicas": self._wanted(stable),
+                    "error": self.start_errors.get(stable.key),
+                    "pending": self.pending.get(stable.key),
                     "accelerators": dict(
-                        collections.Counter(
-                            r.view().accelerator for r in self.replicas.values() if r.spec == m
-                        )
+                        collections.Counter(r.view().accelerator for r in self._of(stable.key))
+                    ),
+                    "versions": versions,
+                    "rollout": (
+                        _rollout_info(ro)
+                        if ro is not None
+                        else {"group": group.group, "outcome": "running", "strategy": "group"}
+                        if group is not None
+                        else entry.last
                     ),
                 }
             )
@@ -305,16 +589,284 @@ class Controller:
         return Packer(capacity, leases)
 
     async def shutdown(self) -> None:
-        """Stop every replica and forget the spec."""
+        """Stop every replica and forget the spec and the registry."""
         self.spec = None
         ray.experimental.internal_kv._internal_kv_del(_SPEC_KEY)
         ray.experimental.internal_kv._internal_kv_del(_KEYS_KEY)
         if self._loop_task:
             self._loop_task.cancel()
         await asyncio.gather(*(self._stop(r, "shutdown") for r in list(self.replicas.values())))
+        self.registry, self.groups, self.desired, self._scaling = {}, {}, {}, {}
+        self._to_adopt = {}
+        self._persist()
 
     def ping(self) -> bool:
         return True
+
+    # -- registry and rollouts ---------------------------------------------------------
+
+    def _entry(self, model: str) -> _Model:
+        entry = self.registry.get(model)
+        if entry is None:
+            known = ", ".join(sorted(self.registry)) or "none"
+            raise NotFound(f"model {model!r} is not deployed; deployed models: {known}")
+        return entry
+
+    def _check_idle(self, model: str) -> None:
+        """Raise ``Conflict`` if ``model`` is moving (a rollout or a group switch)."""
+        entry = self.registry[model]
+        if entry.rollout is not None:
+            ro = entry.rollout
+            raise Conflict(
+                f"model {model!r} is rolling out from {ro.stable} to {ro.candidate} "
+                f"({ro.candidate_percent}% of traffic); wait for it or `airi rollback {model}`"
+            )
+        for g in self.groups.values():
+            if model in g.traffic_split():
+                raise Conflict(
+                    f"model {model!r} is switching with group {g.group}; wait for it or "
+                    f"`airi rollback {model}`"
+                )
+
+    def _plan_deploy(self, new: AppSpec) -> tuple[dict[str, Rollout], list[GroupSwitch]]:
+        """The rollouts and group switches a deploy of ``new`` starts; raises, with
+        nothing changed, when one is not allowed."""
+        changed = {
+            m.name: m
+            for m in new.models
+            if m.name in self.registry and self.registry[m.name].stable != m.version
+        }
+        for name in changed:
+            self._check_idle(name)
+        serving, constraints = self._serving(), self._constraints(new)
+        rollouts: dict[str, Rollout] = {}
+        grouped: dict[str, list[GroupMember]] = collections.defaultdict(list)
+        try:
+            for name, m in changed.items():
+                group = new.group_of(name)
+                if group is not None:
+                    grouped[group.name].append(
+                        GroupMember(name, self.registry[name].stable, m.version)
+                    )
+                else:
+                    ro = self._new_rollout(name, m, None, None)
+                    rollouts[name] = plan_rollout(ro, serving, constraints)
+            groups = [
+                plan_group_switch(g, members, serving, constraints)
+                for g, members in grouped.items()
+            ]
+        except IncompatibleRollout as e:
+            raise Conflict(f"deploy refused: {e}") from None
+        return rollouts, groups
+
+    def _register(self, new: AppSpec, moves: tuple[dict[str, Rollout], list[GroupSwitch]]) -> None:
+        """Take the deployed spec into the registry and start its rollouts."""
+        for m in new.models:
+            specs = {v.version: v for v in m.all_versions()}
+            entry = self.registry.get(m.name)
+            if entry is None:
+                self.registry[m.name] = _Model(m.version, specs)
+                self.registry[m.name].set_state(m.name, m.version, "pending")
+            else:  # earlier versions stay known: they drain, and rollback needs them
+                entry.specs.update(specs)
+        for name in set(self.registry) - {m.name for m in new.models}:
+            del self.registry[name]
+        self.groups = {
+            g: gs
+            for g, gs in self.groups.items()
+            if all(m.model in self.registry for m in gs.members)
+        }
+        rollouts, groups = moves
+        for name, ro in rollouts.items():
+            self._begin(name, ro)
+        for gs in groups:
+            self._begin_group(gs.group, list(gs.members), {}, [])
+
+    def _constraints(self, spec: AppSpec | None = None) -> list[Constraint]:
+        """``requires`` constraints of every version known (and of ``spec``'s)."""
+        found = set((spec or self.spec or AppSpec()).constraints())
+        for name, entry in self.registry.items():
+            for v in entry.specs.values():
+                found.update(
+                    Constraint(name, v.version, other, clause)
+                    for other, clause in v.requires.items()
+                )
+        return sorted(found, key=str)
+
+    def _serving(self) -> dict[str, set[str]]:
+        """The versions taking traffic, per model."""
+        return {
+            name: {v for v, w in self._traffic(name)[0].items() if w > 0} for name in self.registry
+        }
+
+    def _new_rollout(
+        self, model: str, candidate: ModelSpec, strategy: str | None, steps: list[int] | None
+    ) -> Rollout:
+        r = candidate.rollout
+        return Rollout(
+            model,
+            self.registry[model].stable,
+            candidate.version,
+            strategy or r.strategy,  # type: ignore[arg-type]
+            tuple(steps or r.steps),
+            RolloutLimits(
+                r.max_error_rate_delta,
+                r.max_ttft_p99_ratio,
+                r.min_requests_per_step,
+                r.step_hold_s,
+            ),
+        )
+
+    def _begin(self, model: str, ro: Rollout) -> None:
+        entry = self.registry[model]
+        entry.rollout = ro
+        entry.set_state(model, ro.candidate, "pending")
+        how = f"canary {list(ro.steps)}" if ro.strategy == "canary" else ro.strategy
+        self._event(f"rollout {model} {ro.stable} -> {ro.candidate} ({how}) started")
+
+    def _begin_group(
+        self,
+        group: str,
+        members: list[GroupMember],
+        serving: dict[str, set[str]],
+        constraints: list[Constraint],
+    ) -> None:
+        gs = plan_group_switch(group, members, serving, constraints)
+        self.groups[group] = gs
+        for m in members:
+            self.registry[m.model].set_state(m.model, m.candidate, "pending")
+        moved = ", ".join(f"{m.model} {m.stable} -> {m.candidate}" for m in members)
+        self._event(f"group {group} switch started: {moved}")
+
+    def _apply(self, model: str, entry: _Model, ro: Rollout, decision: RolloutDecision) -> None:
+        """Carry out a rollout decision: traffic follows from ``entry`` at the next push."""
+        entry.rollout = ro if ro.outcome == "running" else None
+        if decision.action == "wait":
+            return
+        self._event(f"rollout {model} {ro.stable} -> {ro.candidate}: {decision.reason}")
+        self.scheduler.record_rollout.remote(model, decision.action)
+        if decision.action == "promote":
+            entry.history.append(ro.stable)
+            entry.stable = ro.candidate
+        for version in decision.drain:
+            self._retire(model, entry, version)
+        if ro.outcome != "running":
+            entry.last = _rollout_info(ro) | {"finished_at": time.time()}
+
+    def _retire(self, model: str, entry: _Model, version: str) -> None:
+        """A ready version drains first; one that never served retires at once."""
+        if entry.states.get(version) == "ready":
+            entry.set_state(model, version, "draining")
+            entry.drain_started[version] = time.time()
+        else:
+            entry.set_state(model, version, "retired")
+
+    def _cancel_group(self, gs: GroupSwitch, reason: str) -> None:
+        del self.groups[gs.group]
+        for m in gs.members:
+            self._retire(m.model, self.registry[m.model], m.candidate)
+        self._event(f"group {gs.group} switch cancelled: {reason}")
+
+    def _traffic(self, model: str) -> tuple[dict[str, float], str]:
+        """``model``'s split (weight per version) and its stable version."""
+        entry = self.registry[model]
+        if entry.rollout is not None:
+            return entry.rollout.traffic_split(), entry.rollout.stable
+        return {entry.stable: 1.0}, entry.stable
+
+    def _candidate(self, model: str) -> str | None:
+        """The version ``model`` is moving to, if any."""
+        ro = self.registry[model].rollout
+        if ro is not None:
+            return ro.candidate
+        for g in self.groups.values():
+            for m in g.members:
+                if m.model == model:
+                    return m.candidate
+        return None
+
+    def _of(self, key: str) -> list[_Replica]:
+        """The replicas of one version (``name@version``)."""
+        return [r for r in self.replicas.values() if r.spec.key == key]
+
+    def _serves(self, model: str, version: str) -> bool:
+        """Whether ``version`` is ready and has a ready replica to take traffic."""
+        return self.registry[model].states.get(version) == "ready" and any(
+            r.state == "ready" for r in self._of(f"{model}@{version}")
+        )
+
+    async def _step_rollouts(self) -> None:
+        """One decision for every running rollout and group switch."""
+        for name, entry in self.registry.items():
+            ro = entry.rollout
+            if ro is None:
+                continue
+            failures = self.start_failures.get(f"{name}@{ro.candidate}", 0)
+            if failures >= MAX_START_FAILURES:
+                why = self.start_errors.get(f"{name}@{ro.candidate}")
+                self._apply(name, entry, *ro.rollback(f"candidate failed to start: {why}"))
+                continue
+            stats = await self.scheduler.version_stats.remote(name)
+            self._apply(
+                name,
+                entry,
+                *ro.step(
+                    time.time(),
+                    VersionStats(**stats.get(ro.stable, {})),
+                    VersionStats(**stats.get(ro.candidate, {})),
+                    self._serves(name, ro.candidate),
+                ),
+            )
+        for gs in list(self.groups.values()):
+            failed = [
+                f"{m.model} {m.candidate}: {self.start_errors.get(f'{m.model}@{m.candidate}')}"
+                for m in gs.members
+                if self.start_failures.get(f"{m.model}@{m.candidate}", 0) >= MAX_START_FAILURES
+            ]
+            if failed:
+                self._cancel_group(gs, f"failed to start: {'; '.join(failed)}")
+                continue
+            after, decision = gs.step(
+                {m.model: self._serves(m.model, m.candidate) for m in gs.members}
+            )
+            if decision.action != "switch":
+                continue
+            # Every member's stable changes here, and the next push sends all their splits
+            # to the scheduler in one call: no request sees a half-switched group.
+            del self.groups[gs.group]
+            for m in after.members:
+                entry = self.registry[m.model]
+                entry.history.append(m.stable)
+                entry.stable = m.candidate
+                self._retire(m.model, entry, m.stable)
+                entry.last = {
+                    "stable": m.stable,
+                    "candidate": m.candidate,
+                    "strategy": f"group {gs.group}",
+                    "outcome": "promoted",
+                    "reason": decision.reason,
+                    "finished_at": time.time(),
+                }
+            self._event(decision.reason)
+
+    async def _drain_step(self) -> None:
+        """Retire draining versions once their in-flight requests finished (or timed out)."""
+        now = time.time()
+        for name, entry in self.registry.items():
+            draining = [v for v, s in entry.states.items() if s == "draining"]
+            if not draining:
+                continue
+            load = await self.scheduler.replica_in_flight.remote(name)
+            for v in draining:
+                busy = sum(load.get(r.replica_id, 0) for r in self._of(f"{name}@{v}"))
+                waited = now - entry.drain_started.get(v, now)
+                timeout = entry.specs[v].rollout.drain_timeout_s
+                if busy and waited < timeout:
+                    continue
+                entry.set_state(name, v, "retired")
+                entry.drain_started.pop(v, None)
+                cut = f"; {busy} requests cut off after {timeout:g} s" if busy else ""
+                self._event(f"{name}@{v} drained in {waited:.1f} s and retired{cut}")
 
     # -- reconcile ---------------------------------------------------------------------
 
@@ -326,38 +878,101 @@ class Controller:
         while True:
             try:
                 await self._check_replicas()
+                await self._step_rollouts()
+                await self._drain_step()
                 await self._autoscale()
                 await self._reconcile()
+                self._persist()
             except Exception:  # the loop must survive anything one iteration does
                 logger.exception("controller loop iteration failed")
             await asyncio.sleep(LOOP_PERIOD_S)
+
+    def _targets(self) -> dict[str, tuple[ModelSpec, int | None]]:
+        """Replicas wanted per version key: the stable's and a candidate's count; None for
+        a draining version (it keeps what it has and starts nothing)."""
+        out: dict[str, tuple[ModelSpec, int | None]] = {}
+        for name, entry in self.registry.items():
+            for v, state in entry.states.items():
+                if state == "draining":
+                    out[f"{name}@{v}"] = (entry.specs[v], None)
+            for moving in (entry.stable, self._candidate(name)):
+                if moving is not None:
+                    spec = entry.specs[moving]
+                    out[spec.key] = (spec, self._wanted(spec))
+        return out
 
     async def _reconcile(self) -> None:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            wanted = {m.name: m for m in (self.spec.models if self.spec else [])}
-            nodes = ray.nodes() if any(m.placement for m in wanted.values()) else []
+            if self._to_adopt:
+                self._adopt()
+            targets = self._targets()
+            nodes = ray.nodes() if any(s.placement for s, _ in targets.values()) else []
             for r in list(self.replicas.values()):
-                if wanted.get(r.spec.name) != r.spec:
-                    await self._stop(r, "no longer in the spec")
-            for m in wanted.values():
-                for r in [r for r in self.replicas.values() if r.spec == m]:
-                    if r.state == "failed":  # dead or hung: its bundle goes back first
-                        self.replicas.pop(r.replica_id, None)
-                        self._free(r)
-                mine = [r for r in self.replicas.values() if r.spec == m]
-                alive = [r for r in mine if r.state in ("loading", "ready")]
+                target = targets.get(r.spec.key)
+                if target is None:
+                    gone = r.spec.name not in self.registry
+                    await self._stop(r, "no longer in the spec" if gone else "version retired")
+                elif target[0].engine_fields() != r.spec.engine_fields():
+                    await self._stop(r, "its engine settings changed")
+                else:
+                    r.spec = target[0]
+            for key, (spec, count) in targets.items():
+                for r in [r for r in self._of(key) if r.state == "failed"]:
+                    self.replicas.pop(r.replica_id, None)  # dead or hung: its bundle goes
+                    self._free(r)  # back first
+                if count is None:
+                    continue
+                alive = [r for r in self._of(key) if r.state in ("loading", "ready")]
                 # Scaling down drops loading replicas first, then the youngest ready ones.
                 alive.sort(key=lambda r: (r.state == "ready", -r.started_at), reverse=True)
-                for r in alive[self._wanted(m) :]:
+                for r in alive[count:]:
                     await self._stop(r, "scaled down")
-                if self.start_failures.get(m.name, 0) >= MAX_START_FAILURES:
+                if self.start_failures.get(key, 0) >= MAX_START_FAILURES:
                     continue  # reported in status; a new deploy resets it
-                for _ in range(self._wanted(m) - len(alive)):
-                    if not self._start(m, nodes):
+                for _ in range(count - len(alive)):
+                    if not self._start(spec, nodes):
                         break
+            self._update_states(targets)
             await self._push_views()
+
+    def _update_states(self, targets: dict[str, tuple[ModelSpec, int | None]]) -> None:
+        """Versions with replicas loading are loading; with all they want ready, ready."""
+        for key, (spec, count) in targets.items():
+            entry = self.registry[spec.name]
+            state = entry.states.get(spec.version, "pending")
+            mine = self._of(key)
+            if state in ("pending", "retired") and mine:
+                entry.set_state(spec.name, spec.version, "loading")
+            ready = sum(r.state == "ready" for r in mine)
+            if entry.states.get(spec.version) == "loading" and count and ready >= count:
+                entry.set_state(spec.name, spec.version, "ready")
+                self._event(f"{key} is ready")
+
+    def _adopt(self) -> None:
+        """Take back the replicas a killed controller left running (they are detached):
+        each is found by name and asked for its engine info again."""
+        saved, self._to_adopt = self._to_adopt, {}
+        for rid, rec in saved.items():
+            name, version = rec["key"].split("@", 1)
+            entry = self.registry.get(name)
+            spec = entry.specs.get(version) if entry else None
+            lease = rec["lease"]
+            lease = Lease(**lease | {"devices": tuple(lease["devices"])}) if lease else None
+            try:
+                if spec is None:
+                    raise LookupError(f"{rec['key']} is no longer in the registry")
+                handle = actors.get_actor(rid)
+            except Exception as e:
+                self._event(f"replica {rid} from before the restart is gone: {_short_error(e)}")
+                if lease is not None:
+                    actors.get_or_start_pool(lease.accelerator_type).release.remote(rid)
+                continue
+            r = _Replica(rid, spec, handle, lease=lease, started_at=rec["started_at"])
+            self.replicas[rid] = r
+            self._event(f"adopting replica {rid} ({spec.key})")
+            asyncio.get_running_loop().create_task(self._await_start(r, [], adopted=True))
 
     def _wanted(self, m: ModelSpec) -> int:
         """Replicas ``m`` should have: the autoscaler's count, else the spec's."""
@@ -367,10 +982,11 @@ class Controller:
         return self.desired.get(m.name, start)
 
     async def _autoscale(self) -> None:
-        """One autoscaling step for every model that has ``autoscale``: the pure policy
-        decides from the scheduler's signals; a change is logged, counted and acted on by
-        the reconcile that follows."""
-        models = [m for m in (self.spec.models if self.spec else []) if m.autoscale]
+        """One autoscaling step for every model whose stable version has ``autoscale``:
+        the pure policy decides from the scheduler's signals; a change is logged, counted
+        and acted on by the reconcile that follows."""
+        models = [e.specs[e.stable] for e in self.registry.values()]
+        models = [m for m in models if m.autoscale]
         if not models:
             return
         signals = await self.scheduler.autoscale_signals.remote()
@@ -392,9 +1008,7 @@ class Controller:
                     requests_in_window=sig.get("requests_in_window", 0),
                     pool_free_replicas=self._room_for(m, nodes, config.max_replicas - current),
                     state=self._scaling.get(m.name),
-                    loading_replicas=sum(
-                        r.spec == m and r.state == "loading" for r in self.replicas.values()
-                    ),
+                    loading_replicas=sum(r.state == "loading" for r in self._of(m.key)),
                 )
             )
             self.desired[m.name] = replicas
@@ -417,12 +1031,12 @@ class Controller:
             placed = self._packer(nodes).place([ReplicaRequest(rid, _needs(m))])
             if placed.pending:
                 reason = placed.pending[0].reason
-                if self.pending.get(m.name) != reason:
+                if self.pending.get(m.key) != reason:
                     self._event(f"model {m.key} pending: {reason}")
-                self.pending[m.name] = reason
+                self.pending[m.key] = reason
                 return False
             lease = placed.leases[0]
-        self.pending.pop(m.name, None)
+        self.pending.pop(m.key, None)
         r = _Replica(rid, m, None, lease=lease)
         self.replicas[rid] = r
         where = f" on {lease.accelerator_type} {lease.node_id}" if lease else ""
@@ -430,22 +1044,27 @@ class Controller:
         asyncio.get_running_loop().create_task(self._await_start(r, nodes))
         return True
 
-    async def _await_start(self, r: _Replica, nodes: list[dict[str, Any]]) -> None:
+    async def _await_start(
+        self, r: _Replica, nodes: list[dict[str, Any]], adopted: bool = False
+    ) -> None:
+        key = r.spec.key
         try:
-            placement = None
-            if r.lease is not None:
-                bundle = bundle_for(r.lease, nodes, r.spec.num_cpus)
-                pool = actors.get_or_start_pool(r.lease.accelerator_type)
-                group = await pool.reserve.remote(dataclasses.asdict(r.lease), bundle)
-                placement = (group, bundle)
-            if r.state != "loading":
-                raise RuntimeError("stopped while being placed")
-            r.handle = actors.start_replica(r.replica_id, r.spec, placement)
+            if not adopted:
+                placement = None
+                if r.lease is not None:
+                    bundle = bundle_for(r.lease, nodes, r.spec.num_cpus)
+                    pool = actors.get_or_start_pool(r.lease.accelerator_type)
+                    group = await pool.reserve.remote(dataclasses.asdict(r.lease), bundle)
+                    placement = (group, bundle)
+                if r.state != "loading":
+                    raise RuntimeError("stopped while being placed")
+                r.handle = actors.start_replica(r.replica_id, r.spec, placement)
+            self._persist()  # a restarted controller finds it by name
             info = await asyncio.wait_for(r.handle.start.remote(), START_TIMEOUT_S)
         except Exception as e:
             r.state, r.error = "failed", _short_error(e)
-            self.start_failures[r.spec.name] = self.start_failures.get(r.spec.name, 0) + 1
-            self.start_errors[r.spec.name] = r.error
+            self.start_failures[key] = self.start_failures.get(key, 0) + 1
+            self.start_errors[key] = r.error
             self._event(f"replica {r.replica_id} failed to start: {r.error}")
             self._free(r)
             return
@@ -453,9 +1072,9 @@ class Controller:
             return  # stopped while loading
         r.max_model_len, r.kv_capacity_tokens = info["max_model_len"], info["kv_capacity_tokens"]
         r.state, r.last_probe = "ready", time.monotonic()
-        self.start_failures.pop(r.spec.name, None)
-        self._event(f"replica {r.replica_id} ready")
-        await self._push_views()
+        self.start_failures.pop(key, None)
+        self._event(f"replica {r.replica_id} {'adopted' if adopted else 'ready'}")
+        await self._reconcile()
 
     async def _stop(self, r: _Replica, why: str) -> None:
         r.state = "stopping"
@@ -510,11 +1129,13 @@ class Controller:
             version = self._spec_version()
             if await self.scheduler.needs_config.remote(version):
                 await self.scheduler.configure.remote(self.spec.model_dump(), version)
+        # The splits of every model go in one call: a group switch is atomic there.
+        await self.scheduler.set_traffic.remote({n: self._traffic(n) for n in self.registry})
         by_model: dict[str, list[_Replica]] = {}
         for r in self.replicas.values():
             if r.state in ("loading", "ready"):
                 by_model.setdefault(r.spec.name, []).append(r)
-        for name in {m.name for m in (self.spec.models if self.spec else [])} | set(by_model):
+        for name in set(self.registry) | set(by_model):
             rs = by_model.get(name, [])
             await self.scheduler.set_replicas.remote(
                 name,
@@ -523,27 +1144,50 @@ class Controller:
             )
 
     async def _wait_ready(self) -> None:
+        """Until every model's stable version has its replicas (a model without room in
+        its pools does not hold the deploy up: it is reported as pending and starts when
+        capacity appears) and every switch started has finished, or a canary has begun.
+
+        Raises:
+            InvalidRequest: a model failed to start, or a rollout rolled back.
+        """
+        moving = {
+            name: (e.rollout.candidate, e.rollout.strategy)
+            for name, e in self.registry.items()
+            if e.rollout is not None
+        }
+        groups = set(self.groups)
         while True:
-            for m in self.spec.models if self.spec else []:
-                if self.start_failures.get(m.name, 0) >= MAX_START_FAILURES:
+            for name, entry in self.registry.items():
+                key = f"{name}@{entry.stable}"
+                if self.start_failures.get(key, 0) >= MAX_START_FAILURES:
                     raise InvalidRequest(
-                        f"model {m.name!r} failed to start {MAX_START_FAILURES} times; last error: "
-                        f"{self.start_errors.get(m.name)}"
+                        f"model {name!r} failed to start {MAX_START_FAILURES} times; last "
+                        f"error: {self.start_errors.get(key)}"
                     )
-            # A model without room in its pools does not hold the deploy up: it is reported
-            # as pending (status, events) and starts when capacity appears.
+            for name, (candidate, _) in moving.items():
+                last = self.registry[name].last if name in self.registry else None
+                if last and last["candidate"] == candidate and last["outcome"] == "rolled_back":
+                    raise InvalidRequest(f"the rollout of {name} to {candidate}: {last['reason']}")
             waiting = [
-                m.name
-                for m in (self.spec.models if self.spec else [])
-                if sum(1 for r in self.replicas.values() if r.spec == m and r.state == "ready")
-                < self._wanted(m)
+                name
+                for name, entry in self.registry.items()
+                if sum(r.state == "ready" for r in self._of(f"{name}@{entry.stable}"))
+                < self._wanted(entry.specs[entry.stable])
                 and not (
-                    m.name in self.pending
-                    and not any(
-                        r.spec == m and r.state == "loading" for r in self.replicas.values()
-                    )
+                    f"{name}@{entry.stable}" in self.pending
+                    and not any(r.state == "loading" for r in self._of(f"{name}@{entry.stable}"))
                 )
             ]
+            waiting += [
+                name
+                for name, (candidate, strategy) in moving.items()
+                if name in self.registry
+                and (ro := self.registry[name].rollout) is not None
+                and ro.candidate == candidate
+                and (strategy != "canary" or ro.step_index < 0)
+            ]
+            waiting += [g for g in groups if g in self.groups]
             if not waiting:
                 return
             await asyncio.sleep(0.2)
@@ -551,6 +1195,19 @@ class Controller:
     def _event(self, text: str) -> None:
         logger.info(text)
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+
+def _rollout_info(ro: Rollout) -> dict[str, Any]:
+    """A rollout's progress, for status."""
+    return {
+        "stable": ro.stable,
+        "candidate": ro.candidate,
+        "strategy": ro.strategy,
+        "steps": list(ro.steps),
+        "candidate_percent": ro.candidate_percent,
+        "outcome": ro.outcome,
+        "reason": ro.reason,
+    }
 
 
 def _short_error(e: BaseException) -> str:

@@ -43,6 +43,7 @@ class ModelReplica:
         self.replica_id = replica_id
         self.spec = ModelSpec.model_validate(spec)
         self._engine: Any = None
+        self._loading: asyncio.Future[Any] | None = None
         self._channels: dict[str, _Channel] = {}
         self.started_at = time.time()
         self._batch = BatchWindow(
@@ -58,8 +59,10 @@ class ModelReplica:
         """Load the engine (slow: weights, warm-up) and report what callers need."""
         from airi_ray.engines.vllm_engine import Engine
 
-        if self._engine is None:
-            self._engine = await asyncio.to_thread(Engine, self.spec)
+        # One load, however many callers ask (a restarted controller asks again).
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(Engine, self.spec))
+        self._engine = await asyncio.shield(self._loading)
         return {
             "replica_id": self.replica_id,
             "max_model_len": self._engine.max_model_len,

@@ -37,6 +37,25 @@ from airi_ray.runtime.outbox import Outbox
 logger = logging.getLogger(__name__)
 
 SIGNAL_WINDOW_S = 30.0
+# How a call that ended this way counts for its version's error rate (rollouts): the
+# caller leaving is not the version's fault.
+_NOT_VERSION_ERRORS = frozenset({"CancelledError", "GeneratorExit", "caller_gone"})
+MAX_VERSION_SAMPLES = 10_000
+
+
+@dataclasses.dataclass
+class _VersionStats:
+    """One version's calls since its model's traffic split last changed."""
+
+    requests: int = 0
+    errors: int = 0
+    ttfts: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, error: bool, ttft_s: float | None) -> None:
+        self.requests += 1
+        self.errors += error
+        if ttft_s is not None and len(self.ttfts) < MAX_VERSION_SAMPLES:
+            self.ttfts.append(ttft_s)
 
 
 # One caller's undelivered grants: ``(request_id, Lease | AiriError)`` pairs.
@@ -62,9 +81,14 @@ class GlobalScheduler:
         self._admissions: dict[str, Admission] = {}
         self._expirer: asyncio.Task[None] | None = None
         self.config_version: str | None = None  # of the spec last applied
+        self._stable: dict[str, str | None] = {}  # per model, as last set with its split
         # Recent TTFTs and arrivals per model: the autoscaler's latency and traffic signals.
         self._ttfts: dict[str, SampleWindow] = defaultdict(lambda: SampleWindow(SIGNAL_WINDOW_S))
         self._arrivals: dict[str, RateWindow] = defaultdict(lambda: RateWindow(SIGNAL_WINDOW_S))
+        # Per model and version, since the split last changed: what a rollout judges.
+        self._versions: dict[str, dict[str, _VersionStats]] = defaultdict(
+            lambda: defaultdict(_VersionStats)
+        )
 
     def needs_config(self, version: str) -> bool:
         """Whether this scheduler lacks the spec ``version`` (e.g. it just restarted)."""
@@ -160,21 +184,28 @@ class GlobalScheduler:
         self._dispatch(results)
         return [results[r.request_id] for r in requests]
 
-    def requeue(self, caller_id: str, request_id: str) -> Lease | None:
-        """The lease's replica died before the request produced a token: queue it again.
+    def requeue(
+        self, caller_id: str, request_id: str, exclude_version: bool = False
+    ) -> Lease | None:
+        """The request failed on its replica before producing a token: queue it again.
 
         The request goes back to the head of its tenant's queue, avoiding that replica,
-        which stops taking work until the controller replaces it. Returns a new lease if
-        one is free now, else None (the lease arrives on the ``grants`` stream).
+        which stops taking work until the controller replaces it. With
+        ``exclude_version`` (a canary version failed it) it avoids the whole version
+        instead, and the replica keeps working. Either way the attempt counts as an error
+        of its version. Returns a new lease if one is free now, else None (the lease
+        arrives on the ``grants`` stream).
 
         Raises:
             ReplicaUnavailable: the request holds no lease (it was released already).
         """
         lease = self.core.lease(request_id)
-        if lease is None or not self.core.requeue(request_id):
+        if lease is None or not self.core.requeue(request_id, exclude_version=exclude_version):
             raise ReplicaUnavailable(f"request {request_id} holds no lease to requeue")
         self._held.pop(request_id, None)
-        self.core.mark_unready(lease.replica_id)
+        self._versions[lease.model][lease.version].add(True, None)
+        if not exclude_version:
+            self.core.mark_unready(lease.replica_id)
         self._wait(request_id, caller_id, time.monotonic())
         results: dict[str, Lease | AiriError | None] = {request_id: None}
         self._dispatch(results)
@@ -216,6 +247,8 @@ class GlobalScheduler:
             self._settle(request_id, usage.prompt_tokens, usage.completion_tokens)
             if usage.ttft_s is not None:
                 self._ttfts[lease.model].add(now, usage.ttft_s)
+            failed = usage.error is not None and usage.error not in _NOT_VERSION_ERRORS
+            self._versions[lease.model][lease.version].add(failed, usage.ttft_s)
             if replica_failed:
                 self.core.mark_unready(lease.replica_id)
             self.metrics.record_call(lease, usage)
@@ -246,6 +279,40 @@ class GlobalScheduler:
                 "requests_in_window": round(self._arrivals[model].rate(now) * SIGNAL_WINDOW_S),
             }
         return out
+
+    def set_traffic(self, splits: dict[str, tuple[dict[str, float], str | None]]) -> None:
+        """Each model's traffic split ``(weight per version, stable version)``, all in one
+        call, so models that switch together switch in the same instant. A model whose
+        split changed starts its version stats afresh."""
+        for model, (weights, stable) in splits.items():
+            if self.core.traffic(model) == weights and self._stable.get(model) == stable:
+                continue
+            self.core.set_traffic(model, weights, stable)
+            self._stable[model] = stable
+            self._versions.pop(model, None)
+            for version, weight in weights.items():
+                self.metrics.traffic.labels(model, version).set(weight)
+        self._dispatch()
+
+    def version_stats(self, model: str) -> dict[str, dict[str, Any]]:
+        """Per version of ``model``, since its split last changed: requests, errors and
+        TTFT p99 (None without samples)."""
+        return {
+            v: {
+                "requests": s.requests,
+                "errors": s.errors,
+                "ttft_p99_s": percentile(s.ttfts, 99) if s.ttfts else None,
+            }
+            for v, s in self._versions.get(model, {}).items()
+        }
+
+    def replica_in_flight(self, model: str) -> dict[str, int]:
+        """Leases held per replica of ``model`` (a draining version waits for zero)."""
+        return {r.replica_id: r.in_flight for r in self.core.replicas(model)}
+
+    def record_rollout(self, model: str, action: str) -> None:
+        """Count a rollout decision the controller acted on."""
+        self.metrics.rollout_decisions.labels(model, action).inc()
 
     def record_scaling(self, model: str, direction: str, replicas: int) -> None:
         """Count an autoscaling decision the controller acted on."""
