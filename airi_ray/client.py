@@ -20,7 +20,7 @@ import asyncio
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -427,6 +427,19 @@ def _get(ref: Any) -> Any:
         raise
 
 
+def _read(call: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    """``_get`` a read-only actor call, again while the actor restarts (a read is safe to
+    repeat; a restarting actor refuses calls instead of queueing them)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return _get(call())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 async def _ask(ref: Any) -> Any:
     """Await an actor call; an airi error raised inside arrives as itself."""
     try:
@@ -504,9 +517,9 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         """Models, replicas and recent events, with each model's queue and routing counts."""
-        status: dict[str, Any] = ray.get(self._controller.status.remote())
+        status: dict[str, Any] = _read(self._controller.status.remote)
         scheduler = actors.get_actor(SCHEDULER_NAME)
-        status["scheduler"] = ray.get(scheduler.snapshot.remote())
+        status["scheduler"] = _read(scheduler.snapshot.remote)
         return status
 
     def deploy(

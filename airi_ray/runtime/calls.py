@@ -657,7 +657,7 @@ class CallPath:
                 f"model {lease.model!r}: {MAX_ATTEMPTS} replicas failed before answering"
             ) from cause
         if other_version:
-            logger.info(
+            logger.debug(
                 "canary %s of %s failed a request (%s); retried on the stable version",
                 lease.version,
                 lease.model,

@@ -44,6 +44,7 @@ class ModelReplica:
         self.spec = ModelSpec.model_validate(spec)
         self._engine: Any = None
         self._loading: asyncio.Future[Any] | None = None
+        self._dead: str | None = None  # why the engine failed, once it has
         self._channels: dict[str, _Channel] = {}
         self.started_at = time.time()
         self._batch = BatchWindow(
@@ -84,6 +85,14 @@ class ModelReplica:
     ) -> None:
         finished = False
         try:
+            if self._dead is not None:  # every later request would hang on a dead engine
+                raise RuntimeError(f"the engine died earlier: {self._dead}")
+            limit = self._engine.max_model_len
+            if len(prompt_ids) >= limit:  # refused here: some engines die on it instead
+                raise ValueError(
+                    f"the prompt has {len(prompt_ids)} tokens; this replica's context window "
+                    f"is {limit}"
+                )
             async for text, n, finish in self._engine.generate(request_id, prompt_ids, params):
                 finished = finish is not None
                 channel.push((request_id, text, n, finish, None))
@@ -92,7 +101,9 @@ class ModelReplica:
         except (ValueError, TypeError) as e:  # vLLM refused this request's input
             channel.push((request_id, "", 0, "invalid", f"{type(e).__name__}: {e}"))
         except Exception as e:  # the engine itself failed (e.g. its core process died)
-            logger.exception("request %s failed in the engine", request_id)
+            if self._dead is None:
+                logger.exception("request %s failed in the engine", request_id)
+                self._dead = f"{type(e).__name__}: {e}"
             channel.push((request_id, "", 0, "engine_error", f"{type(e).__name__}: {e}"))
         else:
             if not finished:  # the engine aborted it (e.g. an abort from another path)
@@ -167,6 +178,8 @@ class ModelReplica:
 
     async def probe(self) -> float:
         """A real one-token generation (or one embedding) bounded by the spec's timeout."""
+        if self._dead is not None:
+            raise RuntimeError(f"the engine died: {self._dead}")
         return await self._engine.probe(self.spec.probe_timeout_s)
 
     def stats(self) -> dict[str, Any]:

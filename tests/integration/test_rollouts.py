@@ -111,9 +111,7 @@ def test_canary_promotes_under_load_through_a_controller_restart(rolling) -> Non
         with pytest.raises(Conflict, match="is rolling out from v1 to v2"):
             client.rollout(MODEL, "v3")
         # The candidate loads, passes its probe, then takes half the traffic.
-        wait_for(
-            lambda: _versions(client.status())["v2"]["traffic"] == 0.5, 180, "the 50% step"
-        )
+        wait_for(lambda: _versions(client.status())["v2"]["traffic"] == 0.5, 180, "the 50% step")
         replicas = {r["replica_id"] for r in client.status()["replicas"]}
         ray.kill(controller, no_restart=False)  # it restarts from its saved state
         wait_for(
@@ -132,9 +130,11 @@ def test_canary_promotes_under_load_through_a_controller_restart(rolling) -> Non
     v2_ids = {r["replica_id"] for r in after["replicas"] if r["model"] == f"{MODEL}@v2"}
     assert v2_ids and v2_ids <= replicas
     wait_for(
-        lambda: _versions(client.status())["v1"]["state"] in ("retired", None)
-        if "v1" in _versions(client.status())
-        else True,
+        lambda: (
+            _versions(client.status())["v1"]["state"] in ("retired", None)
+            if "v1" in _versions(client.status())
+            else True
+        ),
         60,
         "v1 drained and retired",
     )
