@@ -8,11 +8,20 @@ first for half the models, H100 first for the other half) and 600 fractional one
 and the packing order matters. ``pack_1000_ms`` is the median over repetitions; target:
 well under a second. No Ray, no I/O: the core object only.
 
-Results are merged into ``benchmarks/results/control_plane.json``: keys written by other
-measurements (e.g. a runtime ``rollout_s``) are kept. To add a measurement, write a
-function returning its keys and add it to ``MEASUREMENTS``.
+``rollout``: on a real local Ray cluster, the tiny demo model serves v1 (one replica)
+under steady load (two clients calling it back to back); ``client.rollout`` moves it to
+v2, first blue-green, then back to v1 as a canary (steps 50, 100, each held 1 s and judged
+on 10 requests). ``rollout_s`` is the blue-green time from the rollout call to the moment
+the new version takes all traffic, split into ``candidate_load_s`` (the new replica's
+engine start: the floor no rollout can beat here) and ``switch_s`` (ready to 100%, the
+control plane's own share); the canary's total is ``canary_rollout_s``. Failed client
+requests during both are counted: the target is zero.
 
-    python benchmarks/control_plane.py [--only pack] [--repeats 7]
+Results are merged into ``benchmarks/results/control_plane.json``: keys written by other
+measurements are kept. To add a measurement, write a function returning its keys and add
+it to ``MEASUREMENTS``.
+
+    python benchmarks/control_plane.py [--only pack] [--only rollout] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +133,97 @@ def measure_pack(repeats: int) -> dict[str, Any]:
     }
 
 
-MEASUREMENTS: dict[str, Callable[[int], dict[str, Any]]] = {"pack": measure_pack}
+def _timed_rollout(client: Any, version: str, strategy: str) -> tuple[float, float]:
+    """Seconds from ``client.rollout`` to the candidate being ready, and to 100% of traffic
+    on it (polled every 50 ms)."""
+    t0 = time.perf_counter()
+    client.rollout("tiny", version, strategy=strategy)
+    ready_at = None
+    while True:
+        m = next(m for m in client.status()["models"] if m["name"] == "tiny")
+        v = {x["version"]: x for x in m["versions"]}[version]
+        if ready_at is None and v["state"] == "ready":
+            ready_at = time.perf_counter() - t0
+        if v["traffic"] == 1.0:
+            done = time.perf_counter() - t0
+            return ready_at if ready_at is not None else done, done
+        if (m["rollout"] or {}).get("outcome") == "rolled_back":
+            raise RuntimeError(f"the rollout rolled back: {m['rollout']['reason']}")
+        time.sleep(0.05)
+
+
+def measure_rollout(repeats: int) -> dict[str, Any]:
+    """A blue-green and a canary rollout of the tiny model under steady load."""
+    import threading
+
+    import ray
+
+    import airi_ray as airi
+    from airi_ray.models.tiny import ensure_tiny_model
+
+    engine = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True}
+    spec = {
+        "name": "bench-rollout",
+        "ingress": {"enabled": False, "auth": "none"},
+        "storage": {"uri": tempfile.mkdtemp(prefix="airi-bench-rollout-")},
+        "models": [
+            {
+                "name": "tiny",
+                "version": "v1",
+                "model": str(ensure_tiny_model()),
+                "num_cpus": 0.5,
+                "cpu_threads": 1,
+                "kv_cache_gib": 1,
+                "engine": engine,
+                "versions": {"v2": {}},
+                "rollout": {"steps": [50, 100], "step_hold_s": 1, "min_requests_per_step": 10},
+            }
+        ],
+    }
+    ray.init(num_cpus=4, namespace="airi", include_dashboard=False, log_to_driver=False)
+    try:
+        airi.deploy(spec)
+        client = airi.connect("auto")
+        ok, failed, stop = [0], [0], threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    client.chat("tiny", "Hello there, how are you?", max_tokens=4)
+                    ok[0] += 1
+                except Exception:
+                    failed[0] += 1
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        load_s, rollout_s = _timed_rollout(client, "v2", "blue-green")
+        canary_load_s, canary_s = _timed_rollout(client, "v1", "canary")
+        stop.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        airi.shutdown()
+        ray.shutdown()
+    print(f"{'rollout':<12}{'total s':>10}{'load s':>10}{'switch s':>10}")
+    print(f"{'blue-green':<12}{rollout_s:>10.2f}{load_s:>10.2f}{rollout_s - load_s:>10.2f}")
+    print(f"{'canary':<12}{canary_s:>10.2f}{canary_load_s:>10.2f}{canary_s - canary_load_s:>10.2f}")
+    print(f"\nrequests under load: {ok[0]} served, {failed[0]} failed (target: 0 failed)\n")
+    return {
+        "rollout_s": round(rollout_s, 2),
+        "candidate_load_s": round(load_s, 2),
+        "switch_s": round(rollout_s - load_s, 2),
+        "canary_rollout_s": round(canary_s, 2),
+        "canary_steps": [50, 100],
+        "requests_served": ok[0],
+        "requests_failed": failed[0],
+    }
+
+
+MEASUREMENTS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "pack": measure_pack,
+    "rollout": measure_rollout,
+}
 
 
 def write(results: dict[str, Any]) -> None:

@@ -117,7 +117,10 @@ class _Replica:
         """What a restarted controller needs to adopt this replica again."""
         return {
             "key": self.spec.key,
+            "state": self.state,
             "started_at": self.started_at,
+            "max_model_len": self.max_model_len,
+            "kv_capacity_tokens": self.kv_capacity_tokens,
             "lease": dataclasses.asdict(self.lease) if self.lease else None,
         }
 
@@ -309,7 +312,7 @@ class Controller:
         self._persist()
         if wait:
             await self._wait_ready()
-        return self.status()
+        return self._status()
 
     async def rollout(
         self,
@@ -367,7 +370,7 @@ class Controller:
         self._persist()
         self._ensure_loop()
         await self._reconcile()
-        return self.status()
+        return self._status()
 
     async def rollback(self, model: str) -> dict[str, Any]:
         """Send ``model``'s traffic back: stop its running rollout (or its group's switch),
@@ -401,9 +404,14 @@ class Controller:
         self._persist()
         self._ensure_loop()
         await self._reconcile()
-        return self.status()
+        return self._status()
 
-    def models(self) -> list[dict[str, Any]]:
+    async def models(self) -> list[dict[str, Any]]:
+        """Served models with their versions and rollouts (see ``_models``)."""
+        self._ensure_loop()
+        return self._models()
+
+    def _models(self) -> list[dict[str, Any]]:
         """Served models with what callers need (task, context window, weights source),
         their versions (state, traffic share, replicas) and rollout progress."""
         if self.spec is None:
@@ -464,8 +472,7 @@ class Controller:
     async def auth_config(self) -> dict[str, Any]:
         """How callers authenticate: ``{"mode": "keys" | "none", "records": [...]}``, the
         key records as salted hashes (callers verify keys themselves, in constant time)."""
-        if self.spec is not None:  # restarted with a saved spec: callers poll this, so the
-            self._ensure_loop()  # reconcile loop comes back with the first of them
+        self._ensure_loop()
         records = [r.to_dict() for r in [*self._spec_keys, *self._cli_keys.records()]]
         mode = self.spec.ingress.auth if self.spec is not None else "keys"
         return {"mode": mode, "records": records}
@@ -547,11 +554,15 @@ class Controller:
     def app_spec(self) -> dict[str, Any] | None:
         return self.spec.model_dump() if self.spec else None
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        self._ensure_loop()
+        return self._status()
+
+    def _status(self) -> dict[str, Any]:
         return {
             "app": self.spec.name if self.spec else None,
             "ingress": self.spec.ingress.model_dump() if self.spec else None,
-            "models": self.models(),
+            "models": self._models(),
             "replicas": [
                 {
                     "replica_id": r.replica_id,
@@ -871,6 +882,12 @@ class Controller:
     # -- reconcile ---------------------------------------------------------------------
 
     def _ensure_loop(self) -> None:
+        """Run the reconcile loop (after a restart, callers' first calls bring it back),
+        adopting the replicas of before the restart first."""
+        if self.spec is None:
+            return
+        if self._to_adopt:
+            self._adopt()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
@@ -971,8 +988,16 @@ class Controller:
                 continue
             r = _Replica(rid, spec, handle, lease=lease, started_at=rec["started_at"])
             self.replicas[rid] = r
-            self._event(f"adopting replica {rid} ({spec.key})")
-            asyncio.get_running_loop().create_task(self._await_start(r, [], adopted=True))
+            if rec["state"] == "ready":  # it serves on: the health checks watch it as usual
+                r.state, r.last_probe = "ready", time.monotonic()
+                r.max_model_len, r.kv_capacity_tokens = (
+                    rec["max_model_len"],
+                    rec["kv_capacity_tokens"],
+                )
+                self._event(f"adopted replica {rid} ({spec.key})")
+            else:  # it was loading: wait for it as its starter would have
+                self._event(f"adopting replica {rid} ({spec.key}), still loading")
+                asyncio.get_running_loop().create_task(self._await_start(r, [], adopted=True))
 
     def _wanted(self, m: ModelSpec) -> int:
         """Replicas ``m`` should have: the autoscaler's count, else the spec's."""

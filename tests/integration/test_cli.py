@@ -71,3 +71,18 @@ def test_keys_are_created_used_listed_and_revoked_without_a_restart(capsys, airi
     assert wait_for(lambda: chat_status() == 401, timeout=30, what="the revoked key to fail")
     assert cli.main(["keys", "create", "--tenant", "nobody"]) == 2
     assert "no tenant 'nobody'" in capsys.readouterr().err
+
+
+def test_rollout_and_rollback_errors_are_clear(capsys) -> None:
+    assert cli.main(["rollout", "tiny-chat", "--to", "9"]) == 2
+    assert "model 'tiny-chat' has no version '9'; known versions: 1" in capsys.readouterr().err
+    assert cli.main(["rollout", "tiny-chat", "--to", "1"]) == 2
+    assert "already serves version '1'" in capsys.readouterr().err
+    assert cli.main(["rollout", "tiny-chat", "--to", "2", "--steps", "10,x"]) == 2
+    assert "--steps takes comma-separated percentages" in capsys.readouterr().err
+    assert cli.main(["rollout", "tiny-chat", "--to", "2", "--with", "minilm"]) == 2
+    assert "--with takes MODEL=VERSION" in capsys.readouterr().err
+    assert cli.main(["rollback", "tiny-chat"]) == 2
+    assert "no rollout running and no earlier version" in capsys.readouterr().err
+    assert cli.main(["deploy", "/nonexistent.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -108,3 +108,64 @@ def test_feature_views_in_the_spec() -> None:
                 ]
             }
         )
+
+
+def _versioned(**extra: object) -> dict:
+    return {
+        "models": [
+            {
+                "name": "embedder",
+                "version": "v1",
+                "model": "e",
+                "task": "embed",
+                "versions": {"v2": {"model": "e2", "requires": {"chat": ">=v2"}}},
+            },
+            {"name": "chat", "version": "v1", "model": "c", "versions": {"v2": {}}},
+        ],
+        **extra,
+    }
+
+
+def test_versions_requires_and_groups() -> None:
+    spec = parse_spec(_versioned(groups=[{"name": "rag", "models": ["embedder", "chat"]}]))
+    embedder = spec.model("embedder")
+    v2 = embedder.at_version("v2")
+    assert (v2.version, v2.model, v2.task, v2.versions) == ("v2", "e2", "embed", {})
+    assert embedder.at_version("v1") is embedder
+    assert [str(c) for c in spec.constraints()] == ["embedder v2 requires chat >=v2"]
+    assert spec.group_of("chat").name == "rag" and spec.group_of("nope") is None
+    # Fields that need new engines differ; replica counts and rollout settings do not.
+    assert embedder.engine_fields() != v2.engine_fields()
+    more = embedder.model_copy(update={"replicas": 3})
+    assert more.engine_fields() == embedder.engine_fields()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"versions": {"v1": {}}}, "'v1' is this spec's own version"),
+        ({"versions": {"v 2": {}}}, "not a version label"),
+        ({"versions": {"v2": {"name": "other"}}}, "versions.v2 may not set name"),
+        ({"versions": {"v2": {"replicas": -1}}}, "versions.v2: replicas"),
+        ({"requires": {"nope": ">=1"}}, "requires unknown models: nope"),
+        ({"requires": {"chat": ">=abc"}}, "each clause of requires_versions"),
+        ({"rollout": {"steps": [50, 10]}}, "increasing percentages ending at 100"),
+        ({"rollout": {"strategy": "yolo"}}, "rollout.strategy"),
+    ],
+)
+def test_bad_versions_name_the_problem(change: dict, match: str) -> None:
+    data = _versioned()
+    data["models"][1] |= change
+    with pytest.raises(InvalidRequest, match=match):
+        parse_spec(data)
+
+
+def test_bad_groups_name_the_problem() -> None:
+    with pytest.raises(InvalidRequest, match="group 'g' names unknown models: x"):
+        parse_spec(_versioned(groups=[{"name": "g", "models": ["chat", "x"]}]))
+    twice = [
+        {"name": "g", "models": ["chat", "embedder"]},
+        {"name": "h", "models": ["chat", "embedder"]},
+    ]
+    with pytest.raises(InvalidRequest, match="one group only"):
+        parse_spec(_versioned(groups=twice))
