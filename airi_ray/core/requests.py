@@ -91,6 +91,8 @@ class CallOptions:
     priority: str = "interactive"
     deadline_s: float | None = None
     session_id: str | None = None
+    version: str | None = None  # pins the call to one version, whatever the traffic split
+    # (the runtime's data jobs: a collection is embedded by one version only)
 
     def __post_init__(self) -> None:
         check_priority(self.priority)

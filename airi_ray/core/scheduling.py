@@ -93,6 +93,8 @@ class AcquireRequest:
             (None if unset), chat messages, stop sequences and prompt characters, for the
             tenant's request-shape limits.
         exclude_versions: model versions not to use (a canary version failed this request).
+        version: run only on this version, whatever the traffic split (None: the split
+            decides). For the runtime's data jobs, which must embed with one version.
     """
 
     request_id: str
@@ -110,6 +112,7 @@ class AcquireRequest:
     stop: int = 0
     prompt_chars: int = 0
     exclude_versions: frozenset[str] = frozenset()  # immutable: a plain default is safe
+    version: str | None = None
 
     def __post_init__(self) -> None:
         if self.priority not in _RANK:
@@ -473,7 +476,7 @@ class Scheduler:
         if rid in self._queued_in or rid in self._leases:
             raise ValueError(f"request id {rid} is already queued or leased")
         m = self._models.get(request.model)
-        if m is None or not _can_take_new_work(m):
+        if m is None or not _can_take_new_work(m, request.version):
             if m is not None:  # unknown model names are not counted: they would grow memory
                 m.tenant_counts(tenant).refused += 1
             n = len(m.replicas) if m is not None else 0
@@ -698,6 +701,8 @@ class Scheduler:
                 cost = request.cost_tokens
                 exclude = request.exclude
                 live = m.live  # versions that take new requests; () when there is no split
+                if request.version is not None:  # pinned: that version, weight or not
+                    live = (request.version,)
                 skip_versions = request.exclude_versions
                 by_version = bool(live or skip_versions)  # False: the usual, cheap path
                 usable_versions: set[str] = set()
@@ -767,7 +772,7 @@ class Scheduler:
                     choice.prefix_blocks,
                     queued.requeues,
                     version,
-                    m.stable is not None and version != m.stable,
+                    request.version is None and m.stable is not None and version != m.stable,
                 )
                 self._leases[rid] = _Granted(lease, queued, charge)
                 m.in_flight += 1
@@ -805,9 +810,10 @@ class Scheduler:
         return round(min(max(estimate, _RETRY_AFTER_MIN_S), _RETRY_AFTER_MAX_S), 1)
 
 
-def _can_take_new_work(m: _Model) -> bool:
-    """Whether a replica is ready or starting, of a version with traffic under a split."""
-    live = m.live
+def _can_take_new_work(m: _Model, pinned: str | None = None) -> bool:
+    """Whether a replica is ready or starting, of a version with traffic under a split
+    (of the ``pinned`` version, if the request names one)."""
+    live = m.live if pinned is None else (pinned,)
     if not live:
         return any(r.view.ready or r.view.starting for r in m.replicas)
     return any((r.view.ready or r.view.starting) and r.view.version in live for r in m.replicas)

@@ -194,6 +194,7 @@ class Controller:
     def __init__(self) -> None:
         self.spec: AppSpec | None = None
         self.replicas: dict[str, _Replica] = {}
+        self._stopping: dict[str, _Replica] = {}  # taken out, their engines shutting down
         self.start_failures: dict[str, int] = {}  # by version key (name@version)
         self.start_errors: dict[str, str] = {}
         self.events: deque[str] = deque(maxlen=200)
@@ -594,7 +595,7 @@ class Controller:
         present = {n.node_id for n in capacity}
         leases = [
             r.lease
-            for r in self.replicas.values()
+            for r in [*self.replicas.values(), *self._stopping.values()]
             if r.lease is not None and r.lease.node_id in present
         ]
         return Packer(capacity, leases)
@@ -606,7 +607,9 @@ class Controller:
         ray.experimental.internal_kv._internal_kv_del(_KEYS_KEY)
         if self._loop_task:
             self._loop_task.cancel()
-        await asyncio.gather(*(self._stop(r, "shutdown") for r in list(self.replicas.values())))
+        await asyncio.gather(
+            *(self._stop_soon(r, "shutdown") for r in list(self.replicas.values()))
+        )
         self.registry, self.groups, self.desired, self._scaling = {}, {}, {}, {}
         self._to_adopt = {}
         self._persist()
@@ -930,9 +933,9 @@ class Controller:
                 target = targets.get(r.spec.key)
                 if target is None:
                     gone = r.spec.name not in self.registry
-                    await self._stop(r, "no longer in the spec" if gone else "version retired")
+                    self._stop_soon(r, "no longer in the spec" if gone else "version retired")
                 elif target[0].engine_fields() != r.spec.engine_fields():
-                    await self._stop(r, "its engine settings changed")
+                    self._stop_soon(r, "its engine settings changed")
                 else:
                     r.spec = target[0]
             for key, (spec, count) in targets.items():
@@ -945,7 +948,7 @@ class Controller:
                 # Scaling down drops loading replicas first, then the youngest ready ones.
                 alive.sort(key=lambda r: (r.state == "ready", -r.started_at), reverse=True)
                 for r in alive[count:]:
-                    await self._stop(r, "scaled down")
+                    self._stop_soon(r, "scaled down")
                 if self.start_failures.get(key, 0) >= MAX_START_FAILURES:
                     continue  # reported in status; a new deploy resets it
                 for _ in range(count - len(alive)):
@@ -1101,16 +1104,23 @@ class Controller:
         self._event(f"replica {r.replica_id} {'adopted' if adopted else 'ready'}")
         await self._reconcile()
 
-    async def _stop(self, r: _Replica, why: str) -> None:
+    def _stop_soon(self, r: _Replica, why: str) -> asyncio.Task[None]:
+        """Take ``r`` out of service at once and stop its engine in the background (its
+        devices stay leased until it has)."""
         r.state = "stopping"
         self.replicas.pop(r.replica_id, None)
+        self._stopping[r.replica_id] = r
         self._event(f"stop replica {r.replica_id}: {why}")
+        return asyncio.get_running_loop().create_task(self._stop(r))
+
+    async def _stop(self, r: _Replica) -> None:
         try:
             if r.handle is not None:
                 await asyncio.wait_for(r.handle.shutdown.remote(), 10)
         except Exception:
             pass
         self._free(r)
+        self._stopping.pop(r.replica_id, None)
 
     def _free(self, r: _Replica) -> None:
         """Kill the replica's actor and give its bundle back to the pool."""

@@ -3,6 +3,8 @@ the tenant, and usable as a graph node."""
 
 from __future__ import annotations
 
+import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,8 @@ import pytest
 import airi_ray
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.graphs import END, START, Field, StateGraph, retrieve
-from tests.conftest import OTHER_KEY
+from airi_ray.data.collections import CollectionStore, collections_uri
+from tests.conftest import OTHER_KEY, wait_for
 
 KB = Path(airi_ray.__file__).parent / "demo" / "kb"
 
@@ -95,3 +98,36 @@ def test_the_cli_ingests_and_retrieves(kb: str, tmp_path: Path, capsys) -> None:
     assert cli.main(["retrieve", kb, "what batteries does the lantern take", "--api-key", KEY]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "[lantern-batteries#0]" in first
+
+
+def test_an_embedder_rollout_reembeds_its_collections_and_switches_with_them(
+    airi_app, client, kb: str
+) -> None:
+    """minilm moves from version 1 to 2. Once version 2 is ready, a job re-embeds the
+    collection into a version-2 table with version 2 alone; only then does version 2 take
+    queries, each searching the table of the version that embedded it; at promotion the
+    new table becomes the active one. Retrieval answers right at every moment."""
+    spec = copy.deepcopy(airi_app.spec)
+    spec["models"][1]["versions"] = {"2": {}}
+    client.deploy(spec)  # declares version 2; nothing moves yet
+    client.rollout("minilm", "2", strategy="blue-green")
+    store = CollectionStore(collections_uri(spec["storage"]["uri"]), progress=False)
+    question, answer = "How should I clean my hiking boots after a trip?", "boot-care"
+    wrong: list[Any] = []
+    seen_building = False
+    deadline = time.monotonic() + 180
+    while next(m for m in client.status()["models"] if m["name"] == "minilm")["version"] != "2":
+        assert time.monotonic() < deadline, "minilm version 2 was not promoted in time"
+        hits = client.retrieve(kb, question, k=1)
+        if not hits or hits[0]["doc_id"] != answer:
+            wrong.append(hits)
+        states = {s.version: s for s in store.open(kb).embedders()}
+        seen_building |= "2" in states and not states["2"].complete
+        time.sleep(0.2)
+    assert not wrong, wrong[:2]
+    wait_for(lambda: store.open(kb).active().version == "2", 60, "the version-2 table to be active")
+    states = {s.version: s for s in store.open(kb).embedders()}
+    assert states["2"].complete and states["1"].complete and not states["1"].active
+    assert client.retrieve(kb, question, k=1)[0]["doc_id"] == answer
+    # Later tests deploy the session spec: it serves version 2 now (no rollout back).
+    airi_app.spec["models"][1] |= {"version": "2", "versions": {"1": {}}}

@@ -260,3 +260,17 @@ def test_invalid_split_says_what_is_wrong(
     with pytest.raises(ValueError, match=message):
         s.set_traffic("m", weights, stable=stable)
     assert s.traffic("m") == {"v1": 1.0}  # a rejected split changes nothing
+
+
+def test_a_pinned_request_runs_on_its_version_whatever_the_split() -> None:
+    s = sched(rv("a", "v1"), rv("b", "v2"))
+    s.set_traffic("m", {"v1": 1.0, "v2": 0.0}, stable="v1")
+    # v2 takes no traffic, but a data job pinned to it runs there (and only there).
+    lease = grant_one(s, "pinned", 0.0, version="v2")
+    assert lease.version == "v2" and not lease.canary  # a failure is not retried elsewhere
+    s.release("pinned", 1, now=0.0)
+    assert versions_of(s, 3, version="v2") == ["v2"] * 3
+    assert versions_of(s, 4) == ["v1"] * 4
+    s.set_replicas("m", [rv("a", "v1")])
+    with pytest.raises(ReplicaUnavailable):
+        s.enqueue(req("p", version="v2"), 10.0)

@@ -1,0 +1,81 @@
+"""Re-embedding jobs: the collections of an embedding model follow it to a new version.
+
+When an embedding model rolls out to a new version, the controller runs ``prepare`` as a
+Ray task once the new version's replicas are ready, and gives the version traffic only
+after it finished: every collection whose active embedder is that model gets a complete
+table for the new version (``Collection.reembed``: incremental, idempotent, restartable),
+embedded by the new version's replicas alone (calls pinned to the version, whatever the
+traffic split). A query is embedded by whichever version the split picks and searches
+that version's table (``Retriever.retrieve``), so no query mixes vectors of two versions.
+
+When the new version is promoted, ``activate`` catches the new tables up with what was
+ingested meanwhile (ingestion writes to the active version, pinned to it) and makes them
+the active ones; the old version drains only after that, since ingestion needed it until
+then. The jobs run as the runtime's own tenant: they are scheduled like any call, at
+batch priority, and charged to no one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import ray
+
+from airi_ray.config import SYSTEM_TENANT
+from airi_ray.core.requests import CallOptions
+from airi_ray.data.collections import CollectionStore
+
+
+def collections_of(uri: str, model: str) -> list[str]:
+    """Collections under ``uri`` whose active embedder is ``model``."""
+    store = CollectionStore(_root(uri), progress=False)
+    return [n for n in store.names() if store.open(n).active().model == model]
+
+
+async def _run(uri: str, model: str, version: str, activate: bool) -> dict[str, int]:
+    from airi_ray.runtime.calls import CallPath
+
+    path = CallPath()
+    loop = asyncio.get_running_loop()
+    options = CallOptions(priority="batch", version=version)
+    store = CollectionStore(_root(uri), progress=False)
+
+    def embed(texts: list[str]) -> list[list[float]]:  # called from LanceDB's thread
+        call = path.embed(model, texts, SYSTEM_TENANT, options)
+        return asyncio.run_coroutine_threadsafe(call, loop).result()[0]
+
+    try:
+        probe, _ = await path.embed(model, ["dimension probe"], SYSTEM_TENANT, options)
+        done: dict[str, int] = {}
+        for name in await asyncio.to_thread(collections_of, uri, model):
+            collection = store.open(name)
+            done[name] = await asyncio.to_thread(
+                collection.reembed, model, version, embed, dim=len(probe[0]), progress=False
+            )
+            if activate:
+                await asyncio.to_thread(collection.activate, model, version)
+        return done
+    finally:
+        await path.close()
+
+
+@ray.remote(num_cpus=0, max_retries=2)
+def prepare(uri: str, model: str, version: str) -> dict[str, int]:
+    """Build every collection of ``model``'s table for ``version``; chunks embedded, by
+    collection."""
+    return asyncio.run(_run(uri, model, version, activate=False))
+
+
+@ray.remote(num_cpus=0, max_retries=2)
+def activate(uri: str, model: str, version: str) -> dict[str, int]:
+    """Catch ``version``'s tables up and make them the active ones."""
+    return asyncio.run(_run(uri, model, version, activate=True))
+
+
+def _root(uri: str) -> str:
+    return uri.rstrip("/") + "/collections"
+
+
+__all__ = ["activate", "collections_of", "prepare"]
+_ = Any
