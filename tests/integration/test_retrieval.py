@@ -12,8 +12,8 @@ import pytest
 
 import airi_ray
 from airi_ray.core.errors import InvalidRequest, NotFound
-from airi_ray.graphs import END, START, Field, StateGraph, retrieve
 from airi_ray.data.collections import CollectionStore, collections_uri
+from airi_ray.graphs import END, START, Field, StateGraph, retrieve
 from tests.conftest import OTHER_KEY, wait_for
 
 KB = Path(airi_ray.__file__).parent / "demo" / "kb"
@@ -114,15 +114,12 @@ def test_an_embedder_rollout_reembeds_its_collections_and_switches_with_them(
     store = CollectionStore(collections_uri(spec["storage"]["uri"]), progress=False)
     question, answer = "How should I clean my hiking boots after a trip?", "boot-care"
     wrong: list[Any] = []
-    seen_building = False
     deadline = time.monotonic() + 180
     while next(m for m in client.status()["models"] if m["name"] == "minilm")["version"] != "2":
         assert time.monotonic() < deadline, "minilm version 2 was not promoted in time"
         hits = client.retrieve(kb, question, k=1)
         if not hits or hits[0]["doc_id"] != answer:
             wrong.append(hits)
-        states = {s.version: s for s in store.open(kb).embedders()}
-        seen_building |= "2" in states and not states["2"].complete
         time.sleep(0.2)
     assert not wrong, wrong[:2]
     wait_for(lambda: store.open(kb).active().version == "2", 60, "the version-2 table to be active")
