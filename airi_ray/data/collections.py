@@ -184,6 +184,11 @@ class EmbedderState:
     completed_at: float | None
 
 
+def collections_uri(storage_uri: str) -> str:
+    """Where an app's collections live under its storage URI."""
+    return storage_uri.rstrip("/") + "/collections"
+
+
 def quote(value: str) -> str:
     """A SQL string literal: the value in single quotes, inner quotes doubled.
 

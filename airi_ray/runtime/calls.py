@@ -611,6 +611,7 @@ class CallPath:
             0,
             priority=options.priority,
             deadline_s=options.deadline_s,
+            version=options.version,
         )
         lease = await self._wait(self._acquire(request), request.request_id)
         try:
@@ -620,6 +621,7 @@ class CallPath:
                         ids, options.deadline_s
                     )
                     usage.ttft_s = time.perf_counter() - start
+                    usage.extra["version"] = lease.version  # which vector space they are in
                     return vectors, usage
                 except Exception as e:
                     if lease.canary:

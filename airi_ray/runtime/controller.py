@@ -208,6 +208,9 @@ class Controller:
         self._lock: asyncio.Lock | None = None
         self._control = ControlState(None)
         self._to_adopt: dict[str, dict[str, Any]] = {}  # saved replicas not yet found again
+        # Re-embedding jobs by (kind, model, version): a running task's ref, then "done" or
+        # "failed: why". Not saved: a restarted controller runs them again (idempotent).
+        self._jobs: dict[tuple[str, str, str], Any] = {}
         # Keys live only as salted hashes: from the spec's api_keys (replaced on each
         # deploy) and from `airi keys create` (kept until revoked).
         self._spec_keys: list[KeyRecord] = []
@@ -762,6 +765,7 @@ class Controller:
         if decision.action == "promote":
             entry.history.append(ro.stable)
             entry.stable = ro.candidate
+            self._activate_collections(model, ro.candidate)
         for version in decision.drain:
             self._retire(model, entry, version)
         if ro.outcome != "running":
@@ -820,6 +824,10 @@ class Controller:
                 why = self.start_errors.get(f"{name}@{ro.candidate}")
                 self._apply(name, entry, *ro.rollback(f"candidate failed to start: {why}"))
                 continue
+            data = self._data_ready(name, ro.candidate)
+            if data.startswith("failed"):
+                self._apply(name, entry, *ro.rollback(f"re-embedding its collections {data}"))
+                continue
             stats = await self.scheduler.version_stats.remote(name)
             self._apply(
                 name,
@@ -828,21 +836,27 @@ class Controller:
                     time.time(),
                     VersionStats(**stats.get(ro.stable, {})),
                     VersionStats(**stats.get(ro.candidate, {})),
-                    self._serves(name, ro.candidate),
+                    self._serves(name, ro.candidate) and data == "done",
                 ),
             )
         for gs in list(self.groups.values()):
             failed = [
-                f"{m.model} {m.candidate}: {self.start_errors.get(f'{m.model}@{m.candidate}')}"
+                f"{m.model} {m.candidate} failed to start: "
+                f"{self.start_errors.get(f'{m.model}@{m.candidate}')}"
                 for m in gs.members
                 if self.start_failures.get(f"{m.model}@{m.candidate}", 0) >= MAX_START_FAILURES
             ]
+            ready: dict[str, bool] = {}
+            for m in gs.members:
+                serves = self._serves(m.model, m.candidate)
+                data = self._data_ready(m.model, m.candidate) if serves else "waiting"
+                if data.startswith("failed"):
+                    failed.append(f"re-embedding for {m.model} {m.candidate} {data}")
+                ready[m.model] = serves and data == "done"
             if failed:
-                self._cancel_group(gs, f"failed to start: {'; '.join(failed)}")
+                self._cancel_group(gs, "; ".join(failed))
                 continue
-            after, decision = gs.step(
-                {m.model: self._serves(m.model, m.candidate) for m in gs.members}
-            )
+            after, decision = gs.step(ready)
             if decision.action != "switch":
                 continue
             # Every member's stable changes here, and the next push sends all their splits
@@ -852,6 +866,7 @@ class Controller:
                 entry = self.registry[m.model]
                 entry.history.append(m.stable)
                 entry.stable = m.candidate
+                self._activate_collections(m.model, m.candidate)
                 self._retire(m.model, entry, m.stable)
                 entry.last = {
                     "stable": m.stable,
@@ -863,6 +878,48 @@ class Controller:
                 }
             self._event(decision.reason)
 
+    def _data_ready(self, model: str, version: str) -> str:
+        """Whether ``version``'s data is ready for traffic: ``done``, ``running`` or
+        ``failed: why``. An embedding model's collections need a table of that version
+        (a re-embedding job, started here once the version's replicas serve)."""
+        if self.registry[model].specs[version].task != "embed":
+            return "done"
+        return self._job("prepare", model, version)
+
+    def _activate_collections(self, model: str, version: str) -> None:
+        if self.registry[model].specs[version].task == "embed":
+            self._job("activate", model, version)
+
+    def _job(self, kind: str, model: str, version: str, start: bool = True) -> str:
+        """The state of a re-embedding job (``reembed.prepare`` or ``reembed.activate``):
+        ``running``, ``done`` or ``failed: why``; started if it never ran (and ``start``),
+        else ``none``."""
+        from airi_ray.runtime import reembed
+
+        key = (kind, model, version)
+        job = self._jobs.get(key)
+        if job is None:
+            if not start:
+                return "none"
+            task = reembed.prepare if kind == "prepare" else reembed.activate
+            self._jobs[key] = task.remote(self.storage_uri(), model, version)
+            self._event(f"{kind} collections of {model} for version {version}: started")
+            return "running"
+        if isinstance(job, str):
+            return job
+        done, _ = ray.wait([job], timeout=0)
+        if not done:
+            return "running"
+        try:
+            counts = ray.get(job)
+        except Exception as e:
+            self._jobs[key] = f"failed: {_short_error(e)}"
+        else:
+            self._jobs[key] = "done"
+            embedded = ", ".join(f"{n} {c} chunks" for n, c in counts.items()) or "no collections"
+            self._event(f"{kind} collections of {model} for version {version}: {embedded}")
+        return str(self._jobs[key])
+
     async def _drain_step(self) -> None:
         """Retire draining versions once their in-flight requests finished (or timed out)."""
         now = time.time()
@@ -871,6 +928,9 @@ class Controller:
             if not draining:
                 continue
             load = await self.scheduler.replica_in_flight.remote(name)
+            if self._job("activate", name, entry.stable, start=False) == "running":
+                continue  # ingestion writes with the old version until its successor's
+                # tables are active
             for v in draining:
                 busy = sum(load.get(r.replica_id, 0) for r in self._of(f"{name}@{v}"))
                 waited = now - entry.drain_started.get(v, now)

@@ -18,18 +18,17 @@ batch priority, and charged to no one.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import ray
 
 from airi_ray.config import SYSTEM_TENANT
 from airi_ray.core.requests import CallOptions
-from airi_ray.data.collections import CollectionStore
+from airi_ray.data.collections import CollectionStore, collections_uri
 
 
 def collections_of(uri: str, model: str) -> list[str]:
     """Collections under ``uri`` whose active embedder is ``model``."""
-    store = CollectionStore(_root(uri), progress=False)
+    store = CollectionStore(collections_uri(uri), progress=False)
     return [n for n in store.names() if store.open(n).active().model == model]
 
 
@@ -39,7 +38,7 @@ async def _run(uri: str, model: str, version: str, activate: bool) -> dict[str, 
     path = CallPath()
     loop = asyncio.get_running_loop()
     options = CallOptions(priority="batch", version=version)
-    store = CollectionStore(_root(uri), progress=False)
+    store = CollectionStore(collections_uri(uri), progress=False)
 
     def embed(texts: list[str]) -> list[list[float]]:  # called from LanceDB's thread
         call = path.embed(model, texts, SYSTEM_TENANT, options)
@@ -50,6 +49,8 @@ async def _run(uri: str, model: str, version: str, activate: bool) -> dict[str, 
         done: dict[str, int] = {}
         for name in await asyncio.to_thread(collections_of, uri, model):
             collection = store.open(name)
+            if (await asyncio.to_thread(collection.active)).version == version:
+                continue  # activated by an earlier try of this job
             done[name] = await asyncio.to_thread(
                 collection.reembed, model, version, embed, dim=len(probe[0]), progress=False
             )
@@ -71,11 +72,3 @@ def prepare(uri: str, model: str, version: str) -> dict[str, int]:
 def activate(uri: str, model: str, version: str) -> dict[str, int]:
     """Catch ``version``'s tables up and make them the active ones."""
     return asyncio.run(_run(uri, model, version, activate=True))
-
-
-def _root(uri: str) -> str:
-    return uri.rstrip("/") + "/collections"
-
-
-__all__ = ["activate", "collections_of", "prepare"]
-_ = Any

@@ -6,9 +6,10 @@ queries are scheduled, limited and charged to the tenant like any model call. La
 runs in threads: the tables sit under the app's storage URI, which every process of the
 cluster reaches (a local folder on one machine, object storage on a cluster).
 
-A query is embedded by the version of the embedding model that serves now and reads only
-that version's table, which must be complete: while a new version's table is still being
-built, queries keep using the table of the version that serves.
+A query is embedded by whichever version of the embedding model the traffic split picks
+and reads only that version's table: a version takes traffic only once its tables are
+complete (``runtime.reembed``), so no query mixes vectors of two versions. Ingestion
+embeds with the collection's active version only (pinned), into its table.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from typing import Any
 from airi_ray.core.chunking import Chunker
 from airi_ray.core.errors import InvalidRequest
 from airi_ray.core.requests import CallOptions
-from airi_ray.data.collections import Collection, CollectionStore, Document
+from airi_ray.data.collections import (
+    Collection,
+    CollectionStore,
+    Document,
+    EmbedderState,
+    collections_uri,
+)
 from airi_ray.runtime.calls import CallPath
 
 # Chunks a little under MiniLM-class embedders' 256-token limit, with some overlap.
@@ -37,7 +44,7 @@ class Retriever:
 
     def __init__(self, path: CallPath, uri: str, progress: bool = False) -> None:
         self._path = path
-        self._store = CollectionStore(uri.rstrip("/") + "/collections", progress=progress)
+        self._store = CollectionStore(collections_uri(uri), progress=progress)
         self._loop = asyncio.get_running_loop()
 
     async def create(self, name: str, model: str, tenant: str) -> dict[str, Any]:
@@ -47,7 +54,8 @@ class Retriever:
             InvalidRequest: a bad name, the collection exists, or ``model`` does not embed.
         """
         info = await self._path.model(model, "embed")
-        vectors, _ = await self._path.embed(model, ["dimension probe"], tenant)
+        pinned = CallOptions(version=info.version)
+        vectors, _ = await self._path.embed(model, ["dimension probe"], tenant, pinned)
         collection = await asyncio.to_thread(
             self._store.create, name, model=model, version=info.version, dim=len(vectors[0])
         )
@@ -74,7 +82,8 @@ class Retriever:
         """
         if (documents is None) == (folder is None):
             raise InvalidRequest("give either documents or folder")
-        collection, model = await self._open(name)
+        collection, active = await self._open(name)
+        model = active.model
         info = await self._path.model(model, "embed")
         tokenizer = info.tokenizer
         chunker = Chunker(
@@ -83,7 +92,8 @@ class Retriever:
             max_tokens=CHUNK_TOKENS,
             overlap_tokens=CHUNK_OVERLAP,
         )
-        embed = self._embed_from_thread(model, tenant, CallOptions(priority="batch"))
+        options = CallOptions(priority="batch", version=active.version)
+        embed = self._embed_from_thread(model, tenant, options)
         if folder is not None:
             result = await asyncio.to_thread(
                 collection.ingest_folder, Path(folder), tenant=tenant, embed=embed, chunker=chunker
@@ -119,24 +129,23 @@ class Retriever:
         """
         if not isinstance(query, str) or not 0 < len(query) <= MAX_QUERY_CHARS:
             raise InvalidRequest(f"query must be a string of 1 to {MAX_QUERY_CHARS} characters")
-        collection, model = await self._open(name)
-        info = await self._path.model(model, "embed")
-        vectors, _ = await self._path.embed(model, [query], tenant, options or CallOptions())
+        collection, active = await self._open(name)
+        model = active.model
+        vectors, usage = await self._path.embed(model, [query], tenant, options or CallOptions())
         hits = await asyncio.to_thread(
             collection.search,
             vectors[0],
             k,
             tenant=tenant,
-            embedder=(model, info.version),
+            embedder=(model, usage.extra["version"]),  # the table of the version that embedded it
             filter=filter,
             mmr_lambda=mmr_lambda,
         )
         return [asdict(h) for h in hits]
 
-    async def _open(self, name: str) -> tuple[Collection, str]:
+    async def _open(self, name: str) -> tuple[Collection, EmbedderState]:
         collection = await asyncio.to_thread(self._store.open, name)
-        active = await asyncio.to_thread(collection.active)
-        return collection, active.model
+        return collection, await asyncio.to_thread(collection.active)
 
     def _embed_from_thread(self, model: str, tenant: str, options: CallOptions) -> Any:
         """A blocking ``embed(texts)`` for LanceDB work in a thread: each batch is an
