@@ -923,6 +923,11 @@ class Controller:
     async def _drain_step(self) -> None:
         """Retire draining versions once their in-flight requests finished (or timed out)."""
         now = time.time()
+        if not any("draining" in e.states.values() for e in self.registry.values()):
+            return
+        # The scheduler must have the splits that give draining versions no traffic before
+        # their in-flight counts mean anything (calls from here are ordered).
+        await self.scheduler.set_traffic.remote({n: self._traffic(n) for n in self.registry})
         for name, entry in self.registry.items():
             draining = [v for v, s in entry.states.items() if s == "draining"]
             if not draining:

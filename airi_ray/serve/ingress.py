@@ -387,7 +387,23 @@ class Ingress:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
+_INGRESS_KEY = b"airi/ingress_spec"  # the settings the running ingress was started with
+
+
 def run_ingress(spec: IngressSpec) -> None:
-    """Start (or update) the HTTP ingress on the connected Ray cluster."""
+    """Start (or update) the HTTP ingress on the connected Ray cluster; an ingress already
+    running with the same settings is left alone (a redeploy replaces its replicas)."""
+    import ray
+
+    settings = spec.model_dump_json().encode()
+    app = serve.status().applications.get(APP_NAME)
+    kv = ray.experimental.internal_kv
+    if (
+        app is not None
+        and app.status == "RUNNING"
+        and kv._internal_kv_get(_INGRESS_KEY) == settings
+    ):
+        return
     serve.start(http_options={"host": spec.host, "port": spec.port}, proxy_location="HeadOnly")
     serve.run(Ingress.bind(spec.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
+    kv._internal_kv_put(_INGRESS_KEY, settings)
