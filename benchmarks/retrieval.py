@@ -1,27 +1,38 @@
 """Retrieval on 100,000 vectors: ingest rate, ANN recall@10 and query latency vs exact NumPy.
 
-Data: 100,000 seeded 384-dim vectors, normalised, drawn from a mixture of 1,000 Gaussian
-clusters (a centre plus isotropic noise). Clustered rather than uniform on the sphere on
-purpose: uniform random 384-dim vectors have no neighbourhood structure (the 10th nearest
-neighbour is barely closer than the 1,000th), no ANN index reaches a useful recall on them,
-and real sentence embeddings are clustered. 200 queries, also normalised: 100 are perturbed
-copies of stored vectors (near-duplicate lookups), 100 are fresh draws from the mixture
-(a new text on a known topic).
+Two workloads of 100,000 seeded 384-dim normalised vectors, measured in the same run:
 
-Steps, all in one run on this machine:
+- ``uniform`` (the top-level keys of the JSON): vectors drawn i.i.d. uniform on the sphere
+  (standard normal, then normalised); the queries are fresh draws of the same kind, not
+  copies of stored vectors. This is the workload the targets are stated for.
+- ``clustered`` (the ``clustered`` section): a mixture of 1,000 Gaussian clusters (a centre
+  plus isotropic noise); half the queries are perturbed copies of stored vectors
+  (near-duplicate lookups), half fresh draws from the mixture (a new text on a known topic).
+
+Both are reported because they bound the problem from two sides. Uniform random 384-dim
+vectors have almost no neighbourhood structure: the 10th nearest neighbour has a cosine of
+about 0.2 against about 0 for a typical vector, so IVF partitions and HNSW graphs say little
+about where the neighbours are and an index must scan nearly everything to find them. Real
+sentence embeddings are clustered, which is what ANN indexes exploit.
+
+Steps, per workload:
 
 1. ingest every vector as a one-chunk document through ``Collection.upsert`` (one tenant,
    10,000 documents per call) -> ``ingest_vectors_per_s``;
-2. exact top-10 by NumPy (one matrix product + argpartition per query) -> the ground
-   truth and ``numpy_exact_ms_p50``;
-3. per candidate index (IVF_PQ, IVF_HNSW_SQ): build it, then query through
+2. exact top-10 by NumPy (one matrix product + argpartition per query) -> the ground truth;
+3. per candidate index (IVF_PQ, IVF_SQ, IVF_HNSW_SQ): build it, then query through
    ``Collection.search`` (the manifest lookup, the tenant prefilter and LanceDB) with a few
-   query settings -> recall@10 against the exact top-10, p50 and p99 latency. LanceDB's
-   exact search (no index) is measured too, on fewer queries.
+   query settings -> recall@10 against the exact top-10, p50 and p99 latency. The NumPy
+   exact search is timed again on each query right before LanceDB answers it (the machine
+   is shared; both then see the same load) -> ``numpy_exact_ms_p50``. LanceDB's exact
+   search (no index) is measured too, on fewer queries.
 
-The headline is the fastest setting with recall@10 >= 0.95. Targets: that recall, with
-``query_ms_p50`` below ``numpy_exact_ms_p50``. Storage goes to a temp dir, deleted at the
-end. Writes ``benchmarks/results/retrieval.json``.
+The headline of a workload is the setting with recall@10 >= 0.95 whose p50 is the smallest
+fraction of the NumPy p50 timed next to it (the best recall if none reaches 0.95). Targets:
+that recall, with ``query_ms_p50`` below ``numpy_exact_ms_p50``. IVF_SQ is built here with
+LanceDB's ``IvfSq`` because ``IndexSpec.config`` builds only IVF_PQ and IVF_HNSW_SQ; it is
+queried through ``Collection.search`` like the others. Storage goes to a temp dir, deleted at
+the end. Writes ``benchmarks/results/retrieval.json``.
 
     python benchmarks/retrieval.py [--vectors 100000] [--queries 200]
 """
@@ -37,13 +48,14 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lancedb.index import Bitmap  # noqa: E402
+from lancedb.index import Bitmap, IvfSq  # noqa: E402
 
 from airi_ray.core.chunking import Chunker  # noqa: E402
 from airi_ray.data.collections import (  # noqa: E402
@@ -64,19 +76,36 @@ INGEST_BATCH = 10_000
 EXACT_LANCE_QUERIES = 20
 TENANT = "bench"
 MODEL = ("bench-embedder", "1")
+ALL = -1  # nprobes: every partition of the index
 
-# Each candidate index with the query settings tried on it.
+# Each candidate index with the query settings tried on it, on both workloads. The cheap
+# settings suit clustered data; the ones probing every partition (with an exact rerank of
+# many candidates) are what uniform random data needs.
 CANDIDATES: list[tuple[IndexSpec, list[dict[str, int]]]] = [
     (
         IndexSpec(kind="IVF_PQ", rows_per_partition=1_500, num_sub_vectors=48),
-        [{"nprobes": 4, "refine_factor": 10}, {"nprobes": 8, "refine_factor": 10}],
+        [
+            {"nprobes": 4, "refine_factor": 10},
+            {"nprobes": 8, "refine_factor": 10},
+            {"nprobes": ALL, "refine_factor": 50},
+            {"nprobes": ALL, "refine_factor": 200},
+        ],
+    ),
+    (
+        IndexSpec(kind="IVF_SQ", rows_per_partition=6_250),
+        [
+            {"nprobes": 2, "refine_factor": 2},
+            {"nprobes": ALL, "refine_factor": 0},
+            {"nprobes": ALL, "refine_factor": 2},
+        ],
     ),
     (
         IndexSpec(kind="IVF_HNSW_SQ", rows_per_partition=1_000_000, nprobes=1),
         [
             {"ef": 64, "refine_factor": 0},
             {"ef": 64, "refine_factor": 2},
-            {"ef": 128, "refine_factor": 0},
+            {"ef": 512, "refine_factor": 2},
+            {"ef": 4096, "refine_factor": 2},
         ],
     ),
 ]
@@ -86,7 +115,15 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_data(n: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_uniform(n: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` stored vectors and ``queries`` fresh queries, all i.i.d. uniform on the sphere."""
+    rng = np.random.default_rng(seed)
+    vectors = normalise(rng.standard_normal((n, DIM), dtype=np.float32))
+    return vectors, normalise(rng.standard_normal((queries, DIM), dtype=np.float32))
+
+
+def make_clustered(n: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-mixture vectors; half the queries perturb stored ones, half are fresh draws."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((CLUSTERS, DIM)).astype(np.float32)
 
@@ -117,6 +154,13 @@ def numpy_exact(vectors: np.ndarray, queries: np.ndarray) -> tuple[list[set[int]
     return truth, times
 
 
+def index_config(spec: IndexSpec, rows: int) -> Any:
+    if spec.kind == "IVF_SQ":  # not one of IndexSpec.config's kinds
+        partitions = max(1, rows // spec.rows_per_partition)
+        return IvfSq(distance_type="cosine", num_partitions=partitions, max_iterations=20)
+    return spec.config(rows, DIM)
+
+
 def ingest(store: CollectionStore, vectors: np.ndarray) -> float:
     """Vectors per second through ``Collection.upsert`` (one chunk per document)."""
     col = store.create("bench", model=MODEL[0], version=MODEL[1], dim=DIM)
@@ -137,10 +181,15 @@ def ingest(store: CollectionStore, vectors: np.ndarray) -> float:
     return len(vectors) / (time.perf_counter() - t0)
 
 
-def measure(store: CollectionStore, queries: np.ndarray, truth: list[set[int]]) -> dict[str, float]:
+def measure(
+    store: CollectionStore, vectors: np.ndarray, queries: np.ndarray, truth: list[set[int]]
+) -> dict[str, float]:
+    """Recall@10 and latency through ``Collection.search``, each query also timed by NumPy."""
     col = store.open("bench")
-    recalls, times = [], []
+    recalls, times, numpy_times = [], [], []
     for q, want in zip(queries, truth, strict=True):
+        # NumPy right before LanceDB on the same query: both see the same load.
+        numpy_times += numpy_exact(vectors, q[None])[1]
         t0 = time.perf_counter()
         hits = col.search(q, K, tenant=TENANT, embedder=MODEL)
         times.append((time.perf_counter() - t0) * 1000)
@@ -149,7 +198,93 @@ def measure(store: CollectionStore, queries: np.ndarray, truth: list[set[int]]) 
         "recall_at_10": round(float(np.mean(recalls)), 4),
         "query_ms_p50": round(percentile(times, 0.50), 2),
         "query_ms_p99": round(percentile(times, 0.99), 2),
+        "numpy_exact_ms_p50": round(percentile(numpy_times, 0.50), 2),
     }
+
+
+def run_workload(
+    root: str, vectors: np.ndarray, queries: np.ndarray, kinds: list[str]
+) -> dict[str, Any]:
+    """Ingest, then every candidate index and setting; the headline and all the rows."""
+    truth = numpy_exact(vectors, queries)[0]
+    rows: list[dict[str, Any]] = []
+    store = CollectionStore(root, index_min_rows=len(vectors) + 1, progress=False)
+    ingest_rate = ingest(store, vectors)
+    table = store.open("bench").table_for(*MODEL)
+    table.create_index("tenant", config=Bitmap())
+
+    n = min(EXACT_LANCE_QUERIES, len(queries))
+    exact = measure(store, vectors, queries[:n], truth[:n])
+    rows.append({"index": "none (exact)", "params": {}, "build_s": 0.0, **exact})
+
+    for spec, settings in CANDIDATES:
+        if spec.kind not in kinds:
+            continue
+        config = index_config(spec, len(vectors))
+        t0 = time.perf_counter()
+        table.create_index("vector", config=config, replace=True)
+        build_s = round(time.perf_counter() - t0, 1)
+        for setting in settings:
+            if "nprobes" in setting:
+                wanted = setting["nprobes"]
+                nprobes = config.num_partitions if wanted == ALL else wanted
+                setting = {**setting, "nprobes": min(nprobes, config.num_partitions)}
+            store.index = replace(spec, **setting)
+            params = {
+                "num_partitions": config.num_partitions,
+                **({"num_sub_vectors": config.num_sub_vectors} if spec.kind == "IVF_PQ" else {}),
+                "nprobes": store.index.nprobes,
+                **setting,
+            }
+            rows.append(
+                {
+                    "index": spec.kind,
+                    "params": params,
+                    "build_s": build_s,
+                    **measure(store, vectors, queries, truth),
+                    "spec": asdict(store.index),
+                }
+            )
+
+    indexed = [r for r in rows if "spec" in r]
+    good = [r for r in indexed if r["recall_at_10"] >= TARGET_RECALL]
+    if good:
+        best = min(good, key=lambda r: r["query_ms_p50"] / r["numpy_exact_ms_p50"])
+    else:
+        best = max(indexed, key=lambda r: (r["recall_at_10"], -r["query_ms_p50"]))
+    return {
+        "ingest_vectors_per_s": round(ingest_rate),
+        "recall_at_10": best["recall_at_10"],
+        "query_ms_p50": best["query_ms_p50"],
+        "query_ms_p99": best["query_ms_p99"],
+        "numpy_exact_ms_p50": best["numpy_exact_ms_p50"],
+        "index_kind": best["index"],
+        "index_params": best["params"],
+        "meets_target": best["recall_at_10"] >= TARGET_RECALL
+        and best["query_ms_p50"] < best["numpy_exact_ms_p50"],
+        "spec": best["spec"],
+        "candidates": rows,
+    }
+
+
+def print_table(name: str, result: dict[str, Any]) -> None:
+    print(f"\n{name}: ingest {result['ingest_vectors_per_s']} vectors/s")
+    print(
+        f"{'index':<13}{'params':<66}{'build s':>8}{'recall@10':>10}{'p50 ms':>8}"
+        f"{'p99 ms':>8}{'numpy p50':>10}"
+    )
+    for r in result["candidates"]:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        print(
+            f"{r['index']:<13}{params:<66}{r['build_s']:>8}{r['recall_at_10']:>10}"
+            f"{r['query_ms_p50']:>8}{r['query_ms_p99']:>8}{r['numpy_exact_ms_p50']:>10}"
+        )
+    print(
+        f"headline {result['index_kind']} {result['index_params']}: recall@10 "
+        f"{result['recall_at_10']}, p50 {result['query_ms_p50']} ms vs numpy exact "
+        f"{result['numpy_exact_ms_p50']} ms; targets (recall >= {TARGET_RECALL}, p50 < numpy): "
+        f"{'met' if result['meets_target'] else 'MISSED'}"
+    )
 
 
 def main() -> None:
@@ -158,103 +293,61 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument(
         "--kinds",
-        default="IVF_PQ,IVF_HNSW_SQ",
+        default="IVF_PQ,IVF_SQ,IVF_HNSW_SQ",
         help="index kinds to try, comma-separated (IVF_HNSW_SQ takes the longest to build)",
     )
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
     started = time.perf_counter()
 
-    vectors, queries = make_data(args.vectors, args.queries)
-    truth, numpy_times = numpy_exact(vectors, queries)
-    numpy_p50 = round(percentile(numpy_times, 0.50), 2)
-
-    rows: list[dict[str, object]] = []
+    results = {}
     with tempfile.TemporaryDirectory(prefix="airi-retrieval-") as tmp:
-        store = CollectionStore(tmp, index_min_rows=args.vectors + 1, progress=False)
-        ingest_rate = ingest(store, vectors)
-        table = store.open("bench").table_for(*MODEL)
-        table.create_index("tenant", config=Bitmap())
+        for name, make in (("uniform", make_uniform), ("clustered", make_clustered)):
+            vectors, queries = make(args.vectors, args.queries)
+            results[name] = run_workload(os.path.join(tmp, name), vectors, queries, kinds)
+            print_table(name, results[name])
+            del vectors, queries
+    for name, result in results.items():
+        if result.pop("spec") != asdict(DEFAULT_INDEX):
+            print(
+                f"note: the {name} headline is not DEFAULT_INDEX in "
+                f"airi_ray/data/collections.py, {asdict(DEFAULT_INDEX)}"
+            )
 
-        exact = measure(store, queries[:EXACT_LANCE_QUERIES], truth[:EXACT_LANCE_QUERIES])
-        rows.append({"index": "none (exact)", "params": {}, "build_s": 0.0, **exact})
-
-        for spec, settings in CANDIDATES:
-            if spec.kind not in args.kinds.split(","):
-                continue
-            config = spec.config(args.vectors, DIM)
-            t0 = time.perf_counter()
-            table.create_index("vector", config=config, replace=True)
-            build_s = round(time.perf_counter() - t0, 1)
-            for setting in settings:
-                store.index = replace(spec, **setting)
-                params = {
-                    "num_partitions": config.num_partitions,
-                    **(
-                        {"num_sub_vectors": config.num_sub_vectors} if spec.kind == "IVF_PQ" else {}
-                    ),
-                    "nprobes": store.index.nprobes,
-                    **setting,
-                }
-                result = measure(store, queries, truth)
-                rows.append(
-                    {
-                        "index": spec.kind,
-                        "params": params,
-                        "build_s": build_s,
-                        **result,
-                        "spec": asdict(store.index),
-                    }
-                )
-
-    print(f"{'index':<14}{'params':<58}{'build s':>9}{'recall@10':>11}{'p50 ms':>9}{'p99 ms':>9}")
-    for r in rows:
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())  # type: ignore[union-attr]
-        print(
-            f"{r['index']:<14}{params:<58}{r['build_s']:>9}{r['recall_at_10']:>11}"
-            f"{r['query_ms_p50']:>9}{r['query_ms_p99']:>9}"
-        )
-    print(
-        f"{'numpy exact':<14}{'matrix product + argpartition':<58}{'':>9}{1.0:>11}{numpy_p50:>9}"
-        f"{round(percentile(numpy_times, 0.99), 2):>9}"
-    )
-
-    good = [r for r in rows if "spec" in r and r["recall_at_10"] >= TARGET_RECALL]  # type: ignore[operator]
-    best = min(good or [r for r in rows if "spec" in r], key=lambda r: r["query_ms_p50"])  # type: ignore[arg-type,return-value]
-    meets = best["recall_at_10"] >= TARGET_RECALL and best["query_ms_p50"] < numpy_p50  # type: ignore[operator]
-    print(
-        f"\nheadline {best['index']} {best['params']}: recall@10 {best['recall_at_10']}, "
-        f"p50 {best['query_ms_p50']} ms vs numpy exact {numpy_p50} ms; targets "
-        f"(recall >= {TARGET_RECALL}, p50 < numpy): {'met' if meets else 'MISSED'}"
-    )
-    if best["spec"] != asdict(DEFAULT_INDEX):
-        print(f"note: DEFAULT_INDEX in airi_ray/data/collections.py is {asdict(DEFAULT_INDEX)}")
-
+    workload = {
+        "vectors": args.vectors,
+        "dim": DIM,
+        "queries": args.queries,
+        "tenant_filter": "every query is scoped to the one tenant holding all rows",
+        "exact_lancedb_queries": EXACT_LANCE_QUERIES,
+        "numpy_timing": "each query timed again right before LanceDB answers it",
+    }
+    uniform = {
+        **results["uniform"],
+        "workload": {
+            **workload,
+            "distribution": "i.i.d. standard normal, normalised (uniform on the sphere)",
+            "query_mix": "fresh draws from the same distribution",
+        },
+    }
+    clustered = {
+        **results["clustered"],
+        "workload": {
+            **workload,
+            "distribution": f"mixture of {CLUSTERS} Gaussian clusters, noise {NOISE}, normalised",
+            "query_mix": f"{args.queries // 2} stored vectors perturbed by noise "
+            f"{QUERY_NOISE} per dimension, {args.queries - args.queries // 2} fresh "
+            "draws from the mixture",
+        },
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
             {
-                "ingest_vectors_per_s": round(ingest_rate),
-                "recall_at_10": best["recall_at_10"],
-                "query_ms_p50": best["query_ms_p50"],
-                "query_ms_p99": best["query_ms_p99"],
-                "numpy_exact_ms_p50": numpy_p50,
-                "index_kind": best["index"],
-                "index_params": best["params"],
-                "meets_target": meets,
+                **uniform,
+                "clustered": clustered,
                 "target": {"recall_at_10": TARGET_RECALL, "query_ms_p50": "< numpy_exact_ms_p50"},
-                "candidates": rows,
-                "workload": {
-                    "vectors": args.vectors,
-                    "dim": DIM,
-                    "distribution": f"mixture of {CLUSTERS} Gaussian clusters, noise {NOISE}, normalised",
-                    "queries": args.queries,
-                    "query_mix": f"{args.queries // 2} stored vectors perturbed by noise "
-                    f"{QUERY_NOISE} per dimension, {args.queries - args.queries // 2} fresh "
-                    "draws from the mixture",
-                    "tenant_filter": "every query is scoped to the one tenant holding all rows",
-                    "exact_lancedb_queries": EXACT_LANCE_QUERIES,
-                    "runtime_s": round(time.perf_counter() - started, 1),
-                },
+                "runtime_s": round(time.perf_counter() - started, 1),
                 "machine": {
                     "cpus": os.cpu_count(),
                     "platform": platform.platform(),

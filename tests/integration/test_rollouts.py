@@ -26,6 +26,7 @@ from tests.conftest import wait_for
 MODEL = "tiny-roll"
 # Longer than v3's 64-token context: v3's engine refuses every request of the load.
 PROMPT = "Tell me about the rollout of model versions. " * 12
+DEPLOYED: dict[str, Any] = {}  # the module's app spec
 
 
 def _model(status: dict[str, Any], name: str = MODEL) -> dict[str, Any]:
@@ -91,7 +92,10 @@ def rolling(airi_app, client) -> Iterator[Any]:
             },
         }
     )
+    # Grouped: a deploy that moves tiny-roll is planned as a switch of the group.
+    spec["groups"] = [{"name": "pair", "models": [MODEL, "minilm"]}]
     client.deploy(spec)
+    DEPLOYED.update(spec)
     try:
         yield client
     finally:
@@ -159,4 +163,8 @@ def test_incompatible_and_unknown_rollouts_are_refused(rolling) -> None:
         client.rollout(MODEL, "v2")
     with pytest.raises(NotFound, match="model 'nope' is not deployed"):
         client.rollout("nope", "v2")
+    moved = copy.deepcopy(DEPLOYED)
+    next(m for m in moved["models"] if m["name"] == MODEL)["version"] = "v4"
+    with pytest.raises(Conflict, match="deploy refused: group switch pair refused: .*v4 requires"):
+        client.deploy(moved)
     assert _model(client.status())["version"] == "v2"  # nothing moved
