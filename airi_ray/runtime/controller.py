@@ -371,10 +371,7 @@ class Controller:
             raise Conflict(str(e)) from None
         except RolloutError as e:
             raise InvalidRequest(str(e)) from None
-        self._persist()
-        self._ensure_loop()
-        await self._reconcile()
-        return self._status()
+        return await self._changed()
 
     async def rollback(self, model: str) -> dict[str, Any]:
         """Send ``model``'s traffic back: stop its running rollout (or its group's switch),
@@ -405,15 +402,19 @@ class Controller:
                 self._begin(model, plan_rollout(ro, self._serving(), self._constraints()))
             except IncompatibleRollout as e:
                 raise Conflict(str(e)) from None
-        self._persist()
-        self._ensure_loop()
-        await self._reconcile()
-        return self._status()
+        return await self._changed()
 
     async def models(self) -> list[dict[str, Any]]:
         """Served models with their versions and rollouts (see ``_models``)."""
         self._ensure_loop()
         return self._models()
+
+    async def _changed(self) -> dict[str, Any]:
+        """After an API call changed the registry: save it, act on it, report."""
+        self._persist()
+        self._ensure_loop()
+        await self._reconcile()
+        return self._status()
 
     def _models(self) -> list[dict[str, Any]]:
         """Served models with what callers need (task, context window, weights source),
