@@ -226,6 +226,7 @@ class _Model:
     live: tuple[str, ...] = ()  # versions with weight > 0, by name; () when there is no split
     wrr: dict[str, float] = field(default_factory=dict)  # smooth weighted round-robin scores
     versions: dict[str, int] = field(default_factory=dict)  # leases granted per version
+    cold_start: bool = False  # scaled to zero: requests wait for the autoscaler's replica
 
     def tenant_counts(self, tenant: str) -> _Counts:
         c = self.counts.get(tenant)
@@ -338,6 +339,11 @@ class Scheduler:
                 raise ValueError(f"tenant {tenant!r}: max_queued must be at least 1, got {n}")
         self._weights = dict(weights)
         self._tenant_limits = dict(max_queued or {})
+
+    def set_cold_start(self, model: str, allowed: bool) -> None:
+        """Whether ``model`` may have no replica at all (scaled to zero): its requests then
+        wait in the queue for a replica to start instead of being refused with 503."""
+        self._model(model).cold_start = allowed
 
     def set_preferred_accelerators(self, model: str, types: Sequence[str]) -> None:
         """Accelerator types ``model`` prefers, best first; they win ties on load."""
@@ -813,6 +819,8 @@ class Scheduler:
 def _can_take_new_work(m: _Model, pinned: str | None = None) -> bool:
     """Whether a replica is ready or starting, of a version with traffic under a split
     (of the ``pinned`` version, if the request names one)."""
+    if m.cold_start and pinned is None:
+        return True
     live = m.live if pinned is None else (pinned,)
     if not live:
         return any(r.view.ready or r.view.starting for r in m.replicas)

@@ -137,6 +137,8 @@ class _Model:
         rollout: the running rollout to a candidate, if any.
         last: the outcome of the last finished rollout, for status.
         drain_started: when each draining version began draining (wall clock).
+        context: each version's context window, as its engines reported it (callers need
+            it even while a model scaled to zero has no replica).
     """
 
     stable: str
@@ -146,6 +148,7 @@ class _Model:
     rollout: Rollout | None = None
     last: dict[str, Any] | None = None
     drain_started: dict[str, float] = dataclasses.field(default_factory=dict)
+    context: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def set_state(self, name: str, version: str, state: State) -> None:
         """Move ``version`` to ``state`` along the lifecycle (a version seen for the first
@@ -170,6 +173,7 @@ class _Model:
             "rollout": dataclasses.asdict(self.rollout) if self.rollout else None,
             "last": self.last,
             "drain_started": self.drain_started,
+            "context": self.context,
         }
 
     @classmethod
@@ -187,6 +191,7 @@ class _Model:
             ro,
             d["last"],
             d["drain_started"],
+            d.get("context", {}),
         )
 
 
@@ -454,7 +459,10 @@ class Controller:
                     "version": entry.stable,
                     "task": stable.task,
                     "source": stable.model,
-                    "max_model_len": next((r.max_model_len for r in ready), None),
+                    "max_model_len": next(
+                        (r.max_model_len for r in ready),
+                        entry.context.get(entry.stable, stable.engine.get("max_model_len")),
+                    ),
                     "ready_replicas": len(ready),
                     "replicas": self._wanted(stable),
                     "error": self.start_errors.get(stable.key),
@@ -1072,7 +1080,8 @@ class Controller:
         """Replicas ``m`` should have: the autoscaler's count, else the spec's."""
         if m.autoscale is None:
             return m.replicas
-        start = min(max(m.replicas, m.autoscale.min_replicas), m.autoscale.max_replicas)
+        floor = 0 if m.autoscale.scale_to_zero else m.autoscale.min_replicas  # 0: starts cold
+        start = min(max(m.replicas, floor), m.autoscale.max_replicas)
         return self.desired.get(m.name, start)
 
     async def _autoscale(self) -> None:
@@ -1166,6 +1175,9 @@ class Controller:
             return  # stopped while loading
         r.max_model_len, r.kv_capacity_tokens = info["max_model_len"], info["kv_capacity_tokens"]
         r.state, r.last_probe = "ready", time.monotonic()
+        entry = self.registry.get(r.spec.name)
+        if entry is not None:
+            entry.context[r.spec.version] = r.max_model_len
         self.start_failures.pop(key, None)
         self._event(f"replica {r.replica_id} {'adopted' if adopted else 'ready'}")
         await self._reconcile()

@@ -113,6 +113,7 @@ class GlobalScheduler:
         )
         for m in app.models:
             core.set_preferred_accelerators(m.name, m.accelerators)
+            core.set_cold_start(m.name, m.autoscale is not None and m.autoscale.scale_to_zero)
         self.queue_timeout_s = s.queue_timeout_s
         policies = [
             TenantPolicy(

@@ -35,7 +35,8 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
     preferring H100, it overflows to L4 (tiny-chat holds both H100) and its first replica
     shares the half-used L4 device of minilm rather than breaking into an empty one; a model
     that only takes H100 is pending, and the deploy does not wait for it; idle, the
-    autoscaler removes a replica after its delay, and under a burst it starts one again."""
+    autoscaler removes a replica after its delay, and under a burst it starts one again; a
+    model deployed scaled to zero starts a replica when a request comes, which waits."""
     controller = actors.get_actor(actors.CONTROLLER_NAME)
     spec = copy.deepcopy(airi_app.spec)
     tiny = spec["models"][0]
@@ -58,7 +59,14 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
         "replicas": 1,
         "placement": {"accelerator_types": ["H100"]},
     }
-    spec["models"] += [auto, stuck]
+    cold = {  # deployed cold: no replica until a request comes
+        **tiny,
+        "name": "tiny-cold",
+        "replicas": 0,
+        "placement": {"accelerator_types": ["L4"], "fraction": 0.5},
+        "autoscale": {"min_replicas": 1, "max_replicas": 1, "scale_to_zero": True},
+    }
+    spec["models"] += [auto, stuck, cold]
     stop = threading.Event()
 
     def load() -> None:
@@ -106,6 +114,13 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
         assert 'airi_autoscale_decisions_total{direction="down",model="tiny-auto"}' in metrics
         for w in workers:
             w.join(timeout=120)
+
+        # Scaled to zero, a request waits in the queue while the autoscaler starts a
+        # replica, and is answered.
+        assert _model(client.status(), "tiny-cold")["replicas"] == 0
+        assert client.chat("tiny-cold", "Hello?", max_tokens=4).text
+        events = client.status()["events"]
+        assert any("autoscale tiny-cold@1" in e and "0 -> 1" in e for e in events), events
     finally:
         stop.set()
         ray.get(controller.deploy.remote(airi_app.spec))

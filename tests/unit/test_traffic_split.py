@@ -274,3 +274,15 @@ def test_a_pinned_request_runs_on_its_version_whatever_the_split() -> None:
     s.set_replicas("m", [rv("a", "v1")])
     with pytest.raises(ReplicaUnavailable):
         s.enqueue(req("p", version="v2"), 10.0)
+
+
+def test_a_model_scaled_to_zero_queues_requests_for_its_next_replica() -> None:
+    s = sched()
+    with pytest.raises(ReplicaUnavailable):
+        s.enqueue(req("early"), 0.0)
+    s.set_cold_start("m", True)
+    s.enqueue(req("waits"), 0.0)  # queued: the autoscaler sees it and starts a replica
+    assert s.dispatch(1.0) == []
+    s.set_replicas("m", [rv("a", "v1")])
+    [lease] = s.dispatch(2.0)
+    assert lease.request_id == "waits" and lease.queue_wait_s == 2.0
