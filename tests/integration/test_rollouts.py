@@ -164,7 +164,8 @@ def test_incompatible_and_unknown_rollouts_are_refused(rolling) -> None:
     with pytest.raises(NotFound, match="model 'nope' is not deployed"):
         client.rollout("nope", "v2")
     moved = copy.deepcopy(DEPLOYED)
-    next(m for m in moved["models"] if m["name"] == MODEL)["version"] = "v4"
+    entry = next(m for m in moved["models"] if m["name"] == MODEL)
+    entry |= {"version": "v4", "requires": {"minilm": ">=3"}, "versions": {"v2": {}}}
     with pytest.raises(Conflict, match="deploy refused: group switch pair refused: .*v4 requires"):
         client.deploy(moved)
     assert _model(client.status())["version"] == "v2"  # nothing moved
