@@ -1,8 +1,9 @@
 """Model versions and rollouts: lifecycle, canary and blue-green steps, coordinated switches.
 
 A ``ModelVersion`` moves through ``pending -> loading -> ready -> draining -> retired``
-(a version that never became ready may retire straight from pending or loading); any other
-move is an ``IllegalTransition``.
+(a version that never became ready may retire straight from pending or loading, and a
+draining one goes back to ready when traffic returns to it before it retired, e.g. a
+rollback right after a promotion); any other move is an ``IllegalTransition``.
 
 A ``Rollout`` moves one model's traffic from its ``stable`` version to a ``candidate``:
 
@@ -43,7 +44,7 @@ _NEXT: dict[str, tuple[State, ...]] = {
     "pending": ("loading", "retired"),
     "loading": ("ready", "retired"),  # retired: the load failed or the rollout was cancelled
     "ready": ("draining",),
-    "draining": ("retired",),
+    "draining": ("retired", "ready"),  # ready: traffic came back before it retired
     "retired": (),
 }
 

@@ -746,9 +746,18 @@ class Controller:
     def _begin(self, model: str, ro: Rollout) -> None:
         entry = self.registry[model]
         entry.rollout = ro
-        entry.set_state(model, ro.candidate, "pending")
+        self._revive_or_queue(model, entry, ro.candidate)
         how = f"canary {list(ro.steps)}" if ro.strategy == "canary" else ro.strategy
         self._event(f"rollout {model} {ro.stable} -> {ro.candidate} ({how}) started")
+
+    def _revive_or_queue(self, model: str, entry: _Model, version: str) -> None:
+        """A rollout's candidate: still draining, it is ready again at once (its replicas
+        are warm); otherwise it starts at pending."""
+        if entry.states.get(version) == "draining":
+            entry.set_state(model, version, "ready")
+            entry.drain_started.pop(version, None)
+        else:
+            entry.set_state(model, version, "pending")
 
     def _begin_group(
         self,
@@ -760,7 +769,7 @@ class Controller:
         gs = plan_group_switch(group, members, serving, constraints)
         self.groups[group] = gs
         for m in members:
-            self.registry[m.model].set_state(m.model, m.candidate, "pending")
+            self._revive_or_queue(m.model, self.registry[m.model], m.candidate)
         moved = ", ".join(f"{m.model} {m.stable} -> {m.candidate}" for m in members)
         self._event(f"group {group} switch started: {moved}")
 

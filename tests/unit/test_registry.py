@@ -38,3 +38,10 @@ def test_an_entry_survives_its_saved_form() -> None:
     again = _Model.from_dict(saved)
     assert again == e
     assert again.specs["v2"].replicas == 2
+
+
+def test_a_draining_version_comes_back_when_traffic_returns() -> None:
+    e = _entry()
+    for state in ("loading", "ready", "draining", "ready"):
+        e.set_state("m", "v1", state)  # type: ignore[arg-type]
+    assert e.states["v1"] == "ready"
