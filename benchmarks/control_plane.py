@@ -14,8 +14,10 @@ v2, first blue-green, then back to v1 as a canary (steps 50, 100, each held 1 s 
 on 10 requests). ``rollout_s`` is the blue-green time from the rollout call to the moment
 the new version takes all traffic, split into ``candidate_load_s`` (the new replica's
 engine start: the floor no rollout can beat here) and ``switch_s`` (ready to 100%, the
-control plane's own share); the canary's total is ``canary_rollout_s``. Failed client
-requests during both are counted: the target is zero.
+control plane's own share). The canary back to v1 starts while v1 still drains, so v1 is
+warm (it comes back to ready at once): ``canary_rollout_s`` is the control plane's steps
+alone (two steps, each held 1 s and judged on 10 requests). Failed client requests during
+both are counted: the target is zero.
 
 Results are merged into ``benchmarks/results/control_plane.json``: keys written by other
 measurements are kept. To add a measurement, write a function returning its keys and add
