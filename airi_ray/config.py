@@ -128,6 +128,12 @@ class RolloutSpec(_Spec):
     drain_timeout_s: float = Field(
         120.0, ge=0, description="Longest a retiring version waits for its in-flight requests."
     )
+    keep_warm_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long the version that lost the traffic keeps its replicas after it "
+        "drained: a rollback to it within this time is instant (no engine start).",
+    )
 
     @field_validator("steps")
     @classmethod

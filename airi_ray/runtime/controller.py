@@ -960,6 +960,8 @@ class Controller:
                 timeout = entry.specs[v].rollout.drain_timeout_s
                 if busy and waited < timeout:
                     continue
+                if not busy and waited < entry.specs[v].rollout.keep_warm_s:
+                    continue  # drained, kept warm for an instant rollback
                 entry.set_state(name, v, "retired")
                 entry.drain_started.pop(v, None)
                 cut = f"; {busy} requests cut off after {timeout:g} s" if busy else ""

@@ -1,12 +1,12 @@
 """Model versions on a real cluster: a canary under steady load promotes while the
-controller is killed in the middle of it (serving goes on, no state is lost); a version
-whose engine refuses the traffic rolls back by itself; both with zero failed requests for
-clients; a rollout that breaks a `requires` constraint is refused.
+controller is killed in the middle of it (serving goes on, no state is lost); rolling back
+to the old version, still warm, is instant, and since that version's engine refuses the
+new load's requests, the rollback's canary rolls back by itself; both with zero failed
+requests for clients; a rollout that breaks a `requires` constraint is refused.
 
-One extra model, `tiny-roll`, with three versions of the tiny generator: v2 is v1 under a
-new label, v3 has a 64-token context (every request of the load below is longer, so the
-engine refuses it), v4 requires an embedder version nobody serves. Each version start is
-an engine start (half a minute here), so the tests run in order on one module deployment.
+One extra model, `tiny-roll`: v1 has a 64-token context, v2 a 1024-token one, v4 requires
+an embedder version nobody serves. Each version start is an engine start (half a minute
+here), so the tests run in order on one module deployment and reuse v1's warm replica.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from airi_ray.runtime import actors
 from tests.conftest import wait_for
 
 MODEL = "tiny-roll"
-# Longer than v3's 64-token context: v3's engine refuses every request of the load.
-PROMPT = "Tell me about the rollout of model versions. " * 12
+SHORT = "Tell me about the rollout."
+# Longer than v1's 64-token context: v1's engine refuses every request of such a load.
+LONG = "Tell me about the rollout of model versions. " * 12
 DEPLOYED: dict[str, Any] = {}  # the module's app spec
 
 
@@ -41,8 +42,9 @@ class Load:
     """Steady traffic on ``MODEL`` (about 15 requests a second, light enough that a new
     version's engine still starts quickly on two cores); every failure is kept."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, prompt: str) -> None:
         self.client = client
+        self.prompt = prompt
         self.ok = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -51,7 +53,7 @@ class Load:
     def _run(self) -> None:
         while not self._stop.wait(0.05):
             try:
-                self.client.chat(MODEL, PROMPT, max_tokens=2, temperature=0.0)
+                self.client.chat(MODEL, self.prompt, max_tokens=2, temperature=0.0)
                 self.ok += 1
             except Exception as e:  # counted: the test asserts there are none
                 self.failures.append(f"{type(e).__name__}: {e}")
@@ -77,11 +79,8 @@ def rolling(airi_app, client) -> Iterator[Any]:
             "replicas": 1,
             "max_concurrency": 8,
             "placement": {"accelerator_types": ["L4"]},
-            "versions": {
-                "v2": {},
-                "v3": {"engine": {**tiny["engine"], "max_model_len": 64}},
-                "v4": {"requires": {"minilm": ">=3"}},
-            },
+            "engine": {**tiny["engine"], "max_model_len": 64},
+            "versions": {"v2": {"engine": tiny["engine"]}, "v4": {"requires": {"minilm": ">=3"}}},
             "rollout": {
                 "strategy": "canary",
                 "steps": [50, 100],
@@ -89,6 +88,7 @@ def rolling(airi_app, client) -> Iterator[Any]:
                 "step_hold_s": 1,
                 "max_error_rate_delta": 0.05,
                 "max_ttft_p99_ratio": 20,
+                "keep_warm_s": 300,
             },
         }
     )
@@ -107,12 +107,12 @@ def test_canary_promotes_under_load_through_a_controller_restart(rolling) -> Non
     controller = actors.get_actor(actors.CONTROLLER_NAME)
     before = _versions(client.status())
     assert before["v1"]["state"] == "ready" and before["v1"]["traffic"] == 1.0
-    with Load(client) as load:
+    with Load(client, SHORT) as load:
         wait_for(lambda: load.ok >= 4, 60, "load on v1")
         status = client.rollout(MODEL, "v2")  # canary, the spec's steps: 50, 100
         assert _model(status)["rollout"]["candidate"] == "v2"
         with pytest.raises(Conflict, match="is rolling out from v1 to v2"):
-            client.rollout(MODEL, "v3")
+            client.rollout(MODEL, "v4")
         # The candidate loads, passes its probe, then takes half the traffic.
         wait_for(lambda: _versions(client.status())["v2"]["traffic"] == 0.5, 180, "the 50% step")
         replicas = {r["replica_id"] for r in client.status()["replicas"]}
@@ -132,32 +132,39 @@ def test_canary_promotes_under_load_through_a_controller_restart(rolling) -> Non
     # The replicas of before the restart were adopted, not replaced.
     v2_ids = {r["replica_id"] for r in after["replicas"] if r["model"] == f"{MODEL}@v2"}
     assert v2_ids and v2_ids <= replicas
-    # v1 drains, retires, its replica stops; then status no longer lists it.
-    wait_for(lambda: "v1" not in _versions(client.status()), 60, "v1 drained and retired")
-    assert not [r for r in client.status()["replicas"] if r["model"] == f"{MODEL}@v1"]
+    # v1 takes no traffic; drained, it keeps its replica warm (keep_warm_s).
+    v1 = _versions(client.status())["v1"]
+    assert (v1["state"], v1["traffic"], v1["ready_replicas"]) == ("draining", 0.0, 1)
 
 
 def test_a_failing_version_rolls_back_by_itself(rolling) -> None:
+    """Back to v1 as a canary under a load of long prompts: v1 is warm, so it takes traffic
+    at once (no engine start), and its engine refuses every such request: the canary's
+    error rate rolls it back, and clients never see an error."""
     client = rolling
-    with Load(client) as load:
-        client.rollout(MODEL, "v3")
+    warm = {r["replica_id"] for r in client.status()["replicas"] if r["model"] == f"{MODEL}@v1"}
+    with Load(client, LONG) as load:
+        wait_for(lambda: load.ok >= 4, 60, "load on v2")
+        client.rollout(MODEL, "v1")
         wait_for(
             lambda: _model(client.status())["rollout"].get("outcome") == "rolled_back",
             240,
-            "the rollback of v3",
+            "the rollback of v1",
         )
     assert load.failures == [], load.failures[:3]
     m = _model(client.status())
     assert m["version"] == "v2"
     assert "error rate" in m["rollout"]["reason"], m["rollout"]
     assert _versions(client.status())["v2"]["traffic"] == 1.0
+    started = {r["replica_id"] for r in client.status()["replicas"] if r["model"] == f"{MODEL}@v1"}
+    assert started == warm  # the warm replica served the canary: no engine start
 
 
 def test_incompatible_and_unknown_rollouts_are_refused(rolling) -> None:
     client = rolling
     with pytest.raises(Conflict, match="tiny-roll v4 requires minilm >=3"):
         client.rollout(MODEL, "v4")
-    with pytest.raises(NotFound, match="no version 'v9'; known versions: v1, v2, v3, v4"):
+    with pytest.raises(NotFound, match="no version 'v9'; known versions: v1, v2, v4"):
         client.rollout(MODEL, "v9")
     with pytest.raises(InvalidRequest, match="already serves version 'v2'"):
         client.rollout(MODEL, "v2")
