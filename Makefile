@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.airi-installed
 
-.PHONY: setup model demo test test-unit lint bench clean
+.PHONY: setup model demo test test-rollouts test-unit lint bench clean
 
 setup: $(STAMP) model
 
@@ -26,7 +26,12 @@ demo: setup
 	$(PY) -m airi_ray.demo $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests/unit tests/integration tests/chaos
+	$(PY) -m pytest -q -m "not rollout" tests/unit tests/integration tests/chaos
+
+# Version rollouts on real engines: each new version is an engine start (half a minute on
+# two cores), too many for `make test`'s ten minutes; run before changing the control plane.
+test-rollouts: setup
+	$(PY) -m pytest -q -m rollout tests/integration
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -100,6 +100,7 @@ def test_the_cli_ingests_and_retrieves(kb: str, tmp_path: Path, capsys) -> None:
     assert "[lantern-batteries#0]" in first
 
 
+@pytest.mark.rollout
 def test_an_embedder_rollout_reembeds_its_collections_and_switches_with_them(
     airi_app, client, kb: str
 ) -> None:

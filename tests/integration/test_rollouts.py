@@ -23,6 +23,8 @@ from airi_ray.core.errors import Conflict, InvalidRequest, NotFound
 from airi_ray.runtime import actors
 from tests.conftest import wait_for
 
+pytestmark = pytest.mark.rollout  # `make test-rollouts`
+
 MODEL = "tiny-roll"
 SHORT = "Tell me about the rollout."
 # Longer than v1's 64-token context: v1's engine refuses every request of such a load.
