@@ -311,6 +311,19 @@ class CallPath:
             info.tokenizer = await self._tokenizer(info.source)
         return info
 
+    async def _window_for(self, info: ModelInfo, prompt_tokens: int, params: Any) -> ModelInfo:
+        """``info``, fetched again when the call does not fit its cached context window:
+        a rollout may have just changed the window (the cached info lives a few seconds)."""
+        assert info.max_model_len is not None
+        if prompt_tokens + (params.max_tokens or 1) <= info.max_model_len:
+            return info
+        await self.list_models(refresh=True)
+        fresh = self._models.get(info.name)
+        if fresh is None or fresh.max_model_len is None or fresh.source != info.source:
+            return info
+        fresh.tokenizer = info.tokenizer
+        return fresh
+
     async def _tokenizer(self, source: str) -> Any:
         # One load per source, off the event loop; concurrent first requests wait for it
         # (importing transformers from several threads at once fails).
@@ -355,6 +368,7 @@ class CallPath:
         if not isinstance(ids, list):  # transformers may return a BatchEncoding
             ids = list(ids["input_ids"])
         shape = (len(messages), sum(len(m.content) for m in messages))
+        info = await self._window_for(info, len(ids), params)
         return self._generation(info, list(ids), params, tenant, options, filters, cap, shape, rid)
 
     async def complete(
@@ -375,6 +389,7 @@ class CallPath:
         prompt = self._filter_input(filters, prompt, "prompt", tenant, model, rid)
         ids = info.tokenizer(prompt)["input_ids"]
         shape = (0, len(prompt))
+        info = await self._window_for(info, len(ids), params)
         return self._generation(info, list(ids), params, tenant, options, filters, cap, shape, rid)
 
     # -- content filters ---------------------------------------------------------------

@@ -34,16 +34,15 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
     """One extra model shows several things, since each engine start costs half a minute:
     preferring H100, it overflows to L4 (tiny-chat holds both H100) and its first replica
     shares the half-used L4 device of minilm rather than breaking into an empty one; a model
-    that only takes H100 is pending, and the deploy does not wait for it; under a burst the
-    autoscaler starts a second replica (on the next L4), and once the load is gone removes
-    it after its delay."""
+    that only takes H100 is pending, and the deploy does not wait for it; idle, the
+    autoscaler removes a replica after its delay, and under a burst it starts one again."""
     controller = actors.get_actor(actors.CONTROLLER_NAME)
     spec = copy.deepcopy(airi_app.spec)
     tiny = spec["models"][0]
     auto = {
         **tiny,
         "name": "tiny-auto",
-        "replicas": 1,  # the starting count
+        "replicas": 2,  # the starting count; both load together
         "placement": {"accelerator_types": ["H100", "L4"], "fraction": 0.5},
         "autoscale": {
             "min_replicas": 1,
@@ -68,7 +67,7 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
 
     try:
         status = ray.get(controller.deploy.remote(spec))  # returns: pending does not block it
-        assert _model(status, "tiny-auto")["accelerators"] == {"L4": 1}
+        assert _model(status, "tiny-auto")["accelerators"] == {"L4": 2}
         pending = _model(status, "tiny-h100")
         assert pending["ready_replicas"] == 0
         assert pending["pending"].startswith("no capacity") and "H100" in pending["pending"]
@@ -78,8 +77,16 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
         place = (minilm["node_id"], minilm["devices"])
         assert place in [(lease["node_id"], lease["devices"]) for lease in shared]
 
-        # Two streams carry about 2 x 70 tokens, over 1 x 100: the target wants more.
-        workers = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        wait_for(
+            lambda: (
+                (m := _model(client.status(), "tiny-auto"))["replicas"] == 1
+                and m["accelerators"] == {"L4": 1}
+            ),
+            timeout=60,
+            what="the idle model to scale down to its minimum",
+        )
+        # Three streams carry about 3 x 70 tokens, over 1 x 100: the target wants more.
+        workers = [threading.Thread(target=load, daemon=True) for _ in range(3)]
         for w in workers:
             w.start()
         wait_for(
@@ -90,24 +97,15 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
             timeout=60,
             what="the autoscaler to start a second replica under load",
         )
-        events = client.status()["events"]
-        assert any("autoscale tiny-auto@1" in e and "1 -> 2" in e for e in events), events
         stop.set()
-        for w in workers:
-            w.join(timeout=120)
-        wait_for(
-            lambda: (
-                (m := _model(client.status(), "tiny-auto"))["replicas"] == 1
-                and m["accelerators"] == {"L4": 1}
-            ),
-            timeout=60,
-            what="the idle model to scale down to its minimum",
-        )
         events = client.status()["events"]
         assert any("autoscale tiny-auto@1" in e and "2 -> 1" in e for e in events), events
+        assert any("autoscale tiny-auto@1" in e and "1 -> 2" in e for e in events), events
         metrics = httpx.get(f"{airi_app.base_url}/metrics").text
         assert 'airi_autoscale_decisions_total{direction="up",model="tiny-auto"}' in metrics
         assert 'airi_autoscale_decisions_total{direction="down",model="tiny-auto"}' in metrics
+        for w in workers:
+            w.join(timeout=120)
     finally:
         stop.set()
         ray.get(controller.deploy.remote(airi_app.spec))
