@@ -387,7 +387,7 @@ class Controller:
             InvalidRequest: nothing runs and no earlier version is known.
         """
         entry = self._entry(model)
-        group = next((g for g in self.groups.values() if model in g.traffic_split()), None)
+        group = self._switching(model)
         if entry.rollout is not None:
             self._apply(model, entry, *entry.rollout.rollback("rolled back by request"))
         elif group is not None:
@@ -452,7 +452,7 @@ class Controller:
                     }
                 )
             ro = entry.rollout
-            group = next((g for g in self.groups.values() if m.name in g.traffic_split()), None)
+            group = self._switching(m.name)
             out.append(
                 {
                     "name": m.name,
@@ -647,12 +647,12 @@ class Controller:
                 f"model {model!r} is rolling out from {ro.stable} to {ro.candidate} "
                 f"({ro.candidate_percent}% of traffic); wait for it or `airi rollback {model}`"
             )
-        for g in self.groups.values():
-            if model in g.traffic_split():
-                raise Conflict(
-                    f"model {model!r} is switching with group {g.group}; wait for it or "
-                    f"`airi rollback {model}`"
-                )
+        group = self._switching(model)
+        if group is not None:
+            raise Conflict(
+                f"model {model!r} is switching with group {group.group}; wait for it or "
+                f"`airi rollback {model}`"
+            )
 
     def _plan_deploy(self, new: AppSpec) -> tuple[dict[str, Rollout], list[GroupSwitch]]:
         """The rollouts and group switches a deploy of ``new`` starts; raises, with
@@ -815,11 +815,16 @@ class Controller:
         ro = self.registry[model].rollout
         if ro is not None:
             return ro.candidate
-        for g in self.groups.values():
-            for m in g.members:
-                if m.model == model:
-                    return m.candidate
-        return None
+        group = self._switching(model)
+        return next(m.candidate for m in group.members if m.model == model) if group else None
+
+    def _switching(self, model: str) -> GroupSwitch | None:
+        """The running group switch ``model`` is a member of, if any."""
+        return next((g for g in self.groups.values() if model in g.traffic_split()), None)
+
+    def _splits(self) -> dict[str, tuple[dict[str, float], str]]:
+        """Every model's traffic split, for the scheduler (sent in one call)."""
+        return {n: self._traffic(n) for n in self.registry}
 
     def _of(self, key: str) -> list[_Replica]:
         """The replicas of one version (``name@version``)."""
@@ -945,7 +950,7 @@ class Controller:
             return
         # The scheduler must have the splits that give draining versions no traffic before
         # their in-flight counts mean anything (calls from here are ordered).
-        await self.scheduler.set_traffic.remote({n: self._traffic(n) for n in self.registry})
+        await self.scheduler.set_traffic.remote(self._splits())
         for name, entry in self.registry.items():
             draining = [v for v, s in entry.states.items() if s == "draining"]
             if not draining:
@@ -1254,7 +1259,7 @@ class Controller:
             if await self.scheduler.needs_config.remote(version):
                 await self.scheduler.configure.remote(self.spec.model_dump(), version)
         # The splits of every model go in one call: a group switch is atomic there.
-        await self.scheduler.set_traffic.remote({n: self._traffic(n) for n in self.registry})
+        await self.scheduler.set_traffic.remote(self._splits())
         by_model: dict[str, list[_Replica]] = {}
         for r in self.replicas.values():
             if r.state in ("loading", "ready"):

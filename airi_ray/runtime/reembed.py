@@ -34,15 +34,12 @@ def collections_of(uri: str, model: str) -> list[str]:
 
 async def _run(uri: str, model: str, version: str, activate: bool) -> dict[str, int]:
     from airi_ray.runtime.calls import CallPath
+    from airi_ray.runtime.retrieval import embed_from_thread
 
     path = CallPath()
-    loop = asyncio.get_running_loop()
     options = CallOptions(priority="batch", version=version)
     store = CollectionStore(collections_uri(uri), progress=False)
-
-    def embed(texts: list[str]) -> list[list[float]]:  # called from LanceDB's thread
-        call = path.embed(model, texts, SYSTEM_TENANT, options)
-        return asyncio.run_coroutine_threadsafe(call, loop).result()[0]
+    embed = embed_from_thread(path, asyncio.get_running_loop(), model, SYSTEM_TENANT, options)
 
     try:
         probe, _ = await path.embed(model, ["dimension probe"], SYSTEM_TENANT, options)

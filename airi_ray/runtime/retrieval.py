@@ -15,7 +15,7 @@ embeds with the collection's active version only (pinned), into its table.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -148,12 +148,22 @@ class Retriever:
         return collection, await asyncio.to_thread(collection.active)
 
     def _embed_from_thread(self, model: str, tenant: str, options: CallOptions) -> Any:
-        """A blocking ``embed(texts)`` for LanceDB work in a thread: each batch is an
-        embedding call on the caller's loop, through the scheduler."""
+        return embed_from_thread(self._path, self._loop, model, tenant, options)
 
-        def embed(texts: list[str]) -> list[list[float]]:
-            call = self._path.embed(model, texts, tenant, options)
-            vectors, _ = asyncio.run_coroutine_threadsafe(call, self._loop).result()
-            return vectors
 
-        return embed
+def embed_from_thread(
+    path: CallPath,
+    loop: asyncio.AbstractEventLoop,
+    model: str,
+    tenant: str,
+    options: CallOptions,
+) -> Callable[[list[str]], list[list[float]]]:
+    """A blocking ``embed(texts)`` for LanceDB work in a thread: each batch is an embedding
+    call on ``loop``, through ``path`` and the scheduler."""
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        call = path.embed(model, texts, tenant, options)
+        vectors, _ = asyncio.run_coroutine_threadsafe(call, loop).result()
+        return vectors
+
+    return embed
