@@ -287,6 +287,44 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from airi_ray.client import connect
+    from airi_ray.core.traces import render_tree
+
+    spans = connect(args.address or "auto", api_key=args.api_key).trace(args.id)
+    if args.json:
+        print(json.dumps(spans, indent=2))
+    else:
+        print(render_tree(spans, color=sys.stdout.isatty()))
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from airi_ray.client import connect
+
+    client = connect(args.address or "auto", api_key=args.api_key)
+    alerts = client.alerts(args.model, args.severity, args.limit)
+    if args.json:
+        print(json.dumps(alerts, indent=2))
+        return 0
+    if not alerts:
+        print("no alerts")
+    for a in alerts:
+        where = f"{a['model']}@{a['version']}" + (f" {a['replica']}" if a["replica"] else "")
+        print(f"{_when(a['at'])}  {a['severity']:<8} {a['kind']:<22} {where}")
+        print(f"    {a['message']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from airi_ray.client import connect
+
+    client = connect(args.address or "auto", api_key=args.api_key)
+    path = client.report(args.out, window_s=args.window * 60, png_dir=args.png_dir)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="airi", description="AI runtime on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -365,6 +403,30 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
     retrieve.add_argument("--address", default=None)
     retrieve.set_defaults(fn=cmd_retrieve)
+
+    tr = sub.add_parser("trace", help="the trace of a graph run or a call, as a tree")
+    tr.add_argument("id", help="a run id, a completion id (chatcmpl-...) or a request id")
+    tr.add_argument("--json", action="store_true", help="the spans as JSON")
+    tr.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
+    tr.add_argument("--address", default=None)
+    tr.set_defaults(fn=cmd_trace)
+
+    al = sub.add_parser("alerts", help="recent drift and anomaly alerts, newest first")
+    al.add_argument("--model", default=None)
+    al.add_argument("--severity", choices=["info", "warning", "critical"], default=None)
+    al.add_argument("--limit", type=int, default=50)
+    al.add_argument("--json", action="store_true")
+    al.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
+    al.add_argument("--address", default=None)
+    al.set_defaults(fn=cmd_alerts)
+
+    rp = sub.add_parser("report", help="an HTML page with plots of a recent window")
+    rp.add_argument("--out", default="airi-report.html", help="where to write the page")
+    rp.add_argument("--window", type=float, default=15, help="minutes to cover (at most 60)")
+    rp.add_argument("--png-dir", default=None, help="also write each plot as a PNG here")
+    rp.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
+    rp.add_argument("--address", default=None)
+    rp.set_defaults(fn=cmd_report)
 
     keys = sub.add_parser("keys", help="create, revoke and list API keys (no restart needed)")
     keys.add_argument("--address", default=None)

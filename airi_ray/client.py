@@ -47,6 +47,7 @@ from airi_ray.runtime import (
     FEATURE_SERVER_NAME,
     GRAPH_EXECUTOR_NAME,
     NAMESPACE,
+    OBSERVER_NAME,
     SCHEDULER_NAME,
     actors,
 )
@@ -402,6 +403,64 @@ class AsyncClient:
         store = actors.get_actor(CONTEXT_STORE_NAME)
         return list(await _ask(store.conversation.remote(tenant, conversation_id, last)))
 
+    # -- observability -------------------------------------------------------------------
+
+    async def trace(self, id: str, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The spans of a graph run's or a call's trace, by start time. ``id``: a run id,
+        a completion's ``id`` (``chatcmpl-...``), a request id or a trace id; render them
+        with ``airi_ray.core.traces.render_tree``."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        store = actors.get_actor(CONTEXT_STORE_NAME)
+        return list(await _ask(store.trace.remote(tenant, request_key(id))))
+
+    async def feedback(self, id: str, score: float, tenant: str | None = None) -> dict[str, Any]:
+        """User feedback on a completion or graph run, from -1 (bad) to 1 (good); credited
+        to the model version that answered, in its quality signals."""
+        tenant = tenant or await self.tenant_for(self.api_key)
+        return dict(await _ask(_observer().feedback.remote(tenant, request_key(id), score)))
+
+    async def alerts(
+        self,
+        model: str | None = None,
+        severity: str | None = None,
+        limit: int = 100,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Recent drift and anomaly alerts, newest first (``severity``: at least this).
+        Alerts concern the app's models: any authenticated tenant may read them."""
+        if tenant is None:
+            await self.tenant_for(self.api_key)
+        return list(await _ask(_observer().alerts.remote(model, severity, limit)))
+
+    async def quality(self) -> dict[str, Any]:
+        """Quality signals per model and version (rates, output length, relevance,
+        grounding, feedback) over the recent window."""
+        await self.tenant_for(self.api_key)
+        return dict(await _ask(_observer().quality.remote()))
+
+    async def timeline(self, window_s: float = 900.0) -> list[dict[str, Any]]:
+        """The observer's samples of the last ``window_s`` seconds (what ``airi report``
+        plots), oldest first."""
+        await self.tenant_for(self.api_key)
+        return list(await _ask(_observer().timeline.remote(window_s)))
+
+
+def request_key(id: str) -> str:
+    """The request id behind an OpenAI-style completion id (``chatcmpl-X`` is ``req-X``)."""
+    if not isinstance(id, str) or not id:
+        raise InvalidRequest("give a run id, a completion id or a request id")
+    for prefix in ("chatcmpl-", "cmpl-"):
+        if id.startswith(prefix):
+            return "req-" + id.removeprefix(prefix)
+    return id
+
+
+def _observer() -> Any:
+    try:
+        return actors.get_actor(OBSERVER_NAME)
+    except ValueError:
+        raise NotFound("no airi app is deployed on this cluster (`airi deploy FILE`)") from None
+
 
 def _executor() -> Any:
     return actors.get_actor(GRAPH_EXECUTOR_NAME)
@@ -631,6 +690,33 @@ class Client:
 
     def conversation(self, conversation_id: str, last: int | None = None) -> list[dict[str, Any]]:
         return self._run(self.aio.conversation(conversation_id, last=last))
+
+    def trace(self, id: str) -> list[dict[str, Any]]:
+        """The spans of a run's or a call's trace (see ``AsyncClient.trace``)."""
+        return self._run(self.aio.trace(id))
+
+    def feedback(self, id: str, score: float) -> dict[str, Any]:
+        """Feedback on a completion or run, from -1 (bad) to 1 (good)."""
+        return self._run(self.aio.feedback(id, score))
+
+    def alerts(
+        self, model: str | None = None, severity: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return self._run(self.aio.alerts(model, severity, limit))
+
+    def quality(self) -> dict[str, Any]:
+        return self._run(self.aio.quality())
+
+    def report(
+        self, path: str | Path, window_s: float = 900.0, png_dir: str | Path | None = None
+    ) -> Path:
+        """Write an HTML report (throughput, TTFT, queue depth, cache hits, drift, alerts,
+        quality) of the last ``window_s`` seconds to ``path``."""
+        from airi_ray.obs.report import write_report
+
+        samples = self._run(self.aio.timeline(window_s))
+        alerts = self._run(self.aio.alerts(limit=200))
+        return write_report(Path(path), samples, alerts, self.quality(), png_dir=png_dir)
 
     def close(self) -> None:
         """Close the streams to the scheduler and replicas, then stop the loop thread."""

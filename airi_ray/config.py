@@ -472,6 +472,112 @@ class StorageSpec(_Spec):
         return self.uri or env.storage_uri()
 
 
+class DriftSpec(_Spec):
+    """Input and output drift per model version (``airi_ray/core/drift.py``): a reference
+    window of each version's first requests against its latest ones."""
+
+    embedder: str | None = Field(
+        None,
+        description="Embedding model that embeds sampled prompts of generative models for "
+        "the input-embedding drift (an embedding model's own vectors are used as they are). "
+        "None: lengths and refusals only.",
+    )
+    sample: float = Field(
+        0.25, ge=0, le=1, description="Share of generative calls whose prompt is embedded."
+    )
+    reference_size: int = Field(1000, ge=1)
+    window_size: int = Field(500, ge=1)
+    check_every: int = Field(25, ge=1)
+    min_samples: int = Field(400, ge=1)
+    psi_warn: float = Field(0.1, gt=0)
+    psi_alert: float = Field(0.25, gt=0)
+    mean_shift_alert: float = Field(0.05, gt=0, le=2)
+    length_psi_warn: float = Field(0.15, gt=0)
+    length_psi_alert: float = Field(0.25, gt=0)
+    refusal_delta_alert: float = Field(0.1, gt=0, le=1)
+    cooldown_s: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DriftSpec:
+        try:
+            self.config()
+        except ValueError as e:
+            raise ValueError(f"drift: {e}") from None
+        return self
+
+    def config(self) -> Any:
+        from airi_ray.core.drift import DriftConfig
+
+        return DriftConfig(
+            **self.model_dump(exclude={"embedder", "sample"}),
+        )
+
+
+class AnomalySpec(_Spec):
+    """Latency and error-rate anomalies per replica (``airi_ray/core/anomaly.py``)."""
+
+    latency_ratio: float = Field(
+        1.5, gt=1, description="Least latency rise (times the baseline) that counts."
+    )
+    z_threshold: float = Field(3.0, gt=0)
+    consecutive: int = Field(3, ge=1, description="Slow calls in a row that make an alert.")
+    warmup: int = Field(20, ge=2, description="Calls learned before any is judged.")
+    error_window: int = Field(50, ge=1, description="Calls per error-rate block.")
+    error_rate_rise: float = Field(0.1, gt=0, le=1)
+    sibling_ratio: float = Field(3.0, gt=1)
+    cooldown_s: float = Field(300.0, ge=0)
+
+    def config(self) -> Any:
+        import math
+
+        from airi_ray.core.anomaly import AnomalyConfig, EwmaConfig
+
+        latency = EwmaConfig(
+            z_threshold=self.z_threshold,
+            warmup=self.warmup,
+            min_change=math.log(self.latency_ratio),
+            consecutive=self.consecutive,
+            cooldown_s=self.cooldown_s,
+        )
+        errors = EwmaConfig(
+            warmup=5, min_change=self.error_rate_rise, consecutive=2, cooldown_s=self.cooldown_s
+        )
+        return AnomalyConfig(
+            latency=latency,
+            error_rate=errors,
+            error_window=self.error_window,
+            sibling_ratio=self.sibling_ratio,
+        )
+
+
+class ObservabilitySpec(_Spec):
+    """Traces, quality signals, drift and anomaly alerts (the metrics are always on)."""
+
+    enabled: bool = Field(
+        True,
+        description="Record each call's trace spans and quality signals and feed the drift "
+        "and anomaly detectors. Off: none of that per-request work is done.",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); "
+        "default `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`. Traces are kept in the context store "
+        "either way.",
+    )
+    traces_kept: int = Field(
+        5000, ge=10, description="Recent traces kept in the context store for `airi trace`."
+    )
+    webhook: str | None = Field(
+        None, pattern=r"^https?://", description="Alerts are POSTed here as JSON."
+    )
+    sample_interval_s: float = Field(
+        5.0, ge=0.5, le=300, description="Period of the samples `airi report` plots."
+    )
+    drift: DriftSpec = Field(default_factory=DriftSpec)
+    anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
+
+
 FUNCTION_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
@@ -609,6 +715,7 @@ class AppSpec(_Spec):
     groups: list[ModelGroupSpec] = Field(
         default_factory=list, description="Models whose versions switch together."
     )
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppSpec:
@@ -643,6 +750,15 @@ class AppSpec(_Spec):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
+        embedder = self.observability.drift.embedder
+        if embedder is not None:
+            m = self.model(embedder)
+            if m is None or m.task != "embed":
+                embedders = sorted(m.name for m in self.models if m.task == "embed")
+                raise ValueError(
+                    f"observability.drift.embedder {embedder!r} is not an embedding model of "
+                    f"this app; embedding models: {', '.join(embedders) or 'none'}"
+                )
         if SYSTEM_TENANT in {t.name for t in self.tenants}:
             raise ValueError(f"the tenant name {SYSTEM_TENANT!r} is reserved for the runtime")
         keys = [k for t in self.tenants for k in t.api_keys]

@@ -55,6 +55,9 @@ class RecordLog(Protocol):
 
     def compact(self) -> None: ...
 
+    def prune(self, kind: str, before: float) -> None:
+        """Delete the records of ``kind`` written before ``before`` (wall-clock seconds)."""
+
 
 class MemoryRecordLog:
     """Records in a list: for the in-process executor and tests."""
@@ -70,6 +73,9 @@ class MemoryRecordLog:
 
     def compact(self) -> None:
         pass
+
+    def prune(self, kind: str, before: float) -> None:
+        self.records = [r for r in self.records if r.kind != kind or r.at >= before]
 
 
 class LanceRecordLog:
@@ -96,3 +102,7 @@ class LanceRecordLog:
     def compact(self) -> None:
         """Merge the small fragments that one-batch commits leave and drop old versions."""
         self._table.optimize(cleanup_older_than=timedelta(minutes=1))
+
+    def prune(self, kind: str, before: float) -> None:
+        if kind.isidentifier():  # a fixed record kind, never user input
+            self._table.delete(f"kind = '{kind}' AND at < {float(before)!r}")

@@ -18,6 +18,7 @@ from airi_ray.runtime import (
     FEATURE_SERVER_NAME,
     GRAPH_EXECUTOR_NAME,
     NAMESPACE,
+    OBSERVER_NAME,
     SCHEDULER_NAME,
 )
 
@@ -118,6 +119,12 @@ def get_or_start_feature_server(uri: str, views: list[dict[str, Any]]) -> Any:
     from airi_ray.runtime.feature_server import FeatureServer
 
     return _singleton(FeatureServer, FEATURE_SERVER_NAME, uri, views)
+
+
+def get_or_start_observer() -> Any:
+    from airi_ray.runtime.observer import Observer
+
+    return _singleton(Observer, OBSERVER_NAME)
 
 
 def get_or_start_pool(accelerator_type: str) -> Any:

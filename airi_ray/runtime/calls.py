@@ -18,6 +18,7 @@ import fnmatch
 import json
 import logging
 import math
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -42,6 +43,7 @@ from airi_ray.core.policy import (
     finding_events,
     refusal_event,
 )
+from airi_ray.core.quality import is_refusal
 from airi_ray.core.requests import (
     CallOptions,
     ChatMessage,
@@ -51,7 +53,8 @@ from airi_ray.core.requests import (
 )
 from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
 from airi_ray.engines.source import resolve_model_source
-from airi_ray.runtime import CONTROLLER_NAME, SCHEDULER_NAME, actors
+from airi_ray.obs.tracing import Span, tracing
+from airi_ray.runtime import CONTROLLER_NAME, OBSERVER_NAME, SCHEDULER_NAME, actors
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ DEFAULT_OPTIONS = CallOptions()
 FILTER_FIELDS = set(FilterConfig.__dataclass_fields__)
 SEMANTIC_WINDOW_CHARS = 800  # about 200 tokens of English
 SEMANTIC_MAX_CHARS = 8 * SEMANTIC_WINDOW_CHARS
+OBSERVE_EVERY_S = 0.25  # finished calls go to the observer in batches at most this often
+REFUSAL_PREFIX_CHARS = 200  # refusals show at the start of an answer
 
 
 def _load_tokenizer(source: str) -> Any:
@@ -82,15 +87,20 @@ class ReplicaDied(Exception):
 
 
 class _Coalescer(Generic[T]):
-    """Collects items during one event-loop turn and hands them to ``flush`` as one list."""
+    """Collects items during one event-loop turn (or ``delay_s``) and hands them to
+    ``flush`` as one list."""
 
-    def __init__(self, flush: Callable[[list[T]], None]) -> None:
+    def __init__(self, flush: Callable[[list[T]], None], delay_s: float = 0.0) -> None:
         self._flush = flush
+        self._delay_s = delay_s
         self._items: list[T] = []
 
     def add(self, item: T) -> None:
         if not self._items:
-            asyncio.get_running_loop().call_soon(self._drain)
+            if self._delay_s:  # or collect for a while, for messages that may wait
+                asyncio.get_running_loop().call_later(self._delay_s, self._drain)
+            else:
+                asyncio.get_running_loop().call_soon(self._drain)
         self._items.append(item)
 
     def _drain(self) -> None:
@@ -246,6 +256,16 @@ class Generation:
         return "".join([t async for t, _, _ in self])
 
 
+@dataclass
+class _Watch:
+    """What the call path observes of one call for traces and quality signals."""
+
+    on: bool  # observed at all (not when observability is off, nor the runtime's own calls)
+    span: Span | None = None
+    text: str | None = None  # the prompt, when sampled for the input-drift detector
+    filtered: bool = False  # a policy filter redacted part of the input
+
+
 class CallPath:
     """Runs model calls from this process; one per asyncio loop."""
 
@@ -271,6 +291,9 @@ class CallPath:
         self._audit_events = _Coalescer[AuditEvent](
             lambda items: self._scheduler.audit.remote(items)
         )
+        self._obs_config = Cached(self._controller.observability.remote, MODEL_INFO_TTL_S)
+        self._observations = _Coalescer[dict[str, Any]](self._send_observations, OBSERVE_EVERY_S)
+        self._observer: Any = None
 
     # -- models and tokenizers -----------------------------------------------------------
 
@@ -350,26 +373,49 @@ class CallPath:
         if getattr(info.tokenizer, "chat_template", None) is None:
             raise InvalidRequest(f"model {model!r} has no chat template; use completions instead")
         rid = f"req-{uuid.uuid4().hex}"
-        filters = await self._filters(tenant, model)
-        await self._semantic_check(
-            tenant, model, [m.content for m in messages if m.role in ("user", "tool")], rid
-        )
-        contents = [
-            self._filter_input(
-                filters, m.content, "document" if m.role == "tool" else "prompt", tenant, model, rid
+        watch = await self._watch(model, tenant, rid)
+        try:
+            with (
+                tracing.use(watch.span),
+                tracing.span("policy input", "policy", {"airi.model": model}, child_only=True),
+            ):
+                filters = await self._filters(tenant, model)
+                await self._semantic_check(
+                    tenant,
+                    model,
+                    [m.content for m in messages if m.role in ("user", "tool")],
+                    rid,
+                )
+                contents = [
+                    self._filter_input(
+                        filters,
+                        m.content,
+                        "document" if m.role == "tool" else "prompt",
+                        tenant,
+                        model,
+                        rid,
+                    )
+                    for m in messages
+                ]
+            watch.filtered = any(c != m.content for m, c in zip(messages, contents, strict=True))
+            if watch.text is not None:
+                users = [c for m, c in zip(messages, contents, strict=True) if m.role == "user"]
+                watch.text = users[-1] if users else None
+            ids = info.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)],
+                add_generation_prompt=True,
+                tokenize=True,
             )
-            for m in messages
-        ]
-        ids = info.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)],
-            add_generation_prompt=True,
-            tokenize=True,
-        )
-        if not isinstance(ids, list):  # transformers may return a BatchEncoding
-            ids = list(ids["input_ids"])
-        shape = (len(messages), sum(len(m.content) for m in messages))
-        info = await self._window_for(info, len(ids), params)
-        return self._generation(info, list(ids), params, tenant, options, filters, cap, shape, rid)
+            if not isinstance(ids, list):  # transformers may return a BatchEncoding
+                ids = list(ids["input_ids"])
+            shape = (len(messages), sum(len(m.content) for m in messages))
+            info = await self._window_for(info, len(ids), params)
+            return self._generation(
+                info, list(ids), params, tenant, options, filters, cap, shape, rid, watch
+            )
+        except BaseException as e:
+            tracing.end(watch.span, error=getattr(e, "code", None) or type(e).__name__)
+            raise
 
     async def complete(
         self,
@@ -384,13 +430,27 @@ class CallPath:
             raise InvalidRequest("prompt must be a string")
         info = await self.model(model, "generate")
         rid = f"req-{uuid.uuid4().hex}"
-        filters = await self._filters(tenant, model)
-        await self._semantic_check(tenant, model, [prompt], rid)
-        prompt = self._filter_input(filters, prompt, "prompt", tenant, model, rid)
-        ids = info.tokenizer(prompt)["input_ids"]
-        shape = (0, len(prompt))
-        info = await self._window_for(info, len(ids), params)
-        return self._generation(info, list(ids), params, tenant, options, filters, cap, shape, rid)
+        watch = await self._watch(model, tenant, rid)
+        try:
+            with (
+                tracing.use(watch.span),
+                tracing.span("policy input", "policy", {"airi.model": model}, child_only=True),
+            ):
+                filters = await self._filters(tenant, model)
+                await self._semantic_check(tenant, model, [prompt], rid)
+                clean = self._filter_input(filters, prompt, "prompt", tenant, model, rid)
+            watch.filtered = clean != prompt
+            if watch.text is not None:
+                watch.text = clean
+            ids = info.tokenizer(clean)["input_ids"]
+            shape = (0, len(prompt))
+            info = await self._window_for(info, len(ids), params)
+            return self._generation(
+                info, list(ids), params, tenant, options, filters, cap, shape, rid, watch
+            )
+        except BaseException as e:
+            tracing.end(watch.span, error=getattr(e, "code", None) or type(e).__name__)
+            raise
 
     # -- content filters ---------------------------------------------------------------
 
@@ -512,6 +572,7 @@ class CallPath:
         cap: Callable[[int], int] | None = None,
         shape: tuple[int, int] = (0, 0),
         request_id: str | None = None,
+        watch: _Watch | None = None,
     ) -> Generation:
         assert info.max_model_len is not None
         max_tokens = resolve_max_tokens(
@@ -537,7 +598,7 @@ class CallPath:
             prompt_chars=shape[1],
         )
         g._stream = self._stream(
-            g, request, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}, filters
+            g, request, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}, filters, watch
         )
         return g
 
@@ -548,26 +609,35 @@ class CallPath:
         prompt_ids: list[int],
         params: dict[str, Any],
         filters: FilterSet | None = None,
+        watch: _Watch | None = None,
     ) -> AsyncIterator[tuple[str, int, str | None]]:
         start = time.perf_counter()
         usage = g.usage
         # Answers pass the tenant's filters as they stream: a rolling hold-back window
         # catches a match split across chunks, without waiting for the whole answer.
         out = filters.stream() if filters is not None else None
-        lease = await self._wait(self._acquire(request), request.request_id)
+        head = ""  # the answer's start, where refusals show
+        lease: Lease | None = None
+        served_at = first_at = None
         try:
+            lease = await self._wait(self._acquire(request), request.request_id)
+            served_at = time.perf_counter()
             while True:
+                usage.extra["version"] = lease.version
                 try:
                     channel = self._channel(lease.replica_id)
                     async for text, n, finish in channel.generate(
                         request.request_id, prompt_ids, params
                     ):
                         if usage.ttft_s is None:
-                            usage.ttft_s = time.perf_counter() - start
+                            first_at = time.perf_counter()
+                            usage.ttft_s = first_at - start
                         usage.completion_tokens += n
                         usage.finish_reason = finish
                         if out is not None:
                             text = out.feed(text) + (out.finish() if finish is not None else "")
+                        if len(head) < REFUSAL_PREFIX_CHARS:
+                            head += text
                         yield text, n, finish
                     return
                 except Exception as e:
@@ -575,6 +645,7 @@ class CallPath:
                         self._drop_channel(lease.replica_id)
                     if lease.canary and not usage.completion_tokens:
                         lease = await self._retry_elsewhere(lease, usage, e, other_version=True)
+                        served_at = time.perf_counter()
                         continue
                     if not isinstance(e, ReplicaDied):
                         raise
@@ -586,12 +657,14 @@ class CallPath:
                             "be resumed"
                         ) from e
                     lease = await self._retry_elsewhere(lease, usage, e)
+                    served_at = time.perf_counter()
         except BaseException as e:
             usage.error = usage.error or type(e).__name__
             raise
         finally:
             usage.e2e_s = time.perf_counter() - start
-            self._release(lease, usage, usage.error in ("replica_died", "no_replica"))
+            if lease is not None:
+                self._release(lease, usage, usage.error in ("replica_died", "no_replica"))
             if out is not None:
                 self._audit(
                     finding_events(
@@ -601,6 +674,11 @@ class CallPath:
                         request_id=g.request_id,
                     )
                 )
+                if watch is not None and out.findings:
+                    watch.filtered = True
+            if watch is not None and watch.on:
+                service_s = first_at - served_at if first_at and served_at else None
+                self._observe(watch, "generate", request, lease, usage, service_s, is_refusal(head))
 
     async def embed(
         self, model: str, texts: list[str], tenant: str, options: CallOptions = DEFAULT_OPTIONS
@@ -628,9 +706,14 @@ class CallPath:
             deadline_s=options.deadline_s,
             version=options.version,
         )
-        lease = await self._wait(self._acquire(request), request.request_id)
+        watch = await self._watch(model, tenant, request.request_id, sample=False)
+        lease: Lease | None = None
+        vectors: list[list[float]] | None = None
+        served_at = None
         try:
+            lease = await self._wait(self._acquire(request), request.request_id)
             while True:
+                served_at = time.perf_counter()
                 try:
                     vectors = await self._handle(lease.replica_id).embed.remote(
                         ids, options.deadline_s
@@ -650,7 +733,101 @@ class CallPath:
             raise
         finally:
             usage.e2e_s = time.perf_counter() - start
-            self._release(lease, usage, usage.error == "no_replica")
+            if lease is not None:
+                self._release(lease, usage, usage.error == "no_replica")
+            if watch.on:
+                # An embedding model's input embedding is its own output: the first vector.
+                service_s = time.perf_counter() - served_at if served_at and vectors else None
+                self._observe(
+                    watch, "embed", request, lease, usage, service_s, vector=(vectors or [None])[0]
+                )
+
+    # -- observation -------------------------------------------------------------------------
+
+    async def _watch(self, model: str, tenant: str, request_id: str, sample: bool = True) -> _Watch:
+        """Start observing a call (its span, its drift sample); not when observability is
+        off, nor for the runtime's own calls (system tenant)."""
+        try:
+            config = await self._obs_config.get()
+        except Exception:  # a restarting controller: observe as configured last
+            config = self._obs_config._value or {"enabled": True, "otlp_endpoint": None}
+        tracing.configure(config["enabled"], config.get("otlp_endpoint"))
+        if not config["enabled"] or tenant == SYSTEM_TENANT:
+            return _Watch(on=False)
+        span = tracing.start(
+            f"model_call {model}",
+            "model_call",
+            {"airi.model": model, "airi.tenant": tenant, "airi.request_id": request_id},
+        )
+        drift = config.get("drift") or {}
+        sampled = sample and drift.get("embedder") and random.random() < drift.get("sample", 0)
+        return _Watch(True, span, "" if sampled else None)
+
+    def _observe(
+        self,
+        watch: _Watch,
+        task: str,
+        request: AcquireRequest,
+        lease: Lease | None,
+        usage: Usage,
+        service_s: float | None,
+        refused: bool = False,
+        vector: list[float] | None = None,
+    ) -> None:
+        """End the call's span; send its quality record to the observer (batched)."""
+        ms = 1000.0
+        tracing.end(
+            watch.span,
+            error=usage.error,
+            version=lease.version if lease else None,
+            replica=lease.replica_id if lease else None,
+            queue_ms=lease.queue_wait_s * ms if lease else None,
+            ttft_ms=usage.ttft_s * ms if usage.ttft_s is not None else None,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens if task == "generate" else None,
+            finish_reason=usage.finish_reason,
+            refused=refused or None,
+        )
+        if not watch.on or lease is None:  # a refusal before any replica: not a model's doing
+            return
+        self._observations.add(
+            {
+                "request_id": request.request_id,
+                "task": task,
+                "model": lease.model,
+                "version": lease.version,
+                "replica": lease.replica_id,
+                "tenant": request.tenant,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "ttft_s": usage.ttft_s,
+                "service_s": service_s,
+                "finish_reason": usage.finish_reason,
+                "error": usage.error,
+                "refused": refused,
+                "filtered": watch.filtered,
+                "text": watch.text or None,
+                "vector": vector,
+            }
+        )
+
+    def signal(self, kind: str, model: str, version: str, value: float) -> None:
+        """A quality signal of a model version (``relevance`` of a retrieval, credited to the
+        embedder; ``grounding`` of an answer, to the generator), for the observer."""
+        if self._obs_config._value and self._obs_config._value["enabled"]:
+            value = min(max(float(value), -1.0), 1.0)
+            self._observations.add(
+                {"signal": kind, "model": model, "version": version, "value": value}
+            )
+
+    def _send_observations(self, records: list[dict[str, Any]]) -> None:
+        try:
+            if self._observer is None:
+                self._observer = actors.get_actor(OBSERVER_NAME)
+            self._observer.record.remote(records)
+        except Exception as e:  # observing never fails a call
+            self._observer = None
+            logger.debug("%d observations dropped: %s", len(records), e)
 
     # -- leases, handles, channels ---------------------------------------------------------
 

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 from airi_ray.core.errors import Conflict, InvalidRequest, NotFound
@@ -33,6 +33,8 @@ MAX_ID_CHARS = 256
 MAX_TURN_CHARS = 1_000_000
 MAX_TURNS_PER_WRITE = 256
 COMPACT_EVERY = 256  # commits between compactions of the log
+TRACES_KEPT = 5000  # recent traces for `airi trace`; older ones are pruned at compaction
+MAX_SPANS_PER_WRITE = 10_000
 
 Identity = tuple[str, str, str, int, str]
 
@@ -66,6 +68,8 @@ class ContextStore:
         self._records: dict[Identity, Record] = {}
         self._turns: dict[tuple[str, str], dict[int, Record]] = defaultdict(dict)
         self._runs: dict[str, list[Record]] = defaultdict(list)  # run id -> events, checkpoints
+        self._traces: OrderedDict[str, list[Record]] = OrderedDict()  # trace id -> span batches
+        self._trace_keys: dict[str, set[str]] = defaultdict(set)  # run/request id -> trace ids
         self._pending: dict[Identity, tuple[Record, asyncio.Future[None]]] = {}
         self._queue: list[Record] = []
         self._writer: asyncio.Task[None] | None = None
@@ -185,6 +189,60 @@ class ContextStore:
         body = json.dumps(data, ensure_ascii=False, default=str)
         return Record(kind, tenant, run_id, _check_seq("seq", seq), name, body, time.time())
 
+    # -- traces ----------------------------------------------------------------------------
+
+    async def add_spans(self, tenant: str, trace_id: str, spans: list[dict[str, Any]]) -> None:
+        """Keep a batch of a trace's finished spans (``airi_ray/obs/tracing.py`` sends them).
+        Traces are kept for ``airi trace``; the oldest beyond ``TRACES_KEPT`` are dropped."""
+        _check_id("trace_id", trace_id)
+        if not isinstance(spans, list) or not 0 < len(spans) <= MAX_SPANS_PER_WRITE:
+            raise InvalidRequest(f"spans must be a list of 1 to {MAX_SPANS_PER_WRITE} spans")
+        # The first span's id makes the batch's identity: a resent batch is not kept twice.
+        seq = int(spans[0]["span_id"], 16) & (2**62 - 1)
+        body = json.dumps(spans, ensure_ascii=False, default=str)
+        await self._write([Record("trace", tenant, trace_id, seq, "spans", body, time.time())])
+
+    async def trace(self, tenant: str, target: str) -> list[dict[str, Any]]:
+        """The spans of the traces of a run or request id (or of a trace id), by start.
+
+        Raises:
+            NotFound: no such trace for this tenant (kept traces only).
+        """
+        ids = self._trace_keys.get(target, set()) | ({target} if target in self._traces else set())
+        spans = [
+            s
+            for trace_id in sorted(ids)
+            for r in self._traces.get(trace_id, [])
+            if r.tenant == tenant
+            for s in json.loads(r.body)
+        ]
+        if not spans:
+            raise NotFound(
+                f"no trace of {target!r}: give a graph run id, a request id or a trace id of "
+                f"one of the last {TRACES_KEPT} traces"
+            )
+        return sorted(spans, key=lambda s: s["start_ns"])
+
+    def _index_trace(self, r: Record) -> None:
+        batches = self._traces.setdefault(r.key, [])
+        batches.append(r)
+        for s in json.loads(r.body):
+            for attr in ("airi.run_id", "airi.request_id"):
+                key = s.get("attributes", {}).get(attr)
+                if key:
+                    self._trace_keys[key].add(r.key)
+        while len(self._traces) > TRACES_KEPT:
+            _, old = self._traces.popitem(last=False)
+            for o in old:
+                self._records.pop(o.identity, None)
+                for s in json.loads(o.body):
+                    for attr in ("airi.run_id", "airi.request_id"):
+                        key = s.get("attributes", {}).get(attr)
+                        if key and key in self._trace_keys:
+                            self._trace_keys[key].discard(o.key)
+                            if not self._trace_keys[key]:
+                                del self._trace_keys[key]
+
     # -- writing ---------------------------------------------------------------------------
 
     async def _write(self, records: list[Record]) -> None:
@@ -239,6 +297,9 @@ class ContextStore:
 
     async def _compact(self) -> None:
         try:
+            if len(self._traces) >= TRACES_KEPT:
+                oldest = min(r.at for r in next(iter(self._traces.values())))
+                await asyncio.to_thread(self._log.prune, "trace", oldest)
             await asyncio.to_thread(self._log.compact)
         except Exception:  # compaction only saves space; the data is safe without it
             logger.exception("context store compaction failed")
@@ -249,6 +310,8 @@ class ContextStore:
             self._turns[(r.tenant, r.key)][r.seq] = r
         elif r.kind in ("run", "checkpoint"):
             self._runs[r.key].append(r)
+        elif r.kind == "trace":
+            self._index_trace(r)
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -257,6 +320,7 @@ class ContextStore:
             "records": len(self._records),
             "conversations": len(self._turns),
             "runs": len(self._runs),
+            "traces": len(self._traces),
             "commits": self.commits,
             "pending": len(self._pending),
             "pid": os.getpid(),

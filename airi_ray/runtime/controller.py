@@ -31,7 +31,7 @@ from typing import Any
 
 import ray
 
-from airi_ray.config import AppSpec, ModelSpec, parse_spec
+from airi_ray.config import AppSpec, ModelSpec, ObservabilitySpec, parse_spec
 from airi_ray.core.autoscale import AutoscaleConfig, AutoscaleContext, AutoscaleState
 from airi_ray.core.autoscale import policy as autoscale_policy
 from airi_ray.core.errors import AiriError, Conflict, InvalidRequest, NotFound
@@ -59,7 +59,7 @@ from airi_ray.runtime.pools import bundle_for, pool_nodes
 
 logger = logging.getLogger(__name__)
 
-_SPEC_KEY = b"airi/app_spec"  # the deployed spec, without its API keys
+SPEC_KEY = b"airi/app_spec"  # the deployed spec, without its API keys
 _KEYS_KEY = b"airi/api_keys"  # key records (salted hashes): the spec's and `airi keys`'s
 LOOP_PERIOD_S = 1.0
 PROBE_PERIOD_S = 10.0
@@ -70,7 +70,7 @@ START_TIMEOUT_S = 900.0
 
 def saved_spec() -> AppSpec | None:
     """The last deployed spec (without its keys), as the controller saved it."""
-    saved = ray.experimental.internal_kv._internal_kv_get(_SPEC_KEY)
+    saved = ray.experimental.internal_kv._internal_kv_get(SPEC_KEY)
     return parse_spec(json.loads(saved), source="saved spec") if saved else None
 
 
@@ -296,7 +296,7 @@ class Controller:
             update={"tenants": [t.model_copy(update={"api_keys": []}) for t in new.tenants]}
         )
         ray.experimental.internal_kv._internal_kv_put(
-            _SPEC_KEY, self.spec.model_dump_json().encode()
+            SPEC_KEY, self.spec.model_dump_json().encode()
         )
         self._save_keys()
         uri = self.spec.storage.resolved_uri()
@@ -309,6 +309,7 @@ class Controller:
         # Durable state first: the executor finds the store when it starts.
         await actors.get_or_start_context_store(uri).ping.remote()
         actors.get_or_start_graph_executor()
+        await actors.get_or_start_observer().configure.remote(self.spec.observability.model_dump())
         if self.spec.features:
             views = [f.model_dump() for f in self.spec.features]
             server = actors.get_or_start_feature_server(uri, views)
@@ -495,6 +496,11 @@ class Controller:
         tenants = self.spec.tenants if self.spec is not None else []
         return {t.name: t.filters.model_dump() for t in tenants if t.filters is not None}
 
+    def observability(self) -> dict[str, Any]:
+        """The app's ``observability`` section, for call paths and executors."""
+        spec = self.spec.observability if self.spec is not None else ObservabilitySpec()
+        return spec.model_dump()
+
     def storage_uri(self) -> str:
         """Where the app's durable state and collections live (a LanceDB URI)."""
         from airi_ray.config import StorageSpec
@@ -615,7 +621,7 @@ class Controller:
     async def shutdown(self) -> None:
         """Stop every replica and forget the spec and the registry."""
         self.spec = None
-        ray.experimental.internal_kv._internal_kv_del(_SPEC_KEY)
+        ray.experimental.internal_kv._internal_kv_del(SPEC_KEY)
         ray.experimental.internal_kv._internal_kv_del(_KEYS_KEY)
         if self._loop_task:
             self._loop_task.cancel()

@@ -37,7 +37,14 @@ from airi_ray.core.nodes import Features, ModelCall, PolicyCheck, Retrieve, call
 from airi_ray.core.policy import PermissionDenied
 from airi_ray.core.requests import CallOptions, generation_params, parse_messages
 from airi_ray.core.runs import RunLimits, RunOptions
-from airi_ray.runtime import CONTEXT_STORE_NAME, CONTROLLER_NAME, FEATURE_SERVER_NAME, actors
+from airi_ray.obs.tracing import tracing
+from airi_ray.runtime import (
+    CONTEXT_STORE_NAME,
+    CONTROLLER_NAME,
+    FEATURE_SERVER_NAME,
+    OBSERVER_NAME,
+    actors,
+)
 from airi_ray.runtime.calls import Cached, CallPath
 from airi_ray.runtime.retrieval import Retriever
 
@@ -109,6 +116,8 @@ class _Run:
     checkpoints: list[Any] = field(default_factory=list)  # refs of uncommitted writes
     event_seq: int = 0
     node_calls: int = 0
+    timings: list[dict[str, Any]] = field(default_factory=list)  # for the observer
+    answered_by: tuple[str, str] | None = None  # the last generative call's model, version
 
     def result(self) -> dict[str, Any]:
         return {
@@ -329,35 +338,56 @@ class GraphExecutor:
     async def _execute(self, run: _Run) -> None:
         g = self._graphs[run.graph]
         assert run.state is not None
-        try:
-            while not run.state.done:
-                step = run.state.step
-                async with asyncio.TaskGroup() as tg:
-                    for name in run.state.pending:
-                        tg.create_task(self._run_node(run, g, g.nodes[name], step))
-            run.status = "finished"
-            # The end is recorded in the same group commit as the last checkpoints.
-            self._record_end(run)
-            await asyncio.gather(*run.checkpoints)
-        except asyncio.CancelledError:
-            run.status = "cancelled"
-            run.error = RunCancelled(f"run {run.run_id!r} was cancelled").to_body()["error"]
-        except BaseException as e:
-            err = e.exceptions[0] if isinstance(e, BaseExceptionGroup) else e
-            while isinstance(err, BaseExceptionGroup):
-                err = err.exceptions[0]
-            run.status = "failed"
-            if not isinstance(err, AiriError):
-                logger.exception("run %s failed", run.run_id, exc_info=err)
-                err = NodeFailed(f"{type(err).__name__}: {err}")
-            run.error = err.to_body()["error"]
-        finally:
-            if run.status != "finished":
+        start = time.perf_counter()
+        attrs = {"airi.run_id": run.run_id, "airi.tenant": run.tenant, "airi.graph": run.graph}
+        with tracing.span(f"run {run.graph}", "run", attrs) as span:
+            try:
+                while not run.state.done:
+                    step = run.state.step
+                    async with asyncio.TaskGroup() as tg:
+                        for name in run.state.pending:
+                            tg.create_task(self._run_node(run, g, g.nodes[name], step))
+                run.status = "finished"
+                # The end is recorded in the same group commit as the last checkpoints.
                 self._record_end(run)
-            self._emit(run, {"type": "run_" + run.status, "result": run.result()})
-            for q in run.listeners:
-                q.put_nowait(None)
-            run.listeners.clear()
+                await asyncio.gather(*run.checkpoints)
+            except asyncio.CancelledError:
+                run.status = "cancelled"
+                run.error = RunCancelled(f"run {run.run_id!r} was cancelled").to_body()["error"]
+            except BaseException as e:
+                err = e.exceptions[0] if isinstance(e, BaseExceptionGroup) else e
+                while isinstance(err, BaseExceptionGroup):
+                    err = err.exceptions[0]
+                run.status = "failed"
+                if not isinstance(err, AiriError):
+                    logger.exception("run %s failed", run.run_id, exc_info=err)
+                    err = NodeFailed(f"{type(err).__name__}: {err}")
+                run.error = err.to_body()["error"]
+            finally:
+                if run.status != "finished":
+                    self._record_end(run)
+                if span is not None:
+                    span.set_attributes(
+                        {"airi.status": run.status, "airi.steps": run.state.step}
+                        | {"airi.tokens": run.limits.spent, "airi.calls": run.limits.calls}
+                    )
+                    if run.error is not None:
+                        span.set_attribute("airi.error", str(run.error.get("code")))
+                self._send_timings(run, (time.perf_counter() - start) * 1000)
+                self._emit(run, {"type": "run_" + run.status, "result": run.result()})
+                for q in run.listeners:
+                    q.put_nowait(None)
+                run.listeners.clear()
+
+    def _send_timings(self, run: _Run, ms: float) -> None:
+        """Node and run timings to the observer (metrics; the run becomes a feedback target)."""
+        model, version = run.answered_by or (None, None)
+        end = {"graph": run.graph, "node": None, "ms": ms, "status": run.status}
+        end |= {"run_id": run.run_id, "tenant": run.tenant, "model": model, "version": version}
+        try:
+            actors.get_actor(OBSERVER_NAME).record_nodes.remote([*run.timings, end])
+        except Exception as e:  # no observer (a cluster without a deployed app): metrics only
+            logger.debug("run %s timings dropped: %s", run.run_id, e)
 
     def _record_end(self, run: _Run) -> None:
         """Send the run's end to the store. Not awaited: if it is lost, ``resume`` replays
@@ -366,6 +396,18 @@ class GraphExecutor:
         self._store.run_event.remote(run.tenant, run.run_id, run.event_seq, final)
 
     async def _run_node(self, run: _Run, g: CompiledGraph, node: Node, step: int) -> None:
+        attrs = {"airi.node": node.name, "airi.step": step}
+        start = time.perf_counter()
+        status = "failed"
+        try:
+            with tracing.span(f"node {node.name}", "node", attrs):
+                await self._node(run, g, node, step)
+            status = "finished"
+        finally:
+            ms = (time.perf_counter() - start) * 1000
+            run.timings.append({"graph": run.graph, "node": node.name, "ms": ms, "status": status})
+
+    async def _node(self, run: _Run, g: CompiledGraph, node: Node, step: int) -> None:
         assert run.state is not None
         view = g.view(run.state, node.name)
         self._emit(run, {"type": "node_started", "node": node.name, "step": step})
@@ -510,6 +552,8 @@ class GraphExecutor:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
             run.limits.charge(call.model, u.prompt_tokens + u.completion_tokens)
+        if "version" in u.extra:
+            run.answered_by = (call.model, u.extra["version"])
         out: dict[str, Any] = {call.output: text}
         if call.usage:
             out[call.usage] = {

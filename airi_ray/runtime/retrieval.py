@@ -30,6 +30,7 @@ from airi_ray.data.collections import (
     EmbedderState,
     collections_uri,
 )
+from airi_ray.obs.tracing import tracing
 from airi_ray.runtime.calls import CallPath
 
 # Chunks a little under MiniLM-class embedders' 256-token limit, with some overlap.
@@ -129,18 +130,27 @@ class Retriever:
         """
         if not isinstance(query, str) or not 0 < len(query) <= MAX_QUERY_CHARS:
             raise InvalidRequest(f"query must be a string of 1 to {MAX_QUERY_CHARS} characters")
-        collection, active = await self._open(name)
-        model = active.model
-        vectors, usage = await self._path.embed(model, [query], tenant, options or CallOptions())
-        hits = await asyncio.to_thread(
-            collection.search,
-            vectors[0],
-            k,
-            tenant=tenant,
-            embedder=(model, usage.extra["version"]),  # the table of the version that embedded it
-            filter=filter,
-            mmr_lambda=mmr_lambda,
-        )
+        attrs = {"airi.collection": name, "airi.tenant": tenant, "airi.k": k}
+        with tracing.span(f"retrieval {name}", "retrieval", attrs) as span:
+            collection, active = await self._open(name)
+            model = active.model
+            options = options or CallOptions()
+            vectors, usage = await self._path.embed(model, [query], tenant, options)
+            version = usage.extra["version"]  # the table of the version that embedded it
+            hits = await asyncio.to_thread(
+                collection.search,
+                vectors[0],
+                k,
+                tenant=tenant,
+                embedder=(model, version),
+                filter=filter,
+                mmr_lambda=mmr_lambda,
+            )
+            best = max((h.score for h in hits), default=None)
+            if span is not None:
+                span.set_attributes({"airi.hits": len(hits), "airi.best_score": best or 0.0})
+            if best is not None:
+                self._path.signal("relevance", model, version, best)
         return [asdict(h) for h in hits]
 
     async def _open(self, name: str) -> tuple[Collection, EmbedderState]:

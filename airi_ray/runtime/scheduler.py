@@ -417,6 +417,23 @@ class GlobalScheduler:
             for m in sorted(self.core.models())
         }
 
+    def timeline_stats(self) -> dict[str, Any]:
+        """Queue depth per tenant (all models) and prefix-cache hit rate per model, for the
+        observer's samples."""
+        depth: dict[str, int] = defaultdict(int)
+        for model_stats in self.core.stats(time.monotonic()).values():
+            for tenant, t in model_stats.tenants.items():
+                depth[tenant] += t.queue_depth
+        hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for s in self.metrics.engines.replicas.values():
+            h = hits[s["model"]]
+            h[0] += int(s.get("prefix_cache_hits", 0))
+            h[1] += int(s.get("prefix_cache_queries", 0))
+        return {
+            "queue_depth": dict(depth),
+            "cache_hit_rate": {m: h / q for m, (h, q) in hits.items() if q},
+        }
+
     def metrics_text(self) -> bytes:
         return self.metrics.text()
 

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,12 +35,14 @@ from airi_ray.core.errors import (
     PayloadTooLarge,
 )
 from airi_ray.obs.metrics import HttpMetrics
+from airi_ray.runtime import OBSERVER_NAME, actors
 from airi_ray.runtime.calls import Generation
 from airi_ray.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     FeatureEventsRequest,
+    FeedbackRequest,
     GraphRunRequest,
     SamplingRequest,
 )
@@ -190,7 +191,12 @@ class Ingress:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         runtime = await self.client._path._scheduler.metrics_text.remote()
-        return Response(runtime + http_metrics.text(), media_type="text/plain; version=0.0.4")
+        try:
+            observer = await actors.get_actor(OBSERVER_NAME).metrics_text.remote()
+        except Exception:  # restarting: its metrics are back at the next scrape
+            observer = b""
+        text = runtime + observer + http_metrics.text()
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
@@ -300,6 +306,29 @@ class Ingress:
         accepted = await self.client.push_events(view, body.events, tenant)
         return {"view": view, "accepted": accepted}
 
+    # -- observability -------------------------------------------------------------------
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant(request)
+        body: FeedbackRequest = await self._body(request, FeedbackRequest)
+        return await self.client.feedback(body.id, body.value(), tenant)
+
+    @app.get("/v1/traces/{id}")
+    async def trace(self, id: str, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant(request)
+        return {"object": "trace", "id": id, "spans": await self.client.trace(id, tenant)}
+
+    @app.get("/v1/alerts")
+    async def alerts(self, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant(request)
+        q = request.query_params
+        raw = q.get("limit", "100")
+        if not raw.isdigit():
+            raise InvalidRequest(f"limit must be a whole number, got {raw!r}")
+        found = await self.client.alerts(q.get("model"), q.get("severity"), int(raw), tenant)
+        return {"object": "list", "data": found}
+
     # -- responses -----------------------------------------------------------------------
 
     async def _respond(self, g: Generation, body: SamplingRequest, chat: bool) -> Response:
@@ -307,7 +336,8 @@ class Ingress:
         interval_s = self.spec.stream_interval_ms / 1000
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created = int(time.time())
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        # The completion's id names its request: feedback and `airi trace` take it.
+        rid = ("chatcmpl-" if chat else "cmpl-") + g.request_id.removeprefix("req-")
         obj = "chat.completion" if chat else "text_completion"
         if not stream:
             text = await g.text()

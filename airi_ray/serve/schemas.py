@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Body(BaseModel):
@@ -96,3 +96,25 @@ class GraphRunRequest(_Body):
 
 class FeatureEventsRequest(_Body):
     events: list[Any] = Field(min_length=1, max_length=10_000, description="Events to store.")
+
+
+class FeedbackRequest(_Body):
+    id: str = Field(
+        min_length=1,
+        max_length=256,
+        description="A completion's `id` (chatcmpl-...) or a graph run's `run_id`.",
+    )
+    score: float | None = Field(None, ge=-1, le=1, description="From -1 (bad) to 1 (good).")
+    rating: Literal["up", "down"] | None = Field(None, description="Thumbs: up is 1, down -1.")
+
+    @model_validator(mode="after")
+    def _one_score(self) -> FeedbackRequest:
+        if (self.score is None) == (self.rating is None):
+            raise ValueError("give either score (-1 to 1) or rating ('up' or 'down')")
+        return self
+
+    def value(self) -> float:
+        if self.rating is not None:
+            return 1.0 if self.rating == "up" else -1.0
+        assert self.score is not None
+        return self.score
