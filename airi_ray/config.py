@@ -489,6 +489,8 @@ class DriftSpec(_Spec):
     window_size: int = Field(500, ge=1)
     check_every: int = Field(25, ge=1)
     min_samples: int = Field(400, ge=1)
+    projections: int = Field(16, ge=1, description="Random directions for the embedding PSI.")
+    bins: int = Field(10, ge=2, description="PSI bins: fewer suit smaller windows.")
     psi_warn: float = Field(0.1, gt=0)
     psi_alert: float = Field(0.25, gt=0)
     mean_shift_alert: float = Field(0.05, gt=0, le=2)

@@ -45,6 +45,7 @@ class ModelReplica:
         self._engine: Any = None
         self._loading: asyncio.Future[Any] | None = None
         self._dead: str | None = None  # why the engine failed, once it has
+        self._injected_delay_s = 0.0  # fault injection (``inject_delay``)
         self._channels: dict[str, _Channel] = {}
         self.started_at = time.time()
         self._batch = BatchWindow(
@@ -87,6 +88,8 @@ class ModelReplica:
         try:
             if self._dead is not None:  # every later request would hang on a dead engine
                 raise RuntimeError(f"the engine died earlier: {self._dead}")
+            if self._injected_delay_s:
+                await asyncio.sleep(self._injected_delay_s)
             limit = self._engine.max_model_len
             if len(prompt_ids) >= limit:  # refused here: some engines die on it instead
                 raise ValueError(
@@ -130,6 +133,14 @@ class ModelReplica:
                 task = channel.tasks.pop(rid, None)
                 if task is not None:
                     task.cancel()
+
+    def inject_delay(self, seconds: float) -> None:
+        """Fault injection for drills (like a service mesh's delay fault): hold every new
+        generation ``seconds`` before it reaches the engine; 0 ends it. Reachable only
+        through the replica's Ray actor handle, never from the HTTP API."""
+        if not 0 <= seconds <= 60:
+            raise ValueError(f"delay must be 0 to 60 seconds, got {seconds}")
+        self._injected_delay_s = float(seconds)
 
     # -- embeddings, health, stats -----------------------------------------------------
 
