@@ -4,8 +4,10 @@
 
 Starts a local Ray head (unless one runs), deploys the spec, sends chats and embeddings
 through the Python client and over HTTP with the ``openai`` client, runs a short burst of
-concurrent streams, prints TTFT p50/p99, tokens/s and the prefix-cache hit rate, then shuts
-everything down (``--keep`` leaves it running for ``airi chat`` and curl).
+concurrent streams, prints TTFT p50/p99, tokens/s and the prefix-cache hit rate, then
+turns its traffic from support questions to unrelated text and shows the drift alert, a
+call's trace and an HTML report (``airi report``), and shuts everything down (``--keep``
+leaves it running for ``airi chat`` and curl).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import urllib.request
 
 from airi_ray.core.stats import percentile
+from airi_ray.demo.traffic import SUPPORT, UNRELATED
 
 QUESTIONS = [
     "How do I return an item?",
@@ -49,6 +52,21 @@ async def burst(api_key: str, model: str) -> tuple[list[float], float, int]:
     return [t for t, _ in results], time.perf_counter() - t0, sum(n for _, n in results)
 
 
+async def drift_traffic(api_key: str, model: str, prompts: list[str]) -> None:
+    """Short answers to ``prompts``, eight at a time."""
+    import airi_ray as airi
+
+    client = airi.AsyncClient(api_key=api_key)
+    sem = asyncio.Semaphore(8)
+
+    async def one(p: str) -> None:
+        async with sem:
+            await client.chat(model, [{"role": "user", "content": p}], max_tokens=4)
+
+    await asyncio.gather(*(one(p) for p in prompts))
+    await client.close()
+
+
 def prefix_hit_rate(metrics_text: str, model: str) -> float | None:
     m = re.search(
         rf'airi_prefix_cache_hit_rate{{model="{re.escape(model)}"}} ([0-9.eE+-]+)', metrics_text
@@ -63,6 +81,8 @@ def main() -> int:
     parser.add_argument("--config", default="deployments/quickstart.yaml")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the spec's)")
     parser.add_argument("--keep", action="store_true", help="leave the cluster and app running")
+    parser.add_argument("--report", default="airi-report.html", help="where to write the report")
+    parser.add_argument("--report-png", default=None, help="also write the report's plots here")
     args = parser.parse_args()
 
     import openai
@@ -147,6 +167,27 @@ def main() -> int:
         )
         print(f"(full metrics: curl http://127.0.0.1:{port}/metrics)")
         client.close()
+
+        print("\n== observability: the trace of the HTTP call above ==")
+        cli.main(["trace", r.id, "--api-key", key])
+        if spec.observability.drift.embedder:
+            n = spec.observability.drift.reference_size + spec.observability.drift.window_size
+            print(f"\n== drift: {n} support questions, then 120 lines of unrelated text ==")
+            asyncio.run(
+                drift_traffic(key, chat_model, [SUPPORT[i % len(SUPPORT)] for i in range(n)])
+            )
+            asyncio.run(drift_traffic(key, chat_model, [UNRELATED[i % 30] for i in range(120)]))
+            watcher = airi.connect("auto", api_key=key)
+            deadline = time.monotonic() + 30  # the observer takes calls in batches
+            while time.monotonic() < deadline and not any(
+                a["kind"] == "drift.embedding" for a in watcher.alerts()
+            ):
+                time.sleep(0.5)
+            watcher.close()
+            cli.main(["alerts", "--api-key", key, "--limit", "4"])
+        time.sleep(2 * spec.observability.sample_interval_s)  # the last sample
+        report = ["report", "--out", args.report, "--window", "10", "--api-key", key]
+        cli.main(report + (["--png-dir", args.report_png] if args.report_png else []))
     finally:
         if args.keep:
             print(

@@ -808,6 +808,7 @@ class CallPath:
                 "filtered": watch.filtered,
                 "text": watch.text or None,
                 "vector": vector,
+                "at": time.time(),
             }
         )
 

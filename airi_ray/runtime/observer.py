@@ -9,9 +9,10 @@ detectors of ``airi_ray/core`` (``QualityBook``, ``DriftMonitor`` per model vers
 embedded with the spec's drift embedder (as the system tenant, batch priority) for the
 input-embedding drift; an embedding model's own vectors are used as they are.
 
-Every ``sample_interval_s`` it appends a sample (throughput, TTFT percentiles, queue depth
-per tenant, prefix-cache hit rate, drift scores) to the timeline that ``airi report``
-plots. Alerts, quality aggregates and the timeline live in memory: a restarted observer
+Calls are counted in the interval of ``sample_interval_s`` in which they ended (their own
+clock, not when the observer got to them); an interval becomes a sample (throughput, TTFT
+percentiles, queue depth per tenant, prefix-cache hit rate, drift scores) for the timeline
+that ``airi report`` plots once ``SETTLE_S`` have passed after it, so late records count. Alerts, quality aggregates and the timeline live in memory: a restarted observer
 starts them afresh (the context store keeps traces; Prometheus keeps the metrics).
 """
 
@@ -24,6 +25,7 @@ from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
+import ray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from airi_ray.config import SYSTEM_TENANT, ObservabilitySpec
@@ -42,6 +44,7 @@ SERVED_KEPT = 100_000  # request and run ids remembered for feedback
 ALERTS_KEPT = 1000
 TIMELINE_S = 3600.0
 MAX_DRIFT_TEXT_CHARS = 2000
+SETTLE_S = 2.0  # an interval is closed this long after its end (records arrive in batches)
 
 
 class ObserverMetrics:
@@ -105,7 +108,8 @@ class Observer:
         self._worker: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._path: Any = None
-        self._interval = self._fresh_interval()
+        self._intervals: dict[int, dict[str, Any]] = {}  # open intervals by index
+        self._closed = -1  # index of the last interval made a sample
         self._samples: deque[dict[str, Any]] = deque(maxlen=int(TIMELINE_S / 5))
         self._webhook_tasks: set[asyncio.Task[None]] = set()
         self.metrics = ObserverMetrics()
@@ -116,14 +120,11 @@ class Observer:
         """A restarted observer takes the deployed spec's settings from Ray's KV store."""
         import json
 
-        import ray
-
         from airi_ray.runtime.controller import SPEC_KEY
 
-        try:
-            raw = ray.experimental.internal_kv._internal_kv_get(SPEC_KEY)
-        except Exception:  # not in a Ray worker (tests)
+        if not ray.is_initialized():  # constructed outside Ray (tests)
             return
+        raw = ray.experimental.internal_kv._internal_kv_get(SPEC_KEY)
         if raw:
             self.configure(json.loads(raw).get("observability") or {})
 
@@ -132,12 +133,32 @@ class Observer:
     def configure(self, spec: dict[str, Any]) -> None:
         """The app's ``observability`` section; detectors with changed settings start over."""
         config = ObservabilitySpec.model_validate(spec)
+        if config.sample_interval_s != self.config.sample_interval_s:
+            self._intervals, self._closed = {}, -1
         if config.anomaly != self.config.anomaly:
             self._anomaly = ReplicaAnomalyMonitor(config.anomaly.config())
         if config.drift != self.config.drift:
             self._drift.clear()
         self.config = config
         self._samples = deque(self._samples, maxlen=int(TIMELINE_S / config.sample_interval_s))
+        if config.drift.embedder is not None:
+            try:  # load the embedder's tokenizer now, not when the first calls wait for it
+                asyncio.get_running_loop().create_task(self._warm())
+            except RuntimeError:  # no event loop: constructed outside an actor (tests)
+                pass
+
+    async def _warm(self) -> None:
+        try:
+            await self._call_path().warm()
+        except Exception as e:  # the first drift embedding loads what it needs instead
+            logger.debug("observer: warm-up failed: %s", e)
+
+    def _call_path(self) -> Any:
+        from airi_ray.runtime.calls import CallPath
+
+        if self._path is None:
+            self._path = CallPath()
+        return self._path
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -268,13 +289,9 @@ class Observer:
         todo = [i for i, r in enumerate(batch) if r.get("text") and out[i] is None]
         if embedder is None or not todo:
             return out
-        from airi_ray.runtime.calls import CallPath
-
-        if self._path is None:
-            self._path = CallPath()
         texts = [batch[i]["text"][:MAX_DRIFT_TEXT_CHARS] for i in todo]
         try:
-            vectors, _ = await self._path.embed(
+            vectors, _ = await self._call_path().embed(
                 embedder, texts, SYSTEM_TENANT, CallOptions(priority="batch")
             )
         except Exception as e:  # e.g. a prompt longer than the embedder's window
@@ -325,7 +342,7 @@ class Observer:
         except ValueError as e:  # e.g. a new embedder version with another dimension
             logger.warning("observer: drift of %s %s: %s; starting afresh", model, version, e)
             del self._drift[(model, version)]
-        iv = self._interval
+        iv = self._interval(r.get("at", now))
         iv["requests"] += 1
         iv["errors"] += failed
         iv["tokens_out"] += int(r.get("completion_tokens", 0))
@@ -344,7 +361,7 @@ class Observer:
         log = logger.warning if alert.severity != "info" else logger.info
         log("alert %s [%s] %s", alert.kind, alert.severity, alert.message)
         self._alerts.add(alert)
-        self._interval["alerts"] += 1
+        self._interval(time.time())["alerts"] += 1
         self.metrics.alerts.labels(alert.kind, alert.severity, alert.model, alert.version).inc()
         if self.config.webhook:
             task = asyncio.get_running_loop().create_task(self._post(self.config.webhook, alert))
@@ -364,9 +381,10 @@ class Observer:
 
     # -- timeline --------------------------------------------------------------------------
 
-    @staticmethod
-    def _fresh_interval() -> dict[str, Any]:
-        return {"requests": 0, "errors": 0, "tokens_out": 0, "ttfts": [], "alerts": 0}
+    def _interval(self, at: float) -> dict[str, Any]:
+        """The open interval holding time ``at`` (the oldest open one for a late record)."""
+        index = max(int(at // self.config.sample_interval_s), self._closed + 1)
+        return self._intervals.setdefault(index, _empty_interval())
 
     def _ensure_sampler(self) -> None:
         if self._sampler is None or self._sampler.done():
@@ -374,37 +392,54 @@ class Observer:
 
     async def _sample_loop(self) -> None:
         while True:
-            interval = self.config.sample_interval_s
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.config.sample_interval_s)
             try:
-                await self._sample(interval)
+                await self._sample()
             except Exception:
                 logger.exception("observer: sampling failed")
 
-    async def _sample(self, interval: float) -> None:
-        iv, self._interval = self._interval, self._fresh_interval()
-        try:
-            scheduler = await asyncio.wait_for(
-                actors.get_actor(SCHEDULER_NAME).timeline_stats.remote(), timeout=5
+    async def _sample(self) -> None:
+        """Close every interval that ended ``SETTLE_S`` ago, empty ones included."""
+        interval = self.config.sample_interval_s
+        last = int((time.time() - SETTLE_S) // interval) - 1
+        if last <= self._closed:
+            return
+        scheduler: dict[str, Any] = {"queue_depth": {}, "cache_hit_rate": {}}
+        if ray.is_initialized():  # else constructed outside Ray (tests)
+            try:
+                stats = actors.get_actor(SCHEDULER_NAME).timeline_stats.remote()
+                scheduler = await asyncio.wait_for(stats, timeout=5)
+            except Exception as e:  # a restarting scheduler: gauges missing in this sample
+                logger.debug("observer: no scheduler stats: %s", e)
+        first = self._closed + 1 if self._closed >= 0 else min([*self._intervals, last])
+        first = max(first, last - (self._samples.maxlen or 1) + 1)
+        drift = self.drift()
+        for index in range(first, last + 1):
+            iv = self._intervals.pop(index, None) or _empty_interval()
+            ttfts = iv["ttfts"]
+            self._samples.append(
+                {
+                    "at": (index + 1) * interval,
+                    "interval_s": interval,
+                    "requests": iv["requests"],
+                    "errors": iv["errors"],
+                    "tokens_out": iv["tokens_out"],
+                    "ttft_ms": (
+                        {f"p{q}": float(np.percentile(ttfts, q)) * 1000 for q in (50, 90, 99)}
+                        if ttfts
+                        else None
+                    ),
+                    # Gauges read now: the scheduler keeps no history of them.
+                    "queue_depth": scheduler["queue_depth"],
+                    "cache_hit_rate": scheduler["cache_hit_rate"],
+                    "drift": drift,
+                    "alerts": iv["alerts"],
+                }
             )
-        except Exception:
-            scheduler = {"queue_depth": {}, "cache_hit_rate": {}}
-        ttfts = iv["ttfts"]
-        self._samples.append(
-            {
-                "at": time.time(),
-                "interval_s": interval,
-                "requests": iv["requests"],
-                "errors": iv["errors"],
-                "tokens_out": iv["tokens_out"],
-                "ttft_ms": (
-                    {f"p{q}": float(np.percentile(ttfts, q)) * 1000 for q in (50, 90, 99)}
-                    if ttfts
-                    else None
-                ),
-                "queue_depth": scheduler["queue_depth"],
-                "cache_hit_rate": scheduler["cache_hit_rate"],
-                "drift": self.drift(),
-                "alerts": iv["alerts"],
-            }
-        )
+        self._closed = last
+        for index in [i for i in self._intervals if i <= last]:
+            del self._intervals[index]
+
+
+def _empty_interval() -> dict[str, Any]:
+    return {"requests": 0, "errors": 0, "tokens_out": 0, "ttfts": [], "alerts": 0}

@@ -5,7 +5,6 @@ anomaly on a slowed replica, `/metrics`, `airi alerts` and `airi report`."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import random
 from typing import Any
@@ -15,42 +14,12 @@ import pytest
 
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.core.traces import build_tree, render_tree, summarize
+from airi_ray.demo.traffic import SUPPORT, UNRELATED
 from airi_ray.graphs import END, START, Field, StateGraph, chat, check, embed
 from airi_ray.runtime import actors
 from tests.conftest import KEY, OTHER_KEY, wait_for
 
 SHORT = {"max_tokens": 4, "temperature": 0.0}
-
-# Support questions for the demo shop, and text about something else entirely.
-_ASK = ["How do I", "Can I", "Where can I", "Is it possible to", "What happens if I"]
-_DO = [
-    "reset my password",
-    "return a damaged tent",
-    "change the address on my order",
-    "track my parcel",
-    "use a gift card",
-    "exchange boots for a bigger size",
-    "cancel an order that has shipped",
-    "get a refund for a late delivery",
-    "pick up my order in store",
-    "update my payment card",
-]
-_WHEN = ["", " today", " after thirty days", " without an account", " from abroad"]
-SUPPORT = [f"{a} {d}{w}?" for a, d, w in itertools.product(_ASK, _DO, _WHEN)]
-_TOPIC = [
-    "The migration of arctic terns",
-    "Baroque counterpoint in the fugues of Bach",
-    "Plate tectonics along the Pacific ring of fire",
-    "The chemistry of sourdough fermentation",
-    "Orbital resonance among the moons of Jupiter",
-    "Tactics of the offside trap in football",
-    "The history of Byzantine mosaics",
-    "Photosynthesis in desert succulents",
-    "Medieval cartography and portolan charts",
-    "Quantum tunnelling in scanning microscopes",
-]
-_SAY = ["is a subject of study", "fascinated the old scholars", "is explained in this lecture"]
-UNRELATED = [f"{t} {s}." for t, s in itertools.product(_TOPIC, _SAY)]
 
 # Small windows so the test needs hundreds of requests, not thousands; fewer PSI bins and
 # higher thresholds keep such small samples quiet on unchanged traffic (see core/drift.py).
