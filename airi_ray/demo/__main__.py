@@ -49,7 +49,9 @@ async def burst(api_key: str, model: str) -> tuple[list[float], float, int]:
 
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one(i) for i in range(BURST)))
-    return [t for t, _ in results], time.perf_counter() - t0, sum(n for _, n in results)
+    wall = time.perf_counter() - t0
+    await client.close()
+    return [t for t, _ in results], wall, sum(n for _, n in results)
 
 
 async def drift_traffic(api_key: str, model: str, prompts: list[str]) -> None:

@@ -953,7 +953,9 @@ class CallPath:
         return ch
 
     async def close(self) -> None:
-        """Close the grant stream and every replica channel of this process."""
+        """Send what is still collected (observations), close the grant stream and every
+        replica channel of this process."""
+        self._observations._drain()
         tasks = [t for t in [self._grants] if t is not None]
         for replica_id in list(self._channels):
             ch = self._channels[replica_id]

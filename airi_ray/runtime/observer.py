@@ -392,28 +392,37 @@ class Observer:
 
     async def _sample_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.sample_interval_s)
+            await asyncio.sleep(self.config.sample_interval_s / 2)
             try:
-                await self._sample()
+                await self._read_gauges()
+                self._close_intervals()
             except Exception:
                 logger.exception("observer: sampling failed")
 
-    async def _sample(self) -> None:
-        """Close every interval that ended ``SETTLE_S`` ago, empty ones included."""
+    async def _read_gauges(self) -> None:
+        """Queue depth (the most seen per tenant), cache hit rate and drift scores, read
+        twice per interval into the interval of now."""
+        iv = self._interval(time.time())
+        if ray.is_initialized():  # else constructed outside Ray (tests)
+            try:
+                stats = actors.get_actor(SCHEDULER_NAME).timeline_stats.remote()
+                found = await asyncio.wait_for(stats, timeout=5)
+            except Exception as e:  # a restarting scheduler: no gauges this time
+                logger.debug("observer: no scheduler stats: %s", e)
+            else:
+                for tenant, depth in found["queue_depth"].items():
+                    iv["queue_depth"][tenant] = max(iv["queue_depth"].get(tenant, 0), depth)
+                iv["cache_hit_rate"] = found["cache_hit_rate"]
+        iv["drift"] = self.drift()
+
+    def _close_intervals(self) -> None:
+        """Make a sample of every interval that ended ``SETTLE_S`` ago, empty ones included."""
         interval = self.config.sample_interval_s
         last = int((time.time() - SETTLE_S) // interval) - 1
         if last <= self._closed:
             return
-        scheduler: dict[str, Any] = {"queue_depth": {}, "cache_hit_rate": {}}
-        if ray.is_initialized():  # else constructed outside Ray (tests)
-            try:
-                stats = actors.get_actor(SCHEDULER_NAME).timeline_stats.remote()
-                scheduler = await asyncio.wait_for(stats, timeout=5)
-            except Exception as e:  # a restarting scheduler: gauges missing in this sample
-                logger.debug("observer: no scheduler stats: %s", e)
         first = self._closed + 1 if self._closed >= 0 else min([*self._intervals, last])
         first = max(first, last - (self._samples.maxlen or 1) + 1)
-        drift = self.drift()
         for index in range(first, last + 1):
             iv = self._intervals.pop(index, None) or _empty_interval()
             ttfts = iv["ttfts"]
@@ -429,10 +438,9 @@ class Observer:
                         if ttfts
                         else None
                     ),
-                    # Gauges read now: the scheduler keeps no history of them.
-                    "queue_depth": scheduler["queue_depth"],
-                    "cache_hit_rate": scheduler["cache_hit_rate"],
-                    "drift": drift,
+                    "queue_depth": iv["queue_depth"],
+                    "cache_hit_rate": iv["cache_hit_rate"],
+                    "drift": iv["drift"],
                     "alerts": iv["alerts"],
                 }
             )
@@ -442,4 +450,13 @@ class Observer:
 
 
 def _empty_interval() -> dict[str, Any]:
-    return {"requests": 0, "errors": 0, "tokens_out": 0, "ttfts": [], "alerts": 0}
+    return {
+        "requests": 0,
+        "errors": 0,
+        "tokens_out": 0,
+        "ttfts": [],
+        "alerts": 0,
+        "queue_depth": {},
+        "cache_hit_rate": {},
+        "drift": {},
+    }
