@@ -4,8 +4,9 @@ when an endpoint is configured.
 
 Each process has its own ``TracerProvider`` (not the global one: vLLM and user code may
 set that). Finished spans go to a ``StoreProcessor``, which buffers them per trace and
-sends a trace's spans to the context store when its root ends (a graph run in the
-executor, a model call made outside any run), one fire-and-forget call per trace.
+sends a trace's spans to the context store once its root ended (a graph run in the
+executor, a model call made outside any run): the traces that ended within a fifth of a
+second go in one fire-and-forget call (a Ray call costs the caller more than a span).
 
 Span attributes follow ``airi_ray/core/traces.py``: ``airi.kind`` (run, node, model_call,
 retrieval, policy, http), ``airi.model``, ``airi.version``, ``airi.replica``, token counts,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 logger = logging.getLogger(__name__)
 
 MAX_BUFFERED_SPANS = 10_000  # a process never holds more; beyond, everything is sent
+SEND_EVERY_S = 0.2  # traces that ended meanwhile go to the store in one call
 
 
 def span_dict(span: ReadableSpan) -> dict[str, Any]:
@@ -50,12 +53,16 @@ def span_dict(span: ReadableSpan) -> dict[str, Any]:
 
 
 class StoreProcessor(SpanProcessor):
-    """Sends each trace's spans to the context store when the trace's local root ends."""
+    """Sends each trace's spans to the context store once the trace's local root ended:
+    the traces that ended within ``SEND_EVERY_S`` go together in one call."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buffer: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._buffered = 0
+        self._ready: list[tuple[str, str, list[dict[str, Any]]]] = []  # tenant, trace, spans
+        self._has_ready = threading.Event()
+        self._sender: threading.Thread | None = None
         self._store: Any = None
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -65,37 +72,55 @@ class StoreProcessor(SpanProcessor):
             self._buffer[d["trace_id"]].append(d)
             self._buffered += 1
             if self._buffered >= MAX_BUFFERED_SPANS:
-                batches, self._buffer, self._buffered = dict(self._buffer), defaultdict(list), 0
+                done, self._buffer, self._buffered = dict(self._buffer), defaultdict(list), 0
             elif local_root:
                 spans = self._buffer.pop(d["trace_id"])
                 self._buffered -= len(spans)
-                batches = {d["trace_id"]: spans}
+                done = {d["trace_id"]: spans}
             else:
                 return
-        for trace_id, spans in batches.items():
-            self._send(trace_id, spans)
+            self._ready.extend((_tenant(spans), t, spans) for t, spans in done.items())
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_loop, daemon=True)
+                self._sender.start()
+        self._has_ready.set()
 
-    def _send(self, trace_id: str, spans: list[dict[str, Any]]) -> None:
-        tenant = next(
-            (s["attributes"]["airi.tenant"] for s in spans if "airi.tenant" in s["attributes"]),
-            None,
-        )
+    def _send_loop(self) -> None:
+        while True:
+            self._has_ready.wait()
+            time.sleep(SEND_EVERY_S)  # let more traces end, then send them together
+            self._has_ready.clear()
+            self._send()
+
+    def _send(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        if not ready:
+            return
         try:
             if self._store is None:
                 from airi_ray.runtime import CONTEXT_STORE_NAME, actors
 
                 self._store = actors.get_actor(CONTEXT_STORE_NAME)
-            self._store.add_spans.remote(tenant or "", trace_id, spans)
+            self._store.add_traces.remote(ready)
         except Exception as e:  # a trace is worth less than the request that made it
             self._store = None
-            logger.debug("trace %s not stored: %s", trace_id, e)
+            logger.debug("%d traces not stored: %s", len(ready), e)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         with self._lock:
-            batches, self._buffer, self._buffered = dict(self._buffer), defaultdict(list), 0
-        for trace_id, spans in batches.items():
-            self._send(trace_id, spans)
+            self._ready.extend((_tenant(spans), t, spans) for t, spans in self._buffer.items())
+            self._buffer, self._buffered = defaultdict(list), 0
+        self._send()
         return True
+
+
+def _tenant(spans: list[dict[str, Any]]) -> str:
+    for s in spans:
+        tenant = s["attributes"].get("airi.tenant")
+        if tenant:
+            return str(tenant)
+    return ""
 
 
 class Tracing:
@@ -170,9 +195,7 @@ class Tracing:
     def end(span: Span | None, error: str | None = None, **attributes: Any) -> None:
         if span is None:
             return
-        for k, v in attributes.items():
-            if v is not None:
-                span.set_attribute(f"airi.{k}", v)
+        span.set_attributes({f"airi.{k}": v for k, v in attributes.items() if v is not None})
         if error:
             span.set_status(Status(StatusCode.ERROR))
             span.set_attribute("airi.error", error)

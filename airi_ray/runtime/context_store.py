@@ -191,16 +191,22 @@ class ContextStore:
 
     # -- traces ----------------------------------------------------------------------------
 
-    async def add_spans(self, tenant: str, trace_id: str, spans: list[dict[str, Any]]) -> None:
-        """Keep a batch of a trace's finished spans (``airi_ray/obs/tracing.py`` sends them).
-        Traces are kept for ``airi trace``; the oldest beyond ``TRACES_KEPT`` are dropped."""
-        _check_id("trace_id", trace_id)
-        if not isinstance(spans, list) or not 0 < len(spans) <= MAX_SPANS_PER_WRITE:
-            raise InvalidRequest(f"spans must be a list of 1 to {MAX_SPANS_PER_WRITE} spans")
-        # The first span's id makes the batch's identity: a resent batch is not kept twice.
-        seq = int(spans[0]["span_id"], 16) & (2**62 - 1)
-        body = json.dumps(spans, ensure_ascii=False, default=str)
-        await self._write([Record("trace", tenant, trace_id, seq, "spans", body, time.time())])
+    async def add_traces(self, traces: list[tuple[str, str, list[dict[str, Any]]]]) -> None:
+        """Keep finished spans ``(tenant, trace id, spans)`` of traces (sent in batches by
+        ``airi_ray/obs/tracing.py``) for ``airi trace``; beyond ``TRACES_KEPT`` traces
+        the oldest are dropped."""
+        if not isinstance(traces, list) or not traces:
+            raise InvalidRequest("traces must be a non-empty list of (tenant, trace id, spans)")
+        records = []
+        for tenant, trace_id, spans in traces:
+            _check_id("trace_id", trace_id)
+            if not isinstance(spans, list) or not 0 < len(spans) <= MAX_SPANS_PER_WRITE:
+                raise InvalidRequest(f"spans must be a list of 1 to {MAX_SPANS_PER_WRITE} spans")
+            # The first span's id makes the batch's identity: a resent batch is kept once.
+            seq = int(spans[0]["span_id"], 16) & (2**62 - 1)
+            body = json.dumps(spans, ensure_ascii=False, default=str)
+            records.append(Record("trace", tenant, trace_id, seq, "spans", body, time.time()))
+        await self._write(records)
 
     async def trace(self, tenant: str, target: str) -> list[dict[str, Any]]:
         """The spans of the traces of a run or request id (or of a trace id), by start.
