@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/control_plane.py
 	$(PY) benchmarks/features.py
 	$(PY) benchmarks/retrieval.py
+	$(PY) benchmarks/observability.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
