@@ -801,9 +801,20 @@ def shutdown() -> None:
         ray.kill(handle, no_restart=True)
     # Replicas are detached (they outlive a crashed controller): whatever the controller
     # could not stop goes now, with the pools.
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == NAMESPACE:
-            try:
-                ray.kill(actors.get_actor(actor["name"]), no_restart=True)
-            except ValueError:
-                pass
+    left = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE
+    ]
+    handles = []
+    for name in left:
+        try:
+            handles.append(actors.get_actor(name))
+        except ValueError:
+            pass
+    # A replica stops its engine processes itself (killed, it would leave them running).
+    stops = [h.shutdown.remote() for h in handles if hasattr(h, "shutdown")]
+    if stops:
+        ray.wait(stops, num_returns=len(stops), timeout=30)
+    for h in handles:
+        ray.kill(h, no_restart=True)

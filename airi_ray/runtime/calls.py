@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import ray
+from opentelemetry import trace as otel_trace
 
 from airi_ray.config import SYSTEM_TENANT
 from airi_ray.core.errors import (
@@ -557,9 +558,14 @@ class CallPath:
     def _audit(self, events: Iterable[AuditEvent]) -> None:
         """Log each refusal, redaction and flag (never the text), and have the scheduler
         count them, as it counts its own refusals."""
+        actions = set()
         for e in events:
             logger.info("policy %s", e)
             self._audit_events.add(e)
+            actions.add(f"{e.action}:{e.rule}")
+        span = otel_trace.get_current_span()
+        if actions and span.is_recording():  # the trace shows what policy did to the call
+            span.set_attribute("airi.policy", ",".join(sorted(actions)))
 
     def _generation(
         self,
@@ -681,23 +687,46 @@ class CallPath:
                 self._observe(watch, "generate", request, lease, usage, service_s, is_refusal(head))
 
     async def embed(
-        self, model: str, texts: list[str], tenant: str, options: CallOptions = DEFAULT_OPTIONS
+        self,
+        model: str,
+        texts: list[str],
+        tenant: str,
+        options: CallOptions = DEFAULT_OPTIONS,
+        where: str = "prompt",
     ) -> tuple[list[list[float]], Usage]:
-        """Embed ``texts`` on one replica; returns vectors and usage."""
+        """Embed ``texts`` on one replica; returns vectors and usage. The tenant's input
+        filters apply first (``where``: ``prompt``, or ``document`` for ingested text)."""
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidRequest("input must be a non-empty string or a non-empty list of strings")
         info = await self.model(model, "embed")
         assert info.max_model_len is not None
-        ids = [list(x) for x in info.tokenizer(texts)["input_ids"]]
-        for i, x in enumerate(ids):
-            if len(x) > info.max_model_len:
-                raise ContextWindowExceeded(
-                    f"input[{i}] has {len(x)} tokens; model {model!r} embeds at most {info.max_model_len}"
-                )
+        rid = f"emb-{uuid.uuid4().hex}"
+        watch = await self._watch(model, tenant, rid, sample=False)
+        try:
+            with (
+                tracing.use(watch.span),
+                tracing.span("policy input", "policy", {"airi.model": model}, child_only=True),
+            ):
+                filters = await self._filters(tenant, model)
+                if filters is not None:
+                    clean = [
+                        self._filter_input(filters, t, where, tenant, model, rid) for t in texts
+                    ]
+                    watch.filtered, texts = clean != texts, clean
+            ids = [list(x) for x in info.tokenizer(texts)["input_ids"]]
+            for i, x in enumerate(ids):
+                if len(x) > info.max_model_len:
+                    raise ContextWindowExceeded(
+                        f"input[{i}] has {len(x)} tokens; model {model!r} embeds at most "
+                        f"{info.max_model_len}"
+                    )
+        except BaseException as e:
+            tracing.end(watch.span, error=getattr(e, "code", None) or type(e).__name__)
+            raise
         usage = Usage(prompt_tokens=sum(len(x) for x in ids))
         start = time.perf_counter()
         request = AcquireRequest(
-            f"emb-{uuid.uuid4().hex}",
+            rid,
             model,
             tenant,
             usage.prompt_tokens,
@@ -706,7 +735,6 @@ class CallPath:
             deadline_s=options.deadline_s,
             version=options.version,
         )
-        watch = await self._watch(model, tenant, request.request_id, sample=False)
         lease: Lease | None = None
         vectors: list[list[float]] | None = None
         served_at = None

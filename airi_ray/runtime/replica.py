@@ -209,6 +209,16 @@ class ModelReplica:
         }
 
     def shutdown(self) -> None:
+        """Stop the engine and every process it started (its engine core and workers
+        would outlive this actor's process otherwise)."""
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass

@@ -94,7 +94,7 @@ class Retriever:
             overlap_tokens=CHUNK_OVERLAP,
         )
         options = CallOptions(priority="batch", version=active.version)
-        embed = self._embed_from_thread(model, tenant, options)
+        embed = self._embed_from_thread(model, tenant, options, where="document")
         if folder is not None:
             result = await asyncio.to_thread(
                 collection.ingest_folder, Path(folder), tenant=tenant, embed=embed, chunker=chunker
@@ -157,8 +157,10 @@ class Retriever:
         collection = await asyncio.to_thread(self._store.open, name)
         return collection, await asyncio.to_thread(collection.active)
 
-    def _embed_from_thread(self, model: str, tenant: str, options: CallOptions) -> Any:
-        return embed_from_thread(self._path, self._loop, model, tenant, options)
+    def _embed_from_thread(
+        self, model: str, tenant: str, options: CallOptions, where: str = "prompt"
+    ) -> Any:
+        return embed_from_thread(self._path, self._loop, model, tenant, options, where)
 
 
 def embed_from_thread(
@@ -167,12 +169,13 @@ def embed_from_thread(
     model: str,
     tenant: str,
     options: CallOptions,
+    where: str = "prompt",
 ) -> Callable[[list[str]], list[list[float]]]:
     """A blocking ``embed(texts)`` for LanceDB work in a thread: each batch is an embedding
     call on ``loop``, through ``path`` and the scheduler."""
 
     def embed(texts: list[str]) -> list[list[float]]:
-        call = path.embed(model, texts, tenant, options)
+        call = path.embed(model, texts, tenant, options, where)
         vectors, _ = asyncio.run_coroutine_threadsafe(call, loop).result()
         return vectors
 
