@@ -753,14 +753,19 @@ def deploy(spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> di
         app = spec
     else:
         app = parse_spec(spec)
-    from airi_ray.graphs import build_graph
+    from airi_ray.graphs import _function, build_graph, run_builder
 
     # Built here, where the spec's `module:function` names import, and before anything
-    # changes on the cluster, so a graph that does not compile changes nothing.
-    graphs = [build_graph(g) for g in app.graphs]
+    # changes on the cluster, so a graph that does not compile changes nothing. Graphs
+    # with a builder are built once the models are ready (the builder may use them).
+    graphs = [build_graph(g) for g in app.graphs if g.builder is None]
+    builders = [g for g in app.graphs if g.builder is not None]
+    for g in builders:
+        _function(g.builder)  # an import error, before anything changes
     init_ray(None)
     controller = actors.get_or_start_controller()
-    status = _get(controller.deploy.remote(app.model_dump(), wait))
+    status = _get(controller.deploy.remote(app.model_dump(), wait or bool(builders)))
+    graphs += [run_builder(g, app) for g in builders]
     if graphs:
         executor = actors.get_or_start_graph_executor()
         ray.get([executor.register.remote(pickle_graph(g)) for g in graphs])

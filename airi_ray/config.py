@@ -646,13 +646,34 @@ class GraphEdgeSpec(_Spec):
 
 
 class GraphSpec(_Spec):
-    """A graph declared in the spec; Python functions are referred to as `module:function`."""
+    """A graph declared in the spec; Python functions are referred to as `module:function`.
+    Either its state, nodes and edges, or a `builder`: a function that gets a
+    `airi_ray.graphs.BuildContext` once the models are ready (to ingest documents, train a
+    classifier with the app's embedder...) and returns the compiled graph."""
 
     name: str = Field(pattern=NAME_PATTERN, description="Graph name.")
-    state: dict[str, GraphFieldSpec] = Field(description="The shared state's fields.")
+    builder: str | None = Field(
+        None,
+        pattern=FUNCTION_PATTERN,
+        description="`module:function` building the graph after the models are ready.",
+    )
+    state: dict[str, GraphFieldSpec] = Field(
+        default_factory=dict, description="The shared state's fields."
+    )
     inputs: list[str] = Field(default_factory=list, description="Fields given at the start.")
-    nodes: list[GraphNodeSpec] = Field(min_length=1, description="The nodes.")
-    edges: list[GraphEdgeSpec] = Field(min_length=1, description="Edges and conditional edges.")
+    nodes: list[GraphNodeSpec] = Field(default_factory=list, description="The nodes.")
+    edges: list[GraphEdgeSpec] = Field(
+        default_factory=list, description="Edges and conditional edges."
+    )
+
+    @model_validator(mode="after")
+    def _built_or_declared(self) -> GraphSpec:
+        declared = bool(self.state or self.nodes or self.edges or self.inputs)
+        if self.builder is not None and declared:
+            raise ValueError(f"graph {self.name!r}: give a builder or state/nodes/edges, not both")
+        if self.builder is None and not (self.nodes and self.edges):
+            raise ValueError(f"graph {self.name!r} needs nodes and edges (or a builder)")
+        return self
 
 
 WINDOW_PATTERN = r"^(\d+(\.\d+)?)(s|m|h|d)$|^all$"

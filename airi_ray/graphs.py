@@ -39,6 +39,7 @@ from airi_ray.core.graph import (
 from airi_ray.core.nodes import Features, ModelCall, PolicyCheck, Retrieve
 
 __all__ = [
+    "BuildContext",
     "END",
     "START",
     "CompiledGraph",
@@ -136,6 +137,67 @@ def _template(template: str) -> Build:
 
 def _endpoint(name: str) -> str:
     return {"start": START, "end": END}.get(name, name)
+
+
+class BuildContext:
+    """What a graph ``builder`` of an app spec may use at deploy time, once the app's models
+    are ready: embeddings and ingestion as the runtime itself (the system tenant)."""
+
+    def __init__(self, spec: Any) -> None:
+        from airi_ray.client import Client
+
+        self.spec = spec  # the AppSpec being deployed
+        self._client = Client(api_key="")
+
+    def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        """Vectors of ``texts`` from the deployed embedding ``model``."""
+        from airi_ray.config import SYSTEM_TENANT
+
+        vectors, _ = self._client._run(self._client.aio.embed(model, texts, tenant=SYSTEM_TENANT))
+        return list(vectors)
+
+    def ingest(self, collection: str, model: str, folder: Any) -> dict[str, int]:
+        """Create ``collection`` (embedded by ``model``) if needed and ingest every
+        ``.md``/``.txt`` file under ``folder`` as the documents of each of the app's
+        tenants (a document replaces its earlier chunks: deploying again is harmless)."""
+        from airi_ray.config import ANONYMOUS_TENANT, SYSTEM_TENANT
+
+        aio = self._client.aio
+        retriever = self._client._run(aio._collections())
+        if collection not in self._client._run(retriever.names()):
+            self._client._run(retriever.create(collection, model, SYSTEM_TENANT))
+        total = {"documents": 0, "chunks": 0}
+        for tenant in [t.name for t in self.spec.tenants] or [ANONYMOUS_TENANT]:
+            done = self._client._run(aio.ingest(collection, folder=str(folder), tenant=tenant))
+            total = {k: total[k] + done[k] for k in total}
+        return total
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def run_builder(spec: GraphSpec, app: Any) -> CompiledGraph:
+    """Call a graph spec's ``builder`` with a ``BuildContext`` of the app.
+
+    Raises:
+        InvalidRequest: the builder cannot be imported or returns no compiled graph.
+    """
+    assert spec.builder is not None
+    ctx = BuildContext(app)
+    try:
+        graph = _function(spec.builder)(ctx)
+    finally:
+        ctx.close()
+    if not isinstance(graph, CompiledGraph):
+        raise InvalidRequest(
+            f"graph {spec.name!r}: builder {spec.builder} returned {type(graph).__name__}, "
+            "not a compiled graph (StateGraph(...).compile())"
+        )
+    if graph.name != spec.name:
+        raise InvalidRequest(
+            f"graph {spec.name!r}: builder {spec.builder} built a graph named {graph.name!r}"
+        )
+    return graph
 
 
 def build_graph(spec: GraphSpec) -> CompiledGraph:

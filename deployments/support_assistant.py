@@ -11,8 +11,8 @@ The graph (``assistant_graph``), for each turn of a conversation:
    at deploy time on ``support_assistant/intents_train.jsonl`` (with its confidence);
 3. ``retrieve``: the knowledge-base chunks closest to the query (the tenant's own copy of
    the KB; a follow-up question is searched together with the previous one);
-4. ``answer_orders`` or ``answer_care``: the specialised model for the intent answers from
-   the retrieved chunks (conditional edge on the intent);
+4. ``answer``: the specialised model for the intent (``ROUTES``: ``orders-assistant`` or
+   ``care-assistant``) answers from the retrieved chunks;
 5. ``check``: retrieval relevance (best similarity) and grounding (similarity between the
    answer and the chunks it cites); when either is low, ``rewrite`` the query with the
    intent's vocabulary and retrieve again, at most ``MAX_RETRIEVALS`` times;
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from airi_ray.graphs import END, START, BuildContext, Field, StateGraph, chat, retrieve
+from airi_ray.graphs import END, START, BuildContext, Field, StateGraph, retrieve
 
 SPEC = Path(__file__).with_suffix(".yaml")
 DATA = Path(__file__).with_suffix("")  # deployments/support_assistant/
@@ -117,6 +117,12 @@ def intent_node(classifier: IntentClassifier) -> Any:
     return intent
 
 
+async def answer(view: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """The intent's specialised model answers from the retrieved sources."""
+    model = ROUTES[view["intent"]]
+    return {"model": model, "answer": await ctx.chat(model, _messages(view), **ANSWER)}
+
+
 def _messages(view: dict[str, Any]) -> list[dict[str, str]]:
     sources = "\n\n".join(f"[{h['id']}] {h['text']}" for h in view["hits"])
     return [
@@ -131,7 +137,9 @@ async def check(view: dict[str, Any], ctx: Any) -> dict[str, Any]:
     relevance = max((h["score"] for h in hits), default=0.0)
     grounding = 0.0
     if hits and view["answer"].strip():
-        vectors = np.asarray(await ctx.embed(EMBEDDER, [view["answer"], *[h["text"] for h in hits]]))
+        vectors = np.asarray(
+            await ctx.embed(EMBEDDER, [view["answer"], *[h["text"] for h in hits]])
+        )
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         grounding = float(np.max(vectors[1:] @ vectors[0]))
         ctx.record_grounding(grounding)
@@ -159,7 +167,10 @@ async def finish(view: dict[str, Any], ctx: Any) -> dict[str, Any]:
         question = await ctx.check_text(view["question"])  # stored as the filters redact it
         await ctx.append_turns(
             view["conversation_id"],
-            [{"role": "user", "content": question}, {"role": "assistant", "content": view["answer"]}],
+            [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": view["answer"]},
+            ],
         )
     return {"citations": citations, "sources": sorted({c.split("#")[0] for c in citations})}
 
@@ -171,6 +182,7 @@ def assistant_graph(classifier: IntentClassifier) -> Any:
         "history": Field(default=[]),
         "intent": Field(),
         "confidence": Field(),
+        "model": Field(),
         "query": Field(),
         "hits": Field(default=[]),
         "answer": Field(default=""),
@@ -194,13 +206,12 @@ def assistant_graph(classifier: IntentClassifier) -> Any:
         reads=["query"],
         writes=["hits"],
     )
-    for name, model in (("answer_orders", "orders-assistant"), ("answer_care", "care-assistant")):
-        g.add_node(
-            name,
-            chat(model, _messages, output="answer", **ANSWER),
-            reads=["hits", "history", "question"],
-            writes=["answer"],
-        )
+    g.add_node(
+        "answer",
+        answer,
+        reads=["intent", "hits", "history", "question"],
+        writes=["model", "answer"],
+    )
     g.add_node(
         "check",
         check,
@@ -217,13 +228,7 @@ def assistant_graph(classifier: IntentClassifier) -> Any:
         writes=["citations", "sources"],
     )
     g.add_edge(START, "memory").add_edge("memory", "intent").add_edge("intent", "retrieve")
-    g.add_conditional_edges(
-        "retrieve",
-        lambda v: ROUTES[v["intent"]],
-        {"orders-assistant": "answer_orders", "care-assistant": "answer_care"},
-        reads=["intent"],
-    )
-    g.add_edge("answer_orders", "check").add_edge("answer_care", "check")
+    g.add_edge("retrieve", "answer").add_edge("answer", "check")
     g.add_conditional_edges(
         "check",
         _again,
@@ -278,8 +283,6 @@ def main() -> int:
         print(f"   sources: {', '.join(s['sources'])}   (airi trace {run['run_id']})")
     client.close()
     return 0
-
-
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from airi_ray.runtime import (
     OBSERVER_NAME,
     actors,
 )
-from airi_ray.runtime.calls import Cached, CallPath
+from airi_ray.runtime.calls import Cached, CallPath, unwrap_error
 from airi_ray.runtime.retrieval import Retriever
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,32 @@ class RunContext:
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         call = ModelCall("embed", model, lambda _: texts, "-")
         return list((await self._executor._model_call(self._run, call, {}, "-"))["-"])
+
+    async def check_text(self, text: str, where: str = "prompt") -> str:
+        """``text`` as the tenant's input filters pass it (redacted), or ContentBlocked."""
+        return await self._executor._path().check_text(self.tenant, text, where)
+
+    async def conversation(self, conversation_id: str, last: int | None = None) -> list[Any]:
+        """The last turns of one of the tenant's conversations (none if it is new)."""
+        store = self._executor._store
+        try:
+            return list(await store.conversation.remote(self.tenant, conversation_id, last))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(unwrap_error(e), NotFound):
+                return []
+            raise unwrap_error(e) from None
+
+    async def append_turns(self, conversation_id: str, turns: list[dict[str, Any]]) -> None:
+        """Append turns to one of the tenant's conversations, durably."""
+        store = self._executor._store
+        await store.append_turns.remote(self.tenant, conversation_id, turns)
+
+    def record_grounding(self, score: float) -> None:
+        """The grounding of the run's last answer (similarity to the sources it cites),
+        credited to the model version that wrote it, in its quality signals."""
+        if self._run.answered_by is not None:
+            model, version = self._run.answered_by
+            self._executor._path().signal("grounding", model, version, score)
 
 
 @dataclass
