@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.airi-installed
 
-.PHONY: setup model demo test test-rollouts test-unit lint bench clean
+.PHONY: setup model demo test test-rollouts test-unit lint bench notebooks clean
 
 setup: $(STAMP) model
 
@@ -26,12 +26,17 @@ demo: setup
 	$(PY) -m airi_ray.demo $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m pytest -q -m "not rollout" tests/unit tests/integration tests/chaos
+	$(PY) -m pytest -q -m "not rollout and not showcase" tests/unit tests/integration tests/chaos
 
 # Version rollouts on real engines: each new version is an engine start (half a minute on
 # two cores), too many for `make test`'s ten minutes; run before changing the control plane.
 test-rollouts: setup
 	$(PY) -m pytest -q -m rollout tests/integration
+
+# `ray job submit` of the support assistant on its own locked-down cluster (its three
+# engines start inside the job: about two minutes more than `make test` can spare).
+test-showcase: setup
+	$(PY) -m pytest -q -m showcase tests/integration
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
@@ -52,6 +57,11 @@ bench: setup
 	$(PY) benchmarks/features.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/observability.py
+	$(PY) benchmarks/assistant.py
+
+# Runs notebooks/*.ipynb in place on a local cluster (started and stopped unless one runs).
+notebooks: setup
+	$(PY) notebooks/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

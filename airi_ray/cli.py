@@ -228,6 +228,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from airi_ray.client import connect
 
     client = connect(args.address or "auto", api_key=args.api_key)
+    if args.graph:
+        return _chat_with_graph(client, args.graph)
     model = args.model or next(
         (m["name"] for m in client.models() if m["task"] == "generate"), None
     )
@@ -257,6 +259,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print()
         history.append({"role": "assistant", "content": "".join(answer)})
+    return 0
+
+
+def _chat_with_graph(client: Any, graph: str) -> int:
+    """Each line is a turn of one conversation with the graph (``question`` and
+    ``conversation_id`` inputs, ``answer`` and, if the graph has them, ``sources``)."""
+    import uuid
+
+    conversation = f"cli-{uuid.uuid4().hex[:12]}"
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"talking to graph {graph} (conversation {conversation}); empty line to quit")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            if interactive:
+                break
+            continue
+        run = client.run_graph(graph, {"question": line, "conversation_id": conversation})
+        if run["status"] != "finished":
+            print(f"run {run['run_id']} {run['status']}: {run['error']}", file=sys.stderr)
+            continue
+        state = run["state"]
+        print(f"{graph}> {str(state.get('answer', '')).strip()}")
+        if state.get("sources"):
+            print(f"   sources: {', '.join(state['sources'])}   (airi trace {run['run_id']})")
     return 0
 
 
@@ -382,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat with a deployed model (stdin lines)")
     chat.add_argument("--model", default=None)
+    chat.add_argument(
+        "--graph", default=None, help="talk to a graph instead (e.g. support_assistant)"
+    )
     chat.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
     chat.add_argument("--address", default=None)
     chat.add_argument("--max-tokens", type=int, default=128)
