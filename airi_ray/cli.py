@@ -55,6 +55,9 @@ def _start_ray(resources: str | None, num_cpus: int | None) -> None:
     # Locked down: token authentication on (whatever Ray's default becomes), every port on
     # loopback, and the token readable by its owner only.
     env = os.environ | {"RAY_AUTH_MODE": "token"}
+    # Job entrypoints (`ray job submit -- python ...`) run with the cluster's PATH: put this
+    # environment's bin folder first, so `python` there is the one airi is installed in.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if token.exists():
