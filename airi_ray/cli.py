@@ -25,15 +25,14 @@ def _ray_cli() -> str:
 
 
 def _ray_running() -> bool:
-    return (
-        subprocess.run(
-            [_ray_cli(), "status"],
-            capture_output=True,
-            text=True,
-            env=os.environ | {"RAY_ADDRESS": "auto"},
-        ).returncode
-        == 0
-    )
+    """Whether a Ray cluster answers here: with its token (the clusters `airi up` starts
+    require one) or without (a cluster started otherwise)."""
+    for auth in ({"RAY_AUTH_MODE": "token"}, {}):
+        env = os.environ | {"RAY_ADDRESS": "auto"} | auth
+        done = subprocess.run([_ray_cli(), "status"], capture_output=True, text=True, env=env)
+        if done.returncode == 0:
+            return True
+    return False
 
 
 def _start_ray(resources: str | None, num_cpus: int | None) -> None:

@@ -44,4 +44,4 @@ def test_the_assistant_runs_as_a_ray_job() -> None:
         assert out.count("sources: ") == 3
         assert "4111" not in "\n".join(answers)
     finally:
-        subprocess.run([cli._ray_cli(), "stop", "--force"], capture_output=True)
+        cli.main(["down"])  # the app first (replicas stop their engines), then the cluster
