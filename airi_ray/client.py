@@ -627,6 +627,10 @@ class Client:
         """Register (or replace) a compiled graph; see ``airi_ray.graphs``."""
         return self._run(self.aio.register_graph(graph))
 
+    def graphs(self) -> list[dict[str, Any]]:
+        """The registered graphs: name, inputs, nodes and edges of each."""
+        return self._run(self.aio.graphs())
+
     def run_graph(self, graph: str, input: dict[str, Any], **options: Any) -> dict[str, Any]:
         """Run a graph and return its result (``status``, ``state``, ``usage``, ``trail``).
         ``options``: priority, token_budget, deadline_s, run_id."""

@@ -682,7 +682,7 @@ SCHEDULING: list[Cell] = [
         import matplotlib.pyplot as plt
         import numpy as np
 
-        low, high = fairness["targets"]["vtc"]["share_b"]
+        low, high = fairness["targets"]["vtc.share_b"]
         x = np.arange(len(POLICIES))
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for i, tenant in enumerate(TENANTS):
