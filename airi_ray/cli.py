@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,19 +239,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if model is None:
         print("no chat model is deployed", file=sys.stderr)
         return 1
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"chatting with {model}; empty line or Ctrl-D to quit")
     history: list[dict[str, str]] = []
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        if not line.strip():
-            if interactive:
-                break
-            continue
+    for line in _lines(f"chatting with {model}; empty line or Ctrl-D to quit"):
         history.append({"role": "user", "content": line})
         print(f"{model}> ", end="", flush=True)
         answer = []
@@ -264,24 +254,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lines(banner: str) -> Iterator[str]:
+    """The user's lines from stdin: at a terminal (after ``banner``) until an empty line or
+    Ctrl-D; from a pipe, every non-empty line."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(banner)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return
+        if line.strip():
+            yield line
+        elif interactive:
+            return
+
+
 def _chat_with_graph(client: Any, graph: str) -> int:
     """Each line is a turn of one conversation with the graph (``question`` and
     ``conversation_id`` inputs, ``answer`` and, if the graph has them, ``sources``)."""
     import uuid
 
     conversation = f"cli-{uuid.uuid4().hex[:12]}"
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"talking to graph {graph} (conversation {conversation}); empty line to quit")
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        if not line.strip():
-            if interactive:
-                break
-            continue
+    for line in _lines(
+        f"talking to graph {graph} (conversation {conversation}); empty line to quit"
+    ):
         run = client.run_graph(graph, {"question": line, "conversation_id": conversation})
         if run["status"] != "finished":
             print(f"run {run['run_id']} {run['status']}: {run['error']}", file=sys.stderr)

@@ -14,6 +14,7 @@ the scheduler): a Ray call costs about as much as generating several tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import logging
@@ -21,7 +22,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -267,6 +268,16 @@ class _Watch:
     filtered: bool = False  # a policy filter redacted part of the input
 
 
+@contextlib.contextmanager
+def _checking_input(watch: _Watch, model: str) -> Iterator[None]:
+    """The call's span current, and a policy span inside it, while its input is checked."""
+    with (
+        tracing.use(watch.span),
+        tracing.span("policy input", "policy", {"airi.model": model}, child_only=True),
+    ):
+        yield
+
+
 class CallPath:
     """Runs model calls from this process; one per asyncio loop."""
 
@@ -376,10 +387,7 @@ class CallPath:
         rid = f"req-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid)
         try:
-            with (
-                tracing.use(watch.span),
-                tracing.span("policy input", "policy", {"airi.model": model}, child_only=True),
-            ):
+            with _checking_input(watch, model):
                 filters = await self._filters(tenant, model)
                 await self._semantic_check(
                     tenant,
@@ -433,10 +441,7 @@ class CallPath:
         rid = f"req-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid)
         try:
-            with (
-                tracing.use(watch.span),
-                tracing.span("policy input", "policy", {"airi.model": model}, child_only=True),
-            ):
+            with _checking_input(watch, model):
                 filters = await self._filters(tenant, model)
                 await self._semantic_check(tenant, model, [prompt], rid)
                 clean = self._filter_input(filters, prompt, "prompt", tenant, model, rid)
@@ -703,10 +708,7 @@ class CallPath:
         rid = f"emb-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid, sample=False)
         try:
-            with (
-                tracing.use(watch.span),
-                tracing.span("policy input", "policy", {"airi.model": model}, child_only=True),
-            ):
+            with _checking_input(watch, model):
                 filters = await self._filters(tenant, model)
                 if filters is not None:
                     clean = [
