@@ -33,8 +33,9 @@ test: setup
 test-rollouts: setup
 	$(PY) -m pytest -q -m rollout tests/integration
 
-# `ray job submit` of the support assistant on its own locked-down cluster (its three
-# engines start inside the job: about two minutes more than `make test` can spare).
+# The support assistant end to end: its tests on the session's cluster (two more engines)
+# and `ray job submit` of it on its own locked-down cluster; about five minutes more than
+# `make test` can spare.
 test-showcase: setup
 	$(PY) -m pytest -q -m showcase tests/integration
 

@@ -18,6 +18,9 @@ from airi_ray.core.traces import build_tree
 from deployments import support_assistant as sa
 from tests.conftest import wait_for
 
+# Its two generators start for these tests (about 50 s on two cores): `make test-showcase`.
+pytestmark = pytest.mark.showcase
+
 CARD = "4111 1111 1111 1111"
 _DIGITS = re.compile(r"4111[ -]?1111[ -]?1111[ -]?1111")
 
