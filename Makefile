@@ -62,6 +62,8 @@ bench: setup
 
 # Runs notebooks/*.ipynb in place on a local cluster (started and stopped unless one runs).
 notebooks: setup
+	$(PIP) install -q -c constraints.txt -e ".[cpu,dev,notebooks]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) notebooks/run.py
 
 clean:
