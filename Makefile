@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.airi-installed
 
-.PHONY: setup model demo test test-rollouts test-unit lint bench notebooks clean
+.PHONY: setup model demo test test-rollouts test-showcase test-unit lint bench notebooks clean
 
 setup: $(STAMP) model
 
