@@ -31,7 +31,7 @@ from typing import Any
 import cloudpickle
 import ray
 
-from airi_ray.core.errors import AiriError, InvalidRequest, NotFound
+from airi_ray.core.errors import AiriError, InvalidRequest, NotFound, ReplicaUnavailable
 from airi_ray.core.graph import CompiledGraph, Node, RunError, RunState
 from airi_ray.core.nodes import Features, ModelCall, PolicyCheck, Retrieve, calls_ahead
 from airi_ray.core.policy import PermissionDenied
@@ -54,6 +54,7 @@ GRAPHS_KEY = "airi/graphs/"  # internal_kv prefix: graphs registered from Python
 MAX_EVENTS = 1000  # kept per run for late subscribers
 FINISHED_RUNS_KEPT = 1000
 ACL_TTL_S = 2.0
+READ_RETRIES = 50  # reads of a restarting actor, 0.2 s apart
 
 
 class NodeFailed(AiriError):
@@ -490,9 +491,14 @@ class GraphExecutor:
             clean = await self._path().check_text(run.tenant, text, action.where, action.model)
             return {action.output: clean}
         if isinstance(action, Features):
-            server = actors.get_actor(FEATURE_SERVER_NAME)
-            found = await server.get.remote(action.view, list(action.entities(view)))
-            return {action.output: found}
+            entities = list(action.entities(view))
+            for _ in range(READ_RETRIES):  # a lookup is safe to repeat while the server restarts
+                try:
+                    server = actors.get_actor(FEATURE_SERVER_NAME)
+                    return {action.output: await server.get.remote(action.view, entities)}
+                except ray.exceptions.ActorUnavailableError:
+                    await asyncio.sleep(0.2)
+            raise ReplicaUnavailable("the feature server is restarting; retry shortly")
         ctx = RunContext(run.run_id, run.tenant, run.graph, self, run)
         args = (view, ctx) if len(inspect.signature(action).parameters) >= 2 else (view,)
         if inspect.iscoroutinefunction(action):
