@@ -41,6 +41,7 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow as pa
+from lancedb.background_loop import LOOP
 from lancedb.index import Bitmap, HnswSq, IvfPq
 from tqdm import tqdm
 
@@ -883,18 +884,24 @@ def search_table(
 
     The query settings of ``index`` apply once the table has an ANN index; without one
     LanceDB searches exactly. ``Collection.search`` and the benchmark both go through here.
+
+    The query goes to the table's async handle in one call on LanceDB's event loop: the sync
+    builder of LanceDB 0.40 (the pinned version) costs six round trips to that loop per
+    query (three of them schema reads), about 1.5 ms at 100k rows on 2 CPUs. An async
+    query filters before the search unless told ``postfilter()``, as ``prefilter=True`` does.
     """
     builder = (
-        table.search(query, vector_column_name="vector")
+        table._table.query()
+        .nearest_to(query)
+        .column("vector")
         .distance_type("cosine")
-        .where(where, prefilter=True)
+        .where(where)
         .select(list(columns))
         .limit(limit)
+        .nprobes(index.nprobes)
     )
-    if index.kind == "IVF_PQ":
-        builder = builder.nprobes(index.nprobes).refine_factor(index.refine_factor)
-    else:
-        builder = builder.nprobes(index.nprobes).ef(index.ef)
-        if index.refine_factor:
-            builder = builder.refine_factor(index.refine_factor)
-    return builder.to_arrow()
+    if index.kind == "IVF_HNSW_SQ":
+        builder = builder.ef(index.ef)
+    if index.refine_factor:
+        builder = builder.refine_factor(index.refine_factor)
+    return LOOP.run(builder.to_arrow())
