@@ -29,11 +29,9 @@ Steps, per workload:
 
 The headline of a workload is the fastest setting (p50) with recall@10 >= 0.95 (the best
 recall if none reaches it). Targets: that recall, with ``query_ms_p50`` below the
-``numpy_exact_ms_p50`` timed next to it. IVF_SQ is built here with LanceDB's ``IvfSq``
-because ``IndexSpec.config`` builds only IVF_PQ and IVF_HNSW_SQ; it is queried through
-``Collection.search`` like the others. On a shared machine both latencies vary by 2x from
-one minute to the next; compare rows of one run, not runs. Storage goes to a temp dir,
-deleted at the end. Writes ``benchmarks/results/retrieval.json``.
+``numpy_exact_ms_p50`` timed next to it. Every index is built by ``IndexSpec.config``, as
+a collection builds it. On a shared machine both latencies vary by 2x from one minute to
+the next; compare rows of one run, not runs. Storage goes to a temp dir, deleted at the end. Writes ``benchmarks/results/retrieval.json``.
 
     python benchmarks/retrieval.py [--vectors 100000] [--queries 200]
 """
@@ -56,7 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lancedb.index import Bitmap, IvfSq  # noqa: E402
+from lancedb.index import Bitmap  # noqa: E402
 
 from airi_ray.core.chunking import Chunker  # noqa: E402
 from airi_ray.data.collections import (  # noqa: E402
@@ -155,13 +153,6 @@ def numpy_exact(vectors: np.ndarray, queries: np.ndarray) -> tuple[list[set[int]
     return truth, times
 
 
-def index_config(spec: IndexSpec, rows: int) -> Any:
-    if spec.kind == "IVF_SQ":  # not one of IndexSpec.config's kinds
-        partitions = max(1, rows // spec.rows_per_partition)
-        return IvfSq(distance_type="cosine", num_partitions=partitions, max_iterations=20)
-    return spec.config(rows, DIM)
-
-
 def ingest(store: CollectionStore, vectors: np.ndarray) -> float:
     """Vectors per second through ``Collection.upsert`` (one chunk per document)."""
     col = store.create("bench", model=MODEL[0], version=MODEL[1], dim=DIM)
@@ -222,7 +213,7 @@ def run_workload(
     for spec, settings in CANDIDATES:
         if spec.kind not in kinds:
             continue
-        config = index_config(spec, len(vectors))
+        config = spec.config(len(vectors), DIM)
         t0 = time.perf_counter()
         table.create_index("vector", config=config, replace=True)
         build_s = round(time.perf_counter() - t0, 1)

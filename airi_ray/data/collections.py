@@ -42,7 +42,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 from lancedb.background_loop import LOOP
-from lancedb.index import Bitmap, HnswSq, IvfPq
+from lancedb.index import Bitmap, HnswSq, IvfPq, IvfSq
 from tqdm import tqdm
 
 from airi_ray.core.chunking import Chunker
@@ -71,6 +71,7 @@ MMR_POOL_FACTOR = 4  # MMR chooses k among this many times k nearest candidates
 MAX_REEMBED_PASSES = 5
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _INGEST_SUFFIXES = (".md", ".txt")
+INDEX_KINDS = ("IVF_PQ", "IVF_SQ", "IVF_HNSW_SQ")
 
 _MANIFEST_SCHEMA = pa.schema(
     [
@@ -107,7 +108,8 @@ class IndexSpec:
     """Which ANN index to build and how to query it (chosen by ``benchmarks/retrieval.py``).
 
     Attributes:
-        kind: ``"IVF_PQ"`` or ``"IVF_HNSW_SQ"``.
+        kind: ``"IVF_PQ"``, ``"IVF_SQ"`` (8-bit scalar quantisation: 4x smaller than the
+            vectors, close to exact distances) or ``"IVF_HNSW_SQ"``.
         rows_per_partition: IVF partitions are ``rows / rows_per_partition`` (at least 1).
         num_sub_vectors: PQ sub-vectors (``IVF_PQ``; must divide the dimension).
         nprobes: IVF partitions searched per query.
@@ -123,7 +125,13 @@ class IndexSpec:
     refine_factor: int = 10
     ef: int = 64
 
-    def config(self, rows: int, dim: int) -> IvfPq | HnswSq:
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(
+                f"index kind must be one of {', '.join(INDEX_KINDS)}; got {self.kind!r}"
+            )
+
+    def config(self, rows: int, dim: int) -> IvfPq | IvfSq | HnswSq:
         partitions = max(1, rows // self.rows_per_partition)
         if self.kind == "IVF_PQ":
             # PQ needs the dimension to split evenly; fall back to the largest divisor below.
@@ -134,9 +142,9 @@ class IndexSpec:
                 num_sub_vectors=subs,
                 max_iterations=20,
             )
-        if self.kind == "IVF_HNSW_SQ":
-            return HnswSq(distance_type="cosine", num_partitions=partitions, max_iterations=20)
-        raise ValueError(f"index kind must be IVF_PQ or IVF_HNSW_SQ, got {self.kind!r}")
+        if self.kind == "IVF_SQ":
+            return IvfSq(distance_type="cosine", num_partitions=partitions, max_iterations=20)
+        return HnswSq(distance_type="cosine", num_partitions=partitions, max_iterations=20)
 
 
 # benchmarks/retrieval.py on 100k 384-dim vectors (2 CPUs): IVF_PQ with 4 of 66 partitions

@@ -333,3 +333,22 @@ def test_ann_index_is_built_at_the_threshold(tmp_path: Path) -> None:
     [hit] = col.search(embed.vector("v17 u17"), 1, tenant="t", embedder=V1)
     assert hit.id == "e17#0"
     assert col.search(embed.vector("v17 u17"), 1, tenant="other", embedder=V1) == []
+
+
+def test_ivf_sq_index_is_built_and_searched(tmp_path: Path) -> None:
+    spec = IndexSpec(kind="IVF_SQ", rows_per_partition=100, nprobes=3, refine_factor=0)
+    store = CollectionStore(str(tmp_path / "db"), progress=False, index_min_rows=300, index=spec)
+    col = store.create("kb", model="fake", version="1", dim=DIM)
+    embed = FakeEmbed()
+    docs = [Document(f"d{i}", f"w{i} x{i}") for i in range(300)]
+    col.upsert(docs, tenant="t", embed=embed, chunker=CHUNKER)
+    [index] = [i for i in col.table_for(*V1).list_indices() if i.columns == ["vector"]]
+    assert index.index_type == "IvfSq"
+    [hit] = col.search(embed.vector("w42 x42"), 1, tenant="t", embedder=V1)
+    assert hit.id == "d42#0" and hit.score == pytest.approx(1.0, abs=0.02)
+    assert col.search(embed.vector("w42 x42"), 1, tenant="other", embedder=V1) == []
+
+
+def test_unknown_index_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="one of IVF_PQ, IVF_SQ, IVF_HNSW_SQ; got 'IVF_XX'"):
+        IndexSpec(kind="IVF_XX")
