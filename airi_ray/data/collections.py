@@ -280,6 +280,8 @@ class CollectionStore:
         read_consistency_s: how stale a read may be relative to other processes' writes
             (0: every read sees the latest commit, e.g. a version another process just
             marked complete; raise it on object stores to save a round trip per read).
+            Tables stay open between calls and the manifest's rows are kept per manifest
+            version, so a call re-reads them only after a write, by any process.
 
     Raises:
         ValueError: a limit is out of range.
@@ -315,6 +317,7 @@ class CollectionStore:
         )
         self._tables: dict[str, Any] = {}
         self._complete: dict[tuple[str, str, str], EmbedderState] = {}
+        self._manifest_rows: tuple[int, list[tuple[str, EmbedderState]]] | None = None
 
     # -- manifest ---------------------------------------------------------------------------
 
@@ -326,26 +329,34 @@ class CollectionStore:
         return self._tables[MANIFEST]
 
     def _states(self, collection: str | None = None) -> list[tuple[str, EmbedderState]]:
-        query = self._manifest().search()
-        if collection is not None:
-            query = query.where(f"collection = {quote(collection)}")
-        rows = query.limit(None).to_list()
-        return [
-            (
-                r["collection"],
-                EmbedderState(
-                    model=r["model"],
-                    version=r["version"],
-                    table_name=r["table_name"],
-                    dim=r["dim"],
-                    complete=r["complete"],
-                    active=r["active"],
-                    created_at=r["created_at"],
-                    completed_at=r["completed_at"],
-                ),
-            )
-            for r in rows
-        ]
+        # Every write to the manifest, this process's or another's, makes a new table
+        # version, so the rows read at one version stay valid until it changes: a call costs
+        # one version check (under a millisecond, within read_consistency_s), not a scan.
+        manifest = self._manifest()
+        version = manifest.version
+        cached = self._manifest_rows
+        if cached is None or cached[0] != version:
+            rows = manifest.search().limit(None).to_list()
+            states = [
+                (
+                    r["collection"],
+                    EmbedderState(
+                        model=r["model"],
+                        version=r["version"],
+                        table_name=r["table_name"],
+                        dim=r["dim"],
+                        complete=r["complete"],
+                        active=r["active"],
+                        created_at=r["created_at"],
+                        completed_at=r["completed_at"],
+                    ),
+                )
+                for r in rows
+            ]
+            # A write between the version check and the scan only makes the next call
+            # read again: the rows are never older than the version they are kept under.
+            cached = self._manifest_rows = (version, states)
+        return [(c, s) for c, s in cached[1] if collection is None or c == collection]
 
     def _write_states(self, collection: str, states: Sequence[EmbedderState]) -> None:
         rows = [

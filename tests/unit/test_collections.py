@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -352,3 +353,36 @@ def test_ivf_sq_index_is_built_and_searched(tmp_path: Path) -> None:
 def test_unknown_index_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="one of IVF_PQ, IVF_SQ, IVF_HNSW_SQ; got 'IVF_XX'"):
         IndexSpec(kind="IVF_XX")
+
+
+def test_cached_tables_and_manifest_see_every_write(tmp_path: Path) -> None:
+    # Two stores on one URI stand for two processes; each keeps its tables open and its
+    # manifest rows cached between calls.
+    a = CollectionStore(str(tmp_path / "db"), progress=False, index_min_rows=10_000)
+    b = CollectionStore(a.uri, progress=False, index_min_rows=10_000)
+    embed, new = FakeEmbed(), FakeEmbed(dim=8, seed="v2")
+    col_a = a.create("kb", model="fake", version="1", dim=DIM)
+    col_a.upsert([Document("d1", "alpha beta")], tenant="t", embed=embed, chunker=CHUNKER)
+    col_b = b.open("kb")
+
+    def found(col: Any, text: str, embedder: tuple[str, str] = V1, e: Any = embed) -> list[str]:
+        return [h.doc_id for h in col.search(e.vector(text), 5, tenant="t", embedder=embedder)]
+
+    assert found(col_b, "alpha beta") == ["d1"]
+    col_a.upsert([Document("d2", "gamma delta")], tenant="t", embed=embed, chunker=CHUNKER)
+    assert found(col_b, "gamma delta") == ["d2", "d1"]
+    col_a.delete(["d2"], tenant="t")
+    assert found(col_b, "gamma delta") == ["d1"]
+    assert b.names() == ["kb"]
+    a.create("other", model="fake", version="1", dim=DIM)
+    assert b.names() == ["kb", "other"]
+    a.drop("other")
+    assert a.names() == b.names() == ["kb"]
+    # a re-embedding activated by one store is the active version for the other
+    assert col_a.reembed("fake", "2", new, dim=8) == 1
+    assert (col_b.active().model, col_b.active().version) == V1
+    col_a.activate("fake", "2")
+    assert (col_b.active().model, col_b.active().version) == V2
+    col_b.upsert([Document("d3", "epsilon")], tenant="t", embed=new, chunker=CHUNKER)
+    assert found(col_a, "epsilon", V2, new) == ["d3", "d1"]
+    assert found(col_a, "epsilon") == ["d1"]  # the old version's table is not written to
