@@ -94,14 +94,14 @@ CANDIDATES: list[tuple[IndexSpec, list[dict[str, int]]]] = [
         IndexSpec(kind="IVF_SQ", rows_per_partition=6_250),
         [
             {"nprobes": 2, "refine_factor": 2},
-            {"nprobes": ALL, "refine_factor": 0},
+            {"nprobes": ALL, "refine_factor": 1},
             {"nprobes": ALL, "refine_factor": 2},
         ],
     ),
     (
         IndexSpec(kind="IVF_HNSW_SQ", rows_per_partition=1_000_000, nprobes=1),
         [
-            {"ef": 64, "refine_factor": 0},
+            {"ef": 64, "refine_factor": 1},
             {"ef": 64, "refine_factor": 2},
             {"ef": 512, "refine_factor": 2},
             {"ef": 4096, "refine_factor": 2},

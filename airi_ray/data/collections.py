@@ -109,12 +109,15 @@ class IndexSpec:
 
     Attributes:
         kind: ``"IVF_PQ"``, ``"IVF_SQ"`` (8-bit scalar quantisation: 4x smaller than the
-            vectors, close to exact distances) or ``"IVF_HNSW_SQ"``.
+            vectors, distances close to exact ones) or ``"IVF_HNSW_SQ"``.
         rows_per_partition: IVF partitions are ``rows / rows_per_partition`` (at least 1).
         num_sub_vectors: PQ sub-vectors (``IVF_PQ``; must divide the dimension).
         nprobes: IVF partitions searched per query.
         refine_factor: fetch ``k * refine_factor`` approximate candidates and rerank them
-            with exact distances (recovers the recall PQ compression loses); 0 for none.
+            with exact distances. At least 1: a quantised index's own distance is approximate
+            and, for cosine, about twice the cosine distance (squared L2 of the normalised
+            vectors), so without the rerank the scores would be wrong. 1 reranks only the k
+            returned; more recovers the recall quantisation loses.
         ef: HNSW search breadth (``IVF_HNSW_SQ``).
     """
 
@@ -129,6 +132,11 @@ class IndexSpec:
         if self.kind not in INDEX_KINDS:
             raise ValueError(
                 f"index kind must be one of {', '.join(INDEX_KINDS)}; got {self.kind!r}"
+            )
+        if self.refine_factor < 1:
+            raise ValueError(
+                "refine_factor must be at least 1 (the exact rerank is what makes the scores "
+                f"cosine similarities); got {self.refine_factor}"
             )
 
     def config(self, rows: int, dim: int) -> IvfPq | IvfSq | HnswSq:
@@ -918,9 +926,8 @@ def search_table(
         .select(list(columns))
         .limit(limit)
         .nprobes(index.nprobes)
+        .refine_factor(index.refine_factor)
     )
     if index.kind == "IVF_HNSW_SQ":
         builder = builder.ef(index.ef)
-    if index.refine_factor:
-        builder = builder.refine_factor(index.refine_factor)
     return LOOP.run(builder.to_arrow())

@@ -336,8 +336,8 @@ def test_ann_index_is_built_at_the_threshold(tmp_path: Path) -> None:
     assert col.search(embed.vector("v17 u17"), 1, tenant="other", embedder=V1) == []
 
 
-def test_ivf_sq_index_is_built_and_searched(tmp_path: Path) -> None:
-    spec = IndexSpec(kind="IVF_SQ", rows_per_partition=100, nprobes=3, refine_factor=0)
+def test_ivf_sq_index_is_built_and_searched_with_exact_scores(tmp_path: Path) -> None:
+    spec = IndexSpec(kind="IVF_SQ", rows_per_partition=100, nprobes=3, refine_factor=1)
     store = CollectionStore(str(tmp_path / "db"), progress=False, index_min_rows=300, index=spec)
     col = store.create("kb", model="fake", version="1", dim=DIM)
     embed = FakeEmbed()
@@ -346,13 +346,19 @@ def test_ivf_sq_index_is_built_and_searched(tmp_path: Path) -> None:
     [index] = [i for i in col.table_for(*V1).list_indices() if i.columns == ["vector"]]
     assert index.index_type == "IvfSq"
     [hit] = col.search(embed.vector("w42 x42"), 1, tenant="t", embedder=V1)
-    assert hit.id == "d42#0" and hit.score == pytest.approx(1.0, abs=0.02)
+    assert hit.id == "d42#0" and hit.score == pytest.approx(1.0, abs=1e-5)
+    # scores are cosine similarities, not the index's own (quantised, L2) distances
+    query = embed.vector("w42 y")
+    for h in col.search(query, 5, tenant="t", embedder=V1):
+        assert h.score == pytest.approx(float(np.dot(query, embed.vector(h.text))), abs=1e-5)
     assert col.search(embed.vector("w42 x42"), 1, tenant="other", embedder=V1) == []
 
 
-def test_unknown_index_kind_is_refused() -> None:
+def test_index_spec_is_checked_when_made() -> None:
     with pytest.raises(ValueError, match="one of IVF_PQ, IVF_SQ, IVF_HNSW_SQ; got 'IVF_XX'"):
         IndexSpec(kind="IVF_XX")
+    with pytest.raises(ValueError, match="refine_factor must be at least 1"):
+        IndexSpec(kind="IVF_SQ", refine_factor=0)
 
 
 def test_cached_tables_and_manifest_see_every_write(tmp_path: Path) -> None:
