@@ -25,8 +25,8 @@ Steps, per workload:
    query settings -> recall@10 against the exact top-10, p50 and p99 latency. The NumPy
    exact search is timed again on the same queries, in alternating blocks of 50 with the
    LanceDB ones (the machine is shared; both then see about the same load) ->
-   ``numpy_exact_ms_p50``. LanceDB's exact search (no index) is measured too, on fewer
-   queries.
+   ``numpy_exact_ms_p50``; ``load_1m`` is the machine's load average then. LanceDB's exact
+   search (no index) is measured too, on fewer queries.
 
 The headline of a workload is the fastest setting (p50) with recall@10 >= 0.95 (the best
 recall if none reaches it). Targets: that recall, with ``query_ms_p50`` below the
@@ -197,6 +197,7 @@ def measure(
         "query_ms_p50": round(percentile(times, 0.50), 2),
         "query_ms_p99": round(percentile(times, 0.99), 2),
         "numpy_exact_ms_p50": round(percentile(numpy_times, 0.50), 2),
+        "load_1m": round(os.getloadavg()[0], 2),  # the machine's, other users included
     }
 
 
@@ -256,6 +257,7 @@ def run_workload(
         "query_ms_p50": best["query_ms_p50"],
         "query_ms_p99": best["query_ms_p99"],
         "numpy_exact_ms_p50": best["numpy_exact_ms_p50"],
+        "load_1m": best["load_1m"],
         "index_kind": best["index"],
         "index_params": best["params"],
         "meets_target": best["recall_at_10"] >= TARGET_RECALL
@@ -269,13 +271,14 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     print(f"\n{name}: ingest {result['ingest_vectors_per_s']} vectors/s")
     print(
         f"{'index':<13}{'params':<66}{'build s':>8}{'recall@10':>10}{'p50 ms':>8}"
-        f"{'p99 ms':>8}{'numpy p50':>10}"
+        f"{'p99 ms':>8}{'numpy p50':>10}{'load':>6}"
     )
     for r in result["candidates"]:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         print(
             f"{r['index']:<13}{params:<66}{r['build_s']:>8}{r['recall_at_10']:>10}"
             f"{r['query_ms_p50']:>8}{r['query_ms_p99']:>8}{r['numpy_exact_ms_p50']:>10}"
+            f"{r['load_1m']:>6}"
         )
     print(
         f"headline {result['index_kind']} {result['index_params']}: recall@10 "
