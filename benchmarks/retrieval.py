@@ -23,17 +23,16 @@ Steps, per workload:
 3. per candidate index (IVF_PQ, IVF_SQ, IVF_HNSW_SQ): build it, then query through
    ``Collection.search`` (the manifest lookup, the tenant prefilter and LanceDB) with a few
    query settings -> recall@10 against the exact top-10, p50 and p99 latency. The NumPy
-   exact search is timed again on the same queries just before each setting (the machine
-   is shared; both then see about the same load) -> ``numpy_exact_ms_p50``. LanceDB's exact
+   exact search is timed again on the same queries, in alternating blocks of 50 with the
+   LanceDB ones (the machine is shared; both then see about the same load) ->
+   ``numpy_exact_ms_p50``; ``load_1m`` is the machine's load average then. LanceDB's exact
    search (no index) is measured too, on fewer queries.
 
 The headline of a workload is the fastest setting (p50) with recall@10 >= 0.95 (the best
 recall if none reaches it). Targets: that recall, with ``query_ms_p50`` below the
-``numpy_exact_ms_p50`` timed next to it. IVF_SQ is built here with LanceDB's ``IvfSq``
-because ``IndexSpec.config`` builds only IVF_PQ and IVF_HNSW_SQ; it is queried through
-``Collection.search`` like the others. On a shared machine both latencies vary by 2x from
-one minute to the next; compare rows of one run, not runs. Storage goes to a temp dir,
-deleted at the end. Writes ``benchmarks/results/retrieval.json``.
+``numpy_exact_ms_p50`` timed next to it. Every index is built by ``IndexSpec.config``, as
+a collection builds it. On a shared machine both latencies vary by 2x from one minute to
+the next; compare rows of one run, not runs. Storage goes to a temp dir, deleted at the end. Writes ``benchmarks/results/retrieval.json``.
 
     python benchmarks/retrieval.py [--vectors 100000] [--queries 200]
 """
@@ -56,7 +55,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lancedb.index import Bitmap, IvfSq  # noqa: E402
+from lancedb.index import Bitmap  # noqa: E402
 
 from airi_ray.core.chunking import Chunker  # noqa: E402
 from airi_ray.data.collections import (  # noqa: E402
@@ -75,6 +74,7 @@ K = 10
 TARGET_RECALL = 0.95
 INGEST_BATCH = 10_000
 EXACT_LANCE_QUERIES = 20
+BLOCK = 50  # queries timed in a row by NumPy, then by LanceDB
 TENANT = "bench"
 MODEL = ("bench-embedder", "1")
 ALL = -1  # nprobes: every partition of the index
@@ -96,14 +96,14 @@ CANDIDATES: list[tuple[IndexSpec, list[dict[str, int]]]] = [
         IndexSpec(kind="IVF_SQ", rows_per_partition=6_250),
         [
             {"nprobes": 2, "refine_factor": 2},
-            {"nprobes": ALL, "refine_factor": 0},
+            {"nprobes": ALL, "refine_factor": 1},
             {"nprobes": ALL, "refine_factor": 2},
         ],
     ),
     (
         IndexSpec(kind="IVF_HNSW_SQ", rows_per_partition=1_000_000, nprobes=1),
         [
-            {"ef": 64, "refine_factor": 0},
+            {"ef": 64, "refine_factor": 1},
             {"ef": 64, "refine_factor": 2},
             {"ef": 512, "refine_factor": 2},
             {"ef": 4096, "refine_factor": 2},
@@ -155,13 +155,6 @@ def numpy_exact(vectors: np.ndarray, queries: np.ndarray) -> tuple[list[set[int]
     return truth, times
 
 
-def index_config(spec: IndexSpec, rows: int) -> Any:
-    if spec.kind == "IVF_SQ":  # not one of IndexSpec.config's kinds
-        partitions = max(1, rows // spec.rows_per_partition)
-        return IvfSq(distance_type="cosine", num_partitions=partitions, max_iterations=20)
-    return spec.config(rows, DIM)
-
-
 def ingest(store: CollectionStore, vectors: np.ndarray) -> float:
     """Vectors per second through ``Collection.upsert`` (one chunk per document)."""
     col = store.create("bench", model=MODEL[0], version=MODEL[1], dim=DIM)
@@ -185,22 +178,26 @@ def ingest(store: CollectionStore, vectors: np.ndarray) -> float:
 def measure(
     store: CollectionStore, vectors: np.ndarray, queries: np.ndarray, truth: list[set[int]]
 ) -> dict[str, float]:
-    """Recall@10 and latency through ``Collection.search``, NumPy timed just before."""
-    # All NumPy queries first, not one before each LanceDB query: OpenBLAS threads keep
+    """Recall@10 and latency through ``Collection.search``, NumPy timed in the same blocks."""
+    # Blocks of queries, not one NumPy query before each LanceDB one: OpenBLAS threads keep
     # spinning after a call and, on 2 cores, doubled LanceDB's latency when interleaved.
-    numpy_times = numpy_exact(vectors, queries)[1]
+    # Alternating blocks keep both under the same load when the machine's load drifts.
     col = store.open("bench")
-    recalls, times = [], []
-    for q, want in zip(queries, truth, strict=True):
-        t0 = time.perf_counter()
-        hits = col.search(q, K, tenant=TENANT, embedder=MODEL)
-        times.append((time.perf_counter() - t0) * 1000)
-        recalls.append(len({int(h.doc_id[1:]) for h in hits} & want) / K)
+    recalls, times, numpy_times = [], [], []
+    for start in range(0, len(queries), BLOCK):
+        block = slice(start, start + BLOCK)
+        numpy_times += numpy_exact(vectors, queries[block])[1]
+        for q, want in zip(queries[block], truth[block], strict=True):
+            t0 = time.perf_counter()
+            hits = col.search(q, K, tenant=TENANT, embedder=MODEL)
+            times.append((time.perf_counter() - t0) * 1000)
+            recalls.append(len({int(h.doc_id[1:]) for h in hits} & want) / K)
     return {
         "recall_at_10": round(float(np.mean(recalls)), 4),
         "query_ms_p50": round(percentile(times, 0.50), 2),
         "query_ms_p99": round(percentile(times, 0.99), 2),
         "numpy_exact_ms_p50": round(percentile(numpy_times, 0.50), 2),
+        "load_1m": round(os.getloadavg()[0], 2),  # the machine's, other users included
     }
 
 
@@ -222,7 +219,7 @@ def run_workload(
     for spec, settings in CANDIDATES:
         if spec.kind not in kinds:
             continue
-        config = index_config(spec, len(vectors))
+        config = spec.config(len(vectors), DIM)
         t0 = time.perf_counter()
         table.create_index("vector", config=config, replace=True)
         build_s = round(time.perf_counter() - t0, 1)
@@ -260,6 +257,7 @@ def run_workload(
         "query_ms_p50": best["query_ms_p50"],
         "query_ms_p99": best["query_ms_p99"],
         "numpy_exact_ms_p50": best["numpy_exact_ms_p50"],
+        "load_1m": best["load_1m"],
         "index_kind": best["index"],
         "index_params": best["params"],
         "meets_target": best["recall_at_10"] >= TARGET_RECALL
@@ -273,13 +271,14 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     print(f"\n{name}: ingest {result['ingest_vectors_per_s']} vectors/s")
     print(
         f"{'index':<13}{'params':<66}{'build s':>8}{'recall@10':>10}{'p50 ms':>8}"
-        f"{'p99 ms':>8}{'numpy p50':>10}"
+        f"{'p99 ms':>8}{'numpy p50':>10}{'load':>6}"
     )
     for r in result["candidates"]:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         print(
             f"{r['index']:<13}{params:<66}{r['build_s']:>8}{r['recall_at_10']:>10}"
             f"{r['query_ms_p50']:>8}{r['query_ms_p99']:>8}{r['numpy_exact_ms_p50']:>10}"
+            f"{r['load_1m']:>6}"
         )
     print(
         f"headline {result['index_kind']} {result['index_params']}: recall@10 "
@@ -322,7 +321,7 @@ def main() -> None:
         "queries": args.queries,
         "tenant_filter": "every query is scoped to the one tenant holding all rows",
         "exact_lancedb_queries": EXACT_LANCE_QUERIES,
-        "numpy_timing": "timed again on the same queries just before each setting",
+        "numpy_timing": f"timed again on the same queries, in alternating blocks of {BLOCK}",
     }
     uniform = {
         **results["uniform"],

@@ -41,7 +41,8 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow as pa
-from lancedb.index import Bitmap, HnswSq, IvfPq
+from lancedb.background_loop import LOOP
+from lancedb.index import Bitmap, HnswSq, IvfPq, IvfSq
 from tqdm import tqdm
 
 from airi_ray.core.chunking import Chunker
@@ -70,6 +71,7 @@ MMR_POOL_FACTOR = 4  # MMR chooses k among this many times k nearest candidates
 MAX_REEMBED_PASSES = 5
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _INGEST_SUFFIXES = (".md", ".txt")
+INDEX_KINDS = ("IVF_PQ", "IVF_SQ", "IVF_HNSW_SQ")
 
 _MANIFEST_SCHEMA = pa.schema(
     [
@@ -106,23 +108,38 @@ class IndexSpec:
     """Which ANN index to build and how to query it (chosen by ``benchmarks/retrieval.py``).
 
     Attributes:
-        kind: ``"IVF_PQ"`` or ``"IVF_HNSW_SQ"``.
+        kind: ``"IVF_PQ"``, ``"IVF_SQ"`` (8-bit scalar quantisation: 4x smaller than the
+            vectors, distances close to exact ones) or ``"IVF_HNSW_SQ"``.
         rows_per_partition: IVF partitions are ``rows / rows_per_partition`` (at least 1).
         num_sub_vectors: PQ sub-vectors (``IVF_PQ``; must divide the dimension).
         nprobes: IVF partitions searched per query.
         refine_factor: fetch ``k * refine_factor`` approximate candidates and rerank them
-            with exact distances (recovers the recall PQ compression loses); 0 for none.
+            with exact distances. At least 1: a quantised index's own distance is approximate
+            and, for cosine, about twice the cosine distance (squared L2 of the normalised
+            vectors), so without the rerank the scores would be wrong. 1 reranks only the k
+            returned; more recovers the recall quantisation loses.
         ef: HNSW search breadth (``IVF_HNSW_SQ``).
     """
 
-    kind: str = "IVF_PQ"
-    rows_per_partition: int = 1500
+    kind: str = "IVF_SQ"
+    rows_per_partition: int = 6250
     num_sub_vectors: int = 48
-    nprobes: int = 4
-    refine_factor: int = 10
+    nprobes: int = 16
+    refine_factor: int = 1
     ef: int = 64
 
-    def config(self, rows: int, dim: int) -> IvfPq | HnswSq:
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(
+                f"index kind must be one of {', '.join(INDEX_KINDS)}; got {self.kind!r}"
+            )
+        if self.refine_factor < 1:
+            raise ValueError(
+                "refine_factor must be at least 1 (the exact rerank is what makes the scores "
+                f"cosine similarities); got {self.refine_factor}"
+            )
+
+    def config(self, rows: int, dim: int) -> IvfPq | IvfSq | HnswSq:
         partitions = max(1, rows // self.rows_per_partition)
         if self.kind == "IVF_PQ":
             # PQ needs the dimension to split evenly; fall back to the largest divisor below.
@@ -133,14 +150,16 @@ class IndexSpec:
                 num_sub_vectors=subs,
                 max_iterations=20,
             )
-        if self.kind == "IVF_HNSW_SQ":
-            return HnswSq(distance_type="cosine", num_partitions=partitions, max_iterations=20)
-        raise ValueError(f"index kind must be IVF_PQ or IVF_HNSW_SQ, got {self.kind!r}")
+        if self.kind == "IVF_SQ":
+            return IvfSq(distance_type="cosine", num_partitions=partitions, max_iterations=20)
+        return HnswSq(distance_type="cosine", num_partitions=partitions, max_iterations=20)
 
 
-# benchmarks/retrieval.py on 100k 384-dim vectors (2 CPUs): IVF_PQ with 4 of 66 partitions
-# probed and a x10 exact rerank had recall@10 0.9995 at 9.3 ms p50; IVF_HNSW_SQ reached 0.968
-# at 10.3 ms (1.0 with a rerank, at 12.8 ms) and took 1.7x longer to build.
+# benchmarks/retrieval.py on 100k 384-dim vectors (2 CPUs): IVF_SQ with all 16 partitions
+# probed is the only index above recall@10 0.95 on uniform random vectors (the issue's
+# workload) at about NumPy's speed, and 0.97 on clustered ones; IVF_PQ needs a x200 rerank
+# on uniform data (3x slower), IVF_HNSW_SQ a very wide search. Beyond 100k rows the 16
+# probes are a fraction of the partitions: latency stays, recall then rests on clustering.
 DEFAULT_INDEX = IndexSpec()
 
 
@@ -271,6 +290,8 @@ class CollectionStore:
         read_consistency_s: how stale a read may be relative to other processes' writes
             (0: every read sees the latest commit, e.g. a version another process just
             marked complete; raise it on object stores to save a round trip per read).
+            Tables stay open between calls and the manifest's rows are kept per manifest
+            version, so a call re-reads them only after a write, by any process.
 
     Raises:
         ValueError: a limit is out of range.
@@ -306,6 +327,7 @@ class CollectionStore:
         )
         self._tables: dict[str, Any] = {}
         self._complete: dict[tuple[str, str, str], EmbedderState] = {}
+        self._manifest_rows: tuple[int, list[tuple[str, EmbedderState]]] | None = None
 
     # -- manifest ---------------------------------------------------------------------------
 
@@ -317,26 +339,34 @@ class CollectionStore:
         return self._tables[MANIFEST]
 
     def _states(self, collection: str | None = None) -> list[tuple[str, EmbedderState]]:
-        query = self._manifest().search()
-        if collection is not None:
-            query = query.where(f"collection = {quote(collection)}")
-        rows = query.limit(None).to_list()
-        return [
-            (
-                r["collection"],
-                EmbedderState(
-                    model=r["model"],
-                    version=r["version"],
-                    table_name=r["table_name"],
-                    dim=r["dim"],
-                    complete=r["complete"],
-                    active=r["active"],
-                    created_at=r["created_at"],
-                    completed_at=r["completed_at"],
-                ),
-            )
-            for r in rows
-        ]
+        # Every write to the manifest, this process's or another's, makes a new table
+        # version, so the rows read at one version stay valid until it changes: a call costs
+        # one version check (under a millisecond, within read_consistency_s), not a scan.
+        manifest = self._manifest()
+        version = manifest.version
+        cached = self._manifest_rows
+        if cached is None or cached[0] != version:
+            rows = manifest.search().limit(None).to_list()
+            states = [
+                (
+                    r["collection"],
+                    EmbedderState(
+                        model=r["model"],
+                        version=r["version"],
+                        table_name=r["table_name"],
+                        dim=r["dim"],
+                        complete=r["complete"],
+                        active=r["active"],
+                        created_at=r["created_at"],
+                        completed_at=r["completed_at"],
+                    ),
+                )
+                for r in rows
+            ]
+            # A write between the version check and the scan only makes the next call
+            # read again: the rows are never older than the version they are kept under.
+            cached = self._manifest_rows = (version, states)
+        return [(c, s) for c, s in cached[1] if collection is None or c == collection]
 
     def _write_states(self, collection: str, states: Sequence[EmbedderState]) -> None:
         rows = [
@@ -883,18 +913,23 @@ def search_table(
 
     The query settings of ``index`` apply once the table has an ANN index; without one
     LanceDB searches exactly. ``Collection.search`` and the benchmark both go through here.
+
+    The query goes to the table's async handle in one call on LanceDB's event loop: the sync
+    builder of LanceDB 0.40 (the pinned version) costs six round trips to that loop per
+    query (three of them schema reads), about 1.5 ms at 100k rows on 2 CPUs. An async
+    query filters before the search unless told ``postfilter()``, as ``prefilter=True`` does.
     """
     builder = (
-        table.search(query, vector_column_name="vector")
+        table._table.query()
+        .nearest_to(query)
+        .column("vector")
         .distance_type("cosine")
-        .where(where, prefilter=True)
+        .where(where)
         .select(list(columns))
         .limit(limit)
+        .nprobes(index.nprobes)
+        .refine_factor(index.refine_factor)
     )
-    if index.kind == "IVF_PQ":
-        builder = builder.nprobes(index.nprobes).refine_factor(index.refine_factor)
-    else:
-        builder = builder.nprobes(index.nprobes).ef(index.ef)
-        if index.refine_factor:
-            builder = builder.refine_factor(index.refine_factor)
-    return builder.to_arrow()
+    if index.kind == "IVF_HNSW_SQ":
+        builder = builder.ef(index.ef)
+    return LOOP.run(builder.to_arrow())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -333,3 +334,61 @@ def test_ann_index_is_built_at_the_threshold(tmp_path: Path) -> None:
     [hit] = col.search(embed.vector("v17 u17"), 1, tenant="t", embedder=V1)
     assert hit.id == "e17#0"
     assert col.search(embed.vector("v17 u17"), 1, tenant="other", embedder=V1) == []
+
+
+def test_ivf_sq_index_is_built_and_searched_with_exact_scores(tmp_path: Path) -> None:
+    spec = IndexSpec(kind="IVF_SQ", rows_per_partition=100, nprobes=3, refine_factor=1)
+    store = CollectionStore(str(tmp_path / "db"), progress=False, index_min_rows=300, index=spec)
+    col = store.create("kb", model="fake", version="1", dim=DIM)
+    embed = FakeEmbed()
+    docs = [Document(f"d{i}", f"w{i} x{i}") for i in range(300)]
+    col.upsert(docs, tenant="t", embed=embed, chunker=CHUNKER)
+    [index] = [i for i in col.table_for(*V1).list_indices() if i.columns == ["vector"]]
+    assert index.index_type == "IvfSq"
+    [hit] = col.search(embed.vector("w42 x42"), 1, tenant="t", embedder=V1)
+    assert hit.id == "d42#0" and hit.score == pytest.approx(1.0, abs=1e-5)
+    # scores are cosine similarities, not the index's own (quantised, L2) distances
+    query = embed.vector("w42 y")
+    for h in col.search(query, 5, tenant="t", embedder=V1):
+        assert h.score == pytest.approx(float(np.dot(query, embed.vector(h.text))), abs=1e-5)
+    assert col.search(embed.vector("w42 x42"), 1, tenant="other", embedder=V1) == []
+
+
+def test_index_spec_is_checked_when_made() -> None:
+    with pytest.raises(ValueError, match="one of IVF_PQ, IVF_SQ, IVF_HNSW_SQ; got 'IVF_XX'"):
+        IndexSpec(kind="IVF_XX")
+    with pytest.raises(ValueError, match="refine_factor must be at least 1"):
+        IndexSpec(kind="IVF_SQ", refine_factor=0)
+
+
+def test_cached_tables_and_manifest_see_every_write(tmp_path: Path) -> None:
+    # Two stores on one URI stand for two processes; each keeps its tables open and its
+    # manifest rows cached between calls.
+    a = CollectionStore(str(tmp_path / "db"), progress=False, index_min_rows=10_000)
+    b = CollectionStore(a.uri, progress=False, index_min_rows=10_000)
+    embed, new = FakeEmbed(), FakeEmbed(dim=8, seed="v2")
+    col_a = a.create("kb", model="fake", version="1", dim=DIM)
+    col_a.upsert([Document("d1", "alpha beta")], tenant="t", embed=embed, chunker=CHUNKER)
+    col_b = b.open("kb")
+
+    def found(col: Any, text: str, embedder: tuple[str, str] = V1, e: Any = embed) -> list[str]:
+        return [h.doc_id for h in col.search(e.vector(text), 5, tenant="t", embedder=embedder)]
+
+    assert found(col_b, "alpha beta") == ["d1"]
+    col_a.upsert([Document("d2", "gamma delta")], tenant="t", embed=embed, chunker=CHUNKER)
+    assert found(col_b, "gamma delta") == ["d2", "d1"]
+    col_a.delete(["d2"], tenant="t")
+    assert found(col_b, "gamma delta") == ["d1"]
+    assert b.names() == ["kb"]
+    a.create("other", model="fake", version="1", dim=DIM)
+    assert b.names() == ["kb", "other"]
+    a.drop("other")
+    assert a.names() == b.names() == ["kb"]
+    # a re-embedding activated by one store is the active version for the other
+    assert col_a.reembed("fake", "2", new, dim=8) == 1
+    assert (col_b.active().model, col_b.active().version) == V1
+    col_a.activate("fake", "2")
+    assert (col_b.active().model, col_b.active().version) == V2
+    col_b.upsert([Document("d3", "epsilon")], tenant="t", embed=new, chunker=CHUNKER)
+    assert found(col_a, "epsilon", V2, new) == ["d3", "d1"]
+    assert found(col_a, "epsilon") == ["d1"]  # the old version's table is not written to
