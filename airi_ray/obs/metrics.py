@@ -1,6 +1,7 @@
 """The metric catalogue: every ``airi_`` metric is defined here and nowhere else.
 
-``RuntimeMetrics`` lives in the scheduler actor, which sees every request's lease and
+``ObserverMetrics`` (graph timings, quality, drift, alerts, feedback) lives in the observer
+actor; ``RuntimeMetrics`` lives in the scheduler actor, which sees every request's lease and
 release whatever surface it came from (HTTP, Python client, graphs), and the engine stats
 the controller collects from replicas. ``HttpMetrics`` lives in each ingress replica.
 Each owns a private registry, so ``/metrics`` concatenates their texts without clashes.
@@ -268,3 +269,48 @@ class HttpMetrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ObserverMetrics:
+    """Metrics only the observer knows: graph timings, quality, drift, alerts."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.node_seconds = Histogram(
+            "airi_graph_node_seconds",
+            "Graph node latency",
+            ["graph", "node", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.runs = Counter(
+            "airi_graph_runs", "Finished graph runs", ["graph", "status"], registry=r
+        )
+        self.run_seconds = Histogram(
+            "airi_graph_run_seconds",
+            "Graph run latency",
+            ["graph"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.alerts = Counter(
+            "airi_alerts",
+            "Drift and anomaly alerts",
+            ["kind", "severity", "model", "version"],
+            registry=r,
+        )
+        self.quality = Gauge(
+            "airi_quality",
+            "Quality signals per model version over the recent window",
+            ["model", "version", "signal"],
+            registry=r,
+        )
+        self.drift = Gauge(
+            "airi_drift_score",
+            "Latest drift scores per model version",
+            ["model", "version", "score"],
+            registry=r,
+        )
+        self.feedback = Counter(
+            "airi_feedback", "User feedback received", ["model", "version", "sentiment"], registry=r
+        )

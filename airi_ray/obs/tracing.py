@@ -192,6 +192,11 @@ class Tracing:
         return self._tracer.start_span(name, attributes=_attributes(kind, attributes))
 
     @staticmethod
+    def end_failed(span: Span | None, e: BaseException) -> None:
+        """End ``span`` as failed by ``e`` (its airi error code, else its type)."""
+        Tracing.end(span, error=_error_code(e))
+
+    @staticmethod
     def end(span: Span | None, error: str | None = None, **attributes: Any) -> None:
         if span is None:
             return

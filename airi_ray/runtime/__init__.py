@@ -12,3 +12,4 @@ CONTEXT_STORE_NAME = "airi-context-store"
 GRAPH_EXECUTOR_NAME = "airi-graph-executor"
 FEATURE_SERVER_NAME = "airi-feature-server"
 OBSERVER_NAME = "airi-observer"
+SPEC_KEY = b"airi/app_spec"  # internal KV: the deployed spec, without its API keys

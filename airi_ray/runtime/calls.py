@@ -423,7 +423,7 @@ class CallPath:
                 info, list(ids), params, tenant, options, filters, cap, shape, rid, watch
             )
         except BaseException as e:
-            tracing.end(watch.span, error=getattr(e, "code", None) or type(e).__name__)
+            tracing.end_failed(watch.span, e)
             raise
 
     async def complete(
@@ -455,7 +455,7 @@ class CallPath:
                 info, list(ids), params, tenant, options, filters, cap, shape, rid, watch
             )
         except BaseException as e:
-            tracing.end(watch.span, error=getattr(e, "code", None) or type(e).__name__)
+            tracing.end_failed(watch.span, e)
             raise
 
     # -- content filters ---------------------------------------------------------------
@@ -723,7 +723,7 @@ class CallPath:
                         f"{info.max_model_len}"
                     )
         except BaseException as e:
-            tracing.end(watch.span, error=getattr(e, "code", None) or type(e).__name__)
+            tracing.end_failed(watch.span, e)
             raise
         usage = Usage(prompt_tokens=sum(len(x) for x in ids))
         start = time.perf_counter()

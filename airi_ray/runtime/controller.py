@@ -54,12 +54,11 @@ from airi_ray.core.rollout import (
 )
 from airi_ray.core.scheduling import ReplicaView
 from airi_ray.data.control import ControlState
-from airi_ray.runtime import actors
+from airi_ray.runtime import SPEC_KEY, actors
 from airi_ray.runtime.pools import bundle_for, pool_nodes
 
 logger = logging.getLogger(__name__)
 
-SPEC_KEY = b"airi/app_spec"  # the deployed spec, without its API keys
 _KEYS_KEY = b"airi/api_keys"  # key records (salted hashes): the spec's and `airi keys`'s
 LOOP_PERIOD_S = 1.0
 PROBE_PERIOD_S = 10.0

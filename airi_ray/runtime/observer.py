@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 
 from airi_ray.config import SYSTEM_TENANT, ObservabilitySpec
 from airi_ray.core.alerts import SEVERITIES, Alert, AlertLog
@@ -35,8 +35,8 @@ from airi_ray.core.drift import DriftMonitor
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.core.quality import QualityBook, Response
 from airi_ray.core.requests import CallOptions
-from airi_ray.obs.metrics import LATENCY_BUCKETS
-from airi_ray.runtime import SCHEDULER_NAME, actors
+from airi_ray.obs.metrics import ObserverMetrics
+from airi_ray.runtime import SCHEDULER_NAME, SPEC_KEY, actors
 
 logger = logging.getLogger(__name__)
 
@@ -45,51 +45,6 @@ ALERTS_KEPT = 1000
 TIMELINE_S = 3600.0
 MAX_DRIFT_TEXT_CHARS = 2000
 SETTLE_S = 2.0  # an interval is closed this long after its end (records arrive in batches)
-
-
-class ObserverMetrics:
-    """Metrics only the observer knows: graph timings, quality, drift, alerts."""
-
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.node_seconds = Histogram(
-            "airi_graph_node_seconds",
-            "Graph node latency",
-            ["graph", "node", "status"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.runs = Counter(
-            "airi_graph_runs", "Finished graph runs", ["graph", "status"], registry=r
-        )
-        self.run_seconds = Histogram(
-            "airi_graph_run_seconds",
-            "Graph run latency",
-            ["graph"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.alerts = Counter(
-            "airi_alerts",
-            "Drift and anomaly alerts",
-            ["kind", "severity", "model", "version"],
-            registry=r,
-        )
-        self.quality = Gauge(
-            "airi_quality",
-            "Quality signals per model version over the recent window",
-            ["model", "version", "signal"],
-            registry=r,
-        )
-        self.drift = Gauge(
-            "airi_drift_score",
-            "Latest drift scores per model version",
-            ["model", "version", "score"],
-            registry=r,
-        )
-        self.feedback = Counter(
-            "airi_feedback", "User feedback received", ["model", "version", "sentiment"], registry=r
-        )
 
 
 class Observer:
@@ -119,8 +74,6 @@ class Observer:
     def _restore(self) -> None:
         """A restarted observer takes the deployed spec's settings from Ray's KV store."""
         import json
-
-        from airi_ray.runtime.controller import SPEC_KEY
 
         if not ray.is_initialized():  # constructed outside Ray (tests)
             return
