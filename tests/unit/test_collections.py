@@ -12,6 +12,7 @@ import pytest
 from airi_ray.core.chunking import Chunker
 from airi_ray.core.errors import InvalidRequest, PayloadTooLarge
 from airi_ray.data.collections import (
+    MAX_SMALL_FILES,
     CollectionNotFound,
     CollectionStore,
     Document,
@@ -352,6 +353,24 @@ def test_ivf_sq_index_is_built_and_searched_with_exact_scores(tmp_path: Path) ->
     for h in col.search(query, 5, tenant="t", embedder=V1):
         assert h.score == pytest.approx(float(np.dot(query, embed.vector(h.text))), abs=1e-5)
     assert col.search(embed.vector("w42 x42"), 1, tenant="other", embedder=V1) == []
+
+
+def test_small_files_of_many_upserts_are_compacted(tmp_path: Path) -> None:
+    spec = IndexSpec(kind="IVF_SQ", rows_per_partition=100, nprobes=3)
+    store = CollectionStore(str(tmp_path / "db"), progress=False, index_min_rows=300, index=spec)
+    col = store.create("kb", model="fake", version="1", dim=DIM)
+    embed = FakeEmbed()
+    for batch in range(3):  # three upserts: three files, compacted into one with the index
+        docs = [Document(f"d{batch}-{i}", f"w{batch}x{i}") for i in range(100)]
+        col.upsert(docs, tenant="t", embed=embed, chunker=CHUNKER)
+    table = col.table_for(*V1)
+    assert table.stats()["fragment_stats"]["num_fragments"] == 1
+    for i in range(MAX_SMALL_FILES + 1):  # one document per call, as a chat app adds notes
+        col.upsert([Document(f"n{i}", f"note{i}")], tenant="t", embed=embed, chunker=CHUNKER)
+    assert table.stats()["fragment_stats"]["num_small_fragments"] <= MAX_SMALL_FILES
+    assert table.count_rows() == 300 + MAX_SMALL_FILES + 1
+    [hit] = col.search(embed.vector("note7"), 1, tenant="t", embedder=V1)
+    assert hit.id == "n7#0" and hit.score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_index_spec_is_checked_when_made() -> None:
