@@ -356,6 +356,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connection_args(parser: argparse.ArgumentParser, *, key: bool = True) -> None:
+    """The options of every command that talks to a running app: where, and as whom."""
+    if key:
+        parser.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (default: the running cluster)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="airi", description="AI runtime on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -375,13 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(fn=cmd_up)
 
     down = sub.add_parser("down", help="stop the app and the local Ray cluster")
-    down.add_argument("--address", default=None)
+    _connection_args(down, key=False)
     down.add_argument("--keep-ray", action="store_true", help="leave the Ray cluster running")
     down.set_defaults(fn=cmd_down)
 
     dep = sub.add_parser("deploy", help="deploy an app spec on the running cluster")
     dep.add_argument("file", help="app spec (YAML)")
-    dep.add_argument("--address", default=None)
+    _connection_args(dep, key=False)
     dep.add_argument("--no-wait", action="store_true", help="return before replicas are ready")
     dep.set_defaults(fn=cmd_deploy)
 
@@ -398,16 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="another model that switches in the same instant (repeatable)",
     )
     ro.add_argument("--wait", action="store_true", help="follow it until it finishes")
-    ro.add_argument("--address", default=None)
+    _connection_args(ro, key=False)
     ro.set_defaults(fn=cmd_rollout)
 
     rb = sub.add_parser("rollback", help="stop a rollout, or go back to the previous version")
     rb.add_argument("model")
-    rb.add_argument("--address", default=None)
+    _connection_args(rb, key=False)
     rb.set_defaults(fn=cmd_rollback)
 
     st = sub.add_parser("status", help="models, replicas and their state")
-    st.add_argument("--address", default=None)
+    _connection_args(st, key=False)
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
 
@@ -416,8 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--graph", default=None, help="talk to a graph instead (e.g. support_assistant)"
     )
-    chat.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
-    chat.add_argument("--address", default=None)
+    _connection_args(chat)
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.set_defaults(fn=cmd_chat)
@@ -426,23 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("collection")
     ingest.add_argument("path", help="a folder of .md/.txt files, or one file")
     ingest.add_argument("--model", default="minilm", help="embedding model of a new collection")
-    ingest.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
-    ingest.add_argument("--address", default=None)
+    _connection_args(ingest)
     ingest.set_defaults(fn=cmd_ingest)
 
     retrieve = sub.add_parser("retrieve", help="the chunks of a collection closest to a query")
     retrieve.add_argument("collection")
     retrieve.add_argument("query")
     retrieve.add_argument("-k", type=int, default=5)
-    retrieve.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
-    retrieve.add_argument("--address", default=None)
+    _connection_args(retrieve)
     retrieve.set_defaults(fn=cmd_retrieve)
 
     tr = sub.add_parser("trace", help="the trace of a graph run or a call, as a tree")
     tr.add_argument("id", help="a run id, a completion id (chatcmpl-...) or a request id")
     tr.add_argument("--json", action="store_true", help="the spans as JSON")
-    tr.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
-    tr.add_argument("--address", default=None)
+    _connection_args(tr)
     tr.set_defaults(fn=cmd_trace)
 
     al = sub.add_parser("alerts", help="recent drift and anomaly alerts, newest first")
@@ -450,20 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--severity", choices=["info", "warning", "critical"], default=None)
     al.add_argument("--limit", type=int, default=50)
     al.add_argument("--json", action="store_true")
-    al.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
-    al.add_argument("--address", default=None)
+    _connection_args(al)
     al.set_defaults(fn=cmd_alerts)
 
     rp = sub.add_parser("report", help="an HTML page with plots of a recent window")
     rp.add_argument("--out", default="airi-report.html", help="where to write the page")
     rp.add_argument("--window", type=float, default=15, help="minutes to cover (at most 60)")
     rp.add_argument("--png-dir", default=None, help="also write each plot as a PNG here")
-    rp.add_argument("--api-key", default=None, help="tenant key (default $AIRI_API_KEY)")
-    rp.add_argument("--address", default=None)
+    _connection_args(rp)
     rp.set_defaults(fn=cmd_report)
 
     keys = sub.add_parser("keys", help="create, revoke and list API keys (no restart needed)")
-    keys.add_argument("--address", default=None)
+    _connection_args(keys, key=False)
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="issue a key for a tenant (printed once)")
     create.add_argument("--tenant", required=True)

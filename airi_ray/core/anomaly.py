@@ -26,6 +26,15 @@ latency is ``sibling_ratio`` times the median of the others' is anomalous. That 
 replica slow from the start looks like, which its own detector learned as normal; it is
 also what a slowdown looks like when single calls vary too much to stand out one by one.
 
+Latency also rises with load: a replica batching 16 requests gets each one's first token
+later than when it runs one, and a burst of traffic slows every replica at once. That is
+queueing, not a fault, and the scheduler's queue metrics show it. So the own-history
+detector keeps one baseline per load class: the requests in flight on the replica when the
+call was granted, in powers of two (1, 2-3, 4-7, ... 64+). A burst moves calls into a class
+learned afresh (no judgement during its warm-up) instead of raising an alert; a replica
+that gets slower at the load it has been running at is still flagged. Before load classes,
+a burst of 32 streams in ``make demo`` raised a latency alert on this 2-CPU machine.
+
 Latency is judged on its logarithm. Latencies are skewed (a few calls take many times the
 median) and a slowdown multiplies them; on the log scale the spread is even, so the
 variance estimate from a few dozen points is steady and a z-score means the same for a
@@ -163,6 +172,14 @@ class EwmaDetector:
         self.n, self.mean, self.var, self.streak = 0, 0.0, 0.0, 0
 
 
+def _load_range(load: int) -> str:
+    cls = load_class(load)
+    low, high = 1 << (cls - 1), (1 << cls) - 1
+    if cls == MAX_LOAD_CLASS:
+        return f"{low} or more requests"
+    return f"{low} request" if low == high == 1 else f"{low}-{high} requests"
+
+
 def _latency_default() -> EwmaConfig:
     # On log latency: a point is out only at 1.5 times the baseline or more.
     return EwmaConfig(min_change=math.log(1.5))
@@ -221,11 +238,22 @@ class ReplicaScores:
     last_error_rate: float | None  # fraction in the last complete block
 
 
+MAX_LOAD_CLASS = 7  # 64 or more requests in flight
+
+
+def load_class(in_flight: int) -> int:
+    """The load class of a call: 1 for one request in flight, 2 for 2-3, 3 for 4-7, ...,
+    up to ``MAX_LOAD_CLASS`` (64 and more)."""
+    return min(max(in_flight, 1).bit_length(), MAX_LOAD_CLASS)
+
+
 class _Replica:
     def __init__(self, model: str, version: str, config: AnomalyConfig) -> None:
         self.model = model
         self.version = version
-        self.latency = EwmaDetector(config.latency)
+        self.config = config
+        self.latency_by_load: dict[int, EwmaDetector] = {}
+        self.latency = self.detector(1)  # the last call's load class
         self.errors = EwmaDetector(config.error_rate)
         self.level = 0.0  # EWMA of all log latencies, out points included
         self.level_n = 0
@@ -235,6 +263,13 @@ class _Replica:
         self.sibling_streak = 0
         self.sibling_gate = AlertGate(config.latency.cooldown_s)
         self.last_latency_alert_at: float | None = None
+
+    def detector(self, load: int) -> EwmaDetector:
+        cls = load_class(load)
+        found = self.latency_by_load.get(cls)
+        if found is None:
+            found = self.latency_by_load[cls] = EwmaDetector(self.config.latency)
+        return found
 
 
 class ReplicaAnomalyMonitor:
@@ -250,9 +285,18 @@ class ReplicaAnomalyMonitor:
         self._replicas: dict[str, _Replica] = {}
 
     def observe_latency(
-        self, now: float, replica: str, model: str, version: str, seconds: float
+        self,
+        now: float,
+        replica: str,
+        model: str,
+        version: str,
+        seconds: float,
+        load: int = 1,
     ) -> list[Alert]:
         """Record one call's latency on ``replica``; alerts it raised, if any.
+
+        ``load`` is the replica's requests in flight when the call was granted (itself
+        included): the call is judged against the baseline of its load class.
 
         Raises:
             ValueError: ``seconds`` is negative or not finite.
@@ -260,6 +304,7 @@ class ReplicaAnomalyMonitor:
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"latency must be a finite number of seconds >= 0, got {seconds}")
         r = self._replica(replica, model, version)
+        r.latency = r.detector(load)
         x = math.log(max(seconds, _MIN_LATENCY_S))
         r.level_n += 1
         r.level += max(self.config.latency.alpha, 1.0 / r.level_n) * (x - r.level)
@@ -276,11 +321,13 @@ class ReplicaAnomalyMonitor:
                     replica,
                     r,
                     f"latency of replica {replica} ({model} {version}) rose to {seconds:.3g}s, "
-                    f"{seconds / baseline:.1f} times its baseline of {baseline:.3g}s (on the "
-                    f"log scale{z}), for {anomaly.points} calls in a row",
+                    f"{seconds / baseline:.1f} times its baseline of {baseline:.3g}s at "
+                    f"{_load_range(load)} in flight (on the log scale{z}), for "
+                    f"{anomaly.points} calls in a row",
                     _evidence(
                         seconds=seconds,
                         baseline_s=baseline,
+                        in_flight=load,
                         ratio=seconds / baseline,
                         log_std=anomaly.std,
                         z=anomaly.z,

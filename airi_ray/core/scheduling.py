@@ -141,6 +141,8 @@ class Lease:
     ``canary`` is True when the model has a traffic split with a stable version and this
     lease is on another version: a failure there may be retried on the stable version
     (``Scheduler.requeue(request_id, exclude_version=True)``) instead of failing the client.
+    ``replica_in_flight`` is the replica's requests in flight once this one was granted
+    (itself included): the load it runs under, which latency is judged against.
     """
 
     request_id: str
@@ -155,6 +157,7 @@ class Lease:
     requeues: int = 0
     version: str = ""
     canary: bool = False
+    replica_in_flight: int = 1
 
     @property
     def queue_wait_s(self) -> float:
@@ -779,6 +782,7 @@ class Scheduler:
                     queued.requeues,
                     version,
                     request.version is None and m.stable is not None and version != m.stable,
+                    r.in_flight,
                 )
                 self._leases[rid] = _Granted(lease, queued, charge)
                 m.in_flight += 1

@@ -832,6 +832,7 @@ class CallPath:
                 "completion_tokens": usage.completion_tokens,
                 "ttft_s": usage.ttft_s,
                 "service_s": service_s,
+                "load": lease.replica_in_flight,
                 "finish_reason": usage.finish_reason,
                 "error": usage.error,
                 "refused": refused,

@@ -527,6 +527,7 @@ class GraphExecutor:
             call.filter,
             call.mmr_lambda,
             options,
+            charge=run.limits.charge,
         )
         return {call.output: hits}
 

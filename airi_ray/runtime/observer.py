@@ -276,7 +276,10 @@ class Observer:
         if replica:
             service_s = r.get("service_s")
             if service_s is not None and not failed:
-                alerts += self._anomaly.observe_latency(now, replica, model, version, service_s)
+                load = int(r.get("load") or 1)
+                alerts += self._anomaly.observe_latency(
+                    now, replica, model, version, service_s, load=load
+                )
             if r.get("error") not in ("cancelled", "CancelledError"):
                 alerts += self._anomaly.observe_outcome(now, replica, model, version, not failed)
         monitor = self._drift.get((model, version))

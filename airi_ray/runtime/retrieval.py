@@ -54,6 +54,10 @@ class Retriever:
         Raises:
             InvalidRequest: a bad name, the collection exists, or ``model`` does not embed.
         """
+        # The serving version as of now: model infos are cached a few seconds, and a
+        # collection made for the version a rollout just replaced would get no table of the
+        # new one (its re-embedding job ran before the collection existed).
+        await self._path.list_models(refresh=True)
         info = await self._path.model(model, "embed")
         pinned = CallOptions(version=info.version)
         vectors, _ = await self._path.embed(model, ["dimension probe"], tenant, pinned)
@@ -119,9 +123,13 @@ class Retriever:
         filter: Mapping[str, Any] | None = None,
         mmr_lambda: float | None = None,
         options: CallOptions | None = None,
+        charge: Callable[[str, int], None] | None = None,
     ) -> list[dict[str, Any]]:
         """The ``k`` chunks of the tenant's documents closest to ``query``, best first, each
         ``{"id", "doc_id", "text", "metadata", "score"}`` (``id`` is the citation id).
+
+        ``charge(model, tokens)`` is told what embedding the query cost (a graph run counts
+        it against its budget).
 
         Raises:
             CollectionNotFound: no such collection.
@@ -136,6 +144,8 @@ class Retriever:
             model = active.model
             options = options or CallOptions()
             vectors, usage = await self._path.embed(model, [query], tenant, options)
+            if charge is not None:
+                charge(model, usage.prompt_tokens)
             version = usage.extra["version"]  # the table of the version that embedded it
             hits = await asyncio.to_thread(
                 collection.search,

@@ -74,6 +74,8 @@ def test_retrieval_as_a_graph_node_keeps_citations(client, kb: str) -> None:
     assert result["status"] == "finished", result
     chunks: list[dict[str, Any]] = result["state"]["chunks"]
     assert chunks[0]["doc_id"] == "rentals" and chunks[0]["id"].startswith("rentals#")
+    # embedding the question is a model call of the run: it counts against its budget
+    assert result["usage"]["calls"] == 1 and result["usage"]["per_model"]["minilm"] > 0
 
 
 def test_bad_retrieval_requests_are_refused(client, kb: str) -> None:

@@ -20,6 +20,7 @@ from airi_ray.core.anomaly import (
     EwmaConfig,
     EwmaDetector,
     ReplicaAnomalyMonitor,
+    load_class,
 )
 
 REPLICAS = ("r0", "r1", "r2", "r3")
@@ -42,6 +43,7 @@ class Cluster:
         slow: dict[str, float] | None = None,
         error_rate: dict[str, float] | None = None,
         base_error_rate: float = 0.01,
+        load: int = 1,
     ) -> list[tuple[int, Alert]]:
         """``rounds`` calls per replica; alerts with the round they came in."""
         out: list[tuple[int, Alert]] = []
@@ -52,7 +54,7 @@ class Cluster:
                 seconds = 0.2 * factor * float(np.exp(self.rng.normal(0.0, self.sigma)))
                 p_err = (error_rate or {}).get(rep, base_error_rate)
                 ok = bool(self.rng.random() >= p_err)
-                alerts = m.observe_latency(self.t, rep, "chat", "v1", seconds)
+                alerts = m.observe_latency(self.t, rep, "chat", "v1", seconds, load=load)
                 alerts += m.observe_outcome(self.t, rep, "chat", "v1", ok)
                 out.extend((i, a) for a in alerts)
         return out
@@ -155,6 +157,38 @@ def test_replica_slowed_5x_is_flagged_within_a_handful_of_calls() -> None:
     assert alert.evidence["ratio"] > 2.0
     # One alert for the slowdown: the sibling rule shares the replica's cooldown.
     assert [a.replica for _, a in after] == ["r2"]
+
+
+def test_a_burst_of_load_is_not_a_replica_anomaly() -> None:
+    # Every replica runs 16 requests at once for a while and each call takes 4x as long:
+    # queueing, which the scheduler's metrics show, not a fault. Judged against one baseline
+    # for all loads, each replica raised an alert here.
+    m = ReplicaAnomalyMonitor()
+    c = Cluster(seed=3)
+    assert c.run(m, 200) == []
+    assert c.run(m, 100, slow=dict.fromkeys(REPLICAS, 4.0), load=16) == []
+    assert c.run(m, 100) == []  # back to one at a time: the old baseline still holds
+    # A replica slower at the load it runs at is flagged as before.
+    after = c.run(m, 50, slow={"r1": 5.0})
+    assert after and after[0][0] < SLOW_WITHIN
+    first = after[0][1]
+    assert first.replica == "r1" and first.evidence["in_flight"] == 1
+    assert "at 1 request in flight" in first.message
+
+
+def test_load_classes_are_powers_of_two() -> None:
+    assert [load_class(n) for n in (0, 1, 2, 3, 4, 7, 8, 63, 64, 1000)] == [
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        6,
+        7,
+        7,
+    ]
 
 
 def test_replica_slow_from_the_start_is_flagged_against_its_siblings() -> None:

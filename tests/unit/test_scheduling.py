@@ -168,8 +168,11 @@ def test_kv_capacity_limits_tokens_in_flight() -> None:
     s = sched(rv("r1", 10, kv_capacity_tokens=1000))
     for i in range(3):
         s.enqueue(req(f"q{i}", prompt=300, max_tokens=100), 0.0)
-    assert [lease.request_id for lease in s.dispatch(0.0)] == ["q0", "q1"]  # 800 of 1000
+    granted = s.dispatch(0.0)
+    assert [lease.request_id for lease in granted] == ["q0", "q1"]  # 800 of 1000
     assert s.replicas("m")[0].in_flight_tokens == 800
+    # each lease knows the load it runs under (the anomaly detector judges latency by it)
+    assert [lease.replica_in_flight for lease in granted] == [1, 2]
     assert s.dispatch(1.0) == []
     s.release("q0", 50)
     assert [lease.request_id for lease in s.dispatch(2.0)] == ["q2"]
