@@ -24,9 +24,10 @@ Steps, per workload:
    compact the table's files, then ``DEFAULT_INDEX`` and the tenant bitmap index), queried
    through ``Collection.search`` (the manifest lookup, the tenant prefilter, LanceDB, the
    exact rescoring of the hits), three passes over the queries -> recall@10 against the
-   exact top-10, p50 and p99 latency: the headline. The NumPy exact search is timed again on the same queries, in alternating
-   blocks of 50 with the LanceDB ones (the machine is shared; both then see about the same
-   load) -> ``numpy_exact_ms_p50``; ``load_1m`` is the machine's load average then;
+   exact top-10, p50 and p99 latency: the headline. The NumPy exact search is timed again
+   on the same queries, in alternating blocks of 50 with the LanceDB ones (the machine is
+   shared; both then see about the same load) -> ``numpy_exact_ms_p50``; ``load_1m`` is
+   the machine's load average then;
 4. the candidates (IVF_PQ, IVF_SQ, IVF_HNSW_SQ, each rebuilt on the same table with a few
    query settings), measured the same way: what chose the default. LanceDB's exact search
    (no index) is measured too, on fewer queries.
@@ -297,18 +298,19 @@ def index_params(spec: IndexSpec, config: Any) -> dict[str, int]:
 def print_table(name: str, result: dict[str, Any]) -> None:
     print(f"\n{name}: ingest {result['ingest_vectors_per_s']} vectors/s")
     print(
-        f"{'index':<13}{'params':<66}{'build s':>8}{'recall@10':>10}{'p50 ms':>8}"
+        f"{'index':<18}{'params':<66}{'build s':>8}{'recall@10':>10}{'p50 ms':>8}"
         f"{'p99 ms':>8}{'numpy p50':>10}{'load':>6}"
     )
     for r in result["candidates"]:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         print(
-            f"{r['index']:<13}{params:<66}{r['build_s']:>8}{r['recall_at_10']:>10}"
+            f"{r['index']:<18}{params:<66}{r['build_s']:>8}{r['recall_at_10']:>10}"
             f"{r['query_ms_p50']:>8}{r['query_ms_p99']:>8}{r['numpy_exact_ms_p50']:>10}"
             f"{r['load_1m']:>6}"
         )
     print(
-        f"headline (the default index) {result['index_kind']} {result['index_params']}: recall@10 "
+        f"headline (the default index) {result['index_kind']} {result['index_params']}: "
+        f"recall@10 "
         f"{result['recall_at_10']}, p50 {result['query_ms_p50']} ms vs numpy exact "
         f"{result['numpy_exact_ms_p50']} ms; targets (recall >= {TARGET_RECALL}, p50 < numpy): "
         f"{'met' if result['meets_target'] else 'MISSED'}"

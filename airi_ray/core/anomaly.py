@@ -172,12 +172,21 @@ class EwmaDetector:
         self.n, self.mean, self.var, self.streak = 0, 0.0, 0.0, 0
 
 
+MAX_LOAD_CLASS = 7  # 64 or more requests in flight
+
+
+def load_class(in_flight: int) -> int:
+    """The load class of a call: 1 for one request in flight, 2 for 2-3, 3 for 4-7, ...,
+    up to ``MAX_LOAD_CLASS`` (64 and more)."""
+    return min(max(in_flight, 1).bit_length(), MAX_LOAD_CLASS)
+
+
 def _load_range(load: int) -> str:
     cls = load_class(load)
     low, high = 1 << (cls - 1), (1 << cls) - 1
-    if cls == MAX_LOAD_CLASS:
-        return f"{low} or more requests"
-    return f"{low} request" if low == high == 1 else f"{low}-{high} requests"
+    if cls == 1:
+        return "1 request"
+    return f"{low} or more requests" if cls == MAX_LOAD_CLASS else f"{low}-{high} requests"
 
 
 def _latency_default() -> EwmaConfig:
@@ -236,15 +245,6 @@ class ReplicaScores:
     latency_baseline_s: float  # the detector's baseline (out points excluded)
     error_rate_baseline: float
     last_error_rate: float | None  # fraction in the last complete block
-
-
-MAX_LOAD_CLASS = 7  # 64 or more requests in flight
-
-
-def load_class(in_flight: int) -> int:
-    """The load class of a call: 1 for one request in flight, 2 for 2-3, 3 for 4-7, ...,
-    up to ``MAX_LOAD_CLASS`` (64 and more)."""
-    return min(max(in_flight, 1).bit_length(), MAX_LOAD_CLASS)
 
 
 class _Replica:
