@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,6 +62,8 @@ __all__ = [
     "IndexSpec",
     "UpsertResult",
 ]
+
+logger = logging.getLogger(__name__)
 
 EmbedFn = Callable[[list[str]], Sequence[Sequence[float]]]
 Embedder = tuple[str, str]  # (model name, model version)
@@ -678,7 +681,7 @@ class Collection:
             )
         else:  # only empty texts: nothing to insert, the old chunks still go
             table.delete(replaced)
-        self._maybe_index(table, state.dim)
+        self._upkeep(table, state.dim)
         return UpsertResult(len(docs), len(rows))
 
     def ingest_folder(
@@ -733,6 +736,18 @@ class Collection:
         """
         state = self._state(model, version)
         return self._maybe_index(self.store._table(state.table_name), state.dim)
+
+    def _upkeep(self, table: Any, dim: int) -> None:
+        """``_maybe_index`` after a write, which has committed by then: a failure here (say
+        a compaction that lost a race with a concurrent write) is logged and left to the
+        next write to retry, not reported as a failed write. Until then search is correct,
+        only slower."""
+        try:
+            self._maybe_index(table, dim)
+        except Exception:
+            logger.warning(
+                "upkeep of table %s failed; the next write retries it", table.name, exc_info=True
+            )
 
     def _maybe_index(self, table: Any, dim: int) -> bool:
         """Build the ANN index once the table is big enough; fold new rows in later.
@@ -898,7 +913,7 @@ class Collection:
                     .execute(pa.Table.from_pylist(batch, schema=schema))
                 )
             embedded += len(todo)
-        self._maybe_index(dst, dim)
+        self._upkeep(dst, dim)
         done = self._state(model, version)
         self.store._write_states(
             self.name,

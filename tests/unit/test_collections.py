@@ -373,6 +373,26 @@ def test_small_files_of_many_upserts_are_compacted(tmp_path: Path) -> None:
     assert hit.id == "n7#0" and hit.score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_a_failed_upkeep_does_not_fail_the_write(tmp_path: Path, monkeypatch, caplog) -> None:
+    spec = IndexSpec(kind="IVF_SQ", rows_per_partition=100, nprobes=3)
+    store = CollectionStore(str(tmp_path / "db"), progress=False, index_min_rows=300, index=spec)
+    col = store.create("kb", model="fake", version="1", dim=DIM)
+    embed = FakeEmbed()
+
+    def lost_a_race(self: Any, table: Any, dim: int) -> bool:
+        raise RuntimeError("commit conflict")
+
+    monkeypatch.setattr(type(col), "_maybe_index", lost_a_race)
+    docs = [Document(f"d{i}", f"w{i}") for i in range(300)]
+    assert col.upsert(docs, tenant="t", embed=embed, chunker=CHUNKER).chunks == 300
+    assert "upkeep of table" in caplog.text and "commit conflict" in caplog.text
+    [hit] = col.search(embed.vector("w7"), 1, tenant="t", embedder=V1)  # exact, unindexed
+    assert hit.id == "d7#0"
+    monkeypatch.undo()
+    assert col.optimize(*V1)  # the next upkeep builds the index
+    assert {tuple(i.columns) for i in col.table_for(*V1).list_indices()} >= {("vector",)}
+
+
 def test_index_spec_is_checked_when_made() -> None:
     with pytest.raises(ValueError, match="one of IVF_PQ, IVF_SQ, IVF_HNSW_SQ; got 'IVF_XX'"):
         IndexSpec(kind="IVF_XX")
