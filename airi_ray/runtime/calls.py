@@ -232,6 +232,10 @@ class ReplicaChannel:
 
 @dataclass
 class ModelInfo:
+    """A served model as callers see it. ``version`` and ``source`` are the stable
+    version's; ``sources`` maps every served version to its weights (and so its tokenizer
+    and chat template), which may differ from the stable's during a rollout."""
+
     name: str
     version: str
     task: str
@@ -239,6 +243,7 @@ class ModelInfo:
     max_model_len: int | None
     ready_replicas: int
     tokenizer: Any = None
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -316,12 +321,20 @@ class CallPath:
     async def _fetch_models(self) -> dict[str, ModelInfo]:
         infos = await self._controller.models.remote()
         fields = ModelInfo.__dataclass_fields__
-        return {i["name"]: ModelInfo(**{k: v for k, v in i.items() if k in fields}) for i in infos}
+        return {
+            i["name"]: ModelInfo(
+                **{k: v for k, v in i.items() if k in fields and k != "sources"},
+                sources={v["version"]: v["source"] for v in i.get("versions", [])},
+            )
+            for i in infos
+        }
 
     async def warm(self) -> None:
         """Load model infos and tokenizers now, so the first request does not pay for them."""
         for info in await self.list_models(refresh=True):
             info.tokenizer = await self._tokenizer(info.source)
+            for source in set(info.sources.values()) - {info.source}:
+                await self._tokenizer(source)  # a version under rollout with other weights
 
     async def model(self, name: str, task: str) -> ModelInfo:
         """The model's info; refreshes once before deciding it does not exist."""
@@ -410,17 +423,23 @@ class CallPath:
             if watch.text is not None:
                 users = [c for m, c in zip(messages, contents, strict=True) if m.role == "user"]
                 watch.text = users[-1] if users else None
-            ids = info.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)],
-                add_generation_prompt=True,
-                tokenize=True,
-            )
-            if not isinstance(ids, list):  # transformers may return a BatchEncoding
-                ids = list(ids["input_ids"])
+            turns = [
+                {"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)
+            ]
+
+            def render(tokenizer: Any) -> list[int]:
+                ids = tokenizer.apply_chat_template(
+                    turns, add_generation_prompt=True, tokenize=True
+                )
+                if not isinstance(ids, list):  # transformers may return a BatchEncoding
+                    ids = ids["input_ids"]
+                return list(ids)
+
+            ids = render(info.tokenizer)
             shape = (len(messages), sum(len(m.content) for m in messages))
             info = await self._window_for(info, len(ids), params)
             return self._generation(
-                info, list(ids), params, tenant, options, filters, cap, shape, rid, watch
+                info, ids, params, tenant, options, filters, cap, shape, rid, watch, render
             )
         except BaseException as e:
             tracing.end_failed(watch.span, e)
@@ -448,11 +467,15 @@ class CallPath:
             watch.filtered = clean != prompt
             if watch.text is not None:
                 watch.text = clean
-            ids = info.tokenizer(clean)["input_ids"]
+
+            def encode(tokenizer: Any) -> list[int]:
+                return list(tokenizer(clean)["input_ids"])
+
+            ids = encode(info.tokenizer)
             shape = (0, len(prompt))
             info = await self._window_for(info, len(ids), params)
             return self._generation(
-                info, list(ids), params, tenant, options, filters, cap, shape, rid, watch
+                info, ids, params, tenant, options, filters, cap, shape, rid, watch, encode
             )
         except BaseException as e:
             tracing.end_failed(watch.span, e)
@@ -584,7 +607,10 @@ class CallPath:
         shape: tuple[int, int] = (0, 0),
         request_id: str | None = None,
         watch: _Watch | None = None,
+        encode: Callable[[Any], list[int]] | None = None,
     ) -> Generation:
+        """``prompt_ids`` are the stable version's tokens; ``encode(tokenizer)`` makes them
+        again for a version whose weights differ (None: the ids are the only form)."""
         assert info.max_model_len is not None
         max_tokens = resolve_max_tokens(
             info.name, len(prompt_ids), params.max_tokens, info.max_model_len
@@ -609,9 +635,31 @@ class CallPath:
             prompt_chars=shape[1],
         )
         g._stream = self._stream(
-            g, request, prompt_ids, params.to_dict() | {"max_tokens": max_tokens}, filters, watch
+            g,
+            request,
+            prompt_ids,
+            params.to_dict() | {"max_tokens": max_tokens},
+            filters,
+            watch,
+            lambda version: self._ids_for(info, version, prompt_ids, encode),
         )
         return g
+
+    async def _ids_for(
+        self,
+        info: ModelInfo,
+        version: str,
+        ids: T,
+        encode: Callable[[Any], T] | None,
+    ) -> T:
+        """The input as ``version`` reads it. During a rollout to other weights (another
+        tokenizer and chat template) the stable version's tokens would be another text to
+        it, so they are made again with its own tokenizer once the lease names the
+        version. Admission counted the stable's tokens: close, not exact, for that call."""
+        source = info.sources.get(version, info.source)
+        if encode is None or source == info.source:
+            return ids
+        return encode(await self._tokenizer(source))
 
     async def _stream(
         self,
@@ -621,6 +669,7 @@ class CallPath:
         params: dict[str, Any],
         filters: FilterSet | None = None,
         watch: _Watch | None = None,
+        ids_for: Callable[[str], Awaitable[list[int]]] | None = None,
     ) -> AsyncIterator[tuple[str, int, str | None]]:
         start = time.perf_counter()
         usage = g.usage
@@ -635,11 +684,11 @@ class CallPath:
             served_at = time.perf_counter()
             while True:
                 usage.extra["version"] = lease.version
+                ids = prompt_ids if ids_for is None else await ids_for(lease.version)
+                usage.prompt_tokens = len(ids)
                 try:
                     channel = self._channel(lease.replica_id)
-                    async for text, n, finish in channel.generate(
-                        request.request_id, prompt_ids, params
-                    ):
+                    async for text, n, finish in channel.generate(request.request_id, ids, params):
                         if usage.ttft_s is None:
                             first_at = time.perf_counter()
                             usage.ttft_s = first_at - start
@@ -715,7 +764,11 @@ class CallPath:
                         self._filter_input(filters, t, where, tenant, model, rid) for t in texts
                     ]
                     watch.filtered, texts = clean != texts, clean
-            ids = [list(x) for x in info.tokenizer(texts)["input_ids"]]
+
+            def encode(tokenizer: Any) -> list[list[int]]:
+                return [list(x) for x in tokenizer(texts)["input_ids"]]
+
+            ids = encode(info.tokenizer)
             for i, x in enumerate(ids):
                 if len(x) > info.max_model_len:
                     raise ContextWindowExceeded(
@@ -745,8 +798,9 @@ class CallPath:
             while True:
                 served_at = time.perf_counter()
                 try:
+                    sent = await self._ids_for(info, lease.version, ids, encode)
                     vectors = await self._handle(lease.replica_id).embed.remote(
-                        ids, options.deadline_s
+                        sent, options.deadline_s
                     )
                     usage.ttft_s = time.perf_counter() - start
                     usage.extra["version"] = lease.version  # which vector space they are in

@@ -443,6 +443,7 @@ class Controller:
                     {
                         "version": v,
                         "state": state,
+                        "source": entry.specs[v].model if v in entry.specs else stable.model,
                         "traffic": round(weights.get(v, 0.0), 4),
                         "replicas": len(mine),
                         "ready_replicas": sum(r.state == "ready" for r in mine),

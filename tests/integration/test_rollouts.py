@@ -109,6 +109,8 @@ def test_canary_promotes_under_load_through_a_controller_restart(rolling) -> Non
     controller = actors.get_actor(actors.CONTROLLER_NAME)
     before = _versions(client.status())
     assert before["v1"]["state"] == "ready" and before["v1"]["traffic"] == 1.0
+    # callers learn each version's weights (a version on others is tokenized with its own)
+    assert {v["source"] for v in before.values()} == {DEPLOYED["models"][-1]["model"]}
     with Load(client, SHORT) as load:
         wait_for(lambda: load.ok >= 4, 60, "load on v1")
         status = client.rollout(MODEL, "v2")  # canary, the spec's steps: 50, 100
