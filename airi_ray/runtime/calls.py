@@ -226,8 +226,15 @@ class ReplicaChannel:
             self._fail(list(self._queues), ReplicaDied(f"replica {self.replica_id}: {e}"))
 
     def close(self) -> None:
+        """Stop reading. A caller drops a channel when its replica failed one of its
+        requests (died, refused a submit, engine error): the requests still waiting on it
+        fail the same way, to be retried elsewhere if nothing was sent, instead of waiting
+        for a reader that is gone."""
         if self._reader is not None:
             self._reader.cancel()
+        if self.dead is None:
+            self.dead = ReplicaDied(f"replica {self.replica_id}: channel closed")
+        self._fail(list(self._queues), ReplicaDied(f"replica {self.replica_id} failed"))
 
 
 @dataclass
