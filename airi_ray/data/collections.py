@@ -757,7 +757,7 @@ class Collection:
         ``benchmarks/retrieval.py``). Returns whether the index or the files changed.
         """
         rows = table.count_rows()
-        indexed = {tuple(i.columns) for i in table.list_indices()}
+        indexed = {tuple(i.columns): i.name for i in table.list_indices()}
         if ("vector",) not in indexed:
             if rows < self.store.index_min_rows:
                 return False
@@ -766,8 +766,7 @@ class Collection:
             if ("tenant",) not in indexed:
                 table.create_index("tenant", config=Bitmap())
             return True
-        name = next(i.name for i in table.list_indices() if tuple(i.columns) == ("vector",))
-        stats = table.index_stats(name)
+        stats = table.index_stats(indexed[("vector",)])
         small_files = table.stats()["fragment_stats"]["num_small_fragments"]
         # Unindexed rows are searched exactly (correct, slower); fold them in once they
         # reach a tenth of the table rather than on every small write, and compact once
