@@ -58,10 +58,22 @@ def _start_ray(resources: str | None, num_cpus: int | None) -> None:
     # Job entrypoints (`ray job submit -- python ...`) run with the cluster's PATH: put this
     # environment's bin folder first, so `python` there is the one airi is installed in.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    # `ray start` with token auth needs the token to exist already (ray.init makes one, the
+    # CLI does not): on a fresh machine, have Ray generate it first.
+    if not token.exists() and not os.environ.get("RAY_AUTH_TOKEN"):
+        _run_ray([_ray_cli(), "get-auth-token", "--generate"], env)
     if token.exists():
         token.chmod(0o600)
+    _run_ray(cmd, env)
+
+
+def _run_ray(cmd: list[str], env: dict[str, str]) -> None:
+    """Run a Ray CLI command; on failure, raise with the end of what it printed."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()[-5:]
+        raise RuntimeError(f"`{' '.join(cmd[1:3])}` failed: " + " / ".join(said))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
