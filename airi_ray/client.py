@@ -17,9 +17,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import atexit
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -544,6 +546,12 @@ class Client:
         self._thread.start()
         self.aio: AsyncClient = self._run(self._make(api_key))
         self._controller = self.aio._controller
+        # Closed when dropped, or at the latest when the process exits (before Ray's own
+        # exit handler, registered earlier, disconnects): a script that never calls close
+        # still hands back its last release and says goodbye to the scheduler.
+        self._closer = weakref.finalize(self, _close_client, self._loop, self._thread, self.aio)
+        self._closer.atexit = False
+        atexit.register(self._closer)
 
     async def _make(self, api_key: str | None) -> AsyncClient:
         client = AsyncClient(api_key)
@@ -723,10 +731,26 @@ class Client:
         return write_report(Path(path), samples, alerts, self.quality(), png_dir=png_dir)
 
     def close(self) -> None:
-        """Close the streams to the scheduler and replicas, then stop the loop thread."""
-        self._run(self.aio.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        """Close the streams to the scheduler and replicas, then stop the loop thread.
+        Idempotent; also done when the client is dropped or the process exits."""
+        self._closer()
+
+
+def _close_client(loop: asyncio.AbstractEventLoop, thread: threading.Thread, aio: Any) -> None:
+    """Close ``aio`` on its loop, then stop the loop (the client is closed or gone)."""
+    if not loop.is_running():
+        return
+    if not ray.is_initialized():
+        loop.call_soon_threadsafe(loop.stop)
+        return
+    done = asyncio.run_coroutine_threadsafe(aio.close(), loop)
+    done.add_done_callback(lambda _: loop.call_soon_threadsafe(loop.stop))
+    if threading.current_thread() is not thread:  # never block the loop on itself
+        try:
+            done.result(timeout=15)
+        except Exception:  # closing is best effort: the scheduler times out silent callers
+            pass
+        thread.join(timeout=5)
 
 
 def connect(address: str | None = "auto", api_key: str | None = None) -> Client:

@@ -121,6 +121,49 @@ def airi_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
         ray.shutdown()
 
 
+def _leftovers(outstanding: dict[str, Any]) -> list[str]:
+    """What the scheduler still holds, as readable lines; [] when everything came back."""
+    out = [
+        f"{model}: in_flight={m['in_flight']} queued={m['queued']} leases={m['leases']}"
+        for model, m in outstanding["models"].items()
+        if m["in_flight"] or m["queued"] or m["leases"]
+    ]
+    out += [f"{k}={outstanding[k]}" for k in ("callers", "waiting", "admissions") if outstanding[k]]
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leaked_leases(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The invariant: when a module's calls are done, every lease, queued request and
+    admission it made has come back to the scheduler within a few seconds. Checked after
+    each module that used the session's app, so a leak is named where it starts."""
+    yield
+    items = [i for i in request.session.items if i.module is request.module]
+    if not any("airi_app" in i.fixturenames for i in items):
+        return
+    import ray
+
+    from airi_ray.runtime import actors
+
+    if not ray.is_initialized():
+        return
+    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    left: list[str] = []
+
+    def settled() -> bool:
+        nonlocal left
+        left = _leftovers(ray.get(scheduler.outstanding.remote(), timeout=30))
+        return not left
+
+    try:
+        wait_for(settled, timeout=10, what="the module's leases to come back")
+    except AssertionError:
+        pytest.fail(
+            f"{request.module.__name__} left calls behind in the scheduler: " + "; ".join(left),
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def client(airi_app: App) -> Any:
     import airi_ray as airi

@@ -641,6 +641,11 @@ class Scheduler:
         m = self._models.get(model)
         return m.in_flight if m is not None else 0
 
+    def leases(self, model: str | None = None) -> list[Lease]:
+        """The leases held now (of ``model``, or of every model), oldest grant first."""
+        held = (g.lease for g in self._leases.values())
+        return [x for x in held if model is None or x.model == model]
+
     def lease(self, request_id: str) -> Lease | None:
         """The lease a request holds, None if it holds none."""
         g = self._leases.get(request_id)

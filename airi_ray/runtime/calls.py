@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 3
+# The scheduler takes back what a caller holds once it is silent for CallerBook's ttl
+# (10 s): an idle caller says it is alive well within that.
+HEARTBEAT_S = 2.0
 MODEL_INFO_TTL_S = 5.0
 DEFAULT_OPTIONS = CallOptions()
 FILTER_FIELDS = set(FilterConfig.__dataclass_fields__)
@@ -100,12 +103,13 @@ class _Coalescer(Generic[T]):
     def add(self, item: T) -> None:
         if not self._items:
             if self._delay_s:  # or collect for a while, for messages that may wait
-                asyncio.get_running_loop().call_later(self._delay_s, self._drain)
+                asyncio.get_running_loop().call_later(self._delay_s, self.flush)
             else:
-                asyncio.get_running_loop().call_soon(self._drain)
+                asyncio.get_running_loop().call_soon(self.flush)
         self._items.append(item)
 
-    def _drain(self) -> None:
+    def flush(self) -> None:
+        """Hand over what is collected now (also what a closing caller still holds)."""
         items, self._items = self._items, []
         if items:
             self._flush(items)
@@ -309,8 +313,9 @@ class CallPath:
         self._acquires = _Coalescer[AcquireRequest](self._send_acquires)
         self._pending: dict[str, asyncio.Future[Lease]] = {}  # request -> its lease, to come
         self._grants: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
         self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](
-            lambda items: self._scheduler.release.remote(items)
+            lambda items: self._scheduler.release.remote(items, self.caller_id)
         )
         self._audit_events = _Coalescer[AuditEvent](
             lambda items: self._scheduler.audit.remote(items)
@@ -971,8 +976,11 @@ class CallPath:
     def _expect_grant(self, request_id: str) -> asyncio.Future[Lease]:
         """A future for the request's lease, registered before the scheduler is asked, so
         a grant arriving on the stream ahead of the reply finds it."""
+        loop = asyncio.get_running_loop()
         if self._grants is None or self._grants.done():
-            self._grants = asyncio.get_running_loop().create_task(self._read_grants())
+            self._grants = loop.create_task(self._read_grants())
+        if self._keepalive is None or self._keepalive.done():
+            self._keepalive = loop.create_task(self._heartbeats())
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         return future
@@ -1013,6 +1021,17 @@ class CallPath:
             err = ReplicaUnavailable(f"lost the scheduler while waiting for a replica: {e}")
             self._resolve([(rid, err) for rid in list(self._pending)])
 
+    async def _heartbeats(self) -> None:
+        """Tell the scheduler every HEARTBEAT_S that this caller is alive: the leases of a
+        caller that falls silent are taken back (it ended or died without releasing)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                ref = self._scheduler.heartbeat.remote(self.caller_id)
+                ref.future().add_done_callback(lambda f: f.exception())
+            except Exception as e:  # a restarting scheduler: the next beat reaches it
+                logger.debug("heartbeat not sent: %s", e)
+
     def _resolve(self, results: list[tuple[str, Lease | BaseException]]) -> None:
         for rid, result in results:
             future = self._pending.pop(rid, None)
@@ -1045,10 +1064,11 @@ class CallPath:
         return ch
 
     async def close(self) -> None:
-        """Send what is still collected (observations), close the grant stream and every
-        replica channel of this process."""
-        self._observations._drain()
-        tasks = [t for t in [self._grants] if t is not None]
+        """Send what is still collected (releases, observations), close the grant stream
+        and every replica channel of this process, and tell the scheduler this caller is
+        gone, so it takes back whatever is still queued or leased under it."""
+        self._observations.flush()
+        tasks = [t for t in [self._grants, self._keepalive] if t is not None]
         for replica_id in list(self._channels):
             ch = self._channels[replica_id]
             if ch._reader is not None:
@@ -1057,6 +1077,15 @@ class CallPath:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Calls ended by dropping the channels release in their own finally blocks; one
+        # more turn of the loop lets them, then everything goes before the goodbye (Ray
+        # keeps one caller's calls to an actor in order).
+        await asyncio.sleep(0)
+        self._releases.flush()
+        try:
+            await asyncio.wait_for(self._scheduler.caller_gone.remote(self.caller_id), 10)
+        except Exception as e:  # the scheduler takes back a silent caller's leases anyway
+            logger.debug("caller_gone not delivered: %s", e)
 
     def _drop_channel(self, replica_id: str) -> None:
         ch = self._channels.pop(replica_id, None)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from airi_ray.config import ANONYMOUS_TENANT, SYSTEM_TENANT, AppSpec
+from airi_ray.core.callers import CallerBook
 from airi_ray.core.errors import AiriError, ReplicaUnavailable
 from airi_ray.core.policy import (
     Admission,
@@ -74,7 +75,9 @@ class GlobalScheduler:
         self._callers: dict[str, _Grants] = {}
         self._waiting: dict[str, tuple[str, float]] = {}  # request -> (caller, expiry)
         self._expiry: list[tuple[float, str]] = []  # heap over ``_waiting``'s expiries
-        self._held: dict[str, str] = {}  # leased request -> caller
+        # Each caller's queued and leased requests, and when it was last heard from: a
+        # caller that went away without handing them back is found here (see callers.py).
+        self.callers = CallerBook()
         # Tenant limits (ACL, rate limits, budgets, concurrency) on every call, whatever
         # surface it came from; an admission is settled with the real tokens at release.
         self.policy = PolicyEngine()
@@ -150,6 +153,7 @@ class GlobalScheduler:
         now = time.monotonic()
         results: dict[str, Lease | AiriError | None] = {}
         self._callers.setdefault(caller_id, _Grants())
+        self.callers.heard(caller_id, now)
         wall = time.time()  # budgets reset on UTC boundaries
         for request in requests:
             rid = request.request_id
@@ -180,6 +184,7 @@ class GlobalScheduler:
                 results[rid] = e
                 continue
             self._admissions[rid] = admission
+            self.callers.add(caller_id, rid, now)
             results[rid] = None
             self._wait(request.request_id, caller_id, now)
         self._dispatch(results)
@@ -200,14 +205,15 @@ class GlobalScheduler:
         Raises:
             ReplicaUnavailable: the request holds no lease (it was released already).
         """
+        now = time.monotonic()
+        self.callers.heard(caller_id, now)
         lease = self.core.lease(request_id)
         if lease is None or not self.core.requeue(request_id, exclude_version=exclude_version):
             raise ReplicaUnavailable(f"request {request_id} holds no lease to requeue")
-        self._held.pop(request_id, None)
         self._versions[lease.model][lease.version].add(True, None)
         if not exclude_version:
             self.core.mark_unready(lease.replica_id)
-        self._wait(request_id, caller_id, time.monotonic())
+        self._wait(request_id, caller_id, now)
         results: dict[str, Lease | AiriError | None] = {request_id: None}
         self._dispatch(results)
         result = results[request_id]
@@ -215,8 +221,10 @@ class GlobalScheduler:
         return result
 
     async def grants(self, caller_id: str) -> AsyncIterator[list[tuple[str, Lease | AiriError]]]:
-        """Stream the caller's grants, a list per wake-up, until the caller goes away;
-        then its queued requests are dropped and its leases returned."""
+        """Stream the caller's grants, a list per wake-up, until the caller says goodbye
+        (``caller_gone``) or falls silent (see ``CallerBook``); then its queued requests
+        are dropped and its leases returned. Ray does not end this stream when the caller
+        dies, so the end of the stream is not relied on to notice it."""
         grants = self._callers.setdefault(caller_id, _Grants())
         if self._expirer is None or self._expirer.done():
             self._expirer = asyncio.create_task(self._expire_loop())
@@ -224,23 +232,53 @@ class GlobalScheduler:
             async for batch in grants.batches():
                 yield batch
         finally:
-            self._callers.pop(caller_id, None)
-            for rid in [r for r, (c, _) in self._waiting.items() if c == caller_id]:
-                self._drop_waiting(rid)
-            held = [r for r, c in self._held.items() if c == caller_id]
-            if held:
-                logger.warning("caller %s went away holding %d leases", caller_id, len(held))
-                self.release([(rid, {"error": "caller_gone"}, False) for rid in held])
+            if self._callers.get(caller_id) is grants:  # not taken back already
+                self._take_back(caller_id, "closed its grant stream")
 
-    def release(self, items: list[tuple[str, dict[str, Any], bool]]) -> None:
+    def heartbeat(self, caller_id: str) -> None:
+        """The caller is alive (sent every few seconds, whatever it is doing)."""
+        self.callers.heard(caller_id, time.monotonic())
+
+    def caller_gone(self, caller_id: str) -> int:
+        """The caller is closing: take back what it still holds (a client's ``close``, an
+        ingress replica's shutdown). Returns how many requests were taken back."""
+        return self._take_back(caller_id, "closed")
+
+    def _take_back(self, caller_id: str, why: str) -> int:
+        """Drop the caller's queued requests, release its leases, close its grant stream."""
+        grants = self._callers.pop(caller_id, None)
+        if grants is not None:
+            grants.close()
+        requests = self.callers.drop(caller_id)
+        leased = [rid for rid in requests if self.core.lease(rid) is not None]
+        if requests:
+            logger.warning(
+                "caller %s %s holding %d leases and %d queued requests: taken back",
+                caller_id,
+                why,
+                len(leased),
+                len(requests) - len(leased),
+            )
+        for rid in requests:
+            if rid not in leased:
+                self._drop_waiting(rid)
+        if leased:
+            self.release([(rid, {"error": "caller_gone"}, False) for rid in leased])
+        return len(requests)
+
+    def release(
+        self, items: list[tuple[str, dict[str, Any], bool]], caller_id: str | None = None
+    ) -> None:
         """Take back leases ``(request_id, usage, replica_failed)`` and charge their usage.
 
         A request still waiting in a queue (its caller gave up) is just dropped.
         """
         now = time.monotonic()
+        if caller_id is not None:
+            self.callers.heard(caller_id, now)
         for request_id, usage_dict, replica_failed in items:
             usage = Usage(**usage_dict)
-            self._held.pop(request_id, None)
+            self.callers.remove(request_id)
             lease = self.core.release(request_id, usage.completion_tokens, now)
             if lease is None:
                 self._drop_waiting(request_id)
@@ -337,6 +375,7 @@ class GlobalScheduler:
 
     def _drop_waiting(self, request_id: str) -> str | None:
         """Take a request out of its queue; returns its caller."""
+        self.callers.remove(request_id)
         if self.core.cancel(request_id):
             self._settle(request_id, 0, 0)
         waiting = self._waiting.pop(request_id, None)
@@ -354,9 +393,9 @@ class GlobalScheduler:
                 if waiting is None or (grants is None and (results is None or rid not in results)):
                     self.core.release(rid)
                     self._settle(rid, 0, 0)
+                    self.callers.remove(rid)
                     granted = True
                     continue
-                self._held[rid] = waiting[0]
                 if results is not None and rid in results:
                     results[rid] = lease
                 else:
@@ -364,10 +403,13 @@ class GlobalScheduler:
                     grants.push((rid, lease))
 
     async def _expire_loop(self) -> None:
-        """Refuse requests that waited longer than the queue timeout (checked each second)."""
-        while self._callers:
+        """Refuse requests that waited longer than the queue timeout, and take back what
+        silent callers hold (checked each second)."""
+        while self._callers or len(self.callers):
             await asyncio.sleep(1.0)
             now = time.monotonic()
+            for caller in self.callers.expired(now):
+                self._take_back(caller, f"was silent for over {self.callers.ttl_s:g}s")
             while self._expiry and self._expiry[0][0] <= now:
                 expires, rid = heapq.heappop(self._expiry)
                 waiting = self._waiting.get(rid)
@@ -415,6 +457,29 @@ class GlobalScheduler:
                 "replicas": [dataclasses.asdict(r) for r in self.core.replicas(m)],
             }
             for m in sorted(self.core.models())
+        }
+
+    def outstanding(self) -> dict[str, Any]:
+        """What is still held, all zero once every call has ended: per model its leases,
+        in-flight count and queued requests, and this actor's own books (leases by caller,
+        requests waiting for a grant, open policy admissions). A count left above zero is
+        a leak: the model serves that much less until a restart."""
+        core = self.core
+        return {
+            "models": {
+                m: {
+                    "in_flight": core.in_flight(m),
+                    "queued": core.queue_depth(m),
+                    "leases": [
+                        {"request_id": x.request_id, "tenant": x.tenant, "replica": x.replica_id}
+                        for x in core.leases(m)
+                    ],
+                }
+                for m in sorted(core.models())
+            },
+            "callers": len(self.callers),
+            "waiting": len(self._waiting),
+            "admissions": len(self._admissions),
         }
 
     def timeline_stats(self) -> dict[str, Any]:

@@ -151,6 +151,10 @@ class Ingress:
         self.client = AsyncClient(api_key="")
         await self.client.warm()
 
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown of this replica: hand back what its calls hold."""
+        await self.client.close()
+
     async def _body(self, request: Request, model: type[BaseModel]) -> Any:
         """Read the JSON body within the size limit and validate it against ``model``."""
         limit = self.spec.max_body_bytes
