@@ -646,8 +646,11 @@ class CallPath:
             stop=len(params.stop),
             prompt_chars=shape[1],
         )
+        # The stream gets the usage, not ``g``: a generator holding the object that holds
+        # it is a cycle, which only the cyclic collector frees, so an abandoned stream
+        # would keep its lease until a collection happened to run.
         g._stream = self._stream(
-            g,
+            g.usage,
             request,
             prompt_ids,
             params.to_dict() | {"max_tokens": max_tokens},
@@ -675,7 +678,7 @@ class CallPath:
 
     async def _stream(
         self,
-        g: Generation,
+        usage: Usage,
         request: AcquireRequest,
         prompt_ids: list[int],
         params: dict[str, Any],
@@ -684,7 +687,6 @@ class CallPath:
         ids_for: Callable[[str], Awaitable[list[int]]] | None = None,
     ) -> AsyncIterator[tuple[str, int, str | None]]:
         start = time.perf_counter()
-        usage = g.usage
         # Answers pass the tenant's filters as they stream: a rolling hold-back window
         # catches a match split across chunks, without waiting for the whole answer.
         out = filters.stream() if filters is not None else None
@@ -724,7 +726,7 @@ class CallPath:
                     if usage.completion_tokens:
                         usage.error = "replica_died"
                         raise ReplicaUnavailable(
-                            f"the replica serving model {g.model!r} died after "
+                            f"the replica serving model {request.model!r} died after "
                             f"{usage.completion_tokens} tokens were sent; the request cannot "
                             "be resumed"
                         ) from e
@@ -742,8 +744,8 @@ class CallPath:
                     finding_events(
                         out.findings,
                         tenant=request.tenant,
-                        model=g.model,
-                        request_id=g.request_id,
+                        model=request.model,
+                        request_id=request.request_id,
                     )
                 )
                 if watch is not None and out.findings:

@@ -134,6 +134,28 @@ def _usage(g: Generation) -> dict[str, int]:
     }
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events of one generation, closed however the response ends.
+
+    Starlette neither closes a body iterator that stopped early (the client hung up while
+    an event was being sent) nor starts one whose response was cancelled before its body:
+    left to the garbage collector, the generation would hold its lease and replica slot
+    until a collection happened to run. Closing it aborts the request in the engine and
+    hands the lease back at once.
+    """
+
+    def __init__(self, events: AsyncIterator[str], generation: AsyncIterator[Any]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._generation = generation
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._generation.aclose()  # type: ignore[attr-defined]
+
+
 # serve.ingress pickles the app when the class is decorated: helpers the routes use must
 # be defined above this point.
 @serve.deployment(
@@ -415,10 +437,8 @@ class Ingress:
                 yield "data: [DONE]\n\n"
             except AiriError as e:
                 yield _sse(e.to_body())
-            finally:
-                await it.aclose()  # a client that hung up aborts the request in the engine
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _EventStream(events(), it)
 
 
 _INGRESS_KEY = b"airi/ingress_spec"  # the settings the running ingress was started with
