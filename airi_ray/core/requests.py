@@ -13,6 +13,7 @@ from airi_ray.core.errors import ContextWindowExceeded, InvalidRequest
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_MESSAGES = 512  # a conversation longer than this is a client bug or abuse
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed seed, as vLLM's server takes it
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,14 @@ class GenerationParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest("stop must be at most 4 non-empty strings")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise InvalidRequest(
+                f"seed must be an integer from {SEED_MIN} to {SEED_MAX}, got {self.seed!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +152,8 @@ def parse_messages(messages: Any) -> list[ChatMessage]:
                 f"messages[{i}].content must be a string, got {type(content).__name__}"
             )
         parsed.append(ChatMessage(role, content))
+    if not any(m.content for m in parsed):
+        raise InvalidRequest("every message's content is empty; send some text")
     return parsed
 
 

@@ -94,6 +94,24 @@ def engine_args(spec: ModelSpec) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
+def explain_failure(e: BaseException) -> tuple[bool, str]:
+    """Whether an exception from the engine means the engine died, and what to tell.
+
+    Only vLLM's ``EngineDeadError`` (its engine core is gone) is death: every other
+    exception failed one request (a value the engine refused, an overflow, a grammar that
+    does not compile) and the engine serves on. vLLM wraps such a failure of
+    ``generate`` in ``EngineGenerateError``, whose cause says what went wrong.
+    """
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    if isinstance(e, EngineDeadError):
+        return True, f"the engine died: {e}"
+    cause: BaseException = e
+    while isinstance(cause, EngineGenerateError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    return False, f"{type(cause).__name__}: {cause}".rstrip(": ")
+
+
 class Engine:
     """One vLLM engine serving generation or embeddings for one model spec."""
 

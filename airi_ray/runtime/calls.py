@@ -624,6 +624,10 @@ class CallPath:
         """``prompt_ids`` are the stable version's tokens; ``encode(tokenizer)`` makes them
         again for a version whose weights differ (None: the ids are the only form)."""
         assert info.max_model_len is not None
+        if not prompt_ids:
+            raise InvalidRequest(
+                f"the prompt is empty (0 tokens for model {info.name!r}); send some text"
+            )
         max_tokens = resolve_max_tokens(
             info.name, len(prompt_ids), params.max_tokens, info.max_model_len
         )
@@ -717,6 +721,8 @@ class CallPath:
                 except Exception as e:
                     if isinstance(e, ReplicaDied):
                         self._drop_channel(lease.replica_id)
+                    if isinstance(e, InvalidRequest):  # the request's fault: never retried
+                        raise
                     if lease.canary and not usage.completion_tokens:
                         lease = await self._retry_elsewhere(lease, usage, e, other_version=True)
                         served_at = time.perf_counter()
@@ -820,9 +826,14 @@ class CallPath:
                     usage.extra["version"] = lease.version  # which vector space they are in
                     return vectors, usage
                 except Exception as e:
+                    cause = unwrap_error(e)
+                    if isinstance(cause, InvalidRequest):  # the request's fault: never retried
+                        raise cause from None
                     if lease.canary:
                         lease = await self._retry_elsewhere(lease, usage, e, other_version=True)
-                    elif isinstance(e, (ray.exceptions.RayActorError, ReplicaDied)):
+                    elif isinstance(e, (ray.exceptions.RayActorError, ReplicaDied)) or isinstance(
+                        cause, ReplicaUnavailable
+                    ):
                         lease = await self._retry_elsewhere(lease, usage, e)
                     else:
                         raise

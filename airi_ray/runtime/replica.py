@@ -20,12 +20,14 @@ from typing import Any
 
 from airi_ray.config import ModelSpec
 from airi_ray.core.batching import BatchWindow
+from airi_ray.core.errors import InvalidRequest, ReplicaUnavailable
 from airi_ray.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
 # One channel item: (request_id, new_text, new_token_count, finish_reason, error_message);
-# finish_reason "invalid" or "engine_error" carries an error instead of tokens.
+# finish_reason "invalid" (this request failed; the engine serves on) or "engine_error"
+# (the engine died) carries an error instead of tokens.
 # A tuple rather than a dataclass: it is pickled once per request per engine step.
 Delta = tuple[str, str, int, str | None, str | None]
 
@@ -85,9 +87,11 @@ class ModelReplica:
         self, channel: _Channel, request_id: str, prompt_ids: list[int], params: dict[str, Any]
     ) -> None:
         finished = False
+        if self._dead is not None:  # every later request would hang on a dead engine
+            channel.push((request_id, "", 0, "engine_error", f"the engine died: {self._dead}"))
+            channel.tasks.pop(request_id, None)
+            return
         try:
-            if self._dead is not None:  # every later request would hang on a dead engine
-                raise RuntimeError(f"the engine died earlier: {self._dead}")
             if self._injected_delay_s:
                 await asyncio.sleep(self._injected_delay_s)
             limit = self._engine.max_model_len
@@ -101,18 +105,28 @@ class ModelReplica:
                 channel.push((request_id, text, n, finish, None))
         except asyncio.CancelledError:
             raise
-        except (ValueError, TypeError) as e:  # vLLM refused this request's input
-            channel.push((request_id, "", 0, "invalid", f"{type(e).__name__}: {e}"))
-        except Exception as e:  # the engine itself failed (e.g. its core process died)
-            if self._dead is None:
-                logger.exception("request %s failed in the engine", request_id)
-                self._dead = f"{type(e).__name__}: {e}"
-            channel.push((request_id, "", 0, "engine_error", f"{type(e).__name__}: {e}"))
+        except Exception as e:
+            dead, why = self._failure(e, request_id)
+            channel.push((request_id, "", 0, "engine_error" if dead else "invalid", why))
         else:
             if not finished:  # the engine aborted it (e.g. an abort from another path)
                 channel.push((request_id, "", 0, "abort", None))
         finally:
             channel.tasks.pop(request_id, None)
+
+    def _failure(self, e: Exception, request_id: str) -> tuple[bool, str]:
+        """Classify an engine exception: death marks this replica dead for good (the
+        controller replaces it); anything else failed this one request only."""
+        from airi_ray.engines.vllm_engine import explain_failure
+
+        dead, why = explain_failure(e)
+        if dead:
+            if self._dead is None:
+                logger.error("the engine died serving %s: %s", request_id, e)
+                self._dead = why
+        else:
+            logger.info("request %s failed in the engine: %s", request_id, why)
+        return dead, why
 
     async def open_channel(self, channel_id: str) -> AsyncIterator[list[Delta]]:
         """Stream lists of deltas, one list per wake-up, until the caller closes it."""
@@ -148,7 +162,14 @@ class ModelReplica:
         self, token_ids: list[list[int]], deadline_s: float | None = None
     ) -> list[list[float]]:
         """Embed pre-tokenized inputs. Calls arriving within the batching window go to the
-        engine as one batch; ``deadline_s`` (seconds from now) caps the wait."""
+        engine as one batch; ``deadline_s`` (seconds from now) caps the wait.
+
+        Raises:
+            InvalidRequest: the engine refused these inputs (it serves on).
+            ReplicaUnavailable: the engine died (the call is retried elsewhere).
+        """
+        if self._dead is not None:
+            raise ReplicaUnavailable(f"replica {self.replica_id}: the engine died: {self._dead}")
         item_id = uuid.uuid4().hex
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         now = time.monotonic()
@@ -177,15 +198,38 @@ class ModelReplica:
             try:
                 vectors = await self._engine.embed(inputs) if inputs else []
             except Exception as e:
-                for _, future in calls:
-                    if not future.done():
-                        future.set_exception(e)
+                await self._fail_batch(calls, e)
                 continue
             offset = 0
             for ids, future in calls:
                 if not future.done():
                     future.set_result(vectors[offset : offset + len(ids)])
                 offset += len(ids)
+
+    async def _fail_batch(
+        self, calls: list[tuple[list[list[int]], asyncio.Future[Any]]], e: Exception
+    ) -> None:
+        """A batch failed: if the engine died, all of it; else each call is run alone, so
+        only the call that caused it fails (with InvalidRequest, the engine serves on)."""
+        dead, why = self._failure(e, "an embedding batch")
+        if dead:
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(ReplicaUnavailable(f"replica {self.replica_id}: {why}"))
+            return
+        if len(calls) == 1:
+            ids, future = calls[0]
+            if not future.done():
+                future.set_exception(InvalidRequest(f"the engine refused the input: {why}"))
+            return
+        for call in calls:
+            ids, future = call
+            if future.done():
+                continue
+            try:
+                future.set_result(await self._engine.embed(ids))
+            except Exception as one:
+                await self._fail_batch([call], one)
 
     async def probe(self) -> float:
         """A real one-token generation (or one embedding) bounded by the spec's timeout."""

@@ -31,6 +31,12 @@ from airi_ray.core.stats import RateWindow, percentile
         ({"temperature": 3.0}, "temperature must be between 0 and 2"),
         ({"top_p": 0.0}, "top_p"),
         ({"stop": ("",)}, "stop"),
+        (
+            {"seed": 2**64},
+            "seed must be an integer from -9223372036854775808 to 9223372036854775807",
+        ),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_generation_params_refuse_bad_values(kwargs: dict, match: str) -> None:
