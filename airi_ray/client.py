@@ -132,8 +132,12 @@ class AsyncClient:
         """Close this client's streams (its queued requests are dropped, leases returned)."""
         await self._path.close()
 
-    async def models(self) -> list[dict[str, Any]]:
-        return [vars(m) | {"tokenizer": None} for m in await self._path.list_models(refresh=True)]
+    async def models(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The served models the tenant (default: this client's key's) may call."""
+        if tenant is None and self.api_key:
+            tenant = await self.tenant_for(self.api_key)
+        infos = await self._path.visible_models(tenant, refresh=True)
+        return [vars(m) | {"tokenizer": None} for m in infos]
 
     async def chat_generation(
         self,

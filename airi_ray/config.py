@@ -366,6 +366,12 @@ class TenantSpec(_Spec):
     max_prompt_chars: int | None = Field(
         None, ge=1, description="Most characters of prompt text in one call (400 over it)."
     )
+    max_embedding_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens of all inputs of one embeddings request (400 over it; "
+        "default 300,000, as OpenAI's API).",
+    )
     rpm: int | None = Field(None, ge=1, description="Requests per minute before 429.")
     tpm: int | None = Field(
         None, ge=1, description="Tokens (prompt + completion) per minute before 429."
@@ -390,6 +396,7 @@ class TenantSpec(_Spec):
             "max_messages": self.max_messages,
             "max_stop": self.max_stop,
             "max_prompt_chars": self.max_prompt_chars,
+            "max_embedding_tokens": self.max_embedding_tokens,
         }
         return {k: v for k, v in limits.items() if v is not None}
 

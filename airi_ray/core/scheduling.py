@@ -92,6 +92,7 @@ class AcquireRequest:
         requested_max_tokens, messages, stop, prompt_chars: the caller's own ``max_tokens``
             (None if unset), chat messages, stop sequences and prompt characters, for the
             tenant's request-shape limits.
+        inputs: texts of an embeddings request (0: a generation), for the tenant's limits.
         exclude_versions: model versions not to use (a canary version failed this request).
         version: run only on this version, whatever the traffic split (None: the split
             decides). For the runtime's data jobs, which must embed with one version.
@@ -111,6 +112,7 @@ class AcquireRequest:
     messages: int = 0  # tenant's limits
     stop: int = 0
     prompt_chars: int = 0
+    inputs: int = 0
     exclude_versions: frozenset[str] = frozenset()  # immutable: a plain default is safe
     version: str | None = None
 

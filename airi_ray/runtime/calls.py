@@ -42,6 +42,7 @@ from airi_ray.core.policy import (
     FilterConfig,
     FilterSet,
     SemanticFilter,
+    allows,
     finding_events,
     refusal_event,
 )
@@ -66,6 +67,7 @@ MAX_ATTEMPTS = 3
 # (10 s): an idle caller says it is alive well within that.
 HEARTBEAT_S = 2.0
 MODEL_INFO_TTL_S = 5.0
+MAX_EMBEDDING_INPUTS = 2048  # per request, as OpenAI caps it
 DEFAULT_OPTIONS = CallOptions()
 FILTER_FIELDS = set(FilterConfig.__dataclass_fields__)
 SEMANTIC_WINDOW_CHARS = 800  # about 200 tokens of English
@@ -306,6 +308,7 @@ class CallPath:
         self._models: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, Any] = {}
         self._model_infos = Cached(self._fetch_models, MODEL_INFO_TTL_S)
+        self._model_acl = Cached(self._controller.model_acl.remote, MODEL_INFO_TTL_S)
         self._filter_specs = Cached(self._controller.filter_config.remote, MODEL_INFO_TTL_S)
         self._filter_sets: dict[str, FilterSet] = {}  # by the spec's JSON
         self._semantic_filters: dict[str, SemanticFilter] = {}
@@ -330,6 +333,14 @@ class CallPath:
         self._models = await self._model_infos.get(fresh=refresh)
         return list(self._models.values())
 
+    async def visible_models(self, tenant: str | None, refresh: bool = False) -> list[ModelInfo]:
+        """The served models ``tenant`` may call (its model ACL); None: all of them."""
+        infos = await self.list_models(refresh)
+        if tenant is None:
+            return infos
+        acl = (await self._model_acl.get()).get(tenant) or []
+        return [i for i in infos if allows(acl, i.name)]
+
     async def _fetch_models(self) -> dict[str, ModelInfo]:
         infos = await self._controller.models.remote()
         fields = ModelInfo.__dataclass_fields__
@@ -348,8 +359,9 @@ class CallPath:
             for source in set(info.sources.values()) - {info.source}:
                 await self._tokenizer(source)  # a version under rollout with other weights
 
-    async def model(self, name: str, task: str) -> ModelInfo:
-        """The model's info; refreshes once before deciding it does not exist."""
+    async def model(self, name: str, task: str, tenant: str | None = None) -> ModelInfo:
+        """The model's info; refreshes once before deciding it does not exist. The
+        refusal names only the models ``tenant`` may call."""
         if not isinstance(name, str) or not name:
             raise InvalidRequest("model must be a non-empty string naming a deployed model")
         for refresh in (False, True):
@@ -358,8 +370,9 @@ class CallPath:
             if info is not None:
                 break
         else:
-            known = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFound(f"model {name!r} is not deployed; deployed models: {known}")
+            visible = [i.name for i in await self.visible_models(tenant)]
+            known = ", ".join(sorted(visible)) or "none"
+            raise ModelNotFound(f"The model `{name}` does not exist; deployed models: {known}")
         if info.task != task:
             what = "chat/completions" if task == "generate" else "embeddings"
             raise InvalidRequest(
@@ -406,7 +419,7 @@ class CallPath:
         """Start a chat generation (iterate it to run it). ``cap`` maps the prompt's length
         to the most output tokens allowed (a graph run's token budget).
         """
-        info = await self.model(model, "generate")
+        info = await self.model(model, "generate", tenant)
         if getattr(info.tokenizer, "chat_template", None) is None:
             raise InvalidRequest(f"model {model!r} has no chat template; use completions instead")
         rid = f"req-{uuid.uuid4().hex}"
@@ -468,7 +481,7 @@ class CallPath:
     ) -> Generation:
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string")
-        info = await self.model(model, "generate")
+        info = await self.model(model, "generate", tenant)
         rid = f"req-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid)
         try:
@@ -772,7 +785,11 @@ class CallPath:
         filters apply first (``where``: ``prompt``, or ``document`` for ingested text)."""
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidRequest("input must be a non-empty string or a non-empty list of strings")
-        info = await self.model(model, "embed")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise InvalidRequest(
+                f"input has {len(texts)} items; at most {MAX_EMBEDDING_INPUTS} per request"
+            )
+        info = await self.model(model, "embed", tenant)
         assert info.max_model_len is not None
         rid = f"emb-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid, sample=False)
@@ -808,6 +825,7 @@ class CallPath:
             0,
             priority=options.priority,
             deadline_s=options.deadline_s,
+            inputs=len(ids),
             version=options.version,
         )
         lease: Lease | None = None

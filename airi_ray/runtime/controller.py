@@ -507,6 +507,11 @@ class Controller:
 
         return (self.spec.storage if self.spec is not None else StorageSpec()).resolved_uri()
 
+    def model_acl(self) -> dict[str, list[str]]:
+        """The models each tenant may call (glob patterns; a missing tenant may call all)."""
+        tenants = self.spec.tenants if self.spec is not None else []
+        return {t.name: t.models for t in tenants if t.models}
+
     def graph_acl(self) -> dict[str, list[str]]:
         """The graphs each tenant may run (glob patterns; a missing tenant may run all)."""
         tenants = self.spec.tenants if self.spec is not None else []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import inspect
 import logging
 import os
@@ -34,7 +33,7 @@ import ray
 from airi_ray.core.errors import AiriError, InvalidRequest, NotFound, ReplicaUnavailable
 from airi_ray.core.graph import CompiledGraph, Node, RunError, RunState
 from airi_ray.core.nodes import Features, ModelCall, PolicyCheck, Retrieve, calls_ahead
-from airi_ray.core.policy import PermissionDenied
+from airi_ray.core.policy import PermissionDenied, allows
 from airi_ray.core.requests import CallOptions, generation_params, parse_messages
 from airi_ray.core.runs import RunLimits, RunOptions
 from airi_ray.obs.tracing import tracing
@@ -343,8 +342,7 @@ class GraphExecutor:
             known = ", ".join(sorted(self._graphs)) or "none"
             raise NotFound(f"graph {name!r} is not registered; graphs: {known}")
         for fresh in (False, True):  # a refusal is checked against the latest spec
-            patterns = (await self._acl.get(fresh)).get(tenant) or ["*"]
-            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            if allows((await self._acl.get(fresh)).get(tenant) or [], name):
                 return g
         raise PermissionDenied(f"tenant {tenant!r} may not run graph {name!r}")
 

@@ -165,6 +165,7 @@ class GlobalScheduler:
                     messages=request.messages,
                     stop=request.stop,
                     prompt_chars=request.prompt_chars,
+                    embedding_tokens=request.prompt_tokens if request.inputs else None,
                 )
                 admission = self.policy.admit(
                     request.tenant, request.model, request.prompt_tokens, request.max_tokens, wall

@@ -30,6 +30,7 @@ from airi_ray.core.errors import (
     AiriError,
     AuthenticationError,
     InvalidRequest,
+    ModelNotFound,
     NotFound,
     Overloaded,
     PayloadTooLarge,
@@ -123,6 +124,20 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
     return vector
+
+
+def _model_card(m: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's model object, with what airi knows of the model besides."""
+    return {
+        "id": m["name"],
+        "object": "model",
+        "created": 0,
+        "owned_by": "airi",
+        "version": m["version"],
+        "task": m["task"],
+        "max_model_len": m["max_model_len"],
+        "ready_replicas": m["ready_replicas"],
+    }
 
 
 def _usage(g: Generation) -> dict[str, int]:
@@ -226,24 +241,17 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
-        await self._tenant(request)
-        models = await self.client.models()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": m["name"],
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "airi",
-                    "version": m["version"],
-                    "task": m["task"],
-                    "max_model_len": m["max_model_len"],
-                    "ready_replicas": m["ready_replicas"],
-                }
-                for m in models
-            ],
-        }
+        """The models the caller's tenant may call."""
+        models = await self.client.models(await self._tenant(request))
+        return {"object": "list", "data": [_model_card(m) for m in models]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
+        """One model, if the caller's tenant may call it (else 404, as if it did not exist)."""
+        for m in await self.client.models(await self._tenant(request)):
+            if m["name"] == model_id:
+                return _model_card(m)
+        raise ModelNotFound(f"The model `{model_id}` does not exist.")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:

@@ -116,6 +116,11 @@ def test_embedding_input_too_long(airi_app) -> None:
     assert_error(r, 400, "at most 256")
 
 
+def test_too_many_embedding_inputs(airi_app) -> None:
+    r = post(airi_app, "/v1/embeddings", json={"model": "minilm", "input": ["a"] * 2049})
+    assert_error(r, 400, "input has 2049 items; at most 2048 per request")
+
+
 def test_oversized_body(airi_app) -> None:
     big = GOOD | {"messages": [{"role": "user", "content": "x" * 100_000}]}
     assert_error(post(airi_app, "/v1/chat/completions", json=big), 413, "limit")

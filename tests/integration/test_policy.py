@@ -58,6 +58,46 @@ def test_a_model_outside_the_tenants_acl_is_refused_on_every_surface(
         client.close()
 
 
+def test_models_routes_show_only_the_models_the_tenant_may_call(airi_app, limit_tenant_b) -> None:
+    from tests.conftest import wait_for
+
+    def get(path: str, key: str = OTHER_KEY) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.get(f"{airi_app.base_url}{path}", headers=headers, timeout=60)
+
+    def listed(key: str = OTHER_KEY) -> set[str]:
+        return {m["id"] for m in get("/v1/models", key).json()["data"]}
+
+    assert listed() == {"tiny-chat", "minilm"}
+    one = get("/v1/models/tiny-chat")
+    assert one.status_code == 200 and one.json()["id"] == "tiny-chat", one.text
+    assert one.json()["object"] == "model" and one.json()["max_model_len"] == 1024
+    limit_tenant_b(models=["mini*"])
+    wait_for(lambda: listed() == {"minilm"}, timeout=30, what="the new ACL to reach the ingress")
+    hidden = get("/v1/models/tiny-chat")
+    assert hidden.status_code == 404, hidden.text
+    assert hidden.json()["error"]["message"] == "The model `tiny-chat` does not exist."
+    assert hidden.json()["error"]["code"] == "model_not_found"
+    assert get("/v1/models/minilm").status_code == 200
+    missing = post(airi_app, "/v1/chat/completions", CHAT | {"model": "nope"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"].endswith("deployed models: minilm"), missing.text
+    from tests.conftest import KEY
+
+    assert listed(KEY) == {"tiny-chat", "minilm"}  # tenant-a has no ACL
+
+
+def test_an_embeddings_request_over_the_tenants_token_cap_is_refused(
+    airi_app, limit_tenant_b
+) -> None:
+    limit_tenant_b(max_embedding_tokens=8)
+    ok = post(airi_app, "/v1/embeddings", {"model": "minilm", "input": ["tents"]})
+    assert ok.status_code == 200, ok.text
+    r = post(airi_app, "/v1/embeddings", {"model": "minilm", "input": ["tents and boots"] * 3})
+    assert r.status_code == 400, r.text
+    assert "embedding_tokens" in r.json()["error"]["message"] and "limit of 8" in r.text
+
+
 def test_over_the_request_rate_answers_429_and_other_tenants_are_unaffected(
     airi_app, limit_tenant_b, client
 ) -> None:

@@ -19,6 +19,7 @@ from airi_ray.core.policy import (
     RequestLimitExceeded,
     TenantPolicy,
     TokenBucket,
+    allows,
     refusal_event,
 )
 
@@ -113,6 +114,20 @@ def test_acl_globs() -> None:
     assert e.in_flight("acme") == 0  # a refusal charges nothing
 
 
+def test_allows_decides_as_the_acl_checks_do() -> None:
+    assert allows([], "anything") and allows(["tiny-*"], "tiny-chat")
+    assert not allows(["tiny-*", "qwen-0.5b"], "qwen-0.5b-instruct")  # whole-name match
+    assert allows(["org/*"], "org/model-7b")
+
+
+def test_embedding_tokens_are_checked_only_for_embeddings() -> None:
+    e = engine(max_embedding_tokens=100)
+    e.check_request_shape("acme", embedding_tokens=100)
+    e.check_request_shape("acme", prompt_chars=10)  # a generation: no embedding limit
+    with pytest.raises(RequestLimitExceeded, match="embedding_tokens 101 is over the limit"):
+        e.check_request_shape("acme", embedding_tokens=101)
+
+
 def test_unknown_tenant_is_403() -> None:
     with pytest.raises(PermissionDenied, match="no policy") as err:
         engine().admit("ghost", "m", 1, None, now=T0)
@@ -127,6 +142,7 @@ def test_unknown_tenant_is_403() -> None:
         ("messages", {"messages": 100_000}, "512"),
         ("stop", {"stop": 500}, "16"),
         ("prompt_chars", {"prompt_chars": 10**8}, "1000000"),
+        ("embedding_tokens", {"embedding_tokens": 10**6}, "300000"),
     ],
 )
 def test_request_shape_limits_are_400_naming_the_limit(

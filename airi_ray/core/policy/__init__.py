@@ -22,7 +22,7 @@ from airi_ray.core.policy.audit import (
     finding_events,
     refusal_event,
 )
-from airi_ray.core.policy.engine import Admission, PolicyEngine, TenantPolicy, Usage
+from airi_ray.core.policy.engine import Admission, PolicyEngine, TenantPolicy, Usage, allows
 from airi_ray.core.policy.errors import (
     BudgetExceeded,
     ContentBlocked,
@@ -53,8 +53,6 @@ from airi_ray.core.policy.limits import Budget, TokenBucket
 
 __all__ = [
     "ACTIONS",
-    "KEY_PREFIX",
-    "MAX_KEY_CHARS",
     "Action",
     "Admission",
     "AuditEvent",
@@ -67,8 +65,10 @@ __all__ = [
     "Finding",
     "InjectionHeuristic",
     "InjectionScore",
+    "KEY_PREFIX",
     "KeyRecord",
     "KeyRing",
+    "MAX_KEY_CHARS",
     "PermissionDenied",
     "PolicyEngine",
     "RateLimited",
@@ -78,6 +78,7 @@ __all__ = [
     "TenantPolicy",
     "TokenBucket",
     "Usage",
+    "allows",
     "finding_events",
     "hash_key",
     "iban_valid",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -44,6 +44,7 @@ DEFAULT_MAX_N = 8
 DEFAULT_MAX_MESSAGES = 512
 DEFAULT_MAX_STOP = 16
 DEFAULT_MAX_PROMPT_CHARS = 1_000_000
+DEFAULT_MAX_EMBEDDING_TOKENS = 300_000  # OpenAI's cap on one embeddings request
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class TenantPolicy:
     max_messages: int | None = DEFAULT_MAX_MESSAGES
     max_stop: int | None = DEFAULT_MAX_STOP
     max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS
+    max_embedding_tokens: int | None = DEFAULT_MAX_EMBEDDING_TOKENS  # all inputs of a request
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -89,6 +91,7 @@ class TenantPolicy:
             "max_messages",
             "max_stop",
             "max_prompt_chars",
+            "max_embedding_tokens",
         ):
             value = getattr(self, limit)
             if value is not None and value < (0 if limit == "budget_tokens" else 1):
@@ -196,13 +199,15 @@ class PolicyEngine:
         messages: int = 1,
         stop: int = 0,
         prompt_chars: int = 0,
+        embedding_tokens: int | None = None,
     ) -> None:
         """Check the size fields of a request against the tenant's limits.
 
         Args:
             max_tokens: the requested completion cap (None: the engine's default).
             n: completions asked for; messages: chat messages; stop: stop sequences;
-            prompt_chars: characters of prompt text, all messages together.
+            prompt_chars: characters of prompt text, all messages together;
+            embedding_tokens: tokens of all inputs of an embeddings request (None: not one).
 
         Raises:
             RequestLimitExceeded (400): a field is over its limit, or not positive.
@@ -215,6 +220,8 @@ class PolicyEngine:
         _check_field(tenant, "messages", messages, p.max_messages, 0)
         _check_field(tenant, "stop", stop, p.max_stop, 0)
         _check_field(tenant, "prompt_chars", prompt_chars, p.max_prompt_chars, 0)
+        if embedding_tokens is not None:
+            _check_field(tenant, "embedding_tokens", embedding_tokens, p.max_embedding_tokens, 0)
 
     def admit(
         self, tenant: str, model: str, prompt_tokens: int, max_tokens: int | None, now: float
@@ -351,6 +358,13 @@ def _bucket(per_minute: int | None) -> TokenBucket | None:
     if per_minute is None:
         return None
     return TokenBucket(per_minute / 60.0, float(per_minute))
+
+
+def allows(patterns: Sequence[str], name: str) -> bool:
+    """Whether an ACL of glob patterns lets ``name`` through (no patterns: everything),
+    as ``check_model`` and ``check_graph`` decide it."""
+    pattern = _globs(tuple(patterns))
+    return pattern is None or pattern.fullmatch(name) is not None
 
 
 def _globs(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
