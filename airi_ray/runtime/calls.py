@@ -58,6 +58,7 @@ from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
 from airi_ray.engines.source import resolve_model_source
 from airi_ray.obs.tracing import Span, tracing
 from airi_ray.runtime import CONTROLLER_NAME, OBSERVER_NAME, SCHEDULER_NAME, actors
+from airi_ray.runtime.background import soon, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +105,9 @@ class _Coalescer(Generic[T]):
 
     def add(self, item: T) -> None:
         if not self._items:
-            if self._delay_s:  # or collect for a while, for messages that may wait
-                asyncio.get_running_loop().call_later(self._delay_s, self.flush)
-            else:
-                asyncio.get_running_loop().call_soon(self.flush)
+            # Sent outside the adding call's context: a batch holds other calls' messages
+            # (and a release), which must not be cancelled with that one call.
+            soon(self.flush, self._delay_s)  # or collect for a while, for messages that may wait
         self._items.append(item)
 
     def flush(self) -> None:
@@ -134,7 +134,7 @@ class Cached(Generic[T]):
     async def get(self, fresh: bool = False) -> T:
         expired = time.monotonic() - self._at > self._ttl_s
         if (expired or fresh) and (self._task is None or self._task.done()):
-            self._task = asyncio.ensure_future(self._load())
+            self._task = spawn(self._load())
             self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
         if (fresh or self._value is None) and self._task is not None:
             await asyncio.shield(self._task)
@@ -168,7 +168,7 @@ class ReplicaChannel:
         if self.dead is not None:
             raise ReplicaDied(str(self.dead))
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            self._reader = spawn(self._read())
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = queue
         self._submits.add((request_id, prompt_ids, params))
@@ -1007,11 +1007,10 @@ class CallPath:
     def _expect_grant(self, request_id: str) -> asyncio.Future[Lease]:
         """A future for the request's lease, registered before the scheduler is asked, so
         a grant arriving on the stream ahead of the reply finds it."""
-        loop = asyncio.get_running_loop()
         if self._grants is None or self._grants.done():
-            self._grants = loop.create_task(self._read_grants())
+            self._grants = spawn(self._read_grants())
         if self._keepalive is None or self._keepalive.done():
-            self._keepalive = loop.create_task(self._heartbeats())
+            self._keepalive = spawn(self._heartbeats())
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         return future
@@ -1027,7 +1026,7 @@ class CallPath:
             raise
 
     def _send_acquires(self, requests: list[AcquireRequest]) -> None:
-        asyncio.get_running_loop().create_task(self._acquire_batch(requests))
+        spawn(self._acquire_batch(requests))
 
     async def _acquire_batch(self, requests: list[AcquireRequest]) -> None:
         try:

@@ -55,6 +55,7 @@ from airi_ray.core.rollout import (
 from airi_ray.core.scheduling import ReplicaView
 from airi_ray.data.control import ControlState
 from airi_ray.runtime import SPEC_KEY, actors
+from airi_ray.runtime.background import spawn
 from airi_ray.runtime.pools import bundle_for, pool_nodes
 
 logger = logging.getLogger(__name__)
@@ -993,7 +994,7 @@ class Controller:
         if self._to_adopt:
             self._adopt()
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+            self._loop_task = spawn(self._run_loop())
 
     async def _run_loop(self) -> None:
         while True:
@@ -1101,7 +1102,7 @@ class Controller:
                 self._event(f"adopted replica {rid} ({spec.key})")
             else:  # it was loading: wait for it as its starter would have
                 self._event(f"adopting replica {rid} ({spec.key}), still loading")
-                asyncio.get_running_loop().create_task(self._await_start(r, [], adopted=True))
+                spawn(self._await_start(r, [], adopted=True))
 
     def _wanted(self, m: ModelSpec) -> int:
         """Replicas ``m`` should have: the autoscaler's count, else the spec's."""
@@ -1171,7 +1172,7 @@ class Controller:
         self.replicas[rid] = r
         where = f" on {lease.accelerator_type} {lease.node_id}" if lease else ""
         self._event(f"start replica {rid}{where}")
-        asyncio.get_running_loop().create_task(self._await_start(r, nodes))
+        spawn(self._await_start(r, nodes))
         return True
 
     async def _await_start(
@@ -1216,7 +1217,7 @@ class Controller:
         self.replicas.pop(r.replica_id, None)
         self._stopping[r.replica_id] = r
         self._event(f"stop replica {r.replica_id}: {why}")
-        return asyncio.get_running_loop().create_task(self._stop(r))
+        return spawn(self._stop(r))
 
     async def _stop(self, r: _Replica) -> None:
         try:

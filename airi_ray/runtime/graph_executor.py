@@ -44,6 +44,7 @@ from airi_ray.runtime import (
     OBSERVER_NAME,
     actors,
 )
+from airi_ray.runtime.background import spawn
 from airi_ray.runtime.calls import Cached, CallPath, unwrap_error
 from airi_ray.runtime.retrieval import Retriever
 
@@ -348,7 +349,7 @@ class GraphExecutor:
 
     def _launch(self, run: _Run) -> None:
         self._runs[run.run_id] = run
-        run.task = asyncio.get_running_loop().create_task(self._execute(run))
+        run.task = spawn(self._execute(run))
         finished = [r for r in self._runs.values() if r.status != "running"]
         for old in finished[: max(len(finished) - FINISHED_RUNS_KEPT, 0)]:
             del self._runs[old.run_id]

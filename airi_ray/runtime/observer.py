@@ -37,6 +37,7 @@ from airi_ray.core.quality import QualityBook, Response
 from airi_ray.core.requests import CallOptions
 from airi_ray.obs.metrics import ObserverMetrics
 from airi_ray.runtime import SCHEDULER_NAME, SPEC_KEY, actors
+from airi_ray.runtime.background import spawn
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class Observer:
         self._samples = deque(self._samples, maxlen=int(TIMELINE_S / config.sample_interval_s))
         if config.drift.embedder is not None:
             try:  # load the embedder's tokenizer now, not when the first calls wait for it
-                asyncio.get_running_loop().create_task(self._warm())
+                spawn(self._warm())
             except RuntimeError:  # no event loop: constructed outside an actor (tests)
                 pass
 
@@ -119,7 +120,7 @@ class Observer:
         """Finished model calls from a call path (see ``CallPath._observe``)."""
         self._queue.extend(records)
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._work())
+            self._worker = spawn(self._work())
         self._ensure_sampler()
 
     def record_nodes(self, events: list[dict[str, Any]]) -> None:
@@ -320,7 +321,7 @@ class Observer:
         self._interval(time.time())["alerts"] += 1
         self.metrics.alerts.labels(alert.kind, alert.severity, alert.model, alert.version).inc()
         if self.config.webhook:
-            task = asyncio.get_running_loop().create_task(self._post(self.config.webhook, alert))
+            task = spawn(self._post(self.config.webhook, alert))
             self._webhook_tasks.add(task)
             task.add_done_callback(self._webhook_tasks.discard)
 
@@ -344,7 +345,7 @@ class Observer:
 
     def _ensure_sampler(self) -> None:
         if self._sampler is None or self._sampler.done():
-            self._sampler = asyncio.get_running_loop().create_task(self._sample_loop())
+            self._sampler = spawn(self._sample_loop())
 
     async def _sample_loop(self) -> None:
         while True:
