@@ -14,6 +14,8 @@ The clock is an argument; nothing here does I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 DEFAULT_TTL_S = 10.0
 
 
@@ -69,6 +71,36 @@ class CallerBook:
     def requests(self, caller: str) -> list[str]:
         """The caller's queued and leased requests, in no particular order."""
         return list(self._requests.get(caller, ()))
+
+    def held(self) -> dict[str, int]:
+        """How many requests each caller holding any has queued or leased."""
+        return {caller: len(rids) for caller, rids in sorted(self._requests.items())}
+
+    def unheld(
+        self,
+        caller: str,
+        held: Collection[str],
+        granted_at: Callable[[str], float | None],
+        now: float,
+    ) -> list[str]:
+        """The caller's leases it no longer names as held: their release was lost.
+
+        A live caller reports the leases it still holds (``held``) with each heartbeat.
+        A lease booked under it but not in that report was handed back by a release that
+        never took effect, or never reached the caller at all; either way it would hold
+        its slot while the caller lives. Only leases granted more than ``ttl_s`` ago
+        count, so a grant still on its way to the caller when the report was made is
+        never taken. ``granted_at(request_id)`` is the lease's grant time, or None for a
+        request that is queued, not leased.
+        """
+        mine = self._requests.get(caller, ())
+        named = set(held)
+        lost = []
+        for rid in mine:
+            at = granted_at(rid)
+            if at is not None and rid not in named and now - at > self.ttl_s:
+                lost.append(rid)
+        return sorted(lost)
 
     def drop(self, caller: str) -> list[str]:
         """Forget the caller (it said goodbye, or it expired); returns its requests, which

@@ -19,6 +19,7 @@ import fnmatch
 import json
 import logging
 import math
+import os
 import random
 import time
 import uuid
@@ -88,6 +89,21 @@ def unwrap_error(e: BaseException) -> BaseException:
     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, AiriError):
         return e.cause
     return e
+
+
+def _log_failure(what: str) -> Callable[[Any], None]:
+    """A done-callback for a message whose answer nobody awaits: its failure is logged,
+    not lost (a release the scheduler failed to apply is a slot the model lacks)."""
+
+    def check(fut: Any) -> None:
+        try:
+            err = fut.exception()
+        except BaseException as e:  # cancelled: the process is closing
+            err = e
+        if err is not None and not isinstance(err, asyncio.CancelledError):
+            logger.warning("sending %s to the scheduler failed: %s", what, err)
+
+    return check
 
 
 class ReplicaDied(Exception):
@@ -296,11 +312,22 @@ def _checking_input(watch: _Watch, model: str) -> Iterator[None]:
         yield
 
 
+def _caller_name() -> str:
+    """A unique caller id that says whose it is (the actor or driver, and its pid), so a
+    lease left behind names the process that holds it."""
+    try:
+        ctx = ray.get_runtime_context()
+        who = ctx.get_actor_name() or ("driver" if ctx.get_actor_id() is None else "actor")
+    except Exception:  # not connected yet: the id stays unique all the same
+        who = "process"
+    return f"{who}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
 class CallPath:
     """Runs model calls from this process; one per asyncio loop."""
 
     def __init__(self) -> None:
-        self.caller_id = uuid.uuid4().hex
+        self.caller_id = _caller_name()
         self._scheduler = actors.get_actor(SCHEDULER_NAME)
         self._controller = actors.get_actor(CONTROLLER_NAME)
         self._channels: dict[str, ReplicaChannel] = {}
@@ -317,9 +344,11 @@ class CallPath:
         self._pending: dict[str, asyncio.Future[Lease]] = {}  # request -> its lease, to come
         self._grants: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
-        self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](
-            lambda items: self._scheduler.release.remote(items, self.caller_id)
-        )
+        # Requests holding a lease this caller has not handed back yet: every heartbeat
+        # names them, and the scheduler takes back any other lease it books under this
+        # caller (a release that never arrived cannot hold a slot for good).
+        self._held: set[str] = set()
+        self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](self._send_releases)
         self._audit_events = _Coalescer[AuditEvent](
             lambda items: self._scheduler.audit.remote(items)
         )
@@ -1001,6 +1030,7 @@ class CallPath:
             raise unwrap_error(e) from None
         if lease is not None:
             self._pending.pop(request_id, None)
+            self._held.add(request_id)
             return lease
         return await future
 
@@ -1057,8 +1087,8 @@ class CallPath:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                ref = self._scheduler.heartbeat.remote(self.caller_id)
-                ref.future().add_done_callback(lambda f: f.exception())
+                ref = self._scheduler.heartbeat.remote(self.caller_id, sorted(self._held))
+                ref.future().add_done_callback(_log_failure("a heartbeat"))
             except Exception as e:  # a restarting scheduler: the next beat reaches it
                 logger.debug("heartbeat not sent: %s", e)
 
@@ -1070,9 +1100,16 @@ class CallPath:
                     self._releases.add((rid, {"error": "cancelled"}, False))
                 continue
             if isinstance(result, Lease):
+                self._held.add(rid)
                 future.set_result(result)
             else:
                 future.set_exception(result)
+
+    def _send_releases(self, items: list[tuple[str, dict[str, Any], bool]]) -> None:
+        for rid, _, _ in items:
+            self._held.discard(rid)
+        ref = self._scheduler.release.remote(items, self.caller_id)
+        ref.future().add_done_callback(_log_failure("releases"))
 
     def _release(self, lease: Lease, usage: Usage, replica_failed: bool) -> None:
         d = {k: v for k, v in vars(usage).items() if k != "extra"}

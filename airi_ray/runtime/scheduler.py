@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 SIGNAL_WINDOW_S = 30.0
 # How a call that ended this way counts for its version's error rate (rollouts): the
 # caller leaving is not the version's fault.
-_NOT_VERSION_ERRORS = frozenset({"CancelledError", "GeneratorExit", "caller_gone"})
+_NOT_VERSION_ERRORS = frozenset({"CancelledError", "GeneratorExit", "caller_gone", "release_lost"})
 MAX_VERSION_SAMPLES = 10_000
 
 
@@ -236,9 +236,28 @@ class GlobalScheduler:
             if self._callers.get(caller_id) is grants:  # not taken back already
                 self._take_back(caller_id, "closed its grant stream")
 
-    def heartbeat(self, caller_id: str) -> None:
-        """The caller is alive (sent every few seconds, whatever it is doing)."""
-        self.callers.heard(caller_id, time.monotonic())
+    def heartbeat(self, caller_id: str, held: list[str] | None = None) -> int:
+        """The caller is alive (sent every few seconds, whatever it is doing), and still
+        holds the leases ``held``: any other lease booked under it lost its release and
+        is taken back (see ``CallerBook.unheld``). Returns how many were."""
+        now = time.monotonic()
+        self.callers.heard(caller_id, now)
+        if held is None:
+            return 0
+        lost = self.callers.unheld(caller_id, held, self._granted_at, now)
+        if lost:
+            logger.warning(
+                "caller %s no longer holds %d leases booked under it (%s): taken back",
+                caller_id,
+                len(lost),
+                ", ".join(lost),
+            )
+            self.release([(rid, {"error": "release_lost"}, False) for rid in lost], caller_id)
+        return len(lost)
+
+    def _granted_at(self, request_id: str) -> float | None:
+        lease = self.core.lease(request_id)
+        return lease.granted_at if lease is not None else None
 
     def caller_gone(self, caller_id: str) -> int:
         """The caller is closing: take back what it still holds (a client's ``close``, an
@@ -462,23 +481,30 @@ class GlobalScheduler:
 
     def outstanding(self) -> dict[str, Any]:
         """What is still held, all zero once every call has ended: per model its leases,
-        in-flight count and queued requests, and this actor's own books (leases by caller,
+        in-flight count and queued requests, and this actor's own books (requests by caller,
         requests waiting for a grant, open policy admissions). A count left above zero is
         a leak: the model serves that much less until a restart."""
         core = self.core
+        now = time.monotonic()
         return {
             "models": {
                 m: {
                     "in_flight": core.in_flight(m),
                     "queued": core.queue_depth(m),
                     "leases": [
-                        {"request_id": x.request_id, "tenant": x.tenant, "replica": x.replica_id}
+                        {
+                            "request_id": x.request_id,
+                            "tenant": x.tenant,
+                            "replica": x.replica_id,
+                            "caller": self.callers.caller_of(x.request_id),
+                            "age_s": round(now - x.granted_at, 1),
+                        }
                         for x in core.leases(m)
                     ],
                 }
                 for m in sorted(core.models())
             },
-            "callers": len(self.callers),
+            "callers": self.callers.held(),
             "waiting": len(self._waiting),
             "admissions": len(self._admissions),
         }

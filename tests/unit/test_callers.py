@@ -89,3 +89,52 @@ def test_a_request_id_belongs_to_one_caller() -> None:
         book.add("c2", "a", 1.0)
     with pytest.raises(ValueError, match="ttl_s must be positive"):
         CallerBook(ttl_s=0)
+
+
+def test_held_counts_each_callers_requests_and_forgets_empty_callers() -> None:
+    book = CallerBook()
+    book.add("driver:7:a", "r1", 0.0)
+    book.add("driver:7:a", "r2", 0.0)
+    book.add("ingress:9:b", "r3", 0.0)
+    assert book.held() == {"driver:7:a": 2, "ingress:9:b": 1}
+    book.remove("r3")
+    assert book.held() == {"driver:7:a": 2}
+
+
+def test_a_lease_whose_release_was_lost_is_taken_back_from_a_live_caller() -> None:
+    """The caller lives and heartbeats, but a release of one of its leases never took
+    effect: its next report of what it holds no longer names that lease."""
+    s, book = setup(slots=2)
+    for rid in ("a", "b"):
+        s.enqueue(AcquireRequest(rid, "m", "t", 10, 5), 0.0)
+        book.add("ingress:9:x", rid, 0.0)
+    assert len(s.dispatch(0.0)) == 2
+
+    def granted_at(rid: str) -> float | None:
+        lease = s.lease(rid)
+        return lease.granted_at if lease is not None else None
+
+    # Within the grace a lease may still be on its way to the caller: never taken.
+    assert book.unheld("ingress:9:x", ["b"], granted_at, 5.0) == []
+    book.heard("ingress:9:x", 12.0)
+    assert book.unheld("ingress:9:x", ["b"], granted_at, 12.0) == ["a"]
+    assert book.expired(12.0) == []  # the caller itself is alive
+    for rid in book.unheld("ingress:9:x", ["b"], granted_at, 12.0):
+        book.remove(rid)
+        s.release(rid)
+    assert s.in_flight("m") == 1 and [x.request_id for x in s.leases()] == ["b"]
+    assert book.unheld("ingress:9:x", ["b"], granted_at, 20.0) == []
+
+
+def test_queued_requests_are_never_unheld() -> None:
+    s, book = setup(slots=1)
+    for rid in ("a", "b"):
+        s.enqueue(AcquireRequest(rid, "m", "t", 10, 5), 0.0)
+        book.add("c", rid, 0.0)
+    s.dispatch(0.0)  # "a" leased, "b" waits
+
+    def granted_at(rid: str) -> float | None:
+        lease = s.lease(rid)
+        return lease.granted_at if lease is not None else None
+
+    assert book.unheld("c", ["a"], granted_at, 100.0) == []
