@@ -102,7 +102,7 @@ class AsyncClient:
         self._controller = actors.get_actor(CONTROLLER_NAME)
         # Key records (salted hashes) refreshed every few seconds: a revoked key stops
         # working within KEYS_TTL_S everywhere, with no call to the controller per request.
-        self._auth = Cached(self._fetch_auth, KEYS_TTL_S)
+        self._auth = Cached(self._fetch_auth, KEYS_TTL_S, "the API key ring")
         self._retriever: Retriever | None = None
 
     async def _fetch_auth(self) -> tuple[str, KeyRing]:

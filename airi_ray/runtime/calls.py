@@ -137,11 +137,17 @@ class Cached(Generic[T]):
     """A value fetched at most once per ``ttl_s``; concurrent callers share one fetch.
 
     A stale value is returned at once while a refresh runs in the background, so a burst
-    of requests neither waits for nor multiplies the fetch; ``get(fresh=True)`` waits.
+    of requests neither waits for nor multiplies the fetch; ``get(fresh=True)`` waits. A
+    refresh that fails keeps the stale value and says so in the log (``what`` names the
+    value there): a key ring that cannot be refreshed would otherwise keep revoked keys
+    working and refuse new ones without a word.
     """
 
-    def __init__(self, fetch: Callable[[], Awaitable[T]], ttl_s: float) -> None:
+    def __init__(
+        self, fetch: Callable[[], Awaitable[T]], ttl_s: float, what: str = "a cached value"
+    ) -> None:
         self._fetch = fetch
+        self._what = what
         self._ttl_s = ttl_s
         self._value: T | None = None
         self._at = -math.inf
@@ -158,7 +164,19 @@ class Cached(Generic[T]):
         return self._value
 
     async def _load(self) -> None:
-        self._value = await self._fetch()
+        try:
+            value = await self._fetch()
+        except Exception as e:
+            if self._value is not None:
+                logger.warning(
+                    "refreshing %s failed, still using the one from %.0fs ago: %s: %s",
+                    self._what,
+                    time.monotonic() - self._at,
+                    type(e).__name__,
+                    e,
+                )
+            raise
+        self._value = value
         self._at = time.monotonic()
 
 
@@ -334,9 +352,13 @@ class CallPath:
         self._handles: dict[str, Any] = {}
         self._models: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, Any] = {}
-        self._model_infos = Cached(self._fetch_models, MODEL_INFO_TTL_S)
-        self._model_acl = Cached(self._controller.model_acl.remote, MODEL_INFO_TTL_S)
-        self._filter_specs = Cached(self._controller.filter_config.remote, MODEL_INFO_TTL_S)
+        self._model_infos = Cached(self._fetch_models, MODEL_INFO_TTL_S, "model infos")
+        self._model_acl = Cached(
+            self._controller.model_acl.remote, MODEL_INFO_TTL_S, "the model ACLs"
+        )
+        self._filter_specs = Cached(
+            self._controller.filter_config.remote, MODEL_INFO_TTL_S, "the content filters"
+        )
         self._filter_sets: dict[str, FilterSet] = {}  # by the spec's JSON
         self._semantic_filters: dict[str, SemanticFilter] = {}
         self._tokenizer_lock = asyncio.Lock()
@@ -352,7 +374,9 @@ class CallPath:
         self._audit_events = _Coalescer[AuditEvent](
             lambda items: self._scheduler.audit.remote(items)
         )
-        self._obs_config = Cached(self._controller.observability.remote, MODEL_INFO_TTL_S)
+        self._obs_config = Cached(
+            self._controller.observability.remote, MODEL_INFO_TTL_S, "the observability config"
+        )
         self._observations = _Coalescer[dict[str, Any]](self._send_observations, OBSERVE_EVERY_S)
         self._observer: Any = None
 

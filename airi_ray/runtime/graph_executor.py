@@ -171,7 +171,7 @@ class GraphExecutor:
         self._retriever: Retriever | None = None
         self._store = actors.get_actor(CONTEXT_STORE_NAME)
         self._controller = actors.get_actor(CONTROLLER_NAME)
-        self._acl = Cached(self._controller.graph_acl.remote, ACL_TTL_S)
+        self._acl = Cached(self._controller.graph_acl.remote, ACL_TTL_S, "the graph ACLs")
         for key in ray.experimental.internal_kv._internal_kv_list(GRAPHS_KEY):
             blob = ray.experimental.internal_kv._internal_kv_get(key)
             if blob:
