@@ -794,6 +794,15 @@ class AppSpec(_Spec):
         keys = [k for t in self.tenants for k in t.api_keys]
         if len(keys) != len(set(keys)):
             raise ValueError("an API key may belong to only one tenant")
+        # The key id finds a key's record: two keys with one id would make every caller's
+        # key ring refuse to load (and keep the stale one).
+        ids = [parse_key_id(k) for k in keys]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(
+                f"API key ids must be unique (the 12 hex digits after sk-airi-); repeated: "
+                f"{', '.join(repeated)}"
+            )
         return self
 
     def model(self, name: str) -> ModelSpec | None:

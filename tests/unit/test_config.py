@@ -38,6 +38,15 @@ def test_quickstart_spec_is_valid() -> None:
             },
             "only one tenant",
         ),
+        (
+            {
+                "tenants": [
+                    {"name": "t", "api_keys": ["sk-airi-000000000001-" + "k" * 16]},
+                    {"name": "u", "api_keys": ["sk-airi-000000000001-" + "j" * 16]},
+                ]
+            },
+            "key ids must be unique",
+        ),
         ({"ingress": {"port": 70000}}, "ingress.port"),
         ({"tenants": [{"name": "t", "weight": 0}]}, "tenants.0.weight"),
         ({"tenants": [{"name": "airi-system"}]}, "reserved for the runtime"),
