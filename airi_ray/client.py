@@ -81,6 +81,8 @@ def init_ray(address: str | None = "auto") -> None:
 
 
 OPTION_NAMES = ("priority", "deadline_s", "session_id")
+# How a stored turn passes the input filters: tool output as a document, the rest as prompt.
+_WHERE = {"tool": "document"}
 
 
 def _options(kwargs: dict[str, Any]) -> CallOptions:
@@ -164,7 +166,7 @@ class AsyncClient:
         new_turns = [{"role": m.role, "content": m.content} for m in parsed if m.role != "system"]
         window = await self._window(model, tenant, conversation_id, parsed, gen_params)
         g = await self._path.chat(model, parse_messages(window), gen_params, tenant, options)
-        g._stream = self._remember(g.__aiter__(), tenant, conversation_id, new_turns)
+        g._stream = self._remember(g.__aiter__(), tenant, model, conversation_id, new_turns)
         return g
 
     async def _window(
@@ -199,17 +201,28 @@ class AsyncClient:
         self,
         inner: AsyncIterator[tuple[str, int, str | None]],
         tenant: str,
+        model: str,
         conversation_id: str,
         new_turns: list[dict[str, str]],
     ) -> AsyncIterator[tuple[str, int, str | None]]:
-        """Pass a generation through; once it is complete, store the turns durably."""
+        """Pass a generation through; once it is complete, store the turns durably, as the
+        model saw them (what the tenant's filters redacted stays redacted in the store)."""
         parts: list[str] = []
         try:
             async for text, n, finish in inner:
                 parts.append(text)
                 if finish is not None:
+                    stored = [
+                        t
+                        | {
+                            "content": await self._path.redacted(
+                                tenant, model, t["content"], _WHERE.get(t["role"], "prompt")
+                            )
+                        }
+                        for t in new_turns
+                    ]
                     answer = {"role": "assistant", "content": "".join(parts)}
-                    await self.append_turns(conversation_id, [*new_turns, answer], tenant)
+                    await self.append_turns(conversation_id, [*stored, answer], tenant)
                 yield text, n, finish
         finally:
             await inner.aclose()  # type: ignore[attr-defined]

@@ -639,6 +639,13 @@ class CallPath:
             await self._filters(tenant, model), text, where, tenant, model, rid
         )
 
+    async def redacted(self, tenant: str, model: str, text: str, where: str = "prompt") -> str:
+        """``text`` as the tenant's input filters for ``model`` hand it to the model, for
+        keeping what the model was sent (a stored conversation): not audited again, the
+        call that sent it was. Raises ContentBlocked where the call itself was refused."""
+        filters = await self._filters(tenant, model)
+        return text if filters is None else filters.check_input(text, where=where).text
+
     def _filter_input(
         self,
         filters: FilterSet | None,

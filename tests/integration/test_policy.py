@@ -141,6 +141,37 @@ def filter_tenant_b(airi_app) -> Iterator[Any]:
     ray.get(controller.deploy.remote(airi_app.spec))
 
 
+def test_a_stored_conversation_keeps_what_the_filters_redacted(airi_app, filter_tenant_b) -> None:
+    import time
+
+    from tests.conftest import wait_for
+
+    filter_tenant_b({"blocklist": ["zzyzx"]})  # and by default emails etc. are redacted
+    probe = {"model": "tiny-chat", "messages": [{"role": "user", "content": "zzyzx"}]}
+    wait_for(
+        lambda: post(airi_app, "/v1/chat/completions", probe).status_code == 400,
+        timeout=30,
+        what="tenant-b's filters to apply",
+    )
+    conversation = f"conv-pii-{time.time_ns()}"
+    body = {
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": "mail me at jane.doe@example.com please"}],
+        "max_tokens": 4,
+        "conversation_id": conversation,
+    }
+    r = post(airi_app, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    store = actors.get_actor(actors.CONTEXT_STORE_NAME)
+    turns = wait_for(
+        lambda: ray.get(store.conversation.remote("tenant-b", conversation, None)),
+        timeout=30,
+        what="the conversation to be stored",
+    )
+    user = next(t for t in turns if t["role"] == "user")
+    assert "jane.doe@example.com" not in user["content"] and "please" in user["content"]
+
+
 def test_content_filters_block_prompts_and_redact_streamed_answers(
     airi_app, filter_tenant_b, client
 ) -> None:
