@@ -152,7 +152,10 @@ def no_leaked_leases(request: pytest.FixtureRequest) -> Iterator[None]:
 
     def settled() -> bool:
         nonlocal left
-        left = _leftovers(ray.get(scheduler.outstanding.remote(), timeout=30))
+        try:
+            left = _leftovers(ray.get(scheduler.outstanding.remote(), timeout=30))
+        except ray.exceptions.ActorUnavailableError as e:  # restarting: ask again
+            left = [f"the scheduler is unavailable: {e}"]
         return not left
 
     try:

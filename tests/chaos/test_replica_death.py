@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -82,7 +83,21 @@ def ready_tiny_replicas(client) -> list[str]:
 def test_a_restarted_scheduler_is_configured_again_and_serves(client) -> None:
     from airi_ray.core.errors import AiriError
 
+    def scheduler_pid() -> int | None:
+        try:
+            handle = actors.get_actor(actors.SCHEDULER_NAME)
+            return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+        except (ValueError, ray.exceptions.RayError):
+            return None  # restarting
+
+    before = scheduler_pid()
     ray.kill(actors.get_actor(actors.SCHEDULER_NAME), no_restart=False)
+    # ray.kill returns at once: a call right after it may still reach the old process.
+    wait_for(
+        lambda: (pid := scheduler_pid()) is not None and pid != before,
+        timeout=60,
+        what="the scheduler to be restarted",
+    )
 
     def served() -> bool:
         try:
