@@ -6,14 +6,44 @@ what is allowed, so the HTTP layer and the Python client report the same thing.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import BaseModel
 
 from airi_ray.core.errors import ContextWindowExceeded, InvalidRequest
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_MESSAGES = 512  # a conversation longer than this is a client bug or abuse
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed seed, as vLLM's server takes it
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+# vLLM ``SamplingParams`` arguments a call may set besides the basic ones, passed to the
+# engine as given: the engine validates them (a bad value fails that request alone with
+# 400), and the HTTP API has already checked them with vLLM's own request models.
+SAMPLING_EXTRAS = frozenset(
+    {
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "top_k",
+        "min_p",
+        "min_tokens",
+        "stop_token_ids",
+        "logit_bias",
+        "allowed_token_ids",
+        "bad_words",
+        "logprobs",  # top log-probabilities per output token (0: the sampled token's only)
+        "prompt_logprobs",  # the same for the prompt's tokens
+        "structured_outputs",  # a dict of vLLM's StructuredOutputsParams fields
+        "include_stop_str_in_output",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +56,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)  # names in SAMPLING_EXTRAS
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (
@@ -38,8 +69,8 @@ class GenerationParams:
             raise InvalidRequest(f"temperature must be between 0 and 2, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidRequest("stop must be at most 4 non-empty strings")
+        if len(self.stop) > MAX_STOP or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequest(f"stop must be at most {MAX_STOP} non-empty strings")
         if self.seed is not None and (
             isinstance(self.seed, bool)
             or not isinstance(self.seed, int)
@@ -48,9 +79,29 @@ class GenerationParams:
             raise InvalidRequest(
                 f"seed must be an integer from {SEED_MIN} to {SEED_MAX}, got {self.seed!r}"
             )
+        unknown = sorted(set(self.extra) - SAMPLING_EXTRAS)
+        if unknown:
+            raise InvalidRequest(
+                f"unknown generation arguments {', '.join(unknown)}; besides max_tokens, "
+                "temperature, top_p, stop, seed and ignore_eos the allowed ones are "
+                + ", ".join(sorted(SAMPLING_EXTRAS))
+            )
+        logprobs = self.extra.get("logprobs")
+        if logprobs is not None and (
+            isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0
+        ):
+            raise InvalidRequest(f"logprobs must be a whole number >= 0, got {logprobs!r}")
+
+    @property
+    def logprobs(self) -> int | None:
+        """Top log-probabilities asked for per output token (None: none at all)."""
+        return self.extra.get("logprobs")
+
+    def with_seed(self, seed: int | None) -> GenerationParams:
+        return dataclasses.replace(self, seed=seed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        return dict(self.extra) | {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -61,19 +112,46 @@ class GenerationParams:
 
 
 def generation_params(kwargs: dict[str, Any]) -> GenerationParams:
-    """``GenerationParams`` from keyword arguments (``stop`` may be one string).
+    """``GenerationParams`` from keyword arguments (``stop`` may be one string; names in
+    ``SAMPLING_EXTRAS`` go to ``extra``).
 
     Raises:
         InvalidRequest: an unknown argument or a bad value.
     """
     kwargs = dict(kwargs)
     stop = kwargs.pop("stop", None)
+    extra = dict(kwargs.pop("extra", None) or {})
+    extra |= {k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_EXTRAS}
     try:
         return GenerationParams(
-            stop=tuple([stop] if isinstance(stop, str) else stop or ()), **kwargs
+            stop=tuple([stop] if isinstance(stop, str) else stop or ()), extra=extra, **kwargs
         )
     except TypeError as e:
         raise InvalidRequest(f"unknown generation argument: {e}") from None
+
+
+def structured_output(fmt: Any) -> tuple[dict[str, Any], Callable[[str], Any]]:
+    """What ``response_format`` asks of the engine (vLLM ``structured_outputs`` fields)
+    and how to read the answer: a pydantic model class (the answer is parsed into it), or
+    OpenAI's ``{"type": "json_object"}`` / ``{"type": "json_schema", "json_schema":
+    {"schema": ...}}`` (the answer is parsed as JSON).
+
+    Raises:
+        InvalidRequest: any other value.
+    """
+    if isinstance(fmt, type) and issubclass(fmt, BaseModel):
+        return {"json": fmt.model_json_schema()}, fmt.model_validate_json
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return {"json_object": True}, json.loads
+    if kind == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+        schema = fmt["json_schema"].get("schema")
+        if isinstance(schema, dict):
+            return {"json": schema}, json.loads
+    raise InvalidRequest(
+        "response_format must be a pydantic model class, {'type': 'json_object'} or "
+        "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}"
+    )
 
 
 # Priority classes of a call, most urgent first.
@@ -121,10 +199,62 @@ class CallOptions:
 class ChatMessage:
     role: str
     content: str
+    # An assistant turn's calls of tools (OpenAI ``tool_calls`` objects), and a tool
+    # turn's answer to one of them (``tool_call_id``): the chat template renders both.
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
+
+    def turn(self, content: str | None = None) -> dict[str, Any]:
+        """The message as a chat template reads it, with ``content`` in place of its own."""
+        out: dict[str, Any] = {
+            "role": self.role,
+            "content": self.content if content is None else content,
+        }
+        if self.tool_calls:
+            out["tool_calls"] = [dict(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _tool_calls(i: int, calls: Any) -> tuple[dict[str, Any], ...]:
+    if calls is None:
+        return ()
+    if not isinstance(calls, list) or not all(
+        isinstance(c, dict)
+        and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str)
+        for c in calls
+    ):
+        raise InvalidRequest(
+            f"messages[{i}].tool_calls must be a list of "
+            '{"id", "type": "function", "function": {"name", "arguments"}} objects'
+        )
+    out = []
+    for c in calls:
+        args = c["function"].get("arguments", "{}")
+        if isinstance(args, str):  # templates iterate arguments as a mapping
+            try:
+                args = json.loads(args) if args else {}
+            except json.JSONDecodeError:
+                raise InvalidRequest(
+                    f"messages[{i}].tool_calls: arguments of {c['function']['name']!r} "
+                    "are not valid JSON"
+                ) from None
+        out.append(
+            {
+                "id": str(c.get("id", "")),
+                "type": "function",
+                "function": {"name": c["function"]["name"], "arguments": args},
+            }
+        )
+    return tuple(out)
 
 
 def parse_messages(messages: Any) -> list[ChatMessage]:
-    """Validate OpenAI-style chat messages (a non-empty list of ``{role, content}``)."""
+    """Validate OpenAI-style chat messages (a non-empty list of ``{role, content}``; an
+    assistant turn may carry ``tool_calls`` instead of content, a tool turn names the call
+    it answers with ``tool_call_id``)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
     if len(messages) > MAX_MESSAGES:
@@ -143,16 +273,22 @@ def parse_messages(messages: Any) -> list[ChatMessage]:
             raise InvalidRequest(
                 f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}"
             )
+        calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" else ()
         if isinstance(content, list):  # OpenAI content parts: only text is supported
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise InvalidRequest(f"messages[{i}].content parts must all be of type 'text'")
             content = "".join(str(p.get("text", "")) for p in content)
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise InvalidRequest(
                 f"messages[{i}].content must be a string, got {type(content).__name__}"
             )
-        parsed.append(ChatMessage(role, content))
-    if not any(m.content for m in parsed):
+        call_id = m.get("tool_call_id") if role == "tool" else None
+        if call_id is not None and not isinstance(call_id, str):
+            raise InvalidRequest(f"messages[{i}].tool_call_id must be a string")
+        parsed.append(ChatMessage(role, content, calls, call_id))
+    if not any(m.content or m.tool_calls for m in parsed):
         raise InvalidRequest("every message's content is empty; send some text")
     return parsed
 
@@ -180,6 +316,19 @@ def resolve_max_tokens(
             f"{max(max_model_len - prompt_tokens, 0)}."
         )
     return max_tokens
+
+
+# One position's log-probabilities: the token's text, its log-probability (None for the
+# first prompt token) and the most likely tokens there, most likely first.
+Position = tuple[str, float | None, list[tuple[str, float]]]
+
+
+@dataclass
+class Logprobs:
+    """Log-probabilities of one step's new tokens (and, on the first step, the prompt's)."""
+
+    tokens: list[Position]
+    prompt: list[Position] | None = None
 
 
 @dataclass

@@ -129,3 +129,105 @@ def test_a_tenant_class_caps_the_priority_of_its_calls() -> None:
     assert cap_priority("interactive", "batch") == "batch"
     assert cap_priority("batch", "interactive") == "batch"
     assert cap_priority("interactive", "interactive") == "interactive"
+
+
+# -- vLLM sampling extras, tool turns, structured outputs ----------------------------------
+
+
+def test_sampling_extras_go_to_the_engine_by_name() -> None:
+    from airi_ray.core.requests import generation_params
+
+    p = generation_params({"max_tokens": 4, "top_k": 5, "logprobs": 2, "stop": "x"})
+    assert p.extra == {"top_k": 5, "logprobs": 2} and p.logprobs == 2
+    assert p.to_dict() == {
+        "top_k": 5,
+        "logprobs": 2,
+        "max_tokens": 4,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "stop": ["x"],
+        "seed": None,
+        "ignore_eos": False,
+    }
+    assert p.with_seed(9).seed == 9 and p.with_seed(9).extra == p.extra
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"extra": {"beam_width": 2}}, "unknown generation arguments beam_width"),
+        ({"logprobs": -1}, "logprobs must be a whole number"),
+        ({"logprobs": True}, "logprobs"),
+        ({"stop": ["a"] * 1000}, "stop must be at most 4"),
+    ],
+)
+def test_bad_sampling_extras_are_refused(kwargs, match) -> None:
+    from airi_ray.core.requests import generation_params
+
+    with pytest.raises(InvalidRequest, match=match):
+        generation_params(kwargs)
+
+
+def test_tool_turns_parse_and_render_for_the_template() -> None:
+    msgs = parse_messages(
+        [
+            {"role": "user", "content": "where is A1?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "order_status", "arguments": '{"order": "A1"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "shipped"},
+        ]
+    )
+    assistant = msgs[1].turn()
+    assert assistant["content"] == ""
+    assert assistant["tool_calls"][0]["function"] == {
+        "name": "order_status",
+        "arguments": {"order": "A1"},  # templates iterate arguments as a mapping
+    }
+    assert msgs[2].turn("redacted") == {
+        "role": "tool",
+        "content": "redacted",
+        "tool_call_id": "call_1",
+    }
+
+
+@pytest.mark.parametrize(
+    "calls, match",
+    [
+        ("nope", "tool_calls must be a list"),
+        ([{"function": {"arguments": "{}"}}], "tool_calls must be a list"),
+        ([{"function": {"name": "f", "arguments": "{not json"}}], "not valid JSON"),
+    ],
+)
+def test_bad_tool_calls_are_refused(calls, match) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        parse_messages([{"role": "assistant", "content": None, "tool_calls": calls}])
+
+
+def test_structured_output_of_a_pydantic_model_and_of_openai_formats() -> None:
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    from airi_ray.core.requests import structured_output
+
+    class Verdict(BaseModel):
+        verdict: Literal["yes", "no"]
+
+    guide, read = structured_output(Verdict)
+    assert guide["json"]["properties"]["verdict"]["enum"] == ["yes", "no"]
+    assert read('{"verdict": "no"}') == Verdict(verdict="no")
+    assert structured_output({"type": "json_object"})[0] == {"json_object": True}
+    schema = {"type": "object"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert structured_output(fmt)[0] == {"json": schema}
+    with pytest.raises(InvalidRequest, match="response_format must be"):
+        structured_output({"type": "xml"})
