@@ -53,7 +53,7 @@ from airi_ray.runtime import (
     SCHEDULER_NAME,
     actors,
 )
-from airi_ray.runtime.calls import Cached, CallPath, Generation, unwrap_error
+from airi_ray.runtime.calls import Cached, CallPath, Generation, ModelInfo, unwrap_error
 from airi_ray.runtime.graph_executor import GRAPHS_KEY
 from airi_ray.runtime.retrieval import Retriever
 
@@ -141,12 +141,21 @@ class AsyncClient:
         infos = await self._path.visible_models(tenant, refresh=True)
         return [vars(m) | {"tokenizer": None} for m in infos]
 
+    async def model_info(self, model: str, task: str, tenant: str) -> ModelInfo:
+        """What callers know of a served model the tenant may call (tokenizer included).
+
+        Raises:
+            ModelNotFound: no such model for this tenant, or not of this task.
+        """
+        return await self._path.model(model, task, tenant)
+
     async def chat_generation(
         self,
         model: str,
         messages: Any,
         tenant: str | None = None,
         conversation_id: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
         **params: Any,
     ) -> Generation:
         """Start a chat generation; iterate the result for ``(text, n_tokens, finish)``.
@@ -154,6 +163,7 @@ class AsyncClient:
         With ``conversation_id``, the conversation's earlier turns (those that fit the
         model's window, newest first) go before ``messages``, and once the answer is
         complete the new messages and the answer are appended to the conversation.
+        ``tools`` (OpenAI function tools) are shown to the model by its chat template.
         """
         tenant = tenant or await self.tenant_for(self.api_key)
         if isinstance(messages, str):
@@ -162,10 +172,12 @@ class AsyncClient:
         gen_params = generation_params(params)
         parsed = parse_messages(messages)
         if conversation_id is None:
-            return await self._path.chat(model, parsed, gen_params, tenant, options)
+            return await self._path.chat(model, parsed, gen_params, tenant, options, tools=tools)
         new_turns = [{"role": m.role, "content": m.content} for m in parsed if m.role != "system"]
         window = await self._window(model, tenant, conversation_id, parsed, gen_params)
-        g = await self._path.chat(model, parse_messages(window), gen_params, tenant, options)
+        g = await self._path.chat(
+            model, parse_messages(window), gen_params, tenant, options, tools=tools
+        )
         g._stream = self._remember(g.__aiter__(), tenant, model, conversation_id, new_turns)
         return g
 
@@ -228,8 +240,9 @@ class AsyncClient:
             await inner.aclose()  # type: ignore[attr-defined]
 
     async def completion_generation(
-        self, model: str, prompt: str, tenant: str | None = None, **params: Any
+        self, model: str, prompt: str | list[int], tenant: str | None = None, **params: Any
     ) -> Generation:
+        """Start a completion of ``prompt`` (a text, or token ids of the model's tokenizer)."""
         tenant = tenant or await self.tenant_for(self.api_key)
         options = _options(params)
         return await self._path.complete(model, prompt, generation_params(params), tenant, options)
@@ -256,16 +269,18 @@ class AsyncClient:
     async def embed(
         self,
         model: str,
-        texts: str | list[str],
+        texts: str | list[str] | list[list[int]],
         tenant: str | None = None,
         priority: str = "interactive",
         deadline_s: float | None = None,
+        dimensions: int | None = None,
     ) -> tuple[list[list[float]], Usage]:
-        """Embed one text or a list; returns the vectors (one per text) and usage."""
+        """Embed one text or a list (texts or lists of token ids); returns the vectors (one
+        per input) and usage. ``dimensions`` truncates a Matryoshka model's vectors."""
         tenant = tenant or await self.tenant_for(self.api_key)
         texts = [texts] if isinstance(texts, str) else texts
         options = CallOptions(priority=priority, deadline_s=deadline_s)
-        return await self._path.embed(model, texts, tenant, options)
+        return await self._path.embed(model, texts, tenant, options, dimensions=dimensions)
 
     # -- graphs ------------------------------------------------------------------------
 

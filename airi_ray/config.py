@@ -201,6 +201,12 @@ class ModelSpec(_Spec):
         description="Place replicas on accelerator pools (placement groups); unset: the "
         "replica actor asks Ray for `num_cpus`/`num_gpus`/`resources` directly.",
     )
+    tool_parser: str | None = Field(
+        None,
+        description="vLLM tool-call parser that reads this model's tool calls (e.g. `hermes`, "
+        "`llama3_json`), needed for `tool_choice: auto`; `required` and a named function "
+        "work without one (the output is constrained to the tools' JSON schema).",
+    )
     max_batch_size: int = Field(
         32, ge=1, le=1024, description="Embedding calls sent to the engine as one batch, at most."
     )
@@ -229,6 +235,18 @@ class ModelSpec(_Spec):
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _known_parser(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        from vllm.tool_parsers import ToolParserManager
+
+        known = ToolParserManager.list_registered()
+        if name not in known:
+            raise ValueError(f"tool_parser {name!r} is not one of vLLM's: {', '.join(known)}")
+        return name
 
     @model_validator(mode="after")
     def _versions_valid(self) -> ModelSpec:

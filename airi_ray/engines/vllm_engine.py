@@ -16,6 +16,7 @@ from typing import Any
 
 from airi_ray.config import ModelSpec
 from airi_ray.core.errors import InvalidRequest
+from airi_ray.core.requests import Logprobs, Position
 from airi_ray.engines.source import resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,24 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, cumulative
     prefix_cache_hits: int = 0  # tokens found there, cumulative
     steps: int = 0
+
+
+def _positions(token_ids: Any, logprobs: Any, top: int | None) -> list[Position]:
+    out: list[Position] = []
+    for tid, step in zip(token_ids, logprobs or [], strict=False):
+        if step is None:
+            out.append(("", None, []))
+            continue
+        mine = step.get(tid)
+        ranked = sorted(step.items(), key=lambda kv: kv[1].rank or 0)[: top or 0]
+        out.append(
+            (
+                (mine.decoded_token or "") if mine else "",
+                max(mine.logprob, -9999.0) if mine else None,
+                [(p.decoded_token or "", max(p.logprob, -9999.0)) for _, p in ranked],
+            )
+        )
+    return out
 
 
 def _stat_logger_class(stats: EngineStats) -> Any:
@@ -90,7 +109,21 @@ def engine_args(spec: ModelSpec) -> Any:
     }
     if spec.task == "embed":
         kwargs["runner"] = "pooling"
+    else:
+        # Guided JSON without optional whitespace: a grammar that allows any whitespace
+        # lets a model pad its JSON with newlines until max_tokens cuts it off unparsed.
+        # vLLM reads this per engine, not per request (override: engine.structured_outputs_config).
+        kwargs["structured_outputs_config"] = {
+            "backend": "xgrammar",
+            "disable_any_whitespace": True,
+        }
     kwargs.update(spec.engine)
+    if isinstance(kwargs.get("structured_outputs_config"), dict):
+        from vllm.config import StructuredOutputsConfig
+
+        kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+            **kwargs["structured_outputs_config"]
+        )
     return AsyncEngineArgs(**kwargs)
 
 
@@ -130,45 +163,72 @@ class Engine:
             cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
         )
 
+    def _sampling(self, params: dict[str, Any]) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        kwargs = dict(params)
+        kwargs["stop"] = kwargs.get("stop") or None
+        guide = kwargs.pop("structured_outputs", None)
+        if guide is not None:
+            kwargs["structured_outputs"] = StructuredOutputsParams(**guide)
+        # vLLM's own constructor validates every value (ValueError: a 400 for this request).
+        return SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any]
-    ) -> AsyncIterator[tuple[str, int, str | None]]:
-        """Stream ``(new_text, new_token_count, finish_reason)`` per engine step.
+    ) -> AsyncIterator[tuple[str, int, str | None, Logprobs | None]]:
+        """Stream ``(new_text, new_token_count, finish_reason, logprobs)`` per engine step;
+        ``logprobs`` is None unless the request asked for them.
 
         Closing the iterator early aborts the request in the engine.
         """
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        sampling = SamplingParams(
-            max_tokens=params["max_tokens"],
-            temperature=params.get("temperature", 1.0),
-            top_p=params.get("top_p", 1.0),
-            stop=params.get("stop") or None,
-            seed=params.get("seed"),
-            ignore_eos=params.get("ignore_eos", False),
-            output_kind=RequestOutputKind.DELTA,
-        )
+        sampling = self._sampling(params)
+        want = sampling.logprobs is not None or sampling.prompt_logprobs is not None
         prompt = {"prompt_token_ids": prompt_token_ids}
+        first = True
         async for out in self._llm.generate(prompt, sampling, request_id):
             c = out.outputs[0]
-            yield c.text, len(c.token_ids), c.finish_reason if out.finished else None
+            lp = None
+            if want:
+                lp = Logprobs(
+                    tokens=_positions(c.token_ids, c.logprobs, sampling.logprobs),
+                    prompt=(
+                        self._prompt_positions(prompt_token_ids, out.prompt_logprobs, sampling)
+                        if first and sampling.prompt_logprobs is not None
+                        else None
+                    ),
+                )
+            first = False
+            yield c.text, len(c.token_ids), c.finish_reason if out.finished else None, lp
 
-    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
-        """Embed pre-tokenized inputs, all at once (the engine batches them)."""
+    def _prompt_positions(self, ids: list[int], logprobs: Any, sampling: Any) -> list[Position]:
+        # vLLM gives no entry for the first prompt token (nothing comes before it).
+        head = self._llm.tokenizer.decode(ids[:1]) if ids else ""
+        rest = _positions(ids[1:], list(logprobs or [])[1:], sampling.prompt_logprobs)
+        return [(head, None, []), *rest]
+
+    async def embed(
+        self, token_ids: list[list[int]], dimensions: list[int | None] | None = None
+    ) -> list[list[float]]:
+        """Embed pre-tokenized inputs, all at once (the engine batches them); ``dimensions``
+        (one per input) truncates Matryoshka embeddings, where the model has them."""
         from vllm import PoolingParams
 
-        async def one(ids: list[int]) -> list[float]:
+        dims = dimensions or [None] * len(token_ids)
+
+        async def one(ids: list[int], dim: int | None) -> list[float]:
             rid = f"embed-{uuid.uuid4().hex}"
             result = None
-            async for out in self._llm.encode(
-                {"prompt_token_ids": ids}, PoolingParams(task="embed"), rid
-            ):
+            params = PoolingParams(task="embed", dimensions=dim)
+            async for out in self._llm.encode({"prompt_token_ids": ids}, params, rid):
                 result = out
             assert result is not None
             return [float(x) for x in result.outputs.data.tolist()]
 
-        return list(await asyncio.gather(*(one(ids) for ids in token_ids)))
+        return list(
+            await asyncio.gather(*(one(ids, d) for ids, d in zip(token_ids, dims, strict=True)))
+        )
 
     async def abort(self, request_ids: list[str]) -> None:
         await self._llm.abort(request_ids)

@@ -52,6 +52,8 @@ from airi_ray.core.requests import (
     CallOptions,
     ChatMessage,
     GenerationParams,
+    Logprobs,
+    Position,
     Usage,
     resolve_max_tokens,
 )
@@ -180,6 +182,16 @@ class Cached(Generic[T]):
         self._at = time.monotonic()
 
 
+# What a request's queue holds: (text, n_tokens, finish_reason, error, logprobs).
+_Item = tuple[str, int, str | None, str | None, Logprobs | None]
+
+
+def _merge_logprobs(a: Logprobs | None, b: Logprobs | None) -> Logprobs | None:
+    if a is None or b is None:
+        return a or b
+    return Logprobs(a.tokens + b.tokens, a.prompt or b.prompt)
+
+
 class ReplicaChannel:
     """This process's single stream from one replica, demultiplexed to its requests."""
 
@@ -187,9 +199,7 @@ class ReplicaChannel:
         self.replica_id = replica_id
         self._handle = handle
         self._channel_id = channel_id
-        self._queues: dict[
-            str, asyncio.Queue[tuple[str, int, str | None, str | None] | BaseException]
-        ] = {}
+        self._queues: dict[str, asyncio.Queue[_Item | BaseException]] = {}
         self._submits = _Coalescer[tuple[str, list[int], dict[str, Any]]](self._send_submits)
         self._aborts = _Coalescer[str](self._send_aborts)
         self._reader: asyncio.Task[None] | None = None
@@ -197,8 +207,9 @@ class ReplicaChannel:
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: dict[str, Any]
-    ) -> AsyncIterator[tuple[str, int, str | None]]:
-        """Yield ``(text, n_tokens, finish_reason)``; leaving early aborts the request."""
+    ) -> AsyncIterator[tuple[str, int, str | None, Logprobs | None]]:
+        """Yield ``(text, n_tokens, finish_reason, logprobs)``; leaving early aborts the
+        request."""
         if self.dead is not None:
             raise ReplicaDied(str(self.dead))
         if self._reader is None:
@@ -212,19 +223,20 @@ class ReplicaChannel:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                text, n, finish, error = item
+                text, n, finish, error, lp = item
                 while not queue.empty() and finish is None:  # merge what piled up meanwhile
                     more = queue.get_nowait()
                     if isinstance(more, BaseException):
                         queue.put_nowait(more)
                         break
                     text, n, finish, error = text + more[0], n + more[1], more[2], more[3]
+                    lp = _merge_logprobs(lp, more[4])
                 if finish == "invalid":
                     raise InvalidRequest(f"the engine refused the request: {error}")
                 if finish == "engine_error":  # like a dead replica: retried if nothing was sent
                     raise ReplicaDied(f"replica {self.replica_id}: {error}")
                 finished = finish is not None
-                yield text, n, finish
+                yield text, n, finish, lp
         finally:
             self._queues.pop(request_id, None)
             if not finished and self.dead is None:
@@ -254,10 +266,10 @@ class ReplicaChannel:
         gen = self._handle.open_channel.options(num_returns="streaming").remote(self._channel_id)
         try:
             async for ref in gen:
-                for rid, text, n, finish, error in await ref:
+                for rid, text, n, finish, error, lp in await ref:
                     q = self._queues.get(rid)
                     if q is not None:
-                        q.put_nowait((text, n, finish, error))
+                        q.put_nowait((text, n, finish, error, lp))
             raise RuntimeError("the replica closed the channel")
         except asyncio.CancelledError:
             raise
@@ -291,15 +303,58 @@ class ModelInfo:
     ready_replicas: int
     tokenizer: Any = None
     sources: dict[str, str] = field(default_factory=dict)
+    tool_parser: str | None = None
+
+
+def _token_ids(value: Any, vocab_size: int, what: str) -> list[int] | None:
+    """``value`` as token ids if it is a list of them (None if it is a text).
+
+    Raises:
+        InvalidRequest: neither a text nor ids, or an id outside the vocabulary.
+    """
+    if isinstance(value, str):
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        raise InvalidRequest(f"{what} must be a string or a list of token ids")
+    bad = next((t for t in value if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"{what} has token id {bad}, outside the model's vocabulary (0 to {vocab_size - 1})"
+        )
+    return list(value)
+
+
+@dataclass
+class LogprobSink:
+    """The log-probabilities a generation has produced, for callers that asked for them:
+    ``take()`` hands over those that arrived since the last take (the stream's chunk)."""
+
+    prompt: list[Position] | None = None
+    tokens: list[Position] = field(default_factory=list)
+    _taken: int = 0
+
+    def add(self, lp: Logprobs) -> None:
+        if lp.prompt is not None:
+            self.prompt = lp.prompt
+        self.tokens.extend(lp.tokens)
+
+    def take(self) -> list[Position]:
+        new, self._taken = self.tokens[self._taken :], len(self.tokens)
+        return new
 
 
 @dataclass
 class Generation:
-    """A streamed generation; iterate for ``(text, n_tokens, finish_reason)``, then read usage."""
+    """A streamed generation; iterate for ``(text, n_tokens, finish_reason)``, then read
+    usage (and ``logprobs``, if the call asked for them)."""
 
     request_id: str
     model: str
     usage: Usage = field(default_factory=Usage)
+    logprobs: LogprobSink = field(default_factory=LogprobSink)
+    prompt_text: str | None = None  # a completion's prompt as the model read it (for echo)
     _stream: AsyncIterator[tuple[str, int, str | None]] | None = None
 
     def __aiter__(self) -> AsyncIterator[tuple[str, int, str | None]]:
@@ -468,9 +523,11 @@ class CallPath:
         tenant: str,
         options: CallOptions = DEFAULT_OPTIONS,
         cap: Callable[[int], int] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> Generation:
         """Start a chat generation (iterate it to run it). ``cap`` maps the prompt's length
-        to the most output tokens allowed (a graph run's token budget).
+        to the most output tokens allowed (a graph run's token budget); ``tools`` (OpenAI
+        function tools) go to the chat template, which shows them to the model.
         """
         info = await self.model(model, "generate", tenant)
         if getattr(info.tokenizer, "chat_template", None) is None:
@@ -501,13 +558,11 @@ class CallPath:
             if watch.text is not None:
                 users = [c for m, c in zip(messages, contents, strict=True) if m.role == "user"]
                 watch.text = users[-1] if users else None
-            turns = [
-                {"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)
-            ]
+            turns = [m.turn(c) for m, c in zip(messages, contents, strict=True)]
 
             def render(tokenizer: Any) -> list[int]:
                 ids = tokenizer.apply_chat_template(
-                    turns, add_generation_prompt=True, tokenize=True
+                    turns, tools=tools or None, add_generation_prompt=True, tokenize=True
                 )
                 if not isinstance(ids, list):  # transformers may return a BatchEncoding
                     ids = ids["input_ids"]
@@ -532,29 +587,36 @@ class CallPath:
         options: CallOptions = DEFAULT_OPTIONS,
         cap: Callable[[int], int] | None = None,
     ) -> Generation:
-        if not isinstance(prompt, str):
-            raise InvalidRequest("prompt must be a string")
+        """Start a completion of ``prompt``: a text, or token ids of the model's tokenizer
+        (the tenant's filters read them as the text they decode to)."""
         info = await self.model(model, "generate", tenant)
+        given_ids = _token_ids(prompt, len(info.tokenizer), "prompt")
+        text = info.tokenizer.decode(given_ids) if given_ids is not None else prompt
         rid = f"req-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid)
         try:
             with _checking_input(watch, model):
                 filters = await self._filters(tenant, model)
-                await self._semantic_check(tenant, model, [prompt], rid)
-                clean = self._filter_input(filters, prompt, "prompt", tenant, model, rid)
-            watch.filtered = clean != prompt
+                await self._semantic_check(tenant, model, [text], rid)
+                clean = self._filter_input(filters, text, "prompt", tenant, model, rid)
+            watch.filtered = clean != text
             if watch.text is not None:
                 watch.text = clean
 
             def encode(tokenizer: Any) -> list[int]:
                 return list(tokenizer(clean)["input_ids"])
 
-            ids = encode(info.tokenizer)
-            shape = (0, len(prompt))
+            if given_ids is not None and clean == text:
+                ids, remake = given_ids, None  # the ids are the only form of this prompt
+            else:
+                ids, remake = encode(info.tokenizer), encode
+            shape = (0, len(text))
             info = await self._window_for(info, len(ids), params)
-            return self._generation(
-                info, ids, params, tenant, options, filters, cap, shape, rid, watch, encode
+            g = self._generation(
+                info, ids, params, tenant, options, filters, cap, shape, rid, watch, remake
             )
+            g.prompt_text = clean
+            return g
         except BaseException as e:
             tracing.end_failed(watch.span, e)
             raise
@@ -701,6 +763,13 @@ class CallPath:
             raise InvalidRequest(
                 f"the prompt is empty (0 tokens for model {info.name!r}); send some text"
             )
+        if filters is not None and (
+            params.logprobs is not None or params.extra.get("prompt_logprobs") is not None
+        ):
+            raise InvalidRequest(
+                "logprobs are not available where the tenant's content filters apply: they "
+                "would show the tokens the filters hold back; leave out logprobs"
+            )
         max_tokens = resolve_max_tokens(
             info.name, len(prompt_ids), params.max_tokens, info.max_model_len
         )
@@ -728,6 +797,7 @@ class CallPath:
         # would keep its lease until a collection happened to run.
         g._stream = self._stream(
             g.usage,
+            g.logprobs,
             request,
             prompt_ids,
             params.to_dict() | {"max_tokens": max_tokens},
@@ -756,6 +826,7 @@ class CallPath:
     async def _stream(
         self,
         usage: Usage,
+        sink: LogprobSink,
         request: AcquireRequest,
         prompt_ids: list[int],
         params: dict[str, Any],
@@ -779,7 +850,11 @@ class CallPath:
                 usage.prompt_tokens = len(ids)
                 try:
                     channel = self._channel(lease.replica_id)
-                    async for text, n, finish in channel.generate(request.request_id, ids, params):
+                    async for text, n, finish, lp in channel.generate(
+                        request.request_id, ids, params
+                    ):
+                        if lp is not None:
+                            sink.add(lp)
                         if usage.ttft_s is None:
                             first_at = time.perf_counter()
                             usage.ttft_s = first_at - start
@@ -836,34 +911,62 @@ class CallPath:
     async def embed(
         self,
         model: str,
-        texts: list[str],
+        texts: list[str] | list[list[int]],
         tenant: str,
         options: CallOptions = DEFAULT_OPTIONS,
         where: str = "prompt",
+        dimensions: int | None = None,
     ) -> tuple[list[list[float]], Usage]:
-        """Embed ``texts`` on one replica; returns vectors and usage. The tenant's input
-        filters apply first (``where``: ``prompt``, or ``document`` for ingested text)."""
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise InvalidRequest("input must be a non-empty string or a non-empty list of strings")
+        """Embed ``texts`` (texts, or token ids of the model's tokenizer) on one replica;
+        returns vectors and usage. The tenant's input filters apply first (``where``:
+        ``prompt``, or ``document`` for ingested text); ``dimensions`` truncates the vectors
+        of a Matryoshka model (others refuse it)."""
+        if not isinstance(texts, list) or not texts:
+            raise InvalidRequest(
+                "input must be a non-empty string, list of strings, or list of token ids"
+            )
         if len(texts) > MAX_EMBEDDING_INPUTS:
             raise InvalidRequest(
                 f"input has {len(texts)} items; at most {MAX_EMBEDDING_INPUTS} per request"
             )
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+        ):
+            raise InvalidRequest(f"dimensions must be a positive integer, got {dimensions!r}")
         info = await self.model(model, "embed", tenant)
         assert info.max_model_len is not None
+        vocab = len(info.tokenizer)
+        given = [_token_ids(t, vocab, f"input[{i}]") for i, t in enumerate(texts)]
+        if any(g == [] for g in given):
+            raise InvalidRequest("input has an empty list of token ids; send at least one")
+        decoded = [
+            info.tokenizer.decode(g) if g is not None else str(t)
+            for g, t in zip(given, texts, strict=True)
+        ]
         rid = f"emb-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid, sample=False)
         try:
             with _checking_input(watch, model):
                 filters = await self._filters(tenant, model)
+                clean = decoded
                 if filters is not None:
                     clean = [
-                        self._filter_input(filters, t, where, tenant, model, rid) for t in texts
+                        self._filter_input(filters, t, where, tenant, model, rid) for t in decoded
                     ]
-                    watch.filtered, texts = clean != texts, clean
+                    watch.filtered = clean != decoded
+            # Token ids stay as given unless a filter changed their text.
+            kept = [
+                g if g is not None and c == d else None
+                for g, c, d in zip(given, clean, decoded, strict=True)
+            ]
 
             def encode(tokenizer: Any) -> list[list[int]]:
-                return [list(x) for x in tokenizer(texts)["input_ids"]]
+                fresh = iter(
+                    tokenizer([c for c, k in zip(clean, kept, strict=True) if k is None] or [""])[
+                        "input_ids"
+                    ]
+                )
+                return [k if k is not None else list(next(fresh)) for k in kept]
 
             ids = encode(info.tokenizer)
             for i, x in enumerate(ids):
@@ -898,7 +1001,7 @@ class CallPath:
                 try:
                     sent = await self._ids_for(info, lease.version, ids, encode)
                     vectors = await self._handle(lease.replica_id).embed.remote(
-                        sent, options.deadline_s
+                        sent, options.deadline_s, dimensions
                     )
                     usage.ttft_s = time.perf_counter() - start
                     usage.extra["version"] = lease.version  # which vector space they are in

@@ -461,6 +461,7 @@ class Controller:
                     "version": entry.stable,
                     "task": stable.task,
                     "source": stable.model,
+                    "tool_parser": stable.tool_parser,
                     "max_model_len": next(
                         (r.max_model_len for r in ready),
                         entry.context.get(entry.stable, stable.engine.get("max_model_len")),

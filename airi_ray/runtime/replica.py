@@ -21,15 +21,21 @@ from typing import Any
 from airi_ray.config import ModelSpec
 from airi_ray.core.batching import BatchWindow
 from airi_ray.core.errors import InvalidRequest, ReplicaUnavailable
+from airi_ray.core.requests import Logprobs
 from airi_ray.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
-# One channel item: (request_id, new_text, new_token_count, finish_reason, error_message);
-# finish_reason "invalid" (this request failed; the engine serves on) or "engine_error"
-# (the engine died) carries an error instead of tokens.
+# One channel item: (request_id, new_text, new_token_count, finish_reason, error_message,
+# logprobs); finish_reason "invalid" (this request failed; the engine serves on) or
+# "engine_error" (the engine died) carries an error instead of tokens; logprobs is None
+# unless the request asked for them.
 # A tuple rather than a dataclass: it is pickled once per request per engine step.
-Delta = tuple[str, str, int, str | None, str | None]
+Delta = tuple[str, str, int, str | None, str | None, Logprobs | None]
+
+
+# One embedding call waiting for its batch: its inputs, output dimensions and result.
+_EmbedCall = tuple[list[list[int]], int | None, "asyncio.Future[Any]"]
 
 
 class _Channel(Outbox[Delta]):
@@ -55,7 +61,7 @@ class ModelReplica:
             min_wait_s=min(0.001, self.spec.max_batch_wait_ms / 1000),
             max_wait_s=self.spec.max_batch_wait_ms / 1000,
         )
-        self._batch_items: dict[str, tuple[list[list[int]], asyncio.Future[Any]]] = {}
+        self._batch_items: dict[str, _EmbedCall] = {}
         self._batch_wake = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
 
@@ -88,7 +94,9 @@ class ModelReplica:
     ) -> None:
         finished = False
         if self._dead is not None:  # every later request would hang on a dead engine
-            channel.push((request_id, "", 0, "engine_error", f"the engine died: {self._dead}"))
+            channel.push(
+                (request_id, "", 0, "engine_error", f"the engine died: {self._dead}", None)
+            )
             channel.tasks.pop(request_id, None)
             return
         try:
@@ -100,17 +108,17 @@ class ModelReplica:
                     f"the prompt has {len(prompt_ids)} tokens; this replica's context window "
                     f"is {limit}"
                 )
-            async for text, n, finish in self._engine.generate(request_id, prompt_ids, params):
+            async for text, n, finish, lp in self._engine.generate(request_id, prompt_ids, params):
                 finished = finish is not None
-                channel.push((request_id, text, n, finish, None))
+                channel.push((request_id, text, n, finish, None, lp))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             dead, why = self._failure(e, request_id)
-            channel.push((request_id, "", 0, "engine_error" if dead else "invalid", why))
+            channel.push((request_id, "", 0, "engine_error" if dead else "invalid", why, None))
         else:
             if not finished:  # the engine aborted it (e.g. an abort from another path)
-                channel.push((request_id, "", 0, "abort", None))
+                channel.push((request_id, "", 0, "abort", None, None))
         finally:
             channel.tasks.pop(request_id, None)
 
@@ -159,10 +167,14 @@ class ModelReplica:
     # -- embeddings, health, stats -----------------------------------------------------
 
     async def embed(
-        self, token_ids: list[list[int]], deadline_s: float | None = None
+        self,
+        token_ids: list[list[int]],
+        deadline_s: float | None = None,
+        dimensions: int | None = None,
     ) -> list[list[float]]:
         """Embed pre-tokenized inputs. Calls arriving within the batching window go to the
-        engine as one batch; ``deadline_s`` (seconds from now) caps the wait.
+        engine as one batch; ``deadline_s`` (seconds from now) caps the wait;
+        ``dimensions`` truncates the vectors (Matryoshka models only).
 
         Raises:
             InvalidRequest: the engine refused these inputs (it serves on).
@@ -173,7 +185,7 @@ class ModelReplica:
         item_id = uuid.uuid4().hex
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        self._batch_items[item_id] = (token_ids, future)
+        self._batch_items[item_id] = (token_ids, dimensions, future)
         self._batch.add(item_id, now, None if deadline_s is None else now + deadline_s)
         self._batch_wake.set()
         if self._batcher is None or self._batcher.done():
@@ -193,41 +205,40 @@ class ModelReplica:
                     await asyncio.wait_for(self._batch_wake.wait(), at - now)
                 continue
             items = [self._batch_items.get(i) for i in self._batch.take(now)]
-            calls = [c for c in items if c is not None and not c[1].done()]
-            inputs = [x for ids, _ in calls for x in ids]
+            calls = [c for c in items if c is not None and not c[2].done()]
+            inputs = [x for ids, _, _ in calls for x in ids]
+            dims = [d for ids, d, _ in calls for _ in ids]
             try:
-                vectors = await self._engine.embed(inputs) if inputs else []
+                vectors = await self._engine.embed(inputs, dims) if inputs else []
             except Exception as e:
                 await self._fail_batch(calls, e)
                 continue
             offset = 0
-            for ids, future in calls:
+            for ids, _, future in calls:
                 if not future.done():
                     future.set_result(vectors[offset : offset + len(ids)])
                 offset += len(ids)
 
-    async def _fail_batch(
-        self, calls: list[tuple[list[list[int]], asyncio.Future[Any]]], e: Exception
-    ) -> None:
+    async def _fail_batch(self, calls: list[_EmbedCall], e: Exception) -> None:
         """A batch failed: if the engine died, all of it; else each call is run alone, so
         only the call that caused it fails (with InvalidRequest, the engine serves on)."""
         dead, why = self._failure(e, "an embedding batch")
         if dead:
-            for _, future in calls:
+            for _, _, future in calls:
                 if not future.done():
                     future.set_exception(ReplicaUnavailable(f"replica {self.replica_id}: {why}"))
             return
         if len(calls) == 1:
-            ids, future = calls[0]
+            _, _, future = calls[0]
             if not future.done():
                 future.set_exception(InvalidRequest(f"the engine refused the input: {why}"))
             return
         for call in calls:
-            ids, future = call
+            ids, dim, future = call
             if future.done():
                 continue
             try:
-                future.set_result(await self._engine.embed(ids))
+                future.set_result(await self._engine.embed(ids, [dim] * len(ids)))
             except Exception as one:
                 await self._fail_batch([call], one)
 

@@ -44,16 +44,17 @@ def untouched(client: Any) -> Any:
 @pytest.mark.parametrize(
     ("path", "body", "words"),
     [
-        ("/v1/completions", COMPLETION | {"prompt": ""}, "prompt is empty"),
+        ("/v1/completions", COMPLETION | {"prompt": ""}, "prompt"),
         ("/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": ""}]}, "empty"),
-        ("/v1/chat/completions", CHAT | {"seed": 2**64}, "seed must be an integer"),
+        ("/v1/chat/completions", CHAT | {"seed": 2**64}, "seed"),
         ("/v1/completions", COMPLETION | {"prompt": [1, 99999]}, "prompt"),
         ("/v1/chat/completions", CHAT | {"stop": [f"s{i}" for i in range(1000)]}, "stop"),
         ("/v1/chat/completions", CHAT | {"max_tokens": 10**9}, "max_tokens"),
-        ("/v1/chat/completions", CHAT | {"response_format": BAD_SCHEMA}, "response_format"),
+        ("/v1/chat/completions", CHAT | {"response_format": BAD_SCHEMA}, "nope"),
         ("/v1/chat/completions", CHAT | {"tools": [{"type": "function"}]}, "tools"),
-        ("/v1/chat/completions", CHAT | {"logprobs": True}, "logprobs"),
-        ("/v1/completions", COMPLETION | {"echo": True}, "echo"),
+        ("/v1/chat/completions", CHAT | {"logit_bias": {"999999": 1}}, "logit_bias"),
+        ("/v1/chat/completions", CHAT | {"logprobs": True, "top_logprobs": 10**6}, "logprobs"),
+        ("/v1/completions", COMPLETION | {"prompt": [[]]}, "prompt"),
         ("/v1/chat/completions", CHAT | {"stream_options": {"include_usage": True}}, "stream"),
     ],
 )
@@ -74,7 +75,7 @@ def _read_channel(gen: Any, wanted: set[str]) -> dict[str, tuple[str, int, str |
     """Read a replica channel until every wanted request has finished."""
     got: dict[str, tuple[str, int, str | None]] = {}
     for ref in gen:
-        for rid, _, n, finish, error in ray.get(ref):
+        for rid, _, n, finish, error, _ in ray.get(ref):
             if rid in wanted and finish is not None:
                 got[rid] = (finish, n, error)
         if set(got) >= wanted:
