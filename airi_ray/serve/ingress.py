@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -38,15 +39,9 @@ from airi_ray.core.errors import (
 from airi_ray.obs.metrics import HttpMetrics
 from airi_ray.runtime import OBSERVER_NAME, actors
 from airi_ray.runtime.calls import Generation
-from airi_ray.serve.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    FeatureEventsRequest,
-    FeedbackRequest,
-    GraphRunRequest,
-    SamplingRequest,
-)
+from airi_ray.serve import protocol
+from airi_ray.serve.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
+from airi_ray.serve.schemas import FeatureEventsRequest, FeedbackRequest, GraphRunRequest
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +135,6 @@ def _model_card(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _usage(g: Generation) -> dict[str, int]:
-    u = g.usage
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-    }
-
-
 class _EventStream(StreamingResponse):
     """Server-sent events of one generation, closed however the response ends.
 
@@ -159,16 +145,218 @@ class _EventStream(StreamingResponse):
     hands the lease back at once.
     """
 
-    def __init__(self, events: AsyncIterator[str], generation: AsyncIterator[Any]) -> None:
+    def __init__(self, events: AsyncIterator[str], generations: list[AsyncIterator[Any]]) -> None:
         super().__init__(events, media_type="text/event-stream")
-        self._generation = generation
+        self._generations = generations
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            await self._generation.aclose()  # type: ignore[attr-defined]
+            for g in self._generations:
+                await g.aclose()  # type: ignore[attr-defined]
+
+
+async def _first(it: AsyncIterator[Any]) -> Any:
+    try:
+        return await it.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _all(coros: list[Any]) -> list[Any]:
+    """Await all; if one fails, the others are cancelled (their requests aborted)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _close_all(gens: list[Generation]) -> None:
+    for g in gens:
+        with contextlib.suppress(Exception):
+            await g.__aiter__().aclose()  # type: ignore[attr-defined]
+
+
+async def _merged(
+    its: list[AsyncIterator[Any]], firsts: list[Any], interval_s: float
+) -> AsyncIterator[tuple[int, Any]]:
+    """``(choice index, item)`` from every stream, as items arrive; ``firsts`` are each
+    stream's first item, already read (None: the stream was empty)."""
+    if len(its) == 1:
+        if firsts[0] is None:
+            return
+        yield 0, firsts[0]
+        finish = firsts[0][2]
+        while finish is None:
+            # Tokens that arrive meanwhile are merged into the next event.
+            if interval_s:
+                await asyncio.sleep(interval_s)
+            try:
+                item = await its[0].__anext__()
+            except StopAsyncIteration:
+                return
+            finish = item[2]
+            yield 0, item
+        return
+    pending: dict[asyncio.Future[Any], int] = {}
+    for i, first in enumerate(firsts):
+        if first is not None:
+            yield i, first
+            if first[2] is None:
+                pending[asyncio.ensure_future(its[i].__anext__())] = i
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for f in done:
+                i = pending.pop(f)
+                try:
+                    item = f.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, item
+                if item[2] is None:
+                    pending[asyncio.ensure_future(its[i].__anext__())] = i
+    finally:
+        for f in pending:
+            f.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+class _Reply:
+    """One chat or completion response of ``gens`` (its choices, in order), whole or as
+    stream events: content, tool calls, logprobs and echo, in vLLM's response models."""
+
+    def __init__(
+        self,
+        gens: list[Generation],
+        body: Any,
+        chat: bool,
+        plan: protocol.ToolPlan | None = None,
+        parser: Any = None,
+        echo: bool = False,
+        per_prompt: int = 1,
+    ) -> None:
+        self.gens, self.body, self.chat = gens, body, chat
+        self.plan = plan or protocol.ToolPlan()
+        self.parser = parser
+        self.echo = echo
+        self.per_prompt = per_prompt
+        self.created = int(time.time())
+        # The completion's id names its first request: feedback and `airi trace` take it.
+        self.rid = ("chatcmpl-" if chat else "cmpl-") + gens[0].request_id.removeprefix("req-")
+        self.model = gens[0].model
+        self.logprobs = (body.logprobs if chat else body.logprobs is not None) or False
+        so = body.stream_options
+        self.include_usage = bool(so and so.include_usage)
+        n = len(gens)
+        self._started = [False] * n
+        self._buffers: list[list[str]] = [[] for _ in range(n)]
+        self._offsets = [0] * n
+        self._call_ids = [f"call_{g.request_id[-24:]}" for g in gens]
+
+    # -- whole responses
+
+    def whole(self, texts: list[str]) -> dict[str, Any]:
+        choices = []
+        for i, (g, text) in enumerate(zip(self.gens, texts, strict=True)):
+            finish = g.usage.finish_reason
+            if self.chat:
+                lp = protocol.chat_logprobs(g.logprobs.tokens) if self.logprobs else None
+                content, calls = protocol.read_tool_calls(self.plan, text, self.body, self.parser)
+                if calls and self.plan.mode != "named":
+                    finish = "tool_calls"
+                choices.append(protocol.chat_choice(i, content, calls, finish, lp))
+            else:
+                positions = g.logprobs.tokens
+                if self.echo:
+                    text = (g.prompt_text or "") + text
+                    positions = (g.logprobs.prompt or []) + positions
+                plp = protocol.completion_logprobs(positions) if self.logprobs else None
+                choices.append(protocol.completion_choice(i, text, finish, plp))
+        build = protocol.chat_response if self.chat else protocol.completion_response
+        return build(self.rid, self.created, self.model, choices, self._usage())
+
+    def _usage(self) -> Any:
+        # A prompt counts once however many choices it has, as OpenAI counts it.
+        prompt = sum(g.usage.prompt_tokens for g in self.gens[:: self.per_prompt])
+        if self.chat:
+            prompt = self.gens[0].usage.prompt_tokens
+        return protocol.usage(prompt, sum(g.usage.completion_tokens for g in self.gens))
+
+    # -- stream events
+
+    def usage_chunk(self) -> str:
+        return protocol.usage_chunk(self.rid, self.created, self.model, self.chat, self._usage())
+
+    def chunk(self, i: int, text: str, n: int, finish: str | None) -> list[str]:
+        g = self.gens[i]
+        first = not self._started[i]
+        self._started[i] = True
+        if not self.chat:
+            positions = g.logprobs.take()
+            if first and self.echo:
+                text = (g.prompt_text or "") + text
+                positions = (g.logprobs.prompt or []) + positions
+            plp = None
+            if self.logprobs:
+                plp = protocol.completion_logprobs(positions, self._offsets[i])
+                self._offsets[i] += sum(len(p[0]) for p in positions)
+            return [
+                protocol.completion_chunk(self.rid, self.created, self.model, i, text, finish, plp)
+            ]
+        lp = protocol.chat_logprobs(g.logprobs.take()) if self.logprobs else None
+        args = (self.rid, self.created, self.model, i)
+        mode = self.plan.mode
+        if mode == "none":
+            return [
+                protocol.chat_chunk(
+                    *args,
+                    content=text,
+                    role="assistant" if first else None,
+                    finish=finish,
+                    logprobs=lp,
+                )
+            ]
+        if mode == "named":
+            assert self.plan.function is not None
+            delta = protocol.named_call_delta(text, first, self.plan.function, self._call_ids[i])
+            return [
+                protocol.chat_chunk(
+                    *args,
+                    role="assistant" if first else None,
+                    tool_calls=delta,
+                    finish=finish,
+                    logprobs=lp,
+                )
+            ]
+        # required / auto: the calls are read from the whole answer, sent when it ends.
+        out = []
+        if first:
+            out.append(protocol.chat_chunk(*args, role="assistant", content="", logprobs=lp))
+            lp = None
+        self._buffers[i].append(text)
+        if finish is None:
+            if lp is not None:
+                out.append(protocol.chat_chunk(*args, logprobs=lp))
+            return out
+        whole = "".join(self._buffers[i])
+        content, calls = protocol.read_tool_calls(self.plan, whole, self.body, self.parser)
+        out.append(
+            protocol.chat_chunk(
+                *args,
+                content=content,
+                tool_calls=protocol.tool_call_deltas(calls),
+                finish="tool_calls" if calls else finish,
+                logprobs=lp,
+            )
+        )
+        return out
 
 
 # serve.ingress pickles the app when the class is decorated: helpers the routes use must
@@ -194,6 +382,14 @@ class Ingress:
 
     async def _body(self, request: Request, model: type[BaseModel]) -> Any:
         """Read the JSON body within the size limit and validate it against ``model``."""
+        data = await self._json(request)
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise InvalidRequest(f"invalid request: {_pydantic_message(e)}") from None
+
+    async def _json(self, request: Request) -> dict[str, Any]:
+        """The request's JSON object, read within the body size limit."""
         limit = self.spec.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -210,10 +406,7 @@ class Ingress:
             raise InvalidRequest(f"request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object")
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            raise InvalidRequest(f"invalid request: {_pydantic_message(e)}") from None
+        return data
 
     async def _tenant(self, request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -256,32 +449,85 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
-        body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
-        g = await self.client.chat_generation(
-            body.model,
-            body.messages,
-            tenant=tenant,
-            conversation_id=body.conversation_id,
-            **body.params(),
-            **body.options(),
+        body: ChatRequest = protocol.parse(ChatRequest, await self._json(request))
+        info = await self.client.model_info(body.model, "generate", tenant)
+        plan = protocol.tool_plan(body, info.tool_parser)
+        params, n = protocol.generation(body)
+        protocol.check_choices(1, n)
+        if n > 1 and body.conversation_id is not None:
+            raise InvalidRequest(
+                "a stored conversation keeps one answer: with conversation_id, n must be 1"
+            )
+        options = {"priority": body.priority, "session_id": body.session_id}
+        gens = []
+        try:
+            for j in range(n):
+                gens.append(
+                    await self.client.chat_generation(
+                        body.model,
+                        body.messages,
+                        tenant=tenant,
+                        conversation_id=body.conversation_id,
+                        tools=plan.tools or None,
+                        **protocol.choice_params(params, j).to_dict(),
+                        **options,
+                    )
+                )
+        except BaseException:
+            await _close_all(gens)
+            raise
+        parser = (
+            protocol.tool_parser_for(info.tool_parser, info.tokenizer, body)
+            if plan.mode == "auto" and info.tool_parser
+            else None
         )
-        return await self._respond(g, body, chat=True)
+        reply = _Reply(gens, body, chat=True, plan=plan, parser=parser)
+        return await self._respond(reply)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
-        body: CompletionRequest = await self._body(request, CompletionRequest)
-        g = await self.client.completion_generation(
-            body.model, body.prompt, tenant=tenant, **body.params(), **body.options()
-        )
-        return await self._respond(g, body, chat=False)
+        body: CompletionRequest = protocol.parse(CompletionRequest, await self._json(request))
+        prompts = protocol.prompts_of(body)
+        params, n = protocol.generation(body)
+        protocol.check_choices(len(prompts), n)
+        options = {"priority": body.priority, "session_id": body.session_id}
+        gens = []
+        try:
+            for prompt in prompts:
+                for j in range(n):  # choice index: prompt number * n + j, as OpenAI's
+                    gens.append(
+                        await self.client.completion_generation(
+                            body.model,
+                            prompt,
+                            tenant=tenant,
+                            **protocol.choice_params(params, j).to_dict(),
+                            **options,
+                        )
+                    )
+        except BaseException:
+            await _close_all(gens)
+            raise
+        reply = _Reply(gens, body, chat=False, echo=bool(body.echo), per_prompt=n)
+        return await self._respond(reply)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
-        body: EmbeddingRequest = await self._body(request, EmbeddingRequest)
+        body: EmbeddingRequest = protocol.parse(EmbeddingRequest, await self._json(request))
+        if body.encoding_format not in ("float", "base64"):
+            raise InvalidRequest(
+                f"encoding_format must be 'float' or 'base64', got {body.encoding_format!r}"
+            )
+        inputs = body.input
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
         vectors, usage = await self.client.embed(
-            body.model, body.input, tenant=tenant, priority=body.priority
+            body.model,
+            list(inputs),
+            tenant=tenant,
+            priority=body.priority,
+            dimensions=body.dimensions,
         )
         return {
             "object": "list",
@@ -365,88 +611,38 @@ class Ingress:
 
     # -- responses -----------------------------------------------------------------------
 
-    async def _respond(self, g: Generation, body: SamplingRequest, chat: bool) -> Response:
-        stream = body.stream
-        interval_s = self.spec.stream_interval_ms / 1000
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        created = int(time.time())
-        # The completion's id names its request: feedback and `airi trace` take it.
-        rid = ("chatcmpl-" if chat else "cmpl-") + g.request_id.removeprefix("req-")
-        obj = "chat.completion" if chat else "text_completion"
-        if not stream:
-            text = await g.text()
-            choice: dict[str, Any] = {"index": 0, "finish_reason": g.usage.finish_reason}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
+    async def _respond(self, reply: _Reply) -> Response:
+        if not reply.body.stream:
+            if len(reply.gens) == 1:
+                texts = [await reply.gens[0].text()]
             else:
-                choice["text"] = text
-            return JSONResponse(
-                {
-                    "id": rid,
-                    "object": obj,
-                    "created": created,
-                    "model": g.model,
-                    "choices": [choice],
-                    "usage": _usage(g),
-                }
-            )
-
-        it = g.__aiter__()
-        # Wait for the first token before answering 200: queue-full, no replica and engine
+                texts = await _all([g.text() for g in reply.gens])
+            return JSONResponse(reply.whole(texts))
+        its = [g.__aiter__() for g in reply.gens]
+        # Wait for the first tokens before answering 200: queue-full, no replica and engine
         # refusals still get their own status code instead of an error inside a stream.
         try:
-            first = await it.__anext__()
-        except StopAsyncIteration:
-            first = None
-
-        def chunk(text: str, finish: str | None, first_chunk: bool = False) -> str:
-            if chat:
-                delta: dict[str, Any] = {"content": text}
-                if first_chunk:
-                    delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if len(its) == 1:
+                firsts = [await _first(its[0])]
             else:
-                choice = {"index": 0, "text": text, "finish_reason": finish}
-            return _sse(
-                {
-                    "id": rid,
-                    "object": obj + (".chunk" if chat else ""),
-                    "created": created,
-                    "model": g.model,
-                    "choices": [choice],
-                }
-            )
+                firsts = await _all([_first(it) for it in its])
+        except BaseException:
+            await _close_all(reply.gens)
+            raise
+        interval_s = self.spec.stream_interval_ms / 1000 if len(its) == 1 else 0.0
 
         async def events() -> AsyncIterator[str]:
             try:
-                if first is not None:
-                    yield chunk(first[0], first[2], first_chunk=True)
-                    finish = first[2]
-                    while finish is None:
-                        # Tokens that arrive meanwhile are merged into the next event.
-                        if interval_s:
-                            await asyncio.sleep(interval_s)
-                        try:
-                            text, _, finish = await it.__anext__()
-                        except StopAsyncIteration:
-                            break
-                        yield chunk(text, finish)
-                if include_usage:
-                    yield _sse(
-                        {
-                            "id": rid,
-                            "object": obj + (".chunk" if chat else ""),
-                            "created": created,
-                            "model": g.model,
-                            "choices": [],
-                            "usage": _usage(g),
-                        }
-                    )
+                async for i, item in _merged(its, firsts, interval_s):
+                    for event in reply.chunk(i, *item):
+                        yield event
+                if reply.include_usage:
+                    yield reply.usage_chunk()
                 yield "data: [DONE]\n\n"
             except AiriError as e:
                 yield _sse(e.to_body())
 
-        return _EventStream(events(), it)
+        return _EventStream(events(), its)
 
 
 _INGRESS_KEY = b"airi/ingress_spec"  # the settings the running ingress was started with
