@@ -67,7 +67,10 @@ def chat(
     model: str, messages: Build, *, output: str, usage: str | None = None, **params: Any
 ) -> ModelCall:
     """A node that chats with ``model``: ``messages(view)`` gives a prompt string or a list
-    of ``{"role", "content"}``; the answer text goes to ``output``."""
+    of ``{"role", "content"}``; the answer text goes to ``output``. With
+    ``response_format=SomeModel`` (a pydantic model class, or OpenAI's ``json_object`` /
+    ``json_schema`` dicts) the answer is generated to that JSON schema and ``output``
+    receives it parsed and validated (a model's JSON dict, as the state is stored)."""
     return ModelCall("chat", model, messages, output, params, usage)
 
 

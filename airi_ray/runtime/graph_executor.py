@@ -23,18 +23,25 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
 import ray
+from pydantic import BaseModel
 
 from airi_ray.core.errors import AiriError, InvalidRequest, NotFound, ReplicaUnavailable
 from airi_ray.core.graph import CompiledGraph, Node, RunError, RunState
 from airi_ray.core.nodes import Features, ModelCall, PolicyCheck, Retrieve, calls_ahead
 from airi_ray.core.policy import PermissionDenied, allows
-from airi_ray.core.requests import CallOptions, generation_params, parse_messages
+from airi_ray.core.requests import (
+    CallOptions,
+    Usage,
+    generation_params,
+    parse_messages,
+    structured_output,
+)
 from airi_ray.core.runs import RunLimits, RunOptions
 from airi_ray.obs.tracing import tracing
 from airi_ray.runtime import (
@@ -70,7 +77,11 @@ class RunCancelled(AiriError):
 
 
 def _json_ready(value: Any) -> Any:
-    """Node writes are checkpointed as JSON: numpy arrays and tuples become lists."""
+    """Node writes are checkpointed as JSON: numpy arrays and tuples become lists, pydantic
+    objects (a ``response_format`` answer) their JSON dicts, so the state is the same
+    before and after a resume."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, Mapping):
@@ -91,9 +102,11 @@ class RunContext:
     _executor: GraphExecutor
     _run: _Run
 
-    async def chat(self, model: str, messages: Any, **params: Any) -> str:
+    async def chat(self, model: str, messages: Any, **params: Any) -> Any:
+        """The answer's text; with ``response_format=SomeModel`` (a pydantic model class)
+        the answer is generated to its JSON schema and returned parsed into it."""
         call = ModelCall("chat", model, lambda _: messages, "-", params)
-        return str((await self._executor._model_call(self._run, call, {}, "-"))["-"])
+        return (await self._executor._model_call(self._run, call, {}, "-"))["-"]
 
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         call = ModelCall("embed", model, lambda _: texts, "-")
@@ -560,7 +573,11 @@ class GraphExecutor:
             return {call.output: vectors} | (
                 {call.usage: {"prompt_tokens": usage.prompt_tokens}} if call.usage else {}
             )
-        params = generation_params(dict(call.params))
+        raw = dict(call.params)
+        read: Callable[[str], Any] | None = None
+        if raw.get("response_format") is not None:
+            raw["structured_outputs"], read = structured_output(raw.pop("response_format"))
+        params = generation_params(raw)
         wanted = call.params.get("max_tokens") or 1 << 30
 
         def cap(prompt_tokens: int) -> int:
@@ -586,7 +603,7 @@ class GraphExecutor:
             run.limits.charge(call.model, u.prompt_tokens + u.completion_tokens)
         if "version" in u.extra:
             run.answered_by = (call.model, u.extra["version"])
-        out: dict[str, Any] = {call.output: text}
+        out: dict[str, Any] = {call.output: text if read is None else _parsed(read, text, u)}
         if call.usage:
             out[call.usage] = {
                 "prompt_tokens": u.prompt_tokens,
@@ -594,3 +611,15 @@ class GraphExecutor:
                 "finish_reason": u.finish_reason,
             }
         return out
+
+
+def _parsed(read: Callable[[str], Any], text: str, usage: Usage) -> Any:
+    """The answer read as its ``response_format`` asks; the engine kept it to the schema,
+    so only an answer cut short (``max_tokens``) fails here."""
+    try:
+        return read(text)
+    except ValueError as e:
+        raise InvalidRequest(
+            f"the answer does not parse as the response_format asks (finish reason "
+            f"{usage.finish_reason!r}; raise max_tokens if it was cut short): {e}"
+        ) from None

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import ray
+from pydantic import BaseModel
 
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.graphs import END, START, Field, StateGraph, append, chat, embed
@@ -379,3 +380,30 @@ def test_node_retries_and_timeouts(client, tmp_path: Path) -> None:
     assert result["status"] == "failed" and result["error"]["code"] == "node_failed"
     assert "node 'slow' timed out (after 2 attempt(s))" in result["error"]["message"]
     assert time.monotonic() - started < 10
+
+
+class Verdict(BaseModel):
+    verdict: Literal["refund", "exchange", "repair"]
+    days: Literal[7, 14, 30]
+
+
+def test_a_chat_node_with_a_response_format_gets_a_parsed_answer(client) -> None:
+    g = StateGraph("structured", {"question": Field(), "decision": Field()}, inputs=["question"])
+    g.add_node(
+        "decide",
+        chat(
+            "tiny-chat",
+            lambda v: v["question"],
+            output="decision",
+            response_format=Verdict,
+            max_tokens=40,
+        ),
+        reads=["question"],
+        writes=["decision"],
+    )
+    g.add_edge(START, "decide").add_edge("decide", END)
+    client.register_graph(g.compile())
+    for question in ("my tent is torn", "the stove arrived late"):
+        run = client.run_graph("structured", {"question": question})
+        assert run["status"] == "finished", run
+        Verdict.model_validate(run["state"]["decision"])
