@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.airi-installed
 
-.PHONY: setup model demo test test-rollouts test-showcase test-unit lint bench notebooks clean
+.PHONY: setup model demo test test-rollouts test-showcase test-fuzz test-unit lint bench notebooks clean
 
 setup: $(STAMP) model
 
@@ -38,6 +38,11 @@ test-rollouts: setup
 # `make test` can spare.
 test-showcase: setup
 	$(PY) -m pytest -q -m showcase tests/integration
+
+# Schemathesis on every operation of /openapi.json with 100 examples each (`make test`
+# runs 25): a few minutes more than its ten can spare.
+test-fuzz: setup
+	AIRI_FUZZ_EXAMPLES=100 $(PY) -m pytest -q tests/integration/test_openapi_fuzz.py
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

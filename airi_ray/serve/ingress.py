@@ -40,6 +40,7 @@ from airi_ray.obs.metrics import HttpMetrics
 from airi_ray.runtime import OBSERVER_NAME, actors
 from airi_ray.runtime.calls import Generation
 from airi_ray.serve import protocol
+from airi_ray.serve.openapi import document, json_body, query
 from airi_ray.serve.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from airi_ray.serve.schemas import FeatureEventsRequest, FeedbackRequest, GraphRunRequest
 
@@ -71,6 +72,15 @@ class _CountResponses:
 
 
 app.add_middleware(_CountResponses)
+
+
+def _openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        app.openapi_schema = document(app)
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
@@ -446,7 +456,7 @@ class Ingress:
                 return _model_card(m)
         raise ModelNotFound(f"The model `{model_id}` does not exist.")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
     async def chat_completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
         body: ChatRequest = protocol.parse(ChatRequest, await self._json(request))
@@ -484,7 +494,7 @@ class Ingress:
         reply = _Reply(gens, body, chat=True, plan=plan, parser=parser)
         return await self._respond(reply)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
         body: CompletionRequest = protocol.parse(CompletionRequest, await self._json(request))
@@ -511,7 +521,7 @@ class Ingress:
         reply = _Reply(gens, body, chat=False, echo=bool(body.echo), per_prompt=n)
         return await self._respond(reply)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest))
     async def embeddings(self, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
         body: EmbeddingRequest = protocol.parse(EmbeddingRequest, await self._json(request))
@@ -546,7 +556,7 @@ class Ingress:
         await self._tenant(request)
         return {"object": "list", "data": await self.client.graphs()}
 
-    @app.post("/v1/graphs/{name}/runs")
+    @app.post("/v1/graphs/{name}/runs", openapi_extra=json_body(GraphRunRequest))
     async def run_graph(self, name: str, request: Request) -> Response:
         tenant = await self._tenant(request)
         body: GraphRunRequest = await self._body(request, GraphRunRequest)
@@ -565,7 +575,13 @@ class Ingress:
 
     # -- features ------------------------------------------------------------------------
 
-    @app.get("/v1/features/{view}")
+    @app.get(
+        "/v1/features/{view}",
+        openapi_extra=query(
+            ("entity_id", {"type": "array", "items": {"type": "string"}, "minItems": 1}, True),
+            ("as_of", {"type": "number"}, False),
+        ),
+    )
     async def get_features(self, view: str, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
         ids = request.query_params.getlist("entity_id")
@@ -579,7 +595,7 @@ class Ingress:
         found = await self.client.features(view, ids, as_of, tenant)
         return {"object": "features", "view": view, "as_of": as_of, "data": found}
 
-    @app.post("/v1/features/{view}/events")
+    @app.post("/v1/features/{view}/events", openapi_extra=json_body(FeatureEventsRequest))
     async def push_events(self, view: str, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
         body: FeatureEventsRequest = await self._body(request, FeatureEventsRequest)
@@ -588,7 +604,7 @@ class Ingress:
 
     # -- observability -------------------------------------------------------------------
 
-    @app.post("/v1/feedback")
+    @app.post("/v1/feedback", openapi_extra=json_body(FeedbackRequest))
     async def feedback(self, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
         body: FeedbackRequest = await self._body(request, FeedbackRequest)
@@ -599,7 +615,14 @@ class Ingress:
         tenant = await self._tenant(request)
         return {"object": "trace", "id": id, "spans": await self.client.trace(id, tenant)}
 
-    @app.get("/v1/alerts")
+    @app.get(
+        "/v1/alerts",
+        openapi_extra=query(
+            ("model", {"type": "string"}, False),
+            ("severity", {"type": "string", "enum": ["info", "warning", "critical"]}, False),
+            ("limit", {"type": "integer", "minimum": 0, "default": 100}, False),
+        ),
+    )
     async def alerts(self, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
         q = request.query_params

@@ -79,7 +79,13 @@ def _session_id() -> Any:
     )
 
 
+def _model() -> Any:
+    # vLLM's server falls back to its one model; an airi app serves several.
+    return Field(min_length=1, description="The served model to call.")
+
+
 class ChatRequest(chat_protocol.ChatCompletionRequest):
+    model: str = _model()  # type: ignore[assignment]
     priority: Priority = _priority()  # type: ignore[assignment]
     session_id: str | None = _session_id()
     conversation_id: str | None = Field(
@@ -92,11 +98,13 @@ class ChatRequest(chat_protocol.ChatCompletionRequest):
 
 
 class CompletionRequest(completion_protocol.CompletionRequest):
+    model: str = _model()  # type: ignore[assignment]
     priority: Priority = _priority()  # type: ignore[assignment]
     session_id: str | None = _session_id()
 
 
 class EmbeddingRequest(embed_protocol.EmbeddingCompletionRequest):
+    model: str = _model()  # type: ignore[assignment]
     priority: Priority = _priority()  # type: ignore[assignment]
 
 
