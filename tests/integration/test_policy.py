@@ -222,6 +222,9 @@ def test_content_filters_block_prompts_and_redact_streamed_answers(
     assert "nimbus" not in filtered.lower()
     if "nimbus" in plain.lower():  # greedy answers match; batching noise may not be zero
         assert "[BLOCKED]" in filtered
+    # Log-probabilities would show the tokens the filters hold back: refused, by name.
+    r = post(airi_app, "/v1/chat/completions", body | {"stream": False, "logprobs": True})
+    assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"], r.text
     # Every block and redaction is counted (the audit log has them with the request id).
     metrics = wait_for(
         lambda: (
