@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AsyncClient": "airi_ray.client",
     "Client": "airi_ray.client",
-    "Completion": "airi_ray.client",
+    "Completion": "airi_ray.runtime.backend",
     "connect": "airi_ray.client",
     "deploy": "airi_ray.client",
     "shutdown": "airi_ray.client",
