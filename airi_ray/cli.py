@@ -77,7 +77,7 @@ def _run_ray(cmd: list[str], env: dict[str, str]) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from airi_ray.client import deploy, init_ray
+    from airi_ray.app import deploy, init_ray
     from airi_ray.config import load_spec
 
     spec = load_spec(args.config)
@@ -100,7 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from airi_ray.client import init_ray, shutdown
+    from airi_ray.app import init_ray, shutdown
 
     if _ray_running() or args.address:
         init_ray(args.address or "auto")
@@ -116,7 +116,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from airi_ray.client import connect
+    from airi_ray.app import connect
 
     status = connect(args.address or "auto").status()
     if args.json:
@@ -127,7 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from airi_ray.client import deploy, init_ray
+    from airi_ray.app import deploy, init_ray
 
     init_ray(args.address or "auto")
     print(f"deploying {args.file}", flush=True)
@@ -136,7 +136,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from airi_ray.client import connect
+    from airi_ray.app import connect
     from airi_ray.core.errors import InvalidRequest
 
     together = {}
@@ -162,7 +162,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from airi_ray.client import connect
+    from airi_ray.app import connect
 
     _print_versions(connect(args.address or "auto").rollback(args.model))
     return 0
@@ -240,7 +240,7 @@ def _print_status(status: dict[str, Any]) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from airi_ray.client import connect
+    from airi_ray.app import connect
 
     client = connect(args.address or "auto", api_key=args.api_key)
     if args.graph:
@@ -304,7 +304,7 @@ def _chat_with_graph(client: Any, graph: str) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from airi_ray.client import connect
+    from airi_ray.app import connect
 
     client = connect(args.address or "auto", api_key=args.api_key)
     if args.collection not in client.collections():
@@ -321,7 +321,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
-    from airi_ray.client import connect
+    from airi_ray.app import connect
 
     client = connect(args.address or "auto", api_key=args.api_key)
     for hit in client.retrieve(args.collection, args.query, k=args.k):
@@ -331,7 +331,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from airi_ray.client import connect
+    from airi_ray.app import connect
     from airi_ray.core.traces import render_tree
 
     spans = connect(args.address or "auto", api_key=args.api_key).trace(args.id)
@@ -343,7 +343,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    from airi_ray.client import connect
+    from airi_ray.app import connect
 
     client = connect(args.address or "auto", api_key=args.api_key)
     alerts = client.alerts(args.model, args.severity, args.limit)
@@ -360,7 +360,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from airi_ray.client import connect
+    from airi_ray.app import connect
 
     client = connect(args.address or "auto", api_key=args.api_key)
     path = client.report(args.out, window_s=args.window * 60, png_dir=args.png_dir)
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_keys(args: argparse.Namespace) -> int:
     import ray
 
-    from airi_ray.client import init_ray
+    from airi_ray.app import init_ray
     from airi_ray.core.errors import AiriError
     from airi_ray.runtime import CONTROLLER_NAME, actors
 

@@ -20,7 +20,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from airi_ray.config import GraphSpec
+from airi_ray.config import ANONYMOUS_TENANT, SYSTEM_TENANT, GraphSpec
 from airi_ray.core.errors import InvalidRequest
 from airi_ray.core.graph import (
     END,
@@ -147,36 +147,34 @@ class BuildContext:
     are ready: embeddings and ingestion as the runtime itself (the system tenant)."""
 
     def __init__(self, spec: Any) -> None:
-        from airi_ray.client import Client
+        # Loaded when a builder runs: modules that only declare graphs import this one, and
+        # stay free of Ray and LanceDB.
+        from airi_ray.runtime.backend import BackendThread
 
         self.spec = spec  # the AppSpec being deployed
-        self._client = Client(api_key="")
+        self._thread = BackendThread()
 
     def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         """Vectors of ``texts`` from the deployed embedding ``model``."""
-        from airi_ray.config import SYSTEM_TENANT
-
-        vectors, _ = self._client._run(self._client.aio.embed(model, texts, tenant=SYSTEM_TENANT))
+        backend = self._thread.backend
+        vectors, _ = self._thread.run(backend.embed(model, texts, SYSTEM_TENANT))
         return list(vectors)
 
     def ingest(self, collection: str, model: str, folder: Any) -> dict[str, int]:
         """Create ``collection`` (embedded by ``model``) if needed and ingest every
         ``.md``/``.txt`` file under ``folder`` as the documents of each of the app's
         tenants (a document replaces its earlier chunks: deploying again is harmless)."""
-        from airi_ray.config import ANONYMOUS_TENANT, SYSTEM_TENANT
-
-        aio = self._client.aio
-        retriever = self._client._run(aio._collections())
-        if collection not in self._client._run(retriever.names()):
-            self._client._run(retriever.create(collection, model, SYSTEM_TENANT))
+        backend, run = self._thread.backend, self._thread.run
+        if collection not in run(backend.collections()):
+            run(backend.create_collection(collection, model, SYSTEM_TENANT))
         total = {"documents": 0, "chunks": 0}
         for tenant in [t.name for t in self.spec.tenants] or [ANONYMOUS_TENANT]:
-            done = self._client._run(aio.ingest(collection, folder=str(folder), tenant=tenant))
+            done = run(backend.ingest(collection, tenant, folder=str(folder)))
             total = {k: total[k] + done[k] for k in total}
         return total
 
     def close(self) -> None:
-        self._client.close()
+        self._thread.close()
 
 
 def run_builder(spec: GraphSpec, app: Any) -> CompiledGraph:

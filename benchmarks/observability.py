@@ -98,7 +98,7 @@ def main() -> int:
     try:
         airi.deploy(spec(model_dir))
         client = airi.connect("auto", api_key=KEY)
-        path = client.aio._path
+        path = client.aio.backend._path
 
         # The caller's own share: time spent in the observability code of the call path.
         spent: list[float] = []

@@ -244,7 +244,7 @@ def semantic_runtime_ms(prompt: str, samples: int = 30) -> float:
     }
 
     async def run() -> float:
-        path = AsyncClient(api_key=key)._path
+        path = AsyncClient(api_key=key).backend._path
         times = []
         for i in range(samples + 3):
             t0 = time.perf_counter()

@@ -139,7 +139,7 @@ async def run(routing: str, concurrency: int) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     await asyncio.sleep(1.0)  # the engines' last stats reach the replicas each step
     h1, q1 = await cache_counters()
-    prompt_tokens = len(client._path._models["tiny-chat"].tokenizer(system)["input_ids"])
+    prompt_tokens = len(client.backend._path._models["tiny-chat"].tokenizer(system)["input_ids"])
     return {
         "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 3),
         "hit_tokens": h1 - h0,

@@ -85,7 +85,7 @@ QUICKSTART: list[Cell] = [
     code(
         r"""
         import airi_ray as airi
-        from airi_ray.client import init_ray
+        from airi_ray.app import init_ray
 
         SPEC = "deployments/quickstart.yaml"
         init_ray("auto")
@@ -303,7 +303,7 @@ SUPPORT_ASSISTANT: list[Cell] = [
         import time
 
         import airi_ray as airi
-        from airi_ray.client import init_ray
+        from airi_ray.app import init_ray
 
         SPEC = "deployments/support_assistant.yaml"
         init_ray("auto")

@@ -32,9 +32,9 @@ BURST_TOKENS = 48
 
 async def burst(api_key: str, model: str) -> tuple[list[float], float, int]:
     """``BURST`` concurrent streams through the async client: TTFTs, wall time, tokens."""
-    from airi_ray.client import AsyncClient
+    import airi_ray as airi
 
-    client = AsyncClient(api_key=api_key)
+    client = airi.AsyncClient(api_key=api_key)
 
     async def one(i: int) -> tuple[float, int]:
         t0 = time.perf_counter()

@@ -2,7 +2,8 @@
 
 ``actors`` applies ``ray.remote`` in one place; ``replica``, ``scheduler`` and ``controller``
 are plain classes; ``calls`` is the path every model call takes (acquire a lease, stream from
-the replica, release), shared by the client, the ingress and, later, graphs.
+the replica, release), shared by the client, the ingress and graphs; ``backend`` is every
+call of the app for a tenant the caller names, which the ingress and the client call through.
 """
 
 NAMESPACE = "airi"

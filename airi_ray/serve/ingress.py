@@ -25,7 +25,6 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from airi_ray.client import AsyncClient
 from airi_ray.config import IngressSpec
 from airi_ray.core.errors import (
     AiriError,
@@ -37,7 +36,7 @@ from airi_ray.core.errors import (
     PayloadTooLarge,
 )
 from airi_ray.obs.metrics import HttpMetrics
-from airi_ray.runtime import OBSERVER_NAME, actors
+from airi_ray.runtime.backend import Backend
 from airi_ray.runtime.calls import Generation
 from airi_ray.serve import protocol
 from airi_ray.serve.openapi import document, json_body, query
@@ -383,12 +382,14 @@ class Ingress:
         self.spec = IngressSpec.model_validate(spec)
         # Built in the serving event loop, where requests run; tokenizers load before the
         # replica reports ready, so the first request does not wait for them.
-        self.client = AsyncClient(api_key="")
-        await self.client.warm()
+        # The backend takes each call's tenant from the route, which authenticates the
+        # request's bearer key (``_tenant``).
+        self.backend = Backend()
+        await self.backend.warm()
 
     async def __del__(self) -> None:
         """Serve's graceful shutdown of this replica: hand back what its calls hold."""
-        await self.client.close()
+        await self.backend.close()
 
     async def _body(self, request: Request, model: type[BaseModel]) -> Any:
         """Read the JSON body within the size limit and validate it against ``model``."""
@@ -423,35 +424,30 @@ class Ingress:
         scheme, _, key = header.partition(" ")
         if header and scheme.lower() != "bearer":
             raise AuthenticationError("the Authorization header must be `Bearer <key>`")
-        return await self.client.tenant_for(key.strip() or None)
+        return await self.backend.tenant_for(key.strip() or None)
 
     # -- routes --------------------------------------------------------------------------
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        models = await self.client.models()
+        models = await self.backend.models(None)
         return {"status": "ok", "models": {m["name"]: m["ready_replicas"] for m in models}}
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        runtime = await self.client._path._scheduler.metrics_text.remote()
-        try:
-            observer = await actors.get_actor(OBSERVER_NAME).metrics_text.remote()
-        except Exception:  # restarting: its metrics are back at the next scrape
-            observer = b""
-        text = runtime + observer + http_metrics.text()
+        text = await self.backend.metrics_text() + http_metrics.text()
         return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
         """The models the caller's tenant may call."""
-        models = await self.client.models(await self._tenant(request))
+        models = await self.backend.models(await self._tenant(request))
         return {"object": "list", "data": [_model_card(m) for m in models]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
         """One model, if the caller's tenant may call it (else 404, as if it did not exist)."""
-        for m in await self.client.models(await self._tenant(request)):
+        for m in await self.backend.models(await self._tenant(request)):
             if m["name"] == model_id:
                 return _model_card(m)
         raise ModelNotFound(f"The model `{model_id}` does not exist.")
@@ -460,7 +456,7 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
         body: ChatRequest = protocol.parse(ChatRequest, await self._json(request))
-        info = await self.client.model_info(body.model, "generate", tenant)
+        info = await self.backend.model_info(body.model, "generate", tenant)
         plan = protocol.tool_plan(body, info.tool_parser)
         params, n = protocol.generation(body)
         protocol.check_choices(1, n)
@@ -473,10 +469,10 @@ class Ingress:
         try:
             for j in range(n):
                 gens.append(
-                    await self.client.chat_generation(
+                    await self.backend.chat_generation(
                         body.model,
                         body.messages,
-                        tenant=tenant,
+                        tenant,
                         conversation_id=body.conversation_id,
                         tools=plan.tools or None,
                         **protocol.choice_params(params, j).to_dict(),
@@ -507,10 +503,10 @@ class Ingress:
             for prompt in prompts:
                 for j in range(n):  # choice index: prompt number * n + j, as OpenAI's
                     gens.append(
-                        await self.client.completion_generation(
+                        await self.backend.completion_generation(
                             body.model,
                             prompt,
-                            tenant=tenant,
+                            tenant,
                             **protocol.choice_params(params, j).to_dict(),
                             **options,
                         )
@@ -532,10 +528,10 @@ class Ingress:
         inputs = body.input
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
-        vectors, usage = await self.client.embed(
+        vectors, usage = await self.backend.embed(
             body.model,
             list(inputs),
-            tenant=tenant,
+            tenant,
             priority=body.priority,
             dimensions=body.dimensions,
         )
@@ -554,21 +550,21 @@ class Ingress:
     @app.get("/v1/graphs")
     async def list_graphs(self, request: Request) -> dict[str, Any]:
         await self._tenant(request)
-        return {"object": "list", "data": await self.client.graphs()}
+        return {"object": "list", "data": await self.backend.graphs()}
 
     @app.post("/v1/graphs/{name}/runs", openapi_extra=json_body(GraphRunRequest))
     async def run_graph(self, name: str, request: Request) -> Response:
         tenant = await self._tenant(request)
         body: GraphRunRequest = await self._body(request, GraphRunRequest)
-        run_id = await self.client.start_run(name, body.input, tenant, **body.options())
+        run_id = await self.backend.start_run(name, body.input, tenant, **body.options())
         if not body.wait:
             return JSONResponse({"run_id": run_id, "graph": name, "status": "running"}, 202)
-        return JSONResponse(await self.client.wait_run(run_id, tenant))
+        return JSONResponse(await self.backend.wait_run(run_id, tenant))
 
     @app.get("/v1/graphs/{name}/runs/{run_id}")
     async def get_run(self, name: str, run_id: str, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
-        run = await self.client.get_run(run_id, tenant)
+        run = await self.backend.get_run(run_id, tenant)
         if run.get("graph", name) != name:
             raise NotFound(f"run {run_id!r} not found")
         return run
@@ -583,7 +579,7 @@ class Ingress:
         ),
     )
     async def get_features(self, view: str, request: Request) -> dict[str, Any]:
-        tenant = await self._tenant(request)
+        await self._tenant(request)  # authenticate; feature views belong to the app
         ids = request.query_params.getlist("entity_id")
         raw = request.query_params.get("as_of")
         try:
@@ -592,14 +588,14 @@ class Ingress:
             raise InvalidRequest(f"as_of must be epoch seconds, got {raw!r}") from None
         if not ids:
             raise InvalidRequest("give one or more entity ids as ?entity_id=...&entity_id=...")
-        found = await self.client.features(view, ids, as_of, tenant)
+        found = await self.backend.features(view, ids, as_of)
         return {"object": "features", "view": view, "as_of": as_of, "data": found}
 
     @app.post("/v1/features/{view}/events", openapi_extra=json_body(FeatureEventsRequest))
     async def push_events(self, view: str, request: Request) -> dict[str, Any]:
-        tenant = await self._tenant(request)
+        await self._tenant(request)  # authenticate; feature views belong to the app
         body: FeatureEventsRequest = await self._body(request, FeatureEventsRequest)
-        accepted = await self.client.push_events(view, body.events, tenant)
+        accepted = await self.backend.push_events(view, body.events)
         return {"view": view, "accepted": accepted}
 
     # -- observability -------------------------------------------------------------------
@@ -608,12 +604,12 @@ class Ingress:
     async def feedback(self, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
         body: FeedbackRequest = await self._body(request, FeedbackRequest)
-        return await self.client.feedback(body.id, body.value(), tenant)
+        return await self.backend.feedback(body.id, body.value(), tenant)
 
     @app.get("/v1/traces/{id}")
     async def trace(self, id: str, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
-        return {"object": "trace", "id": id, "spans": await self.client.trace(id, tenant)}
+        return {"object": "trace", "id": id, "spans": await self.backend.trace(id, tenant)}
 
     @app.get(
         "/v1/alerts",
@@ -624,12 +620,12 @@ class Ingress:
         ),
     )
     async def alerts(self, request: Request) -> dict[str, Any]:
-        tenant = await self._tenant(request)
+        await self._tenant(request)  # authenticate; alerts concern the app's models
         q = request.query_params
         raw = q.get("limit", "100")
         if not raw.isdigit():
             raise InvalidRequest(f"limit must be a whole number, got {raw!r}")
-        found = await self.client.alerts(q.get("model"), q.get("severity"), int(raw), tenant)
+        found = await self.backend.alerts(q.get("model"), q.get("severity"), int(raw))
         return {"object": "list", "data": found}
 
     # -- responses -----------------------------------------------------------------------

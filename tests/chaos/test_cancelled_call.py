@@ -42,16 +42,16 @@ class _Caller:
         waits until it is cancelled."""
         client = await self._client()
         for _ in range(40):
-            if set(client._path._channels) >= set(replicas):
+            if set(client.backend._path._channels) >= set(replicas):
                 break
             await asyncio.gather(
                 *(client.chat("tiny-chat", f"warm {i}", max_tokens=1) for i in range(4))
             )
-        assert set(client._path._channels) >= set(replicas), "not every replica was reached"
+        assert set(client.backend._path._channels) >= set(replicas), "not every replica was reached"
         await asyncio.sleep(600)
 
     async def channels(self) -> list[str]:
-        return sorted((await self._client())._path._channels)
+        return sorted((await self._client()).backend._path._channels)
 
     async def long_answer(self, max_tokens: int) -> int:
         client = await self._client()
