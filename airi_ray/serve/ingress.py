@@ -288,8 +288,9 @@ class _Reply:
                     positions = (g.logprobs.prompt or []) + positions
                 plp = protocol.completion_logprobs(positions) if self.logprobs else None
                 choices.append(protocol.completion_choice(i, text, finish, plp))
-        build = protocol.chat_response if self.chat else protocol.completion_response
-        return build(self.rid, self.created, self.model, choices, self._usage())
+        return protocol.response(
+            self.chat, self.rid, self.created, self.model, choices, self._usage()
+        )
 
     def _usage(self) -> Any:
         # A prompt counts once however many choices it has, as OpenAI counts it.

@@ -400,23 +400,18 @@ def chat_choice(
     )
 
 
-def chat_response(
-    rid: str, created: int, model: str, choices: list[Any], use: UsageInfo
-) -> dict[str, Any]:
-    r = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=use)
-    return r.model_dump(mode="json", exclude_none=True)
-
-
 def completion_choice(
     index: int, text: str, finish: str | None, logprobs: CompletionLogProbs | None
 ) -> CompletionResponseChoice:
     return CompletionResponseChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
 
 
-def completion_response(
-    rid: str, created: int, model: str, choices: list[Any], use: UsageInfo
+def response(
+    chat: bool, rid: str, created: int, model: str, choices: list[Any], use: UsageInfo
 ) -> dict[str, Any]:
-    r = CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=use)
+    """A whole chat or completion response, as JSON."""
+    cls = ChatCompletionResponse if chat else CompletionResponse
+    r = cls(id=rid, created=created, model=model, choices=choices, usage=use)
     return r.model_dump(mode="json", exclude_none=True)
 
 
