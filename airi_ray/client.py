@@ -27,7 +27,7 @@ from airi_ray.core.graph import CompiledGraph
 from airi_ray.core.requests import Usage
 from airi_ray.runtime import SCHEDULER_NAME, actors
 from airi_ray.runtime.backend import Backend, BackendThread, Completion, _get, _read
-from airi_ray.runtime.calls import Generation, ModelInfo
+from airi_ray.runtime.calls import Generation
 
 
 class AsyncClient:
@@ -72,14 +72,6 @@ class AsyncClient:
         if tenant is None and self.api_key:
             tenant = await self.backend.tenant_for(self.api_key)
         return await self.backend.models(tenant)
-
-    async def model_info(self, model: str, task: str, tenant: str) -> ModelInfo:
-        """What callers know of a served model the tenant may call (tokenizer included).
-
-        Raises:
-            ModelNotFound: no such model for this tenant, or not of this task.
-        """
-        return await self.backend.model_info(model, task, tenant)
 
     async def chat_generation(
         self,
