@@ -248,7 +248,7 @@ def semantic_runtime_ms(prompt: str, samples: int = 30) -> float:
         times = []
         for i in range(samples + 3):
             t0 = time.perf_counter()
-            await path._semantic_check("bench", "any-model", [prompt])
+            await path._semantic_check("bench", "any-model", [prompt], f"bench-{i}")
             if i >= 3:
                 times.append(time.perf_counter() - t0)
         return round(1000 * statistics.median(times), 2)
