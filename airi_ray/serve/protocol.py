@@ -170,9 +170,13 @@ def _pydantic_message(e: ValidationError) -> str:
 # -- requests to sampling parameters ---------------------------------------------------
 
 
-def _sampling(body: Any) -> SamplingParams:
-    requested = body.max_completion_tokens if isinstance(body, ChatRequest) else None
-    requested = requested or body.max_tokens
+def _requested_max_tokens(body: Any) -> int | None:
+    """The output limit the request asks for (chat: ``max_completion_tokens`` first)."""
+    chat_limit = body.max_completion_tokens if isinstance(body, ChatRequest) else None
+    return chat_limit or body.max_tokens
+
+
+def _sampling(body: Any, requested: int | None) -> SamplingParams:
     # The real output budget is settled later, against the model's window; this one only
     # has to pass vLLM's checks (min_tokens <= max_tokens).
     placeholder = requested or max(1, body.min_tokens or 0)
@@ -204,11 +208,11 @@ def generation(body: Any) -> tuple[GenerationParams, int]:
     Raises:
         InvalidRequest: a value vLLM or airi refuses.
     """
-    sp = _sampling(body)
-    requested = body.max_completion_tokens if isinstance(body, ChatRequest) else None
+    requested = _requested_max_tokens(body)
+    sp = _sampling(body, requested)
     params = generation_params(
         {
-            "max_tokens": requested or body.max_tokens,
+            "max_tokens": requested,
             "temperature": sp.temperature,
             "top_p": sp.top_p,
             "stop": list(sp.stop or []),
