@@ -255,7 +255,7 @@ class _Reply:
         self.plan = plan or protocol.ToolPlan()
         self.parser = parser
         self.echo = echo
-        self.per_prompt = per_prompt
+        self.per_prompt = per_prompt  # choices of each prompt (n): gens come prompt by prompt
         self.created = int(time.time())
         # The completion's id names its first request: feedback and `airi trace` take it.
         self.rid = ("chatcmpl-" if chat else "cmpl-") + gens[0].request_id.removeprefix("req-")
@@ -295,8 +295,6 @@ class _Reply:
     def _usage(self) -> Any:
         # A prompt counts once however many choices it has, as OpenAI counts it.
         prompt = sum(g.usage.prompt_tokens for g in self.gens[:: self.per_prompt])
-        if self.chat:
-            prompt = self.gens[0].usage.prompt_tokens
         return protocol.usage(prompt, sum(g.usage.completion_tokens for g in self.gens))
 
     # -- stream events
@@ -488,7 +486,7 @@ class Ingress:
             if plan.mode == "auto" and info.tool_parser
             else None
         )
-        reply = _Reply(gens, body, chat=True, plan=plan, parser=parser)
+        reply = _Reply(gens, body, chat=True, plan=plan, parser=parser, per_prompt=n)
         return await self._respond(reply)
 
     @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
