@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,7 @@ class AsyncClient:
         tools: list[dict[str, Any]] | None = None,
         **params: Any,
     ) -> Generation:
-        """Start a chat generation; iterate the result for ``(text, n_tokens, finish)``.
-
-        With ``conversation_id``, the conversation's earlier turns (those that fit the
-        model's window, newest first) go before ``messages``, and once the answer is
-        complete the new messages and the answer are appended to the conversation.
-        ``tools`` (OpenAI function tools) are shown to the model by its chat template.
-        """
+        """``Backend.chat_generation`` as this client's tenant (conversations, tools)."""
         tenant = await self._tenant(tenant)
         return await self.backend.chat_generation(
             model, messages, tenant, conversation_id=conversation_id, tools=tools, **params
@@ -113,14 +108,13 @@ class AsyncClient:
     async def stream_chat(self, model: str, messages: Any, **params: Any) -> AsyncIterator[str]:
         """Chat, yielding text as it is generated; closing this iterator aborts the request."""
         tenant = await self._tenant(params.pop("tenant", None))
-        stream = self.backend.stream_chat(model, messages, tenant, **params)
-        try:
+        # Closed explicitly, however this iterator ends: closing it reaches the request at
+        # once, not at the next collection.
+        async with contextlib.aclosing(
+            self.backend.stream_chat(model, messages, tenant, **params)
+        ) as stream:
             async for text in stream:
                 yield text
-        finally:
-            # Closed explicitly, as the backend's stream closes its generation: closing
-            # this iterator reaches the request at once, not at the next collection.
-            await stream.aclose()  # type: ignore[attr-defined]
 
     async def embed(
         self,
@@ -172,12 +166,11 @@ class AsyncClient:
     ) -> AsyncIterator[dict[str, Any]]:
         """Run ``graph``, yielding events as nodes start and finish, then the run's end."""
         tenant = await self._tenant(tenant)
-        events = self.backend.stream_graph(graph, input, tenant, **options)
-        try:
+        async with contextlib.aclosing(
+            self.backend.stream_graph(graph, input, tenant, **options)
+        ) as events:
             async for event in events:
                 yield event
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
 
     async def get_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         """The run's result so far (or its recorded end, after an executor restart)."""
