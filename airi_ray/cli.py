@@ -205,6 +205,11 @@ def _print_versions(status: dict[str, Any]) -> None:
 
 def _print_status(status: dict[str, Any]) -> None:
     print(f"app: {status['app']}")
+    if ingress := status.get("ingress"):
+        print(
+            f"http: {ingress['url']} ({ingress['replicas']} ingress replicas, "
+            f"proxy: {ingress['proxy'] or 'unknown'})"
+        )
     print(
         f"{'MODEL':<20} {'VERSION':<8} {'TASK':<9} {'READY':>5}/{'WANT':<5} {'CTX':>6}  "
         f"{'ACCELERATORS':<16} ERROR"

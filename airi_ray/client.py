@@ -29,6 +29,7 @@ from airi_ray.core.requests import Usage
 from airi_ray.runtime import SCHEDULER_NAME, actors
 from airi_ray.runtime.backend import Backend, BackendThread, Completion, _get, _read
 from airi_ray.runtime.calls import Generation
+from airi_ray.serve import proxy
 
 
 class AsyncClient:
@@ -349,6 +350,7 @@ class Client:
         status: dict[str, Any] = _read(self._controller.status.remote)
         scheduler = actors.get_actor(SCHEDULER_NAME)
         status["scheduler"] = _read(scheduler.snapshot.remote)
+        status["ingress"] = proxy.describe()
         return status
 
     def deploy(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 
+from ray.util.state import list_actors
+
 from airi_ray import cli
 from tests.conftest import KEY
 
@@ -19,6 +21,17 @@ def test_status_table(capsys) -> None:
     assert cli.main(["status"]) == 0
     out = capsys.readouterr().out
     assert "tiny-chat" in out and "REPLICA" in out
+    assert "ingress replicas, proxy: haproxy)" in out
+
+
+def test_status_names_the_proxy_that_serves(capsys) -> None:
+    """The default front door is Serve's HAProxy with two ingress replicas, and status says
+    so; the HAProxy manager really runs on the cluster."""
+    assert cli.main(["status", "--json"]) == 0
+    ingress = json.loads(capsys.readouterr().out)["ingress"]
+    assert ingress["proxy"] == "haproxy" and ingress["replicas"] == 2
+    alive = list_actors(filters=[("class_name", "=", "HAProxyManager"), ("state", "=", "ALIVE")])
+    assert len(alive) == 1
 
 
 def test_chat_reads_stdin_lines(capsys, monkeypatch) -> None:
