@@ -11,18 +11,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airi_ray.config import IngressSpec
@@ -38,12 +41,17 @@ from airi_ray.core.errors import (
 from airi_ray.obs.metrics import HttpMetrics
 from airi_ray.runtime.backend import Backend
 from airi_ray.runtime.calls import Generation
-from airi_ray.serve import protocol
+from airi_ray.serve import protocol, proxy
 from airi_ray.serve.openapi import document, json_body, query
 from airi_ray.serve.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from airi_ray.serve.schemas import FeatureEventsRequest, FeedbackRequest, GraphRunRequest
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Request bodies larger than this are decoded and validated off the event loop.
+OFFLOAD_BYTES = 64 << 10
 
 APP_NAME = "airi"
 app = FastAPI(title="airi-ray", docs_url=None, redoc_url=None)
@@ -367,13 +375,28 @@ class _Reply:
         return out
 
 
+def _decode(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise InvalidRequest(f"invalid request: {_pydantic_message(e)}") from None
+
+
 # serve.ingress pickles the app when the class is decorated: helpers the routes use must
 # be defined above this point.
 @serve.deployment(
     name="airi-ingress",
-    num_replicas=1,
     max_ongoing_requests=2048,  # streams are long-lived; the scheduler does the queueing
-    ray_actor_options={"num_cpus": 0},
 )
 @serve.ingress(app)
 class Ingress:
@@ -392,14 +415,20 @@ class Ingress:
 
     async def _body(self, request: Request, model: type[BaseModel]) -> Any:
         """Read the JSON body within the size limit and validate it against ``model``."""
-        data = await self._json(request)
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            raise InvalidRequest(f"invalid request: {_pydantic_message(e)}") from None
+        return await self._parsed(request, functools.partial(_validate, model))
 
-    async def _json(self, request: Request) -> dict[str, Any]:
-        """The request's JSON object, read within the body size limit."""
+    async def _parsed(self, request: Request, parse: Callable[[dict[str, Any]], T]) -> T:
+        """The request's JSON object, read within the body size limit, through ``parse``.
+
+        A large body is decoded and validated in a worker thread: a megabyte of JSON takes
+        milliseconds of CPU, which on the event loop would stall every stream it serves.
+        """
+        raw = await self._read(request)
+        if len(raw) <= OFFLOAD_BYTES:
+            return parse(_decode(raw))
+        return await asyncio.to_thread(lambda: parse(_decode(raw)))
+
+    async def _read(self, request: Request) -> bytes:
         limit = self.spec.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -410,13 +439,7 @@ class Ingress:
             if size > limit:
                 raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
             chunks.append(chunk)
-        try:
-            data = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequest(f"request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise InvalidRequest("request body must be a JSON object")
-        return data
+        return b"".join(chunks)
 
     async def _tenant(self, request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -454,7 +477,9 @@ class Ingress:
     @app.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
     async def chat_completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
-        body: ChatRequest = protocol.parse(ChatRequest, await self._json(request))
+        body: ChatRequest = await self._parsed(
+            request, functools.partial(protocol.parse, ChatRequest)
+        )
         info = await self.backend.model_info(body.model, "generate", tenant)
         plan = protocol.tool_plan(body, info.tool_parser)
         params, n = protocol.generation(body)
@@ -492,7 +517,9 @@ class Ingress:
     @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
-        body: CompletionRequest = protocol.parse(CompletionRequest, await self._json(request))
+        body: CompletionRequest = await self._parsed(
+            request, functools.partial(protocol.parse, CompletionRequest)
+        )
         prompts = protocol.prompts_of(body)
         params, n = protocol.generation(body)
         protocol.check_choices(len(prompts), n)
@@ -519,7 +546,9 @@ class Ingress:
     @app.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest))
     async def embeddings(self, request: Request) -> dict[str, Any]:
         tenant = await self._tenant(request)
-        body: EmbeddingRequest = protocol.parse(EmbeddingRequest, await self._json(request))
+        body: EmbeddingRequest = await self._parsed(
+            request, functools.partial(protocol.parse, EmbeddingRequest)
+        )
         if body.encoding_format not in ("float", "base64"):
             raise InvalidRequest(
                 f"encoding_format must be 'float' or 'base64', got {body.encoding_format!r}"
@@ -663,23 +692,49 @@ class Ingress:
         return _EventStream(events(), its)
 
 
-_INGRESS_KEY = b"airi/ingress_spec"  # the settings the running ingress was started with
+def _serve_running() -> bool:
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def run_ingress(spec: IngressSpec) -> None:
     """Start (or update) the HTTP ingress on the connected Ray cluster; an ingress already
-    running with the same settings is left alone (a redeploy replaces its replicas)."""
-    import ray
+    running with the same settings is left alone (a redeploy replaces its replicas).
 
+    The proxy (``ingress.proxy``) is chosen when Serve starts: its controller and proxies
+    read it from their environment then. A Serve instance started with another proxy (or
+    not by airi) is shut down and started again with the asked one.
+    """
+    wanted = proxy.resolve(spec.proxy)
     settings = spec.model_dump_json().encode()
-    app = serve.status().applications.get(APP_NAME)
     kv = ray.experimental.internal_kv
-    if (
-        app is not None
-        and app.status == "RUNNING"
-        and kv._internal_kv_get(_INGRESS_KEY) == settings
-    ):
-        return
-    serve.start(http_options={"host": spec.host, "port": spec.port}, proxy_location="HeadOnly")
-    serve.run(Ingress.bind(spec.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
-    kv._internal_kv_put(_INGRESS_KEY, settings)
+    if _serve_running():
+        if proxy.running() != wanted:
+            logger.warning("restarting Ray Serve to put %s in front of the ingress", wanted)
+            serve.shutdown()
+        else:
+            app = serve.status().applications.get(APP_NAME)
+            if (
+                app is not None
+                and app.status == "RUNNING"
+                and kv._internal_kv_get(proxy.SETTINGS_KEY) == settings
+            ):
+                return
+    serve.start(
+        http_options={"host": spec.host, "port": spec.port},
+        proxy_location="HeadOnly",
+        controller_options={"runtime_env": {"env_vars": proxy.controller_env(wanted)}},
+    )
+    kv._internal_kv_put(proxy.KV_KEY, wanted.encode())
+    ingress = Ingress.options(
+        num_replicas=spec.replicas,
+        ray_actor_options={
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": proxy.replica_env(wanted)},
+        },
+    )
+    serve.run(ingress.bind(spec.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
+    kv._internal_kv_put(proxy.SETTINGS_KEY, settings)
