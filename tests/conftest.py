@@ -128,7 +128,11 @@ def _leftovers(outstanding: dict[str, Any]) -> list[str]:
         for model, m in outstanding["models"].items()
         if m["in_flight"] or m["queued"] or m["leases"]
     ]
-    out += [f"{k}={outstanding[k]}" for k in ("callers", "waiting", "admissions") if outstanding[k]]
+    out += [
+        f"{k}={outstanding[k]}"
+        for k in ("callers", "waiting", "admissions", "entered")
+        if outstanding[k]
+    ]
     return out
 
 

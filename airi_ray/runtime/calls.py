@@ -1,11 +1,13 @@
 """The call path every model call takes: acquire a lease, stream from the replica, release.
 
 ``CallPath`` lives in the caller's process (an ingress replica, a driver using the Python
-client, later the graph executor) and is bound to one asyncio loop. Per request it
-tokenizes (applying the chat template), refuses what cannot fit the context window,
-acquires a lease from the scheduler, streams tokens straight from the chosen replica over
-that replica's channel, and releases the lease with the real usage. A request whose
-replica dies before it produced a token is retried on another replica.
+client, the graph executor) and is bound to one asyncio loop. Per request it enters at
+the scheduler's front door (the tenant's limits that need no tokens: request shape, ACL,
+concurrency, budget, requests/minute), tokenizes (applying the chat template), refuses
+what cannot fit the context window, acquires a lease from the scheduler, streams tokens
+straight from the chosen replica over that replica's channel, and releases the lease with
+the real usage. A request whose replica dies before it produced a token is retried on
+another replica.
 
 Messages to actors are coalesced per event-loop turn (submits per replica, releases to
 the scheduler): a Ray call costs about as much as generating several tokens.
@@ -23,6 +25,7 @@ import os
 import random
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -365,6 +368,15 @@ class Generation:
         return "".join([t async for t, _, _ in self])
 
 
+@dataclass(slots=True)
+class _Entry:
+    """A request let in at the scheduler's front door (``CallPath._enter``): the caller
+    hands it back unless its generation's stream starts, which then owns it."""
+
+    request_id: str
+    open: bool = True
+
+
 @dataclass
 class _Watch:
     """What the call path observes of one call for traces and quality signals."""
@@ -383,6 +395,21 @@ def _checking_input(watch: _Watch, model: str) -> Iterator[None]:
         tracing.span("policy input", "policy", {"airi.model": model}, child_only=True),
     ):
         yield
+
+
+def _door(
+    request_id: str, model: str, tenant: str, params: GenerationParams, shape: tuple[int, int]
+) -> AcquireRequest:
+    """What the scheduler's front door checks of a generation: its shape, no tokens yet."""
+    return AcquireRequest(
+        request_id,
+        model,
+        tenant,
+        requested_max_tokens=params.max_tokens,
+        messages=shape[0],
+        stop=len(params.stop),
+        prompt_chars=shape[1],
+    )
 
 
 def _caller_name() -> str:
@@ -417,6 +444,7 @@ class CallPath:
         self._filter_sets: dict[str, FilterSet] = {}  # by the spec's JSON
         self._semantic_filters: dict[str, SemanticFilter] = {}
         self._tokenizer_lock = asyncio.Lock()
+        self._entries = _Coalescer[tuple[AcquireRequest, asyncio.Future[None]]](self._send_entries)
         self._acquires = _Coalescer[AcquireRequest](self._send_acquires)
         self._pending: dict[str, asyncio.Future[Lease]] = {}  # request -> its lease, to come
         self._grants: asyncio.Task[None] | None = None
@@ -533,9 +561,13 @@ class CallPath:
         if getattr(info.tokenizer, "chat_template", None) is None:
             raise InvalidRequest(f"model {model!r} has no chat template; use completions instead")
         rid = f"req-{uuid.uuid4().hex}"
+        shape = (len(messages), sum(len(m.content) for m in messages))
         watch = await self._watch(model, tenant, rid)
+        entered = False
         try:
             with _checking_input(watch, model):
+                await self._enter(_door(rid, model, tenant, params, shape))
+                entered = True
                 filters = await self._filters(tenant, model)
                 await self._semantic_check(
                     tenant,
@@ -569,12 +601,13 @@ class CallPath:
                 return list(ids)
 
             ids = render(info.tokenizer)
-            shape = (len(messages), sum(len(m.content) for m in messages))
             info = await self._window_for(info, len(ids), params)
             return self._generation(
                 info, ids, params, tenant, options, filters, cap, shape, rid, watch, render
             )
         except BaseException as e:
+            if entered:
+                self._leave(rid)
             tracing.end_failed(watch.span, e)
             raise
 
@@ -593,9 +626,13 @@ class CallPath:
         given_ids = _token_ids(prompt, len(info.tokenizer), "prompt")
         text = info.tokenizer.decode(given_ids) if given_ids is not None else prompt
         rid = f"req-{uuid.uuid4().hex}"
+        shape = (0, len(text))
         watch = await self._watch(model, tenant, rid)
+        entered = False
         try:
             with _checking_input(watch, model):
+                await self._enter(_door(rid, model, tenant, params, shape))
+                entered = True
                 filters = await self._filters(tenant, model)
                 await self._semantic_check(tenant, model, [text], rid)
                 clean = self._filter_input(filters, text, "prompt", tenant, model, rid)
@@ -610,7 +647,6 @@ class CallPath:
                 ids, remake = given_ids, None  # the ids are the only form of this prompt
             else:
                 ids, remake = encode(info.tokenizer), encode
-            shape = (0, len(text))
             info = await self._window_for(info, len(ids), params)
             g = self._generation(
                 info, ids, params, tenant, options, filters, cap, shape, rid, watch, remake
@@ -618,8 +654,62 @@ class CallPath:
             g.prompt_text = clean
             return g
         except BaseException as e:
+            if entered:
+                self._leave(rid)
             tracing.end_failed(watch.span, e)
             raise
+
+    # -- the front door ----------------------------------------------------------------
+
+    async def _enter(self, request: AcquireRequest) -> None:
+        """Charge the tenant's limits that need no tokens (request shape, ACL, concurrency,
+        budget, requests/minute) before the prompt is filtered and tokenized: a flood of
+        prompts refused for their length then costs its tenant its rate, not every tenant
+        the CPU. Raises the refusal. Entered requests of one loop turn go together.
+
+        The entry is this caller's until a generation's stream takes it over: a call that
+        fails before that hands it back (``_leave``).
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._held.add(request.request_id)  # a heartbeat names it: it is not lost
+        self._entries.add((request, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            self._leave(request.request_id)
+            raise
+        except BaseException:
+            self._held.discard(request.request_id)
+            raise
+
+    def _leave(self, request_id: str) -> None:
+        """Hand back an entry whose call never reached ``acquire`` (it counted as a request)."""
+        self._releases.add((request_id, {"error": "refused"}, False))
+
+    def _abandoned(self, loop: asyncio.AbstractEventLoop, entry: _Entry) -> None:
+        """A generation was dropped: hand its entry back if its stream never started. Runs
+        wherever the collector freed it, so it goes through the loop's thread-safe door."""
+        if entry.open:
+            with contextlib.suppress(RuntimeError):  # the loop closed: so did the caller
+                loop.call_soon_threadsafe(self._leave, entry.request_id)
+
+    def _send_entries(self, items: list[tuple[AcquireRequest, asyncio.Future[None]]]) -> None:
+        spawn(self._enter_batch(items))
+
+    async def _enter_batch(self, items: list[tuple[AcquireRequest, asyncio.Future[None]]]) -> None:
+        try:
+            results: list[BaseException | None] = await self._scheduler.enter.remote(
+                self.caller_id, [r for r, _ in items]
+            )
+        except Exception as e:
+            results = [unwrap_error(e)] * len(items)
+        for (_, future), result in zip(items, results, strict=True):
+            if future.done():  # its caller gave up meanwhile and handed the entry back
+                continue
+            if result is None:
+                future.set_result(None)
+            else:
+                future.set_exception(result)
 
     # -- content filters ---------------------------------------------------------------
 
@@ -777,6 +867,9 @@ class CallPath:
             max_tokens = min(max_tokens, cap(len(prompt_ids)))
         g = Generation(request_id=request_id or f"req-{uuid.uuid4().hex}", model=info.name)
         g.usage.prompt_tokens = len(prompt_ids)
+        entry = _Entry(g.request_id)
+        if request_id is not None:  # entered at the door: handed back if never streamed
+            weakref.finalize(g, self._abandoned, asyncio.get_running_loop(), entry)
         request = AcquireRequest(
             g.request_id,
             info.name,
@@ -804,6 +897,7 @@ class CallPath:
             filters,
             watch,
             lambda version: self._ids_for(info, version, prompt_ids, encode),
+            entry,
         )
         return g
 
@@ -833,7 +927,10 @@ class CallPath:
         filters: FilterSet | None = None,
         watch: _Watch | None = None,
         ids_for: Callable[[str], Awaitable[list[int]]] | None = None,
+        entry: _Entry | None = None,
     ) -> AsyncIterator[tuple[str, int, str | None]]:
+        if entry is not None:
+            entry.open = False  # the acquire below settles it, however it ends
         start = time.perf_counter()
         # Answers pass the tenant's filters as they stream: a rolling hold-back window
         # catches a match split across chunks, without waiting for the whole answer.
@@ -945,8 +1042,11 @@ class CallPath:
         ]
         rid = f"emb-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid, sample=False)
+        entered = False
         try:
             with _checking_input(watch, model):
+                await self._enter(AcquireRequest(rid, model, tenant, inputs=len(texts)))
+                entered = True
                 filters = await self._filters(tenant, model)
                 clean = decoded
                 if filters is not None:
@@ -976,6 +1076,8 @@ class CallPath:
                         f"{info.max_model_len}"
                     )
         except BaseException as e:
+            if entered:
+                self._leave(rid)
             tracing.end_failed(watch.span, e)
             raise
         usage = Usage(prompt_tokens=sum(len(x) for x in ids))
@@ -1237,6 +1339,7 @@ class CallPath:
                 self._held.add(rid)
                 future.set_result(result)
             else:
+                self._held.discard(rid)  # refused, or expired in the queue: nothing held
                 future.set_exception(result)
 
     def _send_releases(self, items: list[tuple[str, dict[str, Any], bool]]) -> None:

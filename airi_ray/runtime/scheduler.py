@@ -21,7 +21,7 @@ from typing import Any
 
 from airi_ray.config import ANONYMOUS_TENANT, SYSTEM_TENANT, AppSpec
 from airi_ray.core.callers import CallerBook
-from airi_ray.core.errors import AiriError, ReplicaUnavailable
+from airi_ray.core.errors import AiriError, InvalidRequest, ReplicaUnavailable
 from airi_ray.core.policy import (
     Admission,
     AuditEvent,
@@ -82,6 +82,8 @@ class GlobalScheduler:
         # surface it came from; an admission is settled with the real tokens at release.
         self.policy = PolicyEngine()
         self._admissions: dict[str, Admission] = {}
+        # Requests let in by ``enter`` and not yet queued by ``acquire``: when they entered.
+        self._entered: dict[str, float] = {}
         self._expirer: asyncio.Task[None] | None = None
         self.config_version: str | None = None  # of the spec last applied
         self._stable: dict[str, str | None] = {}  # per model, as last set with its split
@@ -141,6 +143,45 @@ class GlobalScheduler:
 
     # -- leases ----------------------------------------------------------------------------
 
+    def enter(self, caller_id: str, requests: list[AcquireRequest]) -> list[AiriError | None]:
+        """The front door: check a caller's batch of requests against the tenant's limits
+        that need no tokens (request shape, ACL, concurrency, budget, requests/minute)
+        before the caller tokenizes their prompts, and charge them. Per request: None (it
+        may go on to ``acquire`` with the same id, which charges its tokens) or the refusal.
+        A request that entered and is refused before ``acquire`` (say, too long for the
+        model) is handed back with ``release`` and has counted as a request.
+        """
+        now = time.monotonic()
+        self.callers.heard(caller_id, now)
+        wall = time.time()
+        results: list[AiriError | None] = []
+        for request in requests:
+            rid = request.request_id
+            try:
+                if rid in self._admissions or self.callers.caller_of(rid) is not None:
+                    raise InvalidRequest(f"request {rid} is already in the scheduler")
+                self._check_shape(request)
+                admission = self.policy.enter(request.tenant, request.model, wall)
+            except AiriError as e:
+                self._refused(request, e)
+                results.append(e)
+                continue
+            self._admissions[rid] = admission
+            self._entered[rid] = now
+            self.callers.add(caller_id, rid, now)
+            results.append(None)
+        return results
+
+    def _check_shape(self, request: AcquireRequest) -> None:
+        """The request's size fields that need no tokens, against its tenant's limits."""
+        self.policy.check_request_shape(
+            request.tenant,
+            max_tokens=request.requested_max_tokens,
+            messages=request.messages,
+            stop=request.stop,
+            prompt_chars=request.prompt_chars,
+        )
+
     def acquire(
         self, caller_id: str, requests: list[AcquireRequest]
     ) -> list[Lease | AiriError | None]:
@@ -158,21 +199,28 @@ class GlobalScheduler:
         for request in requests:
             rid = request.request_id
             self._arrivals[request.model].add(now, 1)
+            entered = self._admissions.get(rid) if self._entered.pop(rid, None) else None
             try:
-                self.policy.check_request_shape(
-                    request.tenant,
-                    max_tokens=request.requested_max_tokens,
-                    messages=request.messages,
-                    stop=request.stop,
-                    prompt_chars=request.prompt_chars,
-                    embedding_tokens=request.prompt_tokens if request.inputs else None,
-                )
+                if entered is None:  # else checked at the door
+                    self._check_shape(request)
+                if request.inputs:
+                    self.policy.check_request_shape(
+                        request.tenant, embedding_tokens=request.prompt_tokens
+                    )
                 admission = self.policy.admit(
-                    request.tenant, request.model, request.prompt_tokens, request.max_tokens, wall
+                    request.tenant,
+                    request.model,
+                    request.prompt_tokens,
+                    request.max_tokens,
+                    wall,
+                    entered=entered,
                 )
             except AiriError as e:
                 self._refused(request, e)
                 results[rid] = e
+                if entered is not None:
+                    self._settle(rid, 0, 0)
+                    self.callers.remove(rid)
                 continue
             # The tenant's class caps the call's: a batch tenant cannot jump its own queue.
             priority = cap_priority(request.priority, admission.priority)
@@ -182,6 +230,8 @@ class GlobalScheduler:
                 self.core.enqueue(request, now)
             except AiriError as e:
                 self.policy.release(admission, 0, 0, wall)
+                self._admissions.pop(rid, None)  # an entered request's
+                self.callers.remove(rid)
                 results[rid] = e
                 continue
             self._admissions[rid] = admission
@@ -256,8 +306,9 @@ class GlobalScheduler:
         return len(lost)
 
     def _granted_at(self, request_id: str) -> float | None:
+        """When the request's lease was granted, or it entered (a caller holds both)."""
         lease = self.core.lease(request_id)
-        return lease.granted_at if lease is not None else None
+        return lease.granted_at if lease is not None else self._entered.get(request_id)
 
     def caller_gone(self, caller_id: str) -> int:
         """The caller is closing: take back what it still holds (a client's ``close``, an
@@ -396,7 +447,7 @@ class GlobalScheduler:
     def _drop_waiting(self, request_id: str) -> str | None:
         """Take a request out of its queue; returns its caller."""
         self.callers.remove(request_id)
-        if self.core.cancel(request_id):
+        if self.core.cancel(request_id) or self._entered.pop(request_id, None) is not None:
             self._settle(request_id, 0, 0)
         waiting = self._waiting.pop(request_id, None)
         return waiting[0] if waiting else None
@@ -482,7 +533,8 @@ class GlobalScheduler:
     def outstanding(self) -> dict[str, Any]:
         """What is still held, all zero once every call has ended: per model its leases,
         in-flight count and queued requests, and this actor's own books (requests by caller,
-        requests waiting for a grant, open policy admissions). A count left above zero is
+        requests waiting for a grant, open policy admissions, requests let in at the front
+        door and not yet queued). A count left above zero is
         a leak: the model serves that much less until a restart."""
         core = self.core
         now = time.monotonic()
@@ -507,6 +559,7 @@ class GlobalScheduler:
             "callers": self.callers.held(),
             "waiting": len(self._waiting),
             "admissions": len(self._admissions),
+            "entered": len(self._entered),
         }
 
     def timeline_stats(self) -> dict[str, Any]:

@@ -134,6 +134,9 @@ def test_openai_client_sees_typed_errors(oai) -> None:
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="nope", messages=GOOD["messages"])
     with pytest.raises(openai.BadRequestError, match="context window"):
+        oai.chat.completions.create(model="tiny-chat", messages=GOOD["messages"], max_tokens=2000)
+    # The tenant's cap is checked at the door, before the prompt is tokenized.
+    with pytest.raises(openai.BadRequestError, match="over the limit of 32768"):
         oai.chat.completions.create(
             model="tiny-chat", messages=GOOD["messages"], max_tokens=100_000
         )

@@ -116,6 +116,32 @@ def test_over_the_request_rate_answers_429_and_other_tenants_are_unaffected(
     assert 'airi_policy_refusals_total{model="tiny-chat",rule="rpm",tenant="tenant-b"}' in metrics
 
 
+def test_prompts_refused_for_their_length_count_against_the_request_rate(
+    airi_app, limit_tenant_b
+) -> None:
+    from tests.conftest import wait_for
+
+    limit_tenant_b(rpm=3)
+    # Long enough to be tokenized on the worker thread, too long for the context window.
+    long = {**CHAT, "messages": [{"role": "user", "content": "tents and boots " * 1500}]}
+    for _ in range(3):
+        r = post(airi_app, "/v1/chat/completions", long)
+        assert r.status_code == 400, r.text
+        assert "context window of 1024 tokens" in r.json()["error"]["message"]
+    refused = post(airi_app, "/v1/chat/completions", CHAT)
+    assert refused.status_code == 429, refused.text
+    assert "over its 3 requests/minute limit" in refused.json()["error"]["message"]
+    # A tenant over its rate is refused at the door, before its prompt is tokenized.
+    assert post(airi_app, "/v1/chat/completions", long).status_code == 429
+    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+
+    def handed_back() -> bool:
+        out = ray.get(scheduler.outstanding.remote())
+        return out["entered"] == 0 and out["admissions"] == 0
+
+    wait_for(handed_back, timeout=10, what="the refused requests' entries to come back")
+
+
 def test_a_spent_budget_answers_429_naming_the_budget(airi_app, limit_tenant_b) -> None:
     limit_tenant_b(budget_tokens=5, budget_period_s=3600)
     first = post(airi_app, "/v1/chat/completions", CHAT)  # charged with its real tokens

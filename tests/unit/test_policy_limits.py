@@ -252,6 +252,57 @@ def test_concurrency_cap_and_release() -> None:
     assert e.in_flight("acme") == 2
 
 
+def test_enter_charges_rpm_and_a_slot_before_the_tokens_are_known() -> None:
+    e = engine(rpm=3, max_concurrent=2)
+    a = e.enter("acme", "m", now=T0)
+    assert e.in_flight("acme") == 1 and a.estimate_tokens == 0
+    e.release(a, 0, 0, now=T0)  # refused for its length: it still counted as a request
+    b = e.enter("acme", "m", now=T0)
+    e.enter("acme", "m", now=T0)
+    with pytest.raises(RateLimited) as err:  # two in flight: the slot is taken at enter
+        e.enter("acme", "m", now=T0)
+    assert err.value.rule == "concurrency"
+    e.release(b, 0, 0, now=T0)
+    with pytest.raises(RateLimited) as err2:  # three requests this minute
+        e.enter("acme", "m", now=T0)
+    assert err2.value.rule == "rpm"
+
+
+def test_admit_after_enter_charges_only_the_tokens() -> None:
+    e = engine(rpm=1, tpm=100, max_concurrent=1)
+    entered = e.enter("acme", "m", now=T0)
+    a = e.admit("acme", "m", 60, 8, now=T0, entered=entered)
+    assert a.seq == entered.seq and a.estimate_tokens == 60 and a.max_tokens == 8
+    assert e.in_flight("acme") == 1  # the same slot, not a second one
+    e.release(a, 60, 10, now=T0)  # 70 used: the estimate of 60 is corrected
+    assert e.in_flight("acme") == 0
+    with pytest.raises(RateLimited, match="requests/minute"):
+        e.enter("acme", "m", now=T0)
+
+
+def test_admit_after_enter_refused_for_tokens_leaves_the_entry_open() -> None:
+    e = engine(tpm=100)
+    e.release(e.admit("acme", "m", 90, None, now=T0), 90, 0, now=T0)
+    entered = e.enter("acme", "m", now=T0)
+    with pytest.raises(RateLimited, match="tokens/minute"):
+        e.admit("acme", "m", 50, None, now=T0, entered=entered)
+    assert e.in_flight("acme") == 1
+    assert e.release(entered, 0, 0, now=T0) is True
+    e.release(e.admit("acme", "m", 0, None, now=T0), 0, 200, now=T0)  # into debt
+    with pytest.raises(RateLimited, match="tokens/minute"):  # debt refuses at the door
+        e.enter("acme", "m", now=T0)
+
+
+def test_enter_checks_the_acl_and_a_stale_entry_is_admitted_afresh() -> None:
+    e = PolicyEngine([TenantPolicy("acme", models=("tiny-*",), max_concurrent=1)])
+    with pytest.raises(PermissionDenied):
+        e.enter("acme", "big", now=T0)
+    entered = e.enter("acme", "tiny-a", now=T0)
+    e.release(entered, 0, 0, now=T0)  # e.g. its caller was taken back meanwhile
+    a = e.admit("acme", "tiny-a", 5, None, now=T0, entered=entered)
+    assert a.seq != entered.seq and e.in_flight("acme") == 1
+
+
 def test_budget_refusal_names_budget_and_reset() -> None:
     e = engine(budget_tokens=1000)
     a = e.admit("acme", "m", 100, None, now=T0)

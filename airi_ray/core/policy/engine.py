@@ -10,12 +10,18 @@
    tokens/minute bucket is corrected (it may go into debt, which delays the next request)
    and the budget is charged.
 
+A front door splits step 2 in two, so that the cheap limits apply before the prompt's
+costly tokenization: ``enter`` charges the request and takes a concurrency slot before
+the prompt's tokens are known, and ``admit(..., entered=)`` then charges its tokens. A
+request refused for its length after ``enter`` has counted against requests/minute.
+
 State is one record per configured tenant plus the admissions in flight, so it stays
 bounded whatever callers send; an unknown tenant is refused, never created.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import re
@@ -223,14 +229,34 @@ class PolicyEngine:
         if embedding_tokens is not None:
             _check_field(tenant, "embedding_tokens", embedding_tokens, p.max_embedding_tokens, 0)
 
+    def enter(self, tenant: str, model: str, now: float) -> Admission:
+        """Let one model call in before its prompt is tokenized: charge 1 request and take
+        a concurrency slot, as ``admit`` would with no tokens yet (a tenant in tokens/minute
+        debt is refused here too). ``admit(..., entered=)`` charges the tokens later, and
+        ``release`` settles it either way: a call that never ran is released with 0, 0.
+
+        Raises:
+            PermissionDenied, RateLimited, BudgetExceeded: as ``admit``.
+        """
+        return self._open(tenant, model, 0, None, now)
+
     def admit(
-        self, tenant: str, model: str, prompt_tokens: int, max_tokens: int | None, now: float
+        self,
+        tenant: str,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        now: float,
+        entered: Admission | None = None,
     ) -> Admission:
         """Admit one model call: charge 1 request and ``prompt_tokens`` to the rate limits.
 
         Checked in order: ACL, concurrency, budget, then requests/minute and tokens/minute
         together (nothing is charged unless all pass). ``max_tokens`` is recorded only; its
-        cap is ``check_request_shape``'s.
+        cap is ``check_request_shape``'s. With ``entered`` (this call's ``enter``, still
+        open), only the tokens/minute limit is checked and charged: the rest was at
+        ``enter``. The returned admission replaces ``entered``; a refusal leaves
+        ``entered`` open, for the caller to release.
 
         Raises:
             PermissionDenied (403): unknown tenant, or model outside its ACL.
@@ -241,6 +267,18 @@ class PolicyEngine:
         """
         if prompt_tokens < 0:
             raise InvalidRequest(f"prompt_tokens must be >= 0, got {prompt_tokens}")
+        state = self._tenants.get(tenant)
+        if entered is None or state is None or entered.seq not in state.open:
+            # Not entered, or its tenant's policy was replaced meanwhile: admit afresh.
+            return self._open(tenant, model, prompt_tokens, max_tokens, now)
+        self._check_tpm(state, prompt_tokens, now)
+        if state.tpm is not None:
+            state.tpm.charge(prompt_tokens, now)
+        return dataclasses.replace(entered, estimate_tokens=prompt_tokens, max_tokens=max_tokens)
+
+    def _open(
+        self, tenant: str, model: str, prompt_tokens: int, max_tokens: int | None, now: float
+    ) -> Admission:
         self.check_model(tenant, model)
         state = self._tenants[tenant]
         p = state.policy
@@ -269,13 +307,7 @@ class PolicyEngine:
                 retry_after_s=rpm_wait,
                 rule="rpm",
             )
-        if tpm_wait > 0:
-            raise RateLimited(
-                f"tenant {tenant!r} is over its {p.tpm} tokens/minute limit (this request: "
-                f"{prompt_tokens} prompt tokens); retry after {_secs(tpm_wait)}",
-                retry_after_s=tpm_wait,
-                rule="tpm",
-            )
+        self._check_tpm(state, prompt_tokens, now, tpm_wait)
         if state.rpm is not None:
             state.rpm.charge(1, now)
         if state.tpm is not None:
@@ -285,6 +317,21 @@ class PolicyEngine:
         return Admission(
             tenant, model, self._seq, prompt_tokens, max_tokens, now, p.priority, p.weight
         )
+
+    @staticmethod
+    def _check_tpm(
+        state: _TenantState, prompt_tokens: int, now: float, wait: float | None = None
+    ) -> None:
+        if wait is None:
+            wait = state.tpm.wait_s(prompt_tokens, now) if state.tpm is not None else 0.0
+        if wait > 0:
+            p = state.policy
+            raise RateLimited(
+                f"tenant {p.name!r} is over its {p.tpm} tokens/minute limit (this request: "
+                f"{prompt_tokens} prompt tokens); retry after {_secs(wait)}",
+                retry_after_s=wait,
+                rule="tpm",
+            )
 
     def release(
         self, admission: Admission, prompt_tokens: int, completion_tokens: int, now: float
