@@ -3,11 +3,12 @@
 ``CallPath`` lives in the caller's process (an ingress replica, a driver using the Python
 client, the graph executor) and is bound to one asyncio loop. Per request it enters at
 the scheduler's front door (the tenant's limits that need no tokens: request shape, ACL,
-concurrency, budget, requests/minute), tokenizes (applying the chat template), refuses
-what cannot fit the context window, acquires a lease from the scheduler, streams tokens
-straight from the chosen replica over that replica's channel, and releases the lease with
-the real usage. A request whose replica dies before it produced a token is retried on
-another replica.
+concurrency, budget, requests/minute), tokenizes (applying the chat template; a long
+prompt on a worker thread, so the loop keeps serving other streams), refuses what cannot
+fit the context window, acquires a lease from the scheduler, streams tokens straight from
+the chosen replica over that replica's channel, and releases the lease with the real
+usage. A request whose replica dies before it produced a token is retried on another
+replica.
 
 Messages to actors are coalesced per event-loop turn (submits per replica, releases to
 the scheduler): a Ray call costs about as much as generating several tokens.
@@ -16,8 +17,10 @@ the scheduler): a Ray call costs about as much as generating several tokens.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fnmatch
+import functools
 import json
 import logging
 import math
@@ -81,12 +84,20 @@ SEMANTIC_WINDOW_CHARS = 800  # about 200 tokens of English
 SEMANTIC_MAX_CHARS = 8 * SEMANTIC_WINDOW_CHARS
 OBSERVE_EVERY_S = 0.25  # finished calls go to the observer in batches at most this often
 REFUSAL_PREFIX_CHARS = 200  # refusals show at the start of an answer
+# Prompts longer than this are rendered and tokenized on the call path's worker thread: a
+# megabyte takes the tokenizer a fraction of a second, which on the event loop would
+# stall every stream the process serves. Shorter ones cost less than the thread hop.
+OFFLOAD_CHARS = 16_384
 
 
 def _load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_source(source))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(source))
+    # The first call clears truncation and padding settings saved with the tokenizer, a
+    # write that would race a call on the worker thread; later calls only read.
+    tokenizer("warm-up")
+    return tokenizer
 
 
 def unwrap_error(e: BaseException) -> BaseException:
@@ -444,6 +455,9 @@ class CallPath:
         self._filter_sets: dict[str, FilterSet] = {}  # by the spec's JSON
         self._semantic_filters: dict[str, SemanticFilter] = {}
         self._tokenizer_lock = asyncio.Lock()
+        # One thread: fast tokenizers release the GIL while they work, and one thread
+        # bounds what long prompts take from the loop's core.
+        self._cpu_pool = concurrent.futures.ThreadPoolExecutor(1, "airi-tokenize")
         self._entries = _Coalescer[tuple[AcquireRequest, asyncio.Future[None]]](self._send_entries)
         self._acquires = _Coalescer[AcquireRequest](self._send_acquires)
         self._pending: dict[str, asyncio.Future[Lease]] = {}  # request -> its lease, to come
@@ -600,7 +614,7 @@ class CallPath:
                     ids = ids["input_ids"]
                 return list(ids)
 
-            ids = render(info.tokenizer)
+            ids = await self._cpu(shape[1], render, info.tokenizer)
             info = await self._window_for(info, len(ids), params)
             return self._generation(
                 info, ids, params, tenant, options, filters, cap, shape, rid, watch, render
@@ -646,7 +660,7 @@ class CallPath:
             if given_ids is not None and clean == text:
                 ids, remake = given_ids, None  # the ids are the only form of this prompt
             else:
-                ids, remake = encode(info.tokenizer), encode
+                ids, remake = await self._cpu(len(clean), encode, info.tokenizer), encode
             info = await self._window_for(info, len(ids), params)
             g = self._generation(
                 info, ids, params, tenant, options, filters, cap, shape, rid, watch, remake
@@ -659,7 +673,7 @@ class CallPath:
             tracing.end_failed(watch.span, e)
             raise
 
-    # -- the front door ----------------------------------------------------------------
+    # -- the front door and the worker thread -------------------------------------------
 
     async def _enter(self, request: AcquireRequest) -> None:
         """Charge the tenant's limits that need no tokens (request shape, ACL, concurrency,
@@ -710,6 +724,13 @@ class CallPath:
                 future.set_result(None)
             else:
                 future.set_exception(result)
+
+    async def _cpu(self, chars: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: here for a short input, on the worker thread for a long one."""
+        if chars <= OFFLOAD_CHARS:
+            return fn(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._cpu_pool, functools.partial(fn, *args))
 
     # -- content filters ---------------------------------------------------------------
 
@@ -1068,7 +1089,7 @@ class CallPath:
                 )
                 return [k if k is not None else list(next(fresh)) for k in kept]
 
-            ids = encode(info.tokenizer)
+            ids = await self._cpu(sum(map(len, clean)), encode, info.tokenizer)
             for i, x in enumerate(ids):
                 if len(x) > info.max_model_len:
                     raise ContextWindowExceeded(
@@ -1386,6 +1407,7 @@ class CallPath:
         # keeps one caller's calls to an actor in order).
         await asyncio.sleep(0)
         self._releases.flush()
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
         try:
             await asyncio.wait_for(self._scheduler.caller_gone.remote(self.caller_id), 10)
         except Exception as e:  # the scheduler takes back a silent caller's leases anyway
