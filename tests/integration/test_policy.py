@@ -59,6 +59,9 @@ def test_a_model_outside_the_tenants_acl_is_refused_on_every_surface(
 
 
 def test_models_routes_show_only_the_models_the_tenant_may_call(airi_app, limit_tenant_b) -> None:
+    import time
+
+    from airi_ray.runtime.calls import MODEL_INFO_TTL_S
     from tests.conftest import wait_for
 
     def get(path: str, key: str = OTHER_KEY) -> httpx.Response:
@@ -73,7 +76,14 @@ def test_models_routes_show_only_the_models_the_tenant_may_call(airi_app, limit_
     assert one.status_code == 200 and one.json()["id"] == "tiny-chat", one.text
     assert one.json()["object"] == "model" and one.json()["max_model_len"] == 1024
     limit_tenant_b(models=["mini*"])
-    wait_for(lambda: listed() == {"minilm"}, timeout=30, what="the new ACL to reach the ingress")
+    # Each ingress replica caches the ACLs for MODEL_INFO_TTL_S: once that long has passed
+    # since the deploy, every replica answers with the new one, whichever serves.
+    deployed = time.monotonic()
+    wait_for(
+        lambda: time.monotonic() - deployed > MODEL_INFO_TTL_S and listed() == {"minilm"},
+        timeout=30,
+        what="the new ACL to reach every ingress replica",
+    )
     hidden = get("/v1/models/tiny-chat")
     assert hidden.status_code == 404, hidden.text
     assert hidden.json()["error"]["message"] == "The model `tiny-chat` does not exist."
