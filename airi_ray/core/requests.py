@@ -349,3 +349,35 @@ class Usage:
         if self.ttft_s is None or self.completion_tokens < 2:
             return None
         return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+
+# A prompt over this many characters per token of the context window is first probed: its
+# head alone is tokenized, and if that is already over the window the prompt is refused
+# without tokenizing the rest (a megabyte flood then costs milliseconds, not seconds).
+PROBE_CHARS_PER_TOKEN = 16
+
+
+def probe_head(text: str, max_model_len: int) -> str | None:
+    """The head of ``text`` to tokenize first, or None when the whole is short enough to
+    tokenize at once. The head ends before a whitespace, where word-level pre-tokenizers
+    split, so its tokens are tokens of the whole: if the head is over the window, so is
+    the whole. A head with no whitespace to cut at is not probed (None)."""
+    size = PROBE_CHARS_PER_TOKEN * max_model_len
+    if len(text) <= 2 * size:
+        return None
+    cut = max(text.rfind(c, 0, size) for c in " \n\t")
+    return text[:cut] if cut > 0 else None
+
+
+def refuse_long_head(model: str, head: str, head_tokens: int, max_model_len: int) -> None:
+    """Refuse a prompt whose head (``probe_head``) alone fills the context window.
+
+    Raises:
+        ContextWindowExceeded: ``head_tokens`` is at least ``max_model_len``.
+    """
+    if head_tokens >= max_model_len:
+        raise ContextWindowExceeded(
+            f"model {model!r} has a context window of {max_model_len} tokens; the prompt's "
+            f"first {len(head)} characters alone have {head_tokens} tokens, which leaves no "
+            "room for output"
+        )

@@ -61,6 +61,8 @@ from airi_ray.core.requests import (
     Logprobs,
     Position,
     Usage,
+    probe_head,
+    refuse_long_head,
     resolve_max_tokens,
 )
 from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
@@ -88,6 +90,10 @@ REFUSAL_PREFIX_CHARS = 200  # refusals show at the start of an answer
 # megabyte takes the tokenizer a fraction of a second, which on the event loop would
 # stall every stream the process serves. Shorter ones cost less than the thread hop.
 OFFLOAD_CHARS = 16_384
+
+
+def _count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _load_tokenizer(source: str) -> Any:
@@ -605,6 +611,9 @@ class CallPath:
                 users = [c for m, c in zip(messages, contents, strict=True) if m.role == "user"]
                 watch.text = users[-1] if users else None
             turns = [m.turn(c) for m, c in zip(messages, contents, strict=True)]
+            # Assistant turns are left out: a template may drop part of them (reasoning).
+            said = [c for m, c in zip(messages, contents, strict=True) if m.role != "assistant"]
+            info = await self._probe(info, said, params)
 
             def render(tokenizer: Any) -> list[int]:
                 ids = tokenizer.apply_chat_template(
@@ -660,6 +669,7 @@ class CallPath:
             if given_ids is not None and clean == text:
                 ids, remake = given_ids, None  # the ids are the only form of this prompt
             else:
+                info = await self._probe(info, [clean], params)
                 ids, remake = await self._cpu(len(clean), encode, info.tokenizer), encode
             info = await self._window_for(info, len(ids), params)
             g = self._generation(
@@ -724,6 +734,22 @@ class CallPath:
                 future.set_result(None)
             else:
                 future.set_exception(result)
+
+    async def _probe(self, info: ModelInfo, texts: list[str], params: Any) -> ModelInfo:
+        """Refuse a prompt whose head alone is over the context window (``probe_head``)
+        before tokenizing all of it; returns ``info``, fetched again if a rollout may have
+        changed the window."""
+        for text in texts:
+            assert info.max_model_len is not None
+            head = probe_head(text, info.max_model_len)
+            if head is None:
+                continue
+            n = await self._cpu(len(head), _count_tokens, info.tokenizer, head)
+            if n >= info.max_model_len:
+                info = await self._window_for(info, n, params)
+                assert info.max_model_len is not None
+                refuse_long_head(info.name, head, n, info.max_model_len)
+        return info
 
     async def _cpu(self, chars: int, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``: here for a short input, on the worker thread for a long one."""

@@ -111,6 +111,19 @@ def test_context_window_exceeded(airi_app) -> None:
     assert_error(r, 400, "1024")
 
 
+def test_a_prompt_whose_head_is_over_the_window_is_refused_unread(airi_app) -> None:
+    # 40K characters: over twice the 16 characters per token of the window that make the
+    # call path tokenize the head first; it alone is over the window.
+    head_first = "returns shipping warranty " * 1540
+    for path, body in [
+        ("/v1/chat/completions", GOOD | {"messages": [{"role": "user", "content": head_first}]}),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": head_first, "max_tokens": 4}),
+    ]:
+        r = post(airi_app, path, json=body)
+        assert_error(r, 400, "context window of 1024 tokens", "characters alone have")
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_embedding_input_too_long(airi_app) -> None:
     r = post(airi_app, "/v1/embeddings", json={"model": "minilm", "input": ["word " * 600]})
     assert_error(r, 400, "at most 256")

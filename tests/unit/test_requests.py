@@ -17,6 +17,8 @@ from airi_ray.core.requests import (
     GenerationParams,
     Usage,
     parse_messages,
+    probe_head,
+    refuse_long_head,
     resolve_max_tokens,
 )
 from airi_ray.core.stats import RateWindow, percentile
@@ -231,3 +233,39 @@ def test_structured_output_of_a_pydantic_model_and_of_openai_formats() -> None:
     assert structured_output(fmt)[0] == {"json": schema}
     with pytest.raises(InvalidRequest, match="response_format must be"):
         structured_output({"type": "xml"})
+
+
+def test_a_long_prompt_is_probed_by_a_head_that_ends_before_a_space() -> None:
+    assert probe_head("word " * 100, max_model_len=16) is None  # short: tokenized whole
+    text = "word " * 1000
+    head = probe_head(text, max_model_len=16)
+    assert head is not None and text.startswith(head)
+    assert len(head) <= 16 * 16 and text[len(head)] == " "
+    assert probe_head("x" * 10_000, max_model_len=16) is None  # no space to cut at
+
+
+def test_a_head_over_the_window_is_refused_naming_the_window() -> None:
+    refuse_long_head("m", "a b", 1023, 1024)  # room for one token
+    with pytest.raises(ContextWindowExceeded, match="context window of 1024 tokens") as e:
+        refuse_long_head("m", "a b", 1024, 1024)
+    assert "first 3 characters alone have 1024 tokens" in e.value.message
+
+
+def test_a_heads_tokens_never_outnumber_the_whole_prompts() -> None:
+    """What the probe relies on, with a real tokenizer (the demo model's)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from airi_ray.models.tiny import ensure_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
+    words = ["tents", "boots", "refund", " ", "\n", "Nimbus", "42", "!?", "é", "日本"]
+    rng = random.Random(7)
+    for _ in range(50):
+        text = "".join(rng.choice(words) + rng.choice([" ", "", "\n", "  "]) for _ in range(300))
+        head = probe_head(text, max_model_len=8)
+        if head is None:
+            continue
+        count = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        assert count <= len(tokenizer(text, add_special_tokens=False)["input_ids"])
