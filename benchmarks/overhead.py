@@ -1,4 +1,4 @@
-"""What airi's request path costs: the same streaming workload four (or five) ways, one run.
+"""What airi's request path costs: the same streaming workload six ways, one run.
 
 Workload: 64 concurrent streams, 64 output tokens each (``ignore_eos``), greedy, fixed
 prompts, the tiny demo model on one engine. Ways:
@@ -7,7 +7,13 @@ prompts, the tiny demo model on one engine. Ways:
   (b) airi through the Python client (``AsyncClient``): lease, channel stream, release;
   (c) airi over HTTP with the ``openai`` client;
   (d) a plain Ray Serve deployment wrapping ``AsyncLLM`` (benchmarks/plain_serve.py);
-  (e) Ray Serve LLM (``ray.serve.llm``), if it can serve the model on CPU.
+  (e) Ray Serve LLM (``ray.serve.llm``), if it can serve the model on CPU;
+  (f) vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) on the
+      same engine arguments and environment, driven by the same client and workload as (c).
+      It runs before the Ray cluster starts, so no other engine shares the cores with it.
+
+``ratio_http_vs_vllm_server`` = c/f is the HTTP path against vLLM's own server (target
+>= 1.0, with (c)'s TTFT p50 no higher than (f)'s); ``ratio_http_vs_raw`` = c/a.
 
 Two more runs of (a) split what separates (b) from (a) on a small machine: (a2) with the
 Ray cluster started and idle, (a3) with the airi app deployed and idle (its replica's
@@ -19,7 +25,10 @@ Each way gets a warm-up round and ``--rounds`` measured rounds; the table shows 
 round's tokens/s and TTFT percentiles over all measured requests. Writes
 ``benchmarks/results/overhead.json``.
 
-    python benchmarks/overhead.py [--rounds 3]
+    python benchmarks/overhead.py [--rounds 3] [--ways a,c,f] [--smoke]
+
+``--smoke`` runs ways a, c and f with 8 streams of 8 tokens, one round, and writes
+``benchmarks/results/smoke/overhead.json``: it checks the paths work, not their speed.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -57,6 +68,10 @@ PROMPTS = [
     for i in range(CONCURRENCY)
 ]
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
+SMOKE_RESULTS = Path(__file__).resolve().parent / "results" / "smoke" / "overhead.json"
+WAYS = ("a", "a2", "a3", "b", "c", "d", "e", "f")
+VLLM_PORT = 8124
+VLLM_START_TIMEOUT_S = 300
 KEY = "sk-airi-0e0000000001-benchOverheadTenant01"
 HTTP_PORT = 8123
 SERVE_LLM_START_TIMEOUT_S = 300
@@ -255,21 +270,116 @@ def start_serve_llm(model_dir: str) -> None:
         raise TimeoutError(f"Ray Serve LLM app not ready within {SERVE_LLM_START_TIMEOUT_S}s")
 
 
+# -- (f): vLLM's own OpenAI server --------------------------------------------------------
+
+
+def vllm_server_args(model_dir: str) -> list[str]:
+    """``engine_kwargs`` as the server's flags: the same engine as every other way."""
+    kw = engine_kwargs(model_dir)
+    args = [
+        "--model",
+        kw["model"],
+        "--served-model-name",
+        "tiny-chat",
+        "--dtype",
+        kw["dtype"],
+        "--max-model-len",
+        str(kw["max_model_len"]),
+        "--max-num-seqs",
+        str(kw["max_num_seqs"]),
+    ]
+    if kw["enforce_eager"]:
+        args.append("--enforce-eager")
+    if kw["disable_log_stats"]:
+        args.append("--disable-log-stats")
+    args.append(
+        "--enable-log-requests" if kw["enable_log_requests"] else "--no-enable-log-requests"
+    )
+    return args + ["--disable-uvicorn-access-log", "--host", "127.0.0.1", "--port", str(VLLM_PORT)]
+
+
+def way_vllm_server(model_dir: str, rounds: int) -> dict[str, Any]:
+    """Start vLLM's server in its own process group, wait for /health, measure, stop it."""
+    import httpx
+
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "airi-bench-vllm-server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                *vllm_server_args(model_dir),
+            ],
+            env={**os.environ, **ENGINE_ENV},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its engine core is a child: stop the whole group
+        )
+    try:
+        deadline = time.monotonic() + VLLM_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                tail = log.read_text()[-2000:]
+                raise RuntimeError(f"vLLM's server exited with {proc.returncode}:\n{tail}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{VLLM_PORT}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM's server not healthy within {VLLM_START_TIMEOUT_S}s")
+            time.sleep(0.5)
+        return asyncio.run(
+            measure(openai_stream(f"http://127.0.0.1:{VLLM_PORT}/v1", "tiny-chat"), rounds)
+        )
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM the process group, SIGKILL what is left after 30 s."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 # -- driver -------------------------------------------------------------------------------
 
 
 def main() -> int:
+    global CONCURRENCY, OUTPUT_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip-serve-llm", action="store_true")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"a subset of {','.join(WAYS)}")
+    parser.add_argument("--skip-serve-llm", action="store_true", help="the same as leaving out e")
+    parser.add_argument("--smoke", action="store_true", help="ways a,c,f; 8 streams x 8 tokens")
     args = parser.parse_args()
+    selected = set(args.ways.split(","))
+    if args.smoke:
+        selected, args.rounds, CONCURRENCY, OUTPUT_TOKENS = {"a", "c", "f"}, 1, 8, 8
+    if args.skip_serve_llm:
+        selected.discard("e")
+    if not selected <= set(WAYS):
+        parser.error(f"--ways takes {','.join(WAYS)}, got {args.ways!r}")
 
     from airi_ray.models.tiny import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model())
     ways: dict[str, Any] = {}
-    print("(a) vLLM AsyncLLM in process ...", flush=True)
-    ways["a_raw_asyncllm"] = asyncio.run(way_raw(model_dir, args.rounds))
+    if "a" in selected:
+        print("(a) vLLM AsyncLLM in process ...", flush=True)
+        ways["a_raw_asyncllm"] = asyncio.run(way_raw(model_dir, args.rounds))
+    if "f" in selected:  # before the Ray cluster: no other engine shares the cores
+        print("(f) vLLM's own OpenAI server (openai client) ...", flush=True)
+        ways["f_vllm_server_http"] = way_vllm_server(model_dir, args.rounds)
 
     import ray
     from ray import serve
@@ -278,37 +388,46 @@ def main() -> int:
 
     ray.init(num_cpus=2, namespace="airi", log_to_driver=False, include_dashboard=False)
     try:
-        print("(a2) vLLM AsyncLLM in process, Ray cluster up and idle ...", flush=True)
-        ways["a2_raw_asyncllm_ray_up"] = asyncio.run(way_raw(model_dir, args.rounds))
-        airi.deploy(airi_spec(model_dir))
-        print("(a3) vLLM AsyncLLM in process, airi app deployed and idle ...", flush=True)
-        ways["a3_raw_asyncllm_airi_idle"] = asyncio.run(way_raw(model_dir, args.rounds))
-        print("(b) airi Python client ...", flush=True)
-        ways["b_airi_client"] = asyncio.run(way_client(args.rounds))
-        print("(c) airi over HTTP (openai client) ...", flush=True)
-        ways["c_airi_http"] = asyncio.run(
-            measure(openai_stream(f"http://127.0.0.1:{HTTP_PORT}/v1", "tiny-chat"), args.rounds)
-        )
-        airi.shutdown()
+        if "a2" in selected:
+            print("(a2) vLLM AsyncLLM in process, Ray cluster up and idle ...", flush=True)
+            ways["a2_raw_asyncllm_ray_up"] = asyncio.run(way_raw(model_dir, args.rounds))
+        if selected & {"a3", "b", "c"}:
+            # airi's defaults for the front door (HAProxy, its ingress replicas), as `airi up`.
+            airi.deploy(airi_spec(model_dir))
+            if "a3" in selected:
+                print("(a3) vLLM AsyncLLM in process, airi app deployed and idle ...", flush=True)
+                ways["a3_raw_asyncllm_airi_idle"] = asyncio.run(way_raw(model_dir, args.rounds))
+            if "b" in selected:
+                print("(b) airi Python client ...", flush=True)
+                ways["b_airi_client"] = asyncio.run(way_client(args.rounds))
+            if "c" in selected:
+                print("(c) airi over HTTP (openai client) ...", flush=True)
+                ways["c_airi_http"] = asyncio.run(
+                    measure(
+                        openai_stream(f"http://127.0.0.1:{HTTP_PORT}/v1", "tiny-chat"), args.rounds
+                    )
+                )
+            airi.shutdown()
 
-        print("(d) plain Ray Serve + AsyncLLM (openai client) ...", flush=True)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from plain_serve import PlainVLLM
+        if "d" in selected:
+            print("(d) plain Ray Serve + AsyncLLM (openai client) ...", flush=True)
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from plain_serve import PlainVLLM
 
-        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-        serve.run(
-            PlainVLLM.options(
-                ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": ENGINE_ENV}}
-            ).bind(engine_kwargs(model_dir)),
-            name="plain",
-            route_prefix="/",
-        )
-        ways["d_plain_serve_http"] = asyncio.run(
-            measure(openai_stream(f"http://127.0.0.1:{HTTP_PORT}/v1", "tiny"), args.rounds)
-        )
-        serve.delete("plain")
+            serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+            serve.run(
+                PlainVLLM.options(
+                    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": ENGINE_ENV}}
+                ).bind(engine_kwargs(model_dir)),
+                name="plain",
+                route_prefix="/",
+            )
+            ways["d_plain_serve_http"] = asyncio.run(
+                measure(openai_stream(f"http://127.0.0.1:{HTTP_PORT}/v1", "tiny"), args.rounds)
+            )
+            serve.delete("plain")
 
-        if not args.skip_serve_llm:
+        if "e" in selected:
             print("(e) Ray Serve LLM ...", flush=True)
             try:
                 start_serve_llm(model_dir)
@@ -324,31 +443,30 @@ def main() -> int:
     finally:
         ray.shutdown()
 
-    a, b, c, d = (
-        ways[k]["tokens_per_s"]
-        for k in ("a_raw_asyncllm", "b_airi_client", "c_airi_http", "d_plain_serve_http")
-    )
     result = {
         "workload": {
             "concurrency": CONCURRENCY,
             "output_tokens": OUTPUT_TOKENS,
             "rounds": args.rounds,
+            "api": "streamed /v1/completions, ignore_eos, greedy",
             "model": "tiny demo Llama (airi_ray.models.tiny)",
             "engine": engine_kwargs("<tiny>"),
             "env": ENGINE_ENV,
+            "smoke": args.smoke,
         },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "ways": ways,
-        "ratio_client_vs_raw": round(b / a, 3),
-        "ratio_http_vs_plain_serve": round(c / d, 3),
-        "ratio_client_vs_raw_ray_up": round(b / ways["a2_raw_asyncllm_ray_up"]["tokens_per_s"], 3),
-        "ratio_client_vs_raw_airi_idle": round(
-            b / ways["a3_raw_asyncllm_airi_idle"]["tokens_per_s"], 3
-        ),
-        "targets": {"ratio_client_vs_raw": 0.85, "ratio_http_vs_plain_serve": 1.0},
+        **ratios(ways),
+        "targets": {
+            "ratio_client_vs_raw": 0.85,
+            "ratio_http_vs_plain_serve": 1.0,
+            "ratio_http_vs_vllm_server": 1.0,
+            "ttft_p50_ms_http": "<= ttft_p50_ms_vllm_server",
+        },
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    path = SMOKE_RESULTS if args.smoke else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\n{'way':<28} {'tokens/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
     for name, w in ways.items():
@@ -358,14 +476,51 @@ def main() -> int:
             print(
                 f"{name:<28} {w['tokens_per_s']:>10.0f} {w['ttft_p50_ms']:>12.1f} {w['ttft_p99_ms']:>12.1f}"
             )
-    print(f"\nratio_client_vs_raw       = {result['ratio_client_vs_raw']:.3f} (target >= 0.85)")
-    print(f"ratio_http_vs_plain_serve = {result['ratio_http_vs_plain_serve']:.3f} (target >= 1.0)")
-    print(
-        f"b/a2 (Ray up) = {result['ratio_client_vs_raw_ray_up']:.3f}, "
-        f"b/a3 (airi idle) = {result['ratio_client_vs_raw_airi_idle']:.3f}"
-    )
-    print(f"wrote {RESULTS}")
+    print()
+    for key, target in (
+        ("ratio_client_vs_raw", 0.85),
+        ("ratio_http_vs_plain_serve", 1.0),
+        ("ratio_http_vs_vllm_server", 1.0),
+    ):
+        if key in result:
+            met = "met" if result[key] >= target else "MISSED"
+            print(f"{key:<28} = {result[key]:.3f} (target >= {target}: {met})")
+    if "ttft_p50_ms_http" in result:
+        met = "met" if result["ttft_p50_ms_http"] <= result["ttft_p50_ms_vllm_server"] else "MISSED"
+        print(
+            f"TTFT p50: airi HTTP {result['ttft_p50_ms_http']} ms, vLLM's server "
+            f"{result['ttft_p50_ms_vllm_server']} ms (target: no higher: {met})"
+        )
+    for key in ("ratio_http_vs_raw", "ratio_client_vs_raw_ray_up", "ratio_client_vs_raw_airi_idle"):
+        if key in result:
+            print(f"{key:<28} = {result[key]:.3f}")
+    print(f"wrote {path}")
     return 0
+
+
+def ratios(ways: dict[str, Any]) -> dict[str, float]:
+    """The comparisons whose ways ran (and did not fail)."""
+    rate = {k: w["tokens_per_s"] for k, w in ways.items() if "tokens_per_s" in w}
+    out: dict[str, float] = {}
+    for key, num, den in (
+        ("ratio_client_vs_raw", "b_airi_client", "a_raw_asyncllm"),
+        ("ratio_http_vs_plain_serve", "c_airi_http", "d_plain_serve_http"),
+        ("ratio_http_vs_vllm_server", "c_airi_http", "f_vllm_server_http"),
+        ("ratio_http_vs_raw", "c_airi_http", "a_raw_asyncllm"),
+        ("ratio_client_vs_raw_ray_up", "b_airi_client", "a2_raw_asyncllm_ray_up"),
+        ("ratio_client_vs_raw_airi_idle", "b_airi_client", "a3_raw_asyncllm_airi_idle"),
+    ):
+        if num in rate and den in rate:
+            out[key] = round(rate[num] / rate[den], 3)
+    if "c_airi_http" in rate and "f_vllm_server_http" in rate:
+        c, f = ways["c_airi_http"], ways["f_vllm_server_http"]
+        out |= {
+            "ttft_p50_ms_http": c["ttft_p50_ms"],
+            "ttft_p99_ms_http": c["ttft_p99_ms"],
+            "ttft_p50_ms_vllm_server": f["ttft_p50_ms"],
+            "ttft_p99_ms_vllm_server": f["ttft_p99_ms"],
+        }
+    return out
 
 
 if __name__ == "__main__":
