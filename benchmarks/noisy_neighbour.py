@@ -170,7 +170,10 @@ async def b_streams(seconds: float) -> dict[str, Any]:
             await one()
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(loop() for _ in range(B_STREAMS)))
+    try:
+        await asyncio.gather(*(loop() for _ in range(B_STREAMS)))
+    finally:
+        await client.close()  # in this loop: asyncio.run closes it after
     wall = time.perf_counter() - t0
     return {
         "streams": len(ttfts),
