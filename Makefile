@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.airi-installed
 
-.PHONY: setup model demo test test-rollouts test-showcase test-fuzz test-unit lint bench notebooks clean
+.PHONY: setup model demo test test-rollouts test-showcase test-fuzz test-unit lint bench bench-smoke notebooks clean
 
 setup: $(STAMP) model
 
@@ -64,6 +64,18 @@ bench: setup
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/observability.py
 	$(PY) benchmarks/assistant.py
+
+# Every benchmark's smallest workload (seconds to a minute each), so none can rot; figures go
+# to benchmarks/results/smoke/, never over the committed ones. Every benchmarks/*.py is one,
+# but plain_serve.py (a deployment overhead.py imports); one without --smoke fails here.
+bench-smoke: setup
+	@set -e; n=0; for b in benchmarks/*.py; do \
+		case $$b in benchmarks/plain_serve.py|benchmarks/_*) continue;; esac; \
+		echo "== $$b --smoke"; start=$$(date +%s); \
+		OMP_NUM_THREADS=1 $(PY) $$b --smoke || { echo "bench-smoke: $$b failed"; \
+			echo "bench-smoke: $$n passed, 1 failed"; exit 1; }; \
+		n=$$((n + 1)); echo "== $$b: $$(( $$(date +%s) - start )) s"; \
+	done; echo "bench-smoke: $$n passed, 0 failed"
 
 # Runs notebooks/*.ipynb in place on a local cluster (started and stopped unless one runs).
 notebooks: setup

@@ -83,10 +83,17 @@ def shares(spans: list[dict[str, Any]]) -> tuple[float, float, float]:
 
 
 def main() -> int:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=3)
     args = parser.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        args.conversations, args.turns = 2, 1
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
 
     import ray
 

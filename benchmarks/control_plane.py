@@ -245,10 +245,17 @@ def write(results: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
     parser.add_argument("--only", choices=sorted(MEASUREMENTS), action="append")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        args.repeats = 1
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
     results: dict[str, Any] = {}
     for name in args.only or list(MEASUREMENTS):
         results.update(MEASUREMENTS[name](args.repeats))

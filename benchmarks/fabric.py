@@ -147,10 +147,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        args.runs, args.seconds = 10, 0.5
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
     state = tempfile.mkdtemp(prefix="airi-fabric-")
     ray.init(num_cpus=2, namespace="airi", log_to_driver=False, include_dashboard=False)
     try:

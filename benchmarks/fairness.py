@@ -230,9 +230,16 @@ async def measure(model_dir: str, seconds: float) -> dict[str, Any]:
 
 
 def main() -> int:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
     parser.add_argument("--seconds", type=float, default=60.0)
     args = parser.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        args.seconds = 3.0
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
 
     import ray
 

@@ -114,9 +114,16 @@ def measure(lookups: int, folder: str) -> dict[str, float]:
 
 
 def main() -> None:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
     parser.add_argument("--lookups", type=int, default=200)
     args = parser.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        args.lookups = 10
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
 
     with tempfile.TemporaryDirectory(prefix="airi-features-") as folder:
         r = measure(args.lookups, folder)

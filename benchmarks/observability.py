@@ -83,9 +83,16 @@ def metrics_cost(samples: int) -> list[float]:
 
 
 def main() -> int:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
     parser.add_argument("--pairs", type=int, default=600, help="ON/OFF request pairs")
     args = parser.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        args.pairs = 10
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
 
     import ray
 

@@ -103,10 +103,17 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--no-runtime", action="store_true", help="skip semantic_ms_p50")
     args = ap.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        args.samples = 50
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
 
     now = 1_700_000_000.0
     ring = KeyRing()

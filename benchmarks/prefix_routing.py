@@ -25,6 +25,7 @@ Writes ``benchmarks/results/prefix_routing.json``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -152,6 +153,15 @@ async def run(routing: str, concurrency: int) -> dict[str, Any]:
 
 
 def main() -> int:
+    global RESULTS, CONVERSATIONS, TURNS, CONCURRENCY
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
+    args = parser.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        CONVERSATIONS, TURNS, CONCURRENCY = 2, 2, 2
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
     import ray
 
     import airi_ray as airi

@@ -318,7 +318,11 @@ def print_table(name: str, result: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
     parser.add_argument("--vectors", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument(
@@ -327,6 +331,9 @@ def main() -> None:
         help="index kinds to try, comma-separated (IVF_HNSW_SQ takes the longest to build)",
     )
     args = parser.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        args.vectors, args.queries, args.kinds = 5_000, 10, "IVF_PQ"
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
     kinds = args.kinds.split(",")
     started = time.perf_counter()
 

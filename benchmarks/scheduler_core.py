@@ -149,10 +149,17 @@ def measure(samples: int, warmup: int) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
+    )
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--warmup", type=int, default=2_000)
     args = parser.parse_args()
+    if args.smoke:  # checks the path works, not its speed
+        args.samples, args.warmup = 500, 50
+        RESULTS = RESULTS.parent / "smoke" / RESULTS.name
 
     results = measure(args.samples, args.warmup)
     print(f"{'operation':<36}{'p50 us':>10}{'p99 us':>10}{'mean us':>10}")
