@@ -26,9 +26,9 @@ from airi_ray import env
 from airi_ray.config import AppSpec
 from airi_ray.core.graph import CompiledGraph
 from airi_ray.core.requests import Usage
-from airi_ray.runtime import SCHEDULER_NAME, actors
 from airi_ray.runtime.backend import Backend, BackendThread, Completion, _get, _read
 from airi_ray.runtime.calls import Generation
+from airi_ray.runtime.names import SCHEDULER_NAME, get_actor
 from airi_ray.serve import proxy
 
 
@@ -348,7 +348,7 @@ class Client:
     def status(self) -> dict[str, Any]:
         """Models, replicas and recent events, with each model's queue and routing counts."""
         status: dict[str, Any] = _read(self._controller.status.remote)
-        scheduler = actors.get_actor(SCHEDULER_NAME)
+        scheduler = get_actor(SCHEDULER_NAME)
         status["scheduler"] = _read(scheduler.snapshot.remote)
         status["ingress"] = proxy.describe()
         return status
