@@ -1,8 +1,8 @@
 """An app's lifecycle on a Ray cluster: join it, deploy a spec, connect, shut the app down.
 
 The top of the package: ``deploy`` reaches every layer (the controller, graphs, the
-ingress) and ``connect`` returns a ``Client``, so this module imports the client, and
-nothing below imports this one (but ``Client.deploy``, when it is called).
+ingress) and ``connect`` returns a ``Client`` (handing it ``deploy``), so this module imports
+the client, and nothing below imports this one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from airi_ray.config import AppSpec, load_spec, parse_spec
 from airi_ray.core.errors import InvalidRequest
 from airi_ray.graphs import _function, build_graph, run_builder
 from airi_ray.runtime import cluster_kv, launch
-from airi_ray.runtime.backend import _get, pickle_graph
+from airi_ray.runtime.backend import BackendThread, _get, pickle_graph
 from airi_ray.runtime.controller import Controller
 from airi_ray.runtime.names import (
     CONTEXT_STORE_NAME,
@@ -49,7 +49,7 @@ def connect(address: str | None = "auto", api_key: str | None = None) -> Client:
         raise InvalidRequest(
             "no airi app is running on this Ray cluster; start one with `airi up`"
         ) from None
-    return Client(api_key)
+    return Client(api_key, deploy=deploy)
 
 
 def deploy(spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def deploy(spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> di
     init_ray(None)
     controller = launch.start_singleton(Controller, CONTROLLER_NAME)
     status = _get(controller.deploy.remote(app.model_dump(), wait or bool(builders)))
-    graphs += [run_builder(g, app) for g in builders]
+    graphs += [run_builder(g, app, BackendThread()) for g in builders]
     if graphs:
         executor = launch.get_or_start_graph_executor()
         ray.get([executor.register.remote(pickle_graph(g)) for g in graphs])
