@@ -1,8 +1,8 @@
 """An app's lifecycle on a Ray cluster: join it, deploy a spec, connect, shut the app down.
 
 The top of the package: ``deploy`` reaches every layer (the controller, graphs, the
-ingress) and ``connect`` returns a ``Client``, so this module imports the client, and
-nothing below imports this one (but ``Client.deploy``, when it is called).
+ingress) and ``connect`` returns a ``Client`` (handing it ``deploy``), so this module imports
+the client, and nothing below imports this one.
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ from airi_ray.client import Client
 from airi_ray.config import AppSpec, load_spec, parse_spec
 from airi_ray.core.errors import InvalidRequest
 from airi_ray.graphs import _function, build_graph, run_builder
-from airi_ray.runtime import (
+from airi_ray.runtime import cluster_kv, launch
+from airi_ray.runtime.backend import BackendThread, _get, pickle_graph
+from airi_ray.runtime.controller import Controller
+from airi_ray.runtime.names import (
     CONTEXT_STORE_NAME,
     CONTROLLER_NAME,
     FEATURE_SERVER_NAME,
     GRAPH_EXECUTOR_NAME,
     NAMESPACE,
     SCHEDULER_NAME,
-    actors,
+    get_actor,
 )
-from airi_ray.runtime.backend import _get, pickle_graph
-from airi_ray.runtime.graph_executor import GRAPHS_KEY
 
 
 def init_ray(address: str | None = "auto") -> None:
@@ -43,12 +44,12 @@ def connect(address: str | None = "auto", api_key: str | None = None) -> Client:
     """
     init_ray(address)
     try:
-        actors.get_actor(CONTROLLER_NAME)
+        get_actor(CONTROLLER_NAME)
     except ValueError:
         raise InvalidRequest(
             "no airi app is running on this Ray cluster; start one with `airi up`"
         ) from None
-    return Client(api_key)
+    return Client(api_key, deploy=deploy)
 
 
 def deploy(spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> dict[str, Any]:
@@ -72,11 +73,11 @@ def deploy(spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True) -> di
     for g in builders:
         _function(g.builder)  # an import error, before anything changes
     init_ray(None)
-    controller = actors.get_or_start_controller()
+    controller = launch.start_singleton(Controller, CONTROLLER_NAME)
     status = _get(controller.deploy.remote(app.model_dump(), wait or bool(builders)))
-    graphs += [run_builder(g, app) for g in builders]
+    graphs += [run_builder(g, app, BackendThread()) for g in builders]
     if graphs:
-        executor = actors.get_or_start_graph_executor()
+        executor = launch.get_or_start_graph_executor()
         ray.get([executor.register.remote(pickle_graph(g)) for g in graphs])
     if app.ingress.enabled:
         # Serve, FastAPI and vLLM's protocol models load only for an app with an ingress.
@@ -94,8 +95,7 @@ def shutdown() -> None:
         serve.shutdown()
     except Exception:
         pass
-    for key in ray.experimental.internal_kv._internal_kv_list(GRAPHS_KEY):
-        ray.experimental.internal_kv._internal_kv_del(key)
+    cluster_kv.delete_graphs()
     names = (
         CONTROLLER_NAME,
         SCHEDULER_NAME,
@@ -105,7 +105,7 @@ def shutdown() -> None:
     )
     for name in names:
         try:
-            handle = actors.get_actor(name)
+            handle = get_actor(name)
         except ValueError:
             continue
         if name == CONTROLLER_NAME:
@@ -124,7 +124,7 @@ def shutdown() -> None:
     handles = []
     for name in left:
         try:
-            handles.append(actors.get_actor(name))
+            handles.append(get_actor(name))
         except ValueError:
             pass
     # A replica stops its engine processes itself (killed, it would leave them running).

@@ -502,11 +502,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     from airi_ray.app import init_ray
     from airi_ray.core.errors import AiriError
-    from airi_ray.runtime import CONTROLLER_NAME, actors
+    from airi_ray.runtime.names import CONTROLLER_NAME, get_actor
 
     init_ray(args.address or "auto")
     try:
-        controller = actors.get_actor(CONTROLLER_NAME)
+        controller = get_actor(CONTROLLER_NAME)
     except ValueError:
         print("error: no airi app is running; start one with `airi up`", file=sys.stderr)
         return 2

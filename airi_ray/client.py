@@ -18,17 +18,19 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from airi_ray import env
 from airi_ray.config import AppSpec
+from airi_ray.core.errors import InvalidRequest
 from airi_ray.core.graph import CompiledGraph
 from airi_ray.core.requests import Usage
-from airi_ray.runtime import SCHEDULER_NAME, actors
+from airi_ray.obs.report import write_report
 from airi_ray.runtime.backend import Backend, BackendThread, Completion, _get, _read
 from airi_ray.runtime.calls import Generation
+from airi_ray.runtime.names import SCHEDULER_NAME, get_actor
 from airi_ray.serve import proxy
 
 
@@ -316,7 +318,12 @@ class Client:
     """Blocking handle; runs an ``AsyncClient`` on a private event-loop thread (a
     ``BackendThread``: closed when the client is closed, dropped, or the process exits)."""
 
-    def __init__(self, api_key: str | None = None) -> None:
+    def __init__(
+        self, api_key: str | None = None, deploy: Callable[..., dict[str, Any]] | None = None
+    ) -> None:
+        # ``deploy``: the app layer's (``airi_ray.app.deploy``), handed down by ``connect``;
+        # the app sits above the client, so the client does not import it.
+        self._deploy = deploy
         self._thread = BackendThread()
         self.aio = AsyncClient(api_key, backend=self._thread.backend)
         self._controller = self._thread.backend.controller
@@ -348,7 +355,7 @@ class Client:
     def status(self) -> dict[str, Any]:
         """Models, replicas and recent events, with each model's queue and routing counts."""
         status: dict[str, Any] = _read(self._controller.status.remote)
-        scheduler = actors.get_actor(SCHEDULER_NAME)
+        scheduler = get_actor(SCHEDULER_NAME)
         status["scheduler"] = _read(scheduler.snapshot.remote)
         status["ingress"] = proxy.describe()
         return status
@@ -357,11 +364,9 @@ class Client:
         self, spec: AppSpec | dict[str, Any] | str | Path, wait: bool = True
     ) -> dict[str, Any]:
         """Deploy (or update) an app spec, a dict, or a YAML path; see ``airi_ray.deploy``."""
-        # The app's lifecycle sits above the client (``connect`` returns one): this is the
-        # one call down here that reaches up to it, imported when it is made.
-        from airi_ray.app import deploy
-
-        return deploy(spec, wait=wait)
+        if self._deploy is None:
+            raise InvalidRequest("this client was not made by airi.connect(): use airi.deploy")
+        return self._deploy(spec, wait=wait)
 
     def rollout(
         self,
@@ -492,8 +497,6 @@ class Client:
     ) -> Path:
         """Write an HTML report (throughput, TTFT, queue depth, cache hits, drift, alerts,
         quality) of the last ``window_s`` seconds to ``path``."""
-        from airi_ray.obs.report import write_report
-
         samples = self._run(self.aio.timeline(window_s))
         alerts = self._run(self.aio.alerts(limit=200))
         return write_report(Path(path), samples, alerts, self.quality(), png_dir=png_dir)

@@ -7,6 +7,7 @@ built in Python; unknown fields are refused so a typo never silently does nothin
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from airi_ray import env
+from airi_ray.core.anomaly import AnomalyConfig, EwmaConfig
+from airi_ray.core.drift import DriftConfig
 from airi_ray.core.errors import AuthenticationError, InvalidRequest
 from airi_ray.core.policy.keys import parse_key_id
 from airi_ray.core.rollout import Constraint, RolloutError
@@ -506,8 +510,6 @@ class StorageSpec(_Spec):
     )
 
     def resolved_uri(self) -> str:
-        from airi_ray import env
-
         return self.uri or env.storage_uri()
 
 
@@ -546,9 +548,7 @@ class DriftSpec(_Spec):
             raise ValueError(f"drift: {e}") from None
         return self
 
-    def config(self) -> Any:
-        from airi_ray.core.drift import DriftConfig
-
+    def config(self) -> DriftConfig:
         return DriftConfig(
             **self.model_dump(exclude={"embedder", "sample"}),
         )
@@ -569,10 +569,6 @@ class AnomalySpec(_Spec):
     cooldown_s: float = Field(300.0, ge=0)
 
     def config(self) -> Any:
-        import math
-
-        from airi_ray.core.anomaly import AnomalyConfig, EwmaConfig
-
         latency = EwmaConfig(
             z_threshold=self.z_threshold,
             warmup=self.warmup,

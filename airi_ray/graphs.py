@@ -146,13 +146,11 @@ class BuildContext:
     """What a graph ``builder`` of an app spec may use at deploy time, once the app's models
     are ready: embeddings and ingestion as the runtime itself (the system tenant)."""
 
-    def __init__(self, spec: Any) -> None:
-        # Loaded when a builder runs: modules that only declare graphs import this one, and
-        # stay free of Ray and LanceDB.
-        from airi_ray.runtime.backend import BackendThread
-
+    def __init__(self, spec: Any, thread: Any) -> None:
+        # ``thread`` is a ``runtime.backend.BackendThread``, made by the app layer: modules
+        # that only declare graphs import this one, and stay free of Ray and LanceDB.
         self.spec = spec  # the AppSpec being deployed
-        self._thread = BackendThread()
+        self._thread = thread
 
     def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         """Vectors of ``texts`` from the deployed embedding ``model``."""
@@ -177,14 +175,15 @@ class BuildContext:
         self._thread.close()
 
 
-def run_builder(spec: GraphSpec, app: Any) -> CompiledGraph:
-    """Call a graph spec's ``builder`` with a ``BuildContext`` of the app.
+def run_builder(spec: GraphSpec, app: Any, thread: Any) -> CompiledGraph:
+    """Call a graph spec's ``builder`` with a ``BuildContext`` of the app on ``thread``
+    (a ``BackendThread``, closed afterwards).
 
     Raises:
         InvalidRequest: the builder cannot be imported or returns no compiled graph.
     """
     assert spec.builder is not None
-    ctx = BuildContext(app)
+    ctx = BuildContext(app, thread)
     try:
         graph = _function(spec.builder)(ctx)
     finally:

@@ -42,7 +42,7 @@ import ray  # noqa: E402
 import airi_ray as airi  # noqa: E402
 from airi_ray.client import AsyncClient  # noqa: E402
 from airi_ray.graphs import END, START, Field, StateGraph  # noqa: E402
-from airi_ray.runtime import actors  # noqa: E402
+from airi_ray.runtime import names  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "fabric.json"
 KEY = "sk-airi-fab000000001-fabricBenchTenant01"
@@ -101,7 +101,7 @@ async def graph_runs(client: AsyncClient, graph: str, n: int) -> list[float]:
 
 
 async def writes(writers: int, seconds: float) -> float:
-    store = actors.get_actor(actors.CONTEXT_STORE_NAME)
+    store = names.get_actor(names.CONTEXT_STORE_NAME)
     stop = time.perf_counter() + seconds
     counts = [0] * writers
     tag = time.time_ns()

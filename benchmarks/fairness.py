@@ -136,9 +136,9 @@ async def capacity(clients: dict[str, Any], seconds: float) -> float:
 
 
 async def run_policy(clients: dict[str, Any], rate_b: float, seconds: float) -> dict[str, Any]:
-    from airi_ray.runtime import actors
+    from airi_ray.runtime import names
 
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
     tenants = {k: Tenant(k, c) for k, c in clients.items()}
     tasks: set[Any] = set()
     warmup = 5.0

@@ -108,14 +108,14 @@ async def conversation(client: Any, system: str, i: int, ttfts: list[float]) -> 
 
 
 async def cache_counters() -> tuple[int, int]:
-    from airi_ray.runtime import actors
+    from airi_ray.runtime import names
 
-    controller = actors.get_actor(actors.CONTROLLER_NAME)
+    controller = names.get_actor(names.CONTROLLER_NAME)
     status = await controller.status.remote()
     hits = queries = 0
     for r in status["replicas"]:
         if r["state"] == "ready":
-            s = await actors.get_actor(r["replica_id"]).stats.remote()
+            s = await names.get_actor(r["replica_id"]).stats.remote()
             hits += s["prefix_cache_hits"]
             queries += s["prefix_cache_queries"]
     return hits, queries

@@ -147,11 +147,11 @@ def no_leaked_leases(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     import ray
 
-    from airi_ray.runtime import actors
+    from airi_ray.runtime import names
 
     if not ray.is_initialized():
         return
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
     left: list[str] = []
 
     def settled() -> bool:

@@ -92,10 +92,6 @@ class FairQueue(Generic[T]):
         entry = self._entries.get(request_id)
         return entry.item if entry is not None else None
 
-    def tenant_of(self, request_id: str) -> str | None:
-        entry = self._entries.get(request_id)
-        return entry.tenant.name if entry is not None else None
-
     def depth(self, tenant: str) -> int:
         t = self._tenants.get(tenant)
         return t.depth if t is not None else 0

@@ -18,8 +18,12 @@ import re
 import time
 import urllib.request
 
+import airi_ray as airi
+from airi_ray import cli
+from airi_ray.config import load_spec
 from airi_ray.core.stats import percentile
 from airi_ray.demo.traffic import SUPPORT, UNRELATED
+from airi_ray.models.tiny import ensure_tiny_model
 
 QUESTIONS = [
     "How do I return an item?",
@@ -32,8 +36,6 @@ BURST_TOKENS = 48
 
 async def burst(api_key: str, model: str) -> tuple[list[float], float, int]:
     """``BURST`` concurrent streams through the async client: TTFTs, wall time, tokens."""
-    import airi_ray as airi
-
     client = airi.AsyncClient(api_key=api_key)
 
     async def one(i: int) -> tuple[float, int]:
@@ -56,8 +58,6 @@ async def burst(api_key: str, model: str) -> tuple[list[float], float, int]:
 
 async def drift_traffic(api_key: str, model: str, prompts: list[str]) -> None:
     """Short answers to ``prompts``, eight at a time."""
-    import airi_ray as airi
-
     client = airi.AsyncClient(api_key=api_key)
     sem = asyncio.Semaphore(8)
 
@@ -88,11 +88,6 @@ def main() -> int:
     args = parser.parse_args()
 
     import openai
-
-    import airi_ray as airi
-    from airi_ray import cli
-    from airi_ray.config import load_spec
-    from airi_ray.models.tiny import ensure_tiny_model
 
     ensure_tiny_model()
     up = ["up", "--config", args.config] + (["--port", str(args.port)] if args.port else [])

@@ -40,14 +40,12 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
-from matplotlib.transforms import blended_transform_factory
+# matplotlib loads when a report is drawn, not with the client that can ask for one.
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 PLOTS: tuple[str, ...] = ("throughput", "ttft", "queue_depth", "cache_hit_rate", "drift")
 """The plot names of ``figures``, in page order."""
@@ -321,6 +319,8 @@ def _clock(at: float, _pos: int | None = None) -> str:
 
 def _time_axis(ax: Axes, xlim: tuple[float, float]) -> None:
     """Local HH:MM:SS ticks over ``xlim`` (unix seconds), the same on every plot."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
     ax.set_xlim(*xlim)
     ax.xaxis.set_major_locator(FixedLocator(time_ticks(*xlim)))
     ax.xaxis.set_major_formatter(FuncFormatter(_clock))
@@ -330,6 +330,9 @@ def _time_axis(ax: Axes, xlim: tuple[float, float]) -> None:
 
 
 def _new_figure() -> tuple[Figure, Axes]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=_FIGSIZE, dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
@@ -436,6 +439,8 @@ def _ttft(ax: Axes, x: list[float], samples: Sequence[Mapping[str, Any]]) -> Non
 
 
 def _queue_depth(ax: Axes, x: list[float], samples: Sequence[Mapping[str, Any]]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     _title(ax, _TITLES["queue_depth"])
     tenants = sorted({str(t) for s in samples for t in _dict(s.get("queue_depth"))})
     if not tenants:
@@ -481,6 +486,9 @@ def _cache_hit_rate(ax: Axes, x: list[float], samples: Sequence[Mapping[str, Any
 
 
 def _drift(ax: Axes, x: list[float], samples: Sequence[Mapping[str, Any]]) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
+
     _title(ax, _TITLES["drift"])
     keys = sorted({str(k) for s in samples for k in _dict(s.get("drift"))})
     emb: dict[str, list[float]] = {}

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 MAX_BUFFERED_SPANS = 10_000  # a process never holds more; beyond, everything is sent
 SEND_EVERY_S = 0.2  # traces that ended meanwhile go to the store in one call
+
+# Where finished traces go: a list of (tenant, trace id, spans); the runtime gives one that
+# sends them to the context store (this layer does not know the actors).
+Sink = Callable[[list[tuple[str, str, list[dict[str, Any]]]]], None]
 
 
 def span_dict(span: ReadableSpan) -> dict[str, Any]:
@@ -63,7 +67,7 @@ class StoreProcessor(SpanProcessor):
         self._ready: list[tuple[str, str, list[dict[str, Any]]]] = []  # tenant, trace, spans
         self._has_ready = threading.Event()
         self._sender: threading.Thread | None = None
-        self._store: Any = None
+        self.sink: Sink | None = None  # until one is configured, traces are dropped
 
     def on_end(self, span: ReadableSpan) -> None:
         d = span_dict(span)
@@ -98,13 +102,10 @@ class StoreProcessor(SpanProcessor):
         if not ready:
             return
         try:
-            if self._store is None:
-                from airi_ray.runtime import CONTEXT_STORE_NAME, actors
-
-                self._store = actors.get_actor(CONTEXT_STORE_NAME)
-            self._store.add_traces.remote(ready)
+            if self.sink is None:
+                raise RuntimeError("no trace sink is configured")
+            self.sink(ready)
         except Exception as e:  # a trace is worth less than the request that made it
-            self._store = None
             logger.debug("%d traces not stored: %s", len(ready), e)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -129,14 +130,20 @@ class Tracing:
     def __init__(self) -> None:
         self.enabled = True
         self._provider = TracerProvider()
-        self._provider.add_span_processor(StoreProcessor())
+        self._store = StoreProcessor()
+        self._provider.add_span_processor(self._store)
         self._otlp: str | None = None
         self._tracer = self._provider.get_tracer("airi_ray")
 
-    def configure(self, enabled: bool, otlp_endpoint: str | None = None) -> None:
+    def configure(
+        self, enabled: bool, otlp_endpoint: str | None = None, sink: Sink | None = None
+    ) -> None:
         """Switch spans on or off; add an OTLP exporter the first time an endpoint is
-        given (the spec's, else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``)."""
+        given (the spec's, else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``); send finished
+        traces to ``sink`` from now on (None: keep the one configured before)."""
         self.enabled = enabled
+        if sink is not None:
+            self._store.sink = sink
         endpoint = otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         if enabled and endpoint and self._otlp is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -35,16 +35,16 @@ from airi_ray.core.requests import (
     generation_params,
     parse_messages,
 )
-from airi_ray.runtime import (
+from airi_ray.runtime.calls import Cached, CallPath, Generation, ModelInfo, unwrap_error
+from airi_ray.runtime.names import (
     CONTEXT_STORE_NAME,
     CONTROLLER_NAME,
     FEATURE_SERVER_NAME,
     GRAPH_EXECUTOR_NAME,
     OBSERVER_NAME,
     SCHEDULER_NAME,
-    actors,
+    get_actor,
 )
-from airi_ray.runtime.calls import Cached, CallPath, Generation, ModelInfo, unwrap_error
 from airi_ray.runtime.retrieval import Retriever
 
 KEYS_TTL_S = 2.0
@@ -85,8 +85,8 @@ class Backend:
 
     def __init__(self) -> None:
         self._path = CallPath()
-        self._controller = actors.get_actor(CONTROLLER_NAME)
-        self._scheduler = actors.get_actor(SCHEDULER_NAME)
+        self._controller = get_actor(CONTROLLER_NAME)
+        self._scheduler = get_actor(SCHEDULER_NAME)
         # Key records (salted hashes) refreshed every few seconds: a revoked key stops
         # working within KEYS_TTL_S everywhere, with no call to the controller per request.
         self._auth = Cached(self._fetch_auth, KEYS_TTL_S, "the API key ring")
@@ -129,7 +129,7 @@ class Backend:
         ingress's own): the scheduler's, then the observer's."""
         runtime: bytes = await self._scheduler.metrics_text.remote()
         try:
-            observer: bytes = await actors.get_actor(OBSERVER_NAME).metrics_text.remote()
+            observer: bytes = await get_actor(OBSERVER_NAME).metrics_text.remote()
         except Exception:  # restarting: its metrics are back at the next scrape
             observer = b""
         return runtime + observer
@@ -284,7 +284,7 @@ class Backend:
     async def register_graph(self, graph: CompiledGraph) -> dict[str, Any]:
         """Register (or replace) a compiled graph on the cluster; returns its description."""
         blob = pickle_graph(graph)
-        return await _ask(actors.get_or_start_graph_executor().register.remote(blob))
+        return await _ask(_executor().register.remote(blob))
 
     async def start_run(
         self, graph: str, input: dict[str, Any], tenant: str, **options: Any
@@ -402,13 +402,13 @@ class Backend:
         self, conversation_id: str, turns: list[dict[str, Any]], tenant: str
     ) -> list[int]:
         """Append ``{"role", "content", "seq"?}`` turns durably; returns their numbers."""
-        store = actors.get_actor(CONTEXT_STORE_NAME)
+        store = get_actor(CONTEXT_STORE_NAME)
         return list(await _ask(store.append_turns.remote(tenant, conversation_id, turns)))
 
     async def conversation(
         self, conversation_id: str, tenant: str, last: int | None = None
     ) -> list[dict[str, Any]]:
-        store = actors.get_actor(CONTEXT_STORE_NAME)
+        store = get_actor(CONTEXT_STORE_NAME)
         return list(await _ask(store.conversation.remote(tenant, conversation_id, last)))
 
     # -- observability -------------------------------------------------------------------
@@ -417,7 +417,7 @@ class Backend:
         """The spans of a graph run's or a call's trace, by start time. ``id``: a run id,
         a completion's ``id`` (``chatcmpl-...``), a request id or a trace id; render them
         with ``airi_ray.core.traces.render_tree``."""
-        store = actors.get_actor(CONTEXT_STORE_NAME)
+        store = get_actor(CONTEXT_STORE_NAME)
         return list(await _ask(store.trace.remote(tenant, request_key(id))))
 
     async def feedback(self, id: str, score: float, tenant: str) -> dict[str, Any]:
@@ -512,18 +512,18 @@ def request_key(id: str) -> str:
 
 def _observer() -> Any:
     try:
-        return actors.get_actor(OBSERVER_NAME)
+        return get_actor(OBSERVER_NAME)
     except ValueError:
         raise NotFound("no airi app is deployed on this cluster (`airi deploy FILE`)") from None
 
 
 def _executor() -> Any:
-    return actors.get_actor(GRAPH_EXECUTOR_NAME)
+    return get_actor(GRAPH_EXECUTOR_NAME)
 
 
 def _feature_server() -> Any:
     try:
-        return actors.get_actor(FEATURE_SERVER_NAME)
+        return get_actor(FEATURE_SERVER_NAME)
     except ValueError:
         raise NotFound(
             "the deployed app declares no feature views (`features:` in the spec)"

@@ -68,8 +68,14 @@ from airi_ray.core.requests import (
 from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
 from airi_ray.engines.source import resolve_model_source
 from airi_ray.obs.tracing import Span, tracing
-from airi_ray.runtime import CONTROLLER_NAME, OBSERVER_NAME, SCHEDULER_NAME, actors
 from airi_ray.runtime.background import soon, spawn
+from airi_ray.runtime.names import (
+    CONTEXT_STORE_NAME,
+    CONTROLLER_NAME,
+    OBSERVER_NAME,
+    SCHEDULER_NAME,
+    get_actor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -440,13 +446,34 @@ def _caller_name() -> str:
     return f"{who}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
+class StoreSink:
+    """The tracing sink of this process: sends finished traces to the context store, in
+    one fire-and-forget call (the store is looked up again after a failure)."""
+
+    def __init__(self) -> None:
+        self._store: Any = None
+
+    def __call__(self, traces: list[tuple[str, str, list[dict[str, Any]]]]) -> None:
+        try:
+            if self._store is None:
+                self._store = get_actor(CONTEXT_STORE_NAME)
+            self._store.add_traces.remote(traces)
+        except Exception:
+            self._store = None
+            raise
+
+
+trace_sink = StoreSink()
+
+
 class CallPath:
     """Runs model calls from this process; one per asyncio loop."""
 
     def __init__(self) -> None:
+        tracing.configure(tracing.enabled, sink=trace_sink)  # spans of calls from here
         self.caller_id = _caller_name()
-        self._scheduler = actors.get_actor(SCHEDULER_NAME)
-        self._controller = actors.get_actor(CONTROLLER_NAME)
+        self._scheduler = get_actor(SCHEDULER_NAME)
+        self._controller = get_actor(CONTROLLER_NAME)
         self._channels: dict[str, ReplicaChannel] = {}
         self._handles: dict[str, Any] = {}
         self._models: dict[str, ModelInfo] = {}
@@ -1264,7 +1291,7 @@ class CallPath:
     def _send_observations(self, records: list[dict[str, Any]]) -> None:
         try:
             if self._observer is None:
-                self._observer = actors.get_actor(OBSERVER_NAME)
+                self._observer = get_actor(OBSERVER_NAME)
             self._observer.record.remote(records)
         except Exception as e:  # observing never fails a call
             self._observer = None
@@ -1402,7 +1429,7 @@ class CallPath:
     def _handle(self, replica_id: str) -> Any:
         if replica_id not in self._handles:
             try:
-                self._handles[replica_id] = actors.get_actor(replica_id)
+                self._handles[replica_id] = get_actor(replica_id)
             except ValueError:
                 raise ReplicaDied(f"replica {replica_id} no longer exists") from None
         return self._handles[replica_id]

@@ -54,8 +54,11 @@ from airi_ray.core.rollout import (
 )
 from airi_ray.core.scheduling import ReplicaView
 from airi_ray.data.control import ControlState
-from airi_ray.runtime import SPEC_KEY, actors
+
+# Import lines only (the body is being split elsewhere): ``actors`` is now ``launch``.
+from airi_ray.runtime import launch as actors
 from airi_ray.runtime.background import spawn
+from airi_ray.runtime.cluster_kv import SPEC_KEY
 from airi_ray.runtime.pools import bundle_for, pool_nodes
 
 logger = logging.getLogger(__name__)

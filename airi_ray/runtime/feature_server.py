@@ -18,6 +18,7 @@ from airi_ray.config import FeatureViewSpec
 from airi_ray.core.errors import InvalidRequest
 from airi_ray.core.features import Aggregation, FeatureView
 from airi_ray.data.features import FeatureStore
+from airi_ray.runtime.cluster_kv import saved_spec
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ class FeatureServer:
     """Feature views under ``uri``; ``configure`` sets the views of the deployed spec."""
 
     def __init__(self, uri: str, views: list[dict[str, Any]]) -> None:
-        from airi_ray.runtime.controller import saved_spec
-
         self._uri = uri.rstrip("/") + "/features"
         spec = saved_spec()  # a restarted actor serves the views deployed last
         if spec is not None:

@@ -44,20 +44,19 @@ from airi_ray.core.requests import (
 )
 from airi_ray.core.runs import RunLimits, RunOptions
 from airi_ray.obs.tracing import tracing
-from airi_ray.runtime import (
+from airi_ray.runtime import cluster_kv
+from airi_ray.runtime.background import spawn
+from airi_ray.runtime.calls import Cached, CallPath, trace_sink, unwrap_error
+from airi_ray.runtime.names import (
     CONTEXT_STORE_NAME,
     CONTROLLER_NAME,
     FEATURE_SERVER_NAME,
     OBSERVER_NAME,
-    actors,
+    get_actor,
 )
-from airi_ray.runtime.background import spawn
-from airi_ray.runtime.calls import Cached, CallPath, unwrap_error
 from airi_ray.runtime.retrieval import Retriever
 
 logger = logging.getLogger(__name__)
-
-GRAPHS_KEY = "airi/graphs/"  # internal_kv prefix: graphs registered from Python (pickled)
 MAX_EVENTS = 1000  # kept per run for late subscribers
 FINISHED_RUNS_KEPT = 1000
 ACL_TTL_S = 2.0
@@ -182,16 +181,15 @@ class GraphExecutor:
         self._runs: dict[str, _Run] = {}
         self._calls: CallPath | None = None
         self._retriever: Retriever | None = None
-        self._store = actors.get_actor(CONTEXT_STORE_NAME)
-        self._controller = actors.get_actor(CONTROLLER_NAME)
+        self._store = get_actor(CONTEXT_STORE_NAME)
+        self._controller = get_actor(CONTROLLER_NAME)
+        tracing.configure(tracing.enabled, sink=trace_sink)  # runs are traced before any call
         self._acl = Cached(self._controller.graph_acl.remote, ACL_TTL_S, "the graph ACLs")
-        for key in ray.experimental.internal_kv._internal_kv_list(GRAPHS_KEY):
-            blob = ray.experimental.internal_kv._internal_kv_get(key)
-            if blob:
-                try:
-                    self._add(cloudpickle.loads(blob))
-                except Exception:  # a graph whose code is gone: skip it, serve the rest
-                    logger.exception("could not reload graph %s", key)
+        for key, blob in cluster_kv.saved_graphs():
+            try:
+                self._add(cloudpickle.loads(blob))
+            except Exception:  # a graph whose code is gone: skip it, serve the rest
+                logger.exception("could not reload graph %s", key)
 
     # -- registry --------------------------------------------------------------------------
 
@@ -201,7 +199,7 @@ class GraphExecutor:
         if not isinstance(graph, CompiledGraph):
             raise InvalidRequest("register takes a compiled graph: call StateGraph.compile()")
         self._add(graph)
-        ray.experimental.internal_kv._internal_kv_put(GRAPHS_KEY + graph.name, blob)
+        cluster_kv.save_graph(graph.name, blob)
         return graph.describe()
 
     def _add(self, graph: CompiledGraph) -> None:
@@ -424,7 +422,7 @@ class GraphExecutor:
         end = {"graph": run.graph, "node": None, "ms": ms, "status": run.status}
         end |= {"run_id": run.run_id, "tenant": run.tenant, "model": model, "version": version}
         try:
-            actors.get_actor(OBSERVER_NAME).record_nodes.remote([*run.timings, end])
+            get_actor(OBSERVER_NAME).record_nodes.remote([*run.timings, end])
         except Exception as e:  # no observer (a cluster without a deployed app): metrics only
             logger.debug("run %s timings dropped: %s", run.run_id, e)
 
@@ -506,7 +504,7 @@ class GraphExecutor:
             entities = list(action.entities(view))
             for _ in range(READ_RETRIES):  # a lookup is safe to repeat while the server restarts
                 try:
-                    server = actors.get_actor(FEATURE_SERVER_NAME)
+                    server = get_actor(FEATURE_SERVER_NAME)
                     return {action.output: await server.get.remote(action.view, entities)}
                 except ray.exceptions.ActorUnavailableError:
                     await asyncio.sleep(0.2)

@@ -36,8 +36,10 @@ from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.core.quality import QualityBook, Response
 from airi_ray.core.requests import CallOptions
 from airi_ray.obs.metrics import ObserverMetrics
-from airi_ray.runtime import SCHEDULER_NAME, SPEC_KEY, actors
+from airi_ray.runtime import cluster_kv
 from airi_ray.runtime.background import spawn
+from airi_ray.runtime.calls import CallPath
+from airi_ray.runtime.names import SCHEDULER_NAME, get_actor
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +76,11 @@ class Observer:
 
     def _restore(self) -> None:
         """A restarted observer takes the deployed spec's settings from Ray's KV store."""
-        import json
-
         if not ray.is_initialized():  # constructed outside Ray (tests)
             return
-        raw = ray.experimental.internal_kv._internal_kv_get(SPEC_KEY)
-        if raw:
-            self.configure(json.loads(raw).get("observability") or {})
+        saved = cluster_kv.saved_spec_dict()
+        if saved:
+            self.configure(saved.get("observability") or {})
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -108,8 +108,6 @@ class Observer:
             logger.debug("observer: warm-up failed: %s", e)
 
     def _call_path(self) -> Any:
-        from airi_ray.runtime.calls import CallPath
-
         if self._path is None:
             self._path = CallPath()
         return self._path
@@ -362,7 +360,7 @@ class Observer:
         iv = self._interval(time.time())
         if ray.is_initialized():  # else constructed outside Ray (tests)
             try:
-                stats = actors.get_actor(SCHEDULER_NAME).timeline_stats.remote()
+                stats = get_actor(SCHEDULER_NAME).timeline_stats.remote()
                 found = await asyncio.wait_for(stats, timeout=5)
             except Exception as e:  # a restarting scheduler: no gauges this time
                 logger.debug("observer: no scheduler stats: %s", e)

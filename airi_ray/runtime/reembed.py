@@ -24,6 +24,8 @@ import ray
 from airi_ray.config import SYSTEM_TENANT
 from airi_ray.core.requests import CallOptions
 from airi_ray.data.collections import CollectionStore, collections_uri
+from airi_ray.runtime.calls import CallPath
+from airi_ray.runtime.retrieval import embed_from_thread
 
 
 def collections_of(uri: str, model: str) -> list[str]:
@@ -33,9 +35,6 @@ def collections_of(uri: str, model: str) -> list[str]:
 
 
 async def _run(uri: str, model: str, version: str, activate: bool) -> dict[str, int]:
-    from airi_ray.runtime.calls import CallPath
-    from airi_ray.runtime.retrieval import embed_from_thread
-
     path = CallPath()
     options = CallOptions(priority="batch", version=version)
     store = CollectionStore(collections_uri(uri), progress=False)

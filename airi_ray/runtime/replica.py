@@ -22,6 +22,7 @@ from airi_ray.config import ModelSpec
 from airi_ray.core.batching import BatchWindow
 from airi_ray.core.errors import InvalidRequest, ReplicaUnavailable
 from airi_ray.core.requests import Logprobs
+from airi_ray.engines.vllm_engine import Engine, explain_failure
 from airi_ray.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ class ModelReplica:
 
     async def start(self) -> dict[str, Any]:
         """Load the engine (slow: weights, warm-up) and report what callers need."""
-        from airi_ray.engines.vllm_engine import Engine
-
         # One load, however many callers ask (a restarted controller asks again).
         if self._loading is None:
             self._loading = asyncio.ensure_future(asyncio.to_thread(Engine, self.spec))
@@ -125,8 +124,6 @@ class ModelReplica:
     def _failure(self, e: Exception, request_id: str) -> tuple[bool, str]:
         """Classify an engine exception: death marks this replica dead for good (the
         controller replaces it); anything else failed this one request only."""
-        from airi_ray.engines.vllm_engine import explain_failure
-
         dead, why = explain_failure(e)
         if dead:
             if self._dead is None:

@@ -39,6 +39,7 @@ from airi_ray.core.errors import (
     PayloadTooLarge,
 )
 from airi_ray.obs.metrics import HttpMetrics
+from airi_ray.runtime import cluster_kv
 from airi_ray.runtime.backend import Backend
 from airi_ray.runtime.calls import Generation
 from airi_ray.serve import protocol, proxy
@@ -710,7 +711,6 @@ def run_ingress(spec: IngressSpec) -> None:
     """
     wanted = proxy.resolve(spec.proxy)
     settings = spec.model_dump_json().encode()
-    kv = ray.experimental.internal_kv
     if _serve_running():
         if proxy.running() != wanted:
             logger.warning("restarting Ray Serve to put %s in front of the ingress", wanted)
@@ -720,7 +720,7 @@ def run_ingress(spec: IngressSpec) -> None:
             if (
                 app is not None
                 and app.status == "RUNNING"
-                and kv._internal_kv_get(proxy.SETTINGS_KEY) == settings
+                and cluster_kv.get(proxy.SETTINGS_KEY) == settings
             ):
                 return
     serve.start(
@@ -728,7 +728,7 @@ def run_ingress(spec: IngressSpec) -> None:
         proxy_location="HeadOnly",
         controller_options={"runtime_env": {"env_vars": proxy.controller_env(wanted)}},
     )
-    kv._internal_kv_put(proxy.KV_KEY, wanted.encode())
+    cluster_kv.put(proxy.KV_KEY, wanted.encode())
     ingress = Ingress.options(
         num_replicas=spec.replicas,
         ray_actor_options={
@@ -737,4 +737,4 @@ def run_ingress(spec: IngressSpec) -> None:
         },
     )
     serve.run(ingress.bind(spec.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
-    kv._internal_kv_put(proxy.SETTINGS_KEY, settings)
+    cluster_kv.put(proxy.SETTINGS_KEY, settings)

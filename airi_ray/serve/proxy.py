@@ -19,9 +19,8 @@ import os
 import shutil
 from typing import Any, Literal
 
-import ray
-
 from airi_ray.core.errors import InvalidRequest
+from airi_ray.runtime import cluster_kv
 
 Proxy = Literal["haproxy", "serve"]
 
@@ -84,14 +83,14 @@ def replica_env(proxy: Proxy) -> dict[str, str]:
 
 def running() -> str | None:
     """The proxy the connected cluster's Serve instance was started with by airi, if any."""
-    value = ray.experimental.internal_kv._internal_kv_get(KV_KEY)
+    value = cluster_kv.get(KV_KEY)
     return value.decode() if value else None
 
 
 def describe() -> dict[str, Any] | None:
     """What ``airi status`` shows of the HTTP API: proxy, replicas and address; None when
     airi has not started one on the connected cluster."""
-    settings = ray.experimental.internal_kv._internal_kv_get(SETTINGS_KEY)
+    settings = cluster_kv.get(SETTINGS_KEY)
     if not settings:
         return None
     spec = json.loads(settings)

@@ -14,7 +14,7 @@ import textwrap
 
 import ray
 
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import KEY, wait_for
 
 CHILD = textwrap.dedent(
@@ -35,7 +35,7 @@ CHILD = textwrap.dedent(
 
 
 def test_a_killed_caller_gives_back_its_leases(airi_app) -> None:
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
 
     def outstanding() -> dict:
         return ray.get(scheduler.outstanding.remote())
@@ -77,7 +77,7 @@ def test_a_live_callers_lost_release_is_taken_back(airi_app) -> None:
     needs to reach its caller)."""
     from airi_ray.core.scheduling import AcquireRequest
 
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
     caller = "test:lost-release"
     [lease] = ray.get(
         scheduler.acquire.remote(

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import KEY, wait_for
 
 CALLER = "test-cancelled-call-caller"
@@ -83,7 +83,7 @@ def test_a_cancelled_call_leaves_the_other_calls_of_its_process_running(airi_app
             what="the first call to open a channel to every replica",
         )
         other = caller.long_answer.remote(300)
-        scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+        scheduler = names.get_actor(names.SCHEDULER_NAME)
 
         def streaming() -> bool:
             leases = ray.get(scheduler.outstanding.remote())["models"]["tiny-chat"]["leases"]

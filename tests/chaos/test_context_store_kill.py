@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import wait_for
 
 WRITERS = 16
@@ -19,7 +19,7 @@ TURNS_PER_WRITER = 40
 
 
 def test_acknowledged_writes_survive_a_sigkill_exactly_once(airi_app) -> None:
-    store = actors.get_actor(actors.CONTEXT_STORE_NAME)
+    store = names.get_actor(names.CONTEXT_STORE_NAME)
     pid = ray.get(store.stats.remote())["pid"]
     tenant, prefix = "tenant-a", f"chaos-{time.time_ns()}"
     acked: set[tuple[str, int]] = set()

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import wait_for
 
 
@@ -19,7 +19,7 @@ def test_requests_survive_a_replica_killed_before_first_token(client) -> None:
     ]
     assert len(replicas) == 2
     victim = replicas[0]
-    ray.kill(actors.get_actor(victim), no_restart=True)
+    ray.kill(names.get_actor(victim), no_restart=True)
     # The scheduler still routes to the dead replica until the controller notices: these
     # requests hit it before any token exists and must be retried on the survivor.
     with ThreadPoolExecutor(8) as pool:
@@ -41,7 +41,7 @@ def test_requests_survive_a_replica_killed_before_first_token(client) -> None:
 def test_queued_requests_complete_on_the_survivor_when_a_replica_dies(client) -> None:
     from airi_ray.core.errors import ReplicaUnavailable
 
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
     replicas = wait_for(
         lambda: len(r := ready_tiny_replicas(client)) == 2 and r,
         timeout=240,
@@ -62,7 +62,7 @@ def test_queued_requests_complete_on_the_survivor_when_a_replica_dies(client) ->
             timeout=60,
             what="requests to queue",
         )
-        ray.kill(actors.get_actor(replicas[0]), no_restart=True)
+        ray.kill(names.get_actor(replicas[0]), no_restart=True)
         results = [f.result(timeout=240) for f in futures]
     failed = [r for r in results if isinstance(r, Exception)]
     # Only requests already streaming on the victim may fail, and they say why; every
@@ -85,13 +85,13 @@ def test_a_restarted_scheduler_is_configured_again_and_serves(client) -> None:
 
     def scheduler_pid() -> int | None:
         try:
-            handle = actors.get_actor(actors.SCHEDULER_NAME)
+            handle = names.get_actor(names.SCHEDULER_NAME)
             return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
         except (ValueError, ray.exceptions.RayError):
             return None  # restarting
 
     before = scheduler_pid()
-    ray.kill(actors.get_actor(actors.SCHEDULER_NAME), no_restart=False)
+    ray.kill(names.get_actor(names.SCHEDULER_NAME), no_restart=False)
     # ray.kill returns at once: a call right after it may still reach the old process.
     wait_for(
         lambda: (pid := scheduler_pid()) is not None and pid != before,

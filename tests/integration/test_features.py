@@ -11,7 +11,7 @@ import ray
 
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.graphs import END, START, Field, StateGraph, features
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import KEY, wait_for
 
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -74,7 +74,7 @@ def test_a_bad_batch_writes_nothing(client) -> None:
 def test_features_survive_a_restart_and_serve_graph_nodes(client) -> None:
     user = f"r-{time.time_ns()}"
     client.push_events("orders", [{"user": user, "ts": time.time() - 2, "amount": 3.0}])
-    server = actors.get_actor(actors.FEATURE_SERVER_NAME)
+    server = names.get_actor(names.FEATURE_SERVER_NAME)
     ray.kill(server, no_restart=False)
 
     def served() -> dict:

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.graphs import END, START, Field, StateGraph, append, chat, embed
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import OTHER_KEY, wait_for
 
 SHORT = {"max_tokens": 8, "temperature": 0.0}
@@ -157,7 +157,7 @@ def test_the_tenant_is_charged_on_every_model_a_graph_touches(client) -> None:
     )
     g.add_edge(START, "embed").add_edge("embed", "answer").add_edge("answer", END)
     client.register_graph(g.compile())
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
 
     def counters() -> dict[str, float]:
         snap = ray.get(scheduler.snapshot.remote())
@@ -227,14 +227,14 @@ def test_an_executor_killed_mid_run_resumes_without_rerunning_finished_nodes(
         prev = f"n{i}"
     g.add_edge(prev, END)
     client.register_graph(g.compile())
-    store = actors.get_actor(actors.CONTEXT_STORE_NAME)
+    store = names.get_actor(names.CONTEXT_STORE_NAME)
     run_id = client.start_run("five", {"x": 1})
 
     def checkpoints() -> int:
         return len(ray.get(store.run.remote("tenant-a", run_id))["checkpoints"])
 
     wait_for(lambda: checkpoints() == 2 and "n3" in Path(calls).read_text(), what="n3 running")
-    executor = actors.get_actor(actors.GRAPH_EXECUTOR_NAME)
+    executor = names.get_actor(names.GRAPH_EXECUTOR_NAME)
     pid = ray.get(executor.stats.remote())["pid"]
     ray.kill(executor, no_restart=False)
     # Only once the old process is gone may n3 finish (in its new incarnation).
@@ -252,7 +252,7 @@ def test_an_executor_killed_mid_run_resumes_without_rerunning_finished_nodes(
 
 def _pid() -> int | None:
     try:
-        executor = actors.get_actor(actors.GRAPH_EXECUTOR_NAME)
+        executor = names.get_actor(names.GRAPH_EXECUTOR_NAME)
         return int(ray.get(executor.stats.remote(), timeout=5)["pid"])
     except Exception:
         return None
@@ -334,7 +334,7 @@ def test_a_conversation_id_carries_memory_across_chat_calls(oai, client) -> None
 def test_cancelling_a_run_aborts_its_model_calls(client) -> None:
     client.register_graph(chain_graph("long-chain", 3, max_tokens=900, ignore_eos=True))
     run_id = client.start_run("long-chain", {"text": "go"})
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
 
     def in_flight() -> int:
         return ray.get(scheduler.snapshot.remote())["tiny-chat"]["in_flight"]

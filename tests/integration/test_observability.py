@@ -16,7 +16,7 @@ from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.core.traces import build_tree, render_tree, summarize
 from airi_ray.demo.traffic import SUPPORT, UNRELATED
 from airi_ray.graphs import END, START, Field, StateGraph, chat, check, embed
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import KEY, OTHER_KEY, wait_for
 
 SHORT = {"max_tokens": 4, "temperature": 0.0}
@@ -56,7 +56,7 @@ def _chats(client: Any, prompts: list[str]) -> None:
 
 
 def _observer() -> Any:
-    return actors.get_actor("airi-observer")
+    return names.get_actor("airi-observer")
 
 
 def _alerts(client: Any, kind_prefix: str) -> list[dict[str, Any]]:
@@ -284,7 +284,7 @@ def test_a_slowed_replica_raises_a_latency_anomaly(airi_app, client) -> None:
         _chats(client, [f"warm up {i}" for i in range(60)])  # baselines for both replicas
         # Only what comes after the delay counts (a busy machine may alert during warm-up).
         before = {a["id"] for a in _alerts(client, "anomaly.latency")}
-        ray.get(actors.get_actor(slow).inject_delay.remote(0.5))
+        ray.get(names.get_actor(slow).inject_delay.remote(0.5))
 
         def alerted() -> list[dict[str, Any]]:
             _chats(client, [f"slow {i}" for i in range(8)])
@@ -297,7 +297,7 @@ def test_a_slowed_replica_raises_a_latency_anomaly(airi_app, client) -> None:
         found = wait_for(alerted, 90, "a latency anomaly on the slowed replica")
     finally:
         if slow:
-            ray.get(actors.get_actor(slow).inject_delay.remote(0))
+            ray.get(names.get_actor(slow).inject_delay.remote(0))
         airi.deploy(airi_app.spec)
     assert found[0]["severity"] in ("warning", "critical")
     assert max(a["evidence"]["ratio"] for a in found) > 2

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import ray
 
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import wait_for
 
 
@@ -36,7 +36,7 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
     shares the half-used L4 device of minilm rather than breaking into an empty one; a model
     that only takes H100 is pending, and the deploy does not wait for it; idle, the
     autoscaler removes a replica after its delay, and under a burst it starts one again."""
-    controller = actors.get_actor(actors.CONTROLLER_NAME)
+    controller = names.get_actor(names.CONTROLLER_NAME)
     spec = copy.deepcopy(airi_app.spec)
     tiny = spec["models"][0]
     auto = {
@@ -71,7 +71,7 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
         pending = _model(status, "tiny-h100")
         assert pending["ready_replicas"] == 0
         assert pending["pending"].startswith("no capacity") and "H100" in pending["pending"]
-        leases = ray.get(actors.get_actor("airi-pool-L4").leases.remote())
+        leases = ray.get(names.get_actor("airi-pool-L4").leases.remote())
         shared = [lease for lease in leases if lease["model"] == "tiny-auto"]
         minilm = next(lease for lease in leases if lease["model"] == "minilm")
         place = (minilm["node_id"], minilm["devices"])
@@ -111,7 +111,7 @@ def test_overflow_sharing_pending_and_autoscaling(airi_app, client) -> None:
         ray.get(controller.deploy.remote(airi_app.spec))
 
     def released() -> bool:
-        return len(ray.get(actors.get_actor("airi-pool-L4").leases.remote())) == 1
+        return len(ray.get(names.get_actor("airi-pool-L4").leases.remote())) == 1
 
     wait_for(released, timeout=30, what="tiny-auto's bundles to be released")
     assert "tiny-h100" not in {m["name"] for m in client.status()["models"]}

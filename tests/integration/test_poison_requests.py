@@ -16,7 +16,7 @@ import httpx
 import pytest
 import ray
 
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import KEY
 
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -38,7 +38,7 @@ def untouched(client: Any) -> Any:
     yield
     assert replicas(client) == before
     for rid in before:
-        ray.get(actors.get_actor(rid).probe.remote(), timeout=60)
+        ray.get(names.get_actor(rid).probe.remote(), timeout=60)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_an_engine_refusal_fails_that_request_and_the_engine_serves_on(
     """A token id outside the vocabulary reaches the engine (token-id prompts do): vLLM
     refuses it with its validation error, which used to mark the replica dead."""
     rid = next(r for r, s in replicas(client).items() if s == "ready" and "tiny" in r)
-    replica = actors.get_actor(rid)
+    replica = names.get_actor(rid)
     channel = f"test-{uuid.uuid4().hex}"
     gen = replica.open_channel.options(num_returns="streaming").remote(channel)
     calls = [("bad", [1, 99999], {"max_tokens": 4}), ("good", [1, 2, 3], {"max_tokens": 4})]
@@ -107,7 +107,7 @@ def test_an_embedding_the_engine_refuses_fails_alone_in_its_batch(
     from airi_ray.core.errors import InvalidRequest
 
     rid = next(r for r, s in replicas(client).items() if s == "ready" and "minilm" in r)
-    replica = actors.get_actor(rid)
+    replica = names.get_actor(rid)
     inputs = [[[101, 2023, 102]], [[101, 10**7, 102]], [[101, 2178, 102]]]  # one id too big
     with ThreadPoolExecutor(3) as pool:  # together, so they can share an engine batch
         futures = [pool.submit(ray.get, replica.embed.remote(x)) for x in inputs]

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import ray
 
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import OTHER_KEY
 
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -19,7 +19,7 @@ CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "
 @pytest.fixture
 def limit_tenant_b(airi_app) -> Iterator[Any]:
     """Deploy tenant-b with extra policy fields for one test (models untouched), then restore."""
-    controller = actors.get_actor(actors.CONTROLLER_NAME)
+    controller = names.get_actor(names.CONTROLLER_NAME)
 
     def apply(**fields: Any) -> None:
         spec = copy.deepcopy(airi_app.spec)
@@ -143,7 +143,7 @@ def test_prompts_refused_for_their_length_count_against_the_request_rate(
     assert "over its 3 requests/minute limit" in refused.json()["error"]["message"]
     # A tenant over its rate is refused at the door, before its prompt is tokenized.
     assert post(airi_app, "/v1/chat/completions", long).status_code == 429
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
 
     def handed_back() -> bool:
         out = ray.get(scheduler.outstanding.remote())
@@ -166,7 +166,7 @@ def test_a_spent_budget_answers_429_naming_the_budget(airi_app, limit_tenant_b) 
 @pytest.fixture
 def filter_tenant_b(airi_app) -> Iterator[Any]:
     """Deploy tenant-b with content filters for one test (models untouched), then restore."""
-    controller = actors.get_actor(actors.CONTROLLER_NAME)
+    controller = names.get_actor(names.CONTROLLER_NAME)
 
     def apply(filters: dict[str, Any], **tenant_fields: Any) -> None:
         spec = copy.deepcopy(airi_app.spec)
@@ -198,7 +198,7 @@ def test_a_stored_conversation_keeps_what_the_filters_redacted(airi_app, filter_
     }
     r = post(airi_app, "/v1/chat/completions", body)
     assert r.status_code == 200, r.text
-    store = actors.get_actor(actors.CONTEXT_STORE_NAME)
+    store = names.get_actor(names.CONTEXT_STORE_NAME)
     turns = wait_for(
         lambda: ray.get(store.conversation.remote("tenant-b", conversation, None)),
         timeout=30,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import ray
 
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import KEY, wait_for
 
 
@@ -18,7 +18,7 @@ def tiny_replicas(client) -> list[str]:
 
 
 def test_probe_runs_a_real_token_and_stats_come_from_vllm(client) -> None:
-    handle = actors.get_actor(tiny_replicas(client)[0])
+    handle = names.get_actor(tiny_replicas(client)[0])
     assert 0 < ray.get(handle.probe.remote()) < 30
     stats = ray.get(handle.stats.remote())
     assert set(stats) >= {
@@ -33,7 +33,7 @@ def test_probe_runs_a_real_token_and_stats_come_from_vllm(client) -> None:
 def test_prefix_cache_hits_on_repeated_prompt(client) -> None:
     prompt = "Nimbus Gear shipping policy. " * 20  # several full KV blocks
     before = sum(
-        ray.get(actors.get_actor(r).stats.remote())["prefix_cache_hits"]
+        ray.get(names.get_actor(r).stats.remote())["prefix_cache_hits"]
         for r in tiny_replicas(client)
     )
     for _ in range(3):
@@ -42,7 +42,7 @@ def test_prefix_cache_hits_on_repeated_prompt(client) -> None:
         lambda: (
             (
                 s := sum(
-                    ray.get(actors.get_actor(r).stats.remote())["prefix_cache_hits"]
+                    ray.get(names.get_actor(r).stats.remote())["prefix_cache_hits"]
                     for r in tiny_replicas(client)
                 )
             )
@@ -78,7 +78,7 @@ def test_abandoned_http_stream_is_aborted_in_the_engine(client, airi_app) -> Non
     # The client hung up long before 900 tokens: nothing may keep running in any replica.
     def idle() -> bool:
         return all(
-            ray.get(actors.get_actor(rid).stats.remote())["in_flight"] == 0
+            ray.get(names.get_actor(rid).stats.remote())["in_flight"] == 0
             for rid in tiny_replicas(client)
         )
 
@@ -92,7 +92,7 @@ def test_abandoned_python_stream_is_aborted(client) -> None:
 
     def idle() -> bool:
         return all(
-            ray.get(actors.get_actor(rid).stats.remote())["in_flight"] == 0
+            ray.get(names.get_actor(rid).stats.remote())["in_flight"] == 0
             for rid in tiny_replicas(client)
         )
 

@@ -20,7 +20,7 @@ import pytest
 import ray
 
 from airi_ray.core.errors import Conflict, InvalidRequest, NotFound
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.rollout  # `make test-rollouts`
@@ -106,7 +106,7 @@ def rolling(airi_app, client) -> Iterator[Any]:
 
 def test_canary_promotes_under_load_through_a_controller_restart(rolling) -> None:
     client = rolling
-    controller = actors.get_actor(actors.CONTROLLER_NAME)
+    controller = names.get_actor(names.CONTROLLER_NAME)
     before = _versions(client.status())
     assert before["v1"]["state"] == "ready" and before["v1"]["traffic"] == 1.0
     # callers learn each version's weights (a version on others is tokenized with its own)

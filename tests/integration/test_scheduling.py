@@ -6,11 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
-from airi_ray.runtime import actors
+from airi_ray.runtime import names
 
 
 def routes(model: str) -> dict[str, int]:
-    snapshot = ray.get(actors.get_actor(actors.SCHEDULER_NAME).snapshot.remote())
+    snapshot = ray.get(names.get_actor(names.SCHEDULER_NAME).snapshot.remote())
     return dict(snapshot[model]["routes"])
 
 
@@ -48,7 +48,7 @@ def test_concurrent_embedding_calls_share_engine_batches(client) -> None:
             for r in client.status()["replicas"]
             if r["model"].startswith("minilm") and r["state"] == "ready"
         ]
-        stats = [ray.get(actors.get_actor(rid).stats.remote()) for rid in ids]
+        stats = [ray.get(names.get_actor(rid).stats.remote()) for rid in ids]
         return sum(s["embed_batches"] for s in stats), sum(s["embed_batch_items"] for s in stats)
 
     batches0, items0 = replica_batches()
@@ -68,8 +68,8 @@ def test_a_full_tenant_queue_answers_429_with_retry_after(client, airi_app) -> N
 
     from tests.conftest import OTHER_KEY, wait_for
 
-    scheduler = actors.get_actor(actors.SCHEDULER_NAME)
-    controller = actors.get_actor(actors.CONTROLLER_NAME)
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
+    controller = names.get_actor(names.CONTROLLER_NAME)
     spec = copy.deepcopy(airi_app.spec)
     spec["tenants"][1]["max_queued"] = 1  # tenant-b may have one request waiting
     ray.get(controller.deploy.remote(spec))

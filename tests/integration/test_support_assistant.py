@@ -58,8 +58,9 @@ def _ask(client: Any, question: str, conversation: str = "") -> dict[str, Any]:
 def test_intents_of_held_out_questions_route_to_the_right_model(assistant) -> None:
     from airi_ray.config import parse_spec
     from airi_ray.graphs import BuildContext
+    from airi_ray.runtime.backend import BackendThread
 
-    ctx = BuildContext(parse_spec({}))
+    ctx = BuildContext(parse_spec({}), BackendThread())
     try:
         classifier = sa.train_intents(ctx)
         held_out = sa.load_examples("intents_heldout")

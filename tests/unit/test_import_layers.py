@@ -21,9 +21,7 @@ PACKAGE = ROOT / "airi_ray"
 
 # Users of the public API, or the top the client sits under.
 CLIENT_IMPORTERS = ("airi_ray/__init__.py", "airi_ray/app.py", "airi_ray/cli.py", "airi_ray/demo/")
-# ``Client.deploy`` calls up to ``airi_ray.app.deploy``, inside the method only.
 APP_IMPORTERS = ("airi_ray/__init__.py", "airi_ray/cli.py", "airi_ray/demo/")
-APP_CALLED_FROM = ("airi_ray/client.py",)
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ def test_only_the_cli_and_the_demo_import_the_app() -> None:
     bad = [
         f"{where}:{i.line} imports {i.module}"
         for where, i in _importers("airi_ray.app")
-        if not where.startswith(APP_IMPORTERS) and not (where in APP_CALLED_FROM and not i.at_top)
+        if not where.startswith(APP_IMPORTERS)
     ]
     assert bad == []
 
@@ -207,3 +205,31 @@ def test_the_lazy_exports_name_modules_that_define_them() -> None:
         if not path.is_file() or not _defines(path, name):
             missing.append(f"{name} in {module}")
     assert missing == []
+
+
+# Imports inside functions that are still to go, each with why it is there. Only the
+# controller's: its body is being split into smaller modules in another change, which
+# removes these; nothing else may import ``airi_ray`` inside a function.
+LOCAL_IMPORTS_LEFT = {
+    ("airi_ray/runtime/controller.py", "airi_ray.config"),  # StorageSpec, in one method
+    ("airi_ray/runtime/controller.py", "airi_ray.runtime"),  # `from airi_ray.runtime import
+    ("airi_ray/runtime/controller.py", "airi_ray.runtime.reembed"),  # reembed`, in one method
+}
+# Not a circle (nothing below imports the app), but the ingress loads vLLM's protocol models
+# (importing it takes seconds): ``deploy`` loads it only for an app that has an ingress, so
+# ``airi.connect()`` stays quick.
+HEAVY_LOCAL_IMPORTS = {("airi_ray/app.py", "airi_ray.serve.ingress")}
+
+
+def test_no_airi_ray_import_inside_a_function() -> None:
+    """A function-local import that hides a circle is a circle: outside the CLI (which
+    loads each command's modules only when it runs), every ``airi_ray`` import is at the
+    top of its module. A lazy import of a heavy third-party library stays allowed."""
+    bad = [
+        f"{_where(p)}:{i.line} imports {i.module}"
+        for p in _sources()
+        if _where(p) != "airi_ray/cli.py"
+        for i in imports_of(p)
+        if not i.at_top and (_where(p), i.module) not in LOCAL_IMPORTS_LEFT | HEAVY_LOCAL_IMPORTS
+    ]
+    assert bad == []

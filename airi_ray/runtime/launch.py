@@ -1,8 +1,11 @@
 """The one place ``ray.remote`` is applied, with options taken from the app spec.
 
-The actor classes (``ModelReplica``, ``GlobalScheduler``, ``Controller``, ``ContextStore``,
-``GraphExecutor``) are plain Python
-classes; this module turns them into named Ray actors and finds them again.
+The actor classes (``ModelReplica``, ``GlobalScheduler``, ``ContextStore``, ``GraphExecutor``,
+``FeatureServer``, ``Observer``, ``AcceleratorPool``, ``Controller``) are plain Python classes;
+this module turns them into named Ray actors. Only the controller (which starts the app's
+actors) and the app layer (which starts the controller) import it; everything else finds
+an actor by name (``airi_ray.runtime.names``). The ``Controller`` class imports this module,
+so ``start_singleton`` takes it from the caller instead of importing it.
 """
 
 from __future__ import annotations
@@ -10,17 +13,39 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from airi_ray.config import ModelSpec
-from airi_ray.runtime import (
+from airi_ray.runtime.context_store import ContextStore
+from airi_ray.runtime.feature_server import FeatureServer
+from airi_ray.runtime.graph_executor import GraphExecutor
+from airi_ray.runtime.names import (
     CONTEXT_STORE_NAME,
-    CONTROLLER_NAME,
     FEATURE_SERVER_NAME,
     GRAPH_EXECUTOR_NAME,
     NAMESPACE,
     OBSERVER_NAME,
     SCHEDULER_NAME,
+    get_actor,
+    pool_name,
 )
+from airi_ray.runtime.observer import Observer
+from airi_ray.runtime.pools import AcceleratorPool
+from airi_ray.runtime.replica import ModelReplica
+from airi_ray.runtime.scheduler import GlobalScheduler
+
+__all__ = [
+    "get_actor",  # the controller finds the replicas it adopts with the handles it starts
+    "get_or_start_context_store",
+    "get_or_start_feature_server",
+    "get_or_start_graph_executor",
+    "get_or_start_observer",
+    "get_or_start_pool",
+    "get_or_start_scheduler",
+    "replica_options",
+    "start_replica",
+    "start_singleton",
+]
 
 # Async actors: thousands of concurrent calls (waiting acquires, open channels) are normal.
 _MAX_CONCURRENCY = 10_000
@@ -56,12 +81,8 @@ def start_replica(
 ) -> Any:
     """Start a replica actor; with ``placement`` (a placement group and its bundle), inside
     that bundle, asking for exactly the bundle's devices and CPUs."""
-    from airi_ray.runtime.replica import ModelReplica
-
     options = replica_options(spec, replica_id)
     if placement is not None:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         group, bundle = placement
         options["num_gpus"] = bundle.get("GPU", 0)
         options["num_cpus"] = min(spec.num_cpus, bundle.get("CPU", 0))
@@ -73,8 +94,9 @@ def start_replica(
     return cls.remote(replica_id, spec.model_dump())
 
 
-def _singleton(cls: type, name: str, *args: Any) -> Any:
-    """A detached, named, restarting actor: created once per cluster, found afterwards.
+def start_singleton(cls: type, name: str, *args: Any) -> Any:
+    """A detached, named, restarting actor of ``cls``: created once per cluster, found
+    afterwards (the app layer starts the controller with it).
     A restarted actor gets the same ``args`` again."""
     return (
         ray.remote(cls)
@@ -92,47 +114,24 @@ def _singleton(cls: type, name: str, *args: Any) -> Any:
 
 
 def get_or_start_scheduler() -> Any:
-    from airi_ray.runtime.scheduler import GlobalScheduler
-
-    return _singleton(GlobalScheduler, SCHEDULER_NAME)
-
-
-def get_or_start_controller() -> Any:
-    from airi_ray.runtime.controller import Controller
-
-    return _singleton(Controller, CONTROLLER_NAME)
+    return start_singleton(GlobalScheduler, SCHEDULER_NAME)
 
 
 def get_or_start_context_store(uri: str) -> Any:
-    from airi_ray.runtime.context_store import ContextStore
-
-    return _singleton(ContextStore, CONTEXT_STORE_NAME, uri)
+    return start_singleton(ContextStore, CONTEXT_STORE_NAME, uri)
 
 
 def get_or_start_graph_executor() -> Any:
-    from airi_ray.runtime.graph_executor import GraphExecutor
-
-    return _singleton(GraphExecutor, GRAPH_EXECUTOR_NAME)
+    return start_singleton(GraphExecutor, GRAPH_EXECUTOR_NAME)
 
 
 def get_or_start_feature_server(uri: str, views: list[dict[str, Any]]) -> Any:
-    from airi_ray.runtime.feature_server import FeatureServer
-
-    return _singleton(FeatureServer, FEATURE_SERVER_NAME, uri, views)
+    return start_singleton(FeatureServer, FEATURE_SERVER_NAME, uri, views)
 
 
 def get_or_start_observer() -> Any:
-    from airi_ray.runtime.observer import Observer
-
-    return _singleton(Observer, OBSERVER_NAME)
+    return start_singleton(Observer, OBSERVER_NAME)
 
 
 def get_or_start_pool(accelerator_type: str) -> Any:
-    from airi_ray.runtime.pools import AcceleratorPool
-
-    return _singleton(AcceleratorPool, f"airi-pool-{accelerator_type}", accelerator_type)
-
-
-def get_actor(name: str) -> Any:
-    """A named airi actor; raises ``ValueError`` when it does not exist."""
-    return ray.get_actor(name, namespace=NAMESPACE)
+    return start_singleton(AcceleratorPool, pool_name(accelerator_type), accelerator_type)

@@ -1,0 +1,28 @@
+"""The names of airi's Ray actors, and the one place a named actor is looked up.
+
+A leaf: it imports only Ray, so every layer that calls an actor by name can import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+NAMESPACE = "airi"
+CONTROLLER_NAME = "airi-controller"
+SCHEDULER_NAME = "airi-scheduler"
+CONTEXT_STORE_NAME = "airi-context-store"
+GRAPH_EXECUTOR_NAME = "airi-graph-executor"
+FEATURE_SERVER_NAME = "airi-feature-server"
+OBSERVER_NAME = "airi-observer"
+
+
+def pool_name(accelerator_type: str) -> str:
+    """The name of the accelerator pool actor of ``accelerator_type``."""
+    return f"airi-pool-{accelerator_type}"
+
+
+def get_actor(name: str) -> Any:
+    """A named airi actor; raises ``ValueError`` when it does not exist."""
+    return ray.get_actor(name, namespace=NAMESPACE)
