@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import ray
 
 from airi_ray.runtime import names
+from tests.conftest import OTHER_KEY, wait_for
 
 
 def routes(model: str) -> dict[str, int]:
@@ -61,57 +64,80 @@ def test_concurrent_embedding_calls_share_engine_batches(client) -> None:
 
 
 def test_a_full_tenant_queue_answers_429_with_retry_after(client, airi_app) -> None:
-    import copy
-    import threading
-
-    import httpx
-
-    from tests.conftest import OTHER_KEY, wait_for
-
     scheduler = names.get_actor(names.SCHEDULER_NAME)
     controller = names.get_actor(names.CONTROLLER_NAME)
     spec = copy.deepcopy(airi_app.spec)
     spec["tenants"][1]["max_queued"] = 1  # tenant-b may have one request waiting
     ray.get(controller.deploy.remote(spec))
-    # Every slot must be free first: calls of earlier tests may still be finishing.
-    wait_for(
-        lambda: ray.get(scheduler.snapshot.remote())["tiny-chat"]["in_flight"] == 0,
+    try:
+        # A stream of 900 tokens lasts about ten seconds here, and the test needs every
+        # slot busy while tenant-b's two requests arrive; on a slow machine the first
+        # streams can end before the last one starts, so an attempt that finds a slot
+        # free again is made anew (the refusal is checked only with every slot busy).
+        for _attempt in range(3):
+            outcome = _one_full_queue_attempt(client, airi_app, scheduler)
+            if outcome is not None:
+                break
+        else:
+            raise AssertionError("in 3 attempts a slot freed before tenant-b's requests came")
+    finally:
+        ray.get(controller.deploy.remote(airi_app.spec))
+    refused, queued = outcome
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["retry-after"]) >= 1
+    error = refused.json()["error"]
+    assert error["code"] == "queue_full" and "per-tenant limit is 1" in error["message"]
+    assert queued.status_code == 200, queued.text  # the queued one ran once slots freed
+
+
+def _one_full_queue_attempt(
+    client, airi_app, scheduler
+) -> tuple[httpx.Response, httpx.Response] | None:
+    """Fill every slot of tiny-chat with tenant-a's streams, queue one request of
+    tenant-b and send it another: the two answers, or None if a slot freed too soon."""
+
+    def tiny() -> dict:
+        return ray.get(scheduler.snapshot.remote())["tiny-chat"]
+
+    # Every replica ready and every slot free first: calls of earlier tests may still be
+    # finishing, and a replica may still be coming back from an earlier test.
+    view = wait_for(
+        lambda: (
+            (t := tiny())["in_flight"] == 0
+            and len(t["replicas"]) == 2
+            and all(r["ready"] for r in t["replicas"])
+            and t
+        ),
         timeout=120,
-        what="earlier calls on tiny-chat to finish",
+        what="tiny-chat's 2 replicas to be ready and idle",
     )
-    # Tenant a fills every slot (2 replicas x 4) with long streams.
+    slots = sum(r["max_concurrency"] for r in view["replicas"])
     streams = [
         client.chat("tiny-chat", f"long {i}", max_tokens=900, ignore_eos=True, stream=True)
-        for i in range(8)
+        for i in range(slots)
     ]
-    try:
-        for s in streams:
-            next(s)
-        url = f"{airi_app.base_url}/v1/chat/completions"
-        headers = {"Authorization": f"Bearer {OTHER_KEY}"}
-        body = {
-            "model": "tiny-chat",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 2,
-        }
-        queued: list[httpx.Response] = []
-        waiter = threading.Thread(
-            target=lambda: queued.append(httpx.post(url, json=body, headers=headers, timeout=120))
-        )
-        waiter.start()
-        wait_for(
-            lambda: ray.get(scheduler.snapshot.remote())["tiny-chat"]["queue_depth"] >= 1,
-            timeout=30,
-            what="tenant-b's request to queue",
-        )
-        refused = httpx.post(url, json=body, headers=headers, timeout=30)
-        assert refused.status_code == 429, refused.text
-        assert int(refused.headers["retry-after"]) >= 1
-        error = refused.json()["error"]
-        assert error["code"] == "queue_full" and "per-tenant limit is 1" in error["message"]
-    finally:
-        for s in streams:
-            s.close()
-        ray.get(controller.deploy.remote(airi_app.spec))
-    waiter.join(timeout=120)
-    assert queued and queued[0].status_code == 200  # the queued one ran once slots freed
+    url = f"{airi_app.base_url}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {OTHER_KEY}"}
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            for s in streams:
+                next(s)
+            if tiny()["in_flight"] < slots:
+                return None
+            waiter = pool.submit(httpx.post, url, json=body, headers=headers, timeout=120)
+            wait_for(
+                lambda: tiny()["queue_depth"] >= 1 or waiter.done(),
+                timeout=30,
+                what="tenant-b's request to queue",
+            )
+            if waiter.done():  # it found a free slot: a stream had ended already
+                assert waiter.result().status_code == 200, waiter.result().text
+                return None
+            refused = httpx.post(url, json=body, headers=headers, timeout=30)
+            if refused.status_code == 200:  # the queued one left the queue meanwhile
+                return None
+        finally:
+            for s in streams:
+                s.close()
+        return refused, waiter.result(timeout=120)
