@@ -369,6 +369,29 @@ def probe_head(text: str, max_model_len: int) -> str | None:
     return text[:cut] if cut > 0 else None
 
 
+# Pre-tokenizers (as the ``tokenizers`` library names them) that cut text at least at every
+# run of Unicode white space: each word of the text is then at least one pre-token, and
+# each pre-token at least one token, so a text has at least as many tokens as words.
+# (Not Metaspace: it cuts at ASCII spaces only. Not a ByteLevel without its regex: one
+# pre-token for the whole text.) With a normalizer in front the words are not counted.
+WORD_SPLITTING_PRE_TOKENIZERS = frozenset(
+    {"ByteLevel", "Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
+)
+# Characters ``str.split`` cuts at that are not Unicode white space: joined to the words
+# next to them, so the count never exceeds the pre-tokenizer's.
+_NOT_WHITE_SPACE = str.maketrans({c: "_" for c in "\x1c\x1d\x1e\x1f"})
+
+
+def words_floor(text: str, pre_tokenizer: str | None, normalized: bool) -> int | None:
+    """A number of tokens ``text`` has at least, counted without tokenizing it: its words,
+    where the tokenizer cuts at white space (``WORD_SPLITTING_PRE_TOKENIZERS``, with no
+    normalizer: ``normalized`` False), else None. Counting the words of a 16k-character
+    head takes about a hundredth of the time tokenizing it does."""
+    if normalized or pre_tokenizer not in WORD_SPLITTING_PRE_TOKENIZERS:
+        return None
+    return len(text.translate(_NOT_WHITE_SPACE).split())
+
+
 def refuse_long_head(model: str, head: str, head_tokens: int, max_model_len: int) -> None:
     """Refuse a prompt whose head (``probe_head``) alone fills the context window.
 
@@ -378,6 +401,6 @@ def refuse_long_head(model: str, head: str, head_tokens: int, max_model_len: int
     if head_tokens >= max_model_len:
         raise ContextWindowExceeded(
             f"model {model!r} has a context window of {max_model_len} tokens; the prompt's "
-            f"first {len(head)} characters alone have {head_tokens} tokens, which leaves no "
-            "room for output"
+            f"first {len(head)} characters alone have at least {head_tokens} tokens, which "
+            "leaves no room for output"
         )

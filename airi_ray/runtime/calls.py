@@ -64,6 +64,7 @@ from airi_ray.core.requests import (
     probe_head,
     refuse_long_head,
     resolve_max_tokens,
+    words_floor,
 )
 from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
 from airi_ray.engines.source import resolve_model_source
@@ -92,14 +93,45 @@ SEMANTIC_WINDOW_CHARS = 800  # about 200 tokens of English
 SEMANTIC_MAX_CHARS = 8 * SEMANTIC_WINDOW_CHARS
 OBSERVE_EVERY_S = 0.25  # finished calls go to the observer in batches at most this often
 REFUSAL_PREFIX_CHARS = 200  # refusals show at the start of an answer
-# Prompts longer than this are rendered and tokenized on the call path's worker thread: a
-# megabyte takes the tokenizer a fraction of a second, which on the event loop would
-# stall every stream the process serves. Shorter ones cost less than the thread hop.
-OFFLOAD_CHARS = 16_384
+# Prompts longer than this are rendered and tokenized on the call path's worker thread: the
+# tokenizer takes about 0.3 us a character (16k characters: 5 ms), which on the event loop
+# would stall every stream the process serves. Shorter ones cost less than the thread hop.
+OFFLOAD_CHARS = 2_048
+
+
+def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """``tokenizer(text)["input_ids"]``, holding the GIL as briefly as it can.
+
+    A fast tokenizer's Rust ``encode_batch`` lets go of the GIL while it works, but the
+    ``transformers`` wrapper around it spends as long again in Python building attention
+    masks and a ``BatchEncoding``, with the GIL held: on the worker thread that is time the
+    event loop cannot run. Called straight, the Rust tokenizer gives the same ids (the
+    wrapper's own ``__call__`` makes this very call) with the GIL held only to copy them.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer
+        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    ids: list[int] = backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    return ids
 
 
 def _count_tokens(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(backend.encode_batch([text], add_special_tokens=False)[0])
+
+
+def _words_floor(tokenizer: Any, text: str) -> int | None:
+    """``words_floor`` for this tokenizer: at least this many tokens, or None (unknown)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    pre = backend.pre_tokenizer
+    if pre is not None and type(pre).__name__ == "ByteLevel" and not pre.use_regex:
+        return None  # one pre-token for the whole text
+    name = type(pre).__name__ if pre is not None else None
+    return words_floor(text, name, backend.normalizer is not None)
 
 
 def _load_tokenizer(source: str) -> Any:
@@ -643,12 +675,12 @@ class CallPath:
             info = await self._probe(info, said, params)
 
             def render(tokenizer: Any) -> list[int]:
-                ids = tokenizer.apply_chat_template(
-                    turns, tools=tools or None, add_generation_prompt=True, tokenize=True
+                # As ``apply_chat_template(tokenize=True)`` does, without its GIL-bound
+                # wrapper: render, then tokenize with no special tokens added.
+                text = tokenizer.apply_chat_template(
+                    turns, tools=tools or None, add_generation_prompt=True, tokenize=False
                 )
-                if not isinstance(ids, list):  # transformers may return a BatchEncoding
-                    ids = ids["input_ids"]
-                return list(ids)
+                return token_ids(tokenizer, text, add_special_tokens=False)
 
             ids = await self._cpu(shape[1], render, info.tokenizer)
             info = await self._window_for(info, len(ids), params)
@@ -691,7 +723,7 @@ class CallPath:
                 watch.text = clean
 
             def encode(tokenizer: Any) -> list[int]:
-                return list(tokenizer(clean)["input_ids"])
+                return token_ids(tokenizer, clean)
 
             if given_ids is not None and clean == text:
                 ids, remake = given_ids, None  # the ids are the only form of this prompt
@@ -771,7 +803,9 @@ class CallPath:
             head = probe_head(text, info.max_model_len)
             if head is None:
                 continue
-            n = await self._cpu(len(head), _count_tokens, info.tokenizer, head)
+            n = _words_floor(info.tokenizer, head)
+            if n is None or n < info.max_model_len:
+                n = await self._cpu(len(head), _count_tokens, info.tokenizer, head)
             if n >= info.max_model_len:
                 info = await self._window_for(info, n, params)
                 assert info.max_model_len is not None

@@ -20,6 +20,7 @@ from airi_ray.core.requests import (
     probe_head,
     refuse_long_head,
     resolve_max_tokens,
+    words_floor,
 )
 from airi_ray.core.stats import RateWindow, percentile
 
@@ -248,7 +249,7 @@ def test_a_head_over_the_window_is_refused_naming_the_window() -> None:
     refuse_long_head("m", "a b", 1023, 1024)  # room for one token
     with pytest.raises(ContextWindowExceeded, match="context window of 1024 tokens") as e:
         refuse_long_head("m", "a b", 1024, 1024)
-    assert "first 3 characters alone have 1024 tokens" in e.value.message
+    assert "first 3 characters alone have at least 1024 tokens" in e.value.message
 
 
 def test_a_heads_tokens_never_outnumber_the_whole_prompts() -> None:
@@ -269,3 +270,33 @@ def test_a_heads_tokens_never_outnumber_the_whole_prompts() -> None:
             continue
         count = len(tokenizer(head, add_special_tokens=False)["input_ids"])
         assert count <= len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_a_texts_words_floor_its_tokens() -> None:
+    """What the words floor relies on, with a real tokenizer (the demo model's ByteLevel
+    BPE): never more words than tokens, whatever the spacing and characters."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from airi_ray.models.tiny import ensure_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
+    backend = tokenizer.backend_tokenizer
+    assert type(backend.pre_tokenizer).__name__ == "ByteLevel" and backend.normalizer is None
+    pieces = ["tents", "boots", "a", "!", "?", "'s", "42", "é", "日本", "🚀", "\x1c", "\x1f"]
+    gaps = [" ", "", "\n", "  ", "\t", "\u3000", "\xa0", "\x1c", "\u2028"]
+    rng = random.Random(11)
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) + rng.choice(gaps) for _ in range(rng.randint(1, 60)))
+        floor = words_floor(text, "ByteLevel", normalized=False)
+        assert floor is not None
+        assert floor <= len(tokenizer(text, add_special_tokens=False)["input_ids"]), repr(text)
+
+
+def test_the_words_floor_is_only_counted_where_it_holds() -> None:
+    assert words_floor("a b c", "ByteLevel", normalized=False) == 3
+    assert words_floor("a\x1cb", "WhitespaceSplit", normalized=False) == 1  # not white space
+    assert words_floor("a b c", "Metaspace", normalized=False) is None  # cuts at " " only
+    assert words_floor("a b c", "ByteLevel", normalized=True) is None
+    assert words_floor("a b c", None, normalized=False) is None
