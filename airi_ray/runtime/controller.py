@@ -34,29 +34,28 @@ import ray
 from airi_ray.config import AppSpec, ModelSpec, ObservabilitySpec, parse_spec
 from airi_ray.core.autoscale import AutoscaleConfig, AutoscaleContext, AutoscaleState
 from airi_ray.core.autoscale import policy as autoscale_policy
-from airi_ray.core.errors import AiriError, Conflict, InvalidRequest, NotFound
+from airi_ray.core.errors import AiriError, InvalidRequest
 from airi_ray.core.placement import Lease, Packer, ReplicaNeeds, ReplicaRequest
 from airi_ray.core.policy import KeyRecord, KeyRing
-from airi_ray.core.rollout import (
-    Constraint,
-    GroupMember,
-    GroupSwitch,
-    IncompatibleRollout,
-    ModelVersion,
-    Rollout,
-    RolloutDecision,
-    RolloutError,
-    RolloutLimits,
-    State,
-    VersionStats,
-    plan_group_switch,
-    plan_rollout,
+from airi_ray.core.registry import (
+    MAX_START_FAILURES,
+    Event,
+    Job,
+    JobKey,
+    JobState,
+    Note,
+    Registry,
+    RolloutActed,
+    rollout_info,
+    version_key,
 )
+from airi_ray.core.rollout import Constraint
 from airi_ray.core.scheduling import ReplicaView
 from airi_ray.data.control import ControlState
 
 # Import lines only (the body is being split elsewhere): ``actors`` is now ``launch``.
 from airi_ray.runtime import launch as actors
+from airi_ray.runtime import reembed
 from airi_ray.runtime.background import spawn
 from airi_ray.runtime.cluster_kv import SPEC_KEY
 from airi_ray.runtime.pools import bundle_for, pool_nodes
@@ -67,7 +66,6 @@ _KEYS_KEY = b"airi/api_keys"  # key records (salted hashes): the spec's and `air
 LOOP_PERIOD_S = 1.0
 PROBE_PERIOD_S = 10.0
 MAX_PROBE_FAILURES = 2
-MAX_START_FAILURES = 3
 START_TIMEOUT_S = 900.0
 
 
@@ -128,76 +126,6 @@ class _Replica:
         }
 
 
-@dataclasses.dataclass
-class _Model:
-    """One model in the registry: its versions, which one serves, and how it is moving.
-
-    Attributes:
-        stable: the version that takes traffic (all of it, outside a rollout).
-        specs: every version known, by label (declared in a spec or deployed).
-        states: the lifecycle state of each version that ran (``core.rollout.State``).
-        history: versions that served before ``stable``, oldest first (for rollback).
-        rollout: the running rollout to a candidate, if any.
-        last: the outcome of the last finished rollout, for status.
-        drain_started: when each draining version began draining (wall clock).
-        context: each version's context window, as its engines reported it (callers need
-            it even while a model scaled to zero has no replica).
-    """
-
-    stable: str
-    specs: dict[str, ModelSpec]
-    states: dict[str, State] = dataclasses.field(default_factory=dict)
-    history: list[str] = dataclasses.field(default_factory=list)
-    rollout: Rollout | None = None
-    last: dict[str, Any] | None = None
-    drain_started: dict[str, float] = dataclasses.field(default_factory=dict)
-    context: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def set_state(self, name: str, version: str, state: State) -> None:
-        """Move ``version`` to ``state`` along the lifecycle (a version seen for the first
-        time, or a retired one that comes back, e.g. on rollback, starts at pending).
-
-        Raises:
-            IllegalTransition: the lifecycle does not allow the move.
-        """
-        old = self.states.get(version, "pending")
-        if old == "retired":
-            old = "pending"
-        if old != state:
-            state = ModelVersion(name, version, old).to(state).state
-        self.states[version] = state
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stable": self.stable,
-            "specs": {v: s.model_dump() for v, s in self.specs.items()},
-            "states": self.states,
-            "history": self.history,
-            "rollout": dataclasses.asdict(self.rollout) if self.rollout else None,
-            "last": self.last,
-            "drain_started": self.drain_started,
-            "context": self.context,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> _Model:
-        ro = d["rollout"]
-        if ro is not None:
-            ro = Rollout(
-                **ro | {"steps": tuple(ro["steps"]), "limits": RolloutLimits(**ro["limits"])}
-            )
-        return cls(
-            d["stable"],
-            {v: ModelSpec.model_validate(s) for v, s in d["specs"].items()},
-            d["states"],
-            d["history"],
-            ro,
-            d["last"],
-            d["drain_started"],
-            d.get("context", {}),
-        )
-
-
 class Controller:
     def __init__(self) -> None:
         self.spec: AppSpec | None = None
@@ -209,16 +137,16 @@ class Controller:
         self.pending: dict[str, str] = {}  # version key -> why a replica could not be placed
         self.desired: dict[str, int] = {}  # model -> replicas the autoscaler wants
         self._scaling: dict[str, AutoscaleState] = {}
-        self.registry: dict[str, _Model] = {}
-        self.groups: dict[str, GroupSwitch] = {}  # running group switches
+        self.registry = Registry()  # models, their versions, rollouts and group switches
         self.scheduler = actors.get_or_start_scheduler()
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self._control = ControlState(None)
         self._to_adopt: dict[str, dict[str, Any]] = {}  # saved replicas not yet found again
-        # Re-embedding jobs by (kind, model, version): a running task's ref, then "done" or
-        # "failed: why". Not saved: a restarted controller runs them again (idempotent).
-        self._jobs: dict[tuple[str, str, str], Any] = {}
+        # Re-embedding jobs by (kind, model, version), and the refs of the running ones. Not
+        # saved: a restarted controller runs them again (idempotent).
+        self._jobs: dict[JobKey, Job] = {}
+        self._job_refs: dict[JobKey, Any] = {}
         # Keys live only as salted hashes: from the spec's api_keys (replaced on each
         # deploy) and from `airi keys create` (kept until revoked).
         self._spec_keys: list[KeyRecord] = []
@@ -236,33 +164,22 @@ class Controller:
         """Load the registry, rollouts, autoscaler state and replica records saved there."""
         self._control = ControlState(uri)
         docs = self._control.load()
-        self.registry = {n: _Model.from_dict(d) for n, d in docs.get("registry", {}).items()}
-        self.groups = {
-            g: GroupSwitch(g, tuple(GroupMember(**m) for m in d["members"]), d["switched"])
-            for g, d in docs.get("groups", {}).items()
-        }
+        self.registry = Registry.from_dict(docs, ModelSpec.model_validate)
         scaling = docs.get("autoscale", {})
         self.desired = scaling.get("desired", {})
         self._scaling = {n: AutoscaleState(**s) for n, s in scaling.get("state", {}).items()}
         self._to_adopt = docs.get("replicas", {})
-        if self.registry:
+        if self.registry.models:
             self._event(
-                f"restarted: {len(self.registry)} models, {len(self._to_adopt)} replicas "
+                f"restarted: {len(self.registry.models)} models, {len(self._to_adopt)} replicas "
                 "to adopt from the saved control state"
             )
 
     def _persist(self) -> None:
         """Save what a restarted controller needs (only what changed is written)."""
         self._control.save(
-            {
-                "registry": {n: m.to_dict() for n, m in self.registry.items()},
-                "groups": {
-                    g: {
-                        "members": [dataclasses.asdict(m) for m in gs.members],
-                        "switched": gs.switched,
-                    }
-                    for g, gs in self.groups.items()
-                },
+            self.registry.to_dict()
+            | {
                 "autoscale": {
                     "desired": self.desired,
                     "state": {n: dataclasses.asdict(s) for n, s in self._scaling.items()},
@@ -290,7 +207,9 @@ class Controller:
                 serve versions that a ``requires`` constraint forbids together.
         """
         new = parse_spec(spec)
-        moves = self._plan_deploy(new)  # raises before anything changes
+        groups = {m.name: g.name for m in new.models if (g := new.group_of(m.name))}
+        # Raises before anything changes.
+        moves = self.registry.plan_deploy(new.models, groups, new.constraints())
         now = time.time()
         self._spec_keys = [
             KeyRecord.create(key, t.name, now) for t in new.tenants for key in t.api_keys
@@ -305,7 +224,7 @@ class Controller:
         uri = self.spec.storage.resolved_uri()
         if self._control.uri != uri:
             self._control = ControlState(uri)
-        self._register(new, moves)
+        self._act(self.registry.register([m.all_versions() for m in new.models], moves))
         self.start_failures.clear()
         self.start_errors.clear()
         await self.scheduler.configure.remote(self.spec.model_dump(), self._spec_version())
@@ -346,40 +265,18 @@ class Controller:
             Conflict: a rollout of it is running, or the move would serve versions that a
                 ``requires`` constraint forbids together (the message names it).
         """
-        targets = {model: version, **(together or {})}
-        for name, v in targets.items():
-            entry = self._entry(name)
-            if v not in entry.specs:
-                raise NotFound(
-                    f"model {name!r} has no version {v!r}; known versions: "
-                    f"{', '.join(sorted(entry.specs))}. Declare new versions under `versions:` "
-                    "in the app spec and deploy it"
-                )
-            if v == entry.stable:
-                raise InvalidRequest(f"model {name!r} already serves version {v!r}")
-            self._check_idle(name)
-        try:
-            if len(targets) > 1:
-                if strategy not in (None, "blue-green"):
-                    raise InvalidRequest(
-                        f"models that move together switch at once (blue-green); strategy "
-                        f"{strategy!r} is for one model at a time"
-                    )
-                group = self.spec.group_of(model) if self.spec else None
-                self._begin_group(
-                    group.name if group else "+".join(sorted(targets)),
-                    [GroupMember(n, self.registry[n].stable, v) for n, v in targets.items()],
-                    self._serving(),
-                    self._constraints(),
-                )
-            else:
-                candidate = self.registry[model].specs[version]
-                ro = self._new_rollout(model, candidate, strategy, steps)
-                self._begin(model, plan_rollout(ro, self._serving(), self._constraints()))
-        except IncompatibleRollout as e:
-            raise Conflict(str(e)) from None
-        except RolloutError as e:
-            raise InvalidRequest(str(e)) from None
+        group = self.spec.group_of(model) if self.spec else None
+        self._act(
+            self.registry.rollout(
+                model,
+                version,
+                strategy,
+                steps,
+                together,
+                group.name if group else None,
+                self._declared(),
+            )
+        )
         return await self._changed()
 
     async def rollback(self, model: str) -> dict[str, Any]:
@@ -389,28 +286,9 @@ class Controller:
         Raises:
             NotFound: no such model.
             InvalidRequest: nothing runs and no earlier version is known.
+            Conflict: going back would break a ``requires`` constraint.
         """
-        entry = self._entry(model)
-        group = self._switching(model)
-        if entry.rollout is not None:
-            self._apply(model, entry, *entry.rollout.rollback("rolled back by request"))
-        elif group is not None:
-            self._cancel_group(group, "rolled back by request")
-        else:
-            previous = next(
-                (v for v in reversed(entry.history) if v in entry.specs and v != entry.stable),
-                None,
-            )
-            if previous is None:
-                raise InvalidRequest(
-                    f"model {model!r} has no rollout running and no earlier version to go back to"
-                )
-            entry.history.remove(previous)
-            ro = self._new_rollout(model, entry.specs[previous], "blue-green", None)
-            try:
-                self._begin(model, plan_rollout(ro, self._serving(), self._constraints()))
-            except IncompatibleRollout as e:
-                raise Conflict(str(e)) from None
+        self._act(self.registry.rollback(model, self._declared(), time.time()))
         return await self._changed()
 
     async def models(self) -> list[dict[str, Any]]:
@@ -432,15 +310,15 @@ class Controller:
             return []
         out = []
         for m in self.spec.models:
-            entry = self.registry.get(m.name)
+            entry = self.registry.models.get(m.name)
             if entry is None:
                 continue
             stable = entry.specs[entry.stable]
             ready = [r for r in self._of(stable.key) if r.state == "ready"]
-            weights, _ = self._traffic(m.name)
+            weights, _ = self.registry.traffic(m.name)
             versions = []
             for v, state in sorted(entry.states.items()):
-                mine = self._of(f"{m.name}@{v}")
+                mine = self._of(version_key(m.name, v))
                 if state == "retired" and not mine:
                     continue
                 versions.append(
@@ -457,7 +335,7 @@ class Controller:
                     }
                 )
             ro = entry.rollout
-            group = self._switching(m.name)
+            group = self.registry.switching(m.name)
             out.append(
                 {
                     "name": m.name,
@@ -478,7 +356,7 @@ class Controller:
                     ),
                     "versions": versions,
                     "rollout": (
-                        _rollout_info(ro)
+                        rollout_info(ro)
                         if ro is not None
                         else {"group": group.group, "outcome": "running", "strategy": "group"}
                         if group is not None
@@ -638,7 +516,7 @@ class Controller:
         await asyncio.gather(
             *(self._stop_soon(r, "shutdown") for r in list(self.replicas.values()))
         )
-        self.registry, self.groups, self.desired, self._scaling = {}, {}, {}, {}
+        self.registry, self.desired, self._scaling = Registry(), {}, {}
         self._to_adopt = {}
         self._persist()
 
@@ -647,346 +525,89 @@ class Controller:
 
     # -- registry and rollouts ---------------------------------------------------------
 
-    def _entry(self, model: str) -> _Model:
-        entry = self.registry.get(model)
-        if entry is None:
-            known = ", ".join(sorted(self.registry)) or "none"
-            raise NotFound(f"model {model!r} is not deployed; deployed models: {known}")
-        return entry
+    def _declared(self) -> list[Constraint]:
+        """The deployed spec's ``requires`` constraints."""
+        return self.spec.constraints() if self.spec is not None else []
 
-    def _check_idle(self, model: str) -> None:
-        """Raise ``Conflict`` if ``model`` is moving (a rollout or a group switch)."""
-        entry = self.registry[model]
-        if entry.rollout is not None:
-            ro = entry.rollout
-            raise Conflict(
-                f"model {model!r} is rolling out from {ro.stable} to {ro.candidate} "
-                f"({ro.candidate_percent}% of traffic); wait for it or `airi rollback {model}`"
-            )
-        group = self._switching(model)
-        if group is not None:
-            raise Conflict(
-                f"model {model!r} is switching with group {group.group}; wait for it or "
-                f"`airi rollback {model}`"
-            )
+    def _act(self, events: list[Event]) -> None:
+        """Carry out what the registry decided, in order."""
+        for e in events:
+            if isinstance(e, Note):
+                self._event(e.text)
+            elif isinstance(e, RolloutActed):
+                self.scheduler.record_rollout.remote(e.model, e.action)
+            else:
+                self._start_job(e.kind, e.model, e.version)
 
-    def _plan_deploy(self, new: AppSpec) -> tuple[dict[str, Rollout], list[GroupSwitch]]:
-        """The rollouts and group switches a deploy of ``new`` starts; raises, with
-        nothing changed, when one is not allowed."""
-        changed = {
-            m.name: m
-            for m in new.models
-            if m.name in self.registry and self.registry[m.name].stable != m.version
-        }
-        for name in changed:
-            self._check_idle(name)
-        serving, constraints = self._serving(), self._constraints(new)
-        rollouts: dict[str, Rollout] = {}
-        grouped: dict[str, list[GroupMember]] = collections.defaultdict(list)
-        try:
-            for name, m in changed.items():
-                group = new.group_of(name)
-                if group is not None:
-                    grouped[group.name].append(
-                        GroupMember(name, self.registry[name].stable, m.version)
-                    )
-                else:
-                    ro = self._new_rollout(name, m, None, None)
-                    rollouts[name] = plan_rollout(ro, serving, constraints)
-            groups = [
-                plan_group_switch(g, members, serving, constraints)
-                for g, members in grouped.items()
-            ]
-        except IncompatibleRollout as e:
-            raise Conflict(f"deploy refused: {e}") from None
-        return rollouts, groups
-
-    def _register(self, new: AppSpec, moves: tuple[dict[str, Rollout], list[GroupSwitch]]) -> None:
-        """Take the deployed spec into the registry and start its rollouts."""
-        for m in new.models:
-            specs = {v.version: v for v in m.all_versions()}
-            entry = self.registry.get(m.name)
-            if entry is None:
-                self.registry[m.name] = _Model(m.version, specs)
-                self.registry[m.name].set_state(m.name, m.version, "pending")
-            else:  # earlier versions stay known: they drain, and rollback needs them
-                entry.specs.update(specs)
-        for name in set(self.registry) - {m.name for m in new.models}:
-            del self.registry[name]
-        self.groups = {
-            g: gs
-            for g, gs in self.groups.items()
-            if all(m.model in self.registry for m in gs.members)
-        }
-        rollouts, groups = moves
-        for name, ro in rollouts.items():
-            self._begin(name, ro)
-        for gs in groups:
-            self._begin_group(gs.group, list(gs.members), {}, [])
-
-    def _constraints(self, spec: AppSpec | None = None) -> list[Constraint]:
-        """``requires`` constraints of every version known (and of ``spec``'s)."""
-        found = set((spec or self.spec or AppSpec()).constraints())
-        for name, entry in self.registry.items():
-            for v in entry.specs.values():
-                found.update(
-                    Constraint(name, v.version, other, clause)
-                    for other, clause in v.requires.items()
-                )
-        return sorted(found, key=str)
-
-    def _serving(self) -> dict[str, set[str]]:
-        """The versions taking traffic, per model."""
-        return {
-            name: {v for v, w in self._traffic(name)[0].items() if w > 0} for name in self.registry
-        }
-
-    def _new_rollout(
-        self, model: str, candidate: ModelSpec, strategy: str | None, steps: list[int] | None
-    ) -> Rollout:
-        r = candidate.rollout
-        return Rollout(
-            model,
-            self.registry[model].stable,
-            candidate.version,
-            strategy or r.strategy,  # type: ignore[arg-type]
-            tuple(steps or r.steps),
-            RolloutLimits(
-                r.max_error_rate_delta,
-                r.max_ttft_p99_ratio,
-                r.min_requests_per_step,
-                r.step_hold_s,
-            ),
-        )
-
-    def _begin(self, model: str, ro: Rollout) -> None:
-        entry = self.registry[model]
-        entry.rollout = ro
-        self._revive_or_queue(model, entry, ro.candidate)
-        how = f"canary {list(ro.steps)}" if ro.strategy == "canary" else ro.strategy
-        self._event(f"rollout {model} {ro.stable} -> {ro.candidate} ({how}) started")
-
-    def _revive_or_queue(self, model: str, entry: _Model, version: str) -> None:
-        """A rollout's candidate: still draining, it is ready again at once (its replicas
-        are warm); otherwise it starts at pending."""
-        if entry.states.get(version) == "draining":
-            entry.set_state(model, version, "ready")
-            entry.drain_started.pop(version, None)
-        else:
-            entry.set_state(model, version, "pending")
-
-    def _begin_group(
-        self,
-        group: str,
-        members: list[GroupMember],
-        serving: dict[str, set[str]],
-        constraints: list[Constraint],
-    ) -> None:
-        gs = plan_group_switch(group, members, serving, constraints)
-        self.groups[group] = gs
-        for m in members:
-            self._revive_or_queue(m.model, self.registry[m.model], m.candidate)
-        moved = ", ".join(f"{m.model} {m.stable} -> {m.candidate}" for m in members)
-        self._event(f"group {group} switch started: {moved}")
-
-    def _apply(self, model: str, entry: _Model, ro: Rollout, decision: RolloutDecision) -> None:
-        """Carry out a rollout decision: traffic follows from ``entry`` at the next push."""
-        entry.rollout = ro if ro.outcome == "running" else None
-        if decision.action == "wait":
+    def _start_job(self, kind: str, model: str, version: str) -> None:
+        """Start a re-embedding job (``reembed.prepare`` or ``reembed.activate``) unless it
+        ran already."""
+        key = (kind, model, version)
+        if key in self._jobs:
             return
-        self._event(f"rollout {model} {ro.stable} -> {ro.candidate}: {decision.reason}")
-        self.scheduler.record_rollout.remote(model, decision.action)
-        if decision.action == "promote":
-            entry.history.append(ro.stable)
-            entry.stable = ro.candidate
-            self._activate_collections(model, ro.candidate)
-        for version in decision.drain:
-            self._retire(model, entry, version)
-        if ro.outcome != "running":
-            entry.last = _rollout_info(ro) | {"finished_at": time.time()}
+        task = reembed.prepare if kind == "prepare" else reembed.activate
+        self._job_refs[key] = task.remote(self.storage_uri(), model, version)
+        self._jobs[key] = Job(JobState.RUNNING)
+        self._event(f"{kind} collections of {model} for version {version}: started")
 
-    def _retire(self, model: str, entry: _Model, version: str) -> None:
-        """A ready version drains first; one that never served retires at once."""
-        if entry.states.get(version) == "ready":
-            entry.set_state(model, version, "draining")
-            entry.drain_started[version] = time.time()
-        else:
-            entry.set_state(model, version, "retired")
+    def _poll_jobs(self) -> None:
+        """Take in the outcome of the re-embedding jobs that finished."""
+        for key, ref in list(self._job_refs.items()):
+            done, _ = ray.wait([ref], timeout=0)
+            if not done:
+                continue
+            del self._job_refs[key]
+            kind, model, version = key
+            try:
+                counts = ray.get(ref)
+            except Exception as e:
+                self._jobs[key] = Job(JobState.FAILED, _short_error(e))
+            else:
+                self._jobs[key] = Job(JobState.DONE)
+                embedded = (
+                    ", ".join(f"{n} {c} chunks" for n, c in counts.items()) or "no collections"
+                )
+                self._event(f"{kind} collections of {model} for version {version}: {embedded}")
 
-    def _cancel_group(self, gs: GroupSwitch, reason: str) -> None:
-        del self.groups[gs.group]
-        for m in gs.members:
-            self._retire(m.model, self.registry[m.model], m.candidate)
-        self._event(f"group {gs.group} switch cancelled: {reason}")
-
-    def _traffic(self, model: str) -> tuple[dict[str, float], str]:
-        """``model``'s split (weight per version) and its stable version."""
-        entry = self.registry[model]
-        if entry.rollout is not None:
-            return entry.rollout.traffic_split(), entry.rollout.stable
-        return {entry.stable: 1.0}, entry.stable
-
-    def _candidate(self, model: str) -> str | None:
-        """The version ``model`` is moving to, if any."""
-        ro = self.registry[model].rollout
-        if ro is not None:
-            return ro.candidate
-        group = self._switching(model)
-        return next(m.candidate for m in group.members if m.model == model) if group else None
-
-    def _switching(self, model: str) -> GroupSwitch | None:
-        """The running group switch ``model`` is a member of, if any."""
-        return next((g for g in self.groups.values() if model in g.traffic_split()), None)
-
-    def _splits(self) -> dict[str, tuple[dict[str, float], str]]:
-        """Every model's traffic split, for the scheduler (sent in one call)."""
-        return {n: self._traffic(n) for n in self.registry}
-
-    def _of(self, key: str) -> list[_Replica]:
-        """The replicas of one version (``name@version``)."""
-        return [r for r in self.replicas.values() if r.spec.key == key]
-
-    def _serves(self, model: str, version: str) -> bool:
-        """Whether ``version`` is ready and has a ready replica to take traffic."""
-        return self.registry[model].states.get(version) == "ready" and any(
-            r.state == "ready" for r in self._of(f"{model}@{version}")
-        )
+    def _failed_starts(self) -> dict[str, str | None]:
+        """The version keys given up on, each with its last start error."""
+        return {
+            key: self.start_errors.get(key)
+            for key, n in self.start_failures.items()
+            if n >= MAX_START_FAILURES
+        }
 
     async def _step_rollouts(self) -> None:
         """One decision for every running rollout and group switch."""
-        for name, entry in self.registry.items():
-            ro = entry.rollout
-            if ro is None:
-                continue
-            failures = self.start_failures.get(f"{name}@{ro.candidate}", 0)
-            if failures >= MAX_START_FAILURES:
-                why = self.start_errors.get(f"{name}@{ro.candidate}")
-                self._apply(name, entry, *ro.rollback(f"candidate failed to start: {why}"))
-                continue
-            data = self._data_ready(name, ro.candidate)
-            if data.startswith("failed"):
-                self._apply(name, entry, *ro.rollback(f"re-embedding its collections {data}"))
-                continue
-            stats = await self.scheduler.version_stats.remote(name)
-            self._apply(
-                name,
-                entry,
-                *ro.step(
-                    time.time(),
-                    VersionStats(**stats.get(ro.stable, {})),
-                    VersionStats(**stats.get(ro.candidate, {})),
-                    self._serves(name, ro.candidate) and data == "done",
-                ),
+        self._poll_jobs()
+        moving = [n for n, e in self.registry.models.items() if e.rollout is not None]
+        stats = {n: await self.scheduler.version_stats.remote(n) for n in moving}
+        ready = {r.spec.key for r in self.replicas.values() if r.state == "ready"}
+        self._act(
+            self.registry.step_rollouts(
+                time.time(), stats, self._failed_starts(), ready, self._jobs
             )
-        for gs in list(self.groups.values()):
-            failed = [
-                f"{m.model} {m.candidate} failed to start: "
-                f"{self.start_errors.get(f'{m.model}@{m.candidate}')}"
-                for m in gs.members
-                if self.start_failures.get(f"{m.model}@{m.candidate}", 0) >= MAX_START_FAILURES
-            ]
-            ready: dict[str, bool] = {}
-            for m in gs.members:
-                serves = self._serves(m.model, m.candidate)
-                data = self._data_ready(m.model, m.candidate) if serves else "waiting"
-                if data.startswith("failed"):
-                    failed.append(f"re-embedding for {m.model} {m.candidate} {data}")
-                ready[m.model] = serves and data == "done"
-            if failed:
-                self._cancel_group(gs, "; ".join(failed))
-                continue
-            after, decision = gs.step(ready)
-            if decision.action != "switch":
-                continue
-            # Every member's stable changes here, and the next push sends all their splits
-            # to the scheduler in one call: no request sees a half-switched group.
-            del self.groups[gs.group]
-            for m in after.members:
-                entry = self.registry[m.model]
-                entry.history.append(m.stable)
-                entry.stable = m.candidate
-                self._activate_collections(m.model, m.candidate)
-                self._retire(m.model, entry, m.stable)
-                entry.last = {
-                    "stable": m.stable,
-                    "candidate": m.candidate,
-                    "strategy": f"group {gs.group}",
-                    "outcome": "promoted",
-                    "reason": decision.reason,
-                    "finished_at": time.time(),
-                }
-            self._event(decision.reason)
-
-    def _data_ready(self, model: str, version: str) -> str:
-        """Whether ``version``'s data is ready for traffic: ``done``, ``running`` or
-        ``failed: why``. An embedding model's collections need a table of that version
-        (a re-embedding job, started here once the version's replicas serve)."""
-        if self.registry[model].specs[version].task != "embed":
-            return "done"
-        return self._job("prepare", model, version)
-
-    def _activate_collections(self, model: str, version: str) -> None:
-        if self.registry[model].specs[version].task == "embed":
-            self._job("activate", model, version)
-
-    def _job(self, kind: str, model: str, version: str, start: bool = True) -> str:
-        """The state of a re-embedding job (``reembed.prepare`` or ``reembed.activate``):
-        ``running``, ``done`` or ``failed: why``; started if it never ran (and ``start``),
-        else ``none``."""
-        from airi_ray.runtime import reembed
-
-        key = (kind, model, version)
-        job = self._jobs.get(key)
-        if job is None:
-            if not start:
-                return "none"
-            task = reembed.prepare if kind == "prepare" else reembed.activate
-            self._jobs[key] = task.remote(self.storage_uri(), model, version)
-            self._event(f"{kind} collections of {model} for version {version}: started")
-            return "running"
-        if isinstance(job, str):
-            return job
-        done, _ = ray.wait([job], timeout=0)
-        if not done:
-            return "running"
-        try:
-            counts = ray.get(job)
-        except Exception as e:
-            self._jobs[key] = f"failed: {_short_error(e)}"
-        else:
-            self._jobs[key] = "done"
-            embedded = ", ".join(f"{n} {c} chunks" for n, c in counts.items()) or "no collections"
-            self._event(f"{kind} collections of {model} for version {version}: {embedded}")
-        return str(self._jobs[key])
+        )
 
     async def _drain_step(self) -> None:
         """Retire draining versions once their in-flight requests finished (or timed out)."""
         now = time.time()
-        if not any("draining" in e.states.values() for e in self.registry.values()):
+        if not self.registry.draining():
             return
         # The scheduler must have the splits that give draining versions no traffic before
         # their in-flight counts mean anything (calls from here are ordered).
-        await self.scheduler.set_traffic.remote(self._splits())
-        for name, entry in self.registry.items():
+        await self.scheduler.set_traffic.remote(self.registry.splits())
+        busy: dict[str, int] = {}
+        for name, entry in self.registry.models.items():
             draining = [v for v, s in entry.states.items() if s == "draining"]
             if not draining:
                 continue
             load = await self.scheduler.replica_in_flight.remote(name)
-            if self._job("activate", name, entry.stable, start=False) == "running":
-                continue  # ingestion writes with the old version until its successor's
-                # tables are active
             for v in draining:
-                busy = sum(load.get(r.replica_id, 0) for r in self._of(f"{name}@{v}"))
-                waited = now - entry.drain_started.get(v, now)
-                timeout = entry.specs[v].rollout.drain_timeout_s
-                if busy and waited < timeout:
-                    continue
-                if not busy and waited < entry.specs[v].rollout.keep_warm_s:
-                    continue  # drained, kept warm for an instant rollback
-                entry.set_state(name, v, "retired")
-                entry.drain_started.pop(v, None)
-                cut = f"; {busy} requests cut off after {timeout:g} s" if busy else ""
-                self._event(f"{name}@{v} drained in {waited:.1f} s and retired{cut}")
+                key = version_key(name, v)
+                busy[key] = sum(load.get(r.replica_id, 0) for r in self._of(key))
+        self._poll_jobs()
+        self._act(self.registry.drain(now, busy, self._jobs))
 
     # -- reconcile ---------------------------------------------------------------------
 
@@ -1014,18 +635,8 @@ class Controller:
             await asyncio.sleep(LOOP_PERIOD_S)
 
     def _targets(self) -> dict[str, tuple[ModelSpec, int | None]]:
-        """Replicas wanted per version key: the stable's and a candidate's count; None for
-        a draining version (it keeps what it has and starts nothing)."""
-        out: dict[str, tuple[ModelSpec, int | None]] = {}
-        for name, entry in self.registry.items():
-            for v, state in entry.states.items():
-                if state == "draining":
-                    out[f"{name}@{v}"] = (entry.specs[v], None)
-            for moving in (entry.stable, self._candidate(name)):
-                if moving is not None:
-                    spec = entry.specs[moving]
-                    out[spec.key] = (spec, self._wanted(spec))
-        return out
+        """Replicas wanted per version key (``Registry.targets``)."""
+        return self.registry.targets(self._wanted)
 
     async def _reconcile(self) -> None:
         if self._lock is None:
@@ -1038,7 +649,7 @@ class Controller:
             for r in list(self.replicas.values()):
                 target = targets.get(r.spec.key)
                 if target is None:
-                    gone = r.spec.name not in self.registry
+                    gone = r.spec.name not in self.registry.models
                     self._stop_soon(r, "no longer in the spec" if gone else "version retired")
                 elif target[0].engine_fields() != r.spec.engine_fields():
                     self._stop_soon(r, "its engine settings changed")
@@ -1065,16 +676,11 @@ class Controller:
 
     def _update_states(self, targets: dict[str, tuple[ModelSpec, int | None]]) -> None:
         """Versions with replicas loading are loading; with all they want ready, ready."""
-        for key, (spec, count) in targets.items():
-            entry = self.registry[spec.name]
-            state = entry.states.get(spec.version, "pending")
-            mine = self._of(key)
-            if state in ("pending", "retired") and mine:
-                entry.set_state(spec.name, spec.version, "loading")
-            ready = sum(r.state == "ready" for r in mine)
-            if entry.states.get(spec.version) == "loading" and count and ready >= count:
-                entry.set_state(spec.name, spec.version, "ready")
-                self._event(f"{key} is ready")
+        present = collections.Counter(r.spec.key for r in self.replicas.values())
+        ready = collections.Counter(
+            r.spec.key for r in self.replicas.values() if r.state == "ready"
+        )
+        self._act(self.registry.update_states(targets, present, ready))
 
     def _adopt(self) -> None:
         """Take back the replicas a killed controller left running (they are detached):
@@ -1082,7 +688,7 @@ class Controller:
         saved, self._to_adopt = self._to_adopt, {}
         for rid, rec in saved.items():
             name, version = rec["key"].split("@", 1)
-            entry = self.registry.get(name)
+            entry = self.registry.models.get(name)
             spec = entry.specs.get(version) if entry else None
             lease = rec["lease"]
             lease = Lease(**lease | {"devices": tuple(lease["devices"])}) if lease else None
@@ -1120,7 +726,7 @@ class Controller:
         """One autoscaling step for every model whose stable version has ``autoscale``:
         the pure policy decides from the scheduler's signals; a change is logged, counted
         and acted on by the reconcile that follows."""
-        models = [e.specs[e.stable] for e in self.registry.values()]
+        models = [e.specs[e.stable] for e in self.registry.models.values()]
         models = [m for m in models if m.autoscale]
         if not models:
             return
@@ -1207,7 +813,7 @@ class Controller:
             return  # stopped while loading
         r.max_model_len, r.kv_capacity_tokens = info["max_model_len"], info["kv_capacity_tokens"]
         r.state, r.last_probe = "ready", time.monotonic()
-        entry = self.registry.get(r.spec.name)
+        entry = self.registry.models.get(r.spec.name)
         if entry is not None:
             entry.context[r.spec.version] = r.max_model_len
         self.start_failures.pop(key, None)
@@ -1275,12 +881,12 @@ class Controller:
             if await self.scheduler.needs_config.remote(version):
                 await self.scheduler.configure.remote(self.spec.model_dump(), version)
         # The splits of every model go in one call: a group switch is atomic there.
-        await self.scheduler.set_traffic.remote(self._splits())
+        await self.scheduler.set_traffic.remote(self.registry.splits())
         by_model: dict[str, list[_Replica]] = {}
         for r in self.replicas.values():
             if r.state in ("loading", "ready"):
                 by_model.setdefault(r.spec.name, []).append(r)
-        for name in set(self.registry) | set(by_model):
+        for name in set(self.registry.models) | set(by_model):
             rs = by_model.get(name, [])
             await self.scheduler.set_replicas.remote(
                 name,
@@ -1298,41 +904,42 @@ class Controller:
         """
         moving = {
             name: (e.rollout.candidate, e.rollout.strategy)
-            for name, e in self.registry.items()
+            for name, e in self.registry.models.items()
             if e.rollout is not None
         }
-        groups = set(self.groups)
+        groups = set(self.registry.groups)
         while True:
-            for name, entry in self.registry.items():
-                key = f"{name}@{entry.stable}"
+            for name, entry in self.registry.models.items():
+                key = version_key(name, entry.stable)
                 if self.start_failures.get(key, 0) >= MAX_START_FAILURES:
                     raise InvalidRequest(
                         f"model {name!r} failed to start {MAX_START_FAILURES} times; last "
                         f"error: {self.start_errors.get(key)}"
                     )
             for name, (candidate, _) in moving.items():
-                last = self.registry[name].last if name in self.registry else None
+                entry = self.registry.models.get(name)
+                last = entry.last if entry is not None else None
                 if last and last["candidate"] == candidate and last["outcome"] == "rolled_back":
                     raise InvalidRequest(f"the rollout of {name} to {candidate}: {last['reason']}")
-            waiting = [
-                name
-                for name, entry in self.registry.items()
-                if sum(r.state == "ready" for r in self._of(f"{name}@{entry.stable}"))
-                < self._wanted(entry.specs[entry.stable])
-                and not (
-                    f"{name}@{entry.stable}" in self.pending
-                    and not any(r.state == "loading" for r in self._of(f"{name}@{entry.stable}"))
-                )
-            ]
+            waiting = []
+            for name, entry in self.registry.models.items():
+                key = version_key(name, entry.stable)
+                mine = self._of(key)
+                wanted = self._wanted(entry.specs[entry.stable])
+                short = sum(r.state == "ready" for r in mine) < wanted
+                # Pending for room in its pools, it does not hold the deploy up.
+                parked = key in self.pending and not any(r.state == "loading" for r in mine)
+                if short and not parked:
+                    waiting.append(name)
             waiting += [
                 name
                 for name, (candidate, strategy) in moving.items()
-                if name in self.registry
-                and (ro := self.registry[name].rollout) is not None
+                if name in self.registry.models
+                and (ro := self.registry.models[name].rollout) is not None
                 and ro.candidate == candidate
                 and (strategy != "canary" or ro.step_index < 0)
             ]
-            waiting += [g for g in groups if g in self.groups]
+            waiting += [g for g in groups if g in self.registry.groups]
             if not waiting:
                 return
             await asyncio.sleep(0.2)
@@ -1340,19 +947,6 @@ class Controller:
     def _event(self, text: str) -> None:
         logger.info(text)
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
-
-
-def _rollout_info(ro: Rollout) -> dict[str, Any]:
-    """A rollout's progress, for status."""
-    return {
-        "stable": ro.stable,
-        "candidate": ro.candidate,
-        "strategy": ro.strategy,
-        "steps": list(ro.steps),
-        "candidate_percent": ro.candidate_percent,
-        "outcome": ro.outcome,
-        "reason": ro.reason,
-    }
 
 
 def _short_error(e: BaseException) -> str:

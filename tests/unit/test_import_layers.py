@@ -212,8 +212,6 @@ def test_the_lazy_exports_name_modules_that_define_them() -> None:
 # removes these; nothing else may import ``airi_ray`` inside a function.
 LOCAL_IMPORTS_LEFT = {
     ("airi_ray/runtime/controller.py", "airi_ray.config"),  # StorageSpec, in one method
-    ("airi_ray/runtime/controller.py", "airi_ray.runtime"),  # `from airi_ray.runtime import
-    ("airi_ray/runtime/controller.py", "airi_ray.runtime.reembed"),  # reembed`, in one method
 }
 # Not a circle (nothing below imports the app), but the ingress loads vLLM's protocol models
 # (importing it takes seconds): ``deploy`` loads it only for an app that has an ingress, so

@@ -8,12 +8,12 @@ import pytest
 
 from airi_ray.config import ModelSpec
 from airi_ray.core.rollout import IllegalTransition, Rollout, RolloutLimits
-from airi_ray.runtime.controller import _Model
+from airi_ray.core.registry import Model
 
 
-def _entry() -> _Model:
+def _entry() -> Model:
     spec = ModelSpec(name="m", version="v1", model="x", versions={"v2": {"replicas": 2}})
-    return _Model("v1", {v.version: v for v in spec.all_versions()})
+    return Model("v1", {v.version: v for v in spec.all_versions()})
 
 
 def test_versions_follow_the_lifecycle() -> None:
@@ -35,7 +35,7 @@ def test_an_entry_survives_its_saved_form() -> None:
     e.history = ["v0"]
     e.drain_started = {"v0": 12.5}
     saved = json.loads(json.dumps(e.to_dict()))  # what ControlState stores
-    again = _Model.from_dict(saved)
+    again = Model.from_dict(saved, ModelSpec.model_validate)
     assert again == e
     assert again.specs["v2"].replicas == 2
 
