@@ -32,9 +32,11 @@ from typing import Any
 import ray
 
 from airi_ray.config import AppSpec, ModelSpec, ObservabilitySpec, parse_spec
+from airi_ray.core import fleet
 from airi_ray.core.autoscale import AutoscaleConfig, AutoscaleContext, AutoscaleState
 from airi_ray.core.autoscale import policy as autoscale_policy
 from airi_ray.core.errors import AiriError, InvalidRequest
+from airi_ray.core.fleet import ReplicaRecord
 from airi_ray.core.placement import Lease, Packer, ReplicaNeeds, ReplicaRequest
 from airi_ray.core.policy import KeyRecord, KeyRing
 from airi_ray.core.registry import (
@@ -46,11 +48,9 @@ from airi_ray.core.registry import (
     Note,
     Registry,
     RolloutActed,
-    rollout_info,
     version_key,
 )
 from airi_ray.core.rollout import Constraint
-from airi_ray.core.scheduling import ReplicaView
 from airi_ray.data.control import ControlState
 
 # Import lines only (the body is being split elsewhere): ``actors`` is now ``launch``.
@@ -82,55 +82,12 @@ def _needs(m: ModelSpec) -> ReplicaNeeds:
     return ReplicaNeeds(m.name, tuple(p.accelerator_types), p.devices, p.fraction, p.memory_gib)
 
 
-@dataclasses.dataclass
-class _Replica:
-    replica_id: str
-    spec: ModelSpec  # of its version
-    handle: Any
-    state: str = "loading"  # loading | ready | failed | stopping
-    max_model_len: int | None = None
-    kv_capacity_tokens: int | None = None
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
-    probe_failures: int = 0
-    last_probe: float = 0.0
-    error: str | None = None
-    started_at: float = dataclasses.field(default_factory=time.time)
-    lease: Lease | None = None  # its place in an accelerator pool, if the model is placed
-
-    def view(self) -> ReplicaView:
-        accel = self.lease.accelerator_type if self.lease is not None else None
-        accel = accel or next(
-            (k.split(":", 1)[1] for k in self.spec.resources if k.startswith("accelerator_type:")),
-            "GPU" if self.spec.num_gpus else "CPU",
-        )
-        return ReplicaView(
-            self.replica_id,
-            self.spec.name,
-            self.spec.max_concurrency,
-            accel,
-            ready=self.state == "ready",
-            starting=self.state == "loading",
-            kv_capacity_tokens=self.kv_capacity_tokens,
-            version=self.spec.version,
-        )
-
-    def record(self) -> dict[str, Any]:
-        """What a restarted controller needs to adopt this replica again."""
-        return {
-            "key": self.spec.key,
-            "state": self.state,
-            "started_at": self.started_at,
-            "max_model_len": self.max_model_len,
-            "kv_capacity_tokens": self.kv_capacity_tokens,
-            "lease": dataclasses.asdict(self.lease) if self.lease else None,
-        }
-
-
 class Controller:
     def __init__(self) -> None:
         self.spec: AppSpec | None = None
-        self.replicas: dict[str, _Replica] = {}
-        self._stopping: dict[str, _Replica] = {}  # taken out, their engines shutting down
+        self.replicas: dict[str, ReplicaRecord] = {}
+        self._stopping: dict[str, ReplicaRecord] = {}  # taken out, their engines shutting down
+        self.handles: dict[str, Any] = {}  # replica id -> actor handle, while it has one
         self.start_failures: dict[str, int] = {}  # by version key (name@version)
         self.start_errors: dict[str, str] = {}
         self.events: deque[str] = deque(maxlen=200)
@@ -187,7 +144,7 @@ class Controller:
                 "replicas": {
                     r.replica_id: r.record()
                     for r in self.replicas.values()
-                    if r.state in ("loading", "ready") and r.handle is not None
+                    if r.state in ("loading", "ready") and r.replica_id in self.handles
                 }
                 | self._to_adopt,
             }
@@ -308,63 +265,14 @@ class Controller:
         their versions (state, traffic share, replicas) and rollout progress."""
         if self.spec is None:
             return []
-        out = []
-        for m in self.spec.models:
-            entry = self.registry.models.get(m.name)
-            if entry is None:
-                continue
-            stable = entry.specs[entry.stable]
-            ready = [r for r in self._of(stable.key) if r.state == "ready"]
-            weights, _ = self.registry.traffic(m.name)
-            versions = []
-            for v, state in sorted(entry.states.items()):
-                mine = self._of(version_key(m.name, v))
-                if state == "retired" and not mine:
-                    continue
-                versions.append(
-                    {
-                        "version": v,
-                        "state": state,
-                        "source": entry.specs[v].model if v in entry.specs else stable.model,
-                        "traffic": round(weights.get(v, 0.0), 4),
-                        "replicas": len(mine),
-                        "ready_replicas": sum(r.state == "ready" for r in mine),
-                        "accelerators": dict(
-                            collections.Counter(r.view().accelerator for r in mine)
-                        ),
-                    }
-                )
-            ro = entry.rollout
-            group = self.registry.switching(m.name)
-            out.append(
-                {
-                    "name": m.name,
-                    "version": entry.stable,
-                    "task": stable.task,
-                    "source": stable.model,
-                    "tool_parser": stable.tool_parser,
-                    "max_model_len": next(
-                        (r.max_model_len for r in ready),
-                        entry.context.get(entry.stable, stable.engine.get("max_model_len")),
-                    ),
-                    "ready_replicas": len(ready),
-                    "replicas": self._wanted(stable),
-                    "error": self.start_errors.get(stable.key),
-                    "pending": self.pending.get(stable.key),
-                    "accelerators": dict(
-                        collections.Counter(r.view().accelerator for r in self._of(stable.key))
-                    ),
-                    "versions": versions,
-                    "rollout": (
-                        rollout_info(ro)
-                        if ro is not None
-                        else {"group": group.group, "outcome": "running", "strategy": "group"}
-                        if group is not None
-                        else entry.last
-                    ),
-                }
-            )
-        return out
+        return fleet.model_views(
+            [m.name for m in self.spec.models],
+            self.registry,
+            list(self.replicas.values()),
+            self.start_errors,
+            self.pending,
+            self.desired,
+        )
 
     async def auth_config(self) -> dict[str, Any]:
         """How callers authenticate: ``{"mode": "keys" | "none", "records": [...]}``, the
@@ -470,19 +378,7 @@ class Controller:
             "app": self.spec.name if self.spec else None,
             "ingress": self.spec.ingress.model_dump() if self.spec else None,
             "models": self._models(),
-            "replicas": [
-                {
-                    "replica_id": r.replica_id,
-                    "model": r.spec.key,
-                    "state": r.state,
-                    "accelerator": r.view().accelerator,
-                    "error": r.error,
-                    "running": r.stats.get("running", 0),
-                    "waiting": r.stats.get("waiting", 0),
-                    "kv_cache_usage": r.stats.get("kv_cache_usage", 0.0),
-                }
-                for r in sorted(self.replicas.values(), key=lambda r: r.replica_id)
-            ],
+            "replicas": fleet.replica_table(self.replicas.values()),
             "events": list(self.events)[-20:],
             "pools": self._pool_reports(),
         }
@@ -646,31 +542,23 @@ class Controller:
                 self._adopt()
             targets = self._targets()
             nodes = ray.nodes() if any(s.placement for s, _ in targets.values()) else []
-            for r in list(self.replicas.values()):
-                target = targets.get(r.spec.key)
-                if target is None:
-                    gone = r.spec.name not in self.registry.models
-                    self._stop_soon(r, "no longer in the spec" if gone else "version retired")
-                elif target[0].engine_fields() != r.spec.engine_fields():
-                    self._stop_soon(r, "its engine settings changed")
-                else:
-                    r.spec = target[0]
-            for key, (spec, count) in targets.items():
-                for r in [r for r in self._of(key) if r.state == "failed"]:
-                    self.replicas.pop(r.replica_id, None)  # dead or hung: its bundle goes
+            blocked = {k for k, n in self.start_failures.items() if n >= MAX_START_FAILURES}
+            plan = fleet.plan_reconcile(
+                list(self.replicas.values()), targets, self.registry.models, blocked
+            )
+            for action in plan:
+                if isinstance(action, fleet.Stop):
+                    self._stop_soon(self.replicas[action.replica_id], action.reason)
+                elif isinstance(action, fleet.Respec):
+                    self.replicas[action.replica_id].spec = action.spec
+                elif isinstance(action, fleet.Forget):
+                    r = self.replicas.pop(action.replica_id)  # dead or hung: its bundle goes
                     self._free(r)  # back first
-                if count is None:
-                    continue
-                alive = [r for r in self._of(key) if r.state in ("loading", "ready")]
-                # Scaling down drops loading replicas first, then the youngest ready ones.
-                alive.sort(key=lambda r: (r.state == "ready", -r.started_at), reverse=True)
-                for r in alive[count:]:
-                    self._stop_soon(r, "scaled down")
-                if self.start_failures.get(key, 0) >= MAX_START_FAILURES:
-                    continue  # reported in status; a new deploy resets it
-                for _ in range(count - len(alive)):
-                    if not self._start(spec, nodes):
-                        break
+                    self.handles.pop(r.replica_id, None)
+                else:
+                    for _ in range(action.count):
+                        if not self._start(action.spec, nodes):
+                            break
             self._update_states(targets)
             await self._push_views()
 
@@ -701,8 +589,8 @@ class Controller:
                 if lease is not None:
                     actors.get_or_start_pool(lease.accelerator_type).release.remote(rid)
                 continue
-            r = _Replica(rid, spec, handle, lease=lease, started_at=rec["started_at"])
-            self.replicas[rid] = r
+            r = ReplicaRecord(rid, spec, rec["started_at"], lease=lease)
+            self.replicas[rid], self.handles[rid] = r, handle
             if rec["state"] == "ready":  # it serves on: the health checks watch it as usual
                 r.state, r.last_probe = "ready", time.monotonic()
                 r.max_model_len, r.kv_capacity_tokens = (
@@ -714,13 +602,13 @@ class Controller:
                 self._event(f"adopting replica {rid} ({spec.key}), still loading")
                 spawn(self._await_start(r, [], adopted=True))
 
+    def _of(self, key: str) -> list[ReplicaRecord]:
+        """The replicas of one version (``name@version``)."""
+        return fleet.of(self.replicas.values(), key)
+
     def _wanted(self, m: ModelSpec) -> int:
         """Replicas ``m`` should have: the autoscaler's count, else the spec's."""
-        if m.autoscale is None:
-            return m.replicas
-        floor = 0 if m.autoscale.scale_to_zero else m.autoscale.min_replicas  # 0: starts cold
-        start = min(max(m.replicas, floor), m.autoscale.max_replicas)
-        return self.desired.get(m.name, start)
+        return fleet.wanted(m, self.desired)
 
     async def _autoscale(self) -> None:
         """One autoscaling step for every model whose stable version has ``autoscale``:
@@ -778,7 +666,7 @@ class Controller:
                 return False
             lease = placed.leases[0]
         self.pending.pop(m.key, None)
-        r = _Replica(rid, m, None, lease=lease)
+        r = ReplicaRecord(rid, m, time.time(), lease=lease)
         self.replicas[rid] = r
         where = f" on {lease.accelerator_type} {lease.node_id}" if lease else ""
         self._event(f"start replica {rid}{where}")
@@ -786,7 +674,7 @@ class Controller:
         return True
 
     async def _await_start(
-        self, r: _Replica, nodes: list[dict[str, Any]], adopted: bool = False
+        self, r: ReplicaRecord, nodes: list[dict[str, Any]], adopted: bool = False
     ) -> None:
         key = r.spec.key
         try:
@@ -799,9 +687,10 @@ class Controller:
                     placement = (group, bundle)
                 if r.state != "loading":
                     raise RuntimeError("stopped while being placed")
-                r.handle = actors.start_replica(r.replica_id, r.spec, placement)
+                self.handles[r.replica_id] = actors.start_replica(r.replica_id, r.spec, placement)
             self._persist()  # a restarted controller finds it by name
-            info = await asyncio.wait_for(r.handle.start.remote(), START_TIMEOUT_S)
+            handle = self.handles[r.replica_id]
+            info = await asyncio.wait_for(handle.start.remote(), START_TIMEOUT_S)
         except Exception as e:
             r.state, r.error = "failed", _short_error(e)
             self.start_failures[key] = self.start_failures.get(key, 0) + 1
@@ -820,7 +709,7 @@ class Controller:
         self._event(f"replica {r.replica_id} {'adopted' if adopted else 'ready'}")
         await self._reconcile()
 
-    def _stop_soon(self, r: _Replica, why: str) -> asyncio.Task[None]:
+    def _stop_soon(self, r: ReplicaRecord, why: str) -> asyncio.Task[None]:
         """Take ``r`` out of service at once and stop its engine in the background (its
         devices stay leased until it has)."""
         r.state = "stopping"
@@ -829,19 +718,22 @@ class Controller:
         self._event(f"stop replica {r.replica_id}: {why}")
         return spawn(self._stop(r))
 
-    async def _stop(self, r: _Replica) -> None:
+    async def _stop(self, r: ReplicaRecord) -> None:
         try:
-            if r.handle is not None:
-                await asyncio.wait_for(r.handle.shutdown.remote(), 10)
+            handle = self.handles.get(r.replica_id)
+            if handle is not None:
+                await asyncio.wait_for(handle.shutdown.remote(), 10)
         except Exception:
             pass
         self._free(r)
         self._stopping.pop(r.replica_id, None)
+        self.handles.pop(r.replica_id, None)
 
-    def _free(self, r: _Replica) -> None:
+    def _free(self, r: ReplicaRecord) -> None:
         """Kill the replica's actor and give its bundle back to the pool."""
-        if r.handle is not None:
-            ray.kill(r.handle, no_restart=True)
+        handle = self.handles.get(r.replica_id)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
         if r.lease is not None:
             actors.get_or_start_pool(r.lease.accelerator_type).release.remote(r.replica_id)
 
@@ -850,11 +742,12 @@ class Controller:
         now = time.monotonic()
         ready = [r for r in self.replicas.values() if r.state == "ready"]
 
-        async def check(r: _Replica) -> None:
+        async def check(r: ReplicaRecord) -> None:
+            handle = self.handles.get(r.replica_id)
             try:
-                r.stats = await asyncio.wait_for(r.handle.stats.remote(), 5)
+                r.stats = await asyncio.wait_for(handle.stats.remote(), 5)
                 if now - r.last_probe >= PROBE_PERIOD_S:
-                    await asyncio.wait_for(r.handle.probe.remote(), r.spec.probe_timeout_s + 5)
+                    await asyncio.wait_for(handle.probe.remote(), r.spec.probe_timeout_s + 5)
                     r.last_probe, r.probe_failures = now, 0
             except ray.exceptions.RayActorError as e:
                 r.state, r.error = "failed", f"actor died: {_short_error(e)}"
@@ -866,7 +759,7 @@ class Controller:
                 if r.probe_failures >= MAX_PROBE_FAILURES:
                     r.state, r.error = "failed", "failed health checks"
                     self._event(f"replica {r.replica_id} is unhealthy; replacing it")
-                    ray.kill(r.handle, no_restart=True)
+                    ray.kill(handle, no_restart=True)
 
         await asyncio.gather(*(check(r) for r in ready))
         if any(r.state == "failed" for r in ready):
@@ -882,7 +775,7 @@ class Controller:
                 await self.scheduler.configure.remote(self.spec.model_dump(), version)
         # The splits of every model go in one call: a group switch is atomic there.
         await self.scheduler.set_traffic.remote(self.registry.splits())
-        by_model: dict[str, list[_Replica]] = {}
+        by_model: dict[str, list[ReplicaRecord]] = {}
         for r in self.replicas.values():
             if r.state in ("loading", "ready"):
                 by_model.setdefault(r.spec.name, []).append(r)
