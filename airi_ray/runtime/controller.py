@@ -22,7 +22,6 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 import uuid
@@ -31,14 +30,13 @@ from typing import Any
 
 import ray
 
-from airi_ray.config import AppSpec, ModelSpec, ObservabilitySpec, parse_spec
+from airi_ray.config import AppSpec, ModelSpec, ObservabilitySpec, StorageSpec, parse_spec
 from airi_ray.core import fleet
 from airi_ray.core.autoscale import AutoscaleConfig, AutoscaleContext, AutoscaleState
 from airi_ray.core.autoscale import policy as autoscale_policy
 from airi_ray.core.errors import AiriError, InvalidRequest
 from airi_ray.core.fleet import ReplicaRecord
 from airi_ray.core.placement import Lease, Packer, ReplicaNeeds, ReplicaRequest
-from airi_ray.core.policy import KeyRecord, KeyRing
 from airi_ray.core.registry import (
     MAX_START_FAILURES,
     Event,
@@ -52,27 +50,20 @@ from airi_ray.core.registry import (
 )
 from airi_ray.core.rollout import Constraint
 from airi_ray.data.control import ControlState
+from airi_ray.runtime import cluster_kv, reembed
 
 # Import lines only (the body is being split elsewhere): ``actors`` is now ``launch``.
 from airi_ray.runtime import launch as actors
-from airi_ray.runtime import reembed
 from airi_ray.runtime.background import spawn
-from airi_ray.runtime.cluster_kv import SPEC_KEY
+from airi_ray.runtime.keys import KeyStore
 from airi_ray.runtime.pools import bundle_for, pool_nodes
 
 logger = logging.getLogger(__name__)
 
-_KEYS_KEY = b"airi/api_keys"  # key records (salted hashes): the spec's and `airi keys`'s
 LOOP_PERIOD_S = 1.0
 PROBE_PERIOD_S = 10.0
 MAX_PROBE_FAILURES = 2
 START_TIMEOUT_S = 900.0
-
-
-def saved_spec() -> AppSpec | None:
-    """The last deployed spec (without its keys), as the controller saved it."""
-    saved = ray.experimental.internal_kv._internal_kv_get(SPEC_KEY)
-    return parse_spec(json.loads(saved), source="saved spec") if saved else None
 
 
 def _needs(m: ModelSpec) -> ReplicaNeeds:
@@ -106,14 +97,8 @@ class Controller:
         self._job_refs: dict[JobKey, Any] = {}
         # Keys live only as salted hashes: from the spec's api_keys (replaced on each
         # deploy) and from `airi keys create` (kept until revoked).
-        self._spec_keys: list[KeyRecord] = []
-        self._cli_keys = KeyRing()
-        self.spec = saved_spec()  # restarted after a crash: the last deployed spec
-        keys = ray.experimental.internal_kv._internal_kv_get(_KEYS_KEY)
-        if keys:
-            data = json.loads(keys)
-            self._spec_keys = [KeyRecord.from_dict(r) for r in data["spec"]]
-            self._cli_keys = KeyRing(KeyRecord.from_dict(r) for r in data["cli"])
+        self.keys = KeyStore.load()
+        self.spec = cluster_kv.saved_spec()  # restarted after a crash: the last deployed spec
         if self.spec is not None:
             self._restore(self.spec.storage.resolved_uri())
 
@@ -167,17 +152,13 @@ class Controller:
         groups = {m.name: g.name for m in new.models if (g := new.group_of(m.name))}
         # Raises before anything changes.
         moves = self.registry.plan_deploy(new.models, groups, new.constraints())
-        now = time.time()
-        self._spec_keys = [
-            KeyRecord.create(key, t.name, now) for t in new.tenants for key in t.api_keys
-        ]
         self.spec = new.model_copy(
             update={"tenants": [t.model_copy(update={"api_keys": []}) for t in new.tenants]}
         )
-        ray.experimental.internal_kv._internal_kv_put(
-            SPEC_KEY, self.spec.model_dump_json().encode()
+        cluster_kv.save_spec(self.spec)
+        self.keys.set_spec_keys(
+            [(key, t.name) for t in new.tenants for key in t.api_keys], time.time()
         )
-        self._save_keys()
         uri = self.spec.storage.resolved_uri()
         if self._control.uri != uri:
             self._control = ControlState(uri)
@@ -278,9 +259,8 @@ class Controller:
         """How callers authenticate: ``{"mode": "keys" | "none", "records": [...]}``, the
         key records as salted hashes (callers verify keys themselves, in constant time)."""
         self._ensure_loop()
-        records = [r.to_dict() for r in [*self._spec_keys, *self._cli_keys.records()]]
         mode = self.spec.ingress.auth if self.spec is not None else "keys"
-        return {"mode": mode, "records": records}
+        return {"mode": mode, "records": self.keys.records()}
 
     def filter_config(self) -> dict[str, Any]:
         """Each tenant's content filters (``FilterSpec`` dicts), for callers to apply."""
@@ -294,8 +274,6 @@ class Controller:
 
     def storage_uri(self) -> str:
         """Where the app's durable state and collections live (a LanceDB URI)."""
-        from airi_ray.config import StorageSpec
-
         return (self.spec.storage if self.spec is not None else StorageSpec()).resolved_uri()
 
     def model_acl(self) -> dict[str, list[str]]:
@@ -319,8 +297,7 @@ class Controller:
             raise InvalidRequest(
                 f"no tenant {tenant!r} in the deployed app; tenants: {', '.join(tenants) or 'none'}"
             )
-        key, record = self._cli_keys.issue(tenant, time.time())
-        self._save_keys()
+        key, record = self.keys.issue(tenant, time.time())
         self._event(f"key {record.key_id} created for tenant {tenant!r}")
         return {"key": key, "key_id": record.key_id, "tenant": tenant}
 
@@ -331,40 +308,13 @@ class Controller:
             InvalidRequest: no such key (keys listed in the spec go away by redeploying
                 the spec without them).
         """
-        if any(r.key_id == key_id for r in self._spec_keys):
-            raise InvalidRequest(
-                f"key {key_id} comes from the app spec; remove it there and deploy again"
-            )
-        try:
-            record = self._cli_keys.revoke(key_id, time.time())
-        except ValueError as e:
-            raise InvalidRequest(str(e)) from None
-        self._save_keys()
+        info = self.keys.revoke(key_id, time.time())
         self._event(f"key {key_id} revoked")
-        return self._key_info(record, "cli")
+        return info
 
     def list_keys(self) -> list[dict[str, Any]]:
         """Every key's id, tenant, origin and dates; never a secret or a hash."""
-        return [self._key_info(r, "spec") for r in self._spec_keys] + [
-            self._key_info(r, "cli") for r in self._cli_keys.records()
-        ]
-
-    @staticmethod
-    def _key_info(record: KeyRecord, source: str) -> dict[str, Any]:
-        return {
-            "key_id": record.key_id,
-            "tenant": record.tenant,
-            "source": source,
-            "created_at": record.created_at,
-            "revoked_at": record.revoked_at,
-        }
-
-    def _save_keys(self) -> None:
-        data = {
-            "spec": [r.to_dict() for r in self._spec_keys],
-            "cli": [r.to_dict() for r in self._cli_keys.records()],
-        }
-        ray.experimental.internal_kv._internal_kv_put(_KEYS_KEY, json.dumps(data).encode())
+        return self.keys.listing()
 
     def app_spec(self) -> dict[str, Any] | None:
         return self.spec.model_dump() if self.spec else None
@@ -405,8 +355,8 @@ class Controller:
     async def shutdown(self) -> None:
         """Stop every replica and forget the spec and the registry."""
         self.spec = None
-        ray.experimental.internal_kv._internal_kv_del(SPEC_KEY)
-        ray.experimental.internal_kv._internal_kv_del(_KEYS_KEY)
+        cluster_kv.delete_spec()
+        cluster_kv.delete_keys()
         if self._loop_task:
             self._loop_task.cancel()
         await asyncio.gather(
