@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
@@ -50,6 +51,7 @@ from airi_ray.core.registry import (
 )
 from airi_ray.core.rollout import Constraint
 from airi_ray.data.control import ControlState
+from airi_ray.obs.metrics import ControllerMetrics
 from airi_ray.runtime import cluster_kv, reembed
 
 # Import lines only (the body is being split elsewhere): ``actors`` is now ``launch``.
@@ -86,6 +88,7 @@ class Controller:
         self.desired: dict[str, int] = {}  # model -> replicas the autoscaler wants
         self._scaling: dict[str, AutoscaleState] = {}
         self.registry = Registry()  # models, their versions, rollouts and group switches
+        self.metrics = ControllerMetrics()
         self.scheduler = actors.get_or_start_scheduler()
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
@@ -468,17 +471,37 @@ class Controller:
             self._loop_task = spawn(self._run_loop())
 
     async def _run_loop(self) -> None:
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("check_replicas", self._check_replicas),
+            ("rollouts", self._step_rollouts),
+            ("drain", self._drain_step),
+            ("autoscale", self._autoscale),
+            ("reconcile", self._reconcile),
+            ("persist", self._persist_step),
+        ]
         while True:
-            try:
-                await self._check_replicas()
-                await self._step_rollouts()
-                await self._drain_step()
-                await self._autoscale()
-                await self._reconcile()
-                self._persist()
-            except Exception:  # the loop must survive anything one iteration does
-                logger.exception("controller loop iteration failed")
+            for name, step in steps:
+                await self._run_step(name, step)
             await asyncio.sleep(LOOP_PERIOD_S)
+
+    async def _run_step(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
+        """One step of the loop, timed; one that fails is logged and counted, and the loop
+        goes on with the next (a failing rollout step must not skip the reconcile)."""
+        began = time.perf_counter()
+        try:
+            await step()
+        except Exception:
+            logger.exception("controller loop step %s failed", name)
+            self.metrics.step_failures.labels(name).inc()
+        finally:
+            self.metrics.step_seconds.labels(name).observe(time.perf_counter() - began)
+
+    async def _persist_step(self) -> None:
+        self._persist()
+
+    def metrics_text(self) -> bytes:
+        """The controller's metrics (loop step timings and failures), Prometheus text."""
+        return self.metrics.text()
 
     def _targets(self) -> dict[str, tuple[ModelSpec, int | None]]:
         """Replicas wanted per version key (``Registry.targets``)."""
