@@ -13,11 +13,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from airi_ray.core.placement import Lease
-from airi_ray.core.registry import Registry, VersionSpec, rollout_info, version_key
+from airi_ray.core.autoscale import AutoscaleConfig, AutoscaleContext, AutoscaleState, ScaleDecision
+from airi_ray.core.autoscale import policy as autoscale_policy
+from airi_ray.core.errors import InvalidRequest
+from airi_ray.core.placement import Lease, Packer, ReplicaNeeds, ReplicaRequest
+from airi_ray.core.registry import (
+    MAX_START_FAILURES,
+    Registry,
+    VersionSpec,
+    rollout_info,
+    version_key,
+)
 from airi_ray.core.routing import ReplicaView
 
 
@@ -87,6 +96,75 @@ def wanted(spec: VersionSpec, desired: Mapping[str, int]) -> int:
     floor = 0 if a.scale_to_zero else a.min_replicas  # 0: starts cold
     start = min(max(spec.replicas, floor), a.max_replicas)
     return desired.get(spec.name, start)
+
+
+def needs(spec: VersionSpec) -> ReplicaNeeds:
+    """What one replica of a placed model asks of the pools."""
+    p = spec.placement
+    assert p is not None
+    return ReplicaNeeds(spec.name, tuple(p.accelerator_types), p.devices, p.fraction, p.memory_gib)
+
+
+def room_for(spec: VersionSpec, packer: Callable[[], Packer], most: int) -> int:
+    """How many more replicas of ``spec`` the pools could host (up to ``most``), trying
+    on a fresh ``packer()`` (placing changes a packer)."""
+    if spec.placement is None or most <= 0:
+        return max(most, 0)
+    trial = [ReplicaRequest(f"trial-{i}", needs(spec)) for i in range(most)]
+    return len(packer().place(trial).leases)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaled:
+    """One model's autoscaling step: its replica count and policy state after it."""
+
+    spec: VersionSpec
+    replicas: int
+    state: AutoscaleState
+    decision: ScaleDecision
+
+
+def plan_autoscale(
+    specs: Sequence[VersionSpec],
+    signals: Mapping[str, Mapping[str, Any]],
+    now: float,
+    desired: Mapping[str, int],
+    scaling: Mapping[str, AutoscaleState],
+    packer: Callable[[], Packer],
+    loading: Mapping[str, int],
+) -> list[Scaled]:
+    """One step of the autoscaling policy for every stable version with ``autoscale``.
+
+    Args:
+        specs: the stable versions that autoscale.
+        signals: per model, the scheduler's load signals.
+        now: the monotonic clock, in seconds.
+        desired, scaling: the counts and policy states of the previous step.
+        packer: makes a packer of the pools as they stand.
+        loading: per version key, its replicas still loading.
+    """
+    out = []
+    for m in specs:
+        assert m.autoscale is not None
+        current = wanted(m, desired)
+        config = AutoscaleConfig(**m.autoscale.model_dump())
+        sig = signals.get(m.name, {})
+        replicas, state, decision = autoscale_policy(
+            AutoscaleContext(
+                config,
+                now,
+                current,
+                queued_tokens=sig.get("queued_tokens", 0),
+                running_tokens=sig.get("running_tokens", 0),
+                ttft_p99_s=sig.get("ttft_p99_s"),
+                requests_in_window=sig.get("requests_in_window", 0),
+                pool_free_replicas=room_for(m, packer, config.max_replicas - current),
+                state=scaling.get(m.name),
+                loading_replicas=loading.get(m.key, 0),
+            )
+        )
+        out.append(Scaled(m, replicas, state, decision))
+    return out
 
 
 # -- reconcile --------------------------------------------------------------------------
@@ -174,6 +252,59 @@ def plan_reconcile(
         if count > len(alive):
             actions.append(Start(spec, count - len(alive)))
     return actions
+
+
+def deploy_waiting(
+    registry: Registry,
+    records: Sequence[ReplicaRecord],
+    desired: Mapping[str, int],
+    pending: Mapping[str, str],
+    failed_starts: Mapping[str, str | None],
+    moving: Mapping[str, tuple[str, str]],
+    groups: Collection[str],
+) -> list[str]:
+    """What a deploy still waits for: models whose stable version lacks ready replicas
+    (one pending for room in its pools does not hold the deploy up: it starts when
+    capacity appears), and the switches it started that have not finished (a canary once
+    it has begun).
+
+    Args:
+        failed_starts: the version keys given up on, each with its last start error.
+        moving: the rollouts the deploy started: model -> (candidate, strategy).
+        groups: the group switches the deploy started.
+
+    Raises:
+        InvalidRequest: a model failed to start, or a rollout rolled back.
+    """
+    for name, entry in registry.models.items():
+        key = version_key(name, entry.stable)
+        if key in failed_starts:
+            raise InvalidRequest(
+                f"model {name!r} failed to start {MAX_START_FAILURES} times; last "
+                f"error: {failed_starts[key]}"
+            )
+    for name, (candidate, _) in moving.items():
+        found = registry.models.get(name)
+        last = found.last if found is not None else None
+        if last and last["candidate"] == candidate and last["outcome"] == "rolled_back":
+            raise InvalidRequest(f"the rollout of {name} to {candidate}: {last['reason']}")
+    waiting = []
+    for name, entry in registry.models.items():
+        key = version_key(name, entry.stable)
+        mine = of(records, key)
+        short = sum(r.state == "ready" for r in mine) < wanted(entry.specs[entry.stable], desired)
+        parked = key in pending and not any(r.state == "loading" for r in mine)
+        if short and not parked:
+            waiting.append(name)
+    for name, (candidate, strategy) in moving.items():
+        ro = registry.models[name].rollout if name in registry.models else None
+        if (
+            ro is not None
+            and ro.candidate == candidate
+            and (strategy != "canary" or ro.step_index < 0)
+        ):
+            waiting.append(name)
+    return waiting + [g for g in groups if g in registry.groups]
 
 
 # -- status -----------------------------------------------------------------------------

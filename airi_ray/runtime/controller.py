@@ -33,11 +33,10 @@ import ray
 
 from airi_ray.config import AppSpec, ModelSpec, ObservabilitySpec, StorageSpec, parse_spec
 from airi_ray.core import fleet
-from airi_ray.core.autoscale import AutoscaleConfig, AutoscaleContext, AutoscaleState
-from airi_ray.core.autoscale import policy as autoscale_policy
+from airi_ray.core.autoscale import AutoscaleState
 from airi_ray.core.errors import AiriError, InvalidRequest
 from airi_ray.core.fleet import ReplicaRecord
-from airi_ray.core.placement import Lease, Packer, ReplicaNeeds, ReplicaRequest
+from airi_ray.core.placement import Lease, Packer, ReplicaRequest
 from airi_ray.core.registry import (
     MAX_START_FAILURES,
     Event,
@@ -66,13 +65,6 @@ LOOP_PERIOD_S = 1.0
 PROBE_PERIOD_S = 10.0
 MAX_PROBE_FAILURES = 2
 START_TIMEOUT_S = 900.0
-
-
-def _needs(m: ModelSpec) -> ReplicaNeeds:
-    """What one replica of a placed model asks of the pools."""
-    p = m.placement
-    assert p is not None
-    return ReplicaNeeds(m.name, tuple(p.accelerator_types), p.devices, p.fraction, p.memory_gib)
 
 
 class Controller:
@@ -593,44 +585,30 @@ class Controller:
             return
         signals = await self.scheduler.autoscale_signals.remote()
         nodes = ray.nodes() if any(m.placement for m in models) else []
-        now = time.monotonic()
-        for m in models:
-            assert m.autoscale is not None
-            current = self._wanted(m)
-            config = AutoscaleConfig(**m.autoscale.model_dump())
-            sig = signals.get(m.name, {})
-            replicas, self._scaling[m.name], decision = autoscale_policy(
-                AutoscaleContext(
-                    config,
-                    now,
-                    current,
-                    queued_tokens=sig.get("queued_tokens", 0),
-                    running_tokens=sig.get("running_tokens", 0),
-                    ttft_p99_s=sig.get("ttft_p99_s"),
-                    requests_in_window=sig.get("requests_in_window", 0),
-                    pool_free_replicas=self._room_for(m, nodes, config.max_replicas - current),
-                    state=self._scaling.get(m.name),
-                    loading_replicas=sum(r.state == "loading" for r in self._of(m.key)),
-                )
-            )
-            self.desired[m.name] = replicas
-            if decision.direction != "hold":
-                self._event(f"autoscale {m.key}: {decision.reason}")
-                self.scheduler.record_scaling.remote(m.name, decision.direction, replicas)
-
-    def _room_for(self, m: ModelSpec, nodes: list[dict[str, Any]], most: int) -> int:
-        """How many more replicas of ``m`` the pools could host (up to ``most``)."""
-        if m.placement is None or most <= 0:
-            return max(most, 0)
-        trial = [ReplicaRequest(f"trial-{i}", _needs(m)) for i in range(most)]
-        return len(self._packer(nodes).place(trial).leases)
+        loading = collections.Counter(
+            r.spec.key for r in self.replicas.values() if r.state == "loading"
+        )
+        for s in fleet.plan_autoscale(
+            models,
+            signals,
+            time.monotonic(),
+            self.desired,
+            self._scaling,
+            lambda: self._packer(nodes),
+            loading,
+        ):
+            name = s.spec.name
+            self.desired[name], self._scaling[name] = s.replicas, s.state
+            if s.decision.direction != "hold":
+                self._event(f"autoscale {s.spec.key}: {s.decision.reason}")
+                self.scheduler.record_scaling.remote(name, s.decision.direction, s.replicas)
 
     def _start(self, m: ModelSpec, nodes: list[dict[str, Any]]) -> bool:
         """Start one replica of ``m``; False if its pools have no room (it stays pending)."""
         rid = f"{m.name}-{m.version}-{uuid.uuid4().hex[:6]}"
         lease = None
         if m.placement is not None:
-            placed = self._packer(nodes).place([ReplicaRequest(rid, _needs(m))])
+            placed = self._packer(nodes).place([ReplicaRequest(rid, fleet.needs(m))])
             if placed.pending:
                 reason = placed.pending[0].reason
                 if self.pending.get(m.key) != reason:
@@ -774,40 +752,15 @@ class Controller:
             if e.rollout is not None
         }
         groups = set(self.registry.groups)
-        while True:
-            for name, entry in self.registry.models.items():
-                key = version_key(name, entry.stable)
-                if self.start_failures.get(key, 0) >= MAX_START_FAILURES:
-                    raise InvalidRequest(
-                        f"model {name!r} failed to start {MAX_START_FAILURES} times; last "
-                        f"error: {self.start_errors.get(key)}"
-                    )
-            for name, (candidate, _) in moving.items():
-                entry = self.registry.models.get(name)
-                last = entry.last if entry is not None else None
-                if last and last["candidate"] == candidate and last["outcome"] == "rolled_back":
-                    raise InvalidRequest(f"the rollout of {name} to {candidate}: {last['reason']}")
-            waiting = []
-            for name, entry in self.registry.models.items():
-                key = version_key(name, entry.stable)
-                mine = self._of(key)
-                wanted = self._wanted(entry.specs[entry.stable])
-                short = sum(r.state == "ready" for r in mine) < wanted
-                # Pending for room in its pools, it does not hold the deploy up.
-                parked = key in self.pending and not any(r.state == "loading" for r in mine)
-                if short and not parked:
-                    waiting.append(name)
-            waiting += [
-                name
-                for name, (candidate, strategy) in moving.items()
-                if name in self.registry.models
-                and (ro := self.registry.models[name].rollout) is not None
-                and ro.candidate == candidate
-                and (strategy != "canary" or ro.step_index < 0)
-            ]
-            waiting += [g for g in groups if g in self.registry.groups]
-            if not waiting:
-                return
+        while fleet.deploy_waiting(
+            self.registry,
+            list(self.replicas.values()),
+            self.desired,
+            self.pending,
+            self._failed_starts(),
+            moving,
+            groups,
+        ):
             await asyncio.sleep(0.2)
 
     def _event(self, text: str) -> None:

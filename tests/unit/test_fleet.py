@@ -1,13 +1,18 @@
 """The replica fleet: the reconcile plan (start, stop, respec, forget), the replicas each
-version wants, and the status views."""
+version wants, what a deploy waits for, autoscaling steps, and the status views."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
+
+import pytest
 
 from airi_ray.config import ModelSpec
 from airi_ray.core import fleet
+from airi_ray.core.errors import InvalidRequest
 from airi_ray.core.fleet import Forget, ReplicaRecord, Respec, Start, Stop
+from airi_ray.core.placement import Packer
 from airi_ray.core.registry import Registry
 
 
@@ -108,3 +113,40 @@ def test_the_status_views_show_versions_traffic_and_replicas() -> None:
         ("r1", "m@v1", "ready"),
         ("r2", "m@v2", "loading"),
     ]
+
+
+def test_a_deploy_waits_for_ready_replicas_but_not_for_a_model_without_room() -> None:
+    spec = _spec(replicas=2)
+    reg = Registry()
+    reg.register([spec.all_versions()], reg.plan_deploy([spec], {}, []))
+    one = [_rec("r1", spec)]
+    assert fleet.deploy_waiting(reg, one, {}, {}, {}, {}, ()) == ["m"]
+    assert fleet.deploy_waiting(reg, one, {}, {"m@v1": "no room"}, {}, {}, ()) == []
+    loading = [*one, _rec("r2", spec, "loading")]
+    assert fleet.deploy_waiting(reg, loading, {}, {"m@v1": "no room"}, {}, {}, ()) == ["m"]
+    with pytest.raises(InvalidRequest, match="failed to start 3 times; last error: oom"):
+        fleet.deploy_waiting(reg, one, {}, {}, {"m@v1": "oom"}, {}, ())
+
+
+def test_a_deploy_waits_for_its_switches_and_for_a_canarys_first_step() -> None:
+    spec = _spec(versions={"v2": {}}, rollout={"strategy": "canary", "steps": [50, 100]})
+    reg = Registry()
+    reg.register([spec.all_versions()], reg.plan_deploy([spec], {}, []))
+    reg.rollout("m", "v2", None, None, None, None, [])
+    records = [_rec("r1", spec)]
+    moving = {"m": ("v2", "canary")}
+    assert fleet.deploy_waiting(reg, records, {}, {}, {}, moving, ()) == ["m"]
+    reg.models["m"].rollout = replace(reg.models["m"].rollout, step_index=0)  # type: ignore[arg-type]
+    assert fleet.deploy_waiting(reg, records, {}, {}, {}, moving, ()) == []
+    reg.rollback("m", [], 1.0)
+    with pytest.raises(InvalidRequest, match="the rollout of m to v2: rolled back to v1"):
+        fleet.deploy_waiting(reg, records, {}, {}, {}, moving, ())
+
+
+def test_autoscaling_asks_the_policy_with_the_room_the_pools_have() -> None:
+    spec = _spec(autoscale={"min_replicas": 1, "max_replicas": 3, "target_tokens_per_replica": 100})
+    signals = {"m": {"queued_tokens": 1000, "requests_in_window": 5}}
+    [s] = fleet.plan_autoscale([spec], signals, 0.0, {}, {}, lambda: Packer([]), {})
+    assert (s.replicas, s.decision.direction) == (3, "up")
+    [quiet] = fleet.plan_autoscale([spec], {}, 0.0, {"m": 3}, {}, lambda: Packer([]), {})
+    assert quiet.decision.direction in ("hold", "down") and quiet.replicas <= 3
