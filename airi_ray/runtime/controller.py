@@ -40,9 +40,6 @@ from airi_ray.core.placement import Lease, Packer, ReplicaRequest
 from airi_ray.core.registry import (
     MAX_START_FAILURES,
     Event,
-    Job,
-    JobKey,
-    JobState,
     Note,
     Registry,
     RolloutActed,
@@ -51,10 +48,7 @@ from airi_ray.core.registry import (
 from airi_ray.core.rollout import Constraint
 from airi_ray.data.control import ControlState
 from airi_ray.obs.metrics import ControllerMetrics
-from airi_ray.runtime import cluster_kv, reembed
-
-# Import lines only (the body is being split elsewhere): ``actors`` is now ``launch``.
-from airi_ray.runtime import launch as actors
+from airi_ray.runtime import cluster_kv, launch, reembed
 from airi_ray.runtime.background import spawn
 from airi_ray.runtime.keys import KeyStore
 from airi_ray.runtime.pools import bundle_for, pool_nodes
@@ -81,15 +75,12 @@ class Controller:
         self._scaling: dict[str, AutoscaleState] = {}
         self.registry = Registry()  # models, their versions, rollouts and group switches
         self.metrics = ControllerMetrics()
-        self.scheduler = actors.get_or_start_scheduler()
+        self.scheduler = launch.get_or_start_scheduler()
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self._control = ControlState(None)
         self._to_adopt: dict[str, dict[str, Any]] = {}  # saved replicas not yet found again
-        # Re-embedding jobs by (kind, model, version), and the refs of the running ones. Not
-        # saved: a restarted controller runs them again (idempotent).
-        self._jobs: dict[JobKey, Job] = {}
-        self._job_refs: dict[JobKey, Any] = {}
+        self.jobs = reembed.Jobs(_short_error)  # re-embedding jobs of embedding models
         # Keys live only as salted hashes: from the spec's api_keys (replaced on each
         # deploy) and from `airi keys create` (kept until revoked).
         self.keys = KeyStore.load()
@@ -162,12 +153,12 @@ class Controller:
         self.start_errors.clear()
         await self.scheduler.configure.remote(self.spec.model_dump(), self._spec_version())
         # Durable state first: the executor finds the store when it starts.
-        await actors.get_or_start_context_store(uri).ping.remote()
-        actors.get_or_start_graph_executor()
-        await actors.get_or_start_observer().configure.remote(self.spec.observability.model_dump())
+        await launch.get_or_start_context_store(uri).ping.remote()
+        launch.get_or_start_graph_executor()
+        await launch.get_or_start_observer().configure.remote(self.spec.observability.model_dump())
         if self.spec.features:
             views = [f.model_dump() for f in self.spec.features]
-            server = actors.get_or_start_feature_server(uri, views)
+            server = launch.get_or_start_feature_server(uri, views)
             await server.configure.remote(views)
         self._event(
             f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}"
@@ -381,34 +372,12 @@ class Controller:
                 self._start_job(e.kind, e.model, e.version)
 
     def _start_job(self, kind: str, model: str, version: str) -> None:
-        """Start a re-embedding job (``reembed.prepare`` or ``reembed.activate``) unless it
-        ran already."""
-        key = (kind, model, version)
-        if key in self._jobs:
-            return
-        task = reembed.prepare if kind == "prepare" else reembed.activate
-        self._job_refs[key] = task.remote(self.storage_uri(), model, version)
-        self._jobs[key] = Job(JobState.RUNNING)
-        self._event(f"{kind} collections of {model} for version {version}: started")
+        if self.jobs.start(kind, model, version, self.storage_uri()):
+            self._event(f"{kind} collections of {model} for version {version}: started")
 
     def _poll_jobs(self) -> None:
-        """Take in the outcome of the re-embedding jobs that finished."""
-        for key, ref in list(self._job_refs.items()):
-            done, _ = ray.wait([ref], timeout=0)
-            if not done:
-                continue
-            del self._job_refs[key]
-            kind, model, version = key
-            try:
-                counts = ray.get(ref)
-            except Exception as e:
-                self._jobs[key] = Job(JobState.FAILED, _short_error(e))
-            else:
-                self._jobs[key] = Job(JobState.DONE)
-                embedded = (
-                    ", ".join(f"{n} {c} chunks" for n, c in counts.items()) or "no collections"
-                )
-                self._event(f"{kind} collections of {model} for version {version}: {embedded}")
+        for text in self.jobs.poll():
+            self._event(text)
 
     def _failed_starts(self) -> dict[str, str | None]:
         """The version keys given up on, each with its last start error."""
@@ -426,7 +395,7 @@ class Controller:
         ready = {r.spec.key for r in self.replicas.values() if r.state == "ready"}
         self._act(
             self.registry.step_rollouts(
-                time.time(), stats, self._failed_starts(), ready, self._jobs
+                time.time(), stats, self._failed_starts(), ready, self.jobs.states
             )
         )
 
@@ -448,7 +417,7 @@ class Controller:
                 key = version_key(name, v)
                 busy[key] = sum(load.get(r.replica_id, 0) for r in self._of(key))
         self._poll_jobs()
-        self._act(self.registry.drain(now, busy, self._jobs))
+        self._act(self.registry.drain(now, busy, self.jobs.states))
 
     # -- reconcile ---------------------------------------------------------------------
 
@@ -548,11 +517,11 @@ class Controller:
             try:
                 if spec is None:
                     raise LookupError(f"{rec['key']} is no longer in the registry")
-                handle = actors.get_actor(rid)
+                handle = launch.get_actor(rid)
             except Exception as e:
                 self._event(f"replica {rid} from before the restart is gone: {_short_error(e)}")
                 if lease is not None:
-                    actors.get_or_start_pool(lease.accelerator_type).release.remote(rid)
+                    launch.get_or_start_pool(lease.accelerator_type).release.remote(rid)
                 continue
             r = ReplicaRecord(rid, spec, rec["started_at"], lease=lease)
             self.replicas[rid], self.handles[rid] = r, handle
@@ -633,12 +602,12 @@ class Controller:
                 placement = None
                 if r.lease is not None:
                     bundle = bundle_for(r.lease, nodes, r.spec.num_cpus)
-                    pool = actors.get_or_start_pool(r.lease.accelerator_type)
+                    pool = launch.get_or_start_pool(r.lease.accelerator_type)
                     group = await pool.reserve.remote(dataclasses.asdict(r.lease), bundle)
                     placement = (group, bundle)
                 if r.state != "loading":
                     raise RuntimeError("stopped while being placed")
-                self.handles[r.replica_id] = actors.start_replica(r.replica_id, r.spec, placement)
+                self.handles[r.replica_id] = launch.start_replica(r.replica_id, r.spec, placement)
             self._persist()  # a restarted controller finds it by name
             handle = self.handles[r.replica_id]
             info = await asyncio.wait_for(handle.start.remote(), START_TIMEOUT_S)
@@ -686,7 +655,7 @@ class Controller:
         if handle is not None:
             ray.kill(handle, no_restart=True)
         if r.lease is not None:
-            actors.get_or_start_pool(r.lease.accelerator_type).release.remote(r.replica_id)
+            launch.get_or_start_pool(r.lease.accelerator_type).release.remote(r.replica_id)
 
     async def _check_replicas(self) -> None:
         """Read engine stats; probe health now and then; drop dead or hung replicas."""
