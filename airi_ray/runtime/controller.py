@@ -14,6 +14,10 @@ retires (replicas stopped, bundles freed). Models in a group switch together, in
 scheduler call. The registry, rollouts, autoscaler state and replica records are saved
 in LanceDB under the app's storage URI (``data.control``); replicas are detached actors,
 so a killed controller comes back to the same replicas, and serving never stops meanwhile.
+
+The decisions are pure (``core.registry``, ``core.fleet``); the replica actors are
+started, probed and stopped by ``runtime.replicas``; this actor feeds the one what it
+observes and has the other carry out what was decided.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import dataclasses
 import hashlib
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,9 +37,8 @@ import ray
 from airi_ray.config import AppSpec, ModelSpec, ObservabilitySpec, StorageSpec, parse_spec
 from airi_ray.core import fleet
 from airi_ray.core.autoscale import AutoscaleState
-from airi_ray.core.errors import AiriError, InvalidRequest
+from airi_ray.core.errors import InvalidRequest
 from airi_ray.core.fleet import ReplicaRecord
-from airi_ray.core.placement import Lease, Packer, ReplicaRequest
 from airi_ray.core.registry import (
     MAX_START_FAILURES,
     Event,
@@ -51,26 +53,22 @@ from airi_ray.obs.metrics import ControllerMetrics
 from airi_ray.runtime import cluster_kv, launch, reembed
 from airi_ray.runtime.background import spawn
 from airi_ray.runtime.keys import KeyStore
-from airi_ray.runtime.pools import bundle_for, pool_nodes
+from airi_ray.runtime.replicas import ReplicaSet, short_error
 
 logger = logging.getLogger(__name__)
 
 LOOP_PERIOD_S = 1.0
-PROBE_PERIOD_S = 10.0
-MAX_PROBE_FAILURES = 2
-START_TIMEOUT_S = 900.0
 
 
 class Controller:
     def __init__(self) -> None:
         self.spec: AppSpec | None = None
-        self.replicas: dict[str, ReplicaRecord] = {}
-        self._stopping: dict[str, ReplicaRecord] = {}  # taken out, their engines shutting down
-        self.handles: dict[str, Any] = {}  # replica id -> actor handle, while it has one
-        self.start_failures: dict[str, int] = {}  # by version key (name@version)
-        self.start_errors: dict[str, str] = {}
         self.events: deque[str] = deque(maxlen=200)
-        self.pending: dict[str, str] = {}  # version key -> why a replica could not be placed
+        self.fleet = ReplicaSet(self._event, self._persist, self._replica_ready)
+        # What the loop reads most, under short names (the same objects as the set's).
+        self.replicas = self.fleet.records
+        self.start_failures, self.start_errors = self.fleet.start_failures, self.fleet.start_errors
+        self.pending = self.fleet.pending
         self.desired: dict[str, int] = {}  # model -> replicas the autoscaler wants
         self._scaling: dict[str, AutoscaleState] = {}
         self.registry = Registry()  # models, their versions, rollouts and group switches
@@ -80,7 +78,7 @@ class Controller:
         self._lock: asyncio.Lock | None = None
         self._control = ControlState(None)
         self._to_adopt: dict[str, dict[str, Any]] = {}  # saved replicas not yet found again
-        self.jobs = reembed.Jobs(_short_error)  # re-embedding jobs of embedding models
+        self.jobs = reembed.Jobs(short_error)  # re-embedding jobs of embedding models
         # Keys live only as salted hashes: from the spec's api_keys (replaced on each
         # deploy) and from `airi keys create` (kept until revoked).
         self.keys = KeyStore.load()
@@ -112,12 +110,7 @@ class Controller:
                     "desired": self.desired,
                     "state": {n: dataclasses.asdict(s) for n, s in self._scaling.items()},
                 },
-                "replicas": {
-                    r.replica_id: r.record()
-                    for r in self.replicas.values()
-                    if r.state in ("loading", "ready") and r.replica_id in self.handles
-                }
-                | self._to_adopt,
+                "replicas": self.fleet.saved() | self._to_adopt,
             }
         )
 
@@ -323,20 +316,8 @@ class Controller:
         """Capacity, use and fragmentation per accelerator pool (placed models only)."""
         if self.spec is None or not any(m.placement for m in self.spec.models):
             return {}
-        reports = self._packer(ray.nodes()).reports()
+        reports = self.fleet.packer(ray.nodes()).reports()
         return {kind: dataclasses.asdict(rep) for kind, rep in reports.items()}
-
-    def _packer(self, nodes: list[dict[str, Any]]) -> Packer:
-        """The pools as they stand: the cluster's nodes and the leases of live replicas
-        (a lease on a node that left the cluster is gone with it)."""
-        capacity = pool_nodes(nodes)
-        present = {n.node_id for n in capacity}
-        leases = [
-            r.lease
-            for r in [*self.replicas.values(), *self._stopping.values()]
-            if r.lease is not None and r.lease.node_id in present
-        ]
-        return Packer(capacity, leases)
 
     async def shutdown(self) -> None:
         """Stop every replica and forget the spec and the registry."""
@@ -346,7 +327,7 @@ class Controller:
         if self._loop_task:
             self._loop_task.cancel()
         await asyncio.gather(
-            *(self._stop_soon(r, "shutdown") for r in list(self.replicas.values()))
+            *(self.fleet.stop_soon(r, "shutdown") for r in list(self.replicas.values()))
         )
         self.registry, self.desired, self._scaling = Registry(), {}, {}
         self._to_adopt = {}
@@ -482,16 +463,14 @@ class Controller:
             )
             for action in plan:
                 if isinstance(action, fleet.Stop):
-                    self._stop_soon(self.replicas[action.replica_id], action.reason)
+                    self.fleet.stop_soon(self.replicas[action.replica_id], action.reason)
                 elif isinstance(action, fleet.Respec):
                     self.replicas[action.replica_id].spec = action.spec
                 elif isinstance(action, fleet.Forget):
-                    r = self.replicas.pop(action.replica_id)  # dead or hung: its bundle goes
-                    self._free(r)  # back first
-                    self.handles.pop(r.replica_id, None)
+                    self.fleet.forget(action.replica_id)
                 else:
                     for _ in range(action.count):
-                        if not self._start(action.spec, nodes):
+                        if not self.fleet.start(action.spec, nodes):
                             break
             self._update_states(targets)
             await self._push_views()
@@ -505,36 +484,22 @@ class Controller:
         self._act(self.registry.update_states(targets, present, ready))
 
     def _adopt(self) -> None:
-        """Take back the replicas a killed controller left running (they are detached):
-        each is found by name and asked for its engine info again."""
+        """Take back the replicas a killed controller left running (``ReplicaSet.adopt``)."""
         saved, self._to_adopt = self._to_adopt, {}
-        for rid, rec in saved.items():
-            name, version = rec["key"].split("@", 1)
+
+        def spec_of(key: str) -> ModelSpec | None:
+            name, version = key.split("@", 1)
             entry = self.registry.models.get(name)
-            spec = entry.specs.get(version) if entry else None
-            lease = rec["lease"]
-            lease = Lease(**lease | {"devices": tuple(lease["devices"])}) if lease else None
-            try:
-                if spec is None:
-                    raise LookupError(f"{rec['key']} is no longer in the registry")
-                handle = launch.get_actor(rid)
-            except Exception as e:
-                self._event(f"replica {rid} from before the restart is gone: {_short_error(e)}")
-                if lease is not None:
-                    launch.get_or_start_pool(lease.accelerator_type).release.remote(rid)
-                continue
-            r = ReplicaRecord(rid, spec, rec["started_at"], lease=lease)
-            self.replicas[rid], self.handles[rid] = r, handle
-            if rec["state"] == "ready":  # it serves on: the health checks watch it as usual
-                r.state, r.last_probe = "ready", time.monotonic()
-                r.max_model_len, r.kv_capacity_tokens = (
-                    rec["max_model_len"],
-                    rec["kv_capacity_tokens"],
-                )
-                self._event(f"adopted replica {rid} ({spec.key})")
-            else:  # it was loading: wait for it as its starter would have
-                self._event(f"adopting replica {rid} ({spec.key}), still loading")
-                spawn(self._await_start(r, [], adopted=True))
+            return entry.specs.get(version) if entry else None
+
+        self.fleet.adopt(saved, spec_of)
+
+    async def _replica_ready(self, r: ReplicaRecord) -> None:
+        """A replica became ready: its version's context window is known; act on it."""
+        entry = self.registry.models.get(r.spec.name)
+        if entry is not None:
+            entry.context[r.spec.version] = r.max_model_len
+        await self._reconcile()
 
     def _of(self, key: str) -> list[ReplicaRecord]:
         """The replicas of one version (``name@version``)."""
@@ -563,7 +528,7 @@ class Controller:
             time.monotonic(),
             self.desired,
             self._scaling,
-            lambda: self._packer(nodes),
+            lambda: self.fleet.packer(nodes),
             loading,
         ):
             name = s.spec.name
@@ -572,117 +537,10 @@ class Controller:
                 self._event(f"autoscale {s.spec.key}: {s.decision.reason}")
                 self.scheduler.record_scaling.remote(name, s.decision.direction, s.replicas)
 
-    def _start(self, m: ModelSpec, nodes: list[dict[str, Any]]) -> bool:
-        """Start one replica of ``m``; False if its pools have no room (it stays pending)."""
-        rid = f"{m.name}-{m.version}-{uuid.uuid4().hex[:6]}"
-        lease = None
-        if m.placement is not None:
-            placed = self._packer(nodes).place([ReplicaRequest(rid, fleet.needs(m))])
-            if placed.pending:
-                reason = placed.pending[0].reason
-                if self.pending.get(m.key) != reason:
-                    self._event(f"model {m.key} pending: {reason}")
-                self.pending[m.key] = reason
-                return False
-            lease = placed.leases[0]
-        self.pending.pop(m.key, None)
-        r = ReplicaRecord(rid, m, time.time(), lease=lease)
-        self.replicas[rid] = r
-        where = f" on {lease.accelerator_type} {lease.node_id}" if lease else ""
-        self._event(f"start replica {rid}{where}")
-        spawn(self._await_start(r, nodes))
-        return True
-
-    async def _await_start(
-        self, r: ReplicaRecord, nodes: list[dict[str, Any]], adopted: bool = False
-    ) -> None:
-        key = r.spec.key
-        try:
-            if not adopted:
-                placement = None
-                if r.lease is not None:
-                    bundle = bundle_for(r.lease, nodes, r.spec.num_cpus)
-                    pool = launch.get_or_start_pool(r.lease.accelerator_type)
-                    group = await pool.reserve.remote(dataclasses.asdict(r.lease), bundle)
-                    placement = (group, bundle)
-                if r.state != "loading":
-                    raise RuntimeError("stopped while being placed")
-                self.handles[r.replica_id] = launch.start_replica(r.replica_id, r.spec, placement)
-            self._persist()  # a restarted controller finds it by name
-            handle = self.handles[r.replica_id]
-            info = await asyncio.wait_for(handle.start.remote(), START_TIMEOUT_S)
-        except Exception as e:
-            r.state, r.error = "failed", _short_error(e)
-            self.start_failures[key] = self.start_failures.get(key, 0) + 1
-            self.start_errors[key] = r.error
-            self._event(f"replica {r.replica_id} failed to start: {r.error}")
-            self._free(r)
-            return
-        if r.state != "loading":
-            return  # stopped while loading
-        r.max_model_len, r.kv_capacity_tokens = info["max_model_len"], info["kv_capacity_tokens"]
-        r.state, r.last_probe = "ready", time.monotonic()
-        entry = self.registry.models.get(r.spec.name)
-        if entry is not None:
-            entry.context[r.spec.version] = r.max_model_len
-        self.start_failures.pop(key, None)
-        self._event(f"replica {r.replica_id} {'adopted' if adopted else 'ready'}")
-        await self._reconcile()
-
-    def _stop_soon(self, r: ReplicaRecord, why: str) -> asyncio.Task[None]:
-        """Take ``r`` out of service at once and stop its engine in the background (its
-        devices stay leased until it has)."""
-        r.state = "stopping"
-        self.replicas.pop(r.replica_id, None)
-        self._stopping[r.replica_id] = r
-        self._event(f"stop replica {r.replica_id}: {why}")
-        return spawn(self._stop(r))
-
-    async def _stop(self, r: ReplicaRecord) -> None:
-        try:
-            handle = self.handles.get(r.replica_id)
-            if handle is not None:
-                await asyncio.wait_for(handle.shutdown.remote(), 10)
-        except Exception:
-            pass
-        self._free(r)
-        self._stopping.pop(r.replica_id, None)
-        self.handles.pop(r.replica_id, None)
-
-    def _free(self, r: ReplicaRecord) -> None:
-        """Kill the replica's actor and give its bundle back to the pool."""
-        handle = self.handles.get(r.replica_id)
-        if handle is not None:
-            ray.kill(handle, no_restart=True)
-        if r.lease is not None:
-            launch.get_or_start_pool(r.lease.accelerator_type).release.remote(r.replica_id)
-
     async def _check_replicas(self) -> None:
-        """Read engine stats; probe health now and then; drop dead or hung replicas."""
-        now = time.monotonic()
-        ready = [r for r in self.replicas.values() if r.state == "ready"]
-
-        async def check(r: ReplicaRecord) -> None:
-            handle = self.handles.get(r.replica_id)
-            try:
-                r.stats = await asyncio.wait_for(handle.stats.remote(), 5)
-                if now - r.last_probe >= PROBE_PERIOD_S:
-                    await asyncio.wait_for(handle.probe.remote(), r.spec.probe_timeout_s + 5)
-                    r.last_probe, r.probe_failures = now, 0
-            except ray.exceptions.RayActorError as e:
-                r.state, r.error = "failed", f"actor died: {_short_error(e)}"
-                self._event(f"replica {r.replica_id} died; replacing it")
-            except Exception as e:
-                r.probe_failures += 1
-                r.last_probe = now
-                self._event(f"replica {r.replica_id} failed a health check: {_short_error(e)}")
-                if r.probe_failures >= MAX_PROBE_FAILURES:
-                    r.state, r.error = "failed", "failed health checks"
-                    self._event(f"replica {r.replica_id} is unhealthy; replacing it")
-                    ray.kill(handle, no_restart=True)
-
-        await asyncio.gather(*(check(r) for r in ready))
-        if any(r.state == "failed" for r in ready):
+        """Read engine stats and probe health (``ReplicaSet.check``); tell the scheduler at
+        once about replicas found dead or hung."""
+        if await self.fleet.check():
             await self._push_views()
 
     def _spec_version(self) -> str:
@@ -735,13 +593,3 @@ class Controller:
     def _event(self, text: str) -> None:
         logger.info(text)
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
-
-
-def _short_error(e: BaseException) -> str:
-    """The message of the original error, without Ray's traceback wrapping."""
-    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
-        e = e.cause
-    if isinstance(e, AiriError):
-        return e.message
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return f"{type(e).__name__}: {' '.join(lines[:3])}"[:600]
