@@ -64,11 +64,14 @@ class Controller:
     def __init__(self) -> None:
         self.spec: AppSpec | None = None
         self.events: deque[str] = deque(maxlen=200)
-        self.fleet = ReplicaSet(self._event, self._persist, self._replica_ready)
+        self.replica_set = ReplicaSet(self._event, self._persist, self._replica_ready)
         # What the loop reads most, under short names (the same objects as the set's).
-        self.replicas = self.fleet.records
-        self.start_failures, self.start_errors = self.fleet.start_failures, self.fleet.start_errors
-        self.pending = self.fleet.pending
+        self.replicas = self.replica_set.records
+        self.start_failures, self.start_errors = (
+            self.replica_set.start_failures,
+            self.replica_set.start_errors,
+        )
+        self.pending = self.replica_set.pending
         self.desired: dict[str, int] = {}  # model -> replicas the autoscaler wants
         self._scaling: dict[str, AutoscaleState] = {}
         self.registry = Registry()  # models, their versions, rollouts and group switches
@@ -110,7 +113,7 @@ class Controller:
                     "desired": self.desired,
                     "state": {n: dataclasses.asdict(s) for n, s in self._scaling.items()},
                 },
-                "replicas": self.fleet.saved() | self._to_adopt,
+                "replicas": self.replica_set.saved() | self._to_adopt,
             }
         )
 
@@ -316,7 +319,7 @@ class Controller:
         """Capacity, use and fragmentation per accelerator pool (placed models only)."""
         if self.spec is None or not any(m.placement for m in self.spec.models):
             return {}
-        reports = self.fleet.packer(ray.nodes()).reports()
+        reports = self.replica_set.packer(ray.nodes()).reports()
         return {kind: dataclasses.asdict(rep) for kind, rep in reports.items()}
 
     async def shutdown(self) -> None:
@@ -327,7 +330,7 @@ class Controller:
         if self._loop_task:
             self._loop_task.cancel()
         await asyncio.gather(
-            *(self.fleet.stop_soon(r, "shutdown") for r in list(self.replicas.values()))
+            *(self.replica_set.stop_soon(r, "shutdown") for r in list(self.replicas.values()))
         )
         self.registry, self.desired, self._scaling = Registry(), {}, {}
         self._to_adopt = {}
@@ -463,14 +466,14 @@ class Controller:
             )
             for action in plan:
                 if isinstance(action, fleet.Stop):
-                    self.fleet.stop_soon(self.replicas[action.replica_id], action.reason)
+                    self.replica_set.stop_soon(self.replicas[action.replica_id], action.reason)
                 elif isinstance(action, fleet.Respec):
                     self.replicas[action.replica_id].spec = action.spec
                 elif isinstance(action, fleet.Forget):
-                    self.fleet.forget(action.replica_id)
+                    self.replica_set.forget(action.replica_id)
                 else:
                     for _ in range(action.count):
-                        if not self.fleet.start(action.spec, nodes):
+                        if not self.replica_set.start(action.spec, nodes):
                             break
             self._update_states(targets)
             await self._push_views()
@@ -492,7 +495,7 @@ class Controller:
             entry = self.registry.models.get(name)
             return entry.specs.get(version) if entry else None
 
-        self.fleet.adopt(saved, spec_of)
+        self.replica_set.adopt(saved, spec_of)
 
     async def _replica_ready(self, r: ReplicaRecord) -> None:
         """A replica became ready: its version's context window is known; act on it."""
@@ -528,7 +531,7 @@ class Controller:
             time.monotonic(),
             self.desired,
             self._scaling,
-            lambda: self.fleet.packer(nodes),
+            lambda: self.replica_set.packer(nodes),
             loading,
         ):
             name = s.spec.name
@@ -540,7 +543,7 @@ class Controller:
     async def _check_replicas(self) -> None:
         """Read engine stats and probe health (``ReplicaSet.check``); tell the scheduler at
         once about replicas found dead or hung."""
-        if await self.fleet.check():
+        if await self.replica_set.check():
             await self._push_views()
 
     def _spec_version(self) -> str:
