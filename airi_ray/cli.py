@@ -310,11 +310,14 @@ def _chat_with_graph(client: Any, graph: str) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from airi_ray.app import connect
+    from airi_ray.core.registry import version_key
 
     client = connect(args.address or "auto", api_key=args.api_key)
     if args.collection not in client.collections():
         made = client.create_collection(args.collection, model=args.model)
-        print(f"created collection {args.collection!r} ({made['model']}@{made['version']})")
+        print(
+            f"created collection {args.collection!r} ({version_key(made['model'], made['version'])})"
+        )
     folder = Path(args.path)
     if folder.is_dir():
         result = client.ingest(args.collection, folder=folder)
@@ -349,6 +352,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def cmd_alerts(args: argparse.Namespace) -> int:
     from airi_ray.app import connect
+    from airi_ray.core.registry import version_key
 
     client = connect(args.address or "auto", api_key=args.api_key)
     alerts = client.alerts(args.model, args.severity, args.limit)
@@ -358,7 +362,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     if not alerts:
         print("no alerts")
     for a in alerts:
-        where = f"{a['model']}@{a['version']}" + (f" {a['replica']}" if a["replica"] else "")
+        where = version_key(a["model"], a["version"]) + (f" {a['replica']}" if a["replica"] else "")
         print(f"{_when(a['at'])}  {a['severity']:<8} {a['kind']:<22} {where}")
         print(f"    {a['message']}")
     return 0

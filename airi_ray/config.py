@@ -20,6 +20,7 @@ from airi_ray.core.anomaly import AnomalyConfig, EwmaConfig
 from airi_ray.core.drift import DriftConfig
 from airi_ray.core.errors import AuthenticationError, InvalidRequest
 from airi_ray.core.policy.keys import parse_key_id
+from airi_ray.core.registry import version_key
 from airi_ray.core.rollout import Constraint, RolloutError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -238,7 +239,7 @@ class ModelSpec(_Spec):
 
     @property
     def key(self) -> str:
-        return f"{self.name}@{self.version}"
+        return version_key(self.name, self.version)
 
     @field_validator("tool_parser")
     @classmethod

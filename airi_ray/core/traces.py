@@ -27,6 +27,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from airi_ray.core.registry import version_key
+
 REQUIRED_KEYS: tuple[str, ...] = ("trace_id", "span_id", "name", "start_ns", "end_ns")
 SPAN_KINDS: tuple[str, ...] = ("run", "node", "model_call", "retrieval", "policy", "http")
 # "unset" is OpenTelemetry's status of a span nobody marked: it reads as ok.
@@ -306,7 +308,7 @@ def _model_label(attrs: Mapping[str, Any]) -> str | None:
     if model is None:
         return None
     version = attrs.get("airi.version")
-    return f"{model}@{version}" if version is not None else str(model)
+    return version_key(str(model), str(version)) if version is not None else str(model)
 
 
 def summarize(spans: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

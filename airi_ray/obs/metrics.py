@@ -4,6 +4,8 @@
 actor; ``RuntimeMetrics`` lives in the scheduler actor, which sees every request's lease and
 release whatever surface it came from (HTTP, Python client, graphs), and the engine stats
 the controller collects from replicas. ``HttpMetrics`` lives in each ingress replica.
+``ControllerMetrics`` (the reconcile loop's step timings and failures) lives in the
+controller.
 Each owns a private registry, so ``/metrics`` concatenates their texts without clashes.
 """
 
@@ -314,3 +316,27 @@ class ObserverMetrics:
         self.feedback = Counter(
             "airi_feedback", "User feedback received", ["model", "version", "sentiment"], registry=r
         )
+
+
+class ControllerMetrics:
+    """How long each step of the controller's reconcile loop takes, and how often one fails
+    (a failing step is logged and counted; the loop goes on with the next)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.step_seconds = Histogram(
+            "airi_controller_step_seconds",
+            "Duration of one controller loop step",
+            ["step"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_failures = Counter(
+            "airi_controller_step_failures",
+            "Controller loop steps that raised",
+            ["step"],
+            registry=r,
+        )
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

@@ -126,13 +126,17 @@ class Backend:
 
     async def metrics_text(self) -> bytes:
         """The runtime's metrics in Prometheus text (what ``/metrics`` serves besides the
-        ingress's own): the scheduler's, then the observer's."""
+        ingress's own): the scheduler's, then the observer's and the controller's."""
         runtime: bytes = await self._scheduler.metrics_text.remote()
         try:
             observer: bytes = await get_actor(OBSERVER_NAME).metrics_text.remote()
         except Exception:  # restarting: its metrics are back at the next scrape
             observer = b""
-        return runtime + observer
+        try:
+            controller: bytes = await self._controller.metrics_text.remote()
+        except Exception:  # restarting, as above
+            controller = b""
+        return runtime + observer + controller
 
     async def models(self, tenant: str | None) -> list[dict[str, Any]]:
         """The served models ``tenant`` may call; None: every served model."""

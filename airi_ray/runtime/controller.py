@@ -14,6 +14,10 @@ retires (replicas stopped, bundles freed). Models in a group switch together, in
 scheduler call. The registry, rollouts, autoscaler state and replica records are saved
 in LanceDB under the app's storage URI (``data.control``); replicas are detached actors,
 so a killed controller comes back to the same replicas, and serving never stops meanwhile.
+
+The decisions are pure (``core.registry``, ``core.fleet``); the replica actors are
+started, probed and stopped by ``runtime.replicas``; this actor feeds the one what it
+observes and has the other carry out what was decided.
 """
 
 from __future__ import annotations
@@ -22,213 +26,66 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
-import json
 import logging
 import time
-import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
 
-from airi_ray.config import AppSpec, ModelSpec, ObservabilitySpec, parse_spec
-from airi_ray.core.autoscale import AutoscaleConfig, AutoscaleContext, AutoscaleState
-from airi_ray.core.autoscale import policy as autoscale_policy
-from airi_ray.core.errors import AiriError, Conflict, InvalidRequest, NotFound
-from airi_ray.core.placement import Lease, Packer, ReplicaNeeds, ReplicaRequest
-from airi_ray.core.policy import KeyRecord, KeyRing
-from airi_ray.core.rollout import (
-    Constraint,
-    GroupMember,
-    GroupSwitch,
-    IncompatibleRollout,
-    ModelVersion,
-    Rollout,
-    RolloutDecision,
-    RolloutError,
-    RolloutLimits,
-    State,
-    VersionStats,
-    plan_group_switch,
-    plan_rollout,
+from airi_ray.config import AppSpec, ModelSpec, ObservabilitySpec, StorageSpec, parse_spec
+from airi_ray.core import fleet
+from airi_ray.core.autoscale import AutoscaleState
+from airi_ray.core.errors import InvalidRequest
+from airi_ray.core.fleet import ReplicaRecord
+from airi_ray.core.registry import (
+    MAX_START_FAILURES,
+    Event,
+    Note,
+    Registry,
+    RolloutActed,
+    version_key,
 )
-from airi_ray.core.scheduling import ReplicaView
+from airi_ray.core.rollout import Constraint
 from airi_ray.data.control import ControlState
-
-# Import lines only (the body is being split elsewhere): ``actors`` is now ``launch``.
-from airi_ray.runtime import launch as actors
+from airi_ray.obs.metrics import ControllerMetrics
+from airi_ray.runtime import cluster_kv, launch, reembed
 from airi_ray.runtime.background import spawn
-from airi_ray.runtime.cluster_kv import SPEC_KEY
-from airi_ray.runtime.pools import bundle_for, pool_nodes
+from airi_ray.runtime.keys import KeyStore
+from airi_ray.runtime.replicas import ReplicaSet, short_error
 
 logger = logging.getLogger(__name__)
 
-_KEYS_KEY = b"airi/api_keys"  # key records (salted hashes): the spec's and `airi keys`'s
 LOOP_PERIOD_S = 1.0
-PROBE_PERIOD_S = 10.0
-MAX_PROBE_FAILURES = 2
-MAX_START_FAILURES = 3
-START_TIMEOUT_S = 900.0
-
-
-def saved_spec() -> AppSpec | None:
-    """The last deployed spec (without its keys), as the controller saved it."""
-    saved = ray.experimental.internal_kv._internal_kv_get(SPEC_KEY)
-    return parse_spec(json.loads(saved), source="saved spec") if saved else None
-
-
-def _needs(m: ModelSpec) -> ReplicaNeeds:
-    """What one replica of a placed model asks of the pools."""
-    p = m.placement
-    assert p is not None
-    return ReplicaNeeds(m.name, tuple(p.accelerator_types), p.devices, p.fraction, p.memory_gib)
-
-
-@dataclasses.dataclass
-class _Replica:
-    replica_id: str
-    spec: ModelSpec  # of its version
-    handle: Any
-    state: str = "loading"  # loading | ready | failed | stopping
-    max_model_len: int | None = None
-    kv_capacity_tokens: int | None = None
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
-    probe_failures: int = 0
-    last_probe: float = 0.0
-    error: str | None = None
-    started_at: float = dataclasses.field(default_factory=time.time)
-    lease: Lease | None = None  # its place in an accelerator pool, if the model is placed
-
-    def view(self) -> ReplicaView:
-        accel = self.lease.accelerator_type if self.lease is not None else None
-        accel = accel or next(
-            (k.split(":", 1)[1] for k in self.spec.resources if k.startswith("accelerator_type:")),
-            "GPU" if self.spec.num_gpus else "CPU",
-        )
-        return ReplicaView(
-            self.replica_id,
-            self.spec.name,
-            self.spec.max_concurrency,
-            accel,
-            ready=self.state == "ready",
-            starting=self.state == "loading",
-            kv_capacity_tokens=self.kv_capacity_tokens,
-            version=self.spec.version,
-        )
-
-    def record(self) -> dict[str, Any]:
-        """What a restarted controller needs to adopt this replica again."""
-        return {
-            "key": self.spec.key,
-            "state": self.state,
-            "started_at": self.started_at,
-            "max_model_len": self.max_model_len,
-            "kv_capacity_tokens": self.kv_capacity_tokens,
-            "lease": dataclasses.asdict(self.lease) if self.lease else None,
-        }
-
-
-@dataclasses.dataclass
-class _Model:
-    """One model in the registry: its versions, which one serves, and how it is moving.
-
-    Attributes:
-        stable: the version that takes traffic (all of it, outside a rollout).
-        specs: every version known, by label (declared in a spec or deployed).
-        states: the lifecycle state of each version that ran (``core.rollout.State``).
-        history: versions that served before ``stable``, oldest first (for rollback).
-        rollout: the running rollout to a candidate, if any.
-        last: the outcome of the last finished rollout, for status.
-        drain_started: when each draining version began draining (wall clock).
-        context: each version's context window, as its engines reported it (callers need
-            it even while a model scaled to zero has no replica).
-    """
-
-    stable: str
-    specs: dict[str, ModelSpec]
-    states: dict[str, State] = dataclasses.field(default_factory=dict)
-    history: list[str] = dataclasses.field(default_factory=list)
-    rollout: Rollout | None = None
-    last: dict[str, Any] | None = None
-    drain_started: dict[str, float] = dataclasses.field(default_factory=dict)
-    context: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def set_state(self, name: str, version: str, state: State) -> None:
-        """Move ``version`` to ``state`` along the lifecycle (a version seen for the first
-        time, or a retired one that comes back, e.g. on rollback, starts at pending).
-
-        Raises:
-            IllegalTransition: the lifecycle does not allow the move.
-        """
-        old = self.states.get(version, "pending")
-        if old == "retired":
-            old = "pending"
-        if old != state:
-            state = ModelVersion(name, version, old).to(state).state
-        self.states[version] = state
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stable": self.stable,
-            "specs": {v: s.model_dump() for v, s in self.specs.items()},
-            "states": self.states,
-            "history": self.history,
-            "rollout": dataclasses.asdict(self.rollout) if self.rollout else None,
-            "last": self.last,
-            "drain_started": self.drain_started,
-            "context": self.context,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> _Model:
-        ro = d["rollout"]
-        if ro is not None:
-            ro = Rollout(
-                **ro | {"steps": tuple(ro["steps"]), "limits": RolloutLimits(**ro["limits"])}
-            )
-        return cls(
-            d["stable"],
-            {v: ModelSpec.model_validate(s) for v, s in d["specs"].items()},
-            d["states"],
-            d["history"],
-            ro,
-            d["last"],
-            d["drain_started"],
-            d.get("context", {}),
-        )
 
 
 class Controller:
     def __init__(self) -> None:
         self.spec: AppSpec | None = None
-        self.replicas: dict[str, _Replica] = {}
-        self._stopping: dict[str, _Replica] = {}  # taken out, their engines shutting down
-        self.start_failures: dict[str, int] = {}  # by version key (name@version)
-        self.start_errors: dict[str, str] = {}
         self.events: deque[str] = deque(maxlen=200)
-        self.pending: dict[str, str] = {}  # version key -> why a replica could not be placed
+        self.replica_set = ReplicaSet(self._event, self._persist, self._replica_ready)
+        # What the loop reads most, under short names (the same objects as the set's).
+        self.replicas = self.replica_set.records
+        self.start_failures, self.start_errors = (
+            self.replica_set.start_failures,
+            self.replica_set.start_errors,
+        )
+        self.pending = self.replica_set.pending
         self.desired: dict[str, int] = {}  # model -> replicas the autoscaler wants
         self._scaling: dict[str, AutoscaleState] = {}
-        self.registry: dict[str, _Model] = {}
-        self.groups: dict[str, GroupSwitch] = {}  # running group switches
-        self.scheduler = actors.get_or_start_scheduler()
+        self.registry = Registry()  # models, their versions, rollouts and group switches
+        self.metrics = ControllerMetrics()
+        self.scheduler = launch.get_or_start_scheduler()
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self._control = ControlState(None)
         self._to_adopt: dict[str, dict[str, Any]] = {}  # saved replicas not yet found again
-        # Re-embedding jobs by (kind, model, version): a running task's ref, then "done" or
-        # "failed: why". Not saved: a restarted controller runs them again (idempotent).
-        self._jobs: dict[tuple[str, str, str], Any] = {}
+        self.jobs = reembed.Jobs(short_error)  # re-embedding jobs of embedding models
         # Keys live only as salted hashes: from the spec's api_keys (replaced on each
         # deploy) and from `airi keys create` (kept until revoked).
-        self._spec_keys: list[KeyRecord] = []
-        self._cli_keys = KeyRing()
-        self.spec = saved_spec()  # restarted after a crash: the last deployed spec
-        keys = ray.experimental.internal_kv._internal_kv_get(_KEYS_KEY)
-        if keys:
-            data = json.loads(keys)
-            self._spec_keys = [KeyRecord.from_dict(r) for r in data["spec"]]
-            self._cli_keys = KeyRing(KeyRecord.from_dict(r) for r in data["cli"])
+        self.keys = KeyStore.load()
+        self.spec = cluster_kv.saved_spec()  # restarted after a crash: the last deployed spec
         if self.spec is not None:
             self._restore(self.spec.storage.resolved_uri())
 
@@ -236,43 +93,27 @@ class Controller:
         """Load the registry, rollouts, autoscaler state and replica records saved there."""
         self._control = ControlState(uri)
         docs = self._control.load()
-        self.registry = {n: _Model.from_dict(d) for n, d in docs.get("registry", {}).items()}
-        self.groups = {
-            g: GroupSwitch(g, tuple(GroupMember(**m) for m in d["members"]), d["switched"])
-            for g, d in docs.get("groups", {}).items()
-        }
+        self.registry = Registry.from_dict(docs, ModelSpec.model_validate)
         scaling = docs.get("autoscale", {})
         self.desired = scaling.get("desired", {})
         self._scaling = {n: AutoscaleState(**s) for n, s in scaling.get("state", {}).items()}
         self._to_adopt = docs.get("replicas", {})
-        if self.registry:
+        if self.registry.models:
             self._event(
-                f"restarted: {len(self.registry)} models, {len(self._to_adopt)} replicas "
+                f"restarted: {len(self.registry.models)} models, {len(self._to_adopt)} replicas "
                 "to adopt from the saved control state"
             )
 
     def _persist(self) -> None:
         """Save what a restarted controller needs (only what changed is written)."""
         self._control.save(
-            {
-                "registry": {n: m.to_dict() for n, m in self.registry.items()},
-                "groups": {
-                    g: {
-                        "members": [dataclasses.asdict(m) for m in gs.members],
-                        "switched": gs.switched,
-                    }
-                    for g, gs in self.groups.items()
-                },
+            self.registry.to_dict()
+            | {
                 "autoscale": {
                     "desired": self.desired,
                     "state": {n: dataclasses.asdict(s) for n, s in self._scaling.items()},
                 },
-                "replicas": {
-                    r.replica_id: r.record()
-                    for r in self.replicas.values()
-                    if r.state in ("loading", "ready") and r.handle is not None
-                }
-                | self._to_adopt,
+                "replicas": self.replica_set.saved() | self._to_adopt,
             }
         )
 
@@ -290,32 +131,30 @@ class Controller:
                 serve versions that a ``requires`` constraint forbids together.
         """
         new = parse_spec(spec)
-        moves = self._plan_deploy(new)  # raises before anything changes
-        now = time.time()
-        self._spec_keys = [
-            KeyRecord.create(key, t.name, now) for t in new.tenants for key in t.api_keys
-        ]
+        groups = {m.name: g.name for m in new.models if (g := new.group_of(m.name))}
+        # Raises before anything changes.
+        moves = self.registry.plan_deploy(new.models, groups, new.constraints())
         self.spec = new.model_copy(
             update={"tenants": [t.model_copy(update={"api_keys": []}) for t in new.tenants]}
         )
-        ray.experimental.internal_kv._internal_kv_put(
-            SPEC_KEY, self.spec.model_dump_json().encode()
+        cluster_kv.save_spec(self.spec)
+        self.keys.set_spec_keys(
+            [(key, t.name) for t in new.tenants for key in t.api_keys], time.time()
         )
-        self._save_keys()
         uri = self.spec.storage.resolved_uri()
         if self._control.uri != uri:
             self._control = ControlState(uri)
-        self._register(new, moves)
+        self._act(self.registry.register([m.all_versions() for m in new.models], moves))
         self.start_failures.clear()
         self.start_errors.clear()
         await self.scheduler.configure.remote(self.spec.model_dump(), self._spec_version())
         # Durable state first: the executor finds the store when it starts.
-        await actors.get_or_start_context_store(uri).ping.remote()
-        actors.get_or_start_graph_executor()
-        await actors.get_or_start_observer().configure.remote(self.spec.observability.model_dump())
+        await launch.get_or_start_context_store(uri).ping.remote()
+        launch.get_or_start_graph_executor()
+        await launch.get_or_start_observer().configure.remote(self.spec.observability.model_dump())
         if self.spec.features:
             views = [f.model_dump() for f in self.spec.features]
-            server = actors.get_or_start_feature_server(uri, views)
+            server = launch.get_or_start_feature_server(uri, views)
             await server.configure.remote(views)
         self._event(
             f"deploy app {new.name!r}: {', '.join(m.key for m in new.models) or 'no models'}"
@@ -346,40 +185,18 @@ class Controller:
             Conflict: a rollout of it is running, or the move would serve versions that a
                 ``requires`` constraint forbids together (the message names it).
         """
-        targets = {model: version, **(together or {})}
-        for name, v in targets.items():
-            entry = self._entry(name)
-            if v not in entry.specs:
-                raise NotFound(
-                    f"model {name!r} has no version {v!r}; known versions: "
-                    f"{', '.join(sorted(entry.specs))}. Declare new versions under `versions:` "
-                    "in the app spec and deploy it"
-                )
-            if v == entry.stable:
-                raise InvalidRequest(f"model {name!r} already serves version {v!r}")
-            self._check_idle(name)
-        try:
-            if len(targets) > 1:
-                if strategy not in (None, "blue-green"):
-                    raise InvalidRequest(
-                        f"models that move together switch at once (blue-green); strategy "
-                        f"{strategy!r} is for one model at a time"
-                    )
-                group = self.spec.group_of(model) if self.spec else None
-                self._begin_group(
-                    group.name if group else "+".join(sorted(targets)),
-                    [GroupMember(n, self.registry[n].stable, v) for n, v in targets.items()],
-                    self._serving(),
-                    self._constraints(),
-                )
-            else:
-                candidate = self.registry[model].specs[version]
-                ro = self._new_rollout(model, candidate, strategy, steps)
-                self._begin(model, plan_rollout(ro, self._serving(), self._constraints()))
-        except IncompatibleRollout as e:
-            raise Conflict(str(e)) from None
-        except RolloutError as e:
-            raise InvalidRequest(str(e)) from None
+        group = self.spec.group_of(model) if self.spec else None
+        self._act(
+            self.registry.rollout(
+                model,
+                version,
+                strategy,
+                steps,
+                together,
+                group.name if group else None,
+                self._declared(),
+            )
+        )
         return await self._changed()
 
     async def rollback(self, model: str) -> dict[str, Any]:
@@ -389,28 +206,9 @@ class Controller:
         Raises:
             NotFound: no such model.
             InvalidRequest: nothing runs and no earlier version is known.
+            Conflict: going back would break a ``requires`` constraint.
         """
-        entry = self._entry(model)
-        group = self._switching(model)
-        if entry.rollout is not None:
-            self._apply(model, entry, *entry.rollout.rollback("rolled back by request"))
-        elif group is not None:
-            self._cancel_group(group, "rolled back by request")
-        else:
-            previous = next(
-                (v for v in reversed(entry.history) if v in entry.specs and v != entry.stable),
-                None,
-            )
-            if previous is None:
-                raise InvalidRequest(
-                    f"model {model!r} has no rollout running and no earlier version to go back to"
-                )
-            entry.history.remove(previous)
-            ro = self._new_rollout(model, entry.specs[previous], "blue-green", None)
-            try:
-                self._begin(model, plan_rollout(ro, self._serving(), self._constraints()))
-            except IncompatibleRollout as e:
-                raise Conflict(str(e)) from None
+        self._act(self.registry.rollback(model, self._declared(), time.time()))
         return await self._changed()
 
     async def models(self) -> list[dict[str, Any]]:
@@ -430,71 +228,21 @@ class Controller:
         their versions (state, traffic share, replicas) and rollout progress."""
         if self.spec is None:
             return []
-        out = []
-        for m in self.spec.models:
-            entry = self.registry.get(m.name)
-            if entry is None:
-                continue
-            stable = entry.specs[entry.stable]
-            ready = [r for r in self._of(stable.key) if r.state == "ready"]
-            weights, _ = self._traffic(m.name)
-            versions = []
-            for v, state in sorted(entry.states.items()):
-                mine = self._of(f"{m.name}@{v}")
-                if state == "retired" and not mine:
-                    continue
-                versions.append(
-                    {
-                        "version": v,
-                        "state": state,
-                        "source": entry.specs[v].model if v in entry.specs else stable.model,
-                        "traffic": round(weights.get(v, 0.0), 4),
-                        "replicas": len(mine),
-                        "ready_replicas": sum(r.state == "ready" for r in mine),
-                        "accelerators": dict(
-                            collections.Counter(r.view().accelerator for r in mine)
-                        ),
-                    }
-                )
-            ro = entry.rollout
-            group = self._switching(m.name)
-            out.append(
-                {
-                    "name": m.name,
-                    "version": entry.stable,
-                    "task": stable.task,
-                    "source": stable.model,
-                    "tool_parser": stable.tool_parser,
-                    "max_model_len": next(
-                        (r.max_model_len for r in ready),
-                        entry.context.get(entry.stable, stable.engine.get("max_model_len")),
-                    ),
-                    "ready_replicas": len(ready),
-                    "replicas": self._wanted(stable),
-                    "error": self.start_errors.get(stable.key),
-                    "pending": self.pending.get(stable.key),
-                    "accelerators": dict(
-                        collections.Counter(r.view().accelerator for r in self._of(stable.key))
-                    ),
-                    "versions": versions,
-                    "rollout": (
-                        _rollout_info(ro)
-                        if ro is not None
-                        else {"group": group.group, "outcome": "running", "strategy": "group"}
-                        if group is not None
-                        else entry.last
-                    ),
-                }
-            )
-        return out
+        return fleet.model_views(
+            [m.name for m in self.spec.models],
+            self.registry,
+            list(self.replicas.values()),
+            self.start_errors,
+            self.pending,
+            self.desired,
+        )
 
     async def auth_config(self) -> dict[str, Any]:
         """How callers authenticate: ``{"mode": "keys" | "none", "records": [...]}``, the
         key records as salted hashes (callers verify keys themselves, in constant time)."""
         self._ensure_loop()
-        records = [r.to_dict() for r in [*self._spec_keys, *self._cli_keys.records()]]
         mode = self.spec.ingress.auth if self.spec is not None else "keys"
-        return {"mode": mode, "records": records}
+        return {"mode": mode, "records": self.keys.records()}
 
     def filter_config(self) -> dict[str, Any]:
         """Each tenant's content filters (``FilterSpec`` dicts), for callers to apply."""
@@ -508,8 +256,6 @@ class Controller:
 
     def storage_uri(self) -> str:
         """Where the app's durable state and collections live (a LanceDB URI)."""
-        from airi_ray.config import StorageSpec
-
         return (self.spec.storage if self.spec is not None else StorageSpec()).resolved_uri()
 
     def model_acl(self) -> dict[str, list[str]]:
@@ -533,8 +279,7 @@ class Controller:
             raise InvalidRequest(
                 f"no tenant {tenant!r} in the deployed app; tenants: {', '.join(tenants) or 'none'}"
             )
-        key, record = self._cli_keys.issue(tenant, time.time())
-        self._save_keys()
+        key, record = self.keys.issue(tenant, time.time())
         self._event(f"key {record.key_id} created for tenant {tenant!r}")
         return {"key": key, "key_id": record.key_id, "tenant": tenant}
 
@@ -545,40 +290,13 @@ class Controller:
             InvalidRequest: no such key (keys listed in the spec go away by redeploying
                 the spec without them).
         """
-        if any(r.key_id == key_id for r in self._spec_keys):
-            raise InvalidRequest(
-                f"key {key_id} comes from the app spec; remove it there and deploy again"
-            )
-        try:
-            record = self._cli_keys.revoke(key_id, time.time())
-        except ValueError as e:
-            raise InvalidRequest(str(e)) from None
-        self._save_keys()
+        info = self.keys.revoke(key_id, time.time())
         self._event(f"key {key_id} revoked")
-        return self._key_info(record, "cli")
+        return info
 
     def list_keys(self) -> list[dict[str, Any]]:
         """Every key's id, tenant, origin and dates; never a secret or a hash."""
-        return [self._key_info(r, "spec") for r in self._spec_keys] + [
-            self._key_info(r, "cli") for r in self._cli_keys.records()
-        ]
-
-    @staticmethod
-    def _key_info(record: KeyRecord, source: str) -> dict[str, Any]:
-        return {
-            "key_id": record.key_id,
-            "tenant": record.tenant,
-            "source": source,
-            "created_at": record.created_at,
-            "revoked_at": record.revoked_at,
-        }
-
-    def _save_keys(self) -> None:
-        data = {
-            "spec": [r.to_dict() for r in self._spec_keys],
-            "cli": [r.to_dict() for r in self._cli_keys.records()],
-        }
-        ray.experimental.internal_kv._internal_kv_put(_KEYS_KEY, json.dumps(data).encode())
+        return self.keys.listing()
 
     def app_spec(self) -> dict[str, Any] | None:
         return self.spec.model_dump() if self.spec else None
@@ -592,19 +310,7 @@ class Controller:
             "app": self.spec.name if self.spec else None,
             "ingress": self.spec.ingress.model_dump() if self.spec else None,
             "models": self._models(),
-            "replicas": [
-                {
-                    "replica_id": r.replica_id,
-                    "model": r.spec.key,
-                    "state": r.state,
-                    "accelerator": r.view().accelerator,
-                    "error": r.error,
-                    "running": r.stats.get("running", 0),
-                    "waiting": r.stats.get("waiting", 0),
-                    "kv_cache_usage": r.stats.get("kv_cache_usage", 0.0),
-                }
-                for r in sorted(self.replicas.values(), key=lambda r: r.replica_id)
-            ],
+            "replicas": fleet.replica_table(self.replicas.values()),
             "events": list(self.events)[-20:],
             "pools": self._pool_reports(),
         }
@@ -613,32 +319,20 @@ class Controller:
         """Capacity, use and fragmentation per accelerator pool (placed models only)."""
         if self.spec is None or not any(m.placement for m in self.spec.models):
             return {}
-        reports = self._packer(ray.nodes()).reports()
+        reports = self.replica_set.packer(ray.nodes()).reports()
         return {kind: dataclasses.asdict(rep) for kind, rep in reports.items()}
-
-    def _packer(self, nodes: list[dict[str, Any]]) -> Packer:
-        """The pools as they stand: the cluster's nodes and the leases of live replicas
-        (a lease on a node that left the cluster is gone with it)."""
-        capacity = pool_nodes(nodes)
-        present = {n.node_id for n in capacity}
-        leases = [
-            r.lease
-            for r in [*self.replicas.values(), *self._stopping.values()]
-            if r.lease is not None and r.lease.node_id in present
-        ]
-        return Packer(capacity, leases)
 
     async def shutdown(self) -> None:
         """Stop every replica and forget the spec and the registry."""
         self.spec = None
-        ray.experimental.internal_kv._internal_kv_del(SPEC_KEY)
-        ray.experimental.internal_kv._internal_kv_del(_KEYS_KEY)
+        cluster_kv.delete_spec()
+        cluster_kv.delete_keys()
         if self._loop_task:
             self._loop_task.cancel()
         await asyncio.gather(
-            *(self._stop_soon(r, "shutdown") for r in list(self.replicas.values()))
+            *(self.replica_set.stop_soon(r, "shutdown") for r in list(self.replicas.values()))
         )
-        self.registry, self.groups, self.desired, self._scaling = {}, {}, {}, {}
+        self.registry, self.desired, self._scaling = Registry(), {}, {}
         self._to_adopt = {}
         self._persist()
 
@@ -647,346 +341,67 @@ class Controller:
 
     # -- registry and rollouts ---------------------------------------------------------
 
-    def _entry(self, model: str) -> _Model:
-        entry = self.registry.get(model)
-        if entry is None:
-            known = ", ".join(sorted(self.registry)) or "none"
-            raise NotFound(f"model {model!r} is not deployed; deployed models: {known}")
-        return entry
+    def _declared(self) -> list[Constraint]:
+        """The deployed spec's ``requires`` constraints."""
+        return self.spec.constraints() if self.spec is not None else []
 
-    def _check_idle(self, model: str) -> None:
-        """Raise ``Conflict`` if ``model`` is moving (a rollout or a group switch)."""
-        entry = self.registry[model]
-        if entry.rollout is not None:
-            ro = entry.rollout
-            raise Conflict(
-                f"model {model!r} is rolling out from {ro.stable} to {ro.candidate} "
-                f"({ro.candidate_percent}% of traffic); wait for it or `airi rollback {model}`"
-            )
-        group = self._switching(model)
-        if group is not None:
-            raise Conflict(
-                f"model {model!r} is switching with group {group.group}; wait for it or "
-                f"`airi rollback {model}`"
-            )
+    def _act(self, events: list[Event]) -> None:
+        """Carry out what the registry decided, in order."""
+        for e in events:
+            if isinstance(e, Note):
+                self._event(e.text)
+            elif isinstance(e, RolloutActed):
+                self.scheduler.record_rollout.remote(e.model, e.action)
+            else:
+                self._start_job(e.kind, e.model, e.version)
 
-    def _plan_deploy(self, new: AppSpec) -> tuple[dict[str, Rollout], list[GroupSwitch]]:
-        """The rollouts and group switches a deploy of ``new`` starts; raises, with
-        nothing changed, when one is not allowed."""
-        changed = {
-            m.name: m
-            for m in new.models
-            if m.name in self.registry and self.registry[m.name].stable != m.version
-        }
-        for name in changed:
-            self._check_idle(name)
-        serving, constraints = self._serving(), self._constraints(new)
-        rollouts: dict[str, Rollout] = {}
-        grouped: dict[str, list[GroupMember]] = collections.defaultdict(list)
-        try:
-            for name, m in changed.items():
-                group = new.group_of(name)
-                if group is not None:
-                    grouped[group.name].append(
-                        GroupMember(name, self.registry[name].stable, m.version)
-                    )
-                else:
-                    ro = self._new_rollout(name, m, None, None)
-                    rollouts[name] = plan_rollout(ro, serving, constraints)
-            groups = [
-                plan_group_switch(g, members, serving, constraints)
-                for g, members in grouped.items()
-            ]
-        except IncompatibleRollout as e:
-            raise Conflict(f"deploy refused: {e}") from None
-        return rollouts, groups
+    def _start_job(self, kind: str, model: str, version: str) -> None:
+        if self.jobs.start(kind, model, version, self.storage_uri()):
+            self._event(f"{kind} collections of {model} for version {version}: started")
 
-    def _register(self, new: AppSpec, moves: tuple[dict[str, Rollout], list[GroupSwitch]]) -> None:
-        """Take the deployed spec into the registry and start its rollouts."""
-        for m in new.models:
-            specs = {v.version: v for v in m.all_versions()}
-            entry = self.registry.get(m.name)
-            if entry is None:
-                self.registry[m.name] = _Model(m.version, specs)
-                self.registry[m.name].set_state(m.name, m.version, "pending")
-            else:  # earlier versions stay known: they drain, and rollback needs them
-                entry.specs.update(specs)
-        for name in set(self.registry) - {m.name for m in new.models}:
-            del self.registry[name]
-        self.groups = {
-            g: gs
-            for g, gs in self.groups.items()
-            if all(m.model in self.registry for m in gs.members)
-        }
-        rollouts, groups = moves
-        for name, ro in rollouts.items():
-            self._begin(name, ro)
-        for gs in groups:
-            self._begin_group(gs.group, list(gs.members), {}, [])
+    def _poll_jobs(self) -> None:
+        for text in self.jobs.poll():
+            self._event(text)
 
-    def _constraints(self, spec: AppSpec | None = None) -> list[Constraint]:
-        """``requires`` constraints of every version known (and of ``spec``'s)."""
-        found = set((spec or self.spec or AppSpec()).constraints())
-        for name, entry in self.registry.items():
-            for v in entry.specs.values():
-                found.update(
-                    Constraint(name, v.version, other, clause)
-                    for other, clause in v.requires.items()
-                )
-        return sorted(found, key=str)
-
-    def _serving(self) -> dict[str, set[str]]:
-        """The versions taking traffic, per model."""
+    def _failed_starts(self) -> dict[str, str | None]:
+        """The version keys given up on, each with its last start error."""
         return {
-            name: {v for v, w in self._traffic(name)[0].items() if w > 0} for name in self.registry
+            key: self.start_errors.get(key)
+            for key, n in self.start_failures.items()
+            if n >= MAX_START_FAILURES
         }
-
-    def _new_rollout(
-        self, model: str, candidate: ModelSpec, strategy: str | None, steps: list[int] | None
-    ) -> Rollout:
-        r = candidate.rollout
-        return Rollout(
-            model,
-            self.registry[model].stable,
-            candidate.version,
-            strategy or r.strategy,  # type: ignore[arg-type]
-            tuple(steps or r.steps),
-            RolloutLimits(
-                r.max_error_rate_delta,
-                r.max_ttft_p99_ratio,
-                r.min_requests_per_step,
-                r.step_hold_s,
-            ),
-        )
-
-    def _begin(self, model: str, ro: Rollout) -> None:
-        entry = self.registry[model]
-        entry.rollout = ro
-        self._revive_or_queue(model, entry, ro.candidate)
-        how = f"canary {list(ro.steps)}" if ro.strategy == "canary" else ro.strategy
-        self._event(f"rollout {model} {ro.stable} -> {ro.candidate} ({how}) started")
-
-    def _revive_or_queue(self, model: str, entry: _Model, version: str) -> None:
-        """A rollout's candidate: still draining, it is ready again at once (its replicas
-        are warm); otherwise it starts at pending."""
-        if entry.states.get(version) == "draining":
-            entry.set_state(model, version, "ready")
-            entry.drain_started.pop(version, None)
-        else:
-            entry.set_state(model, version, "pending")
-
-    def _begin_group(
-        self,
-        group: str,
-        members: list[GroupMember],
-        serving: dict[str, set[str]],
-        constraints: list[Constraint],
-    ) -> None:
-        gs = plan_group_switch(group, members, serving, constraints)
-        self.groups[group] = gs
-        for m in members:
-            self._revive_or_queue(m.model, self.registry[m.model], m.candidate)
-        moved = ", ".join(f"{m.model} {m.stable} -> {m.candidate}" for m in members)
-        self._event(f"group {group} switch started: {moved}")
-
-    def _apply(self, model: str, entry: _Model, ro: Rollout, decision: RolloutDecision) -> None:
-        """Carry out a rollout decision: traffic follows from ``entry`` at the next push."""
-        entry.rollout = ro if ro.outcome == "running" else None
-        if decision.action == "wait":
-            return
-        self._event(f"rollout {model} {ro.stable} -> {ro.candidate}: {decision.reason}")
-        self.scheduler.record_rollout.remote(model, decision.action)
-        if decision.action == "promote":
-            entry.history.append(ro.stable)
-            entry.stable = ro.candidate
-            self._activate_collections(model, ro.candidate)
-        for version in decision.drain:
-            self._retire(model, entry, version)
-        if ro.outcome != "running":
-            entry.last = _rollout_info(ro) | {"finished_at": time.time()}
-
-    def _retire(self, model: str, entry: _Model, version: str) -> None:
-        """A ready version drains first; one that never served retires at once."""
-        if entry.states.get(version) == "ready":
-            entry.set_state(model, version, "draining")
-            entry.drain_started[version] = time.time()
-        else:
-            entry.set_state(model, version, "retired")
-
-    def _cancel_group(self, gs: GroupSwitch, reason: str) -> None:
-        del self.groups[gs.group]
-        for m in gs.members:
-            self._retire(m.model, self.registry[m.model], m.candidate)
-        self._event(f"group {gs.group} switch cancelled: {reason}")
-
-    def _traffic(self, model: str) -> tuple[dict[str, float], str]:
-        """``model``'s split (weight per version) and its stable version."""
-        entry = self.registry[model]
-        if entry.rollout is not None:
-            return entry.rollout.traffic_split(), entry.rollout.stable
-        return {entry.stable: 1.0}, entry.stable
-
-    def _candidate(self, model: str) -> str | None:
-        """The version ``model`` is moving to, if any."""
-        ro = self.registry[model].rollout
-        if ro is not None:
-            return ro.candidate
-        group = self._switching(model)
-        return next(m.candidate for m in group.members if m.model == model) if group else None
-
-    def _switching(self, model: str) -> GroupSwitch | None:
-        """The running group switch ``model`` is a member of, if any."""
-        return next((g for g in self.groups.values() if model in g.traffic_split()), None)
-
-    def _splits(self) -> dict[str, tuple[dict[str, float], str]]:
-        """Every model's traffic split, for the scheduler (sent in one call)."""
-        return {n: self._traffic(n) for n in self.registry}
-
-    def _of(self, key: str) -> list[_Replica]:
-        """The replicas of one version (``name@version``)."""
-        return [r for r in self.replicas.values() if r.spec.key == key]
-
-    def _serves(self, model: str, version: str) -> bool:
-        """Whether ``version`` is ready and has a ready replica to take traffic."""
-        return self.registry[model].states.get(version) == "ready" and any(
-            r.state == "ready" for r in self._of(f"{model}@{version}")
-        )
 
     async def _step_rollouts(self) -> None:
         """One decision for every running rollout and group switch."""
-        for name, entry in self.registry.items():
-            ro = entry.rollout
-            if ro is None:
-                continue
-            failures = self.start_failures.get(f"{name}@{ro.candidate}", 0)
-            if failures >= MAX_START_FAILURES:
-                why = self.start_errors.get(f"{name}@{ro.candidate}")
-                self._apply(name, entry, *ro.rollback(f"candidate failed to start: {why}"))
-                continue
-            data = self._data_ready(name, ro.candidate)
-            if data.startswith("failed"):
-                self._apply(name, entry, *ro.rollback(f"re-embedding its collections {data}"))
-                continue
-            stats = await self.scheduler.version_stats.remote(name)
-            self._apply(
-                name,
-                entry,
-                *ro.step(
-                    time.time(),
-                    VersionStats(**stats.get(ro.stable, {})),
-                    VersionStats(**stats.get(ro.candidate, {})),
-                    self._serves(name, ro.candidate) and data == "done",
-                ),
+        self._poll_jobs()
+        moving = [n for n, e in self.registry.models.items() if e.rollout is not None]
+        stats = {n: await self.scheduler.version_stats.remote(n) for n in moving}
+        ready = {r.spec.key for r in self.replicas.values() if r.state == "ready"}
+        self._act(
+            self.registry.step_rollouts(
+                time.time(), stats, self._failed_starts(), ready, self.jobs.states
             )
-        for gs in list(self.groups.values()):
-            failed = [
-                f"{m.model} {m.candidate} failed to start: "
-                f"{self.start_errors.get(f'{m.model}@{m.candidate}')}"
-                for m in gs.members
-                if self.start_failures.get(f"{m.model}@{m.candidate}", 0) >= MAX_START_FAILURES
-            ]
-            ready: dict[str, bool] = {}
-            for m in gs.members:
-                serves = self._serves(m.model, m.candidate)
-                data = self._data_ready(m.model, m.candidate) if serves else "waiting"
-                if data.startswith("failed"):
-                    failed.append(f"re-embedding for {m.model} {m.candidate} {data}")
-                ready[m.model] = serves and data == "done"
-            if failed:
-                self._cancel_group(gs, "; ".join(failed))
-                continue
-            after, decision = gs.step(ready)
-            if decision.action != "switch":
-                continue
-            # Every member's stable changes here, and the next push sends all their splits
-            # to the scheduler in one call: no request sees a half-switched group.
-            del self.groups[gs.group]
-            for m in after.members:
-                entry = self.registry[m.model]
-                entry.history.append(m.stable)
-                entry.stable = m.candidate
-                self._activate_collections(m.model, m.candidate)
-                self._retire(m.model, entry, m.stable)
-                entry.last = {
-                    "stable": m.stable,
-                    "candidate": m.candidate,
-                    "strategy": f"group {gs.group}",
-                    "outcome": "promoted",
-                    "reason": decision.reason,
-                    "finished_at": time.time(),
-                }
-            self._event(decision.reason)
-
-    def _data_ready(self, model: str, version: str) -> str:
-        """Whether ``version``'s data is ready for traffic: ``done``, ``running`` or
-        ``failed: why``. An embedding model's collections need a table of that version
-        (a re-embedding job, started here once the version's replicas serve)."""
-        if self.registry[model].specs[version].task != "embed":
-            return "done"
-        return self._job("prepare", model, version)
-
-    def _activate_collections(self, model: str, version: str) -> None:
-        if self.registry[model].specs[version].task == "embed":
-            self._job("activate", model, version)
-
-    def _job(self, kind: str, model: str, version: str, start: bool = True) -> str:
-        """The state of a re-embedding job (``reembed.prepare`` or ``reembed.activate``):
-        ``running``, ``done`` or ``failed: why``; started if it never ran (and ``start``),
-        else ``none``."""
-        from airi_ray.runtime import reembed
-
-        key = (kind, model, version)
-        job = self._jobs.get(key)
-        if job is None:
-            if not start:
-                return "none"
-            task = reembed.prepare if kind == "prepare" else reembed.activate
-            self._jobs[key] = task.remote(self.storage_uri(), model, version)
-            self._event(f"{kind} collections of {model} for version {version}: started")
-            return "running"
-        if isinstance(job, str):
-            return job
-        done, _ = ray.wait([job], timeout=0)
-        if not done:
-            return "running"
-        try:
-            counts = ray.get(job)
-        except Exception as e:
-            self._jobs[key] = f"failed: {_short_error(e)}"
-        else:
-            self._jobs[key] = "done"
-            embedded = ", ".join(f"{n} {c} chunks" for n, c in counts.items()) or "no collections"
-            self._event(f"{kind} collections of {model} for version {version}: {embedded}")
-        return str(self._jobs[key])
+        )
 
     async def _drain_step(self) -> None:
         """Retire draining versions once their in-flight requests finished (or timed out)."""
         now = time.time()
-        if not any("draining" in e.states.values() for e in self.registry.values()):
+        if not self.registry.draining():
             return
         # The scheduler must have the splits that give draining versions no traffic before
         # their in-flight counts mean anything (calls from here are ordered).
-        await self.scheduler.set_traffic.remote(self._splits())
-        for name, entry in self.registry.items():
+        await self.scheduler.set_traffic.remote(self.registry.splits())
+        busy: dict[str, int] = {}
+        for name, entry in self.registry.models.items():
             draining = [v for v, s in entry.states.items() if s == "draining"]
             if not draining:
                 continue
             load = await self.scheduler.replica_in_flight.remote(name)
-            if self._job("activate", name, entry.stable, start=False) == "running":
-                continue  # ingestion writes with the old version until its successor's
-                # tables are active
             for v in draining:
-                busy = sum(load.get(r.replica_id, 0) for r in self._of(f"{name}@{v}"))
-                waited = now - entry.drain_started.get(v, now)
-                timeout = entry.specs[v].rollout.drain_timeout_s
-                if busy and waited < timeout:
-                    continue
-                if not busy and waited < entry.specs[v].rollout.keep_warm_s:
-                    continue  # drained, kept warm for an instant rollback
-                entry.set_state(name, v, "retired")
-                entry.drain_started.pop(v, None)
-                cut = f"; {busy} requests cut off after {timeout:g} s" if busy else ""
-                self._event(f"{name}@{v} drained in {waited:.1f} s and retired{cut}")
+                key = version_key(name, v)
+                busy[key] = sum(load.get(r.replica_id, 0) for r in self._of(key))
+        self._poll_jobs()
+        self._act(self.registry.drain(now, busy, self.jobs.states))
 
     # -- reconcile ---------------------------------------------------------------------
 
@@ -1001,31 +416,41 @@ class Controller:
             self._loop_task = spawn(self._run_loop())
 
     async def _run_loop(self) -> None:
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("check_replicas", self._check_replicas),
+            ("rollouts", self._step_rollouts),
+            ("drain", self._drain_step),
+            ("autoscale", self._autoscale),
+            ("reconcile", self._reconcile),
+            ("persist", self._persist_step),
+        ]
         while True:
-            try:
-                await self._check_replicas()
-                await self._step_rollouts()
-                await self._drain_step()
-                await self._autoscale()
-                await self._reconcile()
-                self._persist()
-            except Exception:  # the loop must survive anything one iteration does
-                logger.exception("controller loop iteration failed")
+            for name, step in steps:
+                await self._run_step(name, step)
             await asyncio.sleep(LOOP_PERIOD_S)
 
+    async def _run_step(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
+        """One step of the loop, timed; one that fails is logged and counted, and the loop
+        goes on with the next (a failing rollout step must not skip the reconcile)."""
+        began = time.perf_counter()
+        try:
+            await step()
+        except Exception:
+            logger.exception("controller loop step %s failed", name)
+            self.metrics.step_failures.labels(name).inc()
+        finally:
+            self.metrics.step_seconds.labels(name).observe(time.perf_counter() - began)
+
+    async def _persist_step(self) -> None:
+        self._persist()
+
+    def metrics_text(self) -> bytes:
+        """The controller's metrics (loop step timings and failures), Prometheus text."""
+        return self.metrics.text()
+
     def _targets(self) -> dict[str, tuple[ModelSpec, int | None]]:
-        """Replicas wanted per version key: the stable's and a candidate's count; None for
-        a draining version (it keeps what it has and starts nothing)."""
-        out: dict[str, tuple[ModelSpec, int | None]] = {}
-        for name, entry in self.registry.items():
-            for v, state in entry.states.items():
-                if state == "draining":
-                    out[f"{name}@{v}"] = (entry.specs[v], None)
-            for moving in (entry.stable, self._candidate(name)):
-                if moving is not None:
-                    spec = entry.specs[moving]
-                    out[spec.key] = (spec, self._wanted(spec))
-        return out
+        """Replicas wanted per version key (``Registry.targets``)."""
+        return self.registry.targets(self._wanted)
 
     async def _reconcile(self) -> None:
         if self._lock is None:
@@ -1035,235 +460,90 @@ class Controller:
                 self._adopt()
             targets = self._targets()
             nodes = ray.nodes() if any(s.placement for s, _ in targets.values()) else []
-            for r in list(self.replicas.values()):
-                target = targets.get(r.spec.key)
-                if target is None:
-                    gone = r.spec.name not in self.registry
-                    self._stop_soon(r, "no longer in the spec" if gone else "version retired")
-                elif target[0].engine_fields() != r.spec.engine_fields():
-                    self._stop_soon(r, "its engine settings changed")
+            blocked = {k for k, n in self.start_failures.items() if n >= MAX_START_FAILURES}
+            plan = fleet.plan_reconcile(
+                list(self.replicas.values()), targets, self.registry.models, blocked
+            )
+            for action in plan:
+                if isinstance(action, fleet.Stop):
+                    self.replica_set.stop_soon(self.replicas[action.replica_id], action.reason)
+                elif isinstance(action, fleet.Respec):
+                    self.replicas[action.replica_id].spec = action.spec
+                elif isinstance(action, fleet.Forget):
+                    self.replica_set.forget(action.replica_id)
                 else:
-                    r.spec = target[0]
-            for key, (spec, count) in targets.items():
-                for r in [r for r in self._of(key) if r.state == "failed"]:
-                    self.replicas.pop(r.replica_id, None)  # dead or hung: its bundle goes
-                    self._free(r)  # back first
-                if count is None:
-                    continue
-                alive = [r for r in self._of(key) if r.state in ("loading", "ready")]
-                # Scaling down drops loading replicas first, then the youngest ready ones.
-                alive.sort(key=lambda r: (r.state == "ready", -r.started_at), reverse=True)
-                for r in alive[count:]:
-                    self._stop_soon(r, "scaled down")
-                if self.start_failures.get(key, 0) >= MAX_START_FAILURES:
-                    continue  # reported in status; a new deploy resets it
-                for _ in range(count - len(alive)):
-                    if not self._start(spec, nodes):
-                        break
+                    for _ in range(action.count):
+                        if not self.replica_set.start(action.spec, nodes):
+                            break
             self._update_states(targets)
             await self._push_views()
 
     def _update_states(self, targets: dict[str, tuple[ModelSpec, int | None]]) -> None:
         """Versions with replicas loading are loading; with all they want ready, ready."""
-        for key, (spec, count) in targets.items():
-            entry = self.registry[spec.name]
-            state = entry.states.get(spec.version, "pending")
-            mine = self._of(key)
-            if state in ("pending", "retired") and mine:
-                entry.set_state(spec.name, spec.version, "loading")
-            ready = sum(r.state == "ready" for r in mine)
-            if entry.states.get(spec.version) == "loading" and count and ready >= count:
-                entry.set_state(spec.name, spec.version, "ready")
-                self._event(f"{key} is ready")
+        present = collections.Counter(r.spec.key for r in self.replicas.values())
+        ready = collections.Counter(
+            r.spec.key for r in self.replicas.values() if r.state == "ready"
+        )
+        self._act(self.registry.update_states(targets, present, ready))
 
     def _adopt(self) -> None:
-        """Take back the replicas a killed controller left running (they are detached):
-        each is found by name and asked for its engine info again."""
+        """Take back the replicas a killed controller left running (``ReplicaSet.adopt``)."""
         saved, self._to_adopt = self._to_adopt, {}
-        for rid, rec in saved.items():
-            name, version = rec["key"].split("@", 1)
-            entry = self.registry.get(name)
-            spec = entry.specs.get(version) if entry else None
-            lease = rec["lease"]
-            lease = Lease(**lease | {"devices": tuple(lease["devices"])}) if lease else None
-            try:
-                if spec is None:
-                    raise LookupError(f"{rec['key']} is no longer in the registry")
-                handle = actors.get_actor(rid)
-            except Exception as e:
-                self._event(f"replica {rid} from before the restart is gone: {_short_error(e)}")
-                if lease is not None:
-                    actors.get_or_start_pool(lease.accelerator_type).release.remote(rid)
-                continue
-            r = _Replica(rid, spec, handle, lease=lease, started_at=rec["started_at"])
-            self.replicas[rid] = r
-            if rec["state"] == "ready":  # it serves on: the health checks watch it as usual
-                r.state, r.last_probe = "ready", time.monotonic()
-                r.max_model_len, r.kv_capacity_tokens = (
-                    rec["max_model_len"],
-                    rec["kv_capacity_tokens"],
-                )
-                self._event(f"adopted replica {rid} ({spec.key})")
-            else:  # it was loading: wait for it as its starter would have
-                self._event(f"adopting replica {rid} ({spec.key}), still loading")
-                spawn(self._await_start(r, [], adopted=True))
+
+        def spec_of(key: str) -> ModelSpec | None:
+            name, version = key.split("@", 1)
+            entry = self.registry.models.get(name)
+            return entry.specs.get(version) if entry else None
+
+        self.replica_set.adopt(saved, spec_of)
+
+    async def _replica_ready(self, r: ReplicaRecord) -> None:
+        """A replica became ready: its version's context window is known; act on it."""
+        entry = self.registry.models.get(r.spec.name)
+        if entry is not None:
+            entry.context[r.spec.version] = r.max_model_len
+        await self._reconcile()
+
+    def _of(self, key: str) -> list[ReplicaRecord]:
+        """The replicas of one version (``name@version``)."""
+        return fleet.of(self.replicas.values(), key)
 
     def _wanted(self, m: ModelSpec) -> int:
         """Replicas ``m`` should have: the autoscaler's count, else the spec's."""
-        if m.autoscale is None:
-            return m.replicas
-        floor = 0 if m.autoscale.scale_to_zero else m.autoscale.min_replicas  # 0: starts cold
-        start = min(max(m.replicas, floor), m.autoscale.max_replicas)
-        return self.desired.get(m.name, start)
+        return fleet.wanted(m, self.desired)
 
     async def _autoscale(self) -> None:
         """One autoscaling step for every model whose stable version has ``autoscale``:
         the pure policy decides from the scheduler's signals; a change is logged, counted
         and acted on by the reconcile that follows."""
-        models = [e.specs[e.stable] for e in self.registry.values()]
+        models = [e.specs[e.stable] for e in self.registry.models.values()]
         models = [m for m in models if m.autoscale]
         if not models:
             return
         signals = await self.scheduler.autoscale_signals.remote()
         nodes = ray.nodes() if any(m.placement for m in models) else []
-        now = time.monotonic()
-        for m in models:
-            assert m.autoscale is not None
-            current = self._wanted(m)
-            config = AutoscaleConfig(**m.autoscale.model_dump())
-            sig = signals.get(m.name, {})
-            replicas, self._scaling[m.name], decision = autoscale_policy(
-                AutoscaleContext(
-                    config,
-                    now,
-                    current,
-                    queued_tokens=sig.get("queued_tokens", 0),
-                    running_tokens=sig.get("running_tokens", 0),
-                    ttft_p99_s=sig.get("ttft_p99_s"),
-                    requests_in_window=sig.get("requests_in_window", 0),
-                    pool_free_replicas=self._room_for(m, nodes, config.max_replicas - current),
-                    state=self._scaling.get(m.name),
-                    loading_replicas=sum(r.state == "loading" for r in self._of(m.key)),
-                )
-            )
-            self.desired[m.name] = replicas
-            if decision.direction != "hold":
-                self._event(f"autoscale {m.key}: {decision.reason}")
-                self.scheduler.record_scaling.remote(m.name, decision.direction, replicas)
-
-    def _room_for(self, m: ModelSpec, nodes: list[dict[str, Any]], most: int) -> int:
-        """How many more replicas of ``m`` the pools could host (up to ``most``)."""
-        if m.placement is None or most <= 0:
-            return max(most, 0)
-        trial = [ReplicaRequest(f"trial-{i}", _needs(m)) for i in range(most)]
-        return len(self._packer(nodes).place(trial).leases)
-
-    def _start(self, m: ModelSpec, nodes: list[dict[str, Any]]) -> bool:
-        """Start one replica of ``m``; False if its pools have no room (it stays pending)."""
-        rid = f"{m.name}-{m.version}-{uuid.uuid4().hex[:6]}"
-        lease = None
-        if m.placement is not None:
-            placed = self._packer(nodes).place([ReplicaRequest(rid, _needs(m))])
-            if placed.pending:
-                reason = placed.pending[0].reason
-                if self.pending.get(m.key) != reason:
-                    self._event(f"model {m.key} pending: {reason}")
-                self.pending[m.key] = reason
-                return False
-            lease = placed.leases[0]
-        self.pending.pop(m.key, None)
-        r = _Replica(rid, m, None, lease=lease)
-        self.replicas[rid] = r
-        where = f" on {lease.accelerator_type} {lease.node_id}" if lease else ""
-        self._event(f"start replica {rid}{where}")
-        spawn(self._await_start(r, nodes))
-        return True
-
-    async def _await_start(
-        self, r: _Replica, nodes: list[dict[str, Any]], adopted: bool = False
-    ) -> None:
-        key = r.spec.key
-        try:
-            if not adopted:
-                placement = None
-                if r.lease is not None:
-                    bundle = bundle_for(r.lease, nodes, r.spec.num_cpus)
-                    pool = actors.get_or_start_pool(r.lease.accelerator_type)
-                    group = await pool.reserve.remote(dataclasses.asdict(r.lease), bundle)
-                    placement = (group, bundle)
-                if r.state != "loading":
-                    raise RuntimeError("stopped while being placed")
-                r.handle = actors.start_replica(r.replica_id, r.spec, placement)
-            self._persist()  # a restarted controller finds it by name
-            info = await asyncio.wait_for(r.handle.start.remote(), START_TIMEOUT_S)
-        except Exception as e:
-            r.state, r.error = "failed", _short_error(e)
-            self.start_failures[key] = self.start_failures.get(key, 0) + 1
-            self.start_errors[key] = r.error
-            self._event(f"replica {r.replica_id} failed to start: {r.error}")
-            self._free(r)
-            return
-        if r.state != "loading":
-            return  # stopped while loading
-        r.max_model_len, r.kv_capacity_tokens = info["max_model_len"], info["kv_capacity_tokens"]
-        r.state, r.last_probe = "ready", time.monotonic()
-        entry = self.registry.get(r.spec.name)
-        if entry is not None:
-            entry.context[r.spec.version] = r.max_model_len
-        self.start_failures.pop(key, None)
-        self._event(f"replica {r.replica_id} {'adopted' if adopted else 'ready'}")
-        await self._reconcile()
-
-    def _stop_soon(self, r: _Replica, why: str) -> asyncio.Task[None]:
-        """Take ``r`` out of service at once and stop its engine in the background (its
-        devices stay leased until it has)."""
-        r.state = "stopping"
-        self.replicas.pop(r.replica_id, None)
-        self._stopping[r.replica_id] = r
-        self._event(f"stop replica {r.replica_id}: {why}")
-        return spawn(self._stop(r))
-
-    async def _stop(self, r: _Replica) -> None:
-        try:
-            if r.handle is not None:
-                await asyncio.wait_for(r.handle.shutdown.remote(), 10)
-        except Exception:
-            pass
-        self._free(r)
-        self._stopping.pop(r.replica_id, None)
-
-    def _free(self, r: _Replica) -> None:
-        """Kill the replica's actor and give its bundle back to the pool."""
-        if r.handle is not None:
-            ray.kill(r.handle, no_restart=True)
-        if r.lease is not None:
-            actors.get_or_start_pool(r.lease.accelerator_type).release.remote(r.replica_id)
+        loading = collections.Counter(
+            r.spec.key for r in self.replicas.values() if r.state == "loading"
+        )
+        for s in fleet.plan_autoscale(
+            models,
+            signals,
+            time.monotonic(),
+            self.desired,
+            self._scaling,
+            lambda: self.replica_set.packer(nodes),
+            loading,
+        ):
+            name = s.spec.name
+            self.desired[name], self._scaling[name] = s.replicas, s.state
+            if s.decision.direction != "hold":
+                self._event(f"autoscale {s.spec.key}: {s.decision.reason}")
+                self.scheduler.record_scaling.remote(name, s.decision.direction, s.replicas)
 
     async def _check_replicas(self) -> None:
-        """Read engine stats; probe health now and then; drop dead or hung replicas."""
-        now = time.monotonic()
-        ready = [r for r in self.replicas.values() if r.state == "ready"]
-
-        async def check(r: _Replica) -> None:
-            try:
-                r.stats = await asyncio.wait_for(r.handle.stats.remote(), 5)
-                if now - r.last_probe >= PROBE_PERIOD_S:
-                    await asyncio.wait_for(r.handle.probe.remote(), r.spec.probe_timeout_s + 5)
-                    r.last_probe, r.probe_failures = now, 0
-            except ray.exceptions.RayActorError as e:
-                r.state, r.error = "failed", f"actor died: {_short_error(e)}"
-                self._event(f"replica {r.replica_id} died; replacing it")
-            except Exception as e:
-                r.probe_failures += 1
-                r.last_probe = now
-                self._event(f"replica {r.replica_id} failed a health check: {_short_error(e)}")
-                if r.probe_failures >= MAX_PROBE_FAILURES:
-                    r.state, r.error = "failed", "failed health checks"
-                    self._event(f"replica {r.replica_id} is unhealthy; replacing it")
-                    ray.kill(r.handle, no_restart=True)
-
-        await asyncio.gather(*(check(r) for r in ready))
-        if any(r.state == "failed" for r in ready):
+        """Read engine stats and probe health (``ReplicaSet.check``); tell the scheduler at
+        once about replicas found dead or hung."""
+        if await self.replica_set.check():
             await self._push_views()
 
     def _spec_version(self) -> str:
@@ -1275,12 +555,12 @@ class Controller:
             if await self.scheduler.needs_config.remote(version):
                 await self.scheduler.configure.remote(self.spec.model_dump(), version)
         # The splits of every model go in one call: a group switch is atomic there.
-        await self.scheduler.set_traffic.remote(self._splits())
-        by_model: dict[str, list[_Replica]] = {}
+        await self.scheduler.set_traffic.remote(self.registry.splits())
+        by_model: dict[str, list[ReplicaRecord]] = {}
         for r in self.replicas.values():
             if r.state in ("loading", "ready"):
                 by_model.setdefault(r.spec.name, []).append(r)
-        for name in set(self.registry) | set(by_model):
+        for name in set(self.registry.models) | set(by_model):
             rs = by_model.get(name, [])
             await self.scheduler.set_replicas.remote(
                 name,
@@ -1298,68 +578,21 @@ class Controller:
         """
         moving = {
             name: (e.rollout.candidate, e.rollout.strategy)
-            for name, e in self.registry.items()
+            for name, e in self.registry.models.items()
             if e.rollout is not None
         }
-        groups = set(self.groups)
-        while True:
-            for name, entry in self.registry.items():
-                key = f"{name}@{entry.stable}"
-                if self.start_failures.get(key, 0) >= MAX_START_FAILURES:
-                    raise InvalidRequest(
-                        f"model {name!r} failed to start {MAX_START_FAILURES} times; last "
-                        f"error: {self.start_errors.get(key)}"
-                    )
-            for name, (candidate, _) in moving.items():
-                last = self.registry[name].last if name in self.registry else None
-                if last and last["candidate"] == candidate and last["outcome"] == "rolled_back":
-                    raise InvalidRequest(f"the rollout of {name} to {candidate}: {last['reason']}")
-            waiting = [
-                name
-                for name, entry in self.registry.items()
-                if sum(r.state == "ready" for r in self._of(f"{name}@{entry.stable}"))
-                < self._wanted(entry.specs[entry.stable])
-                and not (
-                    f"{name}@{entry.stable}" in self.pending
-                    and not any(r.state == "loading" for r in self._of(f"{name}@{entry.stable}"))
-                )
-            ]
-            waiting += [
-                name
-                for name, (candidate, strategy) in moving.items()
-                if name in self.registry
-                and (ro := self.registry[name].rollout) is not None
-                and ro.candidate == candidate
-                and (strategy != "canary" or ro.step_index < 0)
-            ]
-            waiting += [g for g in groups if g in self.groups]
-            if not waiting:
-                return
+        groups = set(self.registry.groups)
+        while fleet.deploy_waiting(
+            self.registry,
+            list(self.replicas.values()),
+            self.desired,
+            self.pending,
+            self._failed_starts(),
+            moving,
+            groups,
+        ):
             await asyncio.sleep(0.2)
 
     def _event(self, text: str) -> None:
         logger.info(text)
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
-
-
-def _rollout_info(ro: Rollout) -> dict[str, Any]:
-    """A rollout's progress, for status."""
-    return {
-        "stable": ro.stable,
-        "candidate": ro.candidate,
-        "strategy": ro.strategy,
-        "steps": list(ro.steps),
-        "candidate_percent": ro.candidate_percent,
-        "outcome": ro.outcome,
-        "reason": ro.reason,
-    }
-
-
-def _short_error(e: BaseException) -> str:
-    """The message of the original error, without Ray's traceback wrapping."""
-    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
-        e = e.cause
-    if isinstance(e, AiriError):
-        return e.message
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return f"{type(e).__name__}: {' '.join(lines[:3])}"[:600]

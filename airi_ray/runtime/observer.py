@@ -34,6 +34,7 @@ from airi_ray.core.anomaly import ReplicaAnomalyMonitor
 from airi_ray.core.drift import DriftMonitor
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.core.quality import QualityBook, Response
+from airi_ray.core.registry import version_key
 from airi_ray.core.requests import CallOptions
 from airi_ray.obs.metrics import ObserverMetrics
 from airi_ray.runtime import cluster_kv
@@ -187,7 +188,8 @@ class Observer:
         return self._quality.summary()
 
     def drift(self) -> dict[str, Any]:
-        return {f"{m}@{v}": d.scores().to_dict() for (m, v), d in sorted(self._drift.items())}
+        drift = sorted(self._drift.items())
+        return {version_key(m, v): d.scores().to_dict() for (m, v), d in drift}
 
     def timeline(self, window_s: float = TIMELINE_S) -> list[dict[str, Any]]:
         since = time.time() - window_s

@@ -18,10 +18,13 @@ batch priority, and charged to no one.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
 from airi_ray.config import SYSTEM_TENANT
+from airi_ray.core.registry import Job, JobKey, JobState
 from airi_ray.core.requests import CallOptions
 from airi_ray.data.collections import CollectionStore, collections_uri
 from airi_ray.runtime.calls import CallPath
@@ -68,3 +71,47 @@ def prepare(uri: str, model: str, version: str) -> dict[str, int]:
 def activate(uri: str, model: str, version: str) -> dict[str, int]:
     """Catch ``version``'s tables up and make them the active ones."""
     return asyncio.run(_run(uri, model, version, activate=True))
+
+
+class Jobs:
+    """The jobs the controller started, by (kind, model, version), and their states.
+
+    Not saved: a restarted controller runs them again (they are idempotent).
+    """
+
+    def __init__(self, describe: Callable[[BaseException], str]) -> None:
+        self.states: dict[JobKey, Job] = {}
+        self._refs: dict[JobKey, Any] = {}
+        self._describe = describe  # a failed job's error, for people
+
+    def start(self, kind: str, model: str, version: str, uri: str) -> bool:
+        """Start ``kind`` (``prepare`` or ``activate``) for a version unless it ran
+        already; whether it started now."""
+        key = (kind, model, version)
+        if key in self.states:
+            return False
+        task = prepare if kind == "prepare" else activate
+        self._refs[key] = task.remote(uri, model, version)
+        self.states[key] = Job(JobState.RUNNING)
+        return True
+
+    def poll(self) -> list[str]:
+        """Take in the outcome of the jobs that finished; a line for each that succeeded."""
+        notes = []
+        for key, ref in list(self._refs.items()):
+            done, _ = ray.wait([ref], timeout=0)
+            if not done:
+                continue
+            del self._refs[key]
+            kind, model, version = key
+            try:
+                counts = ray.get(ref)
+            except Exception as e:
+                self.states[key] = Job(JobState.FAILED, self._describe(e))
+            else:
+                self.states[key] = Job(JobState.DONE)
+                embedded = (
+                    ", ".join(f"{n} {c} chunks" for n, c in counts.items()) or "no collections"
+                )
+                notes.append(f"{kind} collections of {model} for version {version}: {embedded}")
+        return notes

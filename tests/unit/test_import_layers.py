@@ -207,14 +207,6 @@ def test_the_lazy_exports_name_modules_that_define_them() -> None:
     assert missing == []
 
 
-# Imports inside functions that are still to go, each with why it is there. Only the
-# controller's: its body is being split into smaller modules in another change, which
-# removes these; nothing else may import ``airi_ray`` inside a function.
-LOCAL_IMPORTS_LEFT = {
-    ("airi_ray/runtime/controller.py", "airi_ray.config"),  # StorageSpec, in one method
-    ("airi_ray/runtime/controller.py", "airi_ray.runtime"),  # `from airi_ray.runtime import
-    ("airi_ray/runtime/controller.py", "airi_ray.runtime.reembed"),  # reembed`, in one method
-}
 # Not a circle (nothing below imports the app), but the ingress loads vLLM's protocol models
 # (importing it takes seconds): ``deploy`` loads it only for an app that has an ingress, so
 # ``airi.connect()`` stays quick.
@@ -230,6 +222,6 @@ def test_no_airi_ray_import_inside_a_function() -> None:
         for p in _sources()
         if _where(p) != "airi_ray/cli.py"
         for i in imports_of(p)
-        if not i.at_top and (_where(p), i.module) not in LOCAL_IMPORTS_LEFT | HEAVY_LOCAL_IMPORTS
+        if not i.at_top and (_where(p), i.module) not in HEAVY_LOCAL_IMPORTS
     ]
     assert bad == []
