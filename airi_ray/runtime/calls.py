@@ -1074,8 +1074,12 @@ class CallPath:
                 except Exception as e:
                     if isinstance(e, ReplicaDied):
                         self._drop_channel(lease.replica_id)
-                    if isinstance(e, InvalidRequest):  # the request's fault: never retried
-                        raise
+                    if isinstance(e, InvalidRequest) and not lease.canary:
+                        raise  # the request's fault: never retried
+                    # A canary's failure, even a refusal, goes to the stable version: a
+                    # canary may refuse what the stable serves (a smaller window, a stricter
+                    # engine), and that is the version's fault, counted in its error rate.
+                    # A request the stable refuses too fails there, with that refusal.
                     if lease.canary and not usage.completion_tokens:
                         lease = await self._retry_elsewhere(lease, usage, e, other_version=True)
                         served_at = time.perf_counter()
@@ -1218,9 +1222,9 @@ class CallPath:
                     return vectors, usage
                 except Exception as e:
                     cause = unwrap_error(e)
-                    if isinstance(cause, InvalidRequest):  # the request's fault: never retried
-                        raise cause from None
-                    if lease.canary:
+                    if isinstance(cause, InvalidRequest) and not lease.canary:
+                        raise cause from None  # the request's fault: never retried
+                    if lease.canary:  # on the stable version, as ``_stream`` does
                         lease = await self._retry_elsewhere(lease, usage, e, other_version=True)
                     elif isinstance(e, (ray.exceptions.RayActorError, ReplicaDied)) or isinstance(
                         cause, ReplicaUnavailable
