@@ -43,10 +43,9 @@ from airi_ray.core.routing import (
     BoundedLRU,
     ReplicaState,
     ReplicaView,
-    RouteChoice,
     RouteReason,
     block_hashes,
-    choose_replica,
+    route,
 )
 
 __all__ = [
@@ -751,22 +750,20 @@ class Scheduler:
                 if not fits:
                     q.put_back(tenant)  # head of line waits for room; see ``dispatch``
                     return
-                choice = (
+                r, reason, blocks = (
                     self._round_robin(m, fits)
                     if self.routing == "round_robin"
-                    else choose_replica(
+                    else route(
                         fits,
-                        session_replica=self._sessions.get((model, sid)) if sid else None,
-                        prefix_hashes=request.prefix_hashes,
-                        preferred_accelerators=m.preferred,
-                        prefix_load_margin=self.prefix_load_margin,
+                        self._sessions.get((model, sid)) if sid else None,
+                        request.prefix_hashes,
+                        m.preferred,
+                        self.prefix_load_margin,
                     )
                 )
-                assert choice is not None  # ``fits`` is not empty
                 charge = request.prompt_tokens / self._weights.get(tenant, 1.0)
                 q.start(tenant, charge)
                 del self._queued_in[rid]
-                r = choice.replica
                 r.in_flight += 1
                 r.in_flight_tokens += cost
                 if request.prefix_hashes:
@@ -783,9 +780,9 @@ class Scheduler:
                     r.replica_id,
                     queued.enqueued_at,
                     now,
-                    choice.reason,
+                    reason,
                     cost,
-                    choice.prefix_blocks,
+                    blocks,
                     queued.requeues,
                     version,
                     request.version is None and m.stable is not None and version != m.stable,
@@ -793,7 +790,7 @@ class Scheduler:
                 )
                 self._leases[rid] = _Granted(lease, queued, charge)
                 m.in_flight += 1
-                m.routes[choice.reason] += 1
+                m.routes[reason] += 1
                 m.versions[version] = m.versions.get(version, 0) + 1
                 granted.append(lease)
         finally:
@@ -801,16 +798,17 @@ class Scheduler:
                 q.put_back(tenant)
 
     @staticmethod
-    def _round_robin(m: _Model, fits: list[ReplicaState]) -> RouteChoice:
-        """The next replica in id order, after the last one chosen, that fits."""
+    def _round_robin(m: _Model, fits: list[ReplicaState]) -> tuple[ReplicaState, RouteReason, int]:
+        """The next replica in id order, after the last one chosen, that fits: the same
+        ``(replica, reason, prefix blocks)`` as ``routing.route``."""
         n = len(m.replicas)
         for k in range(n):
             i = (m.next_rr + k) % n
             if m.replicas[i] in fits:
                 m.next_rr = i + 1
-                return RouteChoice(m.replicas[i], "round_robin")
+                return m.replicas[i], "round_robin", 0
         m.next_rr += 1
-        return RouteChoice(fits[0], "round_robin")
+        return fits[0], "round_robin", 0
 
     def _free(self, m: _Model, lease: Lease) -> None:
         """Give back a lease's slot and tokens (its replica may be gone already)."""
