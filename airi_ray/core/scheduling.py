@@ -231,6 +231,10 @@ class _Model:
     wrr: dict[str, float] = field(default_factory=dict)  # smooth weighted round-robin scores
     versions: dict[str, int] = field(default_factory=dict)  # leases granted per version
     cold_start: bool = False  # scaled to zero: requests wait for the autoscaler's replica
+    # Kept by ``Scheduler._refresh`` whenever the replicas or the split change, and by each
+    # grant and release: what the hot path would otherwise scan the replicas for.
+    free_slots: int = 0  # sum of the free slots of the ready replicas
+    accepting: bool = False  # ``_can_take_new_work(m)``: a request naming no version is taken
 
     def tenant_counts(self, tenant: str) -> _Counts:
         c = self.counts.get(tenant)
@@ -347,7 +351,9 @@ class Scheduler:
     def set_cold_start(self, model: str, allowed: bool) -> None:
         """Whether ``model`` may have no replica at all (scaled to zero): its requests then
         wait in the queue for a replica to start instead of being refused with 503."""
-        self._model(model).cold_start = allowed
+        m = self._model(model)
+        m.cold_start = allowed
+        self._refresh(m)
 
     def set_preferred_accelerators(self, model: str, types: Sequence[str]) -> None:
         """Accelerator types ``model`` prefers, best first; they win ties on load."""
@@ -393,6 +399,7 @@ class Scheduler:
         m.traffic = dict(weights)
         m.stable = stable if weights else None
         m.live = tuple(sorted(v for v, w in weights.items() if w > 0))
+        self._refresh(m)
 
     def traffic(self, model: str) -> dict[str, float]:
         """The traffic split of ``model``: weight per version, {} if there is none."""
@@ -445,6 +452,7 @@ class Scheduler:
         for r in kept:
             self._replicas[r.replica_id] = r
         m.replicas = sorted(kept, key=lambda r: r.replica_id)
+        self._refresh(m)
 
     def mark_unready(self, replica_id: str) -> None:
         """Stop routing to a replica (a call on it failed); the controller decides its fate
@@ -452,6 +460,7 @@ class Scheduler:
         r = self._replicas.get(replica_id)
         if r is not None:
             r.view = replace(r.view, ready=False, starting=False)
+            self._refresh(self._models[r.view.model])
 
     def replicas(self, model: str | None = None) -> list[ReplicaView]:
         """Replica views with the scheduler's in-flight requests and tokens filled in."""
@@ -486,7 +495,9 @@ class Scheduler:
         if rid in self._queued_in or rid in self._leases:
             raise ValueError(f"request id {rid} is already queued or leased")
         m = self._models.get(request.model)
-        if m is None or not _can_take_new_work(m, request.version):
+        if m is None or not (
+            m.accepting if request.version is None else _can_take_new_work(m, request.version)
+        ):
             if m is not None:  # unknown model names are not counted: they would grow memory
                 m.tenant_counts(tenant).refused += 1
             n = len(m.replicas) if m is not None else 0
@@ -703,17 +714,19 @@ class Scheduler:
 
     def _dispatch_model(self, model: str, m: _Model, now: float, granted: list[Lease]) -> None:
         q = m.queue
+        replicas = m.replicas
+        sessions = self._sessions
         sitting_out: list[str] = []  # tenants whose head has no usable replica at all
         try:
-            while True:
-                if not any(r.has_slot() for r in m.replicas):
-                    return
+            # ``free_slots`` is kept as leases come and go: no scan of the replicas to learn
+            # that every one of them is full, the usual state under a backlog.
+            while m.free_slots > 0:
                 tenant = q.select()
                 if tenant is None:
                     return
                 rid, queued = q.head(tenant)
                 request = queued.request
-                cost = request.cost_tokens
+                cost = request.prompt_tokens + request.max_tokens
                 exclude = request.exclude
                 live = m.live  # versions that take new requests; () when there is no split
                 if request.version is not None:  # pinned: that version, weight or not
@@ -723,16 +736,25 @@ class Scheduler:
                 usable_versions: set[str] = set()
                 usable = False
                 fits: list[ReplicaState] = []
-                for r in m.replicas:
+                for r in replicas:
                     v = r.view
-                    if not v.ready or r.replica_id in exclude:
+                    if not v.ready or (exclude and v.replica_id in exclude):
                         continue
                     if by_version:
                         if v.version in skip_versions or (live and v.version not in live):
                             continue
                         usable_versions.add(v.version)
                     usable = True
-                    if r.fits(cost):
+                    # ``ReplicaState.fits``, inlined: an idle replica takes any one request,
+                    # else it needs a slot and, if its KV capacity is known, the tokens.
+                    n = r.in_flight
+                    if n == 0 or (
+                        n < v.max_concurrency
+                        and (
+                            v.kv_capacity_tokens is None
+                            or r.in_flight_tokens + cost <= v.kv_capacity_tokens
+                        )
+                    ):
                         fits.append(r)
                 if not usable:
                     sitting_out.append(tenant)
@@ -755,7 +777,7 @@ class Scheduler:
                     if self.routing == "round_robin"
                     else route(
                         fits,
-                        self._sessions.get((model, sid)) if sid else None,
+                        sessions.get((model, sid)) if sid else None,
                         request.prefix_hashes,
                         m.preferred,
                         self.prefix_load_margin,
@@ -764,20 +786,23 @@ class Scheduler:
                 charge = request.prompt_tokens / self._weights.get(tenant, 1.0)
                 q.start(tenant, charge)
                 del self._queued_in[rid]
+                # It fit, so it is ready with a free slot (an idle replica has one too).
                 r.in_flight += 1
                 r.in_flight_tokens += cost
+                m.free_slots -= 1
                 if request.prefix_hashes:
-                    r.remember_prefix(request.prefix_hashes)
-                version = r.view.version
+                    r.prefixes.touch_all(reversed(request.prefix_hashes), True)
+                v = r.view
+                version = v.version
                 if sid:
-                    self._sessions.put((model, sid), r.replica_id)
+                    sessions.put((model, sid), v.replica_id)
                 elif eligible:
                     _commit_wrr(m, eligible, version)  # granted: the peek becomes the pick
-                lease = Lease(
+                lease = _new_lease(
                     rid,
                     model,
                     tenant,
-                    r.replica_id,
+                    v.replica_id,
                     queued.enqueued_at,
                     now,
                     reason,
@@ -817,12 +842,65 @@ class Scheduler:
         if r is not None:
             r.in_flight -= 1
             r.in_flight_tokens -= lease.cost_tokens
+            v = r.view
+            if v.ready and r.in_flight < v.max_concurrency:
+                # A slot came back. The replica's own model: an id removed from one model
+                # and reused by another carries the old model's leases with it.
+                self._models[v.model].free_slots += 1
+
+    @staticmethod
+    def _refresh(m: _Model) -> None:
+        """Recount what ``_Model`` caches about its replicas, after they or the split changed."""
+        m.free_slots = sum(
+            max(r.view.max_concurrency - r.in_flight, 0) for r in m.replicas if r.view.ready
+        )
+        m.accepting = _can_take_new_work(m)
 
     def _retry_after(self, m: _Model) -> float:
         """Seconds until the queued work should have drained: a hint for Retry-After."""
         slots = sum(r.view.max_concurrency for r in m.replicas if r.view.ready) or 1
         estimate = len(m.queue) * m.hold_s / slots
         return round(min(max(estimate, _RETRY_AFTER_MIN_S), _RETRY_AFTER_MAX_S), 1)
+
+
+def _new_lease(
+    request_id: str,
+    model: str,
+    tenant: str,
+    replica_id: str,
+    enqueued_at: float,
+    granted_at: float,
+    route: RouteReason,
+    cost_tokens: int,
+    prefix_blocks: int,
+    requeues: int,
+    version: str,
+    canary: bool,
+    replica_in_flight: int,
+) -> Lease:
+    """``Lease(...)`` with the same fields, without the frozen dataclass's ``__init__``.
+
+    That ``__init__`` goes through ``object.__setattr__`` once per field, which made the
+    lease the costliest allocation of a decision; filling the instance dict directly gives
+    an equal object (same fields in the same order: equality, hash, repr and pickling
+    agree) at a quarter of the cost. Only for values already checked by the dispatcher.
+    """
+    lease = object.__new__(Lease)
+    d = lease.__dict__
+    d["request_id"] = request_id
+    d["model"] = model
+    d["tenant"] = tenant
+    d["replica_id"] = replica_id
+    d["enqueued_at"] = enqueued_at
+    d["granted_at"] = granted_at
+    d["route"] = route
+    d["cost_tokens"] = cost_tokens
+    d["prefix_blocks"] = prefix_blocks
+    d["requeues"] = requeues
+    d["version"] = version
+    d["canary"] = canary
+    d["replica_in_flight"] = replica_in_flight
+    return lease
 
 
 def _can_take_new_work(m: _Model, pinned: str | None = None) -> bool:
