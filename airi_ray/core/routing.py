@@ -18,9 +18,10 @@ as vLLM's prefix cache keys them, so equal leading hashes mean an equal token pr
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat, takewhile
 from typing import Generic, Literal, TypeVar
 
 RouteReason = Literal["session", "prefix", "hardware", "load", "round_robin"]
@@ -87,26 +88,22 @@ class BoundedLRU(Generic[K, V]):
 
     def count_leading(self, keys: Iterable[K]) -> int:
         """How many of ``keys``, from the first, are present (without marking them used)."""
-        data = self._data
-        n = 0
-        for key in keys:
-            if key not in data:
-                break
-            n += 1
-        return n
+        # takewhile over the dict's own __contains__, drained by list(): the walk runs in C,
+        # which matters on the scheduler's hot path (16 blocks per prompt, per replica).
+        return len(list(takewhile(self._data.__contains__, keys)))
 
-    def touch_all(self, keys: Iterable[K], value: V) -> None:
+    def touch_all(self, keys: Sequence[K], value: V) -> None:
         """``put(key, value)`` for each of ``keys`` in order, evicting once at the end.
 
-        The same contents and order as the separate puts: an LRU keeps the ``maxsize``
-        most recently put keys whenever it evicts, so evicting once after the last put
-        leaves what evicting after each put would.
+        The same contents and order as the separate puts, in three C-level passes: the
+        update inserts the new keys and sets every value, then each key is moved to the end
+        in order (a repeated key ends where its last put would leave it), and an LRU keeps
+        the ``maxsize`` most recently put keys whenever it evicts, so evicting once at the
+        end leaves what evicting after each put would.
         """
         data = self._data
-        move_to_end = data.move_to_end
-        for key in keys:
-            data[key] = value
-            move_to_end(key)
+        data.update(zip(keys, repeat(value)))
+        deque(map(data.move_to_end, keys), maxlen=0)
         while len(data) > self.maxsize:
             data.popitem(last=False)
 
@@ -236,7 +233,7 @@ class ReplicaState:
         Inserted from the last block to the first, so the first (shared) blocks are the most
         recently used and eviction trims prompts from their tails, as vLLM's cache does.
         """
-        self.prefixes.touch_all(reversed(hashes), True)
+        self.prefixes.touch_all(hashes[::-1], True)
 
 
 @dataclass(frozen=True)

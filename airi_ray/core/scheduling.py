@@ -791,7 +791,7 @@ class Scheduler:
                 r.in_flight_tokens += cost
                 m.free_slots -= 1
                 if request.prefix_hashes:
-                    r.prefixes.touch_all(reversed(request.prefix_hashes), True)
+                    r.prefixes.touch_all(request.prefix_hashes[::-1], True)
                 v = r.view
                 version = v.version
                 if sid:
