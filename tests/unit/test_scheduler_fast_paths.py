@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airi_ray.core.errors import AiriError
+from airi_ray.core.fairness import FairQueue
 from airi_ray.core.routing import (
     BoundedLRU,
     ReplicaState,
@@ -156,3 +157,111 @@ def test_a_replica_id_moved_to_another_model_frees_there() -> None:
     s.release(lease.request_id)
     assert s._models["b"].free_slots == 2 == _recount(s, "b")
     assert s._models["a"].free_slots == 0
+
+
+class _ScanQueue:
+    """The fair queue's contract, by scanning: the reference its heaps must agree with."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.counter: dict[str, float] = {}
+        self.queued: dict[str, tuple[str, tuple[int, float, int]]] = {}  # rid -> tenant, key
+        self.in_flight: dict[str, int] = {}
+        self.out: set[str] = set()
+
+    def depth(self, tenant: str) -> int:
+        return sum(1 for t, _ in self.queued.values() if t == tenant)
+
+    def push(self, tenant: str, rid: str, rank: int, deadline: float, seq: int, front: bool):
+        if self.policy == "fcfs":
+            rank, deadline = 0, 0.0
+        c = self.counter.setdefault(tenant, 0.0)
+        if self.depth(tenant) == 0 and self.policy == "vtc":
+            floor = [self.counter[t] for t, _ in self.queued.values()] or [
+                self.counter[t] for t, n in self.in_flight.items() if n and t != tenant
+            ]
+            if floor and min(floor) > c:
+                self.counter[tenant] = min(floor)
+        self.queued[rid] = (tenant, (-1 if front else rank, deadline, seq))
+
+    def head(self, tenant: str) -> str:
+        return min((k, rid) for rid, (t, k) in self.queued.items() if t == tenant)[1]
+
+    def select(self) -> str | None:
+        keys = [
+            ((self.counter[t] if self.policy == "vtc" else 0.0, *k), t)
+            for t, k in (
+                (t, self.queued[self.head(t)][1])
+                for t in {t for t, _ in self.queued.values()} - self.out
+            )
+        ]
+        if not keys:
+            return None
+        t = min(keys)[1]
+        self.out.add(t)
+        return t
+
+    def start(self, tenant: str, charge: float) -> str:
+        rid = self.head(tenant)
+        del self.queued[rid]
+        self.out.discard(tenant)
+        self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
+        self.counter[tenant] += charge
+        return rid
+
+    def end(self, tenant: str, charge: float) -> None:
+        self.in_flight[tenant] -= 1
+        self.counter[tenant] += charge
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32), st.sampled_from(("vtc", "fcfs")))
+def test_fair_queue_agrees_with_a_scan(seed: int, policy: str) -> None:
+    """Random pushes (some to the front), cancels, selections that start or put back,
+    finishes and refunds: the heaps give the order a scan of every tenant gives."""
+    rng = random.Random(seed)
+    q: FairQueue[str] = FairQueue(policy)  # type: ignore[arg-type]
+    ref = _ScanQueue(policy)
+    started: list[tuple[str, float]] = []
+    for seq in range(300):
+        op = rng.random()
+        if op < 0.4:
+            tenant, rid = rng.choice("ABCDE"), f"r{seq}"
+            rank, dl, front = rng.randint(0, 1), rng.choice((1.0, 5.0, 9.0)), rng.random() < 0.1
+            q.push(tenant, rid, rid, rank=rank, deadline=dl, seq=seq, front=front)
+            ref.push(tenant, rid, rank, dl, seq, front)
+        elif op < 0.5 and ref.queued:
+            rid = rng.choice(sorted(ref.queued))
+            del ref.queued[rid]
+            assert q.remove(rid) == rid
+        elif op < 0.8:
+            # A dispatch round: some tenants sit out (put back), then one starts.
+            out = []
+            while True:
+                t = q.select()
+                assert t == ref.select()
+                if t is None:
+                    break
+                assert q.head(t)[0] == ref.head(t)
+                if rng.random() < 0.3:
+                    out.append(t)
+                    continue
+                charge = float(rng.randint(0, 50))
+                assert q.start(t, charge)[0] == ref.start(t, charge)
+                started.append((t, charge))
+                break
+            for t in out:
+                q.put_back(t)
+                ref.out.discard(t)
+        elif started:
+            t, charge = started.pop(rng.randrange(len(started)))
+            if rng.random() < 0.7:
+                extra = float(rng.randint(0, 80))
+                q.finish(t, extra)
+                ref.end(t, extra)
+            else:
+                q.refund(t, charge)
+                ref.end(t, -charge)
+        for t in "ABCDE":
+            assert q.counter(t) == ref.counter.get(t, 0.0)
+            assert q.depth(t) == ref.depth(t)
