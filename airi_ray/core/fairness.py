@@ -192,7 +192,9 @@ class FairQueue(Generic[T]):
         while heap:
             top = heap[0]
             t = tenants[top[5]]
-            if top[4] != t.version or t.depth == 0 or t.checked_out:
+            # Only the entry of the latest version is live: every push bumps the version,
+            # emptying a tenant bumps it, and a checked-out tenant's entry was popped here.
+            if top[4] != t.version:
                 heapq.heappop(heap)  # stale
             elif vtc and top[0] != t.counter:
                 # Charged since it was pushed: its key only went up. Re-key it in place; it
@@ -291,7 +293,7 @@ class FairQueue(Generic[T]):
         while heap:
             top = heap[0]
             t = self._tenants[top[5]]
-            if top[4] != t.version or t.depth == 0:
+            if top[4] != t.version:  # stale (see ``select``)
                 heapq.heappop(heap)
             elif top[0] != t.counter:
                 heapq.heapreplace(heap, (t.counter, *top[1:]))
