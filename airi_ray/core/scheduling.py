@@ -535,7 +535,10 @@ class Scheduler:
         queued = _Queued(request, now, deadline, self._seq)
         q.push(tenant, rid, queued, rank=_RANK[request.priority], deadline=deadline, seq=self._seq)
         self._queued_in[rid] = request.model
-        m.tenant_counts(tenant).admitted += 1
+        c = m.counts.get(tenant)  # ``m.tenant_counts``, inlined on the hot path
+        if c is None:
+            c = m.counts[tenant] = _Counts()
+        c.admitted += 1
 
     def cancel(self, request_id: str) -> bool:
         """Drop a waiting request (its caller gave up). True if it was waiting."""
@@ -732,33 +735,40 @@ class Scheduler:
                 if request.version is not None:  # pinned: that version, weight or not
                     live = (request.version,)
                 skip_versions = request.exclude_versions
-                by_version = bool(live or skip_versions)  # False: the usual, cheap path
                 usable_versions: set[str] = set()
-                usable = False
-                fits: list[ReplicaState] = []
-                for r in replicas:
-                    v = r.view
-                    if not v.ready or (exclude and v.replica_id in exclude):
-                        continue
-                    if by_version:
-                        if v.version in skip_versions or (live and v.version not in live):
+                usable = replicas  # those it may run on: without exclusions, every ready one
+                if exclude or live or skip_versions:
+                    usable = []
+                    for r in replicas:
+                        v = r.view
+                        if not v.ready or v.replica_id in exclude:
                             continue
-                        usable_versions.add(v.version)
-                    usable = True
-                    # ``ReplicaState.fits``, inlined: an idle replica takes any one request,
-                    # else it needs a slot and, if its KV capacity is known, the tokens.
+                        if live or skip_versions:
+                            if v.version in skip_versions or (live and v.version not in live):
+                                continue
+                            usable_versions.add(v.version)
+                        usable.append(r)
+                    if not usable:
+                        sitting_out.append(tenant)
+                        continue
+                # Else a replica is ready: one has a free slot. ``ReplicaState.fits``, inlined:
+                # an idle replica takes any one request, else it needs a slot and, if its KV
+                # capacity is known, room for the tokens.
+                fits: list[ReplicaState] = []
+                for r in usable:
+                    v = r.view
                     n = r.in_flight
-                    if n == 0 or (
-                        n < v.max_concurrency
-                        and (
-                            v.kv_capacity_tokens is None
-                            or r.in_flight_tokens + cost <= v.kv_capacity_tokens
+                    if v.ready and (
+                        n == 0
+                        or (
+                            n < v.max_concurrency
+                            and (
+                                v.kv_capacity_tokens is None
+                                or r.in_flight_tokens + cost <= v.kv_capacity_tokens
+                            )
                         )
                     ):
                         fits.append(r)
-                if not usable:
-                    sitting_out.append(tenant)
-                    continue
                 sid = request.session_id
                 # Versions the split chooses between for this request; empty when there is
                 # nothing to choose (no split, or one version usable), the common case.
