@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -233,7 +233,9 @@ class _Model:
     cold_start: bool = False  # scaled to zero: requests wait for the autoscaler's replica
     # Kept by ``Scheduler._refresh`` whenever the replicas or the split change, and by each
     # grant and release: what the hot path would otherwise scan the replicas for.
-    free_slots: int = 0  # sum of the free slots of the ready replicas
+    # The ready replicas with a free slot, by id: only these can take a request (an idle
+    # replica has a slot too), so under a backlog dispatch looks at one or two replicas.
+    open: dict[str, ReplicaState] = field(default_factory=dict)
     accepting: bool = False  # ``_can_take_new_work(m)``: a request naming no version is taken
 
     def tenant_counts(self, tenant: str) -> _Counts:
@@ -721,9 +723,9 @@ class Scheduler:
         sessions = self._sessions
         sitting_out: list[str] = []  # tenants whose head has no usable replica at all
         try:
-            # ``free_slots`` is kept as leases come and go: no scan of the replicas to learn
-            # that every one of them is full, the usual state under a backlog.
-            while m.free_slots > 0:
+            # ``open`` is kept as leases come and go: no scan of the replicas to learn that
+            # every one of them is full, the usual state under a backlog.
+            while m.open:
                 tenant = q.select()
                 if tenant is None:
                     return
@@ -736,7 +738,10 @@ class Scheduler:
                     live = (request.version,)
                 skip_versions = request.exclude_versions
                 usable_versions: set[str] = set()
-                usable = replicas  # those it may run on: without exclusions, every ready one
+                # The replicas to try. Without exclusions or versions to match, the open ones:
+                # the request may run on every ready replica, and an open one is ready. (The
+                # order of ``fits`` does not matter: ``route`` breaks every tie by id.)
+                usable: Iterable[ReplicaState] = m.open.values()
                 if exclude or live or skip_versions:
                     usable = []
                     for r in replicas:
@@ -751,9 +756,8 @@ class Scheduler:
                     if not usable:
                         sitting_out.append(tenant)
                         continue
-                # Else a replica is ready: one has a free slot. ``ReplicaState.fits``, inlined:
-                # an idle replica takes any one request, else it needs a slot and, if its KV
-                # capacity is known, room for the tokens.
+                # ``ReplicaState.fits``, inlined: an idle replica takes any one request, else
+                # it needs a slot and, if its KV capacity is known, room for the tokens.
                 fits: list[ReplicaState] = []
                 for r in usable:
                     v = r.view
@@ -796,13 +800,13 @@ class Scheduler:
                 charge = request.prompt_tokens / self._weights.get(tenant, 1.0)
                 q.start(tenant, charge)
                 del self._queued_in[rid]
-                # It fit, so it is ready with a free slot (an idle replica has one too).
                 r.in_flight += 1
                 r.in_flight_tokens += cost
-                m.free_slots -= 1
+                v = r.view
+                if r.in_flight >= v.max_concurrency:
+                    del m.open[v.replica_id]  # it fit, so it was open
                 if request.prefix_hashes:
                     r.prefixes.touch_all(request.prefix_hashes[::-1], True)
-                v = r.view
                 version = v.version
                 if sid:
                     sessions.put((model, sid), v.replica_id)
@@ -854,16 +858,18 @@ class Scheduler:
             r.in_flight_tokens -= lease.cost_tokens
             v = r.view
             if v.ready and r.in_flight < v.max_concurrency:
-                # A slot came back. The replica's own model: an id removed from one model
-                # and reused by another carries the old model's leases with it.
-                self._models[v.model].free_slots += 1
+                # Open (again). On the replica's own model: an id removed from one model and
+                # reused by another carries the old model's leases with it.
+                self._models[v.model].open[v.replica_id] = r
 
     @staticmethod
     def _refresh(m: _Model) -> None:
         """Recount what ``_Model`` caches about its replicas, after they or the split changed."""
-        m.free_slots = sum(
-            max(r.view.max_concurrency - r.in_flight, 0) for r in m.replicas if r.view.ready
-        )
+        m.open = {
+            r.replica_id: r
+            for r in m.replicas
+            if r.view.ready and r.in_flight < r.view.max_concurrency
+        }
         m.accepting = _can_take_new_work(m)
 
     def _retry_after(self, m: _Model) -> float:

@@ -1,7 +1,7 @@
 """The scheduler's fast paths agree with the plain code they stand in for.
 
 Each shortcut of the hot path (the LRU's batched puts, ``route`` beside ``choose_replica``,
-the lease built without its ``__init__``, the free-slot count kept per model instead of a
+the lease built without its ``__init__``, the open replicas kept per model instead of a
 scan) is checked here against the straightforward version, on random inputs.
 """
 
@@ -89,6 +89,9 @@ def test_route_is_choose_replica(seed: int) -> None:
     assert choice is not None
     got = route(cands, session, hashes, preferred, margin)
     assert (got[0], got[1], got[2]) == (choice.replica, choice.reason, choice.prefix_blocks)
+    # The dispatcher passes the open replicas in no particular order: it must not matter.
+    rng.shuffle(cands)
+    assert route(cands, session, hashes, preferred, margin) == got
 
 
 def test_new_lease_equals_the_dataclass() -> None:
@@ -99,19 +102,20 @@ def test_new_lease_equals_the_dataclass() -> None:
     assert fast.queue_wait_s == 1.5
 
 
-def _recount(s: Scheduler, model: str) -> int:
-    return sum(
-        max(r.view.max_concurrency - r.in_flight, 0)
+def _open(s: Scheduler, model: str) -> set[str]:
+    """The replicas of ``model`` with a free slot, by a scan."""
+    return {
+        r.replica_id
         for r in s._models[model].replicas
-        if r.view.ready
-    )
+        if r.view.ready and r.in_flight < r.view.max_concurrency
+    }
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**32))
-def test_free_slot_count_matches_a_recount(seed: int) -> None:
+def test_open_replicas_match_a_scan(seed: int) -> None:
     """Through grants, releases, requeues, readiness changes and replica sets that shrink
-    capacity below what is in flight, the kept count equals the scan it replaces."""
+    capacity below what is in flight, the kept set equals the scan it replaces."""
     rng = random.Random(seed)
     s = Scheduler(max_queue_per_model=100, max_queued_per_tenant=100)
 
@@ -143,7 +147,7 @@ def test_free_slot_count_matches_a_recount(seed: int) -> None:
         elif s.replicas(model):
             s.mark_unready(rng.choice(s.replicas(model)).replica_id)
         for m in ("a", "b"):
-            assert s._models[m].free_slots == _recount(s, m)
+            assert set(s._models[m].open) == _open(s, m)
 
 
 def test_a_replica_id_moved_to_another_model_frees_there() -> None:
@@ -153,10 +157,11 @@ def test_a_replica_id_moved_to_another_model_frees_there() -> None:
     [lease] = s.dispatch(0.0)
     s.set_replicas("a", [])
     s.set_replicas("b", [ReplicaView("r", "b", 2)])  # counts the lease still held on it
-    assert s._models["b"].free_slots == 1
+    s.enqueue(AcquireRequest("q2", "b", "t"), 0.0)
+    assert len(s.dispatch(0.0)) == 1 and not s._models["b"].open  # both slots taken
     s.release(lease.request_id)
-    assert s._models["b"].free_slots == 2 == _recount(s, "b")
-    assert s._models["a"].free_slots == 0
+    assert set(s._models["b"].open) == {"r"} == _open(s, "b")
+    assert not s._models["a"].open
 
 
 class _ScanQueue:
