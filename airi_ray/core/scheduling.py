@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -71,6 +72,7 @@ _RETRY_AFTER_MIN_S = 1.0
 _RETRY_AFTER_MAX_S = 60.0
 _HOLD_EWMA_ALPHA = 0.1
 _HOLD_DEFAULT_S = 1.0
+_NO_VERSIONS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -737,13 +739,13 @@ class Scheduler:
                 if request.version is not None:  # pinned: that version, weight or not
                     live = (request.version,)
                 skip_versions = request.exclude_versions
-                usable_versions: set[str] = set()
+                usable_versions: AbstractSet[str] = _NO_VERSIONS  # filled when filtering
                 # The replicas to try. Without exclusions or versions to match, the open ones:
                 # the request may run on every ready replica, and an open one is ready. (The
                 # order of ``fits`` does not matter: ``route`` breaks every tie by id.)
                 usable: Iterable[ReplicaState] = m.open.values()
                 if exclude or live or skip_versions:
-                    usable = []
+                    usable, usable_versions = [], set()
                     for r in replicas:
                         v = r.view
                         if not v.ready or v.replica_id in exclude:
@@ -776,7 +778,7 @@ class Scheduler:
                 sid = request.session_id
                 # Versions the split chooses between for this request; empty when there is
                 # nothing to choose (no split, or one version usable), the common case.
-                eligible: list[str] = []
+                eligible: Sequence[str] = ()
                 if len(live) > 1 and len(usable_versions) > 1:
                     eligible = [x for x in live if x in usable_versions]
                     picked = _session_version(m, eligible, sid) if sid else _peek_wrr(m, eligible)
