@@ -92,8 +92,11 @@ class BoundedLRU(Generic[K, V]):
         # which matters on the scheduler's hot path (16 blocks per prompt, per replica).
         return len(list(takewhile(self._data.__contains__, keys)))
 
-    def touch_all(self, keys: Sequence[K], value: V) -> None:
+    def touch_all(self, keys: Sequence[K], value: V, present: int = 0) -> None:
         """``put(key, value)`` for each of ``keys`` in order, evicting once at the end.
+
+        ``present``: how many of the last keys the caller knows to be here with ``value``
+        already (it just counted them); they are only moved, not written again.
 
         The same contents and order as the separate puts, in three C-level passes: the
         update inserts the new keys and sets every value, then each key is moved to the end
@@ -102,7 +105,7 @@ class BoundedLRU(Generic[K, V]):
         end leaves what evicting after each put would.
         """
         data = self._data
-        data.update(zip(keys, repeat(value)))
+        data.update(zip(keys[: len(keys) - present], repeat(value)))
         deque(map(data.move_to_end, keys), maxlen=0)
         while len(data) > self.maxsize:
             data.popitem(last=False)

@@ -807,8 +807,8 @@ class Scheduler:
                 v = r.view
                 if r.in_flight >= v.max_concurrency:
                     del m.open[v.replica_id]  # it fit, so it was open
-                if request.prefix_hashes:
-                    r.prefixes.touch_all(request.prefix_hashes[::-1], True)
+                if request.prefix_hashes:  # its first ``blocks`` are there: route counted them
+                    r.prefixes.touch_all(request.prefix_hashes[::-1], True, blocks)
                 version = v.version
                 if sid:
                     sessions.put((model, sid), v.replica_id)
