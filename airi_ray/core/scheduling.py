@@ -811,7 +811,8 @@ class Scheduler:
                     r.prefixes.touch_all(request.prefix_hashes[::-1], True, blocks)
                 version = v.version
                 if sid:
-                    sessions.put((model, sid), v.replica_id)
+                    if reason != "session":  # else ``get`` found it and marked it used
+                        sessions.put((model, sid), v.replica_id)
                 elif eligible:
                     _commit_wrr(m, eligible, version)  # granted: the peek becomes the pick
                 lease = _new_lease(
