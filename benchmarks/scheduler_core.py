@@ -231,14 +231,16 @@ def heap_floor(samples: int, queued: int) -> list[float]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One round on the code in ``args.worker``: JSON on stdout."""
+    """One round on the code in ``args.worker``: JSON on stdout. The last round of each
+    tree also times the decision over a small backlog and counts what it executes."""
     sys.path.insert(0, args.worker)
     core = importlib.import_module("airi_ray.core.scheduling")
     out: dict[str, Any] = {"module": core.__file__}
+    out["times"] = measure(core, args.samples, args.warmup, args.queued)
+    if args.small:
+        out["small"] = measure(core, args.samples, args.warmup, args.small)["backlog"]
     if args.count:
         out["counts"] = count(core, args.count, args.queued)
-    else:
-        out["times"] = measure(core, args.samples, args.warmup, args.queued)
     json.dump(out, sys.stdout)
 
 
@@ -290,6 +292,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1_000)
     parser.add_argument("--count", type=int, default=400, help="decisions traced for counts")
     parser.add_argument("--queued", type=int, default=QUEUED, help=argparse.SUPPRESS)
+    parser.add_argument("--small", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--baseline-ref",
         default=BASELINE_REF,
@@ -316,23 +319,26 @@ def main() -> None:
                 if not args.smoke:  # a full run without its baseline proves nothing
                     raise SystemExit(f"cannot take {args.baseline_ref} from git: {e}") from e
                 print(f"baseline {args.baseline_ref} not available here; measured alone")
-        timing = ["--samples", str(args.samples), "--warmup", str(args.warmup), "--count", "0"]
+        # The same decision over a tenth of the backlog, in the last round: what the
+        # backlog's size costs (its dicts and heaps no longer fit in the caches), as opposed
+        # to the code path.
+        small_queued = max(args.queued // 10, 100)
+        timing = ["--samples", str(args.samples), "--warmup", str(args.warmup)]
         timing += ["--queued", str(args.queued)]
+        last = ["--small", str(small_queued), "--count", str(args.count)]
         times: dict[str, dict[str, list[float]]] = {t: {o: [] for o in OPERATIONS} for t in trees}
         round_p50: dict[str, list[float]] = {t: [] for t in trees}
+        small: dict[str, dict[str, float]] = {}
+        counts: dict[str, dict[str, float]] = {}
         for k in range(args.rounds):
             order = list(trees) if k % 2 == 0 else list(reversed(trees))
             for tree in order:
-                got = run_worker(trees[tree], timing)["times"]
-                for op, values in got.items():
+                got = run_worker(trees[tree], timing + (last if k == args.rounds - 1 else []))
+                for op, values in got["times"].items():
                     times[tree][op] += values
-                round_p50[tree].append(round(percentile(got["backlog"], 0.5), 2))
-        counts = {
-            tree: run_worker(path, ["--count", str(args.count), "--queued", str(args.queued)])[
-                "counts"
-            ]
-            for tree, path in trees.items()
-        }
+                round_p50[tree].append(round(percentile(got["times"]["backlog"], 0.5), 2))
+                if "small" in got:
+                    small[tree], counts[tree] = summary(got["small"]), got["counts"]
     floor = summary(heap_floor(args.samples * args.rounds, args.queued))
     load_after = os.getloadavg()
 
@@ -346,12 +352,16 @@ def main() -> None:
     miss_cause = None
     if not met:
         miss_cause = (
-            f"interpreter cost, not a scan: one decision runs {bc:g} CPython bytecodes and "
-            f"{counts['current']['python_calls']:g} Python calls (about {ns_per_bytecode} ns "
-            f"per bytecode here, load average {load_before[0]:.1f} on {os.cpu_count()} CPUs "
-            f"at the start); the heap operations alone take {floor['p50_us']} us. What is "
-            "left is the bookkeeping of a decision (tenant counters, admission, routing, "
-            "session and prefix memory, the lease) at that per-bytecode cost"
+            f"the interpreter and the memory, not a scan: one decision runs {bc:g} CPython "
+            f"bytecodes and {counts['current']['python_calls']:g} Python calls, at about "
+            f"{ns_per_bytecode} ns per bytecode here (load average {load_before[0]:.1f} on "
+            f"{os.cpu_count()} CPUs at the start); the heap operations alone take "
+            f"{floor['p50_us']} us. With {small_queued:,} queued instead of {args.queued:,} "
+            f"the same decision (the same bytecodes) takes {small['current']['p50_us']} us "
+            "p50: the difference is the larger backlog's memory (a queued request and its heap "
+            "and dict entries are cold by the time it reaches the head). The remainder is the "
+            "decision's own bookkeeping (tenant counters, admission, routing, session and "
+            "prefix memory, the lease) at that per-bytecode cost"
         )
 
     print(f"{'operation':<36}{'p50 us':>9}{'p99 us':>9}", end="")
@@ -365,6 +375,9 @@ def main() -> None:
         else:
             print()
     print(f"{'heapq floor (push, pop, re-key)':<36}{floor['p50_us']:>9}{floor['p99_us']:>9}")
+    label = f"backlog decision, {small_queued:,} queued"
+    print(f"{label:<36}{small['current']['p50_us']:>9}{small['current']['p99_us']:>9}", end="")
+    print(f"{small['baseline']['p50_us']:>10}{small['baseline']['p99_us']:>10}" if base else "")
     for key in ("bytecodes", "python_calls", "c_calls"):
         label = f"{key.replace('_', ' ')} per decision"
         print(f"{label:<36}{counts['current'][key]:>9g}", end="")
@@ -396,6 +409,11 @@ def main() -> None:
         },
         "speedup_p50": round(base["backlog"]["p50_us"] / p50, 2) if base else None,
         "heapq_floor_us": floor,
+        "small_backlog": {
+            "queued": small_queued,
+            "decision": small["current"],
+            "baseline_decision": small.get("baseline"),
+        },
         "operations": cur,
         "round_p50_us": round_p50["current"],
         "counts_per_decision": counts["current"],
