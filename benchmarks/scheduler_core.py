@@ -351,17 +351,24 @@ def main() -> None:
     ns_per_bytecode = round(p50 * 1000 / bc, 1) if bc else None
     miss_cause = None
     if not met:
+        small_p50 = small["current"]["p50_us"]
+        backlog = (
+            f"With {small_queued:,} queued instead of {args.queued:,} the same decision (the "
+            f"same bytecodes) takes {small_p50} us p50: the difference is the larger "
+            "backlog's memory (a queued request and its heap and dict entries are cold by the "
+            "time it reaches the head)."
+            if small_p50 < p50
+            else f"A backlog of {small_queued:,} made no difference in this run ({small_p50} "
+            "us p50)."
+        )
         miss_cause = (
-            f"the interpreter and the memory, not a scan: one decision runs {bc:g} CPython "
-            f"bytecodes and {counts['current']['python_calls']:g} Python calls, at about "
-            f"{ns_per_bytecode} ns per bytecode here (load average {load_before[0]:.1f} on "
-            f"{os.cpu_count()} CPUs at the start); the heap operations alone take "
-            f"{floor['p50_us']} us. With {small_queued:,} queued instead of {args.queued:,} "
-            f"the same decision (the same bytecodes) takes {small['current']['p50_us']} us "
-            "p50: the difference is the larger backlog's memory (a queued request and its heap "
-            "and dict entries are cold by the time it reaches the head). The remainder is the "
-            "decision's own bookkeeping (tenant counters, admission, routing, session and "
-            "prefix memory, the lease) at that per-bytecode cost"
+            f"the interpreter, not a scan: one decision runs {bc:g} CPython bytecodes and "
+            f"{counts['current']['python_calls']:g} Python calls, at about {ns_per_bytecode} "
+            f"ns per bytecode here (load average {load_before[0]:.1f} on {os.cpu_count()} "
+            f"CPUs at the start); the heap operations alone take {floor['p50_us']} us. "
+            f"{backlog} The remainder is the decision's own bookkeeping (tenant counters, "
+            "admission, routing, session and prefix memory, the lease) at that cost per "
+            "bytecode"
         )
 
     print(f"{'operation':<36}{'p50 us':>9}{'p99 us':>9}", end="")
