@@ -22,7 +22,13 @@ from airi_ray.core.routing import (
     choose_replica,
     route,
 )
-from airi_ray.core.scheduling import AcquireRequest, Lease, Scheduler, _new_lease
+from airi_ray.core.scheduling import (
+    AcquireRequest,
+    Lease,
+    Scheduler,
+    _can_take_new_work,
+    _new_lease,
+)
 
 
 @given(
@@ -117,9 +123,10 @@ def _open(s: Scheduler, model: str) -> set[str]:
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**32))
-def test_open_replicas_match_a_scan(seed: int) -> None:
-    """Through grants, releases, requeues, readiness changes and replica sets that shrink
-    capacity below what is in flight, the kept set equals the scan it replaces."""
+def test_kept_replica_state_matches_a_scan(seed: int) -> None:
+    """Through grants, releases, requeues, readiness changes, replica sets that shrink
+    capacity below what is in flight, cold-start flags and traffic splits, what the model
+    keeps (its open replicas, whether it takes work) equals the scan it replaces."""
     rng = random.Random(seed)
     s = Scheduler(max_queue_per_model=100, max_queued_per_tenant=100)
 
@@ -146,12 +153,17 @@ def test_open_replicas_match_a_scan(seed: int) -> None:
             s.release(leased.pop(rng.randrange(len(leased))), 1)
         elif op < 0.8 and leased:
             s.requeue(leased.pop(rng.randrange(len(leased))))
-        elif op < 0.9:
+        elif op < 0.85:
             s.set_replicas(model, views(model))
+        elif op < 0.9:
+            s.set_cold_start(model, rng.random() < 0.5)
+        elif op < 0.95:  # a split to a version no replica has: only cold start takes work
+            s.set_traffic(model, rng.choice(({}, {"v1": 1.0}, {"": 1.0, "v1": 1.0})))
         elif s.replicas(model):
             s.mark_unready(rng.choice(s.replicas(model)).replica_id)
         for m in ("a", "b"):
             assert set(s._models[m].open) == _open(s, m)
+            assert s._models[m].accepting == _can_take_new_work(s._models[m])
 
 
 def test_a_replica_id_moved_to_another_model_frees_there() -> None:
