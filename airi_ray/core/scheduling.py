@@ -238,6 +238,7 @@ class _Model:
     # The ready replicas with a free slot, by id: only these can take a request (an idle
     # replica has a slot too), so under a backlog dispatch looks at one or two replicas.
     open: dict[str, ReplicaState] = field(default_factory=dict)
+    queued: int = 0  # ``len(queue)``, kept by the scheduler: read twice per decision
     accepting: bool = False  # ``_can_take_new_work(m)``: a request naming no version is taken
 
     def tenant_counts(self, tenant: str) -> _Counts:
@@ -526,7 +527,7 @@ class Scheduler:
                 f"{retry:g}s",
                 retry_after_s=retry,
             )
-        if len(q) >= self.max_queue_per_model:
+        if m.queued >= self.max_queue_per_model:
             m.tenant_counts(tenant).refused += 1
             retry = self._retry_after(m)
             raise Overloaded(
@@ -538,6 +539,7 @@ class Scheduler:
         self._seq += 1
         queued = _Queued(request, now, deadline, self._seq)
         q.push(tenant, rid, queued, rank=_RANK[request.priority], deadline=deadline, seq=self._seq)
+        m.queued += 1
         self._queued_in[rid] = request.model
         c = m.counts.get(tenant)  # ``m.tenant_counts``, inlined on the hot path
         if c is None:
@@ -549,7 +551,9 @@ class Scheduler:
         model = self._queued_in.pop(request_id, None)
         if model is None:
             return False
-        self._models[model].queue.remove(request_id)
+        m = self._models[model]
+        m.queue.remove(request_id)
+        m.queued -= 1
         return True
 
     def dispatch(self, now: float) -> list[Lease]:
@@ -568,7 +572,7 @@ class Scheduler:
         """
         granted: list[Lease] = []
         for model, m in self._models.items():
-            if len(m.queue):
+            if m.queued:
                 self._dispatch_model(model, m, now, granted)
         return granted
 
@@ -633,6 +637,7 @@ class Scheduler:
             seq=old.seq,
             front=True,
         )
+        m.queued += 1
         self._queued_in[request_id] = lease.model
         m.tenant_counts(lease.tenant).requeued += 1
         return True
@@ -801,6 +806,7 @@ class Scheduler:
                 )
                 charge = request.prompt_tokens / self._weights.get(tenant, 1.0)
                 q.start(tenant, charge)
+                m.queued -= 1
                 del self._queued_in[rid]
                 r.in_flight += 1
                 r.in_flight_tokens += cost

@@ -142,7 +142,9 @@ def test_kept_replica_state_matches_a_scan(seed: int) -> None:
     for n in range(150):
         op = rng.random()
         model = rng.choice(("a", "b"))
-        if op < 0.4:
+        if op < 0.05:
+            s.cancel(f"q{rng.randrange(n + 1)}")
+        elif op < 0.4:
             try:
                 s.enqueue(AcquireRequest(f"q{n}", model, rng.choice("xyz"), 1, 1), float(n))
             except AiriError:
@@ -164,6 +166,7 @@ def test_kept_replica_state_matches_a_scan(seed: int) -> None:
         for m in ("a", "b"):
             assert set(s._models[m].open) == _open(s, m)
             assert s._models[m].accepting == _can_take_new_work(s._models[m])
+            assert s._models[m].queued == len(s._models[m].queue)
 
 
 def test_a_replica_id_moved_to_another_model_frees_there() -> None:
