@@ -25,7 +25,9 @@ O(log tenants + log queued), never a scan of the queue:
   change;
 - a tenant heap holds ``(rank, deadline, seq, request_id)``, the very tuple its queued
   entry keeps, so a heap entry is live while it is that request's tuple; its top is kept
-  clean, so the tenant's head is read from it without a search.
+  clean, so the tenant's head is read from it without a search. Every queued request has
+  its one entry there, so the heap holds stale entries only when it is longer than the
+  tenant's depth; without cancels, the top is never checked.
 Stale entries are dropped when they reach the top, and each heap is compacted once stale
 entries outnumber live ones, so memory stays proportional to what is queued.
 """
@@ -233,7 +235,7 @@ class FairQueue(Generic[T]):
         if t.depth == 0:
             self._backlogged -= 1
             t.heap.clear()  # whatever is left is stale
-        else:
+        elif len(t.heap) > t.depth:  # some entries are stale (cancelled): one may be on top
             self._clean_head(t)
         t.in_flight += 1
         self._active[tenant] = t
