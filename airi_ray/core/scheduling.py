@@ -233,13 +233,14 @@ class _Model:
     wrr: dict[str, float] = field(default_factory=dict)  # smooth weighted round-robin scores
     versions: dict[str, int] = field(default_factory=dict)  # leases granted per version
     cold_start: bool = False  # scaled to zero: requests wait for the autoscaler's replica
-    # Kept by ``Scheduler._refresh`` whenever the replicas or the split change, and by each
-    # grant and release: what the hot path would otherwise scan the replicas for.
-    # The ready replicas with a free slot, by id: only these can take a request (an idle
-    # replica has a slot too), so under a backlog dispatch looks at one or two replicas.
+    # What the hot path would otherwise scan the replicas for, recomputed by
+    # ``Scheduler._refresh`` whenever the replicas, their readiness or the split change.
+    # ``open``: the ready replicas with a free slot, by id, also kept by each grant and
+    # release; only these can take a request (an idle replica has a slot too), so under a
+    # backlog dispatch looks at one or two replicas.
     open: dict[str, ReplicaState] = field(default_factory=dict)
-    queued: int = 0  # ``len(queue)``, kept by the scheduler: read twice per decision
     accepting: bool = False  # ``_can_take_new_work(m)``: a request naming no version is taken
+    queued: int = 0  # ``len(queue)``, kept by enqueue, requeue, cancel and each grant
 
     def tenant_counts(self, tenant: str) -> _Counts:
         c = self.counts.get(tenant)
