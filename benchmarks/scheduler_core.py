@@ -324,8 +324,8 @@ def main() -> None:
         # to the code path.
         small_queued = max(args.queued // 10, 100)
         timing = ["--samples", str(args.samples), "--warmup", str(args.warmup)]
-        timing += ["--queued", str(args.queued)]
-        last = ["--small", str(small_queued), "--count", str(args.count)]
+        timing += ["--queued", str(args.queued), "--count", "0"]
+        last = ["--small", str(small_queued), "--count", str(args.count)]  # the later wins
         times: dict[str, dict[str, list[float]]] = {t: {o: [] for o in OPERATIONS} for t in trees}
         round_p50: dict[str, list[float]] = {t: [] for t in trees}
         small: dict[str, dict[str, float]] = {}
