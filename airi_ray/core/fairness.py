@@ -18,9 +18,16 @@ baseline the fairness benchmark compares against.
 Both levels are binary heaps with lazy deletion, so choosing the next request costs
 O(log tenants + log queued), never a scan of the queue:
 - the selection heap holds ``(counter, head key..., version, tenant)``; a tenant's entry is
-  valid only while its ``version`` matches, and every change pushes a fresh entry;
-- a tenant heap holds ``(rank, deadline, seq, request_id)``; an entry is valid while the
-  request is still queued under the same key.
+  valid only while its ``version`` matches. A new head, or a counter that went down,
+  pushes a fresh entry. A counter that went up (the common case: a charge) pushes
+  nothing: the entry's counter is then a lower bound, which ``select`` re-keys in place
+  once it reaches the top. So a tenant has one entry in the steady state, not one per
+  change;
+- a tenant heap holds ``(rank, deadline, seq, request_id)``, the very tuple its queued
+  entry keeps, so a heap entry is live while it is that request's tuple; its top is kept
+  clean, so the tenant's head is read from it without a search. Every queued request has
+  its one entry there, so the heap holds stale entries only when it is longer than the
+  tenant's depth; without cancels, the top is never checked.
 Stale entries are dropped when they reach the top, and each heap is compacted once stale
 entries outnumber live ones, so memory stays proportional to what is queued.
 """
@@ -37,8 +44,10 @@ POLICIES: tuple[Policy, ...] = ("vtc", "fcfs")
 
 T = TypeVar("T")
 
-# (rank, deadline, seq): how requests of one tenant are ordered.
-ItemKey = tuple[int, float, int]
+# (rank, deadline, seq, request_id): how requests of one tenant are ordered. The same tuple
+# object sits in the tenant's heap and in the request's entry, which tells a live heap
+# entry from a stale one by identity.
+ItemKey = tuple[int, float, int, str]
 _FRONT_RANK = -1  # before every priority class: requeued requests
 _COMPACT_SLACK = 64  # stale entries tolerated before compaction is considered
 
@@ -54,7 +63,7 @@ class _Entry(Generic[T]):
 class _Tenant:
     name: str
     counter: float = 0.0
-    heap: list[tuple[int, float, int, str]] = field(default_factory=list)
+    heap: list[ItemKey] = field(default_factory=list)  # its top is the head, when queued
     depth: int = 0  # live queued requests
     in_flight: int = 0  # started, not yet finished or refunded
     version: int = 0  # the selection-heap entry carrying this version is the valid one
@@ -144,15 +153,18 @@ class FairQueue(Generic[T]):
             t = self._tenants[tenant] = _Tenant(tenant)
         if self.policy == "fcfs":
             rank, deadline = 0, 0.0
-        key: ItemKey = (_FRONT_RANK if front else rank, deadline, seq)
+        key: ItemKey = (_FRONT_RANK if front else rank, deadline, seq, request_id)
         self._entries[request_id] = _Entry(t, key, item)
-        heapq.heappush(t.heap, (*key, request_id))
+        heap = t.heap
+        heapq.heappush(heap, key)
         t.depth += 1
         if t.depth == 1:
             self._backlogged += 1
             if self.policy == "vtc":
                 self._lift(t)
-        self._push_select(t)
+            self._push_select(t)
+        elif heap[0] is key:  # a new head: the tenant's place in the selection changes
+            self._push_select(t)
 
     def remove(self, request_id: str) -> T | None:
         """Take a queued request out (cancel); None if it is not queued."""
@@ -166,7 +178,9 @@ class FairQueue(Generic[T]):
             t.version += 1  # its selection entry is void
             t.heap.clear()  # every remaining entry is stale
         else:
-            self._push_select(t)  # the head may have changed
+            if t.heap[0] is entry.key:  # the head went: clean the top, move in the selection
+                self._clean_head(t)
+                self._push_select(t)
             self._maybe_compact_tenant(t)
         return entry.item
 
@@ -175,19 +189,30 @@ class FairQueue(Generic[T]):
     def select(self) -> str | None:
         """Check out the backlogged tenant to serve next (smallest counter), or None."""
         heap = self._select
+        tenants = self._tenants
+        vtc = self.policy == "vtc"
         while heap:
-            _, _, _, _, version, name = heapq.heappop(heap)
-            t = self._tenants[name]
-            if version == t.version and t.depth > 0 and not t.checked_out:
+            top = heap[0]
+            t = tenants[top[5]]
+            # Only the entry of the latest version is live: every push bumps the version,
+            # emptying a tenant bumps it, and a checked-out tenant's entry was popped here.
+            if top[4] != t.version:
+                heapq.heappop(heap)  # stale
+            elif vtc and top[0] != t.counter:
+                # Charged since it was pushed: its key only went up. Re-key it in place; it
+                # is served once its true key is the smallest.
+                heapq.heapreplace(heap, (t.counter, *top[1:]))
+            else:
+                heapq.heappop(heap)
                 t.checked_out = True
-                return name
+                return t.name
         return None
 
     def head(self, tenant: str) -> tuple[str, T]:
         """The first queued request of a (backlogged) tenant: ``(request_id, item)``."""
         t = self._tenants[tenant]
-        rid = self._clean_head(t)
-        assert rid is not None, f"tenant {tenant} has no queued request"
+        assert t.depth > 0, f"tenant {tenant} has no queued request"
+        rid = t.heap[0][3]
         return rid, self._entries[rid].item
 
     def put_back(self, tenant: str) -> None:
@@ -203,14 +228,15 @@ class FairQueue(Generic[T]):
         has requests.
         """
         t = self._tenants[tenant]
-        rid = self._clean_head(t)
-        assert rid is not None, f"tenant {tenant} has no queued request"
-        heapq.heappop(t.heap)
+        assert t.depth > 0, f"tenant {tenant} has no queued request"
+        rid = heapq.heappop(t.heap)[3]
         entry = self._entries.pop(rid)
         t.depth -= 1
         if t.depth == 0:
             self._backlogged -= 1
             t.heap.clear()  # whatever is left is stale
+        elif len(t.heap) > t.depth:  # some entries are stale (cancelled): one may be on top
+            self._clean_head(t)
         t.in_flight += 1
         self._active[tenant] = t
         t.counter += charge
@@ -222,9 +248,9 @@ class FairQueue(Generic[T]):
         """A started request ended: charge its output (``charge`` >= 0)."""
         t = self._tenants[tenant]
         self._end(t)
-        if charge:
-            t.counter += charge
-            self._push_select(t)
+        # A counter that goes up needs no new selection entry: the one in the heap (if the
+        # tenant is queued) becomes a lower bound, which ``select`` corrects at the top.
+        t.counter += charge
 
     def refund(self, tenant: str, charge: float) -> None:
         """A started request is given back unserved: take back what ``start`` charged.
@@ -259,18 +285,22 @@ class FairQueue(Generic[T]):
             t.counter = floor
 
     def _min_backlogged_counter(self) -> float | None:
-        """The top of the selection heap (popping stale entries), i.e. the smallest counter.
+        """The top of the selection heap (popping stale entries, re-keying lower bounds),
+        i.e. the smallest counter.
 
         Called from ``push`` only, when no tenant is checked out, so every backlogged tenant
         has its valid entry in the heap (the one being pushed has none yet).
         """
         heap = self._select
         while heap:
-            counter, _, _, _, version, name = heap[0]
-            t = self._tenants[name]
-            if version == t.version and t.depth > 0:
-                return counter
-            heapq.heappop(heap)
+            top = heap[0]
+            t = self._tenants[top[5]]
+            if top[4] != t.version:  # stale (see ``select``)
+                heapq.heappop(heap)
+            elif top[0] != t.counter:
+                heapq.heapreplace(heap, (t.counter, *top[1:]))
+            else:
+                return top[0]
         return None
 
     def _push_select(self, t: _Tenant) -> None:
@@ -278,9 +308,7 @@ class FairQueue(Generic[T]):
         t.version += 1
         if t.depth == 0 or t.checked_out:
             return
-        rid = self._clean_head(t)
-        assert rid is not None
-        rank, deadline, seq = self._entries[rid].key
+        rank, deadline, seq, _ = t.heap[0]
         counter = t.counter if self.policy == "vtc" else 0.0
         heapq.heappush(self._select, (counter, rank, deadline, seq, t.version, t.name))
         if len(self._select) > 2 * self._backlogged + _COMPACT_SLACK:
@@ -291,23 +319,15 @@ class FairQueue(Generic[T]):
             ]
             heapq.heapify(self._select)
 
-    def _clean_head(self, t: _Tenant) -> str | None:
-        """Drop stale entries off the top of a tenant heap; the head request id or None."""
+    def _clean_head(self, t: _Tenant) -> None:
+        """Drop stale entries off the top of a queued tenant's heap, so its top is the head."""
         heap = t.heap
-        while heap:
-            rank, deadline, seq, rid = heap[0]
-            entry = self._entries.get(rid)
-            if entry is not None and entry.tenant is t and entry.key == (rank, deadline, seq):
-                return rid
+        entries = self._entries
+        while (x := entries.get(heap[0][3])) is None or x.key is not heap[0]:
             heapq.heappop(heap)
-        return None
 
     def _maybe_compact_tenant(self, t: _Tenant) -> None:
         if len(t.heap) > 2 * t.depth + _COMPACT_SLACK:
             entries = self._entries
-            t.heap = [
-                e
-                for e in t.heap
-                if (x := entries.get(e[3])) is not None and x.tenant is t and x.key == e[:3]
-            ]
+            t.heap = [e for e in t.heap if (x := entries.get(e[3])) is not None and x.key is e]
             heapq.heapify(t.heap)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -43,10 +44,9 @@ from airi_ray.core.routing import (
     BoundedLRU,
     ReplicaState,
     ReplicaView,
-    RouteChoice,
     RouteReason,
     block_hashes,
-    choose_replica,
+    route,
 )
 
 __all__ = [
@@ -72,6 +72,7 @@ _RETRY_AFTER_MIN_S = 1.0
 _RETRY_AFTER_MAX_S = 60.0
 _HOLD_EWMA_ALPHA = 0.1
 _HOLD_DEFAULT_S = 1.0
+_NO_VERSIONS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,14 @@ class _Model:
     wrr: dict[str, float] = field(default_factory=dict)  # smooth weighted round-robin scores
     versions: dict[str, int] = field(default_factory=dict)  # leases granted per version
     cold_start: bool = False  # scaled to zero: requests wait for the autoscaler's replica
+    # What the hot path would otherwise scan the replicas for, recomputed by
+    # ``Scheduler._refresh`` whenever the replicas, their readiness or the split change.
+    # ``open``: the ready replicas with a free slot, by id, also kept by each grant and
+    # release; only these can take a request (an idle replica has a slot too), so under a
+    # backlog dispatch looks at one or two replicas.
+    open: dict[str, ReplicaState] = field(default_factory=dict)
+    accepting: bool = False  # ``_can_take_new_work(m)``: a request naming no version is taken
+    queued: int = 0  # ``len(queue)``, kept by enqueue, requeue, cancel and each grant
 
     def tenant_counts(self, tenant: str) -> _Counts:
         c = self.counts.get(tenant)
@@ -348,7 +357,9 @@ class Scheduler:
     def set_cold_start(self, model: str, allowed: bool) -> None:
         """Whether ``model`` may have no replica at all (scaled to zero): its requests then
         wait in the queue for a replica to start instead of being refused with 503."""
-        self._model(model).cold_start = allowed
+        m = self._model(model)
+        m.cold_start = allowed
+        self._refresh(m)
 
     def set_preferred_accelerators(self, model: str, types: Sequence[str]) -> None:
         """Accelerator types ``model`` prefers, best first; they win ties on load."""
@@ -394,6 +405,7 @@ class Scheduler:
         m.traffic = dict(weights)
         m.stable = stable if weights else None
         m.live = tuple(sorted(v for v, w in weights.items() if w > 0))
+        self._refresh(m)
 
     def traffic(self, model: str) -> dict[str, float]:
         """The traffic split of ``model``: weight per version, {} if there is none."""
@@ -446,6 +458,7 @@ class Scheduler:
         for r in kept:
             self._replicas[r.replica_id] = r
         m.replicas = sorted(kept, key=lambda r: r.replica_id)
+        self._refresh(m)
 
     def mark_unready(self, replica_id: str) -> None:
         """Stop routing to a replica (a call on it failed); the controller decides its fate
@@ -453,6 +466,7 @@ class Scheduler:
         r = self._replicas.get(replica_id)
         if r is not None:
             r.view = replace(r.view, ready=False, starting=False)
+            self._refresh(self._models[r.view.model])
 
     def replicas(self, model: str | None = None) -> list[ReplicaView]:
         """Replica views with the scheduler's in-flight requests and tokens filled in."""
@@ -487,7 +501,9 @@ class Scheduler:
         if rid in self._queued_in or rid in self._leases:
             raise ValueError(f"request id {rid} is already queued or leased")
         m = self._models.get(request.model)
-        if m is None or not _can_take_new_work(m, request.version):
+        if m is None or not (
+            m.accepting if request.version is None else _can_take_new_work(m, request.version)
+        ):
             if m is not None:  # unknown model names are not counted: they would grow memory
                 m.tenant_counts(tenant).refused += 1
             n = len(m.replicas) if m is not None else 0
@@ -512,7 +528,7 @@ class Scheduler:
                 f"{retry:g}s",
                 retry_after_s=retry,
             )
-        if len(q) >= self.max_queue_per_model:
+        if m.queued >= self.max_queue_per_model:
             m.tenant_counts(tenant).refused += 1
             retry = self._retry_after(m)
             raise Overloaded(
@@ -524,15 +540,21 @@ class Scheduler:
         self._seq += 1
         queued = _Queued(request, now, deadline, self._seq)
         q.push(tenant, rid, queued, rank=_RANK[request.priority], deadline=deadline, seq=self._seq)
+        m.queued += 1
         self._queued_in[rid] = request.model
-        m.tenant_counts(tenant).admitted += 1
+        c = m.counts.get(tenant)  # ``m.tenant_counts``, inlined on the hot path
+        if c is None:
+            c = m.counts[tenant] = _Counts()
+        c.admitted += 1
 
     def cancel(self, request_id: str) -> bool:
         """Drop a waiting request (its caller gave up). True if it was waiting."""
         model = self._queued_in.pop(request_id, None)
         if model is None:
             return False
-        self._models[model].queue.remove(request_id)
+        m = self._models[model]
+        m.queue.remove(request_id)
+        m.queued -= 1
         return True
 
     def dispatch(self, now: float) -> list[Lease]:
@@ -551,7 +573,7 @@ class Scheduler:
         """
         granted: list[Lease] = []
         for model, m in self._models.items():
-            if len(m.queue):
+            if m.queued:
                 self._dispatch_model(model, m, now, granted)
         return granted
 
@@ -616,6 +638,7 @@ class Scheduler:
             seq=old.seq,
             front=True,
         )
+        m.queued += 1
         self._queued_in[request_id] = lease.model
         m.tenant_counts(lease.tenant).requeued += 1
         return True
@@ -704,44 +727,64 @@ class Scheduler:
 
     def _dispatch_model(self, model: str, m: _Model, now: float, granted: list[Lease]) -> None:
         q = m.queue
+        replicas = m.replicas
+        sessions = self._sessions
         sitting_out: list[str] = []  # tenants whose head has no usable replica at all
         try:
-            while True:
-                if not any(r.has_slot() for r in m.replicas):
-                    return
+            # ``open`` is kept as leases come and go: no scan of the replicas to learn that
+            # every one of them is full, the usual state under a backlog.
+            while m.open:
                 tenant = q.select()
                 if tenant is None:
                     return
                 rid, queued = q.head(tenant)
                 request = queued.request
-                cost = request.cost_tokens
+                cost = request.prompt_tokens + request.max_tokens
                 exclude = request.exclude
                 live = m.live  # versions that take new requests; () when there is no split
                 if request.version is not None:  # pinned: that version, weight or not
                     live = (request.version,)
                 skip_versions = request.exclude_versions
-                by_version = bool(live or skip_versions)  # False: the usual, cheap path
-                usable_versions: set[str] = set()
-                usable = False
-                fits: list[ReplicaState] = []
-                for r in m.replicas:
-                    v = r.view
-                    if not v.ready or r.replica_id in exclude:
-                        continue
-                    if by_version:
-                        if v.version in skip_versions or (live and v.version not in live):
+                usable_versions: AbstractSet[str] = _NO_VERSIONS  # filled when filtering
+                # The replicas to try. Without exclusions or versions to match, the open ones:
+                # the request may run on every ready replica, and an open one is ready. (The
+                # order of ``fits`` does not matter: ``route`` breaks every tie by id.)
+                usable: Iterable[ReplicaState] = m.open.values()
+                if exclude or live or skip_versions:
+                    usable, usable_versions = [], set()
+                    for r in replicas:
+                        v = r.view
+                        if not v.ready or v.replica_id in exclude:
                             continue
-                        usable_versions.add(v.version)
-                    usable = True
-                    if r.fits(cost):
+                        if live or skip_versions:
+                            if v.version in skip_versions or (live and v.version not in live):
+                                continue
+                            usable_versions.add(v.version)
+                        usable.append(r)
+                    if not usable:
+                        sitting_out.append(tenant)
+                        continue
+                # ``ReplicaState.fits``, inlined: an idle replica takes any one request, else
+                # it needs a slot and, if its KV capacity is known, room for the tokens.
+                fits: list[ReplicaState] = []
+                for r in usable:
+                    v = r.view
+                    n = r.in_flight
+                    if v.ready and (
+                        n == 0
+                        or (
+                            n < v.max_concurrency
+                            and (
+                                v.kv_capacity_tokens is None
+                                or r.in_flight_tokens + cost <= v.kv_capacity_tokens
+                            )
+                        )
+                    ):
                         fits.append(r)
-                if not usable:
-                    sitting_out.append(tenant)
-                    continue
                 sid = request.session_id
                 # Versions the split chooses between for this request; empty when there is
                 # nothing to choose (no split, or one version usable), the common case.
-                eligible: list[str] = []
+                eligible: Sequence[str] = ()
                 if len(live) > 1 and len(usable_versions) > 1:
                     eligible = [x for x in live if x in usable_versions]
                     picked = _session_version(m, eligible, sid) if sid else _peek_wrr(m, eligible)
@@ -751,41 +794,44 @@ class Scheduler:
                 if not fits:
                     q.put_back(tenant)  # head of line waits for room; see ``dispatch``
                     return
-                choice = (
+                r, reason, blocks = (
                     self._round_robin(m, fits)
                     if self.routing == "round_robin"
-                    else choose_replica(
+                    else route(
                         fits,
-                        session_replica=self._sessions.get((model, sid)) if sid else None,
-                        prefix_hashes=request.prefix_hashes,
-                        preferred_accelerators=m.preferred,
-                        prefix_load_margin=self.prefix_load_margin,
+                        sessions.get((model, sid)) if sid else None,
+                        request.prefix_hashes,
+                        m.preferred,
+                        self.prefix_load_margin,
                     )
                 )
-                assert choice is not None  # ``fits`` is not empty
                 charge = request.prompt_tokens / self._weights.get(tenant, 1.0)
                 q.start(tenant, charge)
+                m.queued -= 1
                 del self._queued_in[rid]
-                r = choice.replica
                 r.in_flight += 1
                 r.in_flight_tokens += cost
-                if request.prefix_hashes:
-                    r.remember_prefix(request.prefix_hashes)
-                version = r.view.version
+                v = r.view
+                if r.in_flight >= v.max_concurrency:
+                    del m.open[v.replica_id]  # it fit, so it was open
+                if request.prefix_hashes:  # its first ``blocks`` are there: route counted them
+                    r.prefixes.touch_all(request.prefix_hashes[::-1], True, blocks)
+                version = v.version
                 if sid:
-                    self._sessions.put((model, sid), r.replica_id)
+                    if reason != "session":  # else ``get`` found it and marked it used
+                        sessions.put((model, sid), v.replica_id)
                 elif eligible:
                     _commit_wrr(m, eligible, version)  # granted: the peek becomes the pick
-                lease = Lease(
+                lease = _new_lease(
                     rid,
                     model,
                     tenant,
-                    r.replica_id,
+                    v.replica_id,
                     queued.enqueued_at,
                     now,
-                    choice.reason,
+                    reason,
                     cost,
-                    choice.prefix_blocks,
+                    blocks,
                     queued.requeues,
                     version,
                     request.version is None and m.stable is not None and version != m.stable,
@@ -793,7 +839,7 @@ class Scheduler:
                 )
                 self._leases[rid] = _Granted(lease, queued, charge)
                 m.in_flight += 1
-                m.routes[choice.reason] += 1
+                m.routes[reason] += 1
                 m.versions[version] = m.versions.get(version, 0) + 1
                 granted.append(lease)
         finally:
@@ -801,16 +847,17 @@ class Scheduler:
                 q.put_back(tenant)
 
     @staticmethod
-    def _round_robin(m: _Model, fits: list[ReplicaState]) -> RouteChoice:
-        """The next replica in id order, after the last one chosen, that fits."""
+    def _round_robin(m: _Model, fits: list[ReplicaState]) -> tuple[ReplicaState, RouteReason, int]:
+        """The next replica in id order, after the last one chosen, that fits: the same
+        ``(replica, reason, prefix blocks)`` as ``routing.route``."""
         n = len(m.replicas)
         for k in range(n):
             i = (m.next_rr + k) % n
             if m.replicas[i] in fits:
                 m.next_rr = i + 1
-                return RouteChoice(m.replicas[i], "round_robin")
+                return m.replicas[i], "round_robin", 0
         m.next_rr += 1
-        return RouteChoice(fits[0], "round_robin")
+        return fits[0], "round_robin", 0
 
     def _free(self, m: _Model, lease: Lease) -> None:
         """Give back a lease's slot and tokens (its replica may be gone already)."""
@@ -819,12 +866,67 @@ class Scheduler:
         if r is not None:
             r.in_flight -= 1
             r.in_flight_tokens -= lease.cost_tokens
+            v = r.view
+            if v.ready and r.in_flight < v.max_concurrency:
+                # Open (again). On the replica's own model: an id removed from one model and
+                # reused by another carries the old model's leases with it.
+                self._models[v.model].open[v.replica_id] = r
+
+    @staticmethod
+    def _refresh(m: _Model) -> None:
+        """Recount what ``_Model`` caches about its replicas, after they or the split changed."""
+        m.open = {
+            r.replica_id: r
+            for r in m.replicas
+            if r.view.ready and r.in_flight < r.view.max_concurrency
+        }
+        m.accepting = _can_take_new_work(m)
 
     def _retry_after(self, m: _Model) -> float:
         """Seconds until the queued work should have drained: a hint for Retry-After."""
         slots = sum(r.view.max_concurrency for r in m.replicas if r.view.ready) or 1
         estimate = len(m.queue) * m.hold_s / slots
         return round(min(max(estimate, _RETRY_AFTER_MIN_S), _RETRY_AFTER_MAX_S), 1)
+
+
+def _new_lease(
+    request_id: str,
+    model: str,
+    tenant: str,
+    replica_id: str,
+    enqueued_at: float,
+    granted_at: float,
+    route: RouteReason,
+    cost_tokens: int,
+    prefix_blocks: int,
+    requeues: int,
+    version: str,
+    canary: bool,
+    replica_in_flight: int,
+) -> Lease:
+    """``Lease(...)`` with the same fields, without the frozen dataclass's ``__init__``.
+
+    That ``__init__`` goes through ``object.__setattr__`` once per field, which made the
+    lease the costliest allocation of a decision; filling the instance dict directly gives
+    an equal object (same fields in the same order: equality, hash, repr and pickling
+    agree) at a quarter of the cost. Only for values already checked by the dispatcher.
+    """
+    lease = object.__new__(Lease)
+    d = lease.__dict__
+    d["request_id"] = request_id
+    d["model"] = model
+    d["tenant"] = tenant
+    d["replica_id"] = replica_id
+    d["enqueued_at"] = enqueued_at
+    d["granted_at"] = granted_at
+    d["route"] = route
+    d["cost_tokens"] = cost_tokens
+    d["prefix_blocks"] = prefix_blocks
+    d["requeues"] = requeues
+    d["version"] = version
+    d["canary"] = canary
+    d["replica_in_flight"] = replica_in_flight
+    return lease
 
 
 def _can_take_new_work(m: _Model, pinned: str | None = None) -> bool:

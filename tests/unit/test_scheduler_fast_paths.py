@@ -1,0 +1,291 @@
+"""The scheduler's fast paths agree with the plain code they stand in for.
+
+Each shortcut of the hot path (the LRU's batched puts, ``route`` beside ``choose_replica``,
+the lease built without its ``__init__``, the open replicas kept per model instead of a
+scan) is checked here against the straightforward version, on random inputs.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from airi_ray.core.errors import AiriError
+from airi_ray.core.fairness import FairQueue
+from airi_ray.core.routing import (
+    BoundedLRU,
+    ReplicaState,
+    ReplicaView,
+    choose_replica,
+    route,
+)
+from airi_ray.core.scheduling import (
+    AcquireRequest,
+    Lease,
+    Scheduler,
+    _can_take_new_work,
+    _new_lease,
+)
+
+
+@given(
+    st.integers(1, 8),
+    st.lists(st.integers(0, 12), max_size=10),
+    st.lists(st.integers(0, 12), max_size=20),
+)
+def test_touch_all_is_the_puts_one_by_one(maxsize: int, before: list[int], keys: list[int]) -> None:
+    a: BoundedLRU[int, bool] = BoundedLRU(maxsize)
+    b: BoundedLRU[int, bool] = BoundedLRU(maxsize)
+    for k in before:
+        a.put(k, True)
+        b.put(k, True)
+    # The caller may say how many of the last keys are there already (with the value).
+    present = 0
+    while present < len(keys) and keys[len(keys) - 1 - present] in b:
+        present += 1
+    for k in keys:
+        a.put(k, True)
+    b.touch_all(keys, True, present)
+    assert list(a._data.items()) == list(b._data.items())
+
+
+@given(st.lists(st.integers(0, 5), max_size=8), st.lists(st.integers(0, 5), max_size=8))
+def test_count_leading_counts_the_present_run(present: list[int], keys: list[int]) -> None:
+    lru: BoundedLRU[int, bool] = BoundedLRU(16)
+    for k in present:
+        lru.put(k, True)
+    order = list(lru._data)
+    expected = 0
+    for k in keys:
+        if k not in present:
+            break
+        expected += 1
+    assert lru.count_leading(keys) == expected
+    assert list(lru._data) == order  # counting does not mark anything used
+
+
+def _replica(rng: random.Random, rid: str) -> ReplicaState:
+    cap = rng.choice((1, 2, 4, 8))
+    kv = rng.choice((None, 100, 1000))
+    r = ReplicaState(
+        ReplicaView(rid, "m", cap, rng.choice(("CPU", "L4", "H100")), kv_capacity_tokens=kv),
+        BoundedLRU(8),
+        rng.randint(0, cap),
+        rng.randint(0, 900),
+    )
+    r.remember_prefix(tuple(rng.sample(range(6), rng.randint(0, 4))))
+    return r
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 2**32))
+def test_route_is_choose_replica(seed: int) -> None:
+    rng = random.Random(seed)
+    cands = [_replica(rng, f"r{i}") for i in rng.sample(range(5), rng.randint(1, 4))]
+    session = rng.choice((None, "r0", "r1", "gone"))
+    hashes = tuple(rng.sample(range(6), rng.randint(0, 4)))
+    preferred = rng.sample(("CPU", "L4", "H100"), rng.randint(0, 2))
+    margin = rng.choice((0.0, 0.25, 1.0, -0.5))
+    choice = choose_replica(
+        cands,
+        session_replica=session,
+        prefix_hashes=hashes,
+        preferred_accelerators=preferred,
+        prefix_load_margin=margin,
+    )
+    assert choice is not None
+    got = route(cands, session, hashes, preferred, margin)
+    assert (got[0], got[1], got[2]) == (choice.replica, choice.reason, choice.prefix_blocks)
+    # The dispatcher passes the open replicas in no particular order: it must not matter.
+    rng.shuffle(cands)
+    assert route(cands, session, hashes, preferred, margin) == got
+
+
+def test_new_lease_equals_the_dataclass() -> None:
+    args = ("r", "m", "t", "x", 1.0, 2.5, "prefix", 30, 2, 1, "v2", True, 3)
+    fast, plain = _new_lease(*args), Lease(*args)  # type: ignore[arg-type]
+    assert fast == plain and hash(fast) == hash(plain) and repr(fast) == repr(plain)
+    assert pickle.loads(pickle.dumps(fast)) == plain
+    assert fast.queue_wait_s == 1.5
+
+
+def _open(s: Scheduler, model: str) -> set[str]:
+    """The replicas of ``model`` with a free slot, by a scan."""
+    return {
+        r.replica_id
+        for r in s._models[model].replicas
+        if r.view.ready and r.in_flight < r.view.max_concurrency
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32))
+def test_kept_replica_state_matches_a_scan(seed: int) -> None:
+    """Through grants, releases, requeues, readiness changes, replica sets that shrink
+    capacity below what is in flight, cold-start flags and traffic splits, what the model
+    keeps (its open replicas, whether it takes work) equals the scan it replaces."""
+    rng = random.Random(seed)
+    s = Scheduler(max_queue_per_model=100, max_queued_per_tenant=100)
+
+    def views(model: str) -> list[ReplicaView]:
+        return [
+            ReplicaView(f"{model}-{i}", model, rng.randint(1, 4), ready=rng.random() < 0.8)
+            for i in rng.sample(range(4), rng.randint(1, 3))
+        ]
+
+    for model in ("a", "b"):
+        s.set_replicas(model, views(model))
+    leased: list[str] = []
+    for n in range(150):
+        op = rng.random()
+        model = rng.choice(("a", "b"))
+        if op < 0.05:
+            s.cancel(f"q{rng.randrange(n + 1)}")
+        elif op < 0.4:
+            try:
+                s.enqueue(AcquireRequest(f"q{n}", model, rng.choice("xyz"), 1, 1), float(n))
+            except AiriError:
+                pass
+        elif op < 0.6:
+            leased += [x.request_id for x in s.dispatch(float(n))]
+        elif op < 0.75 and leased:
+            s.release(leased.pop(rng.randrange(len(leased))), 1)
+        elif op < 0.8 and leased:
+            s.requeue(leased.pop(rng.randrange(len(leased))))
+        elif op < 0.85:
+            s.set_replicas(model, views(model))
+        elif op < 0.9:
+            s.set_cold_start(model, rng.random() < 0.5)
+        elif op < 0.95:  # a split to a version no replica has: only cold start takes work
+            s.set_traffic(model, rng.choice(({}, {"v1": 1.0}, {"": 1.0, "v1": 1.0})))
+        elif s.replicas(model):
+            s.mark_unready(rng.choice(s.replicas(model)).replica_id)
+        for m in ("a", "b"):
+            assert set(s._models[m].open) == _open(s, m)
+            assert s._models[m].accepting == _can_take_new_work(s._models[m])
+            assert s._models[m].queued == len(s._models[m].queue)
+
+
+def test_a_replica_id_moved_to_another_model_frees_there() -> None:
+    s = Scheduler()
+    s.set_replicas("a", [ReplicaView("r", "a", 1)])
+    s.enqueue(AcquireRequest("q", "a", "t"), 0.0)
+    [lease] = s.dispatch(0.0)
+    s.set_replicas("a", [])
+    s.set_replicas("b", [ReplicaView("r", "b", 2)])  # counts the lease still held on it
+    s.enqueue(AcquireRequest("q2", "b", "t"), 0.0)
+    assert len(s.dispatch(0.0)) == 1 and not s._models["b"].open  # both slots taken
+    s.release(lease.request_id)
+    assert set(s._models["b"].open) == {"r"} == _open(s, "b")
+    assert not s._models["a"].open
+
+
+class _ScanQueue:
+    """The fair queue's contract, by scanning: the reference its heaps must agree with."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.counter: dict[str, float] = {}
+        self.queued: dict[str, tuple[str, tuple[int, float, int]]] = {}  # rid -> tenant, key
+        self.in_flight: dict[str, int] = {}
+        self.out: set[str] = set()
+
+    def depth(self, tenant: str) -> int:
+        return sum(1 for t, _ in self.queued.values() if t == tenant)
+
+    def push(self, tenant: str, rid: str, rank: int, deadline: float, seq: int, front: bool):
+        if self.policy == "fcfs":
+            rank, deadline = 0, 0.0
+        c = self.counter.setdefault(tenant, 0.0)
+        if self.depth(tenant) == 0 and self.policy == "vtc":
+            floor = [self.counter[t] for t, _ in self.queued.values()] or [
+                self.counter[t] for t, n in self.in_flight.items() if n and t != tenant
+            ]
+            if floor and min(floor) > c:
+                self.counter[tenant] = min(floor)
+        self.queued[rid] = (tenant, (-1 if front else rank, deadline, seq))
+
+    def head(self, tenant: str) -> str:
+        return min((k, rid) for rid, (t, k) in self.queued.items() if t == tenant)[1]
+
+    def select(self) -> str | None:
+        keys = [
+            ((self.counter[t] if self.policy == "vtc" else 0.0, *k), t)
+            for t, k in (
+                (t, self.queued[self.head(t)][1])
+                for t in {t for t, _ in self.queued.values()} - self.out
+            )
+        ]
+        if not keys:
+            return None
+        t = min(keys)[1]
+        self.out.add(t)
+        return t
+
+    def start(self, tenant: str, charge: float) -> str:
+        rid = self.head(tenant)
+        del self.queued[rid]
+        self.out.discard(tenant)
+        self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
+        self.counter[tenant] += charge
+        return rid
+
+    def end(self, tenant: str, charge: float) -> None:
+        self.in_flight[tenant] -= 1
+        self.counter[tenant] += charge
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32), st.sampled_from(("vtc", "fcfs")))
+def test_fair_queue_agrees_with_a_scan(seed: int, policy: str) -> None:
+    """Random pushes (some to the front), cancels, selections that start or put back,
+    finishes and refunds: the heaps give the order a scan of every tenant gives."""
+    rng = random.Random(seed)
+    q: FairQueue[str] = FairQueue(policy)  # type: ignore[arg-type]
+    ref = _ScanQueue(policy)
+    started: list[tuple[str, float]] = []
+    for seq in range(300):
+        op = rng.random()
+        if op < 0.4:
+            tenant, rid = rng.choice("ABCDE"), f"r{seq}"
+            rank, dl, front = rng.randint(0, 1), rng.choice((1.0, 5.0, 9.0)), rng.random() < 0.1
+            q.push(tenant, rid, rid, rank=rank, deadline=dl, seq=seq, front=front)
+            ref.push(tenant, rid, rank, dl, seq, front)
+        elif op < 0.5 and ref.queued:
+            rid = rng.choice(sorted(ref.queued))
+            del ref.queued[rid]
+            assert q.remove(rid) == rid
+        elif op < 0.8:
+            # A dispatch round: some tenants sit out (put back), then one starts.
+            out = []
+            while True:
+                t = q.select()
+                assert t == ref.select()
+                if t is None:
+                    break
+                assert q.head(t)[0] == ref.head(t)
+                if rng.random() < 0.3:
+                    out.append(t)
+                    continue
+                charge = float(rng.randint(0, 50))
+                assert q.start(t, charge)[0] == ref.start(t, charge)
+                started.append((t, charge))
+                break
+            for t in out:
+                q.put_back(t)
+                ref.out.discard(t)
+        elif started:
+            t, charge = started.pop(rng.randrange(len(started)))
+            if rng.random() < 0.7:
+                extra = float(rng.randint(0, 80))
+                q.finish(t, extra)
+                ref.end(t, extra)
+            else:
+                q.refund(t, charge)
+                ref.end(t, -charge)
+        for t in "ABCDE":
+            assert q.counter(t) == ref.counter.get(t, 0.0)
+            assert q.depth(t) == ref.depth(t)
