@@ -66,6 +66,7 @@ from airi_ray.core.requests import (
     resolve_max_tokens,
     words_floor,
 )
+from airi_ray.core.retries import MAX_ATTEMPTS, Failure, Retry, after_failure
 from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
 from airi_ray.engines.source import resolve_model_source
 from airi_ray.obs.tracing import Span, tracing
@@ -81,7 +82,6 @@ from airi_ray.runtime.names import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MAX_ATTEMPTS = 3
 # The scheduler takes back what a caller holds once it is silent for CallerBook's ttl
 # (10 s): an idle caller says it is alive well within that.
 HEARTBEAT_S = 2.0
@@ -1074,26 +1074,12 @@ class CallPath:
                 except Exception as e:
                     if isinstance(e, ReplicaDied):
                         self._drop_channel(lease.replica_id)
-                    if isinstance(e, InvalidRequest) and not lease.canary:
-                        raise  # the request's fault: never retried
-                    # A canary's failure, even a refusal, goes to the stable version: a
-                    # canary may refuse what the stable serves (a smaller window, a stricter
-                    # engine), and that is the version's fault, counted in its error rate.
-                    # A request the stable refuses too fails there, with that refusal.
-                    if lease.canary and not usage.completion_tokens:
-                        lease = await self._retry_elsewhere(lease, usage, e, other_version=True)
-                        served_at = time.perf_counter()
-                        continue
-                    if not isinstance(e, ReplicaDied):
-                        raise
-                    if usage.completion_tokens:
-                        usage.error = "replica_died"
-                        raise ReplicaUnavailable(
-                            f"the replica serving model {request.model!r} died after "
-                            f"{usage.completion_tokens} tokens were sent; the request cannot "
-                            "be resumed"
-                        ) from e
-                    lease = await self._retry_elsewhere(lease, usage, e)
+                        failure = Failure.REPLICA_DIED
+                    else:
+                        failure = (
+                            Failure.REFUSED if isinstance(e, InvalidRequest) else Failure.OTHER
+                        )
+                    lease = await self._retry_elsewhere(lease, usage, e, failure)
                     served_at = time.perf_counter()
         except BaseException as e:
             usage.error = usage.error or type(e).__name__
@@ -1222,16 +1208,17 @@ class CallPath:
                     return vectors, usage
                 except Exception as e:
                     cause = unwrap_error(e)
-                    if isinstance(cause, InvalidRequest) and not lease.canary:
-                        raise cause from None  # the request's fault: never retried
-                    if lease.canary:  # on the stable version, as ``_stream`` does
-                        lease = await self._retry_elsewhere(lease, usage, e, other_version=True)
-                    elif isinstance(e, (ray.exceptions.RayActorError, ReplicaDied)) or isinstance(
+                    if isinstance(e, (ray.exceptions.RayActorError, ReplicaDied)) or isinstance(
                         cause, ReplicaUnavailable
                     ):
-                        lease = await self._retry_elsewhere(lease, usage, e)
+                        failure = Failure.REPLICA_DIED
+                    elif isinstance(cause, InvalidRequest):
+                        failure = Failure.REFUSED
                     else:
-                        raise
+                        failure = Failure.OTHER
+                    # A refusal reaches the caller as the replica's InvalidRequest, unwrapped.
+                    raised = cause if failure is Failure.REFUSED else e
+                    lease = await self._retry_elsewhere(lease, usage, raised, failure)
         except BaseException as e:
             usage.error = usage.error or type(e).__name__
             raise
@@ -1344,18 +1331,34 @@ class CallPath:
         return future
 
     async def _retry_elsewhere(
-        self, lease: Lease, usage: Usage, cause: BaseException, other_version: bool = False
+        self, lease: Lease, usage: Usage, cause: BaseException, failure: Failure
     ) -> Lease:
-        """The lease's replica failed before answering: back to the head of the tenant's
-        queue, on another replica (the scheduler takes the old lease back), or give up
-        after MAX_ATTEMPTS replicas. With ``other_version`` (a canary version failed it,
-        whatever the error), on the stable version: clients do not pay for a bad canary,
-        which the rollout sees in its error rate and rolls back."""
-        if lease.requeues + 1 >= MAX_ATTEMPTS:
+        """The lease's call failed: the next lease, as the retry rule
+        (``core.retries.after_failure``) has it, or ``cause`` raised again. A retry
+        goes back to the head of the tenant's queue (the scheduler takes the old lease
+        back): off a canary onto the stable version, whatever the error, so clients do not
+        pay for a bad canary (the rollout sees it in its error rate and rolls back); off a
+        dead replica onto another of its version."""
+        retry = after_failure(
+            failure,
+            canary=lease.canary,
+            tokens_sent=usage.completion_tokens,
+            requeues=lease.requeues,
+        )
+        if retry is Retry.RAISE:
+            raise cause
+        if retry is Retry.DIED_MIDWAY:
+            usage.error = "replica_died"
+            raise ReplicaUnavailable(
+                f"the replica serving model {lease.model!r} died after "
+                f"{usage.completion_tokens} tokens were sent; the request cannot be resumed"
+            ) from cause
+        if retry is Retry.GIVE_UP:
             usage.error = "no_replica"
             raise ReplicaUnavailable(
                 f"model {lease.model!r}: {MAX_ATTEMPTS} replicas failed before answering"
             ) from cause
+        other_version = retry is Retry.STABLE_VERSION
         if other_version:
             logger.debug(
                 "canary %s of %s failed a request (%s); retried on the stable version",
