@@ -605,7 +605,12 @@ class CallPath:
         assert info.max_model_len is not None
         if prompt_tokens + (params.max_tokens or 1) <= info.max_model_len:
             return info
-        await self.list_models(refresh=True)
+        try:
+            await self.list_models(refresh=True)
+        except ray.exceptions.RayError:
+            # The controller is restarting (``Cached`` has logged it): the cached window
+            # decides, as it would have a moment earlier, rather than failing the call.
+            return info
         fresh = self._models.get(info.name)
         if fresh is None or fresh.max_model_len is None or fresh.source != info.source:
             return info
