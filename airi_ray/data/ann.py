@@ -30,6 +30,7 @@ ones for the rerank), about 2 x 150 MB at 100k x 384.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -42,11 +43,52 @@ import pyarrow as pa
 
 from airi_ray.core.ann import AnnView, should_rebuild, use_index
 
-__all__ = ["AnnSpec", "Found", "Snapshot", "TableAnn", "build_snapshot"]
+__all__ = ["AnnSpec", "Found", "Snapshot", "TableAnn", "VersionWatch", "build_snapshot"]
 
 logger = logging.getLogger(__name__)
 
 _COLUMNS = ["tenant", "id", "text", "metadata", "vector"]
+QUIET_S = 1.0  # a versions directory untouched this long has no commit in flight
+
+
+class VersionWatch:
+    """A table's latest version, at the cost of one ``stat`` while the table is quiet.
+
+    Asking LanceDB costs a hop to its event loop and a look at the store (0.25 ms on an
+    idle machine, 1-2 ms on a loaded one): most of a query answered from memory. On a local
+    file system every commit adds a manifest to the table's ``_versions`` directory, which
+    changes the directory's mtime. So the version LanceDB gave is kept with the mtime seen
+    just before asking, and reused while the mtime is unchanged, but only if the directory
+    had been quiet for ``QUIET_S`` when it was kept: a commit later than that gets a later
+    mtime even on a file system with coarse timestamps. Object stores (and any error) ask
+    LanceDB every time.
+
+    Args:
+        uri: the table's URI (``table.uri``).
+        wall_clock: seconds since the epoch, as mtimes are.
+    """
+
+    def __init__(self, uri: str, wall_clock: Callable[[], float] = time.time) -> None:
+        local = uri.removeprefix("file://") if "://" not in uri.removeprefix("file://") else None
+        self._dir = os.path.join(local, "_versions") if local else None
+        self._clock = wall_clock
+        self._kept: tuple[int, int] | None = None  # (mtime_ns, version)
+
+    def version(self, table: Any) -> int:
+        if self._dir is None:
+            return int(table.version)
+        try:
+            mtime = os.stat(self._dir).st_mtime_ns
+        except OSError:
+            self._kept = None
+            return int(table.version)
+        kept = self._kept
+        if kept is not None and kept[0] == mtime:
+            return kept[1]
+        version = int(table.version)
+        quiet = self._clock() - mtime / 1e9 >= QUIET_S
+        self._kept = (mtime, version) if quiet else None
+        return version
 
 
 @dataclass(frozen=True)
@@ -65,7 +107,7 @@ class AnnSpec:
 
     m: int = 32
     ef_construction: int = 200
-    ef: int = 400
+    ef: int = 128
     graph_min_rows: int = 2_000
     build_threads: int = 1
     retry_s: float = 30.0
@@ -100,12 +142,14 @@ class _Tenant:
         self.vectors = _vectors(part)
         self.norms = np.linalg.norm(self.vectors, axis=1)
         self.graph: hnswlib.Index | None = None
+        started = time.perf_counter()
         if len(rows) >= spec.graph_min_rows:
             graph = hnswlib.Index(space="cosine", dim=self.vectors.shape[1])
             graph.init_index(max_elements=len(rows), ef_construction=spec.ef_construction, M=spec.m)
             graph.add_items(self.vectors, np.arange(len(rows)), num_threads=spec.build_threads)
             graph.set_ef(spec.ef)
             self.graph = graph
+        self.build_s = time.perf_counter() - started
 
     def search(self, query: np.ndarray, limit: int) -> Found:
         n = len(self.ids)
@@ -192,6 +236,13 @@ class TableAnn:
         self._snapshot: Snapshot | None = None
         self._view = AnnView()
         self._thread: threading.Thread | None = None
+        self._watch: VersionWatch | None = None
+
+    def watch(self, table: Any) -> VersionWatch:
+        """The table's version watch (made on first use, from the table's URI)."""
+        if self._watch is None:
+            self._watch = VersionWatch(table.uri)
+        return self._watch
 
     def view(self) -> AnnView:
         return self._view
@@ -225,6 +276,19 @@ class TableAnn:
             )
             self._thread.start()
         return True
+
+    def set_ef(self, ef: int) -> None:
+        """Change the search breadth of the served graphs (benchmarks: hnswlib's ``ef`` is
+        read by running queries, so change it only while none runs)."""
+        snapshot = self._snapshot
+        for rows in snapshot.tenants.values() if snapshot is not None else ():
+            if rows.graph is not None:
+                rows.graph.set_ef(ef)
+
+    def graph_build_s(self) -> float:
+        """Seconds the served snapshot spent building graphs (reading the table excluded)."""
+        snapshot = self._snapshot
+        return sum(t.build_s for t in snapshot.tenants.values()) if snapshot else 0.0
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a running rebuild; returns whether none is running now."""

@@ -933,7 +933,8 @@ class Collection:
         ann = self.store._ann(table.name, dim)
         if ann is None:
             return None
-        version = table.version  # a consistency check: the latest commit of any process
+        # The latest commit of any process, as LanceDB's strong consistency would see it.
+        version = ann.watch(table).version(table)
         found = ann.search(version, tenant, q, limit, filtered=filtered)
         if found is None and not filtered:
             try:

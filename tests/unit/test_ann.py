@@ -238,3 +238,40 @@ def test_a_dropped_collection_forgets_its_index(two_tenants: CollectionStore) ->
     assert name in two_tenants._anns
     two_tenants.drop("c")
     assert name not in two_tenants._anns
+
+
+class FakeTable:
+    def __init__(self) -> None:
+        self.asked, self._version = 0, 1
+
+    @property
+    def version(self) -> int:
+        self.asked += 1
+        return self._version
+
+
+def test_the_version_watch_asks_lancedb_only_after_the_versions_dir_changed(
+    tmp_path: Path,
+) -> None:
+    versions = tmp_path / "t.lance" / "_versions"
+    versions.mkdir(parents=True)
+    now = [versions.stat().st_mtime + 5.0]  # quiet for 5 s
+    watch = ann_module.VersionWatch(str(tmp_path / "t.lance"), wall_clock=lambda: now[0])
+    table = FakeTable()
+    assert [watch.version(table) for _ in range(3)] == [1, 1, 1]
+    assert table.asked == 1
+    table._version = 2
+    (versions / "2.manifest").write_text("")  # a commit: the directory's mtime moves
+    now[0] = versions.stat().st_mtime + 0.1  # ... and it is not quiet yet
+    assert [watch.version(table) for _ in range(2)] == [2, 2]
+    assert table.asked == 3  # a busy directory is not trusted: asked every time
+    now[0] += 5.0
+    assert [watch.version(table) for _ in range(3)] == [2, 2, 2]
+    assert table.asked == 4
+
+
+def test_the_version_watch_always_asks_on_an_object_store() -> None:
+    watch = ann_module.VersionWatch("s3://bucket/db/t.lance")
+    table = FakeTable()
+    assert [watch.version(table) for _ in range(3)] == [1, 1, 1]
+    assert table.asked == 3
