@@ -805,27 +805,36 @@ class Collection:
         return False
 
     def _refresh_ann(self, table: Any, dim: int, version: int | None = None) -> None:
-        """Start a background rebuild of the table's in-memory index if it is behind."""
+        """Start a background rebuild of the table's in-memory index if it is behind.
+
+        Called after writes and by queries the index could not answer. A failure to start
+        is logged, not raised: the write has committed, the query is answered by LanceDB,
+        and the next write or query tries again.
+        """
         ann = self.store._ann(table.name, dim)
         if ann is None:
             return
-        version = table.version if version is None else version
-        view = ann.view()
-        if view.index_version != version and view.building_version is None:
-            ann.refresh(version, table.count_rows())
+        try:
+            version = table.version if version is None else version
+            view = ann.view()
+            if view.index_version != version and view.building_version is None:
+                ann.refresh(version, table.count_rows())
+        except Exception:
+            logger.warning("could not start rebuilding %s", table.name, exc_info=True)
 
     def _upkeep(self, table: Any, dim: int) -> None:
         """``_maybe_index`` after a write, which has committed by then: a failure here (say
         a compaction that lost a race with a concurrent write) is logged and left to the
         next write to retry, not reported as a failed write. Until then search is correct,
-        only slower."""
+        only slower. Then the in-memory index, now behind, starts rebuilding in the
+        background."""
         try:
             self._maybe_index(table, dim)
-            self._refresh_ann(table, dim)
         except Exception:
             logger.warning(
                 "upkeep of table %s failed; the next write retries it", table.name, exc_info=True
             )
+        self._refresh_ann(table, dim)
 
     def _maybe_index(self, table: Any, dim: int) -> bool:
         """Build the ANN index once the table is big enough; fold new rows in later.
@@ -937,10 +946,7 @@ class Collection:
         version = ann.watch(table).version(table)
         found = ann.search(version, tenant, q, limit, filtered=filtered)
         if found is None and not filtered:
-            try:
-                self._refresh_ann(table, dim, version)
-            except Exception:  # a failed start is retried by the next query; this one is fine
-                logger.warning("could not start rebuilding %s", table.name, exc_info=True)
+            self._refresh_ann(table, dim, version)
         return found
 
     # -- re-embedding -----------------------------------------------------------------------
