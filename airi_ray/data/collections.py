@@ -19,6 +19,10 @@ table, the vector dimension, whether the table is complete and which version is 
   remainder. Values reach SQL only as quoted literals (``'`` doubled).
 - An ANN index (see ``IndexSpec``) is built once a table reaches ``index_min_rows``; below
   that, search is exact.
+- From the same size on, queries without a metadata filter are answered from an in-memory
+  HNSW index of the table (``airi_ray.data.ann``), rebuilt in the background after writes
+  and used only while the table is at the version it was built from; until then queries go
+  to LanceDB as above. LanceDB stays the store and the source of truth.
 
 Writes to the active version only; ``delete`` removes a document from every version's
 table, so a deleted text never comes back through an older embedder. A non-active version
@@ -49,9 +53,11 @@ from tqdm import tqdm
 from airi_ray.core.chunking import Chunker
 from airi_ray.core.errors import AiriError, InvalidRequest, NotFound, PayloadTooLarge
 from airi_ray.core.mmr import mmr_select
+from airi_ray.data.ann import AnnSpec, Found, TableAnn
 
 __all__ = [
     "DEFAULT_INDEX",
+    "AnnSpec",
     "Collection",
     "CollectionNotFound",
     "CollectionStore",
@@ -291,6 +297,8 @@ class CollectionStore:
         max_document_chars: longest document text accepted.
         embed_batch: texts per call to the embed function.
         index: the ANN index to build and its query settings.
+        ann: the in-memory HNSW index that serves unfiltered queries of a table with at
+            least ``index_min_rows`` rows (None: LanceDB serves every query).
         progress: show a tqdm bar while embedding (ingest and re-embedding).
         read_consistency_s: how stale a read may be relative to other processes' writes
             (0: every read sees the latest commit, e.g. a version another process just
@@ -311,6 +319,7 @@ class CollectionStore:
         max_document_chars: int = 2_000_000,
         embed_batch: int = 64,
         index: IndexSpec = DEFAULT_INDEX,
+        ann: AnnSpec | None = AnnSpec(),  # noqa: B008 (frozen, so sharing it is safe)
         progress: bool = True,
         read_consistency_s: float = 0.0,
     ) -> None:
@@ -324,6 +333,7 @@ class CollectionStore:
         self.max_document_chars = max_document_chars
         self.embed_batch = embed_batch
         self.index = index
+        self.ann = ann
         self.progress = progress
         self._db = lancedb.connect(
             uri,
@@ -333,6 +343,7 @@ class CollectionStore:
         self._tables: dict[str, Any] = {}
         self._complete: dict[tuple[str, str, str], EmbedderState] = {}
         self._manifest_rows: tuple[int, list[tuple[str, EmbedderState]]] | None = None
+        self._anns: dict[str, TableAnn] = {}
 
     # -- manifest ---------------------------------------------------------------------------
 
@@ -391,6 +402,31 @@ class CollectionStore:
             self._tables[name] = self._db.open_table(name)
         return self._tables[name]
 
+    def _ann(self, name: str, dim: int) -> TableAnn | None:
+        """The in-memory index of table ``name`` (None when the store has them off)."""
+        if self.ann is None:
+            return None
+        ann = self._anns.get(name)
+        if ann is None:
+            ann = self._anns.setdefault(
+                name, TableAnn(name, self._pinned(name), dim, self.ann, self.index_min_rows)
+            )
+        return ann
+
+    def _pinned(self, name: str) -> Callable[[int], Any]:
+        def open_at(version: int) -> Any:
+            # A handle of its own: checking out a version on the shared one would pin the
+            # queries and writes that use it too.
+            table = self._db.open_table(name)
+            table.checkout(version)
+            return table
+
+        return open_at
+
+    def _forget(self, name: str) -> None:
+        self._tables.pop(name, None)
+        self._anns.pop(name, None)
+
     # -- collections ------------------------------------------------------------------------
 
     def names(self) -> list[str]:
@@ -435,7 +471,7 @@ class CollectionStore:
         """
         states = self.open(name).embedders()
         for s in states:
-            self._tables.pop(s.table_name, None)
+            self._forget(s.table_name)
             self._complete.pop((name, s.model, s.version), None)
             self._db.drop_table(s.table_name, ignore_missing=True)
         self._manifest().delete(f"collection = {quote(name)}")
@@ -547,7 +583,7 @@ class Collection:
                 f"embedder {model!r} version {version!r} is the active one of {self.name!r}; "
                 "activate another version before dropping it"
             )
-        self.store._tables.pop(state.table_name, None)
+        self.store._forget(state.table_name)
         self.store._complete.pop((self.name, model, version), None)
         self.store._db.drop_table(state.table_name, ignore_missing=True)
         self.store._manifest().delete(f"table_name = {quote(state.table_name)}")
@@ -723,7 +759,9 @@ class Collection:
             return
         where = f"tenant = {quote(tenant)} AND doc_id IN {_in_list(ids)}"
         for state in self.embedders():
-            self.store._table(state.table_name).delete(where)
+            table = self.store._table(state.table_name)
+            table.delete(where)
+            self._refresh_ann(table, state.dim)
 
     def optimize(self, model: str, version: str) -> bool:
         """Bring one version's table up to date now, as every write does when it is due.
@@ -735,19 +773,68 @@ class Collection:
             EmbedderNotReady: the collection has no such version.
         """
         state = self._state(model, version)
-        return self._maybe_index(self.store._table(state.table_name), state.dim)
+        table = self.store._table(state.table_name)
+        changed = self._maybe_index(table, state.dim)
+        self._refresh_ann(table, state.dim)
+        return changed
+
+    def wait_for_ann(self, model: str, version: str, timeout: float = 600.0) -> bool:
+        """Bring the version's in-memory index up to the table's version and wait for it
+        (tests, benchmarks; queries never wait). A write during a rebuild makes it end
+        behind; then another is started.
+
+        Returns whether the index serves the table's current version (False: the table is
+        too small for one, the store has them off, a rebuild failed or time ran out).
+
+        Raises:
+            EmbedderNotReady: the collection has no such version.
+        """
+        state = self._state(model, version)
+        ann = self.store._ann(state.table_name, state.dim)
+        if ann is None:
+            return False
+        table = self.store._table(state.table_name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ann.wait(max(deadline - time.monotonic(), 0.0))
+            current = table.version
+            if ann.view().index_version == current:
+                return True
+            if not ann.refresh(current, table.count_rows()) and ann.view().building_version is None:
+                return False  # not due: too small, or a failed rebuild not yet retried
+        return False
+
+    def _refresh_ann(self, table: Any, dim: int, version: int | None = None) -> None:
+        """Start a background rebuild of the table's in-memory index if it is behind.
+
+        Called after writes and by queries the index could not answer. A failure to start
+        is logged, not raised: the write has committed, the query is answered by LanceDB,
+        and the next write or query tries again.
+        """
+        ann = self.store._ann(table.name, dim)
+        if ann is None:
+            return
+        try:
+            version = table.version if version is None else version
+            view = ann.view()
+            if view.index_version != version and view.building_version is None:
+                ann.refresh(version, table.count_rows())
+        except Exception:
+            logger.warning("could not start rebuilding %s", table.name, exc_info=True)
 
     def _upkeep(self, table: Any, dim: int) -> None:
         """``_maybe_index`` after a write, which has committed by then: a failure here (say
         a compaction that lost a race with a concurrent write) is logged and left to the
         next write to retry, not reported as a failed write. Until then search is correct,
-        only slower."""
+        only slower. Then the in-memory index, now behind, starts rebuilding in the
+        background."""
         try:
             self._maybe_index(table, dim)
         except Exception:
             logger.warning(
                 "upkeep of table %s failed; the next write retries it", table.name, exc_info=True
             )
+        self._refresh_ann(table, dim)
 
     def _maybe_index(self, table: Any, dim: int) -> bool:
         """Build the ANN index once the table is big enough; fold new rows in later.
@@ -822,24 +909,45 @@ class Collection:
         where = _filter_sql(tenant, filter)
         table = self.store._table(state.table_name)
         limit = k if mmr_lambda is None else k * MMR_POOL_FACTOR
-        # Every column read costs the query a random read per hit (~0.3 ms for 10 hits):
-        # the document id is the chunk id's prefix (``doc#n``), so it is not read.
-        result, vectors, scores = search_table(
-            table, q, limit, where, self.store.index, ["id", "text", "metadata"]
-        )
-        hits = [
-            Hit(chunk_id, chunk_id.rpartition("#")[0], text, json.loads(meta), float(score))
-            for chunk_id, text, meta, score in zip(
+        found = self._search_ann(table, state.dim, tenant, q, limit, filtered=bool(filter))
+        if found is None:
+            # Every column read costs the query a random read per hit (~0.3 ms for 10
+            # hits): the document id is the chunk id's prefix (``doc#n``), so it is not read.
+            result, vectors, scores = search_table(
+                table, q, limit, where, self.store.index, ["id", "text", "metadata"]
+            )
+            found = Found(
                 result.column("id").to_pylist(),
                 result.column("text").to_pylist(),
                 result.column("metadata").to_pylist(),
+                vectors,
                 scores,
-                strict=True,
+            )
+        vectors = found.vectors
+        hits = [
+            Hit(chunk_id, chunk_id.rpartition("#")[0], text, json.loads(meta), float(score))
+            for chunk_id, text, meta, score in zip(
+                found.ids, found.texts, found.metadata, found.scores, strict=True
             )
         ]
         if mmr_lambda is None or not hits:
             return hits
         return [hits[i] for i in mmr_select(q, vectors, k, mmr_lambda)]
+
+    def _search_ann(
+        self, table: Any, dim: int, tenant: str, q: np.ndarray, limit: int, *, filtered: bool
+    ) -> Found | None:
+        """The answer from the in-memory index, or None: no index, or not at the table's
+        version (then a rebuild is started, and LanceDB answers meanwhile)."""
+        ann = self.store._ann(table.name, dim)
+        if ann is None:
+            return None
+        # The latest commit of any process, as LanceDB's strong consistency would see it.
+        version = ann.watch(table).version(table)
+        found = ann.search(version, tenant, q, limit, filtered=filtered)
+        if found is None and not filtered:
+            self._refresh_ann(table, dim, version)
+        return found
 
     # -- re-embedding -----------------------------------------------------------------------
 
