@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import fnmatch
 import functools
 import json
 import logging
@@ -52,6 +51,7 @@ from airi_ray.core.policy import (
     allows,
     finding_events,
     refusal_event,
+    semantic_windows,
 )
 from airi_ray.core.quality import is_refusal
 from airi_ray.core.requests import (
@@ -89,8 +89,6 @@ MODEL_INFO_TTL_S = 5.0
 MAX_EMBEDDING_INPUTS = 2048  # per request, as OpenAI caps it
 DEFAULT_OPTIONS = CallOptions()
 FILTER_FIELDS = set(FilterConfig.__dataclass_fields__)
-SEMANTIC_WINDOW_CHARS = 800  # about 200 tokens of English
-SEMANTIC_MAX_CHARS = 8 * SEMANTIC_WINDOW_CHARS
 OBSERVE_EVERY_S = 0.25  # finished calls go to the observer in batches at most this often
 REFUSAL_PREFIX_CHARS = 200  # refusals show at the start of an answer
 # Prompts longer than this are rendered and tokenized on the call path's worker thread: the
@@ -828,9 +826,7 @@ class CallPath:
 
     async def _filter_spec(self, tenant: str, model: str) -> dict[str, Any] | None:
         spec: dict[str, Any] | None = (await self._filter_specs.get()).get(tenant)
-        if spec is None or (
-            spec["models"] and not any(fnmatch.fnmatchcase(model, p) for p in spec["models"])
-        ):
+        if spec is None or not allows(spec["models"], model):  # the models they apply to
             return None
         return spec
 
@@ -872,13 +868,7 @@ class CallPath:
             if len(self._semantic_filters) > 256:
                 self._semantic_filters.clear()
             self._semantic_filters[key] = semantic
-        # Windows short enough for small embedders (MiniLM reads 256 tokens); a long text
-        # is checked window by window, up to SEMANTIC_MAX_CHARS.
-        windows = [
-            t[i : i + SEMANTIC_WINDOW_CHARS]
-            for t in texts
-            for i in range(0, min(len(t), SEMANTIC_MAX_CHARS), SEMANTIC_WINDOW_CHARS)
-        ]
+        windows = semantic_windows(texts)
         if not windows:
             return
         # The runtime's own call: outside the tenant's ACL and limits, like the filter itself.

@@ -38,7 +38,12 @@ from airi_ray.core.policy.filters import (
     iban_valid,
     luhn_valid,
 )
-from airi_ray.core.policy.heuristics import InjectionHeuristic, InjectionScore, SemanticFilter
+from airi_ray.core.policy.heuristics import (
+    InjectionHeuristic,
+    InjectionScore,
+    SemanticFilter,
+    semantic_windows,
+)
 from airi_ray.core.policy.keys import (
     KEY_PREFIX,
     MAX_KEY_CHARS,
@@ -74,6 +79,7 @@ __all__ = [
     "RateLimited",
     "RequestLimitExceeded",
     "SemanticFilter",
+    "semantic_windows",
     "StreamFilter",
     "TenantPolicy",
     "TokenBucket",

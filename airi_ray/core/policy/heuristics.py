@@ -141,6 +141,26 @@ class InjectionHeuristic:
         return InjectionScore(sum(families.values()), tuple(families), tuple(sorted(found)))
 
 
+# Windows short enough for small embedders (MiniLM reads 256 tokens); a long text is
+# checked window by window, up to SEMANTIC_MAX_CHARS of it.
+SEMANTIC_WINDOW_CHARS = 800  # about 200 tokens of English
+SEMANTIC_MAX_CHARS = 8 * SEMANTIC_WINDOW_CHARS
+
+
+def semantic_windows(
+    texts: Sequence[str],
+    window_chars: int = SEMANTIC_WINDOW_CHARS,
+    max_chars: int = SEMANTIC_MAX_CHARS,
+) -> list[str]:
+    """The pieces of ``texts`` the semantic filter embeds: each text cut into windows of
+    ``window_chars``, its first ``max_chars`` only, in order; empty texts give none."""
+    return [
+        t[i : i + window_chars]
+        for t in texts
+        for i in range(0, min(len(t), max_chars), window_chars)
+    ]
+
+
 class SemanticFilter:
     """Blocks text whose embedding is close to one of the configured example embeddings.
 
