@@ -86,6 +86,8 @@ T = TypeVar("T")
 # (10 s): an idle caller says it is alive well within that.
 HEARTBEAT_S = 2.0
 MODEL_INFO_TTL_S = 5.0
+# Waits between asks for fresh model infos while the controller restarts (about 8 s in all).
+WINDOW_REFRESH_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
 MAX_EMBEDDING_INPUTS = 2048  # per request, as OpenAI caps it
 DEFAULT_OPTIONS = CallOptions()
 FILTER_FIELDS = set(FilterConfig.__dataclass_fields__)
@@ -603,12 +605,17 @@ class CallPath:
         assert info.max_model_len is not None
         if prompt_tokens + (params.max_tokens or 1) <= info.max_model_len:
             return info
-        try:
-            await self.list_models(refresh=True)
-        except ray.exceptions.RayError:
-            # The controller is restarting (``Cached`` has logged it): the cached window
-            # decides, as it would have a moment earlier, rather than failing the call.
-            return info
+        for delay in (*WINDOW_REFRESH_BACKOFF_S, None):
+            try:
+                await self.list_models(refresh=True)
+                break
+            except ray.exceptions.RayError:
+                # The controller is restarting (``Cached`` has logged it), and the cached
+                # window may be from before a rollout changed it: a restart takes seconds,
+                # so ask again before deciding on the cached window.
+                if delay is None:
+                    return info
+                await asyncio.sleep(delay)
         fresh = self._models.get(info.name)
         if fresh is None or fresh.max_model_len is None or fresh.source != info.source:
             return info
