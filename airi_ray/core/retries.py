@@ -1,5 +1,5 @@
 """What the call path does when a model call fails on its replica: the one retry rule for
-generation and embeddings alike.
+generation and embeddings alike, and how a stream whose replica died moves to another.
 
 The call path classifies the failure (``Failure``) and applies the ``Retry`` this module
 returns; the rule itself has no I/O, so every branch is unit-tested.
@@ -8,10 +8,22 @@ returns; the rule itself has no I/O, so every branch is unit-tested.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["MAX_ATTEMPTS", "Failure", "Retry", "after_failure"]
+__all__ = [
+    "MAX_ATTEMPTS",
+    "Failure",
+    "Migration",
+    "Replay",
+    "Retry",
+    "after_failure",
+    "continued_params",
+    "migration",
+]
 
-MAX_ATTEMPTS = 3  # replicas a request may try before the caller gets ReplicaUnavailable
+MAX_ATTEMPTS = 3  # replicas a request may use, migrations included
 
 
 class Failure(enum.Enum):
@@ -29,28 +41,100 @@ class Retry(enum.Enum):
     SAME_VERSION = "same_version"  # requeue on another replica (the failed one sits out)
     STABLE_VERSION = "stable_version"  # requeue off the canary, onto the stable version
     GIVE_UP = "give_up"  # MAX_ATTEMPTS replicas failed: ReplicaUnavailable
-    DIED_MIDWAY = "died_midway"  # the replica died after tokens were sent: not resumable
+    MIGRATE = "migrate"  # the replica died mid-stream: go on on another of its version
+    DIED_MIDWAY = "died_midway"  # died mid-stream on the last replica it may use
 
 
 def after_failure(failure: Failure, *, canary: bool, tokens_sent: int, requeues: int) -> Retry:
     """The rule, for a call whose lease has been requeued ``requeues`` times so far.
 
-    - Tokens already sent cannot be taken back: a dead replica then ends the call
-      (``DIED_MIDWAY``), and any other failure reaches the caller.
+    - Tokens already sent cannot be taken back. A dead replica's stream moves to another
+      replica of the same version (``MIGRATE``: the tokens are that version's), so the
+      client sees one stream; any other failure reaches the caller.
     - A refusal is the request's fault and is not retried, but on a canary: a canary may
       refuse what the stable version serves (a smaller window, a stricter engine), which
       is the version's fault. Any canary failure goes to the stable version, so clients do
       not pay for a bad canary; the rollout sees it in the canary's error rate. A request
       the stable refuses too fails there.
     - A dead replica's call goes to another replica of the same version.
-    - Either way, at most ``MAX_ATTEMPTS`` replicas are tried.
+    - Either way, at most ``MAX_ATTEMPTS`` replicas are used, migrations included: a
+      request that kills every replica it reaches stops there.
     """
+    last = requeues + 1 >= MAX_ATTEMPTS
     if tokens_sent:
-        return Retry.DIED_MIDWAY if failure is Failure.REPLICA_DIED else Retry.RAISE
+        if failure is not Failure.REPLICA_DIED:
+            return Retry.RAISE
+        return Retry.DIED_MIDWAY if last else Retry.MIGRATE
     if canary:
         wanted = Retry.STABLE_VERSION
     elif failure is Failure.REPLICA_DIED:
         wanted = Retry.SAME_VERSION
     else:
         return Retry.RAISE
-    return Retry.GIVE_UP if requeues + 1 >= MAX_ATTEMPTS else wanted
+    return Retry.GIVE_UP if last else wanted
+
+
+class Migration(enum.Enum):
+    """How a stream goes on on another replica after ``MIGRATE``."""
+
+    # The tokens sent join the prompt and the engine generates the rest: a prefill of
+    # the sent tokens, not a decode of them again. Greedy decoding gives the text it
+    # would have given.
+    CONTINUE = "continue"
+    # Generated again from the start with the same parameters; the part already sent is
+    # skipped. For sampling whose state a new request cannot take over (below).
+    REPLAY = "replay"
+
+
+def migration(params: Mapping[str, Any]) -> Migration:
+    """How a stream with these sampling parameters goes on after its replica died.
+
+    ``REPLAY`` where a continued request would lose sampling state and so give another
+    text: a seeded sampler restarts from its seed, a grammar (structured outputs) from
+    its start, and presence and frequency penalties count output tokens only (the sent
+    tokens would become prompt tokens). Greedy decoding needs no seed.
+    """
+    seeded = params.get("seed") is not None and params.get("temperature", 1.0) != 0
+    if (
+        seeded
+        or params.get("structured_outputs") is not None
+        or params.get("presence_penalty")
+        or params.get("frequency_penalty")
+    ):
+        return Migration.REPLAY
+    return Migration.CONTINUE
+
+
+def continued_params(params: Mapping[str, Any], sent: int) -> dict[str, Any]:
+    """The parameters of a ``CONTINUE`` request after ``sent`` tokens: the output budget
+    less what was sent, and no prompt logprobs (the first attempt gave them; the new
+    prompt would give the sent tokens' too). ``max_tokens`` is at least 1: a stream whose
+    budget was spent has ended, which the caller checks first."""
+    out = dict(params)
+    out["max_tokens"] = max(1, int(params["max_tokens"]) - sent)
+    if out.get("min_tokens"):
+        out["min_tokens"] = max(0, int(out["min_tokens"]) - sent)
+    out.pop("prompt_logprobs", None)
+    return out
+
+
+@dataclass
+class Replay:
+    """What a ``REPLAY`` stream must skip: the text and tokens the client already has.
+
+    A replay makes the same text again (same seed, same weights), so the first ``chars``
+    characters and ``tokens`` tokens it yields are dropped, and the stream goes on where
+    the dead replica stopped. Text is cut by characters, not tokens: a replayed step may
+    end in the middle of what was sent.
+    """
+
+    chars: int
+    tokens: int
+
+    def take(self, text: str, ids: list[int]) -> tuple[str, list[int], int]:
+        """The new part of a replayed step: ``(text, token ids, tokens dropped)``."""
+        cut = min(self.chars, len(text))
+        k = min(self.tokens, len(ids))
+        self.chars -= cut
+        self.tokens -= k
+        return text[cut:], ids[k:], k

@@ -177,7 +177,8 @@ class TenantStats:
     virtual_counter: float
     admitted: int
     refused: int
-    requeued: int
+    requeued: int  # retried elsewhere before their first token
+    migrated: int = 0  # moved to another replica mid-stream
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ class _Counts:
     admitted: int = 0
     refused: int = 0
     requeued: int = 0
+    migrated: int = 0
 
 
 @dataclass(slots=True)
@@ -604,7 +606,9 @@ class Scheduler:
             m.hold_s += _HOLD_EWMA_ALPHA * (held - m.hold_s)
         return lease
 
-    def requeue(self, request_id: str, exclude_version: bool = False) -> bool:
+    def requeue(
+        self, request_id: str, exclude_version: bool = False, pin_version: bool = False
+    ) -> bool:
         """Put a leased request back at the head of its tenant's queue, avoiding its replica.
 
         For a lease whose replica died before producing any token: frees the slot and
@@ -617,17 +621,38 @@ class Scheduler:
         With ``exclude_version``, the lease's model version is added to the request's
         ``exclude_versions`` too: for a request that failed on a canary version (its lease
         says ``canary``), so it is retried on the stable version.
+
+        With ``pin_version``, the request runs on its lease's version only: a stream that
+        goes on after its replica died mid-way, whose tokens are that version's.
+
+        Raises:
+            ReplicaUnavailable: with ``pin_version``, no other replica of the version is
+                ready or starting (the lease is kept, for the caller to release).
         """
-        g = self._leases.pop(request_id, None)
+        g = self._leases.get(request_id)
         if g is None:
             return False
         lease, old = g.lease, g.queued
         m = self._models[lease.model]
+        if pin_version and not any(
+            (r.view.ready or r.view.starting)
+            and r.view.version == lease.version
+            and r.replica_id != lease.replica_id
+            and r.replica_id not in old.request.exclude
+            for r in m.replicas
+        ):
+            raise ReplicaUnavailable(
+                f"no other replica of {lease.model} version {lease.version} is ready or "
+                "starting to go on with the stream"
+            )
+        del self._leases[request_id]
         self._free(m, lease)
         m.queue.refund(lease.tenant, g.input_charge)
         request = replace(old.request, exclude=old.request.exclude | {lease.replica_id})
         if exclude_version:
             request = replace(request, exclude_versions=request.exclude_versions | {lease.version})
+        if pin_version:
+            request = replace(request, version=lease.version)
         queued = _Queued(request, old.enqueued_at, old.deadline, old.seq, old.requeues + 1)
         m.queue.push(
             lease.tenant,
@@ -640,7 +665,11 @@ class Scheduler:
         )
         m.queued += 1
         self._queued_in[request_id] = lease.model
-        m.tenant_counts(lease.tenant).requeued += 1
+        counts = m.tenant_counts(lease.tenant)
+        if pin_version:
+            counts.migrated += 1
+        else:
+            counts.requeued += 1
         return True
 
     # -- queries --------------------------------------------------------------------------
@@ -705,6 +734,7 @@ class Scheduler:
                     admitted=c.admitted,
                     refused=c.refused,
                     requeued=c.requeued,
+                    migrated=c.migrated,
                 )
             out[model] = ModelStats(
                 queue_depth=len(q),

@@ -177,9 +177,10 @@ class Engine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any]
-    ) -> AsyncIterator[tuple[str, int, str | None, Logprobs | None]]:
-        """Stream ``(new_text, new_token_count, finish_reason, logprobs)`` per engine step;
-        ``logprobs`` is None unless the request asked for them.
+    ) -> AsyncIterator[tuple[str, list[int], str | None, Logprobs | None]]:
+        """Stream ``(new_text, new_token_ids, finish_reason, logprobs)`` per engine step;
+        ``logprobs`` is None unless the request asked for them. The ids let a stream go
+        on on another replica should this one die.
 
         Closing the iterator early aborts the request in the engine.
         """
@@ -200,7 +201,7 @@ class Engine:
                     ),
                 )
             first = False
-            yield c.text, len(c.token_ids), c.finish_reason if out.finished else None, lp
+            yield c.text, list(c.token_ids), c.finish_reason if out.finished else None, lp
 
     def _prompt_positions(self, ids: list[int], logprobs: Any, sampling: Any) -> list[Position]:
         # vLLM gives no entry for the first prompt token (nothing comes before it).

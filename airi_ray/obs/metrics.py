@@ -121,7 +121,8 @@ class _SchedulerCollector(Collector):
         )
         decisions = CounterMetricFamily(
             "airi_admission_decisions",
-            "Requests admitted to a queue, refused (429/503) or requeued after a replica died",
+            "Requests admitted to a queue, refused (429/503), requeued after their replica died "
+            "before answering, or migrated to another replica mid-stream",
             labels=["model", "tenant", "decision"],
         )
         routes = CounterMetricFamily(
@@ -144,7 +145,7 @@ class _SchedulerCollector(Collector):
                 oldest.add_metric(labels, t.oldest_wait_s)
                 in_flight.add_metric(labels, float(t.in_flight))
                 counter.add_metric(labels, t.virtual_counter)
-                for decision in ("admitted", "refused", "requeued"):
+                for decision in ("admitted", "refused", "requeued", "migrated"):
                     decisions.add_metric([*labels, decision], float(getattr(t, decision)))
         yield from (depth, oldest, in_flight, counter, decisions, routes, kv_tokens)
 

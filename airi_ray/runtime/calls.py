@@ -66,7 +66,16 @@ from airi_ray.core.requests import (
     resolve_max_tokens,
     words_floor,
 )
-from airi_ray.core.retries import MAX_ATTEMPTS, Failure, Retry, after_failure
+from airi_ray.core.retries import (
+    MAX_ATTEMPTS,
+    Failure,
+    Migration,
+    Replay,
+    Retry,
+    after_failure,
+    continued_params,
+    migration,
+)
 from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
 from airi_ray.engines.source import resolve_model_source
 from airi_ray.obs.tracing import Span, tracing
@@ -240,8 +249,8 @@ class Cached(Generic[T]):
         self._at = time.monotonic()
 
 
-# What a request's queue holds: (text, n_tokens, finish_reason, error, logprobs).
-_Item = tuple[str, int, str | None, str | None, Logprobs | None]
+# What a request's queue holds: (text, token_ids, finish_reason, error, logprobs).
+_Item = tuple[str, list[int], str | None, str | None, Logprobs | None]
 
 
 def _merge_logprobs(a: Logprobs | None, b: Logprobs | None) -> Logprobs | None:
@@ -265,8 +274,8 @@ class ReplicaChannel:
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: dict[str, Any]
-    ) -> AsyncIterator[tuple[str, int, str | None, Logprobs | None]]:
-        """Yield ``(text, n_tokens, finish_reason, logprobs)``; leaving early aborts the
+    ) -> AsyncIterator[tuple[str, list[int], str | None, Logprobs | None]]:
+        """Yield ``(text, token_ids, finish_reason, logprobs)``; leaving early aborts the
         request."""
         if self.dead is not None:
             raise ReplicaDied(str(self.dead))
@@ -281,20 +290,20 @@ class ReplicaChannel:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                text, n, finish, error, lp = item
+                text, ids, finish, error, lp = item
                 while not queue.empty() and finish is None:  # merge what piled up meanwhile
                     more = queue.get_nowait()
                     if isinstance(more, BaseException):
                         queue.put_nowait(more)
                         break
-                    text, n, finish, error = text + more[0], n + more[1], more[2], more[3]
+                    text, ids, finish, error = text + more[0], ids + more[1], more[2], more[3]
                     lp = _merge_logprobs(lp, more[4])
                 if finish == "invalid":
                     raise InvalidRequest(f"the engine refused the request: {error}")
                 if finish == "engine_error":  # like a dead replica: retried if nothing was sent
                     raise ReplicaDied(f"replica {self.replica_id}: {error}")
                 finished = finish is not None
-                yield text, n, finish, lp
+                yield text, ids, finish, lp
         finally:
             self._queues.pop(request_id, None)
             if not finished and self.dead is None:
@@ -324,10 +333,10 @@ class ReplicaChannel:
         gen = self._handle.open_channel.options(num_returns="streaming").remote(self._channel_id)
         try:
             async for ref in gen:
-                for rid, text, n, finish, error, lp in await ref:
+                for rid, text, ids, finish, error, lp in await ref:
                     q = self._queues.get(rid)
                     if q is not None:
-                        q.put_nowait((text, n, finish, error, lp))
+                        q.put_nowait((text, ids, finish, error, lp))
             raise RuntimeError("the replica closed the channel")
         except asyncio.CancelledError:
             raise
@@ -1048,6 +1057,12 @@ class CallPath:
         head = ""  # the answer's start, where refusals show
         lease: Lease | None = None
         served_at = first_at = None
+        # What the client has, should the stream move to another replica mid-way: the
+        # answer's tokens, and its length before the filters (what a replay skips).
+        sent_ids: list[int] = []
+        sent_chars = 0
+        replay: Replay | None = None
+        call_params = params
         try:
             lease = await self._wait(self._acquire(request), request.request_id)
             served_at = time.perf_counter()
@@ -1055,16 +1070,26 @@ class CallPath:
                 usage.extra["version"] = lease.version
                 ids = prompt_ids if ids_for is None else await ids_for(lease.version)
                 usage.prompt_tokens = len(ids)
+                call_ids = ids + sent_ids if sent_ids and replay is None else ids
                 try:
                     channel = self._channel(lease.replica_id)
-                    async for text, n, finish, lp in channel.generate(
-                        request.request_id, ids, params
+                    async for text, new_ids, finish, lp in channel.generate(
+                        request.request_id, call_ids, call_params
                     ):
+                        if replay is not None:
+                            text, new_ids, k = replay.take(text, new_ids)
+                            if lp is not None and k:
+                                lp = Logprobs(lp.tokens[k:])
+                            if not new_ids and finish is None:
+                                continue
                         if lp is not None:
                             sink.add(lp)
                         if usage.ttft_s is None:
                             first_at = time.perf_counter()
                             usage.ttft_s = first_at - start
+                        n = len(new_ids)
+                        sent_ids += new_ids
+                        sent_chars += len(text)
                         usage.completion_tokens += n
                         usage.finish_reason = finish
                         if out is not None:
@@ -1081,8 +1106,19 @@ class CallPath:
                         failure = (
                             Failure.REFUSED if isinstance(e, InvalidRequest) else Failure.OTHER
                         )
+                    if failure is Failure.REPLICA_DIED and len(sent_ids) >= params["max_tokens"]:
+                        usage.finish_reason = "length"  # it died having sent them all
+                        yield (out.finish() if out is not None else ""), 0, "length"
+                        return
                     lease = await self._retry_elsewhere(lease, usage, e, failure)
                     served_at = time.perf_counter()
+                    if not sent_ids:
+                        continue
+                    # Mid-stream: go on where the dead replica stopped.
+                    if migration(params) is Migration.CONTINUE:
+                        call_params = continued_params(params, len(sent_ids))
+                    else:
+                        replay = Replay(sent_chars, len(sent_ids))
         except BaseException as e:
             usage.error = usage.error or type(e).__name__
             raise
@@ -1340,7 +1376,8 @@ class CallPath:
         goes back to the head of the tenant's queue (the scheduler takes the old lease
         back): off a canary onto the stable version, whatever the error, so clients do not
         pay for a bad canary (the rollout sees it in its error rate and rolls back); off a
-        dead replica onto another of its version."""
+        dead replica onto another of its version, which a stream that died mid-way must
+        keep (the tokens sent are that version's)."""
         retry = after_failure(
             failure,
             canary=lease.canary,
@@ -1353,8 +1390,26 @@ class CallPath:
             usage.error = "replica_died"
             raise ReplicaUnavailable(
                 f"the replica serving model {lease.model!r} died after "
-                f"{usage.completion_tokens} tokens were sent; the request cannot be resumed"
+                f"{usage.completion_tokens} tokens were sent, on the last of the "
+                f"{MAX_ATTEMPTS} replicas a request may use"
             ) from cause
+        if retry is Retry.MIGRATE:
+            logger.warning(
+                "replica %s died after %d tokens of %s; the stream goes on on another",
+                lease.replica_id,
+                usage.completion_tokens,
+                lease.request_id,
+            )
+            try:
+                return await self._wait(
+                    self._requeue(lease.request_id, pin_version=True), lease.request_id
+                )
+            except ReplicaUnavailable as e:
+                usage.error = "replica_died"
+                raise ReplicaUnavailable(
+                    f"the replica serving model {lease.model!r} died after "
+                    f"{usage.completion_tokens} tokens were sent, and {e}"
+                ) from cause
         if retry is Retry.GIVE_UP:
             usage.error = "no_replica"
             raise ReplicaUnavailable(
@@ -1372,12 +1427,16 @@ class CallPath:
             logger.warning("replica %s failed before answering; requeued", lease.replica_id)
         return await self._wait(self._requeue(lease.request_id, other_version), lease.request_id)
 
-    async def _requeue(self, request_id: str, other_version: bool = False) -> Lease:
-        """Put a request that failed before answering back in the queue; wait for its new
+    async def _requeue(
+        self, request_id: str, other_version: bool = False, pin_version: bool = False
+    ) -> Lease:
+        """Put a request whose replica failed it back in the queue; wait for its new
         lease."""
         future = self._expect_grant(request_id)
         try:
-            lease = await self._scheduler.requeue.remote(self.caller_id, request_id, other_version)
+            lease = await self._scheduler.requeue.remote(
+                self.caller_id, request_id, other_version, pin_version
+            )
         except ray.exceptions.RayTaskError as e:
             self._pending.pop(request_id, None)
             raise unwrap_error(e) from None

@@ -27,12 +27,12 @@ from airi_ray.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
-# One channel item: (request_id, new_text, new_token_count, finish_reason, error_message,
+# One channel item: (request_id, new_text, new_token_ids, finish_reason, error_message,
 # logprobs); finish_reason "invalid" (this request failed; the engine serves on) or
 # "engine_error" (the engine died) carries an error instead of tokens; logprobs is None
 # unless the request asked for them.
 # A tuple rather than a dataclass: it is pickled once per request per engine step.
-Delta = tuple[str, str, int, str | None, str | None, Logprobs | None]
+Delta = tuple[str, str, list[int], str | None, str | None, Logprobs | None]
 
 
 # One embedding call waiting for its batch: its inputs, output dimensions and result.
@@ -94,7 +94,7 @@ class ModelReplica:
         finished = False
         if self._dead is not None:  # every later request would hang on a dead engine
             channel.push(
-                (request_id, "", 0, "engine_error", f"the engine died: {self._dead}", None)
+                (request_id, "", [], "engine_error", f"the engine died: {self._dead}", None)
             )
             channel.tasks.pop(request_id, None)
             return
@@ -107,17 +107,19 @@ class ModelReplica:
                     f"the prompt has {len(prompt_ids)} tokens; this replica's context window "
                     f"is {limit}"
                 )
-            async for text, n, finish, lp in self._engine.generate(request_id, prompt_ids, params):
+            async for text, ids, finish, lp in self._engine.generate(
+                request_id, prompt_ids, params
+            ):
                 finished = finish is not None
-                channel.push((request_id, text, n, finish, None, lp))
+                channel.push((request_id, text, ids, finish, None, lp))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             dead, why = self._failure(e, request_id)
-            channel.push((request_id, "", 0, "engine_error" if dead else "invalid", why, None))
+            channel.push((request_id, "", [], "engine_error" if dead else "invalid", why, None))
         else:
             if not finished:  # the engine aborted it (e.g. an abort from another path)
-                channel.push((request_id, "", 0, "abort", None, None))
+                channel.push((request_id, "", [], "abort", None, None))
         finally:
             channel.tasks.pop(request_id, None)
 

@@ -242,24 +242,32 @@ class GlobalScheduler:
         return [results[r.request_id] for r in requests]
 
     def requeue(
-        self, caller_id: str, request_id: str, exclude_version: bool = False
+        self,
+        caller_id: str,
+        request_id: str,
+        exclude_version: bool = False,
+        pin_version: bool = False,
     ) -> Lease | None:
-        """The request failed on its replica before producing a token: queue it again.
+        """The request failed on its replica: queue it again.
 
         The request goes back to the head of its tenant's queue, avoiding that replica,
         which stops taking work until the controller replaces it. With
         ``exclude_version`` (a canary version failed it) it avoids the whole version
-        instead, and the replica keeps working. Either way the attempt counts as an error
-        of its version. Returns a new lease if one is free now, else None (the lease
+        instead, and the replica keeps working. With ``pin_version`` (its replica died
+        mid-stream) it goes on on the same version only. Either way the attempt counts as
+        an error of its version. Returns a new lease if one is free now, else None (the lease
         arrives on the ``grants`` stream).
 
         Raises:
-            ReplicaUnavailable: the request holds no lease (it was released already).
+            ReplicaUnavailable: the request holds no lease (it was released already), or
+                with ``pin_version`` no other replica of its version is up.
         """
         now = time.monotonic()
         self.callers.heard(caller_id, now)
         lease = self.core.lease(request_id)
-        if lease is None or not self.core.requeue(request_id, exclude_version=exclude_version):
+        if lease is None or not self.core.requeue(
+            request_id, exclude_version=exclude_version, pin_version=pin_version
+        ):
             raise ReplicaUnavailable(f"request {request_id} holds no lease to requeue")
         self._versions[lease.model][lease.version].add(True, None)
         if not exclude_version:

@@ -2,7 +2,16 @@
 
 import pytest
 
-from airi_ray.core.retries import MAX_ATTEMPTS, Failure, Retry, after_failure
+from airi_ray.core.retries import (
+    MAX_ATTEMPTS,
+    Failure,
+    Migration,
+    Replay,
+    Retry,
+    after_failure,
+    continued_params,
+    migration,
+)
 
 
 def rule(failure: Failure, canary: bool = False, tokens: int = 0, requeues: int = 0) -> Retry:
@@ -26,7 +35,6 @@ def test_any_canary_failure_goes_to_the_stable_version(failure: Failure) -> None
 
 @pytest.mark.parametrize("canary", [False, True])
 def test_sent_tokens_cannot_be_taken_back(canary: bool) -> None:
-    assert rule(Failure.REPLICA_DIED, canary, tokens=5) is Retry.DIED_MIDWAY
     assert rule(Failure.REFUSED, canary, tokens=5) is Retry.RAISE
     assert rule(Failure.OTHER, canary, tokens=1) is Retry.RAISE
 
@@ -39,3 +47,51 @@ def test_at_most_max_attempts_replicas_are_tried(canary: bool) -> None:
     assert Retry.GIVE_UP not in tried[:-1]
     # A failure the rule would not retry is raised as it is, whatever the count.
     assert rule(Failure.REFUSED, requeues=MAX_ATTEMPTS) is Retry.RAISE
+
+
+def test_a_dead_replica_mid_stream_migrates_until_the_last_attempt() -> None:
+    assert rule(Failure.REPLICA_DIED, tokens=5) is Retry.MIGRATE
+    assert rule(Failure.REPLICA_DIED, True, tokens=5) is Retry.MIGRATE  # on its own version
+    assert rule(Failure.REPLICA_DIED, tokens=5, requeues=MAX_ATTEMPTS - 1) is Retry.DIED_MIDWAY
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 0.0},
+        {"temperature": 0.0, "seed": 7},  # greedy: the seed plays no part
+        {"temperature": 0.8},  # unseeded sampling: any continuation is a fair sample
+        {"temperature": 0.8, "presence_penalty": 0.0, "repetition_penalty": 1.2},
+    ],
+)
+def test_streams_without_sampling_state_continue(params: dict) -> None:
+    assert migration(params) is Migration.CONTINUE
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 0.8, "seed": 0},
+        {"temperature": 0.0, "structured_outputs": {"json": {"type": "object"}}},
+        {"temperature": 0.0, "presence_penalty": 0.5},
+        {"temperature": 0.0, "frequency_penalty": -0.5},
+    ],
+)
+def test_streams_with_sampling_state_replay(params: dict) -> None:
+    assert migration(params) is Migration.REPLAY
+
+
+def test_a_continued_request_spends_what_is_left_of_its_budget() -> None:
+    params = {"max_tokens": 64, "min_tokens": 10, "prompt_logprobs": 2, "logprobs": 1}
+    out = continued_params(params, 24)
+    assert out == {"max_tokens": 40, "min_tokens": 0, "logprobs": 1}
+    assert params["max_tokens"] == 64  # the caller's own parameters are left alone
+    assert continued_params({"max_tokens": 64, "min_tokens": 30}, 24)["min_tokens"] == 6
+
+
+def test_a_replay_skips_what_the_client_has_even_mid_step() -> None:
+    replay = Replay(chars=5, tokens=2)
+    assert replay.take("Hel", [1]) == ("", [], 1)
+    # This step straddles the point where the dead replica stopped.
+    assert replay.take("lo wor", [2, 3]) == (" wor", [3], 1)
+    assert replay.take("ld", [4]) == ("ld", [4], 0)

@@ -187,7 +187,8 @@ def run(name: str) -> Iterator[str]:
                     )
                 )
     for model, st in sorted(s.stats(now).items()):
-        yield f"stats {model} {st!r}"
+        # ``TenantStats.migrated`` is newer than the digests; the trace never migrates.
+        yield f"stats {model} {st!r}".replace(", migrated=0", "")
     for v in s.replicas():
         yield f"replica {v!r}"
     yield f"leases {[_lease(x) for x in s.leases()]}"

@@ -286,3 +286,28 @@ def test_a_model_scaled_to_zero_queues_requests_for_its_next_replica() -> None:
     s.set_replicas("m", [rv("a", "v1")])
     [lease] = s.dispatch(2.0)
     assert lease.request_id == "waits" and lease.queue_wait_s == 2.0
+
+
+# -- a stream that goes on after its replica died --------------------------------------------
+
+
+def test_a_migrated_stream_stays_on_its_version_whatever_the_split() -> None:
+    s = sched(rv("a1", "v1"), rv("a2", "v1"), rv("b1", "v2"))
+    s.set_traffic("m", {"v1": 0.0, "v2": 1.0})  # v1 is draining: new requests go to v2
+    s.enqueue(req("x", version="v1"), 0.0)
+    [lease] = s.dispatch(0.0)
+    assert lease.replica_id in ("a1", "a2")
+    assert s.requeue("x", pin_version=True)
+    s.mark_unready(lease.replica_id)
+    [again] = s.dispatch(1.0)
+    assert again.version == "v1" and again.replica_id != lease.replica_id
+
+
+def test_a_stream_whose_version_has_no_other_replica_cannot_migrate() -> None:
+    s = sched(rv("a1", "v1"), rv("b1", "v2"))
+    lease = grant_one(s, "x", 0.0, version="v1")
+    with pytest.raises(ReplicaUnavailable, match="no other replica of m version v1"):
+        s.requeue("x", pin_version=True)
+    assert s.lease("x") == lease  # still held, for the caller to release
+    s.set_replicas("m", [rv("a1", "v1"), rv("a3", "v1", starting=True), rv("b1", "v2")])
+    assert s.requeue("x", pin_version=True)  # one is starting: it waits for it
