@@ -461,6 +461,26 @@ def _checking_input(watch: _Watch, model: str) -> Iterator[None]:
         yield
 
 
+class _SetUp:
+    """One call's set-up, until its stream (or lease) takes over: a failure hands back the
+    front-door entry it got, if it got one, and ends the call's span failed."""
+
+    def __init__(self, path: CallPath, request_id: str, watch: _Watch) -> None:
+        self.path = path
+        self.request_id = request_id
+        self.watch = watch
+        self.entered = False
+
+    def __enter__(self) -> _SetUp:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        if error is not None:
+            if self.entered:
+                self.path._leave(self.request_id)
+            tracing.end_failed(self.watch.span, error)
+
+
 def _door(
     request_id: str, model: str, tenant: str, params: GenerationParams, shape: tuple[int, int]
 ) -> AcquireRequest:
@@ -661,30 +681,13 @@ class CallPath:
         rid = f"req-{uuid.uuid4().hex}"
         shape = (len(messages), sum(len(m.content) for m in messages))
         watch = await self._watch(model, tenant, rid)
-        entered = False
-        try:
-            with _checking_input(watch, model):
-                await self._enter(_door(rid, model, tenant, params, shape))
-                entered = True
-                filters = await self._filters(tenant, model)
-                await self._semantic_check(
-                    tenant,
-                    model,
-                    [m.content for m in messages if m.role in ("user", "tool")],
-                    rid,
-                )
-                contents = [
-                    self._filter_input(
-                        filters,
-                        m.content,
-                        "document" if m.role == "tool" else "prompt",
-                        tenant,
-                        model,
-                        rid,
-                    )
-                    for m in messages
-                ]
-            watch.filtered = any(c != m.content for m, c in zip(messages, contents, strict=True))
+        with _SetUp(self, rid, watch) as setup:
+            filters, contents = await self._admit(
+                setup,
+                _door(rid, model, tenant, params, shape),
+                [(m.content, "document" if m.role == "tool" else "prompt") for m in messages],
+                semantic=[m.content for m in messages if m.role in ("user", "tool")],
+            )
             if watch.text is not None:
                 users = [c for m, c in zip(messages, contents, strict=True) if m.role == "user"]
                 watch.text = users[-1] if users else None
@@ -706,11 +709,6 @@ class CallPath:
             return self._generation(
                 info, ids, params, tenant, options, filters, cap, shape, rid, watch, render
             )
-        except BaseException as e:
-            if entered:
-                self._leave(rid)
-            tracing.end_failed(watch.span, e)
-            raise
 
     async def complete(
         self,
@@ -729,15 +727,13 @@ class CallPath:
         rid = f"req-{uuid.uuid4().hex}"
         shape = (0, len(text))
         watch = await self._watch(model, tenant, rid)
-        entered = False
-        try:
-            with _checking_input(watch, model):
-                await self._enter(_door(rid, model, tenant, params, shape))
-                entered = True
-                filters = await self._filters(tenant, model)
-                await self._semantic_check(tenant, model, [text], rid)
-                clean = self._filter_input(filters, text, "prompt", tenant, model, rid)
-            watch.filtered = clean != text
+        with _SetUp(self, rid, watch) as setup:
+            filters, [clean] = await self._admit(
+                setup,
+                _door(rid, model, tenant, params, shape),
+                [(text, "prompt")],
+                semantic=[text],
+            )
             if watch.text is not None:
                 watch.text = clean
 
@@ -755,11 +751,6 @@ class CallPath:
             )
             g.prompt_text = clean
             return g
-        except BaseException as e:
-            if entered:
-                self._leave(rid)
-            tracing.end_failed(watch.span, e)
-            raise
 
     # -- the front door and the worker thread -------------------------------------------
 
@@ -916,6 +907,28 @@ class CallPath:
         call that sent it was. Raises ContentBlocked where the call itself was refused."""
         filters = await self._filters(tenant, model)
         return text if filters is None else filters.check_input(text, where=where).text
+
+    async def _admit(
+        self,
+        setup: _SetUp,
+        door: AcquireRequest,
+        inputs: list[tuple[str, str]],
+        semantic: list[str] | None = None,
+    ) -> tuple[FilterSet | None, list[str]]:
+        """The set-up every model call shares, under the call's span and a policy span: the
+        scheduler's front door (``door``: shape, ACL, limits; no tokens counted yet), the
+        tenant's filters for the model, the semantic check of ``semantic`` texts, and the
+        ``inputs`` ``(text, where)`` as the filters pass them (redacted), in order."""
+        model, tenant, rid = door.model, door.tenant, door.request_id
+        with _checking_input(setup.watch, model):
+            await self._enter(door)
+            setup.entered = True
+            filters = await self._filters(tenant, model)
+            if semantic:
+                await self._semantic_check(tenant, model, semantic, rid)
+            clean = [self._filter_input(filters, t, w, tenant, model, rid) for t, w in inputs]
+        setup.watch.filtered = any(c != t for c, (t, _) in zip(clean, inputs, strict=True))
+        return filters, clean
 
     def _filter_input(
         self,
@@ -1178,18 +1191,12 @@ class CallPath:
         ]
         rid = f"emb-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid, sample=False)
-        entered = False
-        try:
-            with _checking_input(watch, model):
-                await self._enter(AcquireRequest(rid, model, tenant, inputs=len(texts)))
-                entered = True
-                filters = await self._filters(tenant, model)
-                clean = decoded
-                if filters is not None:
-                    clean = [
-                        self._filter_input(filters, t, where, tenant, model, rid) for t in decoded
-                    ]
-                    watch.filtered = clean != decoded
+        with _SetUp(self, rid, watch) as setup:
+            _, clean = await self._admit(
+                setup,
+                AcquireRequest(rid, model, tenant, inputs=len(texts)),
+                [(t, where) for t in decoded],
+            )
             # Token ids stay as given unless a filter changed their text.
             kept = [
                 g if g is not None and c == d else None
@@ -1211,11 +1218,6 @@ class CallPath:
                         f"input[{i}] has {len(x)} tokens; model {model!r} embeds at most "
                         f"{info.max_model_len}"
                     )
-        except BaseException as e:
-            if entered:
-                self._leave(rid)
-            tracing.end_failed(watch.span, e)
-            raise
         usage = Usage(prompt_tokens=sum(len(x) for x in ids))
         start = time.perf_counter()
         request = AcquireRequest(
