@@ -11,17 +11,15 @@ from typing import Annotated, Any, TypedDict
 from uuid import uuid4
 
 import pytest
+from langgraph.checkpoint.conformance import checkpointer_test, validate
+from langgraph.checkpoint.conformance.test_utils import generate_checkpoint
+from langgraph.checkpoint.serde.types import ERROR
+from langgraph.graph import END, START, StateGraph
 
-pytest.importorskip("langgraph.checkpoint.conformance")
-
-from langgraph.checkpoint.conformance import checkpointer_test, validate  # noqa: E402
-from langgraph.checkpoint.serde.types import ERROR  # noqa: E402
-from langgraph.graph import END, START, StateGraph  # noqa: E402
-
-from airi_ray.core.errors import InvalidRequest  # noqa: E402
-from airi_ray.data.records import LanceRecordLog  # noqa: E402
-from airi_ray.langgraph import AiriCheckpointSaver  # noqa: E402
-from airi_ray.runtime.context_store import ContextStore  # noqa: E402
+from airi_ray.core.errors import InvalidRequest
+from airi_ray.data.records import LanceRecordLog
+from airi_ray.langgraph import AiriCheckpointSaver
+from airi_ray.runtime.context_store import ContextStore
 
 
 def _config(thread_id: str, checkpoint_id: str | None = None, ns: str = "") -> dict[str, Any]:
@@ -32,8 +30,6 @@ def _config(thread_id: str, checkpoint_id: str | None = None, ns: str = "") -> d
 
 
 def _checkpoint(values: dict[str, Any] | None = None) -> dict[str, Any]:
-    from langgraph.checkpoint.conformance.test_utils import generate_checkpoint
-
     values = values or {}
     return generate_checkpoint(channel_values=values, channel_versions={k: 1 for k in values})
 
