@@ -278,14 +278,38 @@ class CheckpointIndex:
         for s in t.checkpoints.values():
             if s.ns not in newest or s.checkpoint_id > newest[s.ns].checkpoint_id:
                 newest[s.ns] = s
+        return self._kept(t, newest.values())
+
+    def items_without_runs(self, tenant: str, thread_id: str, run_ids: set[str]) -> list[Item]:
+        """The thread's checkpoints whose metadata ``run_id`` is not in ``run_ids``, with
+        their writes and the blobs they read: what ``delete_for_runs`` keeps."""
+        t = self._threads.get((tenant, thread_id))
+        if t is None:
+            return []
+        return self._kept(
+            t, [s for s in t.checkpoints.values() if s.meta.get("run_id") not in run_ids]
+        )
+
+    def threads_of_runs(self, tenant: str, run_ids: set[str]) -> list[str]:
+        """The tenant's threads with a checkpoint of one of ``run_ids`` (metadata ``run_id``)."""
+        return sorted(
+            thread_id
+            for (ten, thread_id), t in self._threads.items()
+            if ten == tenant
+            and any(s.meta.get("run_id") in run_ids for s in t.checkpoints.values())
+        )
+
+    @staticmethod
+    def _kept(t: _Thread, kept: Iterable[Saved]) -> list[Item]:
         out: list[Item] = []
-        for s in newest.values():
+        blobs: dict[tuple[str, str, str], Blob] = {}
+        for s in kept:
             out.append(s)
             out.extend(t.writes.get((s.ns, s.checkpoint_id), {}).values())
             for ch, ver in s.versions.items():
                 if (b := t.blobs.get((s.ns, ch, ver))) is not None:
-                    out.append(b)
-        return out
+                    blobs[(s.ns, ch, ver)] = b
+        return out + list(blobs.values())
 
     def _found(self, t: _Thread, saved: Saved) -> Found:
         values = {}

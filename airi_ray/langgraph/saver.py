@@ -279,6 +279,9 @@ class AiriCheckpointSaver(BaseCheckpointSaver[str]):
     async def adelete_thread(self, thread_id: str) -> None:
         await self.client.call("lg_delete_thread", self.tenant, thread_id)
 
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await self.client.call("lg_delete_for_runs", self.tenant, list(run_ids))
+
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         await self.client.call("lg_copy_thread", self.tenant, source_thread_id, target_thread_id)
 
@@ -336,6 +339,9 @@ class AiriCheckpointSaver(BaseCheckpointSaver[str]):
 
     def delete_thread(self, thread_id: str) -> None:
         self._run(self.adelete_thread(thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._run(self.adelete_for_runs(run_ids))
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self._run(self.acopy_thread(source_thread_id, target_thread_id))

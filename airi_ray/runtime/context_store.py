@@ -509,20 +509,43 @@ class ContextStore:
                 f"thread_ids must be a list of at most {MAX_LG_THREADS_PER_PRUNE} ids"
             )
         records = []
-        now = time.time()
         for thread_id in dict.fromkeys(_check_id("thread_id", t) for t in thread_ids):
-            if not self._lg.items(tenant, thread_id):
-                continue
-            generation = self._lg.generation(tenant, thread_id)
-            records.append(lg_records.tombstone(tenant, thread_id, generation, now))
-            if strategy == "keep_latest":
-                records.extend(
-                    lg_records.to_record(
-                        tenant, dataclasses.replace(i, generation=generation + 1), now
-                    )
-                    for i in self._lg.latest_items(tenant, thread_id)
-                )
+            if self._lg.items(tenant, thread_id):
+                kept = self._lg.latest_items(tenant, thread_id) if strategy == "keep_latest" else []
+                records.extend(self._lg_rewrite(tenant, thread_id, kept))
         await self._write(records)
+
+    async def lg_delete_for_runs(self, tenant: str, run_ids: list[str]) -> None:
+        """Delete the tenant's checkpoints made by the runs ``run_ids`` (metadata
+        ``run_id``), with their writes, in every thread and namespace. One commit: each
+        affected thread is rewritten (a tombstone, then what is left at the next
+        generation), so this costs the size of those threads.
+
+        Raises:
+            InvalidRequest: a bad run id, or too many.
+        """
+        _check_id("tenant", tenant)
+        if not isinstance(run_ids, list) or len(run_ids) > MAX_LG_THREADS_PER_PRUNE:
+            raise InvalidRequest(f"run_ids must be a list of at most {MAX_LG_THREADS_PER_PRUNE}")
+        runs = {_check_id("run_id", r) for r in run_ids}
+        records = []
+        for thread_id in self._lg.threads_of_runs(tenant, runs):
+            kept = self._lg.items_without_runs(tenant, thread_id, runs)
+            records.extend(self._lg_rewrite(tenant, thread_id, kept))
+        await self._write(records)
+
+    def _lg_rewrite(self, tenant: str, thread_id: str, kept: list[lg.Item]) -> list[Record]:
+        """The records that replace a thread by ``kept``: a tombstone of its generation and
+        the kept items at the next one (to commit together)."""
+        now = time.time()
+        generation = self._lg.generation(tenant, thread_id)
+        return [
+            lg_records.tombstone(tenant, thread_id, generation, now),
+            *(
+                lg_records.to_record(tenant, dataclasses.replace(i, generation=generation + 1), now)
+                for i in kept
+            ),
+        ]
 
     async def _lg_write(self, tenant: str, items: list[lg.Item]) -> None:
         """Write items; one whose record is stored already (or being committed) with other

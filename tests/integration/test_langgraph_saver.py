@@ -37,6 +37,7 @@ def test_conformance_on_the_cluster_context_store(airi_app: App) -> None:
     assert report.passed_all_base()
     assert report.results["copy_thread"].passed is True
     assert report.results["prune"].passed is True
+    assert report.results["delete_for_runs"].passed is True
 
 
 class _State(TypedDict):

@@ -138,6 +138,22 @@ def test_latest_items_keep_each_namespace_newest_with_its_writes_and_blobs() -> 
     assert [i.value for i in kept if isinstance(i, Write)] == ["w-c2"]
 
 
+def test_deleting_runs_keeps_the_other_checkpoints_and_each_blob_once() -> None:
+    index = CheckpointIndex()
+    index.add("a", Blob("t", "", "x", "1", "v"))
+    index.add("a", saved("c1", run_id="r1"))
+    index.add("a", saved("c2", run_id="r2"))
+    index.add("a", saved("c3", run_id="r3"))  # c2 and c3 read the same blob
+    index.add("a", write("task", 0, "w1", cid="c1"))
+    index.add("a", saved("c9", thread="other"))
+    assert index.threads_of_runs("a", {"r1"}) == ["t"]
+    assert index.threads_of_runs("b", {"r1"}) == []
+    kept = index.items_without_runs("a", "t", {"r1"})
+    assert sorted(i.checkpoint_id for i in kept if isinstance(i, Saved)) == ["c2", "c3"]
+    assert [i for i in kept if isinstance(i, Write)] == []
+    assert len([i for i in kept if isinstance(i, Blob)]) == 1
+
+
 def test_matches_needs_every_key_equal() -> None:
     assert matches({"a": 1, "b": 2}, {"a": 1})
     assert matches({"a": 1}, None) and matches({"a": 1}, {})

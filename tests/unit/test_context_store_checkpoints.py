@@ -100,6 +100,24 @@ def test_prune_keeps_the_latest_in_one_commit_and_compaction_drops_the_rest(
     assert [c["checkpoint_id"] for c in run(ContextStore(log=log).lg_list("a", "t2"))] == ["c9"]
 
 
+def test_delete_for_runs_rewrites_the_threads_it_touches(make_log: Any) -> None:
+    async def go() -> None:
+        store = ContextStore(log=make_log())
+        await put(store, "t1", "c1", run_id="r1")
+        await put(store, "t1", "c2", parent="c1", run_id="r2")
+        await store.lg_put_writes("a", "t1", "", "c2", "task", [["x", 0, "w"]])
+        await put(store, "t2", "c3", run_id="r1")
+        await store.lg_put("b", "t1", "", checkpoint("c1", run_id="r1"), [])
+        await store.lg_delete_for_runs("a", ["r1", "unknown"])
+
+    run(go())
+    store = ContextStore(log=make_log())
+    assert [c["checkpoint_id"] for c in run(store.lg_list("a", "t1"))] == ["c2"]
+    assert run(store.lg_get("a", "t1", ""))["writes"] == [["task", "x", "w"]]
+    assert run(store.lg_list("a", "t2")) == []
+    assert [c["checkpoint_id"] for c in run(store.lg_list("b"))] == ["c1"]  # another tenant
+
+
 def test_delete_hides_a_thread_of_the_tenant_only(make_log: Any) -> None:
     async def go() -> None:
         store = ContextStore(log=make_log())

@@ -73,6 +73,7 @@ def test_langgraph_conformance_base_capabilities(tmp_path: Path) -> None:
     # The extended capabilities this saver implements pass too.
     assert report.results["copy_thread"].passed is True
     assert report.results["prune"].passed is True
+    assert report.results["delete_for_runs"].passed is True
 
 
 def test_another_tenant_cannot_see_a_thread(savers: Any) -> None:
