@@ -93,6 +93,7 @@ class ContextStore:
         self._trace_keys: dict[str, set[str]] = defaultdict(set)  # run/request id -> trace ids
         self._lg = lg.CheckpointIndex()  # LangGraph threads (see core/checkpoints.py)
         self._lg_dead: dict[tuple[str, str], int] = {}  # (tenant, thread) -> seqs to drop below
+        self._lg_identities: dict[tuple[str, str], set[Identity]] = {}  # live records
         self._pending: dict[Identity, tuple[Record, asyncio.Future[None]]] = {}
         self._queue: list[Record] = []
         self._writer: asyncio.Task[None] | None = None
@@ -562,12 +563,20 @@ class ContextStore:
         await self._write(records)
 
     def _index_lg(self, r: Record) -> None:
+        thread = (r.tenant, r.key)
         if r.kind == lg_records.TOMBSTONE:
             self._lg.tombstone(r.tenant, r.key, r.seq)
-            below = max(self._lg_dead.get((r.tenant, r.key), 0), r.seq + 1)
-            self._lg_dead[(r.tenant, r.key)] = below
+            self._lg_dead[thread] = max(self._lg_dead.get(thread, 0), r.seq + 1)
+            # The dead records need no idempotency any more: free them now, not at restart.
+            live = self._lg_identities.get(thread, set())
+            for identity in [i for i in live if i[3] <= r.seq]:
+                live.discard(identity)
+                self._records.pop(identity, None)
+        elif r.seq < self._lg.generation(r.tenant, r.key):
+            self._records.pop(r.identity, None)  # loaded after its thread's tombstone
         else:
             self._lg.add(r.tenant, lg_records.from_record(r))
+            self._lg_identities.setdefault(thread, set()).add(r.identity)
 
     async def _compact_lg(self) -> None:
         """Drop the records of deleted LangGraph threads from the log."""

@@ -119,15 +119,18 @@ def test_delete_for_runs_rewrites_the_threads_it_touches(make_log: Any) -> None:
 
 
 def test_delete_hides_a_thread_of_the_tenant_only(make_log: Any) -> None:
-    async def go() -> None:
+    async def go() -> int:
         store = ContextStore(log=make_log())
         await put(store, "t1", "c1")
         await store.lg_put("b", "t1", "", checkpoint("c1"), [])
         await store.lg_delete_thread("a", "t1")
         await store.lg_delete_thread("a", "never-written")  # a no-op, not an error
+        return store.stats()["records"]
 
-    run(go())
+    # What is held for idempotency: b's checkpoint and a's tombstone, not a's dead records.
+    assert run(go()) == 2
     store = ContextStore(log=make_log())
+    assert store.stats()["records"] == 2
     assert run(store.lg_get("a", "t1", "")) is None
     assert run(store.lg_get("b", "t1", ""))["checkpoint_id"] == "c1"
     assert not [r for r in make_log().load() if r.key == "never-written"]
