@@ -148,6 +148,7 @@ class AiriCheckpointSaver(BaseCheckpointSaver[str]):
             raise InvalidRequest("tenant must be a non-empty string")
         self.client = client
         self.tenant = tenant
+        self._owns_loop = loop is None
         self._loop = loop or _Loop()
 
     @classmethod
@@ -161,9 +162,12 @@ class AiriCheckpointSaver(BaseCheckpointSaver[str]):
     def over(
         cls, store: ContextStore, tenant: str, *, serde: SerializerProtocol | None = None
     ) -> AiriCheckpointSaver:
-        """A saver over an existing in-process ``ContextStore`` (not used by another loop)."""
+        """A saver over an existing in-process ``ContextStore``, which then runs on the
+        saver's loop: use it only through this saver (and ``for_tenant`` of it)."""
         loop = _Loop()
-        return cls(LocalStore(store, loop), tenant, serde=serde, loop=loop)
+        saver = cls(LocalStore(store, loop), tenant, serde=serde, loop=loop)
+        saver._owns_loop = True
+        return saver
 
     @classmethod
     def on_cluster(
@@ -176,9 +180,15 @@ class AiriCheckpointSaver(BaseCheckpointSaver[str]):
         """
         return cls(ActorStore(names.get_actor(names.CONTEXT_STORE_NAME)), tenant, serde=serde)
 
+    def for_tenant(self, tenant: str) -> AiriCheckpointSaver:
+        """A saver of another tenant over the same store, sharing this one's loop (an
+        in-process store must stay on one loop); close this one last."""
+        return AiriCheckpointSaver(self.client, tenant, serde=self.serde, loop=self._loop)
+
     def close(self) -> None:
-        """Stop the saver's loop thread."""
-        self._loop.close()
+        """Stop the saver's loop thread (a saver from ``for_tenant`` leaves it running)."""
+        if self._owns_loop:
+            self._loop.close()
 
     # -- async (native) --------------------------------------------------------------------
 

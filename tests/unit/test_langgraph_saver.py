@@ -42,8 +42,8 @@ def _meta(step: int = 0, **extra: Any) -> dict[str, Any]:
 def savers(tmp_path: Path) -> Any:
     made: list[AiriCheckpointSaver] = []
 
-    def make(tenant: str = "tenant-a", store: ContextStore | None = None) -> AiriCheckpointSaver:
-        store = store or ContextStore(log=LanceRecordLog(str(tmp_path / "state")))
+    def make(tenant: str = "tenant-a") -> AiriCheckpointSaver:
+        store = ContextStore(log=LanceRecordLog(str(tmp_path / "state")))
         saver = AiriCheckpointSaver.over(store, tenant)
         made.append(saver)
         return saver
@@ -78,7 +78,7 @@ def test_langgraph_conformance_base_capabilities(tmp_path: Path) -> None:
 
 def test_another_tenant_cannot_see_a_thread(savers: Any) -> None:
     a = savers("tenant-a")
-    b = savers("tenant-b", store=a.client.store)
+    b = a.for_tenant("tenant-b")
     stored = a.put(_config("t1"), _checkpoint({"x": "secret"}), _meta(), {"x": 1})
     assert a.get_tuple(stored).checkpoint["channel_values"] == {"x": "secret"}
     assert b.get_tuple(stored) is None
