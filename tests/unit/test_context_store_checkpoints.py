@@ -169,3 +169,24 @@ def test_bad_input_is_refused(call: Any, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         run(call(store))
     assert store.stats()["records"] == 0
+
+
+def test_compaction_quotes_the_ids_of_a_deleted_thread(make_log: Any) -> None:
+    odd = "it's a \"thread\" ' OR '1'='1"
+
+    async def go() -> None:
+        store = ContextStore(log=make_log())
+        await put(store, odd, "c1")
+        await put(store, "it", "c2")
+        await store.lg_put("b", odd, "", checkpoint("c3"), [])
+        await store.lg_delete_thread("a", odd)
+        await store._compact()
+
+    run(go())
+    left = {(r.tenant, r.key, r.kind) for r in make_log().load()}
+    assert left == {
+        ("a", odd, "lg_tombstone"),
+        ("a", "it", "lg_checkpoint"),
+        ("a", "it", "lg_blob"),
+        ("b", odd, "lg_checkpoint"),
+    }
