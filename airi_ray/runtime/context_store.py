@@ -52,6 +52,10 @@ def _check_seq(what: str, value: Any) -> int:
     return value
 
 
+def _seq(r: Record) -> int:
+    return r.seq
+
+
 class ContextStore:
     """Durable conversations (ordered turns) and graph runs (events and checkpoints).
 
@@ -70,6 +74,7 @@ class ContextStore:
         self._turns: dict[tuple[str, str], dict[int, Record]] = defaultdict(dict)
         self._runs: dict[str, list[Record]] = defaultdict(list)  # run id -> events, checkpoints
         self._claims: dict[str, int] = {}  # run id -> its committed fencing token
+        self._claiming: dict[str, int] = {}  # run id -> the token of a claim being committed
         self._traces: OrderedDict[str, list[Record]] = OrderedDict()  # trace id -> span batches
         self._trace_keys: dict[str, set[str]] = defaultdict(set)  # run/request id -> trace ids
         self._pending: dict[Identity, tuple[Record, asyncio.Future[None]]] = {}
@@ -205,22 +210,21 @@ class ContextStore:
         records = self._runs.get(run_id)
         if not records or records[0].tenant != tenant:
             raise NotFound(f"run {run_id!r} not found")
-        token = next_token(self._claims.get(run_id, FIRST_TOKEN), self._pending_claim(run_id))
+        token = next_token(self._claims.get(run_id, FIRST_TOKEN), self._claiming.get(run_id))
         body = json.dumps({"owner": owner})
-        await self._write([Record("claim", tenant, run_id, token, owner, body, time.time())])
+        self._claiming[run_id] = token  # from now on, older tokens are refused
+        try:
+            await self._write([Record("claim", tenant, run_id, token, owner, body, time.time())])
+        finally:
+            if self._claiming.get(run_id) == token:
+                del self._claiming[run_id]
         return token
-
-    def _pending_claim(self, run_id: str) -> int | None:
-        return max(
-            (s for (k, _t, key, s, _n) in self._pending if k == "claim" and key == run_id),
-            default=None,
-        )
 
     def _fence(self, run_id: str, token: int | None) -> None:
         if token is None:
             return
         current = self._claims.get(run_id, FIRST_TOKEN)
-        check_token(run_id, token, max(current, self._pending_claim(run_id) or FIRST_TOKEN))
+        check_token(run_id, token, max(current, self._claiming.get(run_id, FIRST_TOKEN)))
 
     async def run(self, tenant: str, run_id: str) -> dict[str, Any]:
         """A run's events and checkpoints, in order.
@@ -231,7 +235,8 @@ class ContextStore:
         records = self._runs.get(run_id)
         if not records or records[0].tenant != tenant:
             raise NotFound(f"run {run_id!r} not found")
-        events = [json.loads(r.body) for r in records if r.kind == "run"]
+        # By seq, not by load order: a compacted log need not keep the order of appends.
+        events = [json.loads(r.body) for r in sorted(records, key=_seq) if r.kind == "run"]
         checkpoints = [
             {"step": r.seq, "node": r.name, **json.loads(r.body)}
             for r in records
