@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from airi_ray.core.errors import Fenced, InvalidRequest
+from airi_ray.core.errors import Fenced, InvalidRequest, NotFound
 from airi_ray.core.graph import END, START, Field, StateGraph, append
 from airi_ray.core.requests import Usage
 from airi_ray.data.records import MemoryRecordLog
@@ -21,6 +21,7 @@ from airi_ray.runtime.graph_executor import GraphExecutor
 
 TENANT = "t1"
 POLLERS = 8
+NODES = [f"n{i}" for i in range(1, 6)]
 
 
 class Handle:
@@ -311,5 +312,33 @@ def test_the_time_spent_before_a_crash_counts_against_the_deadline(
         assert "the run passed its deadline of 50 s" in result["error"]["message"], result
         assert second._path().calls == 0
         first._runs[run_id].task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_run_that_ended_is_answered_from_the_store_and_never_resumed(
+    make_executor: Any, store: ContextStore
+) -> None:
+    ran: list[str] = []
+    gate = Gate()
+    gate.first = False  # nothing blocks: the run ends on the first executor
+    graph = five(ran, gate)
+
+    async def scenario() -> None:
+        first, _ = make_executor(graph)
+        run_id = await first.start(TENANT, "five", {"x": 1})
+        assert (await first.wait(TENANT, run_id))["status"] == "finished"
+        await until(lambda: store._runs[run_id][-1].kind == "run", "the end recorded")
+        second, _ = make_executor(graph)
+        got = await asyncio.gather(*[second.wait(TENANT, run_id) for _ in range(POLLERS)])
+        assert all(r["status"] == "finished" and r["state"]["trace"] == NODES for r in got)
+        events = [e async for e in second.events(TENANT, run_id)]
+        assert [e["type"] for e in events] == ["run_finished"]
+        with pytest.raises(InvalidRequest, match="already finished; nothing to resume"):
+            await second.resume(TENANT, run_id)
+        with pytest.raises(NotFound, match="not found"):
+            await second.wait("t2", run_id)  # another tenant's run
+        assert len(ran) == 5 and run_id not in second._runs
+        assert (await store.run(TENANT, run_id))["token"] == 0  # never claimed
 
     asyncio.run(scenario())
