@@ -207,6 +207,7 @@ class GraphExecutor:
         # Take-overs of orphaned runs in progress, by (tenant, run id): one per run.
         self._adopting: dict[tuple[str, str], asyncio.Task[_Run | dict[str, Any]]] = {}
         self._owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._watching: set[asyncio.Task[None]] = set()  # watches of unawaited run writes
         self._calls: CallPath | None = None
         self._retriever: Retriever | None = None
         self._store = get_actor(CONTEXT_STORE_NAME)
@@ -521,7 +522,9 @@ class GraphExecutor:
         """Keep a write of the run that is not awaited here (the run awaits them all before
         it returns), and watch it: a refused write (``Fenced``) stops the run at once."""
         run.checkpoints.append(ref)
-        spawn(self._watch(run, ref))
+        watch = spawn(self._watch(run, ref))
+        self._watching.add(watch)  # held: the loop keeps only weak references to tasks
+        watch.add_done_callback(self._watching.discard)
 
     async def _watch(self, run: _Run, ref: Any) -> None:
         try:
