@@ -227,7 +227,8 @@ class ContextStore:
         check_token(run_id, token, max(current, self._claiming.get(run_id, FIRST_TOKEN)))
 
     async def run(self, tenant: str, run_id: str) -> dict[str, Any]:
-        """A run's events and checkpoints, in order.
+        """A run's events (by seq) and checkpoints, the next free event seq
+        (``next_event_seq``) and the run's current fencing token (``token``).
 
         Raises:
             NotFound: no such run for this tenant.
