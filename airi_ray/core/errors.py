@@ -67,6 +67,13 @@ class Conflict(AiriError):
     code = "conflict"
 
 
+class Fenced(Conflict):
+    """A write from an execution of a graph run that has since lost its claim on the run
+    (another executor resumed it): the write is refused, and that execution stops."""
+
+    code = "fenced"
+
+
 class ModelNotFound(NotFound):
     status = 404
     type = "invalid_request_error"

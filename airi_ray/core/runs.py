@@ -8,16 +8,27 @@ Every model call in a run inherits the run's identity. Two decisions live here:
 - the deadline split: a run with an end-to-end deadline gives each call the share of the
   remaining time that leaves as much to every model call still ahead on the longest path,
   so the scheduler orders the call by a deadline that keeps the whole run on time.
+
+Both carry across a resume: the time a run has spent running and the tokens it has been
+charged are part of its recorded state (``progress`` folds them out of the run's events
+and checkpoints), and the resumed run's ``RunLimits`` starts from them, not from zero.
+The time the run spent with no executor (between a crash and its resume) is not counted:
+the deadline bounds the run's execution, and monotonic clocks do not cross processes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from airi_ray.core.errors import AiriError, InvalidRequest
 from airi_ray.core.requests import check_priority
 
 MAX_RUN_DEADLINE_S = 86_400.0
+LIVE_STATUSES = ("started", "resumed")  # a run's status event while it may still run
+CHARGED = "charged"  # the event of one model call's tokens, recorded as the call ends
 
 
 class RunBudgetExceeded(AiriError):
@@ -68,7 +79,8 @@ class RunLimits:
 
     Args:
         options: the run's options.
-        started_at: the run's start on the caller's monotonic clock.
+        started_at: the start of this execution on the caller's monotonic clock.
+        elapsed_s: seconds the run had spent in earlier executions (before a resume).
     """
 
     options: RunOptions
@@ -76,6 +88,19 @@ class RunLimits:
     spent: int = 0
     calls: int = 0
     per_model: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def resumed(cls, options: RunOptions, now: float, progress: RunProgress) -> RunLimits:
+        """The limits of a run resumed at ``now`` after it had made ``progress``."""
+        per_model = dict(progress.per_model)
+        return cls(
+            options, now, sum(per_model.values()), progress.calls, per_model, progress.elapsed_s
+        )
+
+    def elapsed(self, now: float) -> float:
+        """Seconds the run has spent running, over all its executions."""
+        return self.elapsed_s + max(now - self.started_at, 0.0)
 
     @property
     def remaining(self) -> int | None:
@@ -90,7 +115,7 @@ class RunLimits:
                 f"({self.spent} tokens over {self.calls} calls)"
             )
         d = self.options.deadline_s
-        if d is not None and now - self.started_at >= d:
+        if d is not None and self.elapsed(now) >= d:
             raise RunDeadlineExceeded(f"the run passed its deadline of {d:g} s")
 
     def max_tokens(self, prompt_tokens: int, wanted: int) -> int:
@@ -122,7 +147,67 @@ class RunLimits:
         d = self.options.deadline_s
         if d is None:
             return None
-        left = d - (now - self.started_at)
+        left = d - self.elapsed(now)
         if left <= 0:
             raise RunDeadlineExceeded(f"the run passed its deadline of {d:g} s")
         return left / (1 + max(calls_ahead, 0))
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """What a run had spent when its last execution stopped: tokens per model, model
+    calls, and seconds of running."""
+
+    per_model: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    calls: int = 0
+    elapsed_s: float = 0.0
+
+
+def charged_event(model: str, tokens: int, elapsed_s: float, node: str) -> dict[str, Any]:
+    """The run event that records one model call's tokens (``progress`` reads it back)."""
+    return {"status": CHARGED, "model": model, "tokens": tokens, "elapsed_s": elapsed_s} | {
+        "node": node
+    }
+
+
+def progress(
+    events: Iterable[Mapping[str, Any]], checkpoints: Iterable[Mapping[str, Any]]
+) -> RunProgress:
+    """A run's progress from its recorded events and checkpoints.
+
+    Tokens come from the ``charged`` events, one per model call, so the calls of a node
+    that was interrupted before its checkpoint count too. A run recorded before calls were
+    charged one by one (no such event) counts its checkpoints' per-node usage instead.
+    The time is the latest ``elapsed_s`` any event or checkpoint recorded.
+    """
+    events, checkpoints = list(events), list(checkpoints)
+    per_model: dict[str, int] = {}
+    calls = 0
+    charges = [e for e in events if e.get("status") == CHARGED]
+    if charges:
+        for e in charges:
+            per_model[e["model"]] = per_model.get(e["model"], 0) + int(e["tokens"])
+        calls = len(charges)
+    else:
+        for cp in checkpoints:
+            for model, tokens in cp.get("usage", {}).items():
+                per_model[model] = per_model.get(model, 0) + int(tokens)
+                calls += 1
+    elapsed = max((float(x.get("elapsed_s", 0.0)) for x in [*events, *checkpoints]), default=0.0)
+    return RunProgress(MappingProxyType(per_model), calls, elapsed)
+
+
+def last_status(events: Iterable[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The run's latest status event (started, resumed, or how it ended), skipping the
+    events that only record progress.
+
+    Raises:
+        ValueError: the run has no status event (its start was not recorded).
+    """
+    last = None
+    for e in events:
+        if e.get("status") != CHARGED:
+            last = e
+    if last is None:
+        raise ValueError("the run has no recorded start")
+    return last

@@ -51,6 +51,7 @@ KEYS_TTL_S = 2.0
 TEMPLATE_TOKENS = 8  # chat-template tokens around one message, at most, for the models we serve
 DEFAULT_RESERVE_TOKENS = 512  # kept for the answer when a conversation call sets no max_tokens
 RESUME_ATTEMPTS = 5
+RESUME_BACKOFF_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -302,12 +303,13 @@ class Backend:
         self, run_id: str, tenant: str, timeout_s: float | None = None
     ) -> dict[str, Any]:
         """The run's result once it ends. If the executor dies meanwhile, the run is
-        resumed from its checkpoints when the executor is back."""
-        for _ in range(RESUME_ATTEMPTS):
+        resumed from its checkpoints when the executor is back (by ``wait`` itself: a
+        separate ``resume`` would fail for a run another caller resumed and finished)."""
+        for attempt in range(RESUME_ATTEMPTS):
             try:
                 return await _ask(_executor().wait.remote(tenant, run_id, timeout_s))
             except ray.exceptions.RayActorError:
-                await _ask(_executor().resume.remote(tenant, run_id))
+                await asyncio.sleep(RESUME_BACKOFF_S * 2**attempt)  # while it restarts
         raise ReplicaUnavailable(f"the graph executor kept failing while running {run_id!r}")
 
     async def run_graph(

@@ -25,6 +25,7 @@ from collections import OrderedDict, defaultdict
 from typing import Any
 
 from airi_ray.core import checkpoints as lg
+from airi_ray.core.claims import FIRST_TOKEN, check_token, next_token
 from airi_ray.core.errors import Conflict, InvalidRequest, NotFound
 from airi_ray.data import checkpoints as lg_records
 from airi_ray.data.records import LanceRecordLog, Record, RecordLog
@@ -72,6 +73,10 @@ def _check_seq(what: str, value: Any) -> int:
     return value
 
 
+def _seq(r: Record) -> int:
+    return r.seq
+
+
 class ContextStore:
     """Durable conversations (ordered turns) and graph runs (events and checkpoints).
 
@@ -89,6 +94,8 @@ class ContextStore:
         self._records: dict[Identity, Record] = {}
         self._turns: dict[tuple[str, str], dict[int, Record]] = defaultdict(dict)
         self._runs: dict[str, list[Record]] = defaultdict(list)  # run id -> events, checkpoints
+        self._claims: dict[str, int] = {}  # run id -> its committed fencing token
+        self._claiming: dict[str, int] = {}  # run id -> the token of a claim being committed
         self._traces: OrderedDict[str, list[Record]] = OrderedDict()  # trace id -> span batches
         self._trace_keys: dict[str, set[str]] = defaultdict(set)  # run/request id -> trace ids
         self._lg = lg.CheckpointIndex()  # LangGraph threads (see core/checkpoints.py)
@@ -175,18 +182,77 @@ class ContextStore:
 
     # -- graph runs ------------------------------------------------------------------------
 
-    async def run_event(self, tenant: str, run_id: str, seq: int, event: dict[str, Any]) -> None:
-        """Record a run's event (started with its graph and inputs, finished, failed...)."""
-        await self._write([self._run_record("run", tenant, run_id, seq, "event", event)])
+    async def run_event(
+        self,
+        tenant: str,
+        run_id: str,
+        seq: int,
+        event: dict[str, Any],
+        token: int | None = None,
+    ) -> None:
+        """Record a run's event (started with its graph and inputs, finished, failed...).
+
+        ``token`` is the writing execution's fencing token (``claim_run``); None writes
+        unfenced, for a writer that never resumes runs.
+
+        Raises:
+            Fenced: ``token`` is older than the run's: another execution claimed it.
+        """
+        record = self._run_record("run", tenant, run_id, seq, "event", event)
+        self._fence(run_id, token)
+        await self._write([record])
 
     async def checkpoint(
-        self, tenant: str, run_id: str, step: int, node: str, data: dict[str, Any]
+        self,
+        tenant: str,
+        run_id: str,
+        step: int,
+        node: str,
+        data: dict[str, Any],
+        token: int | None = None,
     ) -> None:
-        """Record a node's completion: its output and the run state after it."""
-        await self._write([self._run_record("checkpoint", tenant, run_id, step, node, data)])
+        """Record a node's completion: its output and the run state after it.
+
+        Raises:
+            Fenced: ``token`` is older than the run's: another execution claimed it.
+        """
+        record = self._run_record("checkpoint", tenant, run_id, step, node, data)
+        self._fence(run_id, token)
+        await self._write([record])
+
+    async def claim_run(self, tenant: str, run_id: str, owner: str) -> int:
+        """Claim a run for a new execution (a resume); returns its fencing token once the
+        claim is durable. From the moment of the call, writes under an older token are
+        refused, so every write of an earlier execution that the store accepted is in
+        ``run`` when this returns.
+
+        Raises:
+            NotFound: no such run for this tenant.
+            InvalidRequest: a bad owner.
+        """
+        _check_id("owner", owner)
+        records = self._runs.get(run_id)
+        if not records or records[0].tenant != tenant:
+            raise NotFound(f"run {run_id!r} not found")
+        token = next_token(self._claims.get(run_id, FIRST_TOKEN), self._claiming.get(run_id))
+        body = json.dumps({"owner": owner})
+        self._claiming[run_id] = token  # from now on, older tokens are refused
+        try:
+            await self._write([Record("claim", tenant, run_id, token, owner, body, time.time())])
+        finally:
+            if self._claiming.get(run_id) == token:
+                del self._claiming[run_id]
+        return token
+
+    def _fence(self, run_id: str, token: int | None) -> None:
+        if token is None:
+            return
+        current = self._claims.get(run_id, FIRST_TOKEN)
+        check_token(run_id, token, max(current, self._claiming.get(run_id, FIRST_TOKEN)))
 
     async def run(self, tenant: str, run_id: str) -> dict[str, Any]:
-        """A run's events and checkpoints, in order.
+        """A run's events (by seq) and checkpoints, the next free event seq
+        (``next_event_seq``) and the run's current fencing token (``token``).
 
         Raises:
             NotFound: no such run for this tenant.
@@ -194,13 +260,21 @@ class ContextStore:
         records = self._runs.get(run_id)
         if not records or records[0].tenant != tenant:
             raise NotFound(f"run {run_id!r} not found")
-        events = [json.loads(r.body) for r in records if r.kind == "run"]
+        # By seq, not by load order: a compacted log need not keep the order of appends.
+        events = [json.loads(r.body) for r in sorted(records, key=_seq) if r.kind == "run"]
         checkpoints = [
             {"step": r.seq, "node": r.name, **json.loads(r.body)}
             for r in records
             if r.kind == "checkpoint"
         ]
-        return {"run_id": run_id, "events": events, "checkpoints": checkpoints}
+        next_seq = max((r.seq for r in records if r.kind == "run"), default=-1) + 1
+        return {
+            "run_id": run_id,
+            "events": events,
+            "checkpoints": checkpoints,
+            "next_event_seq": next_seq,
+            "token": self._claims.get(run_id, FIRST_TOKEN),
+        }
 
     def _run_record(
         self, kind: str, tenant: str, run_id: str, seq: int, name: str, data: dict[str, Any]
@@ -653,6 +727,8 @@ class ContextStore:
             self._turns[(r.tenant, r.key)][r.seq] = r
         elif r.kind in ("run", "checkpoint"):
             self._runs[r.key].append(r)
+        elif r.kind == "claim":
+            self._claims[r.key] = max(self._claims.get(r.key, FIRST_TOKEN), r.seq)
         elif r.kind == "trace":
             self._index_trace(r)
         elif r.kind in lg_records.KINDS:

@@ -12,6 +12,15 @@ result is returned only once every checkpoint is durable. ``resume(run_id)`` reb
 state by replaying the checkpointed outputs through the pure step function and runs only
 what is left: a node whose checkpoint had not committed when the executor died runs again
 (at least once), a checkpointed one never does.
+
+Single flight: at most one execution of a run at any time. Within this executor, every
+caller that finds a run orphaned (``wait``, ``resume``, ``events``) shares one take-over,
+registered before its first await. Across executors, a take-over claims the run in the
+store first (``claim_run``, a fencing token) and every write carries the token: an
+execution that lost its claim has its next write refused (``Fenced``) and stops at once,
+without another model call or node. The time and tokens a run had spent come back with it
+(``core.runs.progress``): each model call's tokens are recorded as it ends, and every
+checkpoint says how long the run had been running.
 """
 
 from __future__ import annotations
@@ -31,7 +40,14 @@ import cloudpickle
 import ray
 from pydantic import BaseModel
 
-from airi_ray.core.errors import AiriError, InvalidRequest, NotFound, ReplicaUnavailable
+from airi_ray.core.claims import FIRST_TOKEN
+from airi_ray.core.errors import (
+    AiriError,
+    Fenced,
+    InvalidRequest,
+    NotFound,
+    ReplicaUnavailable,
+)
 from airi_ray.core.graph import CompiledGraph, Node, RunError, RunState
 from airi_ray.core.nodes import Features, ModelCall, PolicyCheck, Retrieve, calls_ahead
 from airi_ray.core.policy import PermissionDenied, allows
@@ -42,7 +58,14 @@ from airi_ray.core.requests import (
     parse_messages,
     structured_output,
 )
-from airi_ray.core.runs import RunLimits, RunOptions
+from airi_ray.core.runs import (
+    LIVE_STATUSES,
+    RunLimits,
+    RunOptions,
+    charged_event,
+    last_status,
+    progress,
+)
 from airi_ray.obs.tracing import tracing
 from airi_ray.runtime import cluster_kv
 from airi_ray.runtime.background import spawn
@@ -157,6 +180,8 @@ class _Run:
     node_calls: int = 0
     timings: list[dict[str, Any]] = field(default_factory=list)  # for the observer
     answered_by: tuple[str, str] | None = None  # the last generative call's model, version
+    token: int = FIRST_TOKEN  # this execution's fencing token (claim) on the run
+    fenced: Fenced | None = None  # set once a write was refused: another execution owns it
 
     def result(self) -> dict[str, Any]:
         return {
@@ -179,6 +204,10 @@ class GraphExecutor:
         self._graphs: dict[str, CompiledGraph] = {}
         self._ahead: dict[str, dict[str, int]] = {}
         self._runs: dict[str, _Run] = {}
+        # Take-overs of orphaned runs in progress, by (tenant, run id): one per run.
+        self._adopting: dict[tuple[str, str], asyncio.Task[_Run | dict[str, Any]]] = {}
+        self._owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._watching: set[asyncio.Task[None]] = set()  # watches of unawaited run writes
         self._calls: CallPath | None = None
         self._retriever: Retriever | None = None
         self._store = get_actor(CONTEXT_STORE_NAME)
@@ -239,7 +268,7 @@ class GraphExecutor:
         run_id = run_id or f"run-{uuid.uuid4().hex}"
         run = _Run(run_id, tenant, graph, inputs, opts, RunLimits(opts, time.monotonic()), state)
         event = {"status": "started", "graph": graph, "inputs": inputs, "options": vars(opts)}
-        started = self._store.run_event.remote(tenant, run_id, 0, event)
+        started = self._store.run_event.remote(tenant, run_id, 0, event, run.token)
         run.event_seq = 1
         # The first nodes run while the start commits (the store keeps the order of the
         # writes, so checkpoints land after it); the caller hears of the run once it is durable.
@@ -254,63 +283,50 @@ class GraphExecutor:
 
     async def resume(self, tenant: str, run_id: str) -> str:
         """Continue a run from its checkpoints (after the executor died); completed nodes are
-        not run again. A run that is still going here is left alone.
+        not run again. A run that is still going here is left alone, and concurrent
+        resumes of one run share one take-over.
 
         Raises:
             NotFound: no such run for this tenant.
+            InvalidRequest: the run has already ended.
         """
-        live = self._runs.get(run_id)
-        if live is not None and live.tenant == tenant and live.status == "running":
-            return run_id
-        record = await self._store.run.remote(tenant, run_id)
-        events = record["events"]
-        if events[-1]["status"] != "started" and events[-1]["status"] != "resumed":
-            raise InvalidRequest(
-                f"run {run_id!r} already {events[-1]['status']}; nothing to resume"
-            )
-        started = events[0]
-        g = await self._graph_for(tenant, started["graph"])
-        opts = RunOptions(**started["options"])
-        limits = RunLimits(opts, time.monotonic())
-        state = g.start(started["inputs"])
-        done = 0
-        for cp in sorted(record["checkpoints"], key=lambda c: c["step"]):
-            state = g.complete(state, cp["node"], cp["output"])
-            for model, tokens in cp.get("usage", {}).items():
-                limits.charge(model, tokens)
-            done += 1
-        run = _Run(run_id, tenant, started["graph"], started["inputs"], opts, limits, state)
-        run.event_seq = len(events) + 1
-        await self._store.run_event.remote(
-            tenant, run_id, len(events), {"status": "resumed", "replayed_nodes": done}
-        )
-        self._launch(run)
+        live = self._get(tenant, run_id)
+        if live is not None and live.status != "running":
+            raise InvalidRequest(f"run {run_id!r} already {live.status}; nothing to resume")
+        got = await self._adopt(tenant, run_id)
+        if isinstance(got, dict):
+            raise InvalidRequest(f"run {run_id!r} already {got['status']}; nothing to resume")
         return run_id
 
     async def wait(
         self, tenant: str, run_id: str, timeout_s: float | None = None
     ) -> dict[str, Any]:
         """The run's result once it ends (or as it stands after ``timeout_s``). A run left
-        unfinished by an executor that died is resumed first."""
-        run = self._get(tenant, run_id)
-        if run is None:
-            record = await self._store.run.remote(tenant, run_id)  # NotFound if none
-            last = record["events"][-1]
-            if last["status"] not in ("started", "resumed"):
-                return {"run_id": run_id, "status": last["status"], **last.get("result", {})}
-            # Orphaned by an executor that died: whoever waits for it brings it back.
-            await self.resume(tenant, run_id)
-            run = self._runs[run_id]
+        unfinished by an executor that died is resumed first (once, however many wait).
+
+        Raises:
+            NotFound: no such run for this tenant.
+            Fenced: another executor took the run over while this one ran it.
+        """
+        got = await self._adopt(tenant, run_id)
+        if isinstance(got, dict):
+            return got
+        run = got
         if run.task is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(run.task), timeout_s)
+        if run.fenced is not None:
+            raise run.fenced
         return run.result()
 
     async def events(self, tenant: str, run_id: str) -> AsyncIterator[dict[str, Any]]:
-        """The run's node events so far, then live ones until it ends (a Ray streaming call)."""
-        run = self._get(tenant, run_id)
-        if run is None:
-            raise NotFound(f"run {run_id!r} not found")
+        """The run's node events so far, then live ones until it ends (a Ray streaming call).
+        An orphaned run is resumed first; one that ended gives its end only."""
+        got = await self._adopt(tenant, run_id)
+        if isinstance(got, dict):
+            yield {"run_id": run_id, "type": "run_" + str(got["status"]), "result": got}
+            return
+        run = got
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         for e in run.events:
             queue.put_nowait(e)
@@ -324,6 +340,65 @@ class GraphExecutor:
         finally:
             if queue in run.listeners:
                 run.listeners.remove(queue)
+
+    async def _adopt(self, tenant: str, run_id: str) -> _Run | dict[str, Any]:
+        """The run as this executor holds it; an orphaned one taken over first, in one
+        take-over however many callers ask at once; or, for a run that has ended, its
+        recorded end.
+
+        Raises:
+            NotFound: no such run for this tenant.
+        """
+        run = self._get(tenant, run_id)
+        if run is not None:
+            return run
+        key = (tenant, run_id)
+        task = self._adopting.get(key)
+        if task is None:
+            # Registered before any await, so a second caller finds it. Spawned on its
+            # own: a caller that hangs up does not cancel the take-over the others await.
+            task = spawn(self._take_over(tenant, run_id))
+            self._adopting[key] = task
+
+            def done(t: asyncio.Task[Any], key: tuple[str, str] = key) -> None:
+                if self._adopting.get(key) is t:
+                    del self._adopting[key]
+                if not t.cancelled():
+                    t.exception()  # each caller hears of a failure; none is left unread
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _take_over(self, tenant: str, run_id: str) -> _Run | dict[str, Any]:
+        """Claim an orphaned run, rebuild its state from its record and run what is left."""
+        record = await self._store.run.remote(tenant, run_id)  # NotFound if none
+        if (ended := _ended(run_id, record)) is not None:
+            return ended
+        started = record["events"][0]
+        g = await self._graph_for(tenant, started["graph"])
+        token = await self._store.claim_run.remote(tenant, run_id, self._owner)
+        # Read again under the claim: every write the store took from an earlier
+        # execution is in it now, and any later one is refused.
+        record = await self._store.run.remote(tenant, run_id)
+        if (ended := _ended(run_id, record)) is not None:
+            return ended
+        opts = RunOptions(**started["options"])
+        state = g.start(started["inputs"])
+        checkpoints = sorted(record["checkpoints"], key=lambda c: c["step"])
+        for cp in checkpoints:
+            state = g.complete(state, cp["node"], cp["output"])
+        done = progress(record["events"], checkpoints)
+        limits = RunLimits.resumed(opts, time.monotonic(), done)
+        run = _Run(run_id, tenant, started["graph"], started["inputs"], opts, limits, state)
+        run.token = token
+        seq = int(record["next_event_seq"])
+        resumed = {"status": "resumed", "replayed_nodes": len(checkpoints), "token": token}
+        await self._store.run_event.remote(
+            tenant, run_id, seq, resumed | {"elapsed_s": done.elapsed_s}, token
+        )
+        run.event_seq = seq + 1
+        self._launch(run)
+        return run
 
     async def cancel(self, tenant: str, run_id: str) -> dict[str, Any]:
         """Stop a run; its in-flight model calls are aborted."""
@@ -395,13 +470,23 @@ class GraphExecutor:
                 err = e.exceptions[0] if isinstance(e, BaseExceptionGroup) else e
                 while isinstance(err, BaseExceptionGroup):
                     err = err.exceptions[0]
+                err = unwrap_error(err)
                 run.status = "failed"
+                if isinstance(err, Fenced) and run.fenced is None:
+                    run.fenced = err
                 if not isinstance(err, AiriError):
                     logger.exception("run %s failed", run.run_id, exc_info=err)
                     err = NodeFailed(f"{type(err).__name__}: {err}")
                 run.error = err.to_body()["error"]
             finally:
-                if run.status != "finished":
+                if run.fenced is not None:
+                    # Another execution owns the run now: record nothing (it would be
+                    # refused), and let the next caller here find it in the store.
+                    run.status = "failed"
+                    run.error = run.fenced.to_body()["error"]
+                    if self._runs.get(run.run_id) is run:
+                        del self._runs[run.run_id]
+                elif run.status != "finished":
                     self._record_end(run)
                 if span is not None:
                     span.set_attributes(
@@ -430,7 +515,35 @@ class GraphExecutor:
         """Send the run's end to the store. Not awaited: if it is lost, ``resume`` replays
         the checkpoints, finds nothing left to run and records the end then."""
         final = {"status": run.status, "result": run.result()}
-        self._store.run_event.remote(run.tenant, run.run_id, run.event_seq, final)
+        final["elapsed_s"] = run.limits.elapsed(time.monotonic())
+        self._store.run_event.remote(run.tenant, run.run_id, run.event_seq, final, run.token)
+
+    def _send(self, run: _Run, ref: Any) -> None:
+        """Keep a write of the run that is not awaited here (the run awaits them all before
+        it returns), and watch it: a refused write (``Fenced``) stops the run at once."""
+        run.checkpoints.append(ref)
+        watch = spawn(self._watch(run, ref))
+        self._watching.add(watch)  # held: the loop keeps only weak references to tasks
+        watch.add_done_callback(self._watching.discard)
+
+    async def _watch(self, run: _Run, ref: Any) -> None:
+        try:
+            await ref
+        except Exception as e:  # other failures reach the run when it awaits its writes
+            err = unwrap_error(e)
+            if isinstance(err, Fenced) and run.fenced is None:
+                logger.warning("run %s: %s", run.run_id, err.message)
+                run.fenced = err
+                if run.task is not None and not run.task.done():
+                    run.task.cancel()
+
+    def _charge(self, run: _Run, node: str, model: str, tokens: int) -> None:
+        """Count a call's tokens against the run and record them, so a resume counts the
+        calls of a node interrupted before its checkpoint too."""
+        run.limits.charge(model, tokens)
+        event = charged_event(model, tokens, run.limits.elapsed(time.monotonic()), node)
+        seq, run.event_seq = run.event_seq, run.event_seq + 1
+        self._send(run, self._store.run_event.remote(run.tenant, run.run_id, seq, event, run.token))
 
     async def _run_node(self, run: _Run, g: CompiledGraph, node: Node, step: int) -> None:
         attrs = {"airi.node": node.name, "airi.step": step}
@@ -446,6 +559,8 @@ class GraphExecutor:
 
     async def _node(self, run: _Run, g: CompiledGraph, node: Node, step: int) -> None:
         assert run.state is not None
+        if run.fenced is not None:  # another execution owns the run: run nothing more
+            raise run.fenced
         view = g.view(run.state, node.name)
         self._emit(run, {"type": "node_started", "node": node.name, "step": step})
         start = time.perf_counter()
@@ -481,8 +596,10 @@ class GraphExecutor:
         }
         ms = (time.perf_counter() - start) * 1000
         body = {"output": writes, "usage": usage, "ms": ms, "attempts": attempt}
-        run.checkpoints.append(
-            self._store.checkpoint.remote(run.tenant, run.run_id, step, node.name, body)
+        body["elapsed_s"] = run.limits.elapsed(time.monotonic())
+        self._send(
+            run,
+            self._store.checkpoint.remote(run.tenant, run.run_id, step, node.name, body, run.token),
         )
         self._emit(
             run,
@@ -537,13 +654,15 @@ class GraphExecutor:
             call.filter,
             call.mmr_lambda,
             options,
-            charge=run.limits.charge,
+            charge=lambda model, tokens: self._charge(run, node, model, tokens),
         )
         return {call.output: hits}
 
     def _call_options(self, run: _Run, node: str, session_id: str | None = None) -> CallOptions:
         """A call's options under the run's identity; raises if the run may not call more
         (budget spent, deadline passed)."""
+        if run.fenced is not None:  # another execution owns the run: no more calls
+            raise run.fenced
         now = time.monotonic()
         run.limits.check(now)
         ahead = self._ahead.get(run.graph, {}).get(node, 0)
@@ -567,7 +686,7 @@ class GraphExecutor:
         if call.kind == "embed":
             texts = [payload] if isinstance(payload, str) else list(payload)
             vectors, usage = await path.embed(call.model, texts, run.tenant, options)
-            run.limits.charge(call.model, usage.prompt_tokens)
+            self._charge(run, node, call.model, usage.prompt_tokens)
             return {call.output: vectors} | (
                 {call.usage: {"prompt_tokens": usage.prompt_tokens}} if call.usage else {}
             )
@@ -598,7 +717,7 @@ class GraphExecutor:
             text = "".join([t async for t, _, _ in stream])
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
-            run.limits.charge(call.model, u.prompt_tokens + u.completion_tokens)
+            self._charge(run, node, call.model, u.prompt_tokens + u.completion_tokens)
         if "version" in u.extra:
             run.answered_by = (call.model, u.extra["version"])
         out: dict[str, Any] = {call.output: text if read is None else _parsed(read, text, u)}
@@ -609,6 +728,14 @@ class GraphExecutor:
                 "finish_reason": u.finish_reason,
             }
         return out
+
+
+def _ended(run_id: str, record: dict[str, Any]) -> dict[str, Any] | None:
+    """A run's recorded end (its result), or None while the record says it may still run."""
+    last = last_status(record["events"])
+    if last["status"] in LIVE_STATUSES:
+        return None
+    return {"run_id": run_id, "status": last["status"]} | dict(last.get("result", {}))
 
 
 def _parsed(read: Callable[[str], Any], text: str, usage: Usage) -> Any:

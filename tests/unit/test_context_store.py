@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from airi_ray.core.errors import Conflict, InvalidRequest, NotFound
+from airi_ray.core.errors import Conflict, Fenced, InvalidRequest, NotFound
 from airi_ray.data.records import LanceRecordLog, MemoryRecordLog, RecordLog
 from airi_ray.runtime.context_store import ContextStore
 
@@ -101,6 +101,69 @@ def test_run_events_and_checkpoints(make_log: Any) -> None:
         (0, "a", {"x": 1}),
         (1, "b", {"y": 2}),
     ]
+
+
+def test_a_claim_fences_the_earlier_execution_and_survives_a_restart(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+    run(store.run_event("t1", "r1", 0, {"status": "started"}, token=0))
+    run(store.checkpoint("t1", "r1", 0, "a", {"output": {"x": 1}}, token=0))
+    assert run(store.claim_run("t1", "r1", "executor-2")) == 1
+    with pytest.raises(Fenced, match="claimed by another execution"):
+        run(store.checkpoint("t1", "r1", 1, "b", {"output": {"y": 2}}, token=0))
+    with pytest.raises(Fenced):
+        run(store.run_event("t1", "r1", 1, {"status": "finished"}, token=0))
+    run(store.checkpoint("t1", "r1", 1, "b", {"output": {"y": 3}}, token=1))
+    restarted = ContextStore(log=make_log())
+    got = run(restarted.run("t1", "r1"))
+    assert got["token"] == 1 and got["next_event_seq"] == 1
+    assert [c["output"] for c in got["checkpoints"]] == [{"x": 1}, {"y": 3}]
+    with pytest.raises(Fenced):  # the token is rebuilt from the log
+        run(restarted.run_event("t1", "r1", 1, {"status": "finished"}, token=0))
+    assert run(restarted.claim_run("t1", "r1", "executor-3")) == 2
+
+
+def test_concurrent_claims_get_different_tokens_and_only_the_newest_writes(
+    make_log: Any,
+) -> None:
+    store = ContextStore(log=make_log())
+    run(store.run_event("t1", "r1", 0, {"status": "started"}))
+
+    async def race() -> list[int]:
+        return list(await asyncio.gather(*[store.claim_run("t1", "r1", f"e{i}") for i in range(8)]))
+
+    tokens = run(race())
+    assert sorted(tokens) == list(range(1, 9))
+    for stale in range(1, 8):
+        with pytest.raises(Fenced):
+            run(store.run_event("t1", "r1", 1, {"status": "resumed"}, token=stale))
+    run(store.run_event("t1", "r1", 1, {"status": "resumed"}, token=8))
+
+
+def test_a_write_during_a_claim_commit_is_fenced() -> None:
+    store = ContextStore(log=MemoryRecordLog())
+    run(store.run_event("t1", "r1", 0, {"status": "started"}))
+
+    async def claim_then_stale_write() -> None:
+        claim = asyncio.ensure_future(store.claim_run("t1", "r1", "e1"))
+        await asyncio.sleep(0)  # the claim is queued, not yet committed
+        with pytest.raises(Fenced):
+            await store.checkpoint("t1", "r1", 0, "a", {"output": {}}, token=0)
+        assert await claim == 1
+
+    run(claim_then_stale_write())
+
+
+def test_claims_are_checked(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+    run(store.run_event("t1", "r1", 0, {"status": "started"}))
+    with pytest.raises(NotFound, match="'r1' not found"):
+        run(store.claim_run("t2", "r1", "e1"))
+    with pytest.raises(NotFound, match="'r9' not found"):
+        run(store.claim_run("t1", "r9", "e1"))
+    with pytest.raises(InvalidRequest, match="owner must be a string"):
+        run(store.claim_run("t1", "r1", ""))
+    with pytest.raises(InvalidRequest, match="never issued"):
+        run(store.run_event("t1", "r1", 1, {"status": "x"}, token=5))
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,15 @@ import pytest
 from airi_ray.core.errors import InvalidRequest
 from airi_ray.core.graph import END, START, Field, StateGraph
 from airi_ray.core.nodes import ModelCall, calls_ahead
-from airi_ray.core.runs import RunBudgetExceeded, RunDeadlineExceeded, RunLimits, RunOptions
+from airi_ray.core.runs import (
+    RunBudgetExceeded,
+    RunDeadlineExceeded,
+    RunLimits,
+    RunOptions,
+    charged_event,
+    last_status,
+    progress,
+)
 
 
 def test_the_budget_caps_each_call_and_stops_the_run() -> None:
@@ -74,3 +82,51 @@ def test_calls_ahead_counts_model_calls_on_the_longest_path() -> None:
     g.add_edge("answer", END)
     ahead = calls_ahead(g.compile())
     assert ahead == {"intent": 2, "tool": 2, "draft": 1, "answer": 0}
+
+
+# -- what carries across a resume ----------------------------------------------------------
+
+
+def test_a_resumed_run_keeps_its_spent_time_against_the_deadline() -> None:
+    options = RunOptions(deadline_s=50.0)
+    done = progress([{"status": "started"}], [{"step": 0, "node": "a", "elapsed_s": 40.0}])
+    limits = RunLimits.resumed(options, now=1000.0, progress=done)
+    assert limits.elapsed(1000.0) == 40.0 and limits.elapsed(1005.0) == 45.0
+    assert limits.call_deadline_s(1005.0, calls_ahead=0) == pytest.approx(5.0)
+    limits.check(now=1009.0)
+    with pytest.raises(RunDeadlineExceeded):
+        limits.check(now=1010.0)
+    with pytest.raises(RunDeadlineExceeded):
+        limits.call_deadline_s(1010.0, calls_ahead=1)
+
+
+def test_a_resumed_run_keeps_its_spent_tokens_including_an_interrupted_node() -> None:
+    events = [
+        {"status": "started"},
+        charged_event("m", 30, 1.0, "a"),
+        charged_event("m", 25, 2.0, "b"),  # b was interrupted before its checkpoint
+        charged_event("e", 5, 2.5, "b"),
+    ]
+    checkpoints = [{"step": 0, "node": "a", "usage": {"m": 30}, "elapsed_s": 1.5}]
+    done = progress(events, checkpoints)
+    assert dict(done.per_model) == {"m": 55, "e": 5} and done.calls == 3
+    assert done.elapsed_s == 2.5
+    limits = RunLimits.resumed(RunOptions(token_budget=70), now=0.0, progress=done)
+    assert limits.spent == 60 and limits.remaining == 10 and limits.calls == 3
+    with pytest.raises(RunBudgetExceeded, match="has 10 left"):
+        limits.max_tokens(prompt_tokens=10, wanted=8)
+
+
+def test_a_run_recorded_without_charges_counts_its_checkpoints() -> None:
+    checkpoints = [{"usage": {"m": 30}}, {"usage": {"m": 10, "e": 2}}, {"usage": {}}]
+    done = progress([{"status": "started"}], checkpoints)
+    assert dict(done.per_model) == {"m": 40, "e": 2} and done.calls == 3
+    assert done.elapsed_s == 0.0
+
+
+def test_the_last_status_skips_the_charges() -> None:
+    events = [{"status": "started"}, charged_event("m", 1, 0.1, "a"), {"status": "resumed"}]
+    assert last_status([*events, charged_event("m", 1, 0.2, "b")]) == {"status": "resumed"}
+    assert last_status([*events, {"status": "finished"}])["status"] == "finished"
+    with pytest.raises(ValueError, match="no recorded start"):
+        last_status([charged_event("m", 1, 0.1, "a")])
