@@ -261,11 +261,17 @@ class AsyncClient:
     # -- conversations -------------------------------------------------------------------
 
     async def append_turns(
-        self, conversation_id: str, turns: list[dict[str, Any]], tenant: str | None = None
+        self,
+        conversation_id: str,
+        turns: list[dict[str, Any]],
+        tenant: str | None = None,
+        request_id: str | None = None,
     ) -> list[int]:
-        """Append ``{"role", "content", "seq"?}`` turns durably; returns their numbers."""
+        """Append ``{"role", "content", "seq"?}`` turns durably, as the tenant's input
+        filters pass them; returns their numbers. A retry with the same ``request_id``
+        appends nothing more and returns the first append's numbers."""
         tenant = await self._tenant(tenant)
-        return await self.backend.append_turns(conversation_id, turns, tenant)
+        return await self.backend.append_turns(conversation_id, turns, tenant, request_id)
 
     async def conversation(
         self, conversation_id: str, tenant: str | None = None, last: int | None = None
@@ -333,6 +339,8 @@ class Client:
 
     def chat(self, model: str, messages: Any, *, stream: bool = False, **params: Any) -> Any:
         """Chat with ``model``. ``messages``: a string or OpenAI-style messages.
+        ``conversation_id=...`` stores the exchange (as the tenant's filters passed it) and
+        puts the earlier turns first; ``idempotency_key=...`` makes a retry store it once.
 
         Returns a ``Completion``, or with ``stream=True`` an iterator of text pieces.
         Raises ``InvalidRequest``, ``ModelNotFound``, ``AuthenticationError``, ... (airi_ray.core.errors).
@@ -470,8 +478,11 @@ class Client:
         """Each entity's features now (or as of ``as_of``), by entity id."""
         return self._run(self.aio.features(view, entity_ids, as_of))
 
-    def append_turns(self, conversation_id: str, turns: list[dict[str, Any]]) -> list[int]:
-        return self._run(self.aio.append_turns(conversation_id, turns))
+    def append_turns(
+        self, conversation_id: str, turns: list[dict[str, Any]], request_id: str | None = None
+    ) -> list[int]:
+        """Append turns (as the tenant's input filters pass them); see ``AsyncClient``."""
+        return self._run(self.aio.append_turns(conversation_id, turns, request_id=request_id))
 
     def conversation(self, conversation_id: str, last: int | None = None) -> list[dict[str, Any]]:
         return self._run(self.aio.conversation(conversation_id, last=last))

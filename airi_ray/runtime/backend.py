@@ -26,7 +26,7 @@ from airi_ray.config import ANONYMOUS_TENANT
 from airi_ray.core.context import build_context
 from airi_ray.core.errors import AuthenticationError, InvalidRequest, NotFound, ReplicaUnavailable
 from airi_ray.core.graph import CompiledGraph
-from airi_ray.core.policy import KeyRecord, KeyRing
+from airi_ray.core.policy import KeyRecord, KeyRing, filter_turns
 from airi_ray.core.requests import (
     CallOptions,
     ChatMessage,
@@ -65,8 +65,6 @@ class Completion:
 
 
 OPTION_NAMES = ("priority", "deadline_s", "session_id")
-# How a stored turn passes the input filters: tool output as a document, the rest as prompt.
-_WHERE = {"tool": "document"}
 
 
 def _options(kwargs: dict[str, Any]) -> CallOptions:
@@ -158,15 +156,24 @@ class Backend:
         tenant: str,
         conversation_id: str | None = None,
         tools: list[dict[str, Any]] | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> Generation:
         """Start a chat generation; iterate the result for ``(text, n_tokens, finish)``.
 
         With ``conversation_id``, the conversation's earlier turns (those that fit the
         model's window, newest first) go before ``messages``, and once the answer is
-        complete the new messages and the answer are appended to the conversation.
-        ``tools`` (OpenAI function tools) are shown to the model by its chat template.
+        complete the new messages and the answer are appended to the conversation, as
+        the tenant's input filters passed them to the model. ``idempotency_key`` names the
+        request: a retry with the same key appends nothing more (the model still answers
+        it; the stored exchange is the first one's). ``tools`` (OpenAI function tools) are
+        shown to the model by its chat template.
+
+        Raises:
+            InvalidRequest: a bad ``idempotency_key`` (1 to 256 characters).
         """
+        if idempotency_key is not None:
+            idempotency_key = check_idempotency_key(idempotency_key)
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         options = _options(params)
@@ -179,7 +186,9 @@ class Backend:
         g = await self._path.chat(
             model, parse_messages(window), gen_params, tenant, options, tools=tools
         )
-        g._stream = self._remember(g.__aiter__(), tenant, model, conversation_id, new_turns)
+        g._stream = self._remember(
+            g.__aiter__(), tenant, model, conversation_id, new_turns, idempotency_key
+        )
         return g
 
     async def _window(
@@ -217,25 +226,22 @@ class Backend:
         model: str,
         conversation_id: str,
         new_turns: list[dict[str, str]],
+        request_id: str | None,
     ) -> AsyncIterator[tuple[str, int, str | None]]:
         """Pass a generation through; once it is complete, store the turns durably, as the
-        model saw them (what the tenant's filters redacted stays redacted in the store)."""
+        model saw them (what the tenant's filters redacted stays redacted in the store;
+        the answer passed the output filters as it streamed)."""
         parts: list[str] = []
         try:
             async for text, n, finish in inner:
                 parts.append(text)
                 if finish is not None:
-                    stored = [
-                        t
-                        | {
-                            "content": await self._path.redacted(
-                                tenant, model, t["content"], _WHERE.get(t["role"], "prompt")
-                            )
-                        }
-                        for t in new_turns
-                    ]
+                    filters = await self._path.input_filters(tenant, model)
                     answer = {"role": "assistant", "content": "".join(parts)}
-                    await self.append_turns(conversation_id, [*stored, answer], tenant)
+                    turns = [*filter_turns(filters, new_turns), answer]
+                    store = get_actor(CONTEXT_STORE_NAME)
+                    ref = store.append_turns.remote(tenant, conversation_id, turns, request_id)
+                    await _ask(ref)
                 yield text, n, finish
         finally:
             await inner.aclose()  # type: ignore[attr-defined]
@@ -403,11 +409,31 @@ class Backend:
     # -- conversations -------------------------------------------------------------------
 
     async def append_turns(
-        self, conversation_id: str, turns: list[dict[str, Any]], tenant: str
+        self,
+        conversation_id: str,
+        turns: list[dict[str, Any]],
+        tenant: str,
+        request_id: str | None = None,
     ) -> list[int]:
-        """Append ``{"role", "content", "seq"?}`` turns durably; returns their numbers."""
+        """Append ``{"role", "content", "seq"?}`` turns durably; returns their numbers.
+
+        The turns pass the tenant's input filters first (whichever models they cover: any
+        model may read the conversation later), so what they redact is never stored in
+        clear. ``request_id``: a retry with the same id appends nothing more and returns
+        the first append's numbers.
+
+        Raises:
+            ContentBlocked: a blocking filter matched a turn. InvalidRequest: a bad turn
+            or id. Conflict: a ``seq`` or ``request_id`` already used for other turns.
+        """
+        if not isinstance(turns, list):
+            raise InvalidRequest("turns must be a list of {role, content} objects")
+        if request_id is not None:
+            request_id = check_idempotency_key(request_id, "request_id")
+        turns = filter_turns(await self._path.input_filters(tenant, None), turns)
         store = get_actor(CONTEXT_STORE_NAME)
-        return list(await _ask(store.append_turns.remote(tenant, conversation_id, turns)))
+        ref = store.append_turns.remote(tenant, conversation_id, turns, request_id)
+        return list(await _ask(ref))
 
     async def conversation(
         self, conversation_id: str, tenant: str, last: int | None = None
@@ -502,6 +528,23 @@ def _close_backend(loop: asyncio.AbstractEventLoop, thread: threading.Thread, ba
         except Exception:  # closing is best effort: the scheduler times out silent callers
             pass
         thread.join(timeout=5)
+
+
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+
+
+def check_idempotency_key(value: Any, what: str = "the Idempotency-Key") -> str:
+    """A request's idempotency key as given, or InvalidRequest naming what is allowed."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_IDEMPOTENCY_KEY_CHARS
+        or not value.isprintable()
+    ):
+        raise InvalidRequest(
+            f"{what} must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters "
+            "(a UUID, say), the same on every retry of one request"
+        )
+    return value
 
 
 def request_key(id: str) -> str:

@@ -490,6 +490,9 @@ class Ingress:
                 "a stored conversation keeps one answer: with conversation_id, n must be 1"
             )
         options = {"priority": body.priority, "session_id": body.session_id}
+        # A client's retry resends its Idempotency-Key: the conversation stores the exchange
+        # once. (The openai Python client sends none by itself: pass extra_headers.)
+        key = request.headers.get("idempotency-key")
         gens = []
         try:
             for j in range(n):
@@ -499,6 +502,7 @@ class Ingress:
                         body.messages,
                         tenant,
                         conversation_id=body.conversation_id,
+                        idempotency_key=key,
                         tools=plan.tools or None,
                         **protocol.choice_params(params, j).to_dict(),
                         **options,
