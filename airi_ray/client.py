@@ -240,10 +240,11 @@ class AsyncClient:
     async def push_events(
         self, view: str, events: list[dict[str, Any]], tenant: str | None = None
     ) -> int:
-        """Store a batch of events for a feature view (all or nothing); returns how many."""
-        if tenant is None:  # authenticate; the views themselves belong to the app
-            await self.backend.tenant_for(self.api_key)
-        return await self.backend.push_events(view, events)
+        """Store a batch of events for a feature view (all or nothing) as the tenant's;
+        returns how many. Each tenant has its own events unless the view's ``tenants``
+        share them; give events an ``event_id`` and a retried push counts once."""
+        tenant = await self._tenant(tenant)
+        return await self.backend.push_events(view, events, tenant)
 
     async def features(
         self,
@@ -252,11 +253,11 @@ class AsyncClient:
         as_of: float | None = None,
         tenant: str | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """Each entity's features now (or as of ``as_of``, epoch seconds), by entity id.
-        Feature views belong to the app: any authenticated tenant may read them."""
-        if tenant is None:  # authenticate; the views themselves belong to the app
-            await self.backend.tenant_for(self.api_key)
-        return await self.backend.features(view, entity_ids, as_of)
+        """Each entity's features now (or as of ``as_of``, epoch seconds), by entity id,
+        from the tenant's own events (or those of a view its tenant shares; another
+        tenant's shared view answers PermissionDenied)."""
+        tenant = await self._tenant(tenant)
+        return await self.backend.features(view, entity_ids, tenant, as_of)
 
     # -- conversations -------------------------------------------------------------------
 
@@ -469,7 +470,8 @@ class Client:
         return self._run(self.aio.retrieve(collection, query, k, **options))
 
     def push_events(self, view: str, events: list[dict[str, Any]]) -> int:
-        """Store a batch of events for a feature view (all or nothing)."""
+        """Store a batch of events for a feature view (all or nothing), as the key's
+        tenant's; events with an ``event_id`` count once however often they are pushed."""
         return self._run(self.aio.push_events(view, events))
 
     def features(

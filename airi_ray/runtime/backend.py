@@ -77,8 +77,8 @@ class Backend:
     tenant it is given; bind to one event loop (create it inside that loop).
 
     Calls that concern the app rather than a tenant (graph and collection listings,
-    feature views, alerts, quality signals) take none: whoever serves them to a caller
-    authenticates the caller first.
+    alerts, quality signals) take none: whoever serves them to a caller authenticates the
+    caller first.
     """
 
     def __init__(self) -> None:
@@ -394,17 +394,27 @@ class Backend:
 
     # -- features ------------------------------------------------------------------------
 
-    async def push_events(self, view: str, events: list[dict[str, Any]]) -> int:
-        """Store a batch of events for a feature view (all or nothing); returns how many.
-        Feature views belong to the app, not to a tenant."""
-        return int(await _ask(_feature_server().push.remote(view, events)))
+    async def push_events(self, view: str, events: list[dict[str, Any]], tenant: str) -> int:
+        """Store a batch of events for a feature view as the tenant's (all or nothing);
+        returns how many. A view's events are each tenant's own unless its ``tenants``
+        share them; an event's optional ``event_id`` makes a retried push count once.
+
+        Raises:
+            PermissionDenied: the view is shared by other tenants only.
+        """
+        return int(await _ask(_feature_server().push.remote(tenant, view, events)))
 
     async def features(
-        self, view: str, entity_ids: list[Any], as_of: float | None = None
+        self, view: str, entity_ids: list[Any], tenant: str, as_of: float | None = None
     ) -> dict[str, dict[str, Any]]:
-        """Each entity's features now (or as of ``as_of``, epoch seconds), by entity id.
-        Feature views belong to the app: any authenticated tenant may read them."""
-        return dict(await _ask(_feature_server().get.remote(view, entity_ids, as_of)))
+        """Each entity's features now (or as of ``as_of``, epoch seconds), by entity id,
+        from the events the tenant may see: its own, or those of a view it shares.
+
+        Raises:
+            PermissionDenied: the view is shared by other tenants only.
+        """
+        ref = _feature_server().get.remote(tenant, view, entity_ids, as_of)
+        return dict(await _ask(ref))
 
     # -- conversations -------------------------------------------------------------------
 

@@ -515,7 +515,8 @@ class GraphExecutor:
             for _ in range(READ_RETRIES):  # a lookup is safe to repeat while the server restarts
                 try:
                     server = get_actor(FEATURE_SERVER_NAME)
-                    return {action.output: await server.get.remote(action.view, entities)}
+                    found = await server.get.remote(run.tenant, action.view, entities)
+                    return {action.output: found}
                 except ray.exceptions.ActorUnavailableError:
                     await asyncio.sleep(0.2)
             raise ReplicaUnavailable("the feature server is restarting; retry shortly")

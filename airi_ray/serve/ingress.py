@@ -612,7 +612,7 @@ class Ingress:
         ),
     )
     async def get_features(self, view: str, request: Request) -> dict[str, Any]:
-        await self._tenant(request)  # authenticate; feature views belong to the app
+        tenant = await self._tenant(request)
         ids = request.query_params.getlist("entity_id")
         raw = request.query_params.get("as_of")
         try:
@@ -621,14 +621,14 @@ class Ingress:
             raise InvalidRequest(f"as_of must be epoch seconds, got {raw!r}") from None
         if not ids:
             raise InvalidRequest("give one or more entity ids as ?entity_id=...&entity_id=...")
-        found = await self.backend.features(view, ids, as_of)
+        found = await self.backend.features(view, ids, tenant, as_of)
         return {"object": "features", "view": view, "as_of": as_of, "data": found}
 
     @app.post("/v1/features/{view}/events", openapi_extra=json_body(FeatureEventsRequest))
     async def push_events(self, view: str, request: Request) -> dict[str, Any]:
-        await self._tenant(request)  # authenticate; feature views belong to the app
+        tenant = await self._tenant(request)
         body: FeatureEventsRequest = await self._body(request, FeatureEventsRequest)
-        accepted = await self.backend.push_events(view, body.events)
+        accepted = await self.backend.push_events(view, body.events, tenant)
         return {"view": view, "accepted": accepted}
 
     # -- observability -------------------------------------------------------------------
