@@ -182,7 +182,9 @@ class Backend:
         if conversation_id is None:
             return await self._path.chat(model, parsed, gen_params, tenant, options, tools=tools)
         new_turns = [{"role": m.role, "content": m.content} for m in parsed if m.role != "system"]
-        window = await self._window(model, tenant, conversation_id, parsed, gen_params)
+        window = await self._window(
+            model, tenant, conversation_id, parsed, gen_params, idempotency_key
+        )
         g = await self._path.chat(
             model, parse_messages(window), gen_params, tenant, options, tools=tools
         )
@@ -198,14 +200,19 @@ class Backend:
         conversation_id: str,
         messages: list[ChatMessage],
         params: GenerationParams,
+        request_id: str | None = None,
     ) -> list[dict[str, str]]:
-        """The conversation so far plus ``messages``, cut to what fits the model's window."""
+        """The conversation so far plus ``messages``, cut to what fits the model's window.
+        A retried request's own turns (stored by its first attempt) are left out: the
+        model reads the exchange once."""
         info = await self._path.model(model, "generate")
         assert info.max_model_len is not None
         try:
             history = await self.conversation(conversation_id, tenant)
         except NotFound:
             history = []
+        if request_id is not None:
+            history = [t for t in history if t.get("request_id") != request_id]
         system = "\n".join(m.content for m in messages if m.role == "system")
         turns = [{"role": t["role"], "content": t["content"]} for t in history]
         turns += [{"role": m.role, "content": m.content} for m in messages if m.role != "system"]

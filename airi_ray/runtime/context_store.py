@@ -181,7 +181,8 @@ class ContextStore:
     async def conversation(
         self, tenant: str, conversation_id: str, last: int | None = None
     ) -> list[dict[str, Any]]:
-        """The conversation's turns in order (the ``last`` ones only, if given).
+        """The conversation's turns in order (the ``last`` ones only, if given): ``seq``,
+        ``role``, ``content``, ``at`` and, for turns appended with one, ``request_id``.
 
         Raises:
             NotFound: no such conversation for this tenant.
@@ -189,10 +190,13 @@ class ContextStore:
         turns = self._turns.get((tenant, conversation_id))
         if not turns:
             raise NotFound(f"conversation {conversation_id!r} not found")
-        out = [
-            {"seq": r.seq, "role": r.name, "content": json.loads(r.body)["content"], "at": r.at}
-            for r in sorted(turns.values(), key=lambda r: r.seq)
-        ]
+        out = []
+        for r in sorted(turns.values(), key=lambda r: r.seq):
+            body = json.loads(r.body)
+            turn = {"seq": r.seq, "role": r.name, "content": body["content"], "at": r.at}
+            if "request_id" in body:
+                turn["request_id"] = body["request_id"]
+            out.append(turn)
         return out[-last:] if last else out
 
     def _next_seq(self, tenant: str, conversation_id: str) -> int:

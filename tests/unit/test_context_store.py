@@ -68,7 +68,7 @@ def test_a_retried_request_appends_its_turns_once(make_log: Any) -> None:
     assert run(restarted.append_turns("t1", "c1", retry, request_id="idem-1")) == [0, 1]
     turns = run(restarted.conversation("t1", "c1"))
     assert [t["content"] for t in turns] == ["where is my order?", "on its way"] * 2
-    assert "request_id" not in turns[0]
+    assert [t.get("request_id") for t in turns] == ["idem-1"] * 2 + ["idem-2"] * 2
     # The request id is the tenant's and the conversation's: elsewhere it is new.
     assert run(restarted.append_turns("t2", "c1", first, request_id="idem-1")) == [0, 1]
     assert run(restarted.append_turns("t1", "c2", first, request_id="idem-1")) == [0, 1]
