@@ -134,3 +134,24 @@ def test_metrics_are_labelled_by_model_and_tenant(oai, airi_app) -> None:
         "airi_http_responses_total",
     ):
         assert needle in text, needle
+
+
+def test_a_retried_chat_with_one_idempotency_key_stores_the_exchange_once(oai, client) -> None:
+    """The openai client resends its extra headers on every retry: a chat with a
+    conversation_id and an Idempotency-Key, sent twice, is stored once."""
+    import time
+
+    conversation = f"conv-oai-{time.time_ns()}"
+    args = dict(
+        model="tiny-chat",
+        messages=CHAT,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"conversation_id": conversation},
+        extra_headers={"Idempotency-Key": f"oai-{time.time_ns()}"},
+    )
+    first = oai.chat.completions.create(**args)
+    oai.chat.completions.create(**args)
+    turns = client.conversation(conversation)
+    assert [t["role"] for t in turns] == ["user", "assistant"]
+    assert turns[1]["content"] == first.choices[0].message.content
