@@ -14,8 +14,9 @@ import atexit
 import sys
 import threading
 import time
+import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,13 @@ from typing import Any
 import ray
 
 from airi_ray.config import ANONYMOUS_TENANT
-from airi_ray.core.context import build_context
-from airi_ray.core.errors import AuthenticationError, InvalidRequest, NotFound, ReplicaUnavailable
+from airi_ray.core.context import build_context, retried
+from airi_ray.core.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    NotFound,
+    ReplicaUnavailable,
+)
 from airi_ray.core.graph import CompiledGraph
 from airi_ray.core.policy import KeyRecord, KeyRing, filter_turns
 from airi_ray.core.requests import (
@@ -165,12 +171,15 @@ class Backend:
         model's window, newest first) go before ``messages``, and once the answer is
         complete the new messages and the answer are appended to the conversation, as
         the tenant's input filters passed them to the model. ``idempotency_key`` names the
-        request: a retry with the same key appends nothing more (the model still answers
-        it; the stored exchange is the first one's). ``tools`` (OpenAI function tools) are
-        shown to the model by its chat template.
+        request: a retry with the same key appends nothing more; once the first attempt's
+        answer is stored, the retry gets that answer without running the model again
+        (unless it asks for logprobs, which are not stored: then the model answers again
+        and the stored exchange stays the first one's). ``tools`` (OpenAI function tools)
+        are shown to the model by its chat template.
 
         Raises:
             InvalidRequest: a bad ``idempotency_key`` (1 to 256 characters).
+            Conflict: the key was used for other messages in this conversation.
         """
         if idempotency_key is not None:
             idempotency_key = check_idempotency_key(idempotency_key)
@@ -182,9 +191,21 @@ class Backend:
         if conversation_id is None:
             return await self._path.chat(model, parsed, gen_params, tenant, options, tools=tools)
         new_turns = [{"role": m.role, "content": m.content} for m in parsed if m.role != "system"]
-        window = await self._window(
-            model, tenant, conversation_id, parsed, gen_params, idempotency_key
-        )
+        try:
+            history = await self.conversation(conversation_id, tenant)
+        except NotFound:
+            history = []
+        if idempotency_key is not None and any(
+            t.get("request_id") == idempotency_key for t in history
+        ):
+            # A retry: its first attempt's turns stay out of the window, and a stored
+            # answer is the retry's answer (logprobs are not stored: those ask again).
+            asked = filter_turns(await self._path.input_filters(tenant, model), new_turns)
+            retry = retried(history, idempotency_key, asked)
+            history = retry.history
+            if retry.answer is not None and not gen_params.extra.get("logprobs"):
+                return await self._replay(model, tenant, retry.answer)
+        window = await self._window(model, history, parsed, gen_params)
         g = await self._path.chat(
             model, parse_messages(window), gen_params, tenant, options, tools=tools
         )
@@ -193,26 +214,30 @@ class Backend:
         )
         return g
 
+    async def _replay(self, model: str, tenant: str, answer: Mapping[str, Any]) -> Generation:
+        """The stored answer of a request answered already (a client's retry whose first
+        attempt completed), as a generation, without a model call: nothing is charged to
+        the tenant but its right to call the model is checked again."""
+        info = await self._path.model(model, "generate", tenant)
+        n = len(info.tokenizer.encode(answer["content"], add_special_tokens=False))
+        finish = answer.get("finish_reason") or "stop"
+        usage = Usage(completion_tokens=n, finish_reason=finish, extra={"replayed": True})
+
+        async def stream() -> AsyncIterator[tuple[str, int, str | None]]:
+            yield answer["content"], n, finish
+
+        return Generation(f"req-{uuid.uuid4().hex}", info.name, usage, _stream=stream())
+
     async def _window(
         self,
         model: str,
-        tenant: str,
-        conversation_id: str,
+        history: Sequence[Mapping[str, Any]],
         messages: list[ChatMessage],
         params: GenerationParams,
-        request_id: str | None = None,
     ) -> list[dict[str, str]]:
-        """The conversation so far plus ``messages``, cut to what fits the model's window.
-        A retried request's own turns (stored by its first attempt) are left out: the
-        model reads the exchange once."""
+        """The conversation so far plus ``messages``, cut to what fits the model's window."""
         info = await self._path.model(model, "generate")
         assert info.max_model_len is not None
-        try:
-            history = await self.conversation(conversation_id, tenant)
-        except NotFound:
-            history = []
-        if request_id is not None:
-            history = [t for t in history if t.get("request_id") != request_id]
         system = "\n".join(m.content for m in messages if m.role == "system")
         turns = [{"role": t["role"], "content": t["content"]} for t in history]
         turns += [{"role": m.role, "content": m.content} for m in messages if m.role != "system"]
@@ -244,7 +269,11 @@ class Backend:
                 parts.append(text)
                 if finish is not None:
                     filters = await self._path.input_filters(tenant, model)
-                    answer = {"role": "assistant", "content": "".join(parts)}
+                    answer = {
+                        "role": "assistant",
+                        "content": "".join(parts),
+                        "finish_reason": finish,
+                    }
                     turns = [*filter_turns(filters, new_turns), answer]
                     store = get_actor(CONTEXT_STORE_NAME)
                     ref = store.append_turns.remote(tenant, conversation_id, turns, request_id)

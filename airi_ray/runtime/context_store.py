@@ -35,6 +35,7 @@ ROLES = ("system", "user", "assistant", "tool")
 MAX_ID_CHARS = 256
 MAX_TURN_CHARS = 1_000_000
 MAX_TURNS_PER_WRITE = 256
+MAX_FINISH_CHARS = 32
 COMPACT_EVERY = 256  # commits between compactions of the log
 TRACES_KEPT = 5000  # recent traces for `airi trace`; older ones are pruned at compaction
 MAX_SPANS_PER_WRITE = 10_000
@@ -54,8 +55,9 @@ def _check_seq(what: str, value: Any) -> int:
     return value
 
 
-def _check_turn(i: int, t: Any) -> tuple[str, str, Any]:
-    """A turn's role, content and seq (None: the next number), or InvalidRequest."""
+def _check_turn(i: int, t: Any) -> tuple[str, str, Any, str | None]:
+    """A turn's role, content, seq (None: the next number) and the finish reason of an
+    answer, or InvalidRequest."""
     if not isinstance(t, dict) or not {"role", "content"} <= t.keys():
         raise InvalidRequest(f"turns[{i}] must be an object with role and content")
     if t["role"] not in ROLES:
@@ -65,15 +67,22 @@ def _check_turn(i: int, t: Any) -> tuple[str, str, Any]:
         raise InvalidRequest(
             f"turns[{i}].content must be a string of at most {MAX_TURN_CHARS} characters"
         )
-    return t["role"], content, t.get("seq")
+    finish = t.get("finish_reason")
+    if finish is not None and not (isinstance(finish, str) and 0 < len(finish) <= MAX_FINISH_CHARS):
+        raise InvalidRequest(
+            f"turns[{i}].finish_reason must be a string of 1 to {MAX_FINISH_CHARS} characters"
+        )
+    return t["role"], content, t.get("seq"), finish
 
 
-def _check_retry(request_id: str, first: list[Record], turns: list[tuple[str, str, Any]]) -> None:
+def _check_retry(
+    request_id: str, first: list[Record], turns: list[tuple[str, str, Any, str | None]]
+) -> None:
     """A retried append brings the turns of the first: the same roles, and the same content
     but for the assistant's (a retried chat answers again; the first answer is kept)."""
     same = len(first) == len(turns) and all(
         r.name == role and (role == "assistant" or json.loads(r.body)["content"] == content)
-        for r, (role, content, _) in zip(first, turns, strict=False)
+        for r, (role, content, _, _) in zip(first, turns, strict=False)
     )
     if not same:
         raise Conflict(
@@ -125,7 +134,8 @@ class ContextStore:
         turns: list[dict[str, Any]],
         request_id: str | None = None,
     ) -> list[int]:
-        """Append turns ``{"role", "content", "seq"?}`` to a conversation; returns their
+        """Append turns ``{"role", "content", "seq"?, "finish_reason"?}`` (why an answer
+        ended, kept to replay it) to a conversation; returns their
         sequence numbers once durable. A turn with a ``seq`` already stored with the same
         role and content is a retry and is not stored twice; one without ``seq`` gets the
         next number.
@@ -156,12 +166,14 @@ class ContextStore:
                 return [r.seq for r in first]
         next_seq = self._next_seq(tenant, conversation_id)
         records = []
-        for i, (role, content, seq) in enumerate(checked):
+        for i, (role, content, seq, finish) in enumerate(checked):
             if seq is None:
                 seq, next_seq = next_seq, next_seq + 1
             fields = {"content": content}
             if request_id is not None:
                 fields["request_id"] = request_id
+            if finish is not None:
+                fields["finish_reason"] = finish
             body = json.dumps(fields, ensure_ascii=False)
             seq = _check_seq(f"turns[{i}].seq", seq)
             records.append(Record("turn", tenant, conversation_id, seq, role, body, time.time()))
@@ -182,7 +194,8 @@ class ContextStore:
         self, tenant: str, conversation_id: str, last: int | None = None
     ) -> list[dict[str, Any]]:
         """The conversation's turns in order (the ``last`` ones only, if given): ``seq``,
-        ``role``, ``content``, ``at`` and, for turns appended with one, ``request_id``.
+        ``role``, ``content``, ``at`` and, for turns appended with them, ``request_id``
+        and ``finish_reason``.
 
         Raises:
             NotFound: no such conversation for this tenant.
@@ -194,8 +207,9 @@ class ContextStore:
         for r in sorted(turns.values(), key=lambda r: r.seq):
             body = json.loads(r.body)
             turn = {"seq": r.seq, "role": r.name, "content": body["content"], "at": r.at}
-            if "request_id" in body:
-                turn["request_id"] = body["request_id"]
+            for extra in ("request_id", "finish_reason"):
+                if extra in body:
+                    turn[extra] = body[extra]
             out.append(turn)
         return out[-last:] if last else out
 

@@ -239,6 +239,11 @@ def test_every_stored_turn_passes_the_filters_and_a_retry_is_stored_once(
     assert first.status_code == 200, first.text
     retry = httpx.post(url, json=body, headers=key, timeout=60)  # what a client's retry sends
     assert retry.status_code == 200, retry.text
+    answer = first.json()["choices"][0]["message"]["content"]
+    assert retry.json()["choices"][0]["message"]["content"] == answer  # from the store
+    changed = {**body, "messages": [{"role": "user", "content": "something else"}]}
+    reused = httpx.post(url, json=changed, headers=key, timeout=60)
+    assert reused.status_code == 409 and "Idempotency-Key" in reused.json()["error"]["message"]
     store = names.get_actor(names.CONTEXT_STORE_NAME)
     turns = ray.get(store.conversation.remote("tenant-b", conversation, None))
     assert [t["role"] for t in turns] == ["user", "assistant"]

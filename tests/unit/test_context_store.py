@@ -57,7 +57,7 @@ def test_a_retried_write_is_stored_once(make_log: Any) -> None:
 def test_a_retried_request_appends_its_turns_once(make_log: Any) -> None:
     store = ContextStore(log=make_log())
     question = {"role": "user", "content": "where is my order?"}
-    first = [question, {"role": "assistant", "content": "on its way"}]
+    first = [question, {"role": "assistant", "content": "on its way", "finish_reason": "stop"}]
     assert run(store.append_turns("t1", "c1", first, request_id="idem-1")) == [0, 1]
     # The retried chat answered again, differently: the first answer is kept.
     retry = [question, {"role": "assistant", "content": "it shipped"}]
@@ -69,6 +69,7 @@ def test_a_retried_request_appends_its_turns_once(make_log: Any) -> None:
     turns = run(restarted.conversation("t1", "c1"))
     assert [t["content"] for t in turns] == ["where is my order?", "on its way"] * 2
     assert [t.get("request_id") for t in turns] == ["idem-1"] * 2 + ["idem-2"] * 2
+    assert [t.get("finish_reason") for t in turns] == [None, "stop"] * 2
     # The request id is the tenant's and the conversation's: elsewhere it is new.
     assert run(restarted.append_turns("t2", "c1", first, request_id="idem-1")) == [0, 1]
     assert run(restarted.append_turns("t1", "c2", first, request_id="idem-1")) == [0, 1]
@@ -181,6 +182,7 @@ def test_run_events_and_checkpoints(make_log: Any) -> None:
         ([{"role": "user", "content": 5}], "content must be a string"),
         ([{"role": "user", "content": "x", "seq": -1}], "non-negative integer"),
         ([{"role": "user", "content": "x", "seq": 1}] * 2, "twice"),
+        ([{"role": "assistant", "content": "x", "finish_reason": 3}], "finish_reason must be"),
     ],
 )
 def test_bad_turns_are_refused_and_nothing_is_written(
