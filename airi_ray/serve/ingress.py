@@ -43,7 +43,7 @@ from airi_ray.runtime import cluster_kv
 from airi_ray.runtime.backend import Backend
 from airi_ray.runtime.calls import Generation
 from airi_ray.serve import protocol, proxy
-from airi_ray.serve.openapi import document, json_body, query
+from airi_ray.serve.openapi import document, header, json_body, query
 from airi_ray.serve.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from airi_ray.serve.schemas import FeatureEventsRequest, FeedbackRequest, GraphRunRequest
 
@@ -475,7 +475,16 @@ class Ingress:
                 return _model_card(m)
         raise ModelNotFound(f"The model `{model_id}` does not exist.")
 
-    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=json_body(ChatRequest)
+        | header(
+            "Idempotency-Key",
+            {"type": "string", "minLength": 1, "maxLength": 256},
+            "The same on every retry of one request: with a conversation_id, the exchange "
+            "is stored once, and a retry of a stored one gets its stored answer.",
+        ),
+    )
     async def chat_completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
         body: ChatRequest = await self._parsed(
