@@ -240,10 +240,11 @@ class AsyncClient:
     async def push_events(
         self, view: str, events: list[dict[str, Any]], tenant: str | None = None
     ) -> int:
-        """Store a batch of events for a feature view (all or nothing); returns how many."""
-        if tenant is None:  # authenticate; the views themselves belong to the app
-            await self.backend.tenant_for(self.api_key)
-        return await self.backend.push_events(view, events)
+        """Store a batch of events for a feature view (all or nothing) as the tenant's;
+        returns how many. Each tenant has its own events unless the view's ``tenants``
+        share them; give events an ``event_id`` and a retried push counts once."""
+        tenant = await self._tenant(tenant)
+        return await self.backend.push_events(view, events, tenant)
 
     async def features(
         self,
@@ -252,20 +253,26 @@ class AsyncClient:
         as_of: float | None = None,
         tenant: str | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """Each entity's features now (or as of ``as_of``, epoch seconds), by entity id.
-        Feature views belong to the app: any authenticated tenant may read them."""
-        if tenant is None:  # authenticate; the views themselves belong to the app
-            await self.backend.tenant_for(self.api_key)
-        return await self.backend.features(view, entity_ids, as_of)
+        """Each entity's features now (or as of ``as_of``, epoch seconds), by entity id,
+        from the tenant's own events (or those of a view its tenant shares; another
+        tenant's shared view answers PermissionDenied)."""
+        tenant = await self._tenant(tenant)
+        return await self.backend.features(view, entity_ids, tenant, as_of)
 
     # -- conversations -------------------------------------------------------------------
 
     async def append_turns(
-        self, conversation_id: str, turns: list[dict[str, Any]], tenant: str | None = None
+        self,
+        conversation_id: str,
+        turns: list[dict[str, Any]],
+        tenant: str | None = None,
+        request_id: str | None = None,
     ) -> list[int]:
-        """Append ``{"role", "content", "seq"?}`` turns durably; returns their numbers."""
+        """Append ``{"role", "content", "seq"?}`` turns durably, as the tenant's input
+        filters pass them; returns their numbers. A retry with the same ``request_id``
+        appends nothing more and returns the first append's numbers."""
         tenant = await self._tenant(tenant)
-        return await self.backend.append_turns(conversation_id, turns, tenant)
+        return await self.backend.append_turns(conversation_id, turns, tenant, request_id)
 
     async def conversation(
         self, conversation_id: str, tenant: str | None = None, last: int | None = None
@@ -333,6 +340,8 @@ class Client:
 
     def chat(self, model: str, messages: Any, *, stream: bool = False, **params: Any) -> Any:
         """Chat with ``model``. ``messages``: a string or OpenAI-style messages.
+        ``conversation_id=...`` stores the exchange (as the tenant's filters passed it) and
+        puts the earlier turns first; ``idempotency_key=...`` makes a retry store it once.
 
         Returns a ``Completion``, or with ``stream=True`` an iterator of text pieces.
         Raises ``InvalidRequest``, ``ModelNotFound``, ``AuthenticationError``, ... (airi_ray.core.errors).
@@ -461,7 +470,8 @@ class Client:
         return self._run(self.aio.retrieve(collection, query, k, **options))
 
     def push_events(self, view: str, events: list[dict[str, Any]]) -> int:
-        """Store a batch of events for a feature view (all or nothing)."""
+        """Store a batch of events for a feature view (all or nothing), as the key's
+        tenant's; events with an ``event_id`` count once however often they are pushed."""
         return self._run(self.aio.push_events(view, events))
 
     def features(
@@ -470,8 +480,11 @@ class Client:
         """Each entity's features now (or as of ``as_of``), by entity id."""
         return self._run(self.aio.features(view, entity_ids, as_of))
 
-    def append_turns(self, conversation_id: str, turns: list[dict[str, Any]]) -> list[int]:
-        return self._run(self.aio.append_turns(conversation_id, turns))
+    def append_turns(
+        self, conversation_id: str, turns: list[dict[str, Any]], request_id: str | None = None
+    ) -> list[int]:
+        """Append turns (as the tenant's input filters pass them); see ``AsyncClient``."""
+        return self._run(self.aio.append_turns(conversation_id, turns, request_id=request_id))
 
     def conversation(self, conversation_id: str, last: int | None = None) -> list[dict[str, Any]]:
         return self._run(self.aio.conversation(conversation_id, last=last))

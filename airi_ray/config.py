@@ -748,6 +748,23 @@ class FeatureViewSpec(_Spec):
     )
     aggregations: list[AggregationSpec] = Field(min_length=1, description="The features.")
     ttl_s: float = Field(86400.0, gt=0, description="Kept this long past the longest window.")
+    tenants: list[str] = Field(
+        default_factory=list,
+        description="Tenants that share the view's events (names or globs, e.g. `team-*`); "
+        "any other tenant is refused (403). Empty: each tenant pushes and reads its own "
+        "events only (tenant a's entity 7 is not tenant b's).",
+    )
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_globs(cls, tenants: list[str]) -> list[str]:
+        for t in tenants:
+            if not t.strip() or len(t) > 64 or any(c.isspace() for c in t):
+                raise ValueError(
+                    f"a tenant pattern is a tenant name or a glob of 1 to 64 characters "
+                    f"with no spaces (e.g. `tenant-a`, `team-*`), got {t!r}"
+                )
+        return tenants
 
 
 class ModelGroupSpec(_Spec):

@@ -111,7 +111,8 @@ def check(
 
 
 def features(view: str, entities: Build, *, output: str) -> Features:
-    """A node that looks up the online features of ``entities(view)`` in a feature view."""
+    """A node that looks up the online features of ``entities(view)`` in a feature view,
+    as the run's tenant: its own events, or a view's it shares (else the run fails, 403)."""
     return Features(view, entities, output)
 
 

@@ -79,12 +79,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
+TENANT = "bench"  # one tenant's events (a view without tenants: keeps each tenant's apart)
+
+
 def measure(lookups: int, folder: str) -> dict[str, float]:
     stream = events()
     store = FeatureStore(folder, [VIEW], clock=lambda: NOW)
     t0 = time.perf_counter()
     for i in range(0, len(stream), BATCH):
-        store.push(VIEW.name, stream[i : i + BATCH])
+        store.push(VIEW.name, stream[i : i + BATCH], tenant=TENANT)
     ingest_s = time.perf_counter() - t0
     total = len(stream)
     del stream  # an actor does not keep the pushed events: lookups run without them
@@ -93,14 +96,16 @@ def measure(lookups: int, folder: str) -> dict[str, float]:
     times = []
     for _ in range(lookups):
         t = time.perf_counter()
-        got = store.get_features(VIEW.name, ids)
+        got = store.get_features(VIEW.name, ids, tenant=TENANT)
         times.append((time.perf_counter() - t) * 1000)
     assert len(got) == ENTITIES and all(len(f) == len(VIEW.aggregations) for f in got.values())
 
     t = time.perf_counter()
     again = FeatureStore(folder, [VIEW], clock=lambda: NOW)
     load_s = time.perf_counter() - t
-    assert again.get_features(VIEW.name, ids) == got, "a restart must serve the same features"
+    assert again.get_features(VIEW.name, ids, tenant=TENANT) == got, (
+        "a restart must serve the same features"
+    )
     return {
         "events": total,
         "ingest_s": round(ingest_s, 3),

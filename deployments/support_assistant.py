@@ -171,6 +171,7 @@ async def finish(view: dict[str, Any], ctx: Any) -> dict[str, Any]:
                 {"role": "user", "content": question},
                 {"role": "assistant", "content": view["answer"]},
             ],
+            request_id=ctx.run_id,  # a resumed run that runs this node again stores it once
         )
     return {"citations": citations, "sources": sorted({c.split("#")[0] for c in citations})}
 

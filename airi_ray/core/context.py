@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from airi_ray.core.errors import ContextWindowExceeded, InvalidRequest
+from airi_ray.core.errors import Conflict, ContextWindowExceeded, InvalidRequest
 
 CONTEXT_HEADER = "Context (cite a source by its [id]):"
 _ROLES = ("system", "user", "assistant", "tool")
@@ -159,3 +159,36 @@ def build_context(
         dropped_chunk_ids=tuple(dropped),
         dropped_turns=kept_from,
     )
+
+
+@dataclass(frozen=True)
+class Retry:
+    """What a conversation holds of a request named by an idempotency key."""
+
+    history: list[Mapping[str, Any]]  # the conversation without the request's own turns
+    answer: Mapping[str, Any] | None  # its stored answer, if its first attempt completed
+
+
+def retried(
+    history: Sequence[Mapping[str, Any]], request_id: str, asked: Sequence[Mapping[str, Any]]
+) -> Retry:
+    """Split the turns a request stored already (its first attempt's) from the rest of
+    the conversation: the model reads the exchange once, and a completed one is the
+    retry's answer. ``asked`` are the retry's turns as they would be stored (filtered).
+
+    Raises:
+        Conflict: the stored turns of ``request_id`` are not ``asked`` (the key was used
+            for other messages).
+    """
+    first = [t for t in history if t.get("request_id") == request_id]
+    rest = [t for t in history if t.get("request_id") != request_id]
+    if not first:
+        return Retry(rest, None)
+    done = first[-1]["role"] == "assistant"
+    said = first[:-1] if done else first
+    if [(t["role"], t["content"]) for t in said] != [(t["role"], t["content"]) for t in asked]:
+        raise Conflict(
+            f"Idempotency-Key {request_id!r} was used for other messages in this conversation; "
+            "a retry must resend the same messages, a new request needs a new key"
+        )
+    return Retry(rest, first[-1] if done else None)

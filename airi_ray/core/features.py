@@ -17,6 +17,13 @@ event is an append, an out-of-order one a bisect and insert. A lookup bisects ea
 start and reads the slice with the builtin ``len``/``sum``/``min``/``max``, which keeps 100
 entities with 1,000 events each in the low milliseconds without prefix sums.
 
+Tenants: a view with no ``tenants`` keeps each tenant's events apart (``view_scope`` gives
+the tenant as the scope: tenant A's customer 7 is not tenant B's); a view with ``tenants``
+globs is shared by the tenants they match, and refuses the others (``PermissionDenied``).
+An event may carry an ``event_id``: the index remembers the ids of the events it holds,
+and ``FeatureIndex.fresh`` leaves out an event whose id it holds already (a retried push),
+so the memory for ids is bounded like the events themselves.
+
 Retention: ``expire(now)`` drops events with ``ts <= now - (longest window + ttl_s)``, so a
 lookup older than ``ttl_s`` may miss them; ``max_events_per_entity`` keeps only the latest
 events of each entity (by time, then arrival). The clock is an argument everywhere; the
@@ -37,6 +44,7 @@ from types import CodeType, MappingProxyType
 from typing import Any, Literal, get_args
 
 from airi_ray.core.errors import InvalidRequest
+from airi_ray.core.policy import PermissionDenied, allows
 
 __all__ = [
     "AggFn",
@@ -49,6 +57,7 @@ __all__ = [
     "entity_id",
     "validate_batch",
     "validate_event",
+    "view_scope",
 ]
 
 FieldType = Literal["float", "int", "str", "bool"]
@@ -63,6 +72,9 @@ _VIEW_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _MAX_EXPRESSION_CHARS = 500
 _MAX_ERRORS_SHOWN = 5
+EVENT_ID = "event_id"  # the optional key of an event that names it, for retried pushes
+MAX_EVENT_ID_CHARS = 256
+SHARED = ""  # the scope of a shared view's events (a tenant's name is never empty)
 
 # The whole transform language. No attribute access, subscripts, power (9**9**9 is a
 # denial of service) or string arithmetic ("a" * 10**9 likewise): strings may only be
@@ -149,6 +161,8 @@ class FeatureView:
             past time); older ones are dropped by ``FeatureIndex.expire``.
         max_events_per_entity: only the latest this many events per entity are kept.
         max_skew_s: how far past ``now`` an event time may be (clock skew).
+        tenants: glob patterns of the tenants that share the view; empty (the default):
+            every tenant has its own events (and reads only those).
 
     Raises:
         InvalidRequest: a name is malformed or clashes, a type or function is unknown, a
@@ -165,6 +179,7 @@ class FeatureView:
     ttl_s: float = 86_400.0
     max_events_per_entity: int = 100_000
     max_skew_s: float = 60.0
+    tenants: Sequence[str] = ()
     # The transforms, checked and compiled: (name, code) in evaluation order.
     compiled: tuple[tuple[str, CodeType], ...] = field(
         init=False, repr=False, compare=False, default=()
@@ -225,6 +240,14 @@ class FeatureView:
                 f"{where}: max_events_per_entity must be at least 1, "
                 f"got {self.max_events_per_entity}"
             )
+        if isinstance(self.tenants, str) or not all(
+            isinstance(t, str) and t.strip() for t in self.tenants
+        ):
+            raise InvalidRequest(
+                f"{where}: tenants must be a list of tenant names or glob patterns "
+                f"(e.g. ['tenant-a', 'team-*']), got {self.tenants!r}"
+            )
+        object.__setattr__(self, "tenants", tuple(self.tenants))
         # Private copies, so the checked declaration cannot change under the index.
         object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
         object.__setattr__(self, "transforms", MappingProxyType(dict(self.transforms)))
@@ -241,13 +264,32 @@ class FeatureView:
         return {a.name: (0 if a.fn in ("count", "sum") else None) for a in self.aggregations}
 
 
+def view_scope(view: FeatureView, tenant: str) -> str:
+    """Whose events ``tenant`` pushes and reads in ``view``: its own (the tenant's name),
+    or, in a view shared by ``tenants`` globs that match it, everyone's (``SHARED``).
+
+    Raises:
+        PermissionDenied: the view is shared by other tenants only.
+    """
+    if not view.tenants:
+        return tenant
+    if allows(view.tenants, tenant):
+        return SHARED
+    raise PermissionDenied(
+        f"tenant {tenant!r} may not use feature view {view.name!r}: it is shared by the "
+        f"tenants matching {', '.join(view.tenants)} only",
+        code="feature_view_not_allowed",
+        rule="feature_acl",
+    )
+
+
 def _check_field_name(where: str, kind: str, name: str, taken: set[str]) -> None:
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
         raise InvalidRequest(f"{where}: {kind} name {name!r} must be a Python-style identifier")
-    if name.startswith("_") or name in _FUNCS:
+    if name.startswith("_") or name in _FUNCS or name == EVENT_ID:
         raise InvalidRequest(
-            f"{where}: {kind} name {name!r} is reserved (names starting with '_' and "
-            f"{', '.join(_FUNCS)})"
+            f"{where}: {kind} name {name!r} is reserved (names starting with '_', "
+            f"{EVENT_ID!r} and {', '.join(_FUNCS)})"
         )
     if name in taken:
         raise InvalidRequest(f"{where}: {kind} name {name!r} is used twice")
@@ -317,6 +359,7 @@ class NormalisedEvent:
     entity: str
     ts: float
     values: Mapping[str, Value]
+    event_id: str | None = None  # what names it across retried pushes
 
 
 def entity_id(value: object) -> str:
@@ -364,14 +407,26 @@ def validate_event(view: FeatureView, event: object, now: float, index: int = 0)
             f"{at}: {view.timestamp_field!r} {ts!r} is {ts - now:.3f} s in the future; "
             f"allowed: at most {view.max_skew_s:g} s after now ({now!r})"
         )
+    event_id = None
+    if EVENT_ID in event:
+        event_id = event[EVENT_ID]
+        if isinstance(event_id, int) and not isinstance(event_id, bool):
+            event_id = str(event_id)
+        if not (isinstance(event_id, str) and 0 < len(event_id) <= MAX_EVENT_ID_CHARS):
+            raise InvalidRequest(
+                f"{at}: {EVENT_ID!r} must be a string of 1 to {MAX_EVENT_ID_CHARS} characters "
+                f"or an integer, the same when the push is retried; got {_show(event_id)}"
+            )
     # An event with exactly as many keys as declared has no unknown one once the missing
     # checks pass; counting first spares the scan on the usual path.
-    if len(event) != len(view.fields) + 2:
-        unknown = [k for k in event if k not in view.fields and k not in _keys(view)]
+    if len(event) != len(view.fields) + 2 + (event_id is not None):
+        unknown = [
+            k for k in event if k not in view.fields and k not in _keys(view) and k != EVENT_ID
+        ]
         if unknown:
             raise InvalidRequest(
                 f"{at}: unknown field {unknown[0]!r}; view {view.name!r} accepts "
-                f"{', '.join([*_keys(view), *view.fields])}"
+                f"{', '.join([*_keys(view), *view.fields])} (and an optional {EVENT_ID!r})"
             )
     values: dict[str, Value] = {}
     for name, ftype in view.fields.items():
@@ -383,7 +438,7 @@ def validate_event(view: FeatureView, event: object, now: float, index: int = 0)
         values[name] = _typed(at, name, ftype, event[name])
     for name, code in view.compiled:
         values[name] = _derive(at, view, name, code, values)
-    return NormalisedEvent(entity, ts, values)
+    return NormalisedEvent(entity, ts, values, event_id)
 
 
 def validate_batch(
@@ -500,6 +555,7 @@ class _Series:
 
     ts: list[float]
     columns: dict[str, list[Any]]
+    ids: list[str | None]  # each event's id, if it has one
 
 
 class FeatureIndex:
@@ -522,11 +578,26 @@ class FeatureIndex:
         ]
         # entity -> time before which the cap dropped its events (for the store's cleanup)
         self._evicted: dict[str, float] = {}
+        self._ids: set[str] = set()  # the ids of the events held, for retried pushes
         self.events = 0
 
     def __len__(self) -> int:
         """Number of entities with retained events."""
         return len(self._series)
+
+    def fresh(self, events: Iterable[NormalisedEvent]) -> list[NormalisedEvent]:
+        """``events`` without those already held (an event with the id of one held) and
+        without repeats of an id within them: what a retried push adds anew. An id is
+        remembered while its event is held (until it expires or the cap drops it)."""
+        seen: set[str] = set()
+        out = []
+        for e in events:
+            if e.event_id is not None:
+                if e.event_id in self._ids or e.event_id in seen:
+                    continue
+                seen.add(e.event_id)
+            out.append(e)
+        return out
 
     def add(self, events: Iterable[NormalisedEvent]) -> None:
         """Add validated events, in arrival order (equal times keep that order).
@@ -538,20 +609,24 @@ class FeatureIndex:
         for e in events:
             s = self._series.get(e.entity)
             if s is None:
-                s = self._series[e.entity] = _Series([], {f: [] for f in self._kept})
+                s = self._series[e.entity] = _Series([], {f: [] for f in self._kept}, [])
             row = [e.entity if f == self.view.entity_key else e.values[f] for f in self._kept]
             if not s.ts or e.ts >= s.ts[-1]:  # the usual case: events arrive in time order
                 s.ts.append(e.ts)
+                s.ids.append(e.event_id)
                 for column, v in zip(s.columns.values(), row, strict=True):
                     column.append(v)
             else:
                 i = bisect_right(s.ts, e.ts)  # after equal times: arrival order
                 s.ts.insert(i, e.ts)
+                s.ids.insert(i, e.event_id)
                 for column, v in zip(s.columns.values(), row, strict=True):
                     column.insert(i, v)
+            if e.event_id is not None:
+                self._ids.add(e.event_id)
             self.events += 1
             if len(s.ts) > cap:
-                _drop_before(s, 1)
+                self._drop_before(s, 1)
                 self.events -= 1
                 self._evicted[e.entity] = s.ts[0]
 
@@ -596,10 +671,11 @@ class FeatureIndex:
             s = self._series[entity]
             n = bisect_right(s.ts, horizon)
             if n == len(s.ts):
+                self._ids.difference_update(i for i in s.ids if i is not None)
                 del self._series[entity]
                 self._evicted.pop(entity, None)
             elif n:
-                _drop_before(s, n)
+                self._drop_before(s, n)
             dropped += n
         self.events -= dropped
         return dropped
@@ -610,8 +686,10 @@ class FeatureIndex:
         evicted, self._evicted = self._evicted, {}
         return evicted
 
-
-def _drop_before(s: _Series, n: int) -> None:
-    del s.ts[:n]
-    for column in s.columns.values():
-        del column[:n]
+    def _drop_before(self, s: _Series, n: int) -> None:
+        """Drop the ``n`` oldest events of a series, and forget their ids."""
+        self._ids.difference_update(i for i in s.ids[:n] if i is not None)
+        del s.ts[:n]
+        del s.ids[:n]
+        for column in s.columns.values():
+            del column[:n]

@@ -1,9 +1,19 @@
 """The feature store: feature-view events in LanceDB, served from an in-memory index.
 
 Each ``FeatureView`` has one LanceDB table (``features_<view>``) holding its raw events:
-``_entity``, ``_ts`` (epoch seconds), ``_seq`` (arrival number) and one typed column per
-declared field. Transforms are not stored; they are recomputed from the raw fields when the
-table is loaded, like on arrival.
+``_entity``, ``_ts`` (epoch seconds), ``_seq`` (arrival number), one typed column per
+declared field, then ``_tenant`` (the scope: the pushing tenant in a per-tenant view, ``''``
+in a shared one) and ``_event_id`` (the event's id, if it has one). Transforms are not
+stored; they are recomputed from the raw fields when the table is loaded, like on arrival.
+A table written before the last two columns existed gains them (its events as shared).
+
+Tenants: every call names its tenant, and ``core.features.view_scope`` decides whose events
+it pushes and reads (one in-memory index per scope). A view that changes from per-tenant to
+shared, or back, serves none of the events stored under the other kind of scope: events
+pushed as one tenant's never become another's.
+
+Event ids: an event whose id the view's index holds (in the same scope) is not stored again,
+so a retried push counts once, also after a restart (the ids are loaded with the events).
 
 - ``push`` validates the whole batch first (``airi_ray.core.features.validate_batch``), then
   appends it as one LanceDB commit, then adds it to the in-memory ``FeatureIndex``. A bad
@@ -29,15 +39,19 @@ from typing import Any
 
 import lancedb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.core.features import (
+    EVENT_ID,
+    SHARED,
     FeatureIndex,
     FeatureView,
     NormalisedEvent,
     Value,
     validate_batch,
+    view_scope,
 )
 
 __all__ = ["FeatureStore"]
@@ -51,16 +65,28 @@ def table_name(view: str) -> str:
     return f"features_{view}"
 
 
+_SCOPE_COLUMNS = (("_tenant", pa.string()), ("_event_id", pa.string()))
+# How a table written before the scope columns gains them: its events were the app's.
+_MIGRATION = {"_tenant": "''", "_event_id": "CAST(NULL AS STRING)"}
+
+
 def schema(view: FeatureView) -> pa.Schema:
-    """The table schema of ``view``: bookkeeping columns, then the declared fields."""
+    """The table schema of ``view``: bookkeeping columns, the declared fields, then the
+    scope and event id (last, where LanceDB adds them to an older table)."""
     return pa.schema(
         [
             ("_entity", pa.string()),
             ("_ts", pa.float64()),
             ("_seq", pa.int64()),
             *((name, _ARROW_TYPES[ftype]) for name, ftype in view.fields.items()),
+            *_SCOPE_COLUMNS,
         ]
     )
+
+
+def _columns(s: pa.Schema) -> list[tuple[str, pa.DataType]]:
+    """Names and types (a column added to an old table may differ in nullability only)."""
+    return [(f.name, f.type) for f in s]
 
 
 class FeatureStore:
@@ -93,7 +119,7 @@ class FeatureStore:
         self._db = lancedb.connect(self.uri, storage_options=dict(storage_options or {}))
         self._views = {v.name: v for v in views}
         self._tables: dict[str, Any] = {}
-        self._indexes: dict[str, FeatureIndex] = {}
+        self._indexes: dict[str, dict[str, FeatureIndex]] = {}  # view -> scope -> index
         self._next_seq: dict[str, int] = {}
         now = clock()
         for v in views:
@@ -105,19 +131,34 @@ class FeatureStore:
             table = self._db.open_table(table_name(view.name))
         except ValueError:  # not created yet (lancedb raises ValueError for a missing table)
             table = self._db.create_table(table_name(view.name), schema=expected, exist_ok=True)
-        if not table.schema.equals(expected):
+        older = _columns(expected)[: -len(_SCOPE_COLUMNS)]
+        if _columns(table.schema) == older:  # written before the scope columns
+            table.add_columns(_MIGRATION)
+        if _columns(table.schema) != _columns(expected):
+            held = [n for n in table.schema.names[3:] if n not in dict(_SCOPE_COLUMNS)]
             raise InvalidRequest(
                 f"feature view {view.name!r} declares fields {dict(view.fields)} but its table "
-                f"{table_name(view.name)!r} under {self.uri} holds {table.schema.names[3:]}; "
+                f"{table_name(view.name)!r} under {self.uri} holds {held}; "
                 "use a new view name for new fields (or drop the table)"
             )
         rows = table.to_arrow().sort_by("_seq")
-        index = FeatureIndex(view)
-        index.add(_events(view, rows))
-        index.expire(now)
         self._tables[view.name] = table
-        self._indexes[view.name] = index
+        self._indexes[view.name] = {}
+        shared = bool(view.tenants)
+        for scope in pc.unique(rows["_tenant"]).to_pylist():
+            if (scope == SHARED) != shared:
+                continue  # stored under the other kind of scope: not served (see above)
+            index = self._index(view.name, scope)
+            index.add(_events(view, rows.filter(pc.equal(rows["_tenant"], scope))))
+            index.expire(now)
         self._next_seq[view.name] = rows["_seq"][-1].as_py() + 1 if rows.num_rows else 0
+
+    def _index(self, view: str, scope: str) -> FeatureIndex:
+        indexes = self._indexes[view]
+        index = indexes.get(scope)
+        if index is None:
+            index = indexes[scope] = FeatureIndex(self._views[view])
+        return index
 
     # -- views ------------------------------------------------------------------------------
 
@@ -140,40 +181,62 @@ class FeatureStore:
         return v
 
     def stats(self, name: str) -> dict[str, int]:
-        """Entities and events held in memory for view ``name``, and the next arrival number."""
-        index = self._indexes[self.view(name).name]
-        return {"entities": len(index), "events": index.events, "next_seq": self._next_seq[name]}
+        """Entities and events held in memory for view ``name`` (every scope), its scopes,
+        and the next arrival number."""
+        indexes = self._indexes[self.view(name).name].values()
+        return {
+            "entities": sum(len(i) for i in indexes),
+            "events": sum(i.events for i in indexes),
+            "scopes": len(indexes),
+            "next_seq": self._next_seq[name],
+        }
 
     # -- writes -----------------------------------------------------------------------------
 
-    def push(self, view: str, events: Iterable[object], now: float | None = None) -> int:
-        """Validate ``events`` for ``view`` and store them together; returns how many.
+    def push(
+        self, view: str, events: Iterable[object], now: float | None = None, *, tenant: str
+    ) -> int:
+        """Validate ``events`` for ``view`` and store them together, as ``tenant``'s;
+        returns how many the batch holds. An event whose ``event_id`` is held already
+        (a retried push) is not stored again, and still counts: a retry gets the answer
+        the first push got.
 
         Raises:
             NotFound: no such view.
+            PermissionDenied: the view is shared by other tenants only.
             InvalidRequest: an event is invalid; none of the batch is stored.
         """
         v = self.view(view)
+        scope = view_scope(v, tenant)
         now = self.clock() if now is None else now
         batch = validate_batch(v, events, now)
-        if not batch:
-            return 0
+        index = self._index(view, scope)
+        new = index.fresh(batch)
+        if not new:
+            return len(batch)
         first = self._next_seq[view]
         columns: dict[str, list[Any]] = {
-            "_entity": [e.entity for e in batch],
-            "_ts": [e.ts for e in batch],
-            "_seq": list(range(first, first + len(batch))),
+            "_entity": [e.entity for e in new],
+            "_ts": [e.ts for e in new],
+            "_seq": list(range(first, first + len(new))),
         }
         for name in v.fields:
-            columns[name] = [e.values[name] for e in batch]
+            columns[name] = [e.values[name] for e in new]
+        columns["_tenant"] = [scope] * len(new)
+        columns["_event_id"] = [e.event_id for e in new]
         # One commit: after a crash the batch is either wholly in the table or absent.
         self._tables[view].add(pa.Table.from_pydict(columns, schema=schema(v)))
-        self._next_seq[view] = first + len(batch)
-        self._indexes[view].add(batch)
+        self._next_seq[view] = first + len(new)
+        index.add(new)
         return len(batch)
 
     def ingest_table(
-        self, view: str, source: pa.Table | str | Path, now: float | None = None
+        self,
+        view: str,
+        source: pa.Table | str | Path,
+        now: float | None = None,
+        *,
+        tenant: str,
     ) -> int:
         """Push the rows of an Arrow table or a Parquet file as one batch; returns how many.
 
@@ -182,10 +245,12 @@ class FeatureStore:
 
         Raises:
             NotFound: no such view.
+            PermissionDenied: the view is shared by other tenants only.
             InvalidRequest: the file cannot be read, or a row is invalid (rows are
                 numbered from 0 in the messages, as "event N"); nothing is stored.
         """
         v = self.view(view)
+        view_scope(v, tenant)  # refused before the file is read
         if isinstance(source, pa.Table):
             table = source
         else:
@@ -204,23 +269,31 @@ class FeatureStore:
             table = table.set_column(
                 table.column_names.index(ts), ts, pa.array(seconds, pa.float64())
             )
-        return self.push(view, table.to_pylist(), now)
+        return self.push(view, table.to_pylist(), now, tenant=tenant)
 
     # -- reads ------------------------------------------------------------------------------
 
     def get_features(
-        self, view: str, entity_ids: Iterable[object], as_of: float | None = None
+        self,
+        view: str,
+        entity_ids: Iterable[object],
+        as_of: float | None = None,
+        *,
+        tenant: str,
     ) -> dict[Any, dict[str, Value | None]]:
         """The features of each entity as of ``as_of`` (default: now), keyed by the ids as
-        given. Only events with ``ts <= as_of`` are seen; an unknown entity gets empty
-        values (count and sum 0, the others None).
+        given, from the events ``tenant`` may see (its own, or a shared view's). Only
+        events with ``ts <= as_of`` are seen; an unknown entity gets empty values (count
+        and sum 0, the others None).
 
         Raises:
             NotFound: no such view.
+            PermissionDenied: the view is shared by other tenants only.
             InvalidRequest: ``as_of`` is not a finite number, or an id is not a non-empty
                 string or an integer.
         """
-        index = self._indexes[self.view(view).name]
+        v = self.view(view)
+        index = self._indexes[v.name].get(view_scope(v, tenant)) or FeatureIndex(v)
         if as_of is not None and not (
             isinstance(as_of, int | float) and not isinstance(as_of, bool) and math.isfinite(as_of)
         ):
@@ -240,34 +313,38 @@ class FeatureStore:
         now = self.clock() if now is None else now
         dropped = 0
         for name, v in self._views.items():
-            index, table = self._indexes[name], self._tables[name]
-            before = index.events
-            index.expire(now)
+            table = self._tables[name]
             horizon = now - v.horizon_s
             if horizon > float("-inf"):
                 table.delete(f"_ts <= {horizon!r}")
-            evicted = sorted(index.take_evicted().items())
-            for i in range(0, len(evicted), _DELETE_CHUNK):
-                # Rows older than an entity's oldest kept event were dropped by the cap
-                # (a row at exactly that time may stay; loading drops it again).
-                table.delete(
-                    " OR ".join(
-                        f"(_entity = {_quote(e)} AND _ts < {t!r})"
-                        for e, t in evicted[i : i + _DELETE_CHUNK]
+            for scope, index in self._indexes[name].items():
+                before = index.events
+                index.expire(now)
+                evicted = sorted(index.take_evicted().items())
+                for i in range(0, len(evicted), _DELETE_CHUNK):
+                    # Rows older than an entity's oldest kept event were dropped by the cap
+                    # (a row at exactly that time may stay; loading drops it again).
+                    table.delete(
+                        f"_tenant = {_quote(scope)} AND ("
+                        + " OR ".join(
+                            f"(_entity = {_quote(e)} AND _ts < {t!r})"
+                            for e, t in evicted[i : i + _DELETE_CHUNK]
+                        )
+                        + ")"
                     )
-                )
+                dropped += before - index.events
             table.optimize(cleanup_older_than=timedelta(minutes=1))
-            dropped += before - index.events
         return dropped
 
 
 def _events(view: FeatureView, rows: pa.Table) -> list[NormalisedEvent]:
     """Stored rows back into events (transforms recomputed), in arrival order."""
     entities, times = rows["_entity"].to_pylist(), rows["_ts"].to_pylist()
+    ids = rows["_event_id"].to_pylist()
     fields = rows.select(list(view.fields)).to_pylist()
     stored = [
-        {view.entity_key: e, view.timestamp_field: t, **f}
-        for e, t, f in zip(entities, times, fields, strict=True)
+        {view.entity_key: e, view.timestamp_field: t, **f} | ({EVENT_ID: i} if i else {})
+        for e, t, f, i in zip(entities, times, fields, ids, strict=True)
     ]
     # Stored rows passed validation once; only the clock-skew check must not apply now.
     return validate_batch(view, stored, now=float("inf"))

@@ -14,8 +14,9 @@ import atexit
 import sys
 import threading
 import time
+import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,15 @@ from typing import Any
 import ray
 
 from airi_ray.config import ANONYMOUS_TENANT
-from airi_ray.core.context import build_context
-from airi_ray.core.errors import AuthenticationError, InvalidRequest, NotFound, ReplicaUnavailable
+from airi_ray.core.context import build_context, retried
+from airi_ray.core.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    NotFound,
+    ReplicaUnavailable,
+)
 from airi_ray.core.graph import CompiledGraph
-from airi_ray.core.policy import KeyRecord, KeyRing
+from airi_ray.core.policy import KeyRecord, KeyRing, filter_turns
 from airi_ray.core.requests import (
     CallOptions,
     ChatMessage,
@@ -66,8 +72,6 @@ class Completion:
 
 
 OPTION_NAMES = ("priority", "deadline_s", "session_id")
-# How a stored turn passes the input filters: tool output as a document, the rest as prompt.
-_WHERE = {"tool": "document"}
 
 
 def _options(kwargs: dict[str, Any]) -> CallOptions:
@@ -80,8 +84,8 @@ class Backend:
     tenant it is given; bind to one event loop (create it inside that loop).
 
     Calls that concern the app rather than a tenant (graph and collection listings,
-    feature views, alerts, quality signals) take none: whoever serves them to a caller
-    authenticates the caller first.
+    alerts, quality signals) take none: whoever serves them to a caller authenticates the
+    caller first.
     """
 
     def __init__(self) -> None:
@@ -159,15 +163,27 @@ class Backend:
         tenant: str,
         conversation_id: str | None = None,
         tools: list[dict[str, Any]] | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> Generation:
         """Start a chat generation; iterate the result for ``(text, n_tokens, finish)``.
 
         With ``conversation_id``, the conversation's earlier turns (those that fit the
         model's window, newest first) go before ``messages``, and once the answer is
-        complete the new messages and the answer are appended to the conversation.
-        ``tools`` (OpenAI function tools) are shown to the model by its chat template.
+        complete the new messages and the answer are appended to the conversation, as
+        the tenant's input filters passed them to the model. ``idempotency_key`` names the
+        request: a retry with the same key appends nothing more; once the first attempt's
+        answer is stored, the retry gets that answer without running the model again
+        (unless it asks for logprobs, which are not stored: then the model answers again
+        and the stored exchange stays the first one's). ``tools`` (OpenAI function tools)
+        are shown to the model by its chat template.
+
+        Raises:
+            InvalidRequest: a bad ``idempotency_key`` (1 to 256 characters).
+            Conflict: the key was used for other messages in this conversation.
         """
+        if idempotency_key is not None:
+            idempotency_key = check_idempotency_key(idempotency_key)
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         options = _options(params)
@@ -176,28 +192,53 @@ class Backend:
         if conversation_id is None:
             return await self._path.chat(model, parsed, gen_params, tenant, options, tools=tools)
         new_turns = [{"role": m.role, "content": m.content} for m in parsed if m.role != "system"]
-        window = await self._window(model, tenant, conversation_id, parsed, gen_params)
+        try:
+            history = await self.conversation(conversation_id, tenant)
+        except NotFound:
+            history = []
+        if idempotency_key is not None and any(
+            t.get("request_id") == idempotency_key for t in history
+        ):
+            # A retry: its first attempt's turns stay out of the window, and a stored
+            # answer is the retry's answer (logprobs are not stored: those ask again).
+            asked = filter_turns(await self._path.input_filters(tenant, model), new_turns)
+            retry = retried(history, idempotency_key, asked)
+            history = retry.history
+            if retry.answer is not None and not gen_params.extra.get("logprobs"):
+                return await self._replay(model, tenant, retry.answer)
+        window = await self._window(model, history, parsed, gen_params)
         g = await self._path.chat(
             model, parse_messages(window), gen_params, tenant, options, tools=tools
         )
-        g._stream = self._remember(g.__aiter__(), tenant, model, conversation_id, new_turns)
+        g._stream = self._remember(
+            g.__aiter__(), tenant, model, conversation_id, new_turns, idempotency_key
+        )
         return g
+
+    async def _replay(self, model: str, tenant: str, answer: Mapping[str, Any]) -> Generation:
+        """The stored answer of a request answered already (a client's retry whose first
+        attempt completed), as a generation, without a model call: nothing is charged to
+        the tenant but its right to call the model is checked again."""
+        info = await self._path.model(model, "generate", tenant)
+        n = len(info.tokenizer.encode(answer["content"], add_special_tokens=False))
+        finish = answer.get("finish_reason") or "stop"
+        usage = Usage(completion_tokens=n, finish_reason=finish, extra={"replayed": True})
+
+        async def stream() -> AsyncIterator[tuple[str, int, str | None]]:
+            yield answer["content"], n, finish
+
+        return Generation(f"req-{uuid.uuid4().hex}", info.name, usage, _stream=stream())
 
     async def _window(
         self,
         model: str,
-        tenant: str,
-        conversation_id: str,
+        history: Sequence[Mapping[str, Any]],
         messages: list[ChatMessage],
         params: GenerationParams,
     ) -> list[dict[str, str]]:
         """The conversation so far plus ``messages``, cut to what fits the model's window."""
         info = await self._path.model(model, "generate")
         assert info.max_model_len is not None
-        try:
-            history = await self.conversation(conversation_id, tenant)
-        except NotFound:
-            history = []
         system = "\n".join(m.content for m in messages if m.role == "system")
         turns = [{"role": t["role"], "content": t["content"]} for t in history]
         turns += [{"role": m.role, "content": m.content} for m in messages if m.role != "system"]
@@ -218,25 +259,26 @@ class Backend:
         model: str,
         conversation_id: str,
         new_turns: list[dict[str, str]],
+        request_id: str | None,
     ) -> AsyncIterator[tuple[str, int, str | None]]:
         """Pass a generation through; once it is complete, store the turns durably, as the
-        model saw them (what the tenant's filters redacted stays redacted in the store)."""
+        model saw them (what the tenant's filters redacted stays redacted in the store;
+        the answer passed the output filters as it streamed)."""
         parts: list[str] = []
         try:
             async for text, n, finish in inner:
                 parts.append(text)
                 if finish is not None:
-                    stored = [
-                        t
-                        | {
-                            "content": await self._path.redacted(
-                                tenant, model, t["content"], _WHERE.get(t["role"], "prompt")
-                            )
-                        }
-                        for t in new_turns
-                    ]
-                    answer = {"role": "assistant", "content": "".join(parts)}
-                    await self.append_turns(conversation_id, [*stored, answer], tenant)
+                    filters = await self._path.input_filters(tenant, model)
+                    answer = {
+                        "role": "assistant",
+                        "content": "".join(parts),
+                        "finish_reason": finish,
+                    }
+                    turns = [*filter_turns(filters, new_turns), answer]
+                    store = get_actor(CONTEXT_STORE_NAME)
+                    ref = store.append_turns.remote(tenant, conversation_id, turns, request_id)
+                    await _ask(ref)
                 yield text, n, finish
         finally:
             await inner.aclose()  # type: ignore[attr-defined]
@@ -390,26 +432,56 @@ class Backend:
 
     # -- features ------------------------------------------------------------------------
 
-    async def push_events(self, view: str, events: list[dict[str, Any]]) -> int:
-        """Store a batch of events for a feature view (all or nothing); returns how many.
-        Feature views belong to the app, not to a tenant."""
-        return int(await _ask(_feature_server().push.remote(view, events)))
+    async def push_events(self, view: str, events: list[dict[str, Any]], tenant: str) -> int:
+        """Store a batch of events for a feature view as the tenant's (all or nothing);
+        returns how many. A view's events are each tenant's own unless its ``tenants``
+        share them; an event's optional ``event_id`` makes a retried push count once.
+
+        Raises:
+            PermissionDenied: the view is shared by other tenants only.
+        """
+        return int(await _ask(_feature_server().push.remote(tenant, view, events)))
 
     async def features(
-        self, view: str, entity_ids: list[Any], as_of: float | None = None
+        self, view: str, entity_ids: list[Any], tenant: str, as_of: float | None = None
     ) -> dict[str, dict[str, Any]]:
-        """Each entity's features now (or as of ``as_of``, epoch seconds), by entity id.
-        Feature views belong to the app: any authenticated tenant may read them."""
-        return dict(await _ask(_feature_server().get.remote(view, entity_ids, as_of)))
+        """Each entity's features now (or as of ``as_of``, epoch seconds), by entity id,
+        from the events the tenant may see: its own, or those of a view it shares.
+
+        Raises:
+            PermissionDenied: the view is shared by other tenants only.
+        """
+        ref = _feature_server().get.remote(tenant, view, entity_ids, as_of)
+        return dict(await _ask(ref))
 
     # -- conversations -------------------------------------------------------------------
 
     async def append_turns(
-        self, conversation_id: str, turns: list[dict[str, Any]], tenant: str
+        self,
+        conversation_id: str,
+        turns: list[dict[str, Any]],
+        tenant: str,
+        request_id: str | None = None,
     ) -> list[int]:
-        """Append ``{"role", "content", "seq"?}`` turns durably; returns their numbers."""
+        """Append ``{"role", "content", "seq"?}`` turns durably; returns their numbers.
+
+        The turns pass the tenant's input filters first (whichever models they cover: any
+        model may read the conversation later), so what they redact is never stored in
+        clear. ``request_id``: a retry with the same id appends nothing more and returns
+        the first append's numbers.
+
+        Raises:
+            ContentBlocked: a blocking filter matched a turn. InvalidRequest: a bad turn
+            or id. Conflict: a ``seq`` or ``request_id`` already used for other turns.
+        """
+        if not isinstance(turns, list):
+            raise InvalidRequest("turns must be a list of {role, content} objects")
+        if request_id is not None:
+            request_id = check_idempotency_key(request_id, "request_id")
+        turns = filter_turns(await self._path.input_filters(tenant, None), turns)
         store = get_actor(CONTEXT_STORE_NAME)
-        return list(await _ask(store.append_turns.remote(tenant, conversation_id, turns)))
+        ref = store.append_turns.remote(tenant, conversation_id, turns, request_id)
+        return list(await _ask(ref))
 
     async def conversation(
         self, conversation_id: str, tenant: str, last: int | None = None
@@ -504,6 +576,23 @@ def _close_backend(loop: asyncio.AbstractEventLoop, thread: threading.Thread, ba
         except Exception:  # closing is best effort: the scheduler times out silent callers
             pass
         thread.join(timeout=5)
+
+
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+
+
+def check_idempotency_key(value: Any, what: str = "the Idempotency-Key") -> str:
+    """A request's idempotency key as given, or InvalidRequest naming what is allowed."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_IDEMPOTENCY_KEY_CHARS
+        or not value.isprintable()
+    ):
+        raise InvalidRequest(
+            f"{what} must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters "
+            "(a UUID, say), the same on every retry of one request"
+        )
+    return value
 
 
 def request_key(id: str) -> str:

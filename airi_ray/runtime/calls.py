@@ -831,14 +831,15 @@ class CallPath:
 
     # -- content filters ---------------------------------------------------------------
 
-    async def _filter_spec(self, tenant: str, model: str) -> dict[str, Any] | None:
+    async def _filter_spec(self, tenant: str, model: str | None) -> dict[str, Any] | None:
         spec: dict[str, Any] | None = (await self._filter_specs.get()).get(tenant)
-        if spec is None or not allows(spec["models"], model):  # the models they apply to
-            return None
+        if spec is None or (model is not None and not allows(spec["models"], model)):
+            return None  # none, or not for this model (None: whatever models they cover)
         return spec
 
-    async def _filters(self, tenant: str, model: str) -> FilterSet | None:
-        """The tenant's content filters for ``model``, compiled once per configuration."""
+    async def _filters(self, tenant: str, model: str | None) -> FilterSet | None:
+        """The tenant's content filters for ``model`` (None: whichever models they cover),
+        compiled once per configuration."""
         spec = await self._filter_spec(tenant, model)
         if spec is None:
             return None
@@ -901,12 +902,11 @@ class CallPath:
             await self._filters(tenant, model), text, where, tenant, model, rid
         )
 
-    async def redacted(self, tenant: str, model: str, text: str, where: str = "prompt") -> str:
-        """``text`` as the tenant's input filters for ``model`` hand it to the model, for
-        keeping what the model was sent (a stored conversation): not audited again, the
-        call that sent it was. Raises ContentBlocked where the call itself was refused."""
-        filters = await self._filters(tenant, model)
-        return text if filters is None else filters.check_input(text, where=where).text
+    async def input_filters(self, tenant: str, model: str | None) -> FilterSet | None:
+        """The tenant's input filters for ``model``, for keeping what a model was (or will
+        be) sent, as in a stored conversation; ``None``: the tenant's filters whichever
+        models they cover, for turns stored with no model (any model may read them later)."""
+        return await self._filters(tenant, model)
 
     async def _admit(
         self,

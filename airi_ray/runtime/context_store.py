@@ -5,7 +5,10 @@ grouped: while one commit runs, the next writes queue up and go together in the 
 (a LanceDB commit costs about the same for one row as for sixteen). Every write carries an
 idempotency key (conversation id and turn number; run id, step and node), so a retry of a
 write that was committed but not acknowledged is answered from the store and never
-duplicated; the same key with different content is a ``Conflict``.
+duplicated; the same key with different content is a ``Conflict``. An append may also
+carry the request id it belongs to (``request_id``): the id is written in each turn's
+record, so a retried request (a new append of the same turns, which would get new numbers)
+is answered with the first append's numbers, before and after a restart.
 
 Reads are scoped to the tenant: another tenant's conversation or run is "not found", like
 one that does not exist, so ids cannot be probed. Everything is also held in memory
@@ -36,6 +39,7 @@ ROLES = ("system", "user", "assistant", "tool")
 MAX_ID_CHARS = 256
 MAX_TURN_CHARS = 1_000_000
 MAX_TURNS_PER_WRITE = 256
+MAX_FINISH_CHARS = 32
 COMPACT_EVERY = 256  # commits between compactions of the log
 TRACES_KEPT = 5000  # recent traces for `airi trace`; older ones are pruned at compaction
 MAX_SPANS_PER_WRITE = 10_000
@@ -77,6 +81,42 @@ def _seq(r: Record) -> int:
     return r.seq
 
 
+def _check_turn(i: int, t: Any) -> tuple[str, str, Any, str | None]:
+    """A turn's role, content, seq (None: the next number) and the finish reason of an
+    answer, or InvalidRequest."""
+    if not isinstance(t, dict) or not {"role", "content"} <= t.keys():
+        raise InvalidRequest(f"turns[{i}] must be an object with role and content")
+    if t["role"] not in ROLES:
+        raise InvalidRequest(f"turns[{i}].role must be one of {', '.join(ROLES)}")
+    content = t["content"]
+    if not isinstance(content, str) or len(content) > MAX_TURN_CHARS:
+        raise InvalidRequest(
+            f"turns[{i}].content must be a string of at most {MAX_TURN_CHARS} characters"
+        )
+    finish = t.get("finish_reason")
+    if finish is not None and not (isinstance(finish, str) and 0 < len(finish) <= MAX_FINISH_CHARS):
+        raise InvalidRequest(
+            f"turns[{i}].finish_reason must be a string of 1 to {MAX_FINISH_CHARS} characters"
+        )
+    return t["role"], content, t.get("seq"), finish
+
+
+def _check_retry(
+    request_id: str, first: list[Record], turns: list[tuple[str, str, Any, str | None]]
+) -> None:
+    """A retried append brings the turns of the first: the same roles, and the same content
+    but for the assistant's (a retried chat answers again; the first answer is kept)."""
+    same = len(first) == len(turns) and all(
+        r.name == role and (role == "assistant" or json.loads(r.body)["content"] == content)
+        for r, (role, content, _, _) in zip(first, turns, strict=False)
+    )
+    if not same:
+        raise Conflict(
+            f"request id {request_id!r} already appended other turns to this conversation; "
+            "a retry must resend the same turns, a new request needs a new id"
+        )
+
+
 class ContextStore:
     """Durable conversations (ordered turns) and graph runs (events and checkpoints).
 
@@ -93,6 +133,8 @@ class ContextStore:
         self._log = log
         self._records: dict[Identity, Record] = {}
         self._turns: dict[tuple[str, str], dict[int, Record]] = defaultdict(dict)
+        # (tenant, conversation id, request id) -> the turns that request appended
+        self._appends: dict[tuple[str, str, str], list[Record]] = {}
         self._runs: dict[str, list[Record]] = defaultdict(list)  # run id -> events, checkpoints
         self._claims: dict[str, int] = {}  # run id -> its committed fencing token
         self._claiming: dict[str, int] = {}  # run id -> the token of a claim being committed
@@ -117,48 +159,74 @@ class ContextStore:
     # -- conversations ---------------------------------------------------------------------
 
     async def append_turns(
-        self, tenant: str, conversation_id: str, turns: list[dict[str, Any]]
+        self,
+        tenant: str,
+        conversation_id: str,
+        turns: list[dict[str, Any]],
+        request_id: str | None = None,
     ) -> list[int]:
-        """Append turns ``{"role", "content", "seq"?}`` to a conversation; returns their
+        """Append turns ``{"role", "content", "seq"?, "finish_reason"?}`` (why an answer
+        ended, kept to replay it) to a conversation; returns their
         sequence numbers once durable. A turn with a ``seq`` already stored with the same
         role and content is a retry and is not stored twice; one without ``seq`` gets the
         next number.
 
+        Args:
+            request_id: the request these turns come from (an ``Idempotency-Key``). An
+                append with a request id already appended to this conversation is a retry:
+                nothing is stored and the first append's numbers come back. The retry may
+                carry another answer (a retried chat generates again): the first is kept.
+
         Raises:
             InvalidRequest: a bad id, role, content or seq.
-            Conflict: a ``seq`` already used for different content.
+            Conflict: a ``seq`` already used for different content, or a request id
+                already used for other turns (other roles, or other non-assistant content).
         """
         _check_id("tenant", tenant)
         _check_id("conversation_id", conversation_id)
+        if request_id is not None:
+            _check_id("request_id", request_id)
         if not isinstance(turns, list) or not 0 < len(turns) <= MAX_TURNS_PER_WRITE:
             raise InvalidRequest(f"turns must be a list of 1 to {MAX_TURNS_PER_WRITE} turns")
+        checked = [_check_turn(i, t) for i, t in enumerate(turns)]
+        if request_id is not None:
+            first = self._appends.get((tenant, conversation_id, request_id))
+            if first is not None:
+                _check_retry(request_id, first, checked)
+                await self._write(first)  # waits if the first append is still committing
+                return [r.seq for r in first]
         next_seq = self._next_seq(tenant, conversation_id)
         records = []
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict) or not {"role", "content"} <= t.keys():
-                raise InvalidRequest(f"turns[{i}] must be an object with role and content")
-            if t["role"] not in ROLES:
-                raise InvalidRequest(f"turns[{i}].role must be one of {', '.join(ROLES)}")
-            content = t["content"]
-            if not isinstance(content, str) or len(content) > MAX_TURN_CHARS:
-                raise InvalidRequest(
-                    f"turns[{i}].content must be a string of at most {MAX_TURN_CHARS} characters"
-                )
-            seq = t.get("seq")
+        for i, (role, content, seq, finish) in enumerate(checked):
             if seq is None:
                 seq, next_seq = next_seq, next_seq + 1
-            body = json.dumps({"content": content}, ensure_ascii=False)
+            fields = {"content": content}
+            if request_id is not None:
+                fields["request_id"] = request_id
+            if finish is not None:
+                fields["finish_reason"] = finish
+            body = json.dumps(fields, ensure_ascii=False)
             seq = _check_seq(f"turns[{i}].seq", seq)
-            records.append(
-                Record("turn", tenant, conversation_id, seq, t["role"], body, time.time())
-            )
-        await self._write(records)
+            records.append(Record("turn", tenant, conversation_id, seq, role, body, time.time()))
+        if request_id is None:
+            await self._write(records)
+            return [r.seq for r in records]
+        key = (tenant, conversation_id, request_id)
+        self._appends[key] = records  # a retry arriving meanwhile waits for these
+        try:
+            await self._write(records)
+        except BaseException:
+            if self._appends.get(key) is records:
+                del self._appends[key]
+            raise
         return [r.seq for r in records]
 
     async def conversation(
         self, tenant: str, conversation_id: str, last: int | None = None
     ) -> list[dict[str, Any]]:
-        """The conversation's turns in order (the ``last`` ones only, if given).
+        """The conversation's turns in order (the ``last`` ones only, if given): ``seq``,
+        ``role``, ``content``, ``at`` and, for turns appended with them, ``request_id``
+        and ``finish_reason``.
 
         Raises:
             NotFound: no such conversation for this tenant.
@@ -166,10 +234,14 @@ class ContextStore:
         turns = self._turns.get((tenant, conversation_id))
         if not turns:
             raise NotFound(f"conversation {conversation_id!r} not found")
-        out = [
-            {"seq": r.seq, "role": r.name, "content": json.loads(r.body)["content"], "at": r.at}
-            for r in sorted(turns.values(), key=lambda r: r.seq)
-        ]
+        out = []
+        for r in sorted(turns.values(), key=lambda r: r.seq):
+            body = json.loads(r.body)
+            turn = {"seq": r.seq, "role": r.name, "content": body["content"], "at": r.at}
+            for extra in ("request_id", "finish_reason"):
+                if extra in body:
+                    turn[extra] = body[extra]
+            out.append(turn)
         return out[-last:] if last else out
 
     def _next_seq(self, tenant: str, conversation_id: str) -> int:
@@ -725,6 +797,12 @@ class ContextStore:
         self._records[r.identity] = r
         if r.kind == "turn":
             self._turns[(r.tenant, r.key)][r.seq] = r
+            request_id = json.loads(r.body).get("request_id")
+            if request_id is not None:
+                appended = self._appends.setdefault((r.tenant, r.key, request_id), [])
+                if all(a.identity != r.identity for a in appended):
+                    appended.append(r)
+                    appended.sort(key=lambda a: a.seq)
         elif r.kind in ("run", "checkpoint"):
             self._runs[r.key].append(r)
         elif r.kind == "claim":

@@ -50,7 +50,7 @@ from airi_ray.core.errors import (
 )
 from airi_ray.core.graph import CompiledGraph, Node, RunError, RunState
 from airi_ray.core.nodes import Features, ModelCall, PolicyCheck, Retrieve, calls_ahead
-from airi_ray.core.policy import PermissionDenied, allows
+from airi_ray.core.policy import PermissionDenied, allows, filter_turns
 from airi_ray.core.requests import (
     CallOptions,
     Usage,
@@ -148,10 +148,20 @@ class RunContext:
                 return []
             raise unwrap_error(e) from None
 
-    async def append_turns(self, conversation_id: str, turns: list[dict[str, Any]]) -> None:
-        """Append turns to one of the tenant's conversations, durably."""
+    async def append_turns(
+        self, conversation_id: str, turns: list[dict[str, Any]], request_id: str | None = None
+    ) -> None:
+        """Append turns to one of the tenant's conversations, durably, as the tenant's
+        input filters pass them (whichever models they cover), like every stored turn.
+        ``request_id``: a retry with the same id (a resumed run's node) appends nothing."""
+        filters = await self._executor._path().input_filters(self.tenant, None)
         store = self._executor._store
-        await store.append_turns.remote(self.tenant, conversation_id, turns)
+        try:
+            await store.append_turns.remote(
+                self.tenant, conversation_id, filter_turns(filters, turns), request_id
+            )
+        except ray.exceptions.RayTaskError as e:
+            raise unwrap_error(e) from None
 
     def record_grounding(self, score: float) -> None:
         """The grounding of the run's last answer (similarity to the sources it cites),
@@ -622,7 +632,8 @@ class GraphExecutor:
             for _ in range(READ_RETRIES):  # a lookup is safe to repeat while the server restarts
                 try:
                     server = get_actor(FEATURE_SERVER_NAME)
-                    return {action.output: await server.get.remote(action.view, entities)}
+                    found = await server.get.remote(run.tenant, action.view, entities)
+                    return {action.output: found}
                 except ray.exceptions.ActorUnavailableError:
                     await asyncio.sleep(0.2)
             raise ReplicaUnavailable("the feature server is restarting; retry shortly")

@@ -43,7 +43,7 @@ from airi_ray.runtime import cluster_kv
 from airi_ray.runtime.backend import Backend
 from airi_ray.runtime.calls import Generation
 from airi_ray.serve import protocol, proxy
-from airi_ray.serve.openapi import document, json_body, query
+from airi_ray.serve.openapi import document, header, json_body, query
 from airi_ray.serve.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from airi_ray.serve.schemas import FeatureEventsRequest, FeedbackRequest, GraphRunRequest
 
@@ -475,7 +475,16 @@ class Ingress:
                 return _model_card(m)
         raise ModelNotFound(f"The model `{model_id}` does not exist.")
 
-    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=json_body(ChatRequest)
+        | header(
+            "Idempotency-Key",
+            {"type": "string", "minLength": 1, "maxLength": 256},
+            "The same on every retry of one request: with a conversation_id, the exchange "
+            "is stored once, and a retry of a stored one gets its stored answer.",
+        ),
+    )
     async def chat_completions(self, request: Request) -> Response:
         tenant = await self._tenant(request)
         body: ChatRequest = await self._parsed(
@@ -490,6 +499,9 @@ class Ingress:
                 "a stored conversation keeps one answer: with conversation_id, n must be 1"
             )
         options = {"priority": body.priority, "session_id": body.session_id}
+        # A client's retry resends its Idempotency-Key: the conversation stores the exchange
+        # once. (The openai Python client sends none by itself: pass extra_headers.)
+        key = request.headers.get("idempotency-key")
         gens = []
         try:
             for j in range(n):
@@ -499,6 +511,7 @@ class Ingress:
                         body.messages,
                         tenant,
                         conversation_id=body.conversation_id,
+                        idempotency_key=key,
                         tools=plan.tools or None,
                         **protocol.choice_params(params, j).to_dict(),
                         **options,
@@ -608,7 +621,7 @@ class Ingress:
         ),
     )
     async def get_features(self, view: str, request: Request) -> dict[str, Any]:
-        await self._tenant(request)  # authenticate; feature views belong to the app
+        tenant = await self._tenant(request)
         ids = request.query_params.getlist("entity_id")
         raw = request.query_params.get("as_of")
         try:
@@ -617,14 +630,14 @@ class Ingress:
             raise InvalidRequest(f"as_of must be epoch seconds, got {raw!r}") from None
         if not ids:
             raise InvalidRequest("give one or more entity ids as ?entity_id=...&entity_id=...")
-        found = await self.backend.features(view, ids, as_of)
+        found = await self.backend.features(view, ids, tenant, as_of)
         return {"object": "features", "view": view, "as_of": as_of, "data": found}
 
     @app.post("/v1/features/{view}/events", openapi_extra=json_body(FeatureEventsRequest))
     async def push_events(self, view: str, request: Request) -> dict[str, Any]:
-        await self._tenant(request)  # authenticate; feature views belong to the app
+        tenant = await self._tenant(request)
         body: FeatureEventsRequest = await self._body(request, FeatureEventsRequest)
-        accepted = await self.backend.push_events(view, body.events)
+        accepted = await self.backend.push_events(view, body.events, tenant)
         return {"view": view, "accepted": accepted}
 
     # -- observability -------------------------------------------------------------------

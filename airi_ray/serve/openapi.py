@@ -61,6 +61,21 @@ def query(*params: tuple[str, dict[str, Any], bool]) -> dict[str, Any]:
     }
 
 
+def header(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """``openapi_extra`` for an optional request header of a route."""
+    return {
+        "parameters": [
+            {
+                "name": name,
+                "in": "header",
+                "required": False,
+                "schema": schema,
+                "description": description,
+            }
+        ]
+    }
+
+
 def document(app: FastAPI) -> dict[str, Any]:
     """The app's OpenAPI document with the declared bodies, the error responses and the
     bearer-key security added."""

@@ -30,7 +30,12 @@ class GraphRunRequest(_Body):
 
 
 class FeatureEventsRequest(_Body):
-    events: list[Any] = Field(min_length=1, max_length=10_000, description="Events to store.")
+    events: list[Any] = Field(
+        min_length=1,
+        max_length=10_000,
+        description="Events to store, as the caller's tenant's (unless the view's `tenants` "
+        "share them); an optional `event_id` per event makes a retried push count once.",
+    )
 
 
 class FeedbackRequest(_Body):

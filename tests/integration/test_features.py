@@ -3,7 +3,10 @@ point-in-time lookups, all-or-nothing batches, and state that survives a restart
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -12,9 +15,10 @@ import ray
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.graphs import END, START, Field, StateGraph, features
 from airi_ray.runtime import names
-from tests.conftest import KEY, wait_for
+from tests.conftest import KEY, OTHER_KEY, wait_for
 
 HEADERS = {"Authorization": f"Bearer {KEY}"}
+OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
 
 
 def test_windowed_features_and_point_in_time_lookups(client) -> None:
@@ -95,3 +99,72 @@ def test_features_survive_a_restart_and_serve_graph_nodes(client) -> None:
     client.register_graph(g.compile())
     result = client.run_graph("user-features", {"user": user})
     assert result["state"]["f"][user]["orders_5m"] == 1
+
+
+def test_a_tenant_reads_none_of_another_tenants_events(airi_app) -> None:
+    """Issue 21 item 8: a view with no ``tenants:`` keeps each tenant's events apart."""
+    customer = f"c-{time.time_ns()}"
+    base = f"{airi_app.base_url}/v1/features/orders"
+    event = {"user": customer, "ts": time.time() - 1, "amount": 40.0}
+    r = httpx.post(f"{base}/events", json={"events": [event]}, headers=HEADERS)
+    assert r.status_code == 200, r.text
+    mine = httpx.get(base, params={"entity_id": customer}, headers=HEADERS).json()
+    assert mine["data"][customer]["last_amount"] == 40.0
+    theirs = httpx.get(base, params={"entity_id": customer}, headers=OTHER)
+    assert theirs.status_code == 200, theirs.text
+    assert theirs.json()["data"][customer] == {
+        "orders_5m": 0,
+        "spend_1h": 0,
+        "last_amount": None,
+    }
+
+
+@pytest.fixture
+def shared_view(airi_app) -> Iterator[str]:
+    """Deploy a view shared by tenant-a only for one test, then restore the spec."""
+    controller = names.get_actor(names.CONTROLLER_NAME)
+    spec: dict[str, Any] = copy.deepcopy(airi_app.spec)
+    view = copy.deepcopy(spec["features"][0]) | {"name": "team_orders", "tenants": ["tenant-a"]}
+    spec["features"].append(view)
+    ray.get(controller.deploy.remote(spec))
+    yield "team_orders"
+    ray.get(controller.deploy.remote(airi_app.spec))
+
+
+def test_a_shared_view_refuses_the_tenants_it_does_not_name(airi_app, shared_view) -> None:
+    base = f"{airi_app.base_url}/v1/features/{shared_view}"
+    event = {"user": "c1", "ts": time.time() - 1, "amount": 2.0}
+    assert httpx.post(f"{base}/events", json={"events": [event]}, headers=HEADERS).is_success
+    for r in (
+        httpx.get(base, params={"entity_id": "c1"}, headers=OTHER),
+        httpx.post(f"{base}/events", json={"events": [event]}, headers=OTHER),
+    ):
+        assert r.status_code == 403, r.text
+        error = r.json()["error"]
+        assert error["type"] == "permission_error" and error["code"] == "feature_view_not_allowed"
+        assert "'team_orders'" in error["message"] and "tenant-a" in error["message"]
+
+
+def test_a_retried_push_with_one_event_id_counts_once(airi_app, client) -> None:
+    customer = f"e-{time.time_ns()}"
+    base = f"{airi_app.base_url}/v1/features/orders"
+    event = {"user": customer, "ts": time.time() - 1, "amount": 5.0, "event_id": f"{customer}-1"}
+    for _ in range(2):  # the first push, and its retry
+        r = httpx.post(f"{base}/events", json={"events": [event]}, headers=HEADERS)
+        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    assert client.features("orders", [customer])[customer]["orders_5m"] == 1
+    # Also once the server restarted: the ids are stored with the events.
+    ray.kill(names.get_actor(names.FEATURE_SERVER_NAME), no_restart=False)
+
+    def pushed() -> int:
+        try:
+            return client.push_events("orders", [event])
+        except Exception:
+            return 0
+
+    assert wait_for(pushed, what="the restarted feature server") == 1
+    assert client.features("orders", [customer])[customer] == {
+        "orders_5m": 1,
+        "spend_1h": 5.0,
+        "last_amount": 5.0,
+    }

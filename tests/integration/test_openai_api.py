@@ -134,3 +134,28 @@ def test_metrics_are_labelled_by_model_and_tenant(oai, airi_app) -> None:
         "airi_http_responses_total",
     ):
         assert needle in text, needle
+
+
+def test_a_retried_chat_with_one_idempotency_key_stores_the_exchange_once(oai, client) -> None:
+    """The openai client resends its extra headers on every retry: a chat with a
+    conversation_id and an Idempotency-Key, sent twice, is stored once and answered once."""
+    import time
+
+    conversation = f"conv-oai-{time.time_ns()}"
+    args = dict(
+        model="tiny-chat",
+        messages=CHAT,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"conversation_id": conversation},
+        extra_headers={"Idempotency-Key": f"oai-{time.time_ns()}"},
+    )
+    first = oai.chat.completions.create(**args)
+    again = oai.chat.completions.create(**args)
+    # The retry is answered from the store: the same answer, no model call (no prompt read).
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.choices[0].finish_reason == first.choices[0].finish_reason
+    assert again.usage.prompt_tokens == 0
+    turns = client.conversation(conversation)
+    assert [t["role"] for t in turns] == ["user", "assistant"]
+    assert turns[1]["content"] == first.choices[0].message.content

@@ -208,6 +208,64 @@ def test_a_stored_conversation_keeps_what_the_filters_redacted(airi_app, filter_
     assert "jane.doe@example.com" not in user["content"] and "please" in user["content"]
 
 
+def test_every_stored_turn_passes_the_filters_and_a_retry_is_stored_once(
+    airi_app, filter_tenant_b
+) -> None:
+    """Issue 21 item 3: the tenant's ``email: redact`` filter on, a chat with a
+    conversation_id stores the user's turn redacted, a retried chat with the same
+    Idempotency-Key stores the exchange once, and an explicit append is redacted too."""
+    import time
+
+    import airi_ray as airi
+    from tests.conftest import wait_for
+
+    filter_tenant_b({"email": "redact", "blocklist": ["zzyzx"]})
+    probe = {"model": "tiny-chat", "messages": [{"role": "user", "content": "zzyzx"}]}
+    wait_for(
+        lambda: post(airi_app, "/v1/chat/completions", probe).status_code == 400,
+        timeout=30,
+        what="tenant-b's filters to apply",
+    )
+    conversation = f"conv-idem-{time.time_ns()}"
+    body = {
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": "write to jane.doe@example.com"}],
+        "max_tokens": 4,
+        "conversation_id": conversation,
+    }
+    key = {"Authorization": f"Bearer {OTHER_KEY}", "Idempotency-Key": f"k-{time.time_ns()}"}
+    url = f"{airi_app.base_url}/v1/chat/completions"
+    first = httpx.post(url, json=body, headers=key, timeout=60)
+    assert first.status_code == 200, first.text
+    retry = httpx.post(url, json=body, headers=key, timeout=60)  # what a client's retry sends
+    assert retry.status_code == 200, retry.text
+    answer = first.json()["choices"][0]["message"]["content"]
+    assert retry.json()["choices"][0]["message"]["content"] == answer  # from the store
+    changed = {**body, "messages": [{"role": "user", "content": "something else"}]}
+    reused = httpx.post(url, json=changed, headers=key, timeout=60)
+    assert reused.status_code == 409 and "Idempotency-Key" in reused.json()["error"]["message"]
+    store = names.get_actor(names.CONTEXT_STORE_NAME)
+    turns = ray.get(store.conversation.remote("tenant-b", conversation, None))
+    assert [t["role"] for t in turns] == ["user", "assistant"]
+    assert turns[0]["content"] == "write to [EMAIL]"
+    # A new key is a new exchange; a bad key is refused, naming what is allowed.
+    other = {**key, "Idempotency-Key": f"k2-{time.time_ns()}"}
+    assert httpx.post(url, json=body, headers=other, timeout=60).status_code == 200
+    assert len(ray.get(store.conversation.remote("tenant-b", conversation, None))) == 4
+    bad = httpx.post(url, json=body, headers={**key, "Idempotency-Key": "x" * 300}, timeout=60)
+    assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]["message"]
+    # Turns appended through the client pass the same filters, once per request id.
+    client = airi.connect("auto", api_key=OTHER_KEY)
+    try:
+        turn = [{"role": "user", "content": "cc bob@example.org"}]
+        seqs = client.append_turns(conversation, turn, request_id="append-1")
+        assert client.append_turns(conversation, turn, request_id="append-1") == seqs
+        stored = client.conversation(conversation)
+        assert stored[-1]["content"] == "cc [EMAIL]" and len(stored) == 5
+    finally:
+        client.close()
+
+
 def test_content_filters_block_prompts_and_redact_streamed_answers(
     airi_app, filter_tenant_b, client
 ) -> None:

@@ -54,6 +54,76 @@ def test_a_retried_write_is_stored_once(make_log: Any) -> None:
         run(restarted.append_turns("t1", "c1", [{**turn, "content": "other"}]))
 
 
+def test_a_retried_request_appends_its_turns_once(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+    question = {"role": "user", "content": "where is my order?"}
+    first = [question, {"role": "assistant", "content": "on its way", "finish_reason": "stop"}]
+    assert run(store.append_turns("t1", "c1", first, request_id="idem-1")) == [0, 1]
+    # The retried chat answered again, differently: the first answer is kept.
+    retry = [question, {"role": "assistant", "content": "it shipped"}]
+    assert run(store.append_turns("t1", "c1", retry, request_id="idem-1")) == [0, 1]
+    # Another request with the same words is a new exchange.
+    assert run(store.append_turns("t1", "c1", first, request_id="idem-2")) == [2, 3]
+    restarted = ContextStore(log=make_log())
+    assert run(restarted.append_turns("t1", "c1", retry, request_id="idem-1")) == [0, 1]
+    turns = run(restarted.conversation("t1", "c1"))
+    assert [t["content"] for t in turns] == ["where is my order?", "on its way"] * 2
+    assert [t.get("request_id") for t in turns] == ["idem-1"] * 2 + ["idem-2"] * 2
+    assert [t.get("finish_reason") for t in turns] == [None, "stop"] * 2
+    # The request id is the tenant's and the conversation's: elsewhere it is new.
+    assert run(restarted.append_turns("t2", "c1", first, request_id="idem-1")) == [0, 1]
+    assert run(restarted.append_turns("t1", "c2", first, request_id="idem-1")) == [0, 1]
+
+
+def test_a_request_id_reused_for_other_turns_is_a_conflict(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+    run(store.append_turns("t1", "c1", [{"role": "user", "content": "a"}], request_id="r"))
+    for other in (
+        [{"role": "user", "content": "b"}],
+        [{"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+    ):
+        with pytest.raises(Conflict, match="request id 'r' already appended other turns"):
+            run(store.append_turns("t1", "c1", other, request_id="r"))
+    assert len(run(ContextStore(log=make_log()).conversation("t1", "c1"))) == 1
+    with pytest.raises(InvalidRequest, match="request_id must be a string"):
+        run(store.append_turns("t1", "c1", [{"role": "user", "content": "a"}], request_id=""))
+
+
+def test_concurrent_retries_of_one_request_store_it_once(make_log: Any) -> None:
+    store = ContextStore(log=make_log())
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+    async def both() -> list[list[int]]:
+        return list(
+            await asyncio.gather(
+                *[store.append_turns("t1", "c1", turns, request_id="same") for _ in range(3)]
+            )
+        )
+
+    assert run(both()) == [[0, 1]] * 3
+    assert len(run(ContextStore(log=make_log()).conversation("t1", "c1"))) == 2
+
+
+def test_a_failed_commit_leaves_the_request_id_free(tmp_path: Path) -> None:
+    class Failing(MemoryRecordLog):
+        fail = True
+
+        def append(self, records: list[Any]) -> None:
+            if self.fail:
+                raise OSError("disk full")
+            super().append(records)
+
+    log = Failing()
+    store = ContextStore(log=log)
+    turns = [{"role": "user", "content": "hi"}]
+    with pytest.raises(RuntimeError, match="could not commit"):
+        run(store.append_turns("t1", "c1", turns, request_id="r"))
+    log.fail = False
+    assert run(store.append_turns("t1", "c1", turns, request_id="r")) == [0]
+    assert len(run(store.conversation("t1", "c1"))) == 1
+
+
 def test_concurrent_writes_are_grouped_and_all_durable(make_log: Any) -> None:
     store = ContextStore(log=make_log())
 
@@ -175,6 +245,7 @@ def test_claims_are_checked(make_log: Any) -> None:
         ([{"role": "user", "content": 5}], "content must be a string"),
         ([{"role": "user", "content": "x", "seq": -1}], "non-negative integer"),
         ([{"role": "user", "content": "x", "seq": 1}] * 2, "twice"),
+        ([{"role": "assistant", "content": "x", "finish_reason": 3}], "finish_reason must be"),
     ],
 )
 def test_bad_turns_are_refused_and_nothing_is_written(

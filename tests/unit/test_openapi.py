@@ -50,3 +50,6 @@ def test_routes_ask_for_the_bearer_key_and_say_how_errors_look() -> None:
         "entity_id": True,
         "as_of": False,
     }
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert [(p["name"], p["in"]) for p in chat["parameters"]] == [("Idempotency-Key", "header")]
+    assert "requestBody" in chat

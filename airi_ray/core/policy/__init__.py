@@ -35,6 +35,7 @@ from airi_ray.core.policy.filters import (
     FilterResult,
     FilterSet,
     StreamFilter,
+    filter_turns,
     iban_valid,
     luhn_valid,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "TokenBucket",
     "Usage",
     "allows",
+    "filter_turns",
     "finding_events",
     "hash_key",
     "iban_valid",

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from airi_ray.core.policy.audit import ACTIONS, Action, Finding
 from airi_ray.core.policy.errors import ContentBlocked
@@ -492,3 +493,32 @@ def _replace(text: str, spans: tuple[tuple[int, int], ...], replacement: str) ->
         pos = end
     pieces.append(text[pos:])
     return "".join(pieces)
+
+
+# Where a stored turn is checked: tool output as a retrieved document, the rest as prompt.
+TURN_WHERE = {"tool": "document"}
+
+
+def filter_turns(
+    filters: FilterSet | None, turns: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Conversation turns as the tenant's input filters hand them on, for storing: a
+    redacted item is never written in clear. Tool output is checked as a document, every
+    other turn as prompt, as a chat call checks them; other keys (``seq``) are kept, and a
+    turn that is not an object with text content is left as it is, for the store to refuse.
+
+    Raises:
+        ContentBlocked: a blocking rule matched a turn (it would never reach a model).
+    """
+    out: list[Any] = []
+    for t in turns:
+        if filters is None or not isinstance(t, Mapping):
+            out.append(dict(t) if isinstance(t, Mapping) else t)
+            continue
+        content = t.get("content")
+        if not isinstance(content, str):
+            out.append(dict(t))
+            continue
+        where = TURN_WHERE.get(str(t.get("role")), "prompt")
+        out.append({**t, "content": filters.check_input(content, where=where).text})
+    return out
