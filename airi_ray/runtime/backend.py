@@ -451,8 +451,9 @@ class Backend:
         Raises:
             PermissionDenied: the view is shared by other tenants only.
         """
-        ref = _feature_server().get.remote(tenant, view, entity_ids, as_of)
-        return dict(await _ask(ref))
+        return dict(
+            await _ask_read(lambda: _feature_server().get.remote(tenant, view, entity_ids, as_of))
+        )
 
     # -- conversations -------------------------------------------------------------------
 
@@ -647,6 +648,19 @@ def _read(call: Callable[[], Any], timeout_s: float = 60.0) -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+async def _ask_read(call: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+    """``_ask`` a read-only actor call, again while the actor restarts (``_read``'s async
+    twin): a read during a restart waits for it instead of failing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await _ask(call())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def _ask(ref: Any) -> Any:
