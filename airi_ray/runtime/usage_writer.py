@@ -10,13 +10,14 @@ down for long) the oldest records are dropped and counted, never the caller bloc
 
 What a kill loses: the records not yet written, i.e. at most ``interval_s`` of usage (one
 write's latency for an urgent record). Old records are pruned (``keep_since``) and the
-table compacted every ``maintain_every_s``.
+table compacted when the writer starts and every ``maintain_every_s`` after.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 INTERVAL_S = 0.1
 MAX_BATCH = 1024
 MAX_BUFFER = 200_000
-MAINTAIN_EVERY_S = 600.0
+MAINTAIN_EVERY_S = 120.0  # ~1,000 one-batch fragments at most between compactions
 _BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -64,7 +65,7 @@ class UsageWriter:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.maintain_every_s = maintain_every_s
-        self._maintained = time.time()
+        self._maintained = -math.inf  # first thing after a (re)start: what piled up before
         self.written = 0
         self.dropped = 0
         self.failures = 0
