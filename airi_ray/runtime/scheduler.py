@@ -386,7 +386,10 @@ class GlobalScheduler:
                 results[rid] = e
                 continue
             self._admissions[rid] = admission
-            self._record("open", rid, admission, admission.estimate_tokens, 0)
+            if entered is None or self.policy.policy(request.tenant).tpm is not None:
+                # Its prompt estimate, for a tokens/minute bucket rebuilt while it runs; an
+                # entered call's slot is recorded already.
+                self._record("open", rid, admission, admission.estimate_tokens, 0)
             self.callers.add(caller_id, rid, now)
             results[rid] = None
             self._wait(request.request_id, caller_id, now)

@@ -54,7 +54,7 @@ def test_a_spent_budget_is_still_spent_after_a_restart(tmp_path: Path) -> None:
     s = start(tmp_path, budget_tokens=400)
     call(s, "r1", 100, 187)
     call(s, "r2", 40, 33)  # 360: 90% of the budget
-    assert s.usage is not None and s.usage.pending() == 6  # per call: entered, admitted, settled
+    assert s.usage is not None and s.usage.pending() == 4  # per call: entered, settled
     s.usage.flush()
     restarted = start(tmp_path, budget_tokens=400)
     assert restarted.policy.usage("t", time.time()).budget_spent == 360
@@ -79,7 +79,7 @@ def test_a_tenant_near_its_budget_has_its_usage_written_at_once(tmp_path: Path) 
     s.usage.add = spy  # type: ignore[method-assign]
     call(s, "r1", 100, 100)  # 200: half the budget, the interval will do
     call(s, "r2", 100, 50)  # 350: 87.5%, its settle is written at once
-    assert flags == [False, False, False, False, False, True]
+    assert flags == [False, False, False, True]
 
 
 def test_calls_in_flight_at_the_restart_keep_their_concurrency_slots(tmp_path: Path) -> None:
@@ -158,3 +158,16 @@ def test_an_unreadable_storage_leaves_accounting_in_memory_and_asks_again(
     s.set_replicas("m", [ReplicaView("m-0", "m", max_concurrency=1)], [])
     assert s.usage is None and s.needs_config("v1")  # the controller configures it again
     call(s, "r1", 5, 5)  # serving goes on meanwhile
+
+
+def test_a_running_calls_prompt_still_counts_for_tokens_per_minute(tmp_path: Path) -> None:
+    s = start(tmp_path, tpm=1000)
+    assert s.enter("c", [AcquireRequest("a", "m", "t")]) == [None]
+    [lease] = s.acquire("c", [AcquireRequest("a", "m", "t", 900, 10)])
+    assert isinstance(lease, Lease)
+    assert s.usage is not None
+    s.usage.flush()  # killed while a runs: its 900 prompt tokens were charged at admission
+    r = start(tmp_path, tpm=1000)
+    assert r.enter("c", [AcquireRequest("b", "m", "t")]) == [None]
+    [error] = r.acquire("c", [AcquireRequest("b", "m", "t", 500, 10)])
+    assert isinstance(error, AiriError) and error.rule == "tpm"
