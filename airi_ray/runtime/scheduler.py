@@ -350,6 +350,8 @@ class GlobalScheduler:
         for request in requests:
             rid = request.request_id
             self._arrivals[request.model].add(now, 1)
+            if self._orphans.pop(rid, None) is not None or self._adopted.pop(rid, None) is not None:
+                self._entered[rid] = now  # entered at the previous process: its slot is held
             entered = self._admissions.get(rid) if self._entered.pop(rid, None) else None
             try:
                 if entered is None:  # else checked at the door

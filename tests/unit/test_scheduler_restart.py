@@ -171,3 +171,18 @@ def test_a_running_calls_prompt_still_counts_for_tokens_per_minute(tmp_path: Pat
     assert r.enter("c", [AcquireRequest("b", "m", "t")]) == [None]
     [error] = r.acquire("c", [AcquireRequest("b", "m", "t", 500, 10)])
     assert isinstance(error, AiriError) and error.rule == "tpm"
+
+
+def test_a_call_entered_before_the_restart_is_acquired_in_its_held_slot(tmp_path: Path) -> None:
+    s = start(tmp_path, max_concurrent=1)
+    assert s.enter("c", [AcquireRequest("a", "m", "t")]) == [None]
+    assert s.usage is not None
+    s.usage.flush()  # killed while the caller tokenizes a's prompt
+    r = start(tmp_path, max_concurrent=1)
+    [lease] = r.acquire("c", [AcquireRequest("a", "m", "t", 10, 5)])
+    assert isinstance(lease, Lease)  # not refused for the slot it holds itself
+    assert r.policy.in_flight("t") == 1 and r.usage_stats()["orphans"] == 0
+    r._sweep_orphans(time.monotonic() + scheduler_module.ORPHAN_GRACE_S + 1)
+    assert r.policy.in_flight("t") == 1  # still a's: no sweep settles it
+    r.release([("a", {"prompt_tokens": 10, "completion_tokens": 5}, False)], "c")
+    assert r.policy.in_flight("t") == 0 and r.outstanding()["admissions"] == 0
