@@ -68,9 +68,12 @@ FAIRNESS_WINDOW_S = 300.0  # service that restores the VTC counters
 OPEN_HORIZON_S = 3600.0  # an open admission older than this is not taken to be running
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
+class UsageRecord(NamedTuple):
     """One admission (``open``) or one settled call (``settle``) of a tenant.
+
+    A named tuple, not a dataclass: the scheduler makes two per call on its hot path, and
+    a tuple is what the log writes. The scheduler makes them from its own admissions, so
+    they are not validated here (``rebuild`` skips an unknown kind).
 
     Attributes:
         kind: ``"open"`` when a call is admitted (its concurrency slot taken; its prompt
@@ -79,7 +82,7 @@ class UsageRecord:
         request_id: the call's id; a ``settle`` closes the ``open`` with the same id.
         tenant, model: who pays, and what was called.
         prompt_tokens, completion_tokens: real counts (``settle``) or the estimate
-            (``open``, prompt only).
+            (``open``, prompt only), never negative.
         admitted_at: when the call was admitted (wall-clock seconds).
         at: when the record was made: the admission, or the settle.
     """
@@ -92,15 +95,6 @@ class UsageRecord:
     completion_tokens: int
     admitted_at: float
     at: float
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"a usage record's kind is one of {', '.join(KINDS)}, not {self.kind}")
-        if self.prompt_tokens < 0 or self.completion_tokens < 0:
-            raise ValueError(
-                f"usage record {self.request_id}: token counts must be >= 0, got "
-                f"{self.prompt_tokens}, {self.completion_tokens}"
-            )
 
     @property
     def tokens(self) -> int:
@@ -177,7 +171,7 @@ def rebuild(
     opens: dict[str, UsageRecord] = {}
     settles: dict[str, UsageRecord] = {}
     for r in records:
-        if r.tenant not in by_tenant or r.at > now:
+        if r.tenant not in by_tenant or r.at > now or r.kind not in KINDS:
             continue
         book = opens if r.kind == "open" else settles
         seen = book.get(r.request_id)

@@ -9,7 +9,6 @@ Appends leave a fragment each, so ``compact`` merges them now and then.
 
 from __future__ import annotations
 
-from dataclasses import astuple
 from datetime import timedelta
 
 import pyarrow as pa
@@ -49,7 +48,7 @@ class UsageLog:
         """Make ``records`` durable together (one commit), or raise with none written."""
         if not records:
             return
-        columns = list(zip(*(astuple(r) for r in records), strict=True))
+        columns = list(zip(*records, strict=True))
         self._table.add(pa.Table.from_arrays([list(c) for c in columns], schema=SCHEMA))
 
     def load(self, since: float = float("-inf")) -> list[UsageRecord]:
