@@ -2,9 +2,10 @@
 
 The scheduler keeps budgets, the requests/minute and tokens/minute buckets, the VTC
 fairness counters and the tenants' admissions in flight in memory (``policy.engine``,
-``fairness``). It also writes, in batches, one ``UsageRecord`` per admission (``open``)
-and one per settled call (``settle``); a restarted scheduler loads the records still
-needed and ``rebuild`` turns them into what to restore:
+``fairness``). It also writes, in batches, one ``UsageRecord`` per admission (``open``;
+for a tenant with a tokens/minute limit a second one once the prompt is counted) and one
+per settled call (``settle``); a restarted scheduler loads the records still needed and
+``rebuild`` turns them into what to restore:
 
 - **Budgets**: a tenant's spent tokens in its current budget window are the sum of its
   ``settle`` records in that window (``floor(at / period) * period``, as ``Budget``
