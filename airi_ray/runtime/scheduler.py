@@ -41,7 +41,7 @@ from airi_ray.core.requests import Usage, cap_priority
 from airi_ray.core.scheduling import AcquireRequest, Lease, ReplicaView, Scheduler
 from airi_ray.core.stats import RateWindow, SampleWindow, percentile
 from airi_ray.data.usage import UsageLog
-from airi_ray.obs.metrics import RuntimeMetrics
+from airi_ray.obs.metrics import RuntimeMetrics, UsageLogCollector
 from airi_ray.runtime.outbox import Outbox
 from airi_ray.runtime.usage_writer import UsageWriter
 
@@ -122,6 +122,7 @@ class GlobalScheduler:
         self._orphans: dict[str, float] = {}
         self._adopted: dict[str, float] = {}
         self._early_releases: dict[str, tuple[int, int]] = {}  # before the rebuild
+        self.metrics.registry.register(UsageLogCollector(self.usage_stats))
 
     def needs_config(self, version: str) -> bool:
         """Whether this scheduler lacks the spec ``version`` (e.g. it just restarted), or

@@ -186,3 +186,14 @@ def test_a_call_entered_before_the_restart_is_acquired_in_its_held_slot(tmp_path
     assert r.policy.in_flight("t") == 1  # still a's: no sweep settles it
     r.release([("a", {"prompt_tokens": 10, "completion_tokens": 5}, False)], "c")
     assert r.policy.in_flight("t") == 0 and r.outstanding()["admissions"] == 0
+
+
+def test_the_usage_log_writer_is_exported_as_metrics(tmp_path: Path) -> None:
+    s = start(tmp_path)
+    call(s, "r1", 5, 5)
+    text = s.metrics_text().decode()
+    assert "airi_usage_records_pending 2.0" in text
+    assert "airi_usage_records_written_total 0.0" in text
+    assert s.usage is not None and s.usage.flush() == 2
+    assert "airi_usage_records_written_total 2.0" in s.metrics_text().decode()
+    assert "airi_usage_records" not in GlobalScheduler().metrics_text().decode()
