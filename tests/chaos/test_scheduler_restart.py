@@ -118,6 +118,9 @@ def test_a_budget_spent_to_90_percent_still_refuses_after_a_kill(airi_app, tenan
 
     after_restart = 0
     while True:
+        # The previous call's release is charged first (releases are sent in batches):
+        # the question is whether the call after it is refused.
+        wait_for(settled, timeout=30, what="the last call to be charged")
         current = spent()
         assert current is not None
         r = chat(airi_app)
