@@ -133,13 +133,33 @@ def budget_window_start(period_s: float, now: float) -> float:
     return math.floor(now / period_s) * period_s
 
 
+def recent_since(now: float) -> float:
+    """The oldest ``at`` whose records a rebuild needs one by one (rate charges, service,
+    open admissions); before it, only each budget's total counts (``earlier_windows``)."""
+    return now - max(RATE_HORIZON_S, FAIRNESS_WINDOW_S, OPEN_HORIZON_S)
+
+
+def earlier_windows(policies: Iterable[TenantPolicy], now: float) -> dict[str, float]:
+    """Per tenant whose budget window began before ``recent_since(now)``: that start. Its
+    settled tokens from there to ``recent_since`` are a total the storage can sum (see
+    ``rebuild``'s ``earlier``), instead of a day's records read one by one."""
+    recent = recent_since(now)
+    out = {}
+    for p in policies:
+        if p.budget_tokens is not None:
+            start = budget_window_start(p.budget_period_s, now)
+            if start < recent:
+                out[p.name] = start
+    return out
+
+
 def keep_since(policies: Iterable[TenantPolicy], now: float) -> float:
     """The oldest ``at`` a rebuild at ``now`` reads: records before it may be pruned.
 
     The longest of: each budget's current window, the rate horizon, the fairness window
     and the open horizon.
     """
-    since = now - max(RATE_HORIZON_S, FAIRNESS_WINDOW_S, OPEN_HORIZON_S)
+    since = recent_since(now)
     for p in policies:
         if p.budget_tokens is not None:
             since = min(since, budget_window_start(p.budget_period_s, now))
@@ -152,6 +172,8 @@ def rebuild(
     now: float,
     *,
     output_weight: float = 2.0,
+    since: float = -math.inf,
+    earlier: Mapping[str, int] | None = None,
 ) -> Accounting:
     """Turn the usage records into the accounting state at ``now``.
 
@@ -162,6 +184,11 @@ def rebuild(
             an unknown tenant is refused anyway).
         now: wall-clock seconds.
         output_weight: the scheduler's cost of an output token in the VTC counters.
+        since, earlier: to read fewer records: ``records`` are only those made at or
+            after ``since`` (older ones are ignored), and ``earlier`` gives per tenant its
+            settled tokens in its budget window before ``since`` (``earlier_windows``
+            names the windows; the storage sums them). ``since`` should be
+            ``recent_since(now)`` or older.
 
     Raises:
         ValueError: ``output_weight`` is negative.
@@ -172,7 +199,7 @@ def rebuild(
     opens: dict[str, UsageRecord] = {}
     settles: dict[str, UsageRecord] = {}
     for r in records:
-        if r.tenant not in by_tenant or r.at > now or r.kind not in KINDS:
+        if r.tenant not in by_tenant or r.at > now or r.at < since or r.kind not in KINDS:
             continue
         book = opens if r.kind == "open" else settles
         seen = book.get(r.request_id)
@@ -180,6 +207,10 @@ def rebuild(
             book[r.request_id] = r
 
     spent: dict[str, int] = defaultdict(int)
+    for tenant, tokens in (earlier or {}).items():
+        p = by_tenant.get(tenant)
+        if p is not None and p.budget_tokens is not None and tokens:
+            spent[tenant] += tokens
     events: dict[str, list[RateEvent]] = defaultdict(list)
     service: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     rate_since = now - RATE_HORIZON_S

@@ -9,9 +9,11 @@ Appends leave a fragment each, so ``compact`` merges them now and then.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from airi_ray.core.accounting import UsageRecord
 
@@ -60,6 +62,32 @@ class UsageLog:
             rows = table.search().where(f"at >= {float(since)!r}").limit(None).to_arrow()
         cols = [rows.column(n).to_pylist() for n in _FIELDS]
         return [UsageRecord(*values) for values in zip(*cols, strict=True)]
+
+    def budget_totals(self, windows: Mapping[str, float], before: float) -> dict[str, int]:
+        """Per tenant of ``windows``: the tokens of its ``settle`` records made from its
+        window's start up to ``before``, summed by the storage (a day of records is not
+        read one by one). A batch written twice counts twice here."""
+        if not windows:
+            return {}
+        lo = min(windows.values())
+        rows = (
+            self._table.search()
+            .where(f"kind = 'settle' AND at >= {float(lo)!r} AND at < {float(before)!r}")
+            .select(["tenant", "prompt_tokens", "completion_tokens", "at"])
+            .limit(None)
+            .to_arrow()
+        )
+        tokens = pc.add(rows.column("prompt_tokens"), rows.column("completion_tokens"))
+        out = {}
+        for tenant, start in windows.items():
+            mask = pc.and_(
+                pc.equal(rows.column("tenant"), tenant),
+                pc.greater_equal(rows.column("at"), start),
+            )
+            total = pc.sum(pc.filter(tokens, mask)).as_py()
+            if total:
+                out[tenant] = int(total)
+        return out
 
     def prune(self, before: float) -> None:
         """Delete the records made before ``before`` (wall-clock seconds)."""

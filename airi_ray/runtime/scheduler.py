@@ -24,8 +24,10 @@ from airi_ray.core.accounting import (
     Accounting,
     Kind,
     UsageRecord,
+    earlier_windows,
     keep_since,
     rebuild,
+    recent_since,
     summarize,
 )
 from airi_ray.core.callers import CallerBook
@@ -189,9 +191,11 @@ class GlobalScheduler:
             self.usage.start()
             return
         wall = time.time()
+        since = recent_since(wall)  # older records: only their budget totals count
         try:
             log = UsageLog(uri)
-            records = log.load(keep_since(self._policies, wall))
+            records = log.load(since)
+            earlier = log.budget_totals(earlier_windows(self._policies, wall), since)
         except Exception:
             logger.exception(
                 "cannot read the usage log at %s: budgets, rate limits and fairness are in "
@@ -199,7 +203,14 @@ class GlobalScheduler:
                 uri,
             )
             return
-        acc = rebuild(records, self._policies, wall, output_weight=self.core.output_weight)
+        acc = rebuild(
+            records,
+            self._policies,
+            wall,
+            output_weight=self.core.output_weight,
+            since=since,
+            earlier=earlier,
+        )
         self.usage = UsageWriter(log, lambda now: keep_since(self._policies, now))
         self._restore(acc, wall, models)
         self.usage.start()

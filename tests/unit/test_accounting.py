@@ -10,8 +10,10 @@ from airi_ray.core.accounting import (
     OPEN_HORIZON_S,
     RATE_HORIZON_S,
     UsageRecord,
+    earlier_windows,
     keep_since,
     rebuild,
+    recent_since,
 )
 from airi_ray.core.fairness import FairQueue
 from airi_ray.core.policy import BudgetExceeded, PolicyEngine, RateLimited, TenantPolicy
@@ -275,3 +277,20 @@ def test_a_model_with_queued_requests_keeps_its_counters() -> None:
     with pytest.raises(ValueError, match="cannot restore counters"):
         s.restore_counters("m", {"a": 1.0})
     assert s.virtual_counter("m", "a") == 0.0
+
+
+def test_a_budget_total_summed_by_the_storage_equals_the_records_one_by_one() -> None:
+    policies = [TenantPolicy("a", budget_tokens=10_000), TenantPolicy("b")]
+    recent = recent_since(NOW + 5 * 3600.0)  # 06:00: the day's window began at midnight
+    now = NOW + 5 * 3600.0
+    records = [settle(f"r{i}", "a", 10, i, 100 * DAY + 600.0 * i) for i in range(40)]
+    assert earlier_windows(policies, now) == {"a": 100 * DAY}
+    whole = rebuild(records, policies, now)
+    earlier = sum(r.tokens for r in records if r.at < recent)
+    split = rebuild(
+        [r for r in records if r.at >= recent], policies, now, since=recent, earlier={"a": earlier}
+    )
+    assert split.budget_spent == whole.budget_spent and earlier > 0
+    # Records before ``since`` are not counted again, and a tenant without a budget has none.
+    again = rebuild(records, policies, now, since=recent, earlier={"a": earlier, "b": 5})
+    assert again.budget_spent == whole.budget_spent

@@ -14,6 +14,7 @@ from airi_ray.core.errors import AiriError
 from airi_ray.core.policy import BudgetExceeded
 from airi_ray.core.routing import ReplicaView
 from airi_ray.core.scheduling import AcquireRequest, Lease
+from airi_ray.data.usage import UsageLog
 from airi_ray.runtime import scheduler as scheduler_module
 from airi_ray.runtime.scheduler import GlobalScheduler
 
@@ -197,3 +198,15 @@ def test_the_usage_log_writer_is_exported_as_metrics(tmp_path: Path) -> None:
     assert s.usage is not None and s.usage.flush() == 2
     assert "airi_usage_records_written_total 2.0" in s.metrics_text().decode()
     assert "airi_usage_records" not in GlobalScheduler().metrics_text().decode()
+
+
+def test_usage_from_earlier_in_the_budget_window_counts_after_a_restart(tmp_path: Path) -> None:
+    midnight = time.time() // 86_400 * 86_400  # hours ago, unless the test runs at 00:xx
+    UsageLog(str(tmp_path)).append(
+        [
+            UsageRecord("settle", f"r{i}", "t", "m", 100, 30, midnight + i, midnight + 1 + i)
+            for i in range(3)
+        ]
+    )
+    r = start(tmp_path, budget_tokens=400)
+    assert r.policy.usage("t", time.time()).budget_spent == 390

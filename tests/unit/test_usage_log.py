@@ -117,3 +117,18 @@ def _ids(log: UsageLog) -> list[str]:
 
 def test_start_without_an_event_loop_leaves_writing_to_flush(tmp_path: Path) -> None:
     assert not UsageWriter(UsageLog(str(tmp_path)), lambda now: 0.0).start()
+
+
+def test_budget_totals_sum_each_tenants_window_before_a_time(tmp_path: Path) -> None:
+    log = UsageLog(str(tmp_path))
+    rows = [
+        UsageRecord("settle", "r1", "a", "m", 10, 5, 99.0, 100.0),  # before a's window
+        UsageRecord("settle", "r2", "a", "m", 10, 5, 199.0, 200.0),
+        UsageRecord("open", "r3", "a", "m", 99, 0, 250.0, 250.0),  # not usage
+        UsageRecord("settle", "r4", "a", "m", 1, 2, 299.0, 300.0),
+        UsageRecord("settle", "r5", "b", "m", 7, 0, 299.0, 300.0),
+        UsageRecord("settle", "r6", "a", "m", 50, 50, 399.0, 400.0),  # after ``before``
+    ]
+    log.append(rows)
+    assert log.budget_totals({"a": 150.0, "b": 0.0, "c": 0.0}, before=350.0) == {"a": 18, "b": 7}
+    assert log.budget_totals({}, before=350.0) == {}
