@@ -11,7 +11,8 @@ per settled call (``settle``); a restarted scheduler loads the records still nee
   ``settle`` records in that window (``floor(at / period) * period``, as ``Budget``
   rolls). A budget added to a tenant's policy while the scheduler runs starts at 0 in
   memory, but a restart counts every record of the window: the durable count is the
-  truth.
+  truth. Records older than ``recent_since`` are only summed (``earlier_windows``; the
+  storage adds them up), so a daily budget is not rebuilt from a day of rows one by one.
 - **Rate buckets**: ``rpm`` and ``tpm`` are token buckets, whose level is a function of
   their history. ``rate_events`` gives the charges of the last ``RATE_HORIZON_S`` seconds
   in time order (1 request at each admission; at each settle the call's real tokens, and
