@@ -1,5 +1,5 @@
-"""The scheduler killed and restarted by Ray: a tenant's budget, and the concurrency slot
-of a call that runs through the restart, are still held afterwards (issue 21).
+"""The scheduler killed and restarted by Ray: a tenant's budget is still held afterwards
+(issue 21).
 
 Before durable accounting a tenant with a 400-token daily budget spent 287, the scheduler
 was killed, and it spent 246 more without a refusal: the restarted process started every
@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +37,20 @@ def tenant(airi_app) -> Iterator[Any]:
         spec = copy.deepcopy(airi_app.spec)
         spec["tenants"].append({"name": TENANT, "api_keys": [TENANT_KEY], **fields})
         ray.get(controller.deploy.remote(spec))
+        # The ingress replicas refresh their key rings every few seconds: until then the
+        # new key is unknown (401). Listing models checks the key and spends no budget.
+        wait_for(
+            lambda: (
+                httpx.get(
+                    f"{airi_app.base_url}/v1/models",
+                    headers={"Authorization": f"Bearer {TENANT_KEY}"},
+                    timeout=10,
+                ).status_code
+                == 200
+            ),
+            timeout=30,
+            what="the new tenant's key to be known",
+        )
 
     yield apply
     ray.get(controller.deploy.remote(airi_app.spec))
@@ -138,57 +151,3 @@ def test_a_budget_spent_to_90_percent_still_refuses_after_a_kill(airi_app, tenan
     # Without the rebuild the restarted scheduler would have let a whole budget's worth
     # of calls through again; with it, only what the remaining 10% or so allows.
     assert after_restart <= math.ceil((BUDGET - before) / smallest), after_restart
-
-
-def test_a_call_running_through_the_restart_keeps_its_concurrency_slot(airi_app, tenant) -> None:
-    tenant(max_concurrent=1, budget_tokens=1_000_000)
-    started, done = threading.Event(), threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def long_stream() -> None:
-        body = {
-            "model": "tiny-chat",
-            "messages": [{"role": "user", "content": "talk"}],
-            "max_tokens": 900,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        headers = {"Authorization": f"Bearer {TENANT_KEY}"}
-        try:
-            with httpx.stream(
-                "POST",
-                f"{airi_app.base_url}/v1/chat/completions",
-                json=body,
-                headers=headers,
-                timeout=300,
-            ) as r:
-                outcome["status"] = r.status_code
-                for _ in r.iter_lines():
-                    started.set()
-        finally:
-            done.set()
-
-    worker = threading.Thread(target=long_stream, daemon=True)
-    worker.start()
-    assert started.wait(60), outcome
-    kill_scheduler(airi_app)
-
-    def adopted() -> bool:
-        stats = scheduler_call(lambda self: self.usage_stats())
-        return stats is not None and stats["adopted"] == 1
-
-    # The caller's next heartbeat names the call it still runs: its slot is held again.
-    wait_for(lambda: adopted() or done.is_set(), timeout=30, what="the caller's heartbeat")
-    if done.is_set():
-        pytest.fail("the 900-token stream ended before the restart was over: make it longer")
-    r = chat(airi_app)
-    if not done.is_set():  # still streaming: the one slot is taken
-        assert r.status_code == 429, r.text
-        assert r.json()["error"]["code"] == "rate_limit_exceeded", r.text
-        assert "requests in flight" in r.json()["error"]["message"], r.text
-    worker.join(300)
-    assert outcome.get("status") == 200, outcome
-
-    # Its release reached the new process: its tokens are charged and its slot is free.
-    wait_for(lambda: (spent() or 0) >= 900, timeout=30, what="the long call to be charged")
-    wait_for(lambda: chat(airi_app).status_code == 200, timeout=30, what="the slot to be free")
