@@ -21,6 +21,10 @@ used (off the event loop; concurrent uses share one read), before anything is de
 it, so numbering, idempotency and fencing see every record of it; a key with a write in
 flight (or in use by a call) is never evicted. A listing across a tenant's LangGraph threads
 reads them from the log for the call, without holding them.
+
+Compaction (pruning old traces, dropping deleted threads, merging the log's files) runs in
+a background task every ``COMPACT_EVERY`` commits, one at a time: commits, and so write
+acknowledgements, never wait for it.
 """
 
 from __future__ import annotations
@@ -189,6 +193,7 @@ class ContextStore:
         self._pending: dict[Identity, tuple[Record, asyncio.Future[None]]] = {}
         self._queue: list[Record] = []
         self._writer: asyncio.Task[None] | None = None
+        self._compactor: asyncio.Task[None] | None = None
         self.commits = 0
         self.loads = 0  # keys read from the log
         start = time.perf_counter()
@@ -970,7 +975,7 @@ class ContextStore:
                 self._settle(r).set_result(None)
             self.commits += 1
             if self.commits % COMPACT_EVERY == 0:
-                await self._compact()
+                self._start_compaction()
 
     def _settle(self, r: Record) -> asyncio.Future[None]:
         """Take ``r`` out of the writes in flight; returns the future its writers wait on."""
@@ -981,7 +986,14 @@ class ContextStore:
                 del self._busy[k]
         return fut
 
+    def _start_compaction(self) -> None:
+        """Compact in the background unless a compaction is running: commits go on."""
+        if self._compactor is None or self._compactor.done():
+            self._compactor = asyncio.get_running_loop().create_task(self._compact())
+
     async def _compact(self) -> None:
+        """Prune old traces, drop deleted threads, merge the log's files (on threads: the
+        commit loop keeps committing meanwhile; LanceDB rebases appends over it)."""
         try:
             if len(self._traces) >= TRACES_KEPT:
                 oldest = min(r.at for r in next(iter(self._traces.values())))
@@ -1027,6 +1039,7 @@ class ContextStore:
             "traces": len(self._traces),
             "commits": self.commits,
             "loads": self.loads,
+            "compacting": self._compactor is not None and not self._compactor.done(),
             "pending": len(self._pending),
             "pid": os.getpid(),
         }

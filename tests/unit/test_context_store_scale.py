@@ -1,10 +1,11 @@
 """The context store with a bounded hot set, on both record logs: keys evicted (or never
 read since a restart) are answered, numbered, deduplicated and fenced as held ones; start-up
-reads no more than the traces."""
+reads no more than the traces; compaction runs beside the commits, not in their way."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from airi_ray.core.errors import Conflict, Fenced
 from airi_ray.data.records import LanceRecordLog, MemoryRecordLog, Record, RecordLog
+from airi_ray.runtime import context_store
 from airi_ray.runtime.context_store import ContextStore
 
 
@@ -264,3 +266,55 @@ def test_a_by_key_read_quotes_user_ids(tmp_path: Path) -> None:
     assert [r.key for r in log.load_key(("turn",), odd, "a")] == [odd]
     with pytest.raises(ValueError, match="record kinds must be identifiers"):
         log.load_kinds(("turn' OR 1=1 --",))
+
+
+class GatedLog(CountingLog):
+    """A LanceDB log whose compaction waits until the test opens the gate."""
+
+    def __init__(self, inner: RecordLog) -> None:
+        super().__init__(inner)
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.compactions = 0
+
+    def compact(self) -> None:
+        self.started.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        self.inner.compact()
+        self.compactions += 1
+
+
+def test_writes_are_acknowledged_while_a_compaction_runs_and_none_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(context_store, "COMPACT_EVERY", 4)
+    log = GatedLog(LanceRecordLog(str(tmp_path / "state")))
+
+    async def writer(store: ContextStore, w: int, n: int, start: int) -> None:
+        for i in range(start, start + n):
+            await store.append_turns("a", f"w{w}", [user(f"{w}-{i}")])
+
+    async def go() -> ContextStore:
+        store = ContextStore(log=log, max_hot_keys=2)
+        await asyncio.gather(*[writer(store, w, 3, 0) for w in range(4)])
+        await asyncio.to_thread(log.started.wait, 10)
+        assert store.stats()["compacting"]
+        # The compaction is stuck at the gate: writes must still be acknowledged.
+        before = store.commits
+        await asyncio.wait_for(asyncio.gather(*[writer(store, w, 5, 3) for w in range(4)]), 20)
+        assert store.commits > before and store.stats()["compacting"]
+        log.gate.set()  # now a real LanceDB compaction runs while writes go on
+        await asyncio.wait_for(asyncio.gather(*[writer(store, w, 12, 8) for w in range(4)]), 60)
+        while store.stats()["compacting"]:
+            await asyncio.sleep(0.01)
+        return store
+
+    store = run(go())
+    assert log.compactions >= 1
+    assert store.commits >= 4
+    restarted = ContextStore(log=LanceRecordLog(str(tmp_path / "state")))
+    for w in range(4):
+        turns = run(restarted.conversation("a", f"w{w}"))
+        assert [t["content"] for t in turns] == [f"{w}-{i}" for i in range(20)]
+        assert [t["seq"] for t in turns] == list(range(20))
+    assert len(LanceRecordLog(str(tmp_path / "state")).load()) == 80
