@@ -10,9 +10,9 @@ never calls it, so starting costs the hot part, not the table).
 Two backends with one contract (``tests/unit/test_context_store.py`` runs the same suite on
 both): ``LanceRecordLog`` commits each batch as one LanceDB table version under a storage
 URI (a local folder or object storage), so a batch is either wholly durable or absent after
-a crash; a scalar index on ``key`` (built at the first compaction, folded in at each one)
-keeps a by-key read of a large table fast. ``MemoryRecordLog`` keeps rows in a list for the
-in-process executor and tests.
+a crash; a B-tree index on ``key`` and a bitmap on ``kind`` (built at the first compaction,
+folded in at each one) keep a by-key read and the start-up read of a large table fast.
+``MemoryRecordLog`` keeps rows in a list for the in-process executor and tests.
 """
 
 from __future__ import annotations
@@ -161,10 +161,21 @@ class LanceRecordLog:
 
     def compact(self) -> None:
         """Merge the small fragments that one-batch commits leave, fold new rows into the
-        ``key`` index (building it the first time) and drop old versions."""
-        if not any(list(i.columns) == ["key"] for i in self._table.list_indices()):
-            self._table.create_scalar_index("key", index_type="BTREE")
+        indexes (building them the first time) and drop old versions."""
+        self.index()
         self._table.optimize(cleanup_older_than=timedelta(minutes=1))
+
+    def index(self) -> None:
+        """Build the scalar indexes the targeted reads use, if missing: a B-tree on ``key``
+        (one conversation, run or thread among millions) and a bitmap on ``kind`` (the
+        traces read at start). Rows added later are searched unindexed until ``compact``."""
+        from lancedb.index import Bitmap, BTree  # lancedb only where a LanceDB log is used
+
+        indexed = {tuple(i.columns) for i in self._table.list_indices()}
+        if ("key",) not in indexed:
+            self._table.create_index("key", config=BTree())
+        if ("kind",) not in indexed:
+            self._table.create_index("kind", config=Bitmap())
 
     def prune(self, kind: str, before: float) -> None:
         if kind.isidentifier():  # a fixed record kind, never user input
