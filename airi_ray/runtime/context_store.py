@@ -214,8 +214,7 @@ class ContextStore:
         for k in keys:
             self._pins[k] += 1
         try:
-            for k in keys:
-                await self._load(k)
+            await asyncio.gather(*(self._load(k) for k in keys))  # reads side by side
             yield
         finally:
             for k in keys:
@@ -749,7 +748,9 @@ class ContextStore:
             raise InvalidRequest("filter must be an object of metadata keys and values")
         if limit is not None:
             _check_seq("limit", limit)
-        query = dict(ns=ns, checkpoint_id=checkpoint_id, filter=filter, before=before, limit=limit)
+        query: dict[str, Any] = dict(
+            ns=ns, checkpoint_id=checkpoint_id, filter=filter, before=before, limit=limit
+        )
         if thread_id is not None:
             async with self._using(("thread", tenant, thread_id)):
                 found = self._lg.listing(tenant, thread_id=thread_id, **query)
