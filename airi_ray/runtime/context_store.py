@@ -214,7 +214,13 @@ class ContextStore:
         for k in keys:
             self._pins[k] += 1
         try:
-            await asyncio.gather(*(self._load(k) for k in keys))  # reads side by side
+            # A held key is used at once, without yielding to the loop (so calls on it keep
+            # the order they came in); cold ones are read side by side.
+            cold = [k for k in keys if not self._touch(k)]
+            if len(cold) == 1:
+                await self._load(cold[0])
+            elif cold:
+                await asyncio.gather(*(self._load(k) for k in cold))
             yield
         finally:
             for k in keys:
@@ -223,9 +229,15 @@ class ContextStore:
                     del self._pins[k]
             self._evict()
 
-    async def _load(self, k: HotKey) -> None:
+    def _touch(self, k: HotKey) -> bool:
+        """Whether ``k`` is held (then it becomes the most recently used)."""
         if k in self._hot:
             self._hot.move_to_end(k)
+            return True
+        return False
+
+    async def _load(self, k: HotKey) -> None:
+        if self._touch(k):  # read by another call meanwhile
             return
         task = self._loading.get(k)
         if task is None:  # the first miss reads; concurrent misses wait for the same read
