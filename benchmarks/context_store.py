@@ -8,11 +8,13 @@ a B-tree on ``key``, a bitmap on ``kind``).
 
 - ``startup_s`` / ``rss_mb``: a new ``ContextStore`` over the table, in a fresh interpreter
   (resident memory once started, ``VmRSS``; ``rss_mb_peak`` is ``ru_maxrss`` after the cold
-  reads; ``rss_mb_imports`` is the interpreter with the modules imported, before the store). ``startup_s_full_load`` / ``rss_mb_full_load``: what
-  the store's start did before it held a bounded hot set, in the same kind of interpreter:
-  ``log.load()`` of every record into ``Record`` objects, then its index by identity and by
-  conversation (the old ``_index`` of a turn). ``startup_s_no_index``: a new store before
-  the indexes are built (its start-up read of the traces then scans ``kind``).
+  reads: LanceDB's ``open_table`` reaches it, transiently, before any read; ``rss_mb_imports``
+  is the interpreter with the modules imported, before the store). ``startup_s_full_load`` /
+  ``rss_mb_full_load``: what the store's start did before it held a bounded hot set, in the
+  same kind of interpreter: ``log.load()`` of every record into ``Record`` objects, then its
+  index by identity and by conversation (the old ``_index`` of a turn).
+  ``startup_s_no_index``: a new store before the indexes are built (its start-up read of the
+  traces then scans ``kind``).
 - ``cold_read_ms_p50`` / ``_p99``: ``conversation()`` of a conversation not held (a by-key
   read from the log), with the indexes and without them (``_no_index``).
 - ``ack_p99_ms_baseline``: ``append_turns`` of one new turn, ``WRITERS`` concurrent writers
