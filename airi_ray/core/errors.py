@@ -113,6 +113,15 @@ def _rebuild_overloaded(
     return cls(message, code=code, retry_after_s=retry_after_s)
 
 
+class StaleState(AiriError):
+    """Policy state (the API key ring) could not be refreshed for longer than it may be
+    used: the request is refused rather than judged by revoked or missing keys."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "stale_policy_state"
+
+
 class ReplicaUnavailable(AiriError):
     """No ready replica could serve the request (none deployed, or all failed)."""
 

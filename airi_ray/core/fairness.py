@@ -35,6 +35,7 @@ entries outnumber live ones, so memory stays proportional to what is queued.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
@@ -262,6 +263,26 @@ class FairQueue(Generic[T]):
         if charge:
             t.counter -= charge
             self._push_select(t)
+
+    def restore(self, counters: dict[str, float]) -> None:
+        """Set tenants' counters (a restarted scheduler's, see ``core.accounting``); only
+        before anything is queued or in flight, whose order keys depend on them.
+
+        Raises:
+            ValueError: requests are queued or in flight, or a counter is not finite.
+        """
+        if self._entries or self._active:
+            raise ValueError(
+                f"cannot restore counters with {len(self._entries)} requests queued and "
+                f"{len(self._active)} tenants in flight"
+            )
+        for tenant, counter in counters.items():
+            if not math.isfinite(counter):
+                raise ValueError(f"tenant {tenant!r}: a counter must be finite, got {counter}")
+            t = self._tenants.get(tenant)
+            if t is None:
+                t = self._tenants[tenant] = _Tenant(tenant)
+            t.counter = counter
 
     # -- internals ------------------------------------------------------------------------
 

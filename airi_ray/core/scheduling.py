@@ -710,6 +710,15 @@ class Scheduler:
         m = self._models.get(model)
         return m.queue.counter(tenant) if m is not None else 0.0
 
+    def restore_counters(self, model: str, counters: Mapping[str, float]) -> None:
+        """Set the tenants' virtual counters on ``model`` after a restart (see
+        ``core.accounting``), before any of its requests is queued.
+
+        Raises:
+            ValueError: the model has requests queued or in flight.
+        """
+        self._model(model).queue.restore(dict(counters))
+
     def stats(self, now: float) -> dict[str, ModelStats]:
         """A snapshot per model for metrics export.
 

@@ -150,6 +150,38 @@ class _SchedulerCollector(Collector):
         yield from (depth, oldest, in_flight, counter, decisions, routes, kv_tokens)
 
 
+class UsageLogCollector(Collector):
+    """Exports the scheduler's usage log writer (durable accounting), read at scrape time
+    from ``GlobalScheduler.usage_stats``: nothing while accounting is in memory only."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats()
+        if not s.get("durable"):
+            return
+        pending = GaugeMetricFamily(
+            "airi_usage_records_pending",
+            "Usage records buffered and not yet written (what a scheduler kill would lose)",
+        )
+        pending.add_metric([], float(s["pending"]))
+        written = CounterMetricFamily(
+            "airi_usage_records_written", "Usage records written to the usage log"
+        )
+        written.add_metric([], float(s["written"]))
+        dropped = CounterMetricFamily(
+            "airi_usage_records_dropped",
+            "Usage records dropped because the buffer was full (storage down for long)",
+        )
+        dropped.add_metric([], float(s["dropped"]))
+        failures = CounterMetricFamily(
+            "airi_usage_write_failures", "Failed writes of a usage batch (each retried)"
+        )
+        failures.add_metric([], float(s["failures"]))
+        yield from (pending, written, dropped, failures)
+
+
 class RuntimeMetrics:
     """Request, token, queue and engine metrics labelled by model and tenant."""
 

@@ -54,6 +54,9 @@ from airi_ray.runtime.names import (
 from airi_ray.runtime.retrieval import Retriever
 
 KEYS_TTL_S = 2.0
+# A key ring older than this is not used (503): revoked keys must not keep working while
+# the controller is unreachable. Long enough to ride out a controller restart.
+KEYS_MAX_AGE_S = 120.0
 TEMPLATE_TOKENS = 8  # chat-template tokens around one message, at most, for the models we serve
 DEFAULT_RESERVE_TOKENS = 512  # kept for the answer when a conversation call sets no max_tokens
 RESUME_ATTEMPTS = 5
@@ -94,7 +97,9 @@ class Backend:
         self._scheduler = get_actor(SCHEDULER_NAME)
         # Key records (salted hashes) refreshed every few seconds: a revoked key stops
         # working within KEYS_TTL_S everywhere, with no call to the controller per request.
-        self._auth = Cached(self._fetch_auth, KEYS_TTL_S, "the API key ring")
+        self._auth = Cached(
+            self._fetch_auth, KEYS_TTL_S, "the API key ring", max_age_s=KEYS_MAX_AGE_S
+        )
         self._retriever: Retriever | None = None
 
     @property
@@ -451,8 +456,9 @@ class Backend:
         Raises:
             PermissionDenied: the view is shared by other tenants only.
         """
-        ref = _feature_server().get.remote(tenant, view, entity_ids, as_of)
-        return dict(await _ask(ref))
+        return dict(
+            await _ask_read(lambda: _feature_server().get.remote(tenant, view, entity_ids, as_of))
+        )
 
     # -- conversations -------------------------------------------------------------------
 
@@ -647,6 +653,19 @@ def _read(call: Callable[[], Any], timeout_s: float = 60.0) -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+async def _ask_read(call: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+    """``_ask`` a read-only actor call, again while the actor restarts (``_read``'s async
+    twin): a read during a restart waits for it instead of failing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await _ask(call())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def _ask(ref: Any) -> Any:

@@ -42,6 +42,7 @@ from airi_ray.core.errors import (
     InvalidRequest,
     ModelNotFound,
     ReplicaUnavailable,
+    StaleState,
 )
 from airi_ray.core.policy import (
     AuditEvent,
@@ -202,51 +203,91 @@ class _Coalescer(Generic[T]):
             self._flush(items)
 
 
+MAX_REFRESH_BACKOFF_S = 30.0  # the longest wait between refreshes that fail
+
+
 class Cached(Generic[T]):
     """A value fetched at most once per ``ttl_s``; concurrent callers share one fetch.
 
     A stale value is returned at once while a refresh runs in the background, so a burst
     of requests neither waits for nor multiplies the fetch; ``get(fresh=True)`` waits. A
     refresh that fails keeps the stale value and says so in the log (``what`` names the
-    value there): a key ring that cannot be refreshed would otherwise keep revoked keys
-    working and refuse new ones without a word.
+    value there), and the next one waits a backoff (doubling from ``ttl_s`` up to
+    ``MAX_REFRESH_BACKOFF_S``), so an unreachable source is not asked once per request.
+
+    With ``max_age_s``, a value older than that is not served at all: ``get`` raises
+    ``StaleState`` (503) saying since when refreshes fail. A key ring that cannot be
+    refreshed would otherwise keep revoked keys working and refuse new ones for as long
+    as the controller is unreachable.
     """
 
     def __init__(
-        self, fetch: Callable[[], Awaitable[T]], ttl_s: float, what: str = "a cached value"
+        self,
+        fetch: Callable[[], Awaitable[T]],
+        ttl_s: float,
+        what: str = "a cached value",
+        max_age_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch = fetch
         self._what = what
         self._ttl_s = ttl_s
+        self._max_age_s = max_age_s
+        self._clock = clock
         self._value: T | None = None
         self._at = -math.inf
         self._task: asyncio.Future[None] | None = None
+        self._failures = 0
+        self._retry_at = -math.inf
+        self._error: BaseException | None = None
 
     async def get(self, fresh: bool = False) -> T:
-        expired = time.monotonic() - self._at > self._ttl_s
-        if (expired or fresh) and (self._task is None or self._task.done()):
+        now = self._clock()
+        due = now - self._at > self._ttl_s and now >= self._retry_at
+        if (due or fresh) and (self._task is None or self._task.done()):
             self._task = spawn(self._load())
             self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        if (fresh or self._value is None) and self._task is not None:
-            await asyncio.shield(self._task)
+        too_old = self._max_age_s is not None and now - self._at > self._max_age_s
+        if self._task is not None:
+            if fresh or self._value is None:
+                await asyncio.shield(self._task)
+            elif too_old:  # worth waiting for: it is refused otherwise
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._task)
         assert self._value is not None
+        if self._max_age_s is not None and self._clock() - self._at > self._max_age_s:
+            raise StaleState(
+                f"{self._what} could not be refreshed for {self._clock() - self._at:.0f}s "
+                f"(last error: {type(self._error).__name__}: {self._error}); it is not used "
+                f"once older than {self._max_age_s:.0f}s. Retry when the controller is back"
+            )
         return self._value
 
     async def _load(self) -> None:
         try:
             value = await self._fetch()
         except Exception as e:
+            self._failures += 1
+            self._error = e
+            backoff = min(self._ttl_s * 2**self._failures, MAX_REFRESH_BACKOFF_S)
+            self._retry_at = self._clock() + backoff
             if self._value is not None:
                 logger.warning(
-                    "refreshing %s failed, still using the one from %.0fs ago: %s: %s",
+                    "refreshing %s failed (%d in a row), still using the one from %.0fs ago; "
+                    "next try in %.1fs: %s: %s",
                     self._what,
-                    time.monotonic() - self._at,
+                    self._failures,
+                    self._clock() - self._at,
+                    backoff,
                     type(e).__name__,
                     e,
                 )
             raise
         self._value = value
-        self._at = time.monotonic()
+        self._at = self._clock()
+        self._failures = 0
+        self._retry_at = -math.inf
+        self._error = None
 
 
 # What a request's queue holds: (text, token_ids, finish_reason, error, logprobs).

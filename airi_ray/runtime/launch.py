@@ -114,7 +114,7 @@ def start_singleton(cls: type, name: str, *args: Any) -> Any:
 
 
 def get_or_start_scheduler() -> Any:
-    return start_singleton(GlobalScheduler, SCHEDULER_NAME)
+    return start_singleton(GlobalScheduler, SCHEDULER_NAME, True)  # durable accounting
 
 
 def get_or_start_context_store(uri: str) -> Any:

@@ -20,6 +20,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from airi_ray.config import ANONYMOUS_TENANT, SYSTEM_TENANT, AppSpec
+from airi_ray.core.accounting import (
+    Accounting,
+    Kind,
+    UsageRecord,
+    earlier_windows,
+    keep_since,
+    rebuild,
+    recent_since,
+    summarize,
+)
 from airi_ray.core.callers import CallerBook
 from airi_ray.core.errors import AiriError, InvalidRequest, ReplicaUnavailable
 from airi_ray.core.policy import (
@@ -32,8 +42,10 @@ from airi_ray.core.policy import (
 from airi_ray.core.requests import Usage, cap_priority
 from airi_ray.core.scheduling import AcquireRequest, Lease, ReplicaView, Scheduler
 from airi_ray.core.stats import RateWindow, SampleWindow, percentile
-from airi_ray.obs.metrics import RuntimeMetrics
+from airi_ray.data.usage import UsageLog
+from airi_ray.obs.metrics import RuntimeMetrics, UsageLogCollector
 from airi_ray.runtime.outbox import Outbox
+from airi_ray.runtime.usage_writer import UsageWriter
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +54,12 @@ SIGNAL_WINDOW_S = 30.0
 # caller leaving is not the version's fault.
 _NOT_VERSION_ERRORS = frozenset({"CancelledError", "GeneratorExit", "caller_gone", "release_lost"})
 MAX_VERSION_SAMPLES = 10_000
+# How long a call admitted by the previous process (after a restart) holds its tenant's
+# concurrency slot without any caller naming it in a heartbeat: callers beat every 2s.
+ORPHAN_GRACE_S = 20.0
+# Releases that reach a restarted scheduler before its first ``configure`` (which loads
+# the usage records): kept until then, to charge their calls' real tokens.
+MAX_EARLY_RELEASES = 10_000
 
 
 @dataclasses.dataclass
@@ -68,7 +86,7 @@ class GlobalScheduler:
     and reads the grants of its queued requests from one stream (``grants``): a waiting
     request costs the caller no Ray call of its own, however long the queue."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
         self.core = Scheduler()
         self.queue_timeout_s = 60.0
         self.metrics = RuntimeMetrics(lambda: self.core.stats(time.monotonic()))
@@ -94,10 +112,24 @@ class GlobalScheduler:
         self._versions: dict[str, dict[str, _VersionStats]] = defaultdict(
             lambda: defaultdict(_VersionStats)
         )
+        # Durable accounting (``core.accounting``): with ``durable``, every admission and
+        # settle is recorded in the storage URI's usage log, and the first ``configure``
+        # rebuilds budgets, rate buckets, VTC counters and the admissions in flight from
+        # it, so a restart forgets at most the batch not yet written.
+        self._durable = durable
+        self.usage: UsageWriter | None = None
+        self._policies: list[TenantPolicy] = []
+        # Calls the previous process admitted that may still run (after a restart): not
+        # yet named by a heartbeat (-> when their slot is given up), and named (-> when).
+        self._orphans: dict[str, float] = {}
+        self._adopted: dict[str, float] = {}
+        self._early_releases: dict[str, tuple[int, int]] = {}  # before the rebuild
+        self.metrics.registry.register(UsageLogCollector(self.usage_stats))
 
     def needs_config(self, version: str) -> bool:
-        """Whether this scheduler lacks the spec ``version`` (e.g. it just restarted)."""
-        return self.config_version != version
+        """Whether this scheduler lacks the spec ``version`` (e.g. it just restarted), or
+        its usage log could not be opened yet (then each ``configure`` tries again)."""
+        return self.config_version != version or (self._durable and self.usage is None)
 
     def configure(self, spec: dict[str, Any], version: str | None = None) -> None:
         """Apply the app spec's scheduler, tenant and model routing settings."""
@@ -140,6 +172,134 @@ class GlobalScheduler:
             policies.append(TenantPolicy(name=ANONYMOUS_TENANT))
         policies.append(TenantPolicy(name=SYSTEM_TENANT))
         self.policy.set_policies(policies)
+        self._policies = policies
+        if self._durable:
+            self._open_usage(app.storage.resolved_uri(), {m.name for m in app.models})
+
+    # -- durable accounting ----------------------------------------------------------------
+
+    def _open_usage(self, uri: str, models: set[str]) -> None:
+        """Open the usage log at ``uri``; the first time in this process, rebuild the
+        tenants' accounting from it. A storage error is logged and leaves accounting in
+        memory only until the next ``configure`` (``needs_config`` asks for one)."""
+        if self.usage is not None:
+            if self.usage.log.uri != uri:  # the spec moved the storage: write there now
+                try:
+                    self.usage.log = UsageLog(uri)
+                except Exception:
+                    logger.exception("cannot open the usage log at %s; keeping the old one", uri)
+            self.usage.start()
+            return
+        wall = time.time()
+        since = recent_since(wall)  # older records: only their budget totals count
+        try:
+            log = UsageLog(uri)
+            records = log.load(since)
+            earlier = log.budget_totals(earlier_windows(self._policies, wall), since)
+        except Exception:
+            logger.exception(
+                "cannot read the usage log at %s: budgets, rate limits and fairness are in "
+                "memory only until it can be (retried on the next configure)",
+                uri,
+            )
+            return
+        acc = rebuild(
+            records,
+            self._policies,
+            wall,
+            output_weight=self.core.output_weight,
+            since=since,
+            earlier=earlier,
+        )
+        self.usage = UsageWriter(log, lambda now: keep_since(self._policies, now))
+        self._restore(acc, wall, models)
+        self.usage.start()
+        limits = {p.name: p.budget_tokens for p in self._policies}
+        logger.info(
+            "accounting rebuilt from %d usage records: %s", len(records), summarize(acc, limits)
+        )
+
+    def _restore(self, acc: Accounting, wall: float, models: set[str]) -> None:
+        """Apply a rebuild: budgets and rate buckets, VTC counters, admissions in flight."""
+        for tenant in self.policy.tenants():
+            self.policy.restore(
+                tenant,
+                wall,
+                budget_spent=acc.budget_spent.get(tenant, 0),
+                rate_events=acc.rate_events.get(tenant, ()),
+            )
+        for model, counters in acc.counters.items():
+            if model in models:
+                try:
+                    self.core.restore_counters(model, counters)
+                except ValueError as e:  # requests came first: their order stands
+                    logger.warning("VTC counters of %s not restored: %s", model, e)
+        due = time.monotonic() + ORPHAN_GRACE_S
+        early, self._early_releases = self._early_releases, {}
+        for rid, r in acc.open.items():
+            if rid in self._admissions:
+                continue
+            admission = self.policy.adopt(r.tenant, r.model, r.prompt_tokens, r.admitted_at)
+            if admission is None:
+                continue
+            self._admissions[rid] = admission
+            if rid in early:  # its release came before the rebuild: settle it now
+                self._settle(rid, *early[rid])
+            else:
+                self._orphans[rid] = due
+
+    def _record(
+        self, kind: Kind, rid: str, admission: Admission, prompt: int, completion: int
+    ) -> None:
+        """Buffer a usage record; written at once when its tenant is near a limit."""
+        usage = self.usage
+        if usage is None:
+            return
+        wall = time.time()
+        record = UsageRecord(
+            kind,
+            rid,
+            admission.tenant,
+            admission.model,
+            max(0, prompt),
+            max(0, completion),
+            admission.admitted_at,
+            wall,
+        )
+        usage.add(record, urgent=self.policy.near_limit(admission.tenant, wall))
+
+    def _sweep_orphans(self, now: float) -> None:
+        """Give up the slots of calls of the previous process that no caller named within
+        the grace period: their release was lost with that process. They are settled with
+        their prompt estimate (their real counts went with it)."""
+        if not self._orphans:
+            return
+        gone = [rid for rid, due in self._orphans.items() if due <= now]
+        for rid in gone:
+            del self._orphans[rid]
+            admission = self._admissions.get(rid)
+            self._settle(rid, admission.estimate_tokens if admission else 0, 0)
+        if gone:
+            logger.warning(
+                "%d calls admitted before the restart were named by no caller within %gs: "
+                "their concurrency slots are free again",
+                len(gone),
+                ORPHAN_GRACE_S,
+            )
+
+    def usage_stats(self) -> dict[str, Any]:
+        """The usage log's writer: records buffered, written, dropped, failed writes; and
+        the calls of a previous process still held (named by a caller, or not yet)."""
+        u = self.usage
+        return {
+            "durable": u is not None,
+            "pending": u.pending() if u else 0,
+            "written": u.written if u else 0,
+            "dropped": u.dropped if u else 0,
+            "failures": u.failures if u else 0,
+            "orphans": len(self._orphans),
+            "adopted": len(self._adopted),
+        }
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -153,6 +313,7 @@ class GlobalScheduler:
         """
         now = time.monotonic()
         self.callers.heard(caller_id, now)
+        self._sweep_orphans(now)
         wall = time.time()
         results: list[AiriError | None] = []
         for request in requests:
@@ -167,6 +328,7 @@ class GlobalScheduler:
                 results.append(e)
                 continue
             self._admissions[rid] = admission
+            self._record("open", rid, admission, 0, 0)
             self._entered[rid] = now
             self.callers.add(caller_id, rid, now)
             results.append(None)
@@ -195,10 +357,13 @@ class GlobalScheduler:
         results: dict[str, Lease | AiriError | None] = {}
         self._callers.setdefault(caller_id, _Grants())
         self.callers.heard(caller_id, now)
+        self._sweep_orphans(now)
         wall = time.time()  # budgets reset on UTC boundaries
         for request in requests:
             rid = request.request_id
             self._arrivals[request.model].add(now, 1)
+            if self._orphans.pop(rid, None) is not None or self._adopted.pop(rid, None) is not None:
+                self._entered[rid] = now  # entered at the previous process: its slot is held
             entered = self._admissions.get(rid) if self._entered.pop(rid, None) else None
             try:
                 if entered is None:  # else checked at the door
@@ -229,12 +394,16 @@ class GlobalScheduler:
             try:
                 self.core.enqueue(request, now)
             except AiriError as e:
-                self.policy.release(admission, 0, 0, wall)
-                self._admissions.pop(rid, None)  # an entered request's
+                self._admissions[rid] = admission  # replaces an entered request's
+                self._settle(rid, 0, 0)
                 self.callers.remove(rid)
                 results[rid] = e
                 continue
             self._admissions[rid] = admission
+            if entered is None or self.policy.policy(request.tenant).tpm is not None:
+                # Its prompt estimate, for a tokens/minute bucket rebuilt while it runs; an
+                # entered call's slot is recorded already.
+                self._record("open", rid, admission, admission.estimate_tokens, 0)
             self.callers.add(caller_id, rid, now)
             results[rid] = None
             self._wait(request.request_id, caller_id, now)
@@ -287,6 +456,8 @@ class GlobalScheduler:
         grants = self._callers.setdefault(caller_id, _Grants())
         if self._expirer is None or self._expirer.done():
             self._expirer = asyncio.create_task(self._expire_loop())
+        if self.usage is not None:
+            self.usage.start()  # configure may have run without an event loop
         try:
             async for batch in grants.batches():
                 yield batch
@@ -302,6 +473,12 @@ class GlobalScheduler:
         self.callers.heard(caller_id, now)
         if held is None:
             return 0
+        if self._orphans:  # calls of the previous process this caller still runs
+            for rid in held:
+                if self._orphans.pop(rid, None) is not None:
+                    self._adopted[rid] = now
+                    self.callers.add(caller_id, rid, now)
+            self._sweep_orphans(now)
         lost = self.callers.unheld(caller_id, held, self._granted_at, now)
         if lost:
             logger.warning(
@@ -316,7 +493,9 @@ class GlobalScheduler:
     def _granted_at(self, request_id: str) -> float | None:
         """When the request's lease was granted, or it entered (a caller holds both)."""
         lease = self.core.lease(request_id)
-        return lease.granted_at if lease is not None else self._entered.get(request_id)
+        if lease is not None:
+            return lease.granted_at
+        return self._entered.get(request_id, self._adopted.get(request_id))
 
     def caller_gone(self, caller_id: str) -> int:
         """The caller is closing: take back what it still holds (a client's ``close``, an
@@ -358,6 +537,19 @@ class GlobalScheduler:
         for request_id, usage_dict, replica_failed in items:
             usage = Usage(**usage_dict)
             self.callers.remove(request_id)
+            if request_id in self._adopted or request_id in self._orphans:
+                # Admitted by the previous process: charge what it used, free its slot.
+                self._adopted.pop(request_id, None)
+                self._orphans.pop(request_id, None)
+                self._settle(request_id, usage.prompt_tokens, usage.completion_tokens)
+                continue
+            if (
+                self._durable
+                and self.usage is None
+                and request_id not in self._admissions
+                and len(self._early_releases) < MAX_EARLY_RELEASES
+            ):  # restarted and not rebuilt yet: its admission may be in the usage log
+                self._early_releases[request_id] = (usage.prompt_tokens, usage.completion_tokens)
             lease = self.core.release(request_id, usage.completion_tokens, now)
             if lease is None:
                 self._drop_waiting(request_id)
@@ -380,8 +572,10 @@ class GlobalScheduler:
     def _settle(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Charge a finished (or abandoned) call's real tokens to its tenant's limits."""
         admission = self._admissions.pop(request_id, None)
-        if admission is not None:
-            self.policy.release(admission, prompt_tokens, completion_tokens, time.time())
+        if admission is not None and self.policy.release(
+            admission, prompt_tokens, completion_tokens, time.time()
+        ):
+            self._record("settle", request_id, admission, prompt_tokens, completion_tokens)
 
     def autoscale_signals(self) -> dict[str, dict[str, Any]]:
         """Per model: queued and running tokens, TTFT p99 and requests over the last
@@ -455,7 +649,11 @@ class GlobalScheduler:
     def _drop_waiting(self, request_id: str) -> str | None:
         """Take a request out of its queue; returns its caller."""
         self.callers.remove(request_id)
-        if self.core.cancel(request_id) or self._entered.pop(request_id, None) is not None:
+        if (
+            self.core.cancel(request_id)
+            or self._entered.pop(request_id, None) is not None
+            or self._adopted.pop(request_id, None) is not None
+        ):
             self._settle(request_id, 0, 0)
         waiting = self._waiting.pop(request_id, None)
         return waiting[0] if waiting else None
@@ -487,6 +685,7 @@ class GlobalScheduler:
         while self._callers or len(self.callers):
             await asyncio.sleep(1.0)
             now = time.monotonic()
+            self._sweep_orphans(now)
             for caller in self.callers.expired(now):
                 self._take_back(caller, f"was silent for over {self.callers.ttl_s:g}s")
             while self._expiry and self._expiry[0][0] <= now:

@@ -353,6 +353,65 @@ class PolicyEngine:
             state.budget.charge(used, now)
         return True
 
+    def restore(
+        self,
+        tenant: str,
+        now: float,
+        *,
+        budget_spent: int = 0,
+        rate_events: Iterable[tuple[float, int, int]] = (),
+    ) -> bool:
+        """Set a tenant's counters from its durable usage, after a restart (see
+        ``core.accounting``): the budget's current window has ``budget_spent`` tokens
+        spent, and the rpm and tpm buckets are refilled and charged with ``rate_events``
+        ``(at, requests, tokens)`` in time order, from full. Returns False (and does
+        nothing) for a tenant without a policy.
+        """
+        state = self._tenants.get(tenant)
+        if state is None:
+            return False
+        p = state.policy
+        if state.budget is not None:
+            state.budget.exhausted(now)  # rolls the window to ``now``'s
+            state.budget.spent = max(0, budget_spent)
+        state.rpm, state.tpm = _bucket(p.rpm), _bucket(p.tpm)
+        for at, requests, tokens in rate_events:
+            if state.rpm is not None and requests:
+                state.rpm.charge(requests, at)
+            if state.tpm is not None and tokens:
+                state.tpm.charge(tokens, at)
+        return True
+
+    def adopt(
+        self, tenant: str, model: str, prompt_tokens: int, admitted_at: float
+    ) -> Admission | None:
+        """Hold a concurrency slot again for a call admitted by a previous process that may
+        still run (its ``open`` record has no ``settle``), without checking any limit: it
+        was admitted already. ``release`` settles it as usual. None for a tenant without a
+        policy.
+        """
+        state = self._tenants.get(tenant)
+        if state is None:
+            return None
+        p = state.policy
+        self._seq += 1
+        state.open.add(self._seq)
+        return Admission(
+            tenant, model, self._seq, max(0, prompt_tokens), None, admitted_at, p.priority, p.weight
+        )
+
+    def near_limit(self, tenant: str, now: float, margin: float = 0.2) -> bool:
+        """Whether the tenant has spent ``1 - margin`` of its budget or holds all its
+        concurrency slots: then what it used should be made durable at once, so that a
+        restart cannot forget the usage that refuses its next call."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return False
+        b, p = state.budget, state.policy
+        if b is not None and b.limit - b.remaining(now) >= (1 - margin) * b.limit:
+            return True
+        return p.max_concurrent is not None and len(state.open) >= p.max_concurrent
+
     def in_flight(self, tenant: str) -> int:
         """Admissions of ``tenant`` not yet released (0 for an unknown tenant)."""
         state = self._tenants.get(tenant)
