@@ -134,6 +134,16 @@ def next_checkpoint(existing: Saved | None, incoming: Saved) -> Saved | None:
     return replace(incoming, rev=existing.rev + 1)
 
 
+def _newest(s: Saved) -> tuple[str, str, str]:
+    return (s.checkpoint_id, s.thread_id, s.ns)
+
+
+def newest_first(found: Iterable[Found], limit: int | None = None) -> list[Found]:
+    """Listings of disjoint threads merged in ``listing``'s order, at most ``limit``."""
+    out = sorted(found, key=lambda f: _newest(f.saved), reverse=True)
+    return out if limit is None else out[:limit]
+
+
 def _content(s: Saved) -> tuple[Any, ...]:
     return (s.parent_id, s.checkpoint, s.metadata, dict(s.meta), dict(s.versions))
 
@@ -141,8 +151,8 @@ def _content(s: Saved) -> tuple[Any, ...]:
 class CheckpointIndex:
     """The live checkpoints, writes and blobs of every tenant's threads (in memory).
 
-    Kept apart from the store's other views so that it can later be bounded (loaded per
-    thread on demand) without touching them.
+    The store holds its hot threads here: it loads a thread's records on demand and
+    ``forget``s a thread it evicts; ``listing`` then covers the threads held.
     """
 
     def __init__(self) -> None:
@@ -178,6 +188,10 @@ class CheckpointIndex:
                 return False
             t.blobs[bkey] = item
         return True
+
+    def forget(self, tenant: str, thread_id: str) -> None:
+        """Stop holding the thread (it stays in the log)."""
+        self._threads.pop((tenant, thread_id), None)
 
     def tombstone(self, tenant: str, thread_id: str, generation: int) -> None:
         """Kill the thread's items of ``generation`` and older."""
@@ -244,7 +258,7 @@ class CheckpointIndex:
             and (before is None or s.checkpoint_id < before)
             and matches(s.meta, filter)
         ]
-        picked.sort(key=lambda ts: (ts[1].checkpoint_id, ts[1].thread_id, ts[1].ns), reverse=True)
+        picked.sort(key=lambda ts: _newest(ts[1]), reverse=True)
         if limit is not None:
             picked = picked[:limit]
         return [self._found(t, s) for t, s in picked]

@@ -11,20 +11,33 @@ record, so a retried request (a new append of the same turns, which would get ne
 is answered with the first append's numbers, before and after a restart.
 
 Reads are scoped to the tenant: another tenant's conversation or run is "not found", like
-one that does not exist, so ids cannot be probed. Everything is also held in memory
-(materialised from the log at start), so reads cost no I/O; a restarted actor reloads the
-log and serves on.
+one that does not exist, so ids cannot be probed.
+
+What is held in memory is bounded: the recent traces (``TRACES_KEPT``, read at start by
+kind) and the records of at most ``max_hot_keys`` hot keys (conversations, runs, LangGraph
+threads), least recently used first out. Start-up reads nothing else, so it costs the same
+over a thousand turns as over a million. A key not held is read from the log when it is
+used (off the event loop; concurrent uses share one read), before anything is decided for
+it, so numbering, idempotency and fencing see every record of it; a key with a write in
+flight (or in use by a call) is never evicted. A listing across a tenant's LangGraph threads
+reads them from the log for the call, without holding them.
+
+Compaction (pruning old traces, dropping deleted threads, merging the log's files) runs in
+a background task every ``COMPACT_EVERY`` commits, one at a time: commits, and so write
+acknowledgements, never wait for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import AsyncIterator
 from typing import Any
 
 from airi_ray.core import checkpoints as lg
@@ -47,8 +60,28 @@ MAX_LG_PAYLOAD_CHARS = 16_000_000  # one serialized checkpoint, metadata or chan
 MAX_LG_ITEMS_PER_WRITE = 10_000  # channel values of one checkpoint, writes of one task
 MAX_LG_THREADS_PER_PRUNE = 1000
 PRUNE_STRATEGIES = ("keep_latest", "delete")
+# Keys (conversations, runs, LangGraph threads) whose records are held; beyond it the least
+# recently used idle ones are evicted (a call may pin more for its duration).
+MAX_HOT_KEYS = 10_000
 
 Identity = tuple[str, str, str, int, str]
+# What is loaded and evicted together: ("conversation", tenant, id), ("run", "", run id: run
+# ids are global, another tenant's is "not found"), ("thread", tenant, LangGraph thread id).
+HotKey = tuple[str, str, str]
+_SPACE_KINDS: dict[str, tuple[str, ...]] = {
+    "conversation": ("turn",),
+    "run": ("run", "checkpoint", "claim"),
+    "thread": lg_records.KINDS,
+}
+_SPACE_OF = {kind: space for space, kinds in _SPACE_KINDS.items() for kind in kinds}
+
+
+def _hot_key(r: Record) -> HotKey | None:
+    """The key ``r`` is held under; None for a trace (traces are all held)."""
+    space = _SPACE_OF.get(r.kind)
+    if space is None:
+        return None
+    return (space, "" if space == "run" else r.tenant, r.key)
 
 
 def _check_id(what: str, value: Any) -> str:
@@ -123,38 +156,146 @@ class ContextStore:
     Args:
         uri: LanceDB storage URI (a local folder or object storage).
         log: a record log to use instead (tests, the in-process executor).
+        max_hot_keys: conversations, runs and LangGraph threads held in memory at most
+            (idle ones; see ``MAX_HOT_KEYS``).
     """
 
-    def __init__(self, uri: str | None = None, log: RecordLog | None = None) -> None:
+    def __init__(
+        self,
+        uri: str | None = None,
+        log: RecordLog | None = None,
+        max_hot_keys: int = MAX_HOT_KEYS,
+    ) -> None:
         if log is None:
             if uri is None:
                 raise ValueError("ContextStore needs a storage uri or a log")
             log = LanceRecordLog(uri)
+        if max_hot_keys < 1:
+            raise ValueError(f"max_hot_keys must be at least 1, got {max_hot_keys}")
         self._log = log
-        self._records: dict[Identity, Record] = {}
-        self._turns: dict[tuple[str, str], dict[int, Record]] = defaultdict(dict)
-        # (tenant, conversation id, request id) -> the turns that request appended
-        self._appends: dict[tuple[str, str, str], list[Record]] = {}
-        self._runs: dict[str, list[Record]] = defaultdict(list)  # run id -> events, checkpoints
+        self.max_hot_keys = max_hot_keys
+        # hot key -> its records by identity (for idempotency), least recently used first
+        self._hot: OrderedDict[HotKey, dict[Identity, Record]] = OrderedDict()
+        self._loading: dict[HotKey, asyncio.Task[None]] = {}
+        self._pins: Counter[HotKey] = Counter()  # keys in use by a call
+        self._busy: Counter[HotKey] = Counter()  # keys with records being committed
+        self._trace_records: dict[Identity, Record] = {}
+        self._turns: dict[tuple[str, str], dict[int, Record]] = {}
+        # (tenant, conversation id) -> request id -> the turns that request appended
+        self._appends: dict[tuple[str, str], dict[str, list[Record]]] = {}
+        self._runs: dict[str, list[Record]] = {}  # run id -> events, checkpoints
         self._claims: dict[str, int] = {}  # run id -> its committed fencing token
         self._claiming: dict[str, int] = {}  # run id -> the token of a claim being committed
         self._traces: OrderedDict[str, list[Record]] = OrderedDict()  # trace id -> span batches
         self._trace_keys: dict[str, set[str]] = defaultdict(set)  # run/request id -> trace ids
         self._lg = lg.CheckpointIndex()  # LangGraph threads (see core/checkpoints.py)
         self._lg_dead: dict[tuple[str, str], int] = {}  # (tenant, thread) -> seqs to drop below
-        self._lg_identities: dict[tuple[str, str], set[Identity]] = {}  # live records
         self._pending: dict[Identity, tuple[Record, asyncio.Future[None]]] = {}
         self._queue: list[Record] = []
         self._writer: asyncio.Task[None] | None = None
+        self._compactor: asyncio.Task[None] | None = None
         self.commits = 0
+        self.loads = 0  # keys read from the log
         start = time.perf_counter()
-        for r in log.load():
+        for r in log.load_kinds(("trace",)):  # the only records held from the start
             self._index(r)
         logger.info(
-            "context store: %d records loaded in %.2fs",
-            len(self._records),
+            "context store: %d trace records loaded in %.2fs",
+            len(self._trace_records),
             time.perf_counter() - start,
         )
+
+    # -- hot keys --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _using(self, *keys: HotKey) -> AsyncIterator[None]:
+        """Hold ``keys`` (reading those not held from the log) for the body of the block;
+        none of them is evicted before it ends."""
+        for k in keys:
+            self._pins[k] += 1
+        try:
+            # A held key is used at once, without yielding to the loop (so calls on it keep
+            # the order they came in); cold ones are read side by side.
+            cold = [k for k in keys if not self._touch(k)]
+            if len(cold) == 1:
+                await self._load(cold[0])
+            elif cold:
+                await asyncio.gather(*(self._load(k) for k in cold))
+            yield
+        finally:
+            for k in keys:
+                self._pins[k] -= 1
+                if not self._pins[k]:
+                    del self._pins[k]
+            self._evict()
+
+    def _touch(self, k: HotKey) -> bool:
+        """Whether ``k`` is held (then it becomes the most recently used)."""
+        if k in self._hot:
+            self._hot.move_to_end(k)
+            return True
+        return False
+
+    async def _load(self, k: HotKey) -> None:
+        if self._touch(k):  # read by another call meanwhile
+            return
+        task = self._loading.get(k)
+        if task is None:  # the first miss reads; concurrent misses wait for the same read
+            task = asyncio.get_running_loop().create_task(self._read(k))
+            self._loading[k] = task
+        await asyncio.shield(task)
+
+    async def _read(self, k: HotKey) -> None:
+        space, tenant, key = k
+        try:
+            records = await asyncio.to_thread(
+                self._log.load_key, _SPACE_KINDS[space], key, tenant or None
+            )
+        finally:
+            del self._loading[k]
+        # No write to ``k`` can have been committed meanwhile: every write holds its key.
+        self._hot[k] = {}
+        if space == "conversation":
+            self._turns[(tenant, key)] = {}
+            self._appends[(tenant, key)] = {}
+        elif space == "run":
+            self._runs[key] = []
+        for r in sorted(records, key=_seq):  # tombstones apply in any order; turns sort
+            self._index(r)
+        self.loads += 1
+
+    def _evict(self) -> None:
+        """Forget the least recently used idle keys beyond ``max_hot_keys``."""
+        excess = len(self._hot) - self.max_hot_keys
+        victims: list[HotKey] = []
+        for k in self._hot:  # oldest first
+            if len(victims) >= excess:
+                break
+            if k not in self._pins and k not in self._busy:
+                victims.append(k)
+        for k in victims:
+            self._forget(k)
+
+    def _forget(self, k: HotKey) -> None:
+        space, tenant, key = k
+        del self._hot[k]
+        if space == "conversation":
+            del self._turns[(tenant, key)]
+            del self._appends[(tenant, key)]
+        elif space == "run":
+            del self._runs[key]
+            self._claims.pop(key, None)
+        else:
+            self._lg.forget(tenant, key)
+
+    def _stored(self, identity: Identity) -> Record | None:
+        """The committed record of ``identity`` (its key is held when this is asked)."""
+        if identity[0] == "trace":
+            return self._trace_records.get(identity)
+        kind, tenant, key = identity[:3]
+        space = _SPACE_OF[kind]
+        held = self._hot.get((space, "" if space == "run" else tenant, key))
+        return None if held is None else held.get(identity)
 
     # -- conversations ---------------------------------------------------------------------
 
@@ -189,8 +330,18 @@ class ContextStore:
         if not isinstance(turns, list) or not 0 < len(turns) <= MAX_TURNS_PER_WRITE:
             raise InvalidRequest(f"turns must be a list of 1 to {MAX_TURNS_PER_WRITE} turns")
         checked = [_check_turn(i, t) for i, t in enumerate(turns)]
+        async with self._using(("conversation", tenant, conversation_id)):
+            return await self._append_turns(tenant, conversation_id, checked, request_id)
+
+    async def _append_turns(
+        self,
+        tenant: str,
+        conversation_id: str,
+        checked: list[tuple[str, str, Any, str | None]],
+        request_id: str | None,
+    ) -> list[int]:
         if request_id is not None:
-            first = self._appends.get((tenant, conversation_id, request_id))
+            first = self._appends[(tenant, conversation_id)].get(request_id)
             if first is not None:
                 _check_retry(request_id, first, checked)
                 await self._write(first)  # waits if the first append is still committing
@@ -211,13 +362,13 @@ class ContextStore:
         if request_id is None:
             await self._write(records)
             return [r.seq for r in records]
-        key = (tenant, conversation_id, request_id)
-        self._appends[key] = records  # a retry arriving meanwhile waits for these
+        appends = self._appends[(tenant, conversation_id)]
+        appends[request_id] = records  # a retry arriving meanwhile waits for these
         try:
             await self._write(records)
         except BaseException:
-            if self._appends.get(key) is records:
-                del self._appends[key]
+            if appends.get(request_id) is records:
+                del appends[request_id]
             raise
         return [r.seq for r in records]
 
@@ -231,11 +382,14 @@ class ContextStore:
         Raises:
             NotFound: no such conversation for this tenant.
         """
-        turns = self._turns.get((tenant, conversation_id))
+        _check_id("tenant", tenant)
+        _check_id("conversation_id", conversation_id)
+        async with self._using(("conversation", tenant, conversation_id)):
+            turns = sorted(self._turns[(tenant, conversation_id)].values(), key=_seq)
         if not turns:
             raise NotFound(f"conversation {conversation_id!r} not found")
         out = []
-        for r in sorted(turns.values(), key=lambda r: r.seq):
+        for r in turns:
             body = json.loads(r.body)
             turn = {"seq": r.seq, "role": r.name, "content": body["content"], "at": r.at}
             for extra in ("request_id", "finish_reason"):
@@ -250,7 +404,7 @@ class ContextStore:
             for (k, t, c, s, _n) in self._pending
             if (k, t, c) == ("turn", tenant, conversation_id)
         ]
-        return max([*self._turns.get((tenant, conversation_id), {}), *used], default=-1) + 1
+        return max([*self._turns[(tenant, conversation_id)], *used], default=-1) + 1
 
     # -- graph runs ------------------------------------------------------------------------
 
@@ -270,9 +424,12 @@ class ContextStore:
         Raises:
             Fenced: ``token`` is older than the run's: another execution claimed it.
         """
-        record = self._run_record("run", tenant, run_id, seq, "event", event)
-        self._fence(run_id, token)
-        await self._write([record])
+        _check_id("tenant", tenant)
+        _check_id("run_id", run_id)
+        async with self._using(("run", "", run_id)):
+            record = self._run_record("run", tenant, run_id, seq, "event", event)
+            self._fence(run_id, token)
+            await self._write([record])
 
     async def checkpoint(
         self,
@@ -288,9 +445,12 @@ class ContextStore:
         Raises:
             Fenced: ``token`` is older than the run's: another execution claimed it.
         """
-        record = self._run_record("checkpoint", tenant, run_id, step, node, data)
-        self._fence(run_id, token)
-        await self._write([record])
+        _check_id("tenant", tenant)
+        _check_id("run_id", run_id)
+        async with self._using(("run", "", run_id)):
+            record = self._run_record("checkpoint", tenant, run_id, step, node, data)
+            self._fence(run_id, token)
+            await self._write([record])
 
     async def claim_run(self, tenant: str, run_id: str, owner: str) -> int:
         """Claim a run for a new execution (a resume); returns its fencing token once the
@@ -303,18 +463,23 @@ class ContextStore:
             InvalidRequest: a bad owner.
         """
         _check_id("owner", owner)
-        records = self._runs.get(run_id)
-        if not records or records[0].tenant != tenant:
-            raise NotFound(f"run {run_id!r} not found")
-        token = next_token(self._claims.get(run_id, FIRST_TOKEN), self._claiming.get(run_id))
-        body = json.dumps({"owner": owner})
-        self._claiming[run_id] = token  # from now on, older tokens are refused
-        try:
-            await self._write([Record("claim", tenant, run_id, token, owner, body, time.time())])
-        finally:
-            if self._claiming.get(run_id) == token:
-                del self._claiming[run_id]
-        return token
+        _check_id("tenant", tenant)
+        _check_id("run_id", run_id)
+        async with self._using(("run", "", run_id)):
+            records = self._runs.get(run_id)
+            if not records or records[0].tenant != tenant:
+                raise NotFound(f"run {run_id!r} not found")
+            token = next_token(self._claims.get(run_id, FIRST_TOKEN), self._claiming.get(run_id))
+            body = json.dumps({"owner": owner})
+            self._claiming[run_id] = token  # from now on, older tokens are refused
+            try:
+                await self._write(
+                    [Record("claim", tenant, run_id, token, owner, body, time.time())]
+                )
+            finally:
+                if self._claiming.get(run_id) == token:
+                    del self._claiming[run_id]
+            return token
 
     def _fence(self, run_id: str, token: int | None) -> None:
         if token is None:
@@ -329,7 +494,11 @@ class ContextStore:
         Raises:
             NotFound: no such run for this tenant.
         """
-        records = self._runs.get(run_id)
+        _check_id("tenant", tenant)
+        _check_id("run_id", run_id)
+        async with self._using(("run", "", run_id)):
+            records = list(self._runs[run_id])
+            token = self._claims.get(run_id, FIRST_TOKEN)
         if not records or records[0].tenant != tenant:
             raise NotFound(f"run {run_id!r} not found")
         # By seq, not by load order: a compacted log need not keep the order of appends.
@@ -345,15 +514,13 @@ class ContextStore:
             "events": events,
             "checkpoints": checkpoints,
             "next_event_seq": next_seq,
-            "token": self._claims.get(run_id, FIRST_TOKEN),
+            "token": token,
         }
 
     def _run_record(
         self, kind: str, tenant: str, run_id: str, seq: int, name: str, data: dict[str, Any]
     ) -> Record:
-        _check_id("tenant", tenant)
-        _check_id("run_id", run_id)
-        owner = self._runs.get(run_id)
+        owner = self._runs[run_id]
         if owner and owner[0].tenant != tenant:
             raise NotFound(f"run {run_id!r} not found")
         body = json.dumps(data, ensure_ascii=False, default=str)
@@ -410,7 +577,7 @@ class ContextStore:
         while len(self._traces) > TRACES_KEPT:
             _, old = self._traces.popitem(last=False)
             for o in old:
-                self._records.pop(o.identity, None)
+                self._trace_records.pop(o.identity, None)
                 for s in json.loads(o.body):
                     for attr in ("airi.run_id", "airi.request_id"):
                         key = s.get("attributes", {}).get(attr)
@@ -462,34 +629,35 @@ class ContextStore:
             raise InvalidRequest("checkpoint.versions must map channel names to version strings")
         if not isinstance(blobs, list) or len(blobs) > MAX_LG_ITEMS_PER_WRITE:
             raise InvalidRequest(f"blobs must be a list of at most {MAX_LG_ITEMS_PER_WRITE}")
-        generation = self._lg.generation(tenant, thread_id)
-        saved = lg.Saved(
-            thread_id,
-            ns,
-            _check_id("checkpoint_id", checkpoint.get("checkpoint_id")),
-            parent,
-            _check_payload("checkpoint.checkpoint", checkpoint.get("checkpoint")),
-            _check_payload("checkpoint.metadata", checkpoint.get("metadata")),
-            meta,
-            versions,
-            generation,
-        )
-        items: list[lg.Item] = []
-        for i, b in enumerate(blobs):
-            if not isinstance(b, list) or len(b) != 3:
-                raise InvalidRequest(f"blobs[{i}] must be [channel, version, value]")
-            channel, version, value = b
-            _check_id(f"blobs[{i}] channel", channel)
-            _check_id(f"blobs[{i}] version", version)
-            if value is not None:
-                _check_payload(f"blobs[{i}] value", value)
-            items.append(lg.Blob(thread_id, ns, channel, version, value, generation))
-        kept = lg.next_checkpoint(
-            self._lg.checkpoint(tenant, thread_id, ns, saved.checkpoint_id), saved
-        )
-        # Blobs first: one commit holds them all, but a reader of the index never sees a
-        # checkpoint whose values are still missing.
-        await self._lg_write(tenant, [*items, *([kept] if kept else [])])
+        async with self._using(("thread", tenant, thread_id)):
+            generation = self._lg.generation(tenant, thread_id)
+            saved = lg.Saved(
+                thread_id,
+                ns,
+                _check_id("checkpoint_id", checkpoint.get("checkpoint_id")),
+                parent,
+                _check_payload("checkpoint.checkpoint", checkpoint.get("checkpoint")),
+                _check_payload("checkpoint.metadata", checkpoint.get("metadata")),
+                meta,
+                versions,
+                generation,
+            )
+            items: list[lg.Item] = []
+            for i, b in enumerate(blobs):
+                if not isinstance(b, list) or len(b) != 3:
+                    raise InvalidRequest(f"blobs[{i}] must be [channel, version, value]")
+                channel, version, value = b
+                _check_id(f"blobs[{i}] channel", channel)
+                _check_id(f"blobs[{i}] version", version)
+                if value is not None:
+                    _check_payload(f"blobs[{i}] value", value)
+                items.append(lg.Blob(thread_id, ns, channel, version, value, generation))
+            kept = lg.next_checkpoint(
+                self._lg.checkpoint(tenant, thread_id, ns, saved.checkpoint_id), saved
+            )
+            # Blobs first: one commit holds them all, but a reader of the index never sees a
+            # checkpoint whose values are still missing.
+            await self._lg_write(tenant, [*items, *([kept] if kept else [])])
 
     async def lg_put_writes(
         self,
@@ -517,32 +685,35 @@ class ContextStore:
             raise InvalidRequest(f"task_path must be a string of at most {MAX_ID_CHARS * 16}")
         if not isinstance(writes, list) or len(writes) > MAX_LG_ITEMS_PER_WRITE:
             raise InvalidRequest(f"writes must be a list of at most {MAX_LG_ITEMS_PER_WRITE}")
-        generation = self._lg.generation(tenant, thread_id)
-        incoming = []
-        for i, w in enumerate(writes):
-            if not isinstance(w, list) or len(w) != 3:
-                raise InvalidRequest(f"writes[{i}] must be [channel, idx, value]")
-            channel, idx, value = w
-            _check_id(f"writes[{i}] channel", channel)
-            if isinstance(idx, bool) or not isinstance(idx, int) or not -100 <= idx < 2**31:
-                raise InvalidRequest(f"writes[{i}] idx must be an integer from -100, got {idx!r}")
-            incoming.append(
-                lg.Write(
-                    thread_id,
-                    ns,
-                    checkpoint_id,
-                    task_id,
-                    idx,
-                    channel,
-                    _check_payload(f"writes[{i}] value", value),
-                    task_path,
-                    generation,
+        async with self._using(("thread", tenant, thread_id)):
+            generation = self._lg.generation(tenant, thread_id)
+            incoming = []
+            for i, w in enumerate(writes):
+                if not isinstance(w, list) or len(w) != 3:
+                    raise InvalidRequest(f"writes[{i}] must be [channel, idx, value]")
+                channel, idx, value = w
+                _check_id(f"writes[{i}] channel", channel)
+                if isinstance(idx, bool) or not isinstance(idx, int) or not -100 <= idx < 2**31:
+                    raise InvalidRequest(
+                        f"writes[{i}] idx must be an integer from -100, got {idx!r}"
+                    )
+                incoming.append(
+                    lg.Write(
+                        thread_id,
+                        ns,
+                        checkpoint_id,
+                        task_id,
+                        idx,
+                        channel,
+                        _check_payload(f"writes[{i}] value", value),
+                        task_path,
+                        generation,
+                    )
                 )
-            )
-        if len({w.slot for w in incoming}) != len(incoming):
-            raise InvalidRequest("writes has two writes with the same idx")
-        existing = self._lg.writes_of(tenant, thread_id, ns, checkpoint_id)
-        await self._lg_write(tenant, lg.plan_writes(existing, incoming))
+            if len({w.slot for w in incoming}) != len(incoming):
+                raise InvalidRequest("writes has two writes with the same idx")
+            existing = self._lg.writes_of(tenant, thread_id, ns, checkpoint_id)
+            await self._lg_write(tenant, lg.plan_writes(existing, incoming))
 
     async def lg_get(
         self, tenant: str, thread_id: str, ns: str, checkpoint_id: str | None = None
@@ -554,7 +725,8 @@ class ContextStore:
         ns = _check_ns(ns)
         if checkpoint_id is not None:
             _check_id("checkpoint_id", checkpoint_id)
-        found = self._lg.get(tenant, thread_id, ns, checkpoint_id)
+        async with self._using(("thread", tenant, thread_id)):
+            found = self._lg.get(tenant, thread_id, ns, checkpoint_id)
         return None if found is None else lg_records.found_to_dict(found)
 
     async def lg_list(
@@ -588,25 +760,44 @@ class ContextStore:
             raise InvalidRequest("filter must be an object of metadata keys and values")
         if limit is not None:
             _check_seq("limit", limit)
-        found = self._lg.listing(
-            tenant,
-            thread_id=thread_id,
-            ns=ns,
-            checkpoint_id=checkpoint_id,
-            filter=filter,
-            before=before,
-            limit=limit,
+        query: dict[str, Any] = dict(
+            ns=ns, checkpoint_id=checkpoint_id, filter=filter, before=before, limit=limit
         )
+        if thread_id is not None:
+            async with self._using(("thread", tenant, thread_id)):
+                found = self._lg.listing(tenant, thread_id=thread_id, **query)
+        else:
+            cold = await self._cold_threads(tenant)
+            found = lg.newest_first(
+                [*self._lg.listing(tenant, **query), *cold.listing(tenant, **query)], limit
+            )
         return [lg_records.found_to_dict(f) for f in found]
+
+    async def _cold_threads(self, tenant: str) -> lg.CheckpointIndex:
+        """The tenant's LangGraph threads that are not held, read from the log for one call
+        (a scan of the tenant's checkpoint records, not kept)."""
+        records = await asyncio.to_thread(self._log.load_kinds, lg_records.KINDS, tenant)
+        cold = lg.CheckpointIndex()
+        for r in records:  # held threads are answered from memory: they have every write
+            if ("thread", tenant, r.key) in self._hot:
+                continue
+            if r.kind == lg_records.TOMBSTONE:
+                cold.tombstone(tenant, r.key, r.seq)
+            else:
+                cold.add(tenant, lg_records.from_record(r))
+        return cold
 
     async def lg_delete_thread(self, tenant: str, thread_id: str) -> None:
         """Delete the tenant's thread (every namespace, checkpoint and write), once durable:
         a tombstone hides it at once; compaction drops its records later."""
         _check_id("tenant", tenant)
         _check_id("thread_id", thread_id)
-        if self._lg.items(tenant, thread_id):
-            generation = self._lg.generation(tenant, thread_id)
-            await self._write([lg_records.tombstone(tenant, thread_id, generation, time.time())])
+        async with self._using(("thread", tenant, thread_id)):
+            if self._lg.items(tenant, thread_id):
+                generation = self._lg.generation(tenant, thread_id)
+                await self._write(
+                    [lg_records.tombstone(tenant, thread_id, generation, time.time())]
+                )
 
     async def lg_copy_thread(self, tenant: str, source: str, target: str) -> None:
         """Copy every checkpoint and write of the tenant's thread ``source`` to ``target``
@@ -620,25 +811,26 @@ class ContextStore:
         _check_id("target", target)
         if source == target:
             raise InvalidRequest("copy_thread needs two different thread ids")
-        generation = self._lg.generation(tenant, target)
-        moved = [
-            dataclasses.replace(i, thread_id=target, generation=generation)
-            for i in self._lg.items(tenant, source)
-        ]
-        items: list[lg.Item] = [i for i in moved if isinstance(i, lg.Blob)]
-        writes: dict[tuple[str, str], list[lg.Write]] = defaultdict(list)
-        for i in moved:
-            if isinstance(i, lg.Write):
-                writes[(i.ns, i.checkpoint_id)].append(i)
-        for (ns, cid), group in writes.items():
-            items.extend(lg.plan_writes(self._lg.writes_of(tenant, target, ns, cid), group))
-        for i in moved:
-            if isinstance(i, lg.Saved):
-                kept = lg.next_checkpoint(
-                    self._lg.checkpoint(tenant, target, i.ns, i.checkpoint_id), i
-                )
-                items.extend([kept] if kept else [])
-        await self._lg_write(tenant, items)
+        async with self._using(("thread", tenant, source), ("thread", tenant, target)):
+            generation = self._lg.generation(tenant, target)
+            moved = [
+                dataclasses.replace(i, thread_id=target, generation=generation)
+                for i in self._lg.items(tenant, source)
+            ]
+            items: list[lg.Item] = [i for i in moved if isinstance(i, lg.Blob)]
+            writes: dict[tuple[str, str], list[lg.Write]] = defaultdict(list)
+            for i in moved:
+                if isinstance(i, lg.Write):
+                    writes[(i.ns, i.checkpoint_id)].append(i)
+            for (ns, cid), group in writes.items():
+                items.extend(lg.plan_writes(self._lg.writes_of(tenant, target, ns, cid), group))
+            for i in moved:
+                if isinstance(i, lg.Saved):
+                    kept = lg.next_checkpoint(
+                        self._lg.checkpoint(tenant, target, i.ns, i.checkpoint_id), i
+                    )
+                    items.extend([kept] if kept else [])
+            await self._lg_write(tenant, items)
 
     async def lg_prune(self, tenant: str, thread_ids: list[str], strategy: str) -> None:
         """Prune the tenant's threads: ``keep_latest`` keeps the newest checkpoint of each
@@ -655,12 +847,15 @@ class ContextStore:
             raise InvalidRequest(
                 f"thread_ids must be a list of at most {MAX_LG_THREADS_PER_PRUNE} ids"
             )
-        records = []
-        for thread_id in dict.fromkeys(_check_id("thread_id", t) for t in thread_ids):
-            if self._lg.items(tenant, thread_id):
-                kept = self._lg.latest_items(tenant, thread_id) if strategy == "keep_latest" else []
-                records.extend(self._lg_rewrite(tenant, thread_id, kept))
-        await self._write(records)
+        threads = list(dict.fromkeys(_check_id("thread_id", t) for t in thread_ids))
+        async with self._using(*(("thread", tenant, t) for t in threads)):
+            records = []
+            for thread_id in threads:
+                if self._lg.items(tenant, thread_id):
+                    latest = strategy == "keep_latest"
+                    kept = self._lg.latest_items(tenant, thread_id) if latest else []
+                    records.extend(self._lg_rewrite(tenant, thread_id, kept))
+            await self._write(records)
 
     async def lg_delete_for_runs(self, tenant: str, run_ids: list[str]) -> None:
         """Delete the tenant's checkpoints made by the runs ``run_ids`` (metadata
@@ -675,11 +870,16 @@ class ContextStore:
         if not isinstance(run_ids, list) or len(run_ids) > MAX_LG_THREADS_PER_PRUNE:
             raise InvalidRequest(f"run_ids must be a list of at most {MAX_LG_THREADS_PER_PRUNE}")
         runs = {_check_id("run_id", r) for r in run_ids}
-        records = []
-        for thread_id in self._lg.threads_of_runs(tenant, runs):
-            kept = self._lg.items_without_runs(tenant, thread_id, runs)
-            records.extend(self._lg_rewrite(tenant, thread_id, kept))
-        await self._write(records)
+        if not runs:
+            return
+        cold = await self._cold_threads(tenant)
+        candidates = {*self._lg.threads_of_runs(tenant, runs), *cold.threads_of_runs(tenant, runs)}
+        async with self._using(*(("thread", tenant, t) for t in sorted(candidates))):
+            records = []
+            for thread_id in self._lg.threads_of_runs(tenant, runs):  # every candidate is held
+                kept = self._lg.items_without_runs(tenant, thread_id, runs)
+                records.extend(self._lg_rewrite(tenant, thread_id, kept))
+            await self._write(records)
 
     def _lg_rewrite(self, tenant: str, thread_id: str, kept: list[lg.Item]) -> list[Record]:
         """The records that replace a thread by ``kept``: a tombstone of its generation and
@@ -704,25 +904,30 @@ class ContextStore:
             pending = self._pending.get(r.identity)
             if pending is not None:
                 records.append(pending[0])  # wait for the one being committed
-            elif r.identity not in self._records:
+            elif self._stored(r.identity) is None:
                 records.append(r)
         await self._write(records)
 
-    def _index_lg(self, r: Record) -> None:
+    def _index_lg(self, r: Record, held: dict[Identity, Record]) -> None:
         thread = (r.tenant, r.key)
         if r.kind == lg_records.TOMBSTONE:
             self._lg.tombstone(r.tenant, r.key, r.seq)
-            self._lg_dead[thread] = max(self._lg_dead.get(thread, 0), r.seq + 1)
-            # The dead records need no idempotency any more: free them now, not at restart.
-            live = self._lg_identities.get(thread, set())
-            for identity in [i for i in live if i[3] <= r.seq]:
-                live.discard(identity)
-                self._records.pop(identity, None)
+            # The dead records need no idempotency any more: free them now.
+            dead = [i for i in held if i[0] in lg_records.ITEM_KINDS and i[3] <= r.seq]
+            for identity in dead:
+                del held[identity]
+            if dead:
+                self._drop_later(thread, r.seq + 1)
         elif r.seq < self._lg.generation(r.tenant, r.key):
-            self._records.pop(r.identity, None)  # loaded after its thread's tombstone
+            # Read after its thread's tombstone: the drop had not run yet (a restart).
+            held.pop(r.identity, None)
+            self._drop_later(thread, self._lg.generation(r.tenant, r.key))
         else:
             self._lg.add(r.tenant, lg_records.from_record(r))
-            self._lg_identities.setdefault(thread, set()).add(r.identity)
+
+    def _drop_later(self, thread: tuple[str, str], below: int) -> None:
+        """Have compaction drop the thread's item records of generations below ``below``."""
+        self._lg_dead[thread] = max(self._lg_dead.get(thread, 0), below)
 
     async def _compact_lg(self) -> None:
         """Drop the records of deleted LangGraph threads from the log."""
@@ -738,7 +943,7 @@ class ContextStore:
         waits = []
         new: list[tuple[Record, asyncio.Future[None]]] = []
         for r in records:
-            done = self._records.get(r.identity)
+            done = self._stored(r.identity)
             if done is None:
                 pending = self._pending.get(r.identity)
                 if pending is not None:
@@ -756,6 +961,8 @@ class ContextStore:
             new.append((r, asyncio.get_running_loop().create_future()))
         for r, fut in new:
             self._pending[r.identity] = (r, fut)
+            if (k := _hot_key(r)) is not None:
+                self._busy[k] += 1  # not evicted before its commit is indexed
             self._queue.append(r)
             waits.append(fut)
         if new and (self._writer is None or self._writer.done()):
@@ -772,18 +979,34 @@ class ContextStore:
             except Exception as e:  # not durable: fail these writes, keep serving
                 logger.exception("context store commit of %d records failed", len(group))
                 for r in group:
-                    _, fut = self._pending.pop(r.identity)
-                    fut.set_exception(RuntimeError(f"the context store could not commit: {e}"))
+                    self._settle(r).set_exception(
+                        RuntimeError(f"the context store could not commit: {e}")
+                    )
                 continue
             for r in group:
                 self._index(r)
-                _, fut = self._pending.pop(r.identity)
-                fut.set_result(None)
+                self._settle(r).set_result(None)
             self.commits += 1
             if self.commits % COMPACT_EVERY == 0:
-                await self._compact()
+                self._start_compaction()
+
+    def _settle(self, r: Record) -> asyncio.Future[None]:
+        """Take ``r`` out of the writes in flight; returns the future its writers wait on."""
+        _, fut = self._pending.pop(r.identity)
+        if (k := _hot_key(r)) is not None:
+            self._busy[k] -= 1
+            if not self._busy[k]:
+                del self._busy[k]
+        return fut
+
+    def _start_compaction(self) -> None:
+        """Compact in the background unless a compaction is running: commits go on."""
+        if self._compactor is None or self._compactor.done():
+            self._compactor = asyncio.get_running_loop().create_task(self._compact())
 
     async def _compact(self) -> None:
+        """Prune old traces, drop deleted threads, merge the log's files (on threads: the
+        commit loop keeps committing meanwhile; LanceDB rebases appends over it)."""
         try:
             if len(self._traces) >= TRACES_KEPT:
                 oldest = min(r.at for r in next(iter(self._traces.values())))
@@ -794,12 +1017,20 @@ class ContextStore:
             logger.exception("context store compaction failed")
 
     def _index(self, r: Record) -> None:
-        self._records[r.identity] = r
+        if r.kind == "trace":
+            self._trace_records[r.identity] = r
+            self._index_trace(r)
+            return
+        k = _hot_key(r)
+        held = self._hot.get(k) if k is not None else None
+        if held is None:  # an unknown kind, or a key not held: the log has it
+            return
+        held[r.identity] = r
         if r.kind == "turn":
             self._turns[(r.tenant, r.key)][r.seq] = r
             request_id = json.loads(r.body).get("request_id")
             if request_id is not None:
-                appended = self._appends.setdefault((r.tenant, r.key, request_id), [])
+                appended = self._appends[(r.tenant, r.key)].setdefault(request_id, [])
                 if all(a.identity != r.identity for a in appended):
                     appended.append(r)
                     appended.sort(key=lambda a: a.seq)
@@ -807,20 +1038,21 @@ class ContextStore:
             self._runs[r.key].append(r)
         elif r.kind == "claim":
             self._claims[r.key] = max(self._claims.get(r.key, FIRST_TOKEN), r.seq)
-        elif r.kind == "trace":
-            self._index_trace(r)
         elif r.kind in lg_records.KINDS:
-            self._index_lg(r)
+            self._index_lg(r, held)
 
     # -- introspection ---------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         return {
-            "records": len(self._records),
+            "records": sum(map(len, self._hot.values())) + len(self._trace_records),
+            "hot_keys": len(self._hot),
             "conversations": len(self._turns),
             "runs": len(self._runs),
             "traces": len(self._traces),
             "commits": self.commits,
+            "loads": self.loads,
+            "compacting": self._compactor is not None and not self._compactor.done(),
             "pending": len(self._pending),
             "pid": os.getpid(),
         }

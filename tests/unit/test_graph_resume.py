@@ -5,6 +5,7 @@ death is its handle going silent (nothing it sends arrives any more)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -179,6 +180,14 @@ def checkpoints(store: ContextStore, run_id: str) -> int:
     return sum(r.kind == "checkpoint" for r in store._runs.get(run_id, []))
 
 
+def ended(store: ContextStore, run_id: str) -> bool:
+    """The run's end event is stored (an executor records it without awaiting it)."""
+    return any(
+        r.kind == "run" and json.loads(r.body).get("status") in ("finished", "failed")
+        for r in store._runs.get(run_id, [])
+    )
+
+
 async def crash_at_n3(make: Any, store: ContextStore, graph: Any, **options: Any) -> Any:
     """Start a run on a first executor and let it die while n3 runs (n1, n2 checkpointed)."""
     first, handle = make(graph)
@@ -254,6 +263,7 @@ def test_an_executor_that_lost_its_claim_is_fenced_and_stops(
         assert run_id not in stale._runs  # a later caller there goes to the store
         assert ran.count("n5") == 1  # the stale executor never got that far
         assert ran.count("n4") <= 2  # at most the one node started before the refusal
+        await until(lambda: ended(store, run_id), "the fresh executor's end to be stored")
         record = await store.run(TENANT, run_id)
         assert [e["status"] for e in record["events"]] == ["started", "resumed", "finished"]
         assert sorted(c["node"] for c in record["checkpoints"]) == [f"n{i}" for i in range(1, 6)]
