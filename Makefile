@@ -64,6 +64,9 @@ bench: setup
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/observability.py
 	$(PY) benchmarks/assistant.py
+	$(PY) benchmarks/noisy_neighbour.py
+	$(PY) benchmarks/context_store.py
+	$(PY) benchmarks/chaos.py
 
 # Every benchmark's smallest workload (seconds to a minute each), so none can rot; figures go
 # to benchmarks/results/smoke/, never over the committed ones. Every benchmarks/*.py is one,
