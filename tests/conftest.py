@@ -49,6 +49,29 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def restart_actor(name: str, timeout: float = 60.0) -> None:
+    """Kill the named airi actor (Ray restarts it) and wait until a new process answers:
+    ``ray.kill`` returns at once, and a call right after it may still reach the old one."""
+    import ray
+
+    from airi_ray.runtime import names
+
+    def pid() -> int | None:
+        try:
+            handle = names.get_actor(name)
+            return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+        except (ValueError, ray.exceptions.RayError):
+            return None  # restarting
+
+    before = pid()
+    ray.kill(names.get_actor(name), no_restart=False)
+    wait_for(
+        lambda: (now := pid()) is not None and now != before,
+        timeout=timeout,
+        what=f"{name} to be restarted",
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that start their own Ray cluster run first, before the session's exists."""
     items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)

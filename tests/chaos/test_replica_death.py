@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 
 from airi_ray.runtime import names
-from tests.conftest import wait_for
+from tests.conftest import restart_actor, wait_for
 
 
 def test_requests_survive_a_replica_killed_before_first_token(client) -> None:
@@ -135,21 +135,7 @@ def ready_tiny_replicas(client) -> list[str]:
 def test_a_restarted_scheduler_is_configured_again_and_serves(client) -> None:
     from airi_ray.core.errors import AiriError
 
-    def scheduler_pid() -> int | None:
-        try:
-            handle = names.get_actor(names.SCHEDULER_NAME)
-            return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
-        except (ValueError, ray.exceptions.RayError):
-            return None  # restarting
-
-    before = scheduler_pid()
-    ray.kill(names.get_actor(names.SCHEDULER_NAME), no_restart=False)
-    # ray.kill returns at once: a call right after it may still reach the old process.
-    wait_for(
-        lambda: (pid := scheduler_pid()) is not None and pid != before,
-        timeout=60,
-        what="the scheduler to be restarted",
-    )
+    restart_actor(names.SCHEDULER_NAME)
 
     def served() -> bool:
         try:

@@ -4,7 +4,6 @@ point-in-time lookups, all-or-nothing batches, and state that survives a restart
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,7 @@ import ray
 from airi_ray.core.errors import InvalidRequest, NotFound
 from airi_ray.graphs import END, START, Field, StateGraph, features
 from airi_ray.runtime import names
-from tests.conftest import KEY, OTHER_KEY, wait_for
+from tests.conftest import KEY, OTHER_KEY, restart_actor, wait_for
 
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
@@ -156,21 +155,7 @@ def test_a_retried_push_with_one_event_id_counts_once(airi_app, client) -> None:
     assert client.features("orders", [customer])[customer]["orders_5m"] == 1
 
     # Also once the server restarted: the ids are stored with the events.
-    def server_pid() -> int | None:
-        try:
-            handle = names.get_actor(names.FEATURE_SERVER_NAME)
-            return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
-        except (ValueError, ray.exceptions.RayError):
-            return None  # restarting
-
-    before = server_pid()
-    ray.kill(names.get_actor(names.FEATURE_SERVER_NAME), no_restart=False)
-    # ray.kill returns at once: a call right after it may still reach the old process.
-    wait_for(
-        lambda: (pid := server_pid()) is not None and pid != before,
-        timeout=60,
-        what="the feature server to be restarted",
-    )
+    restart_actor(names.FEATURE_SERVER_NAME)
 
     def pushed() -> int:
         try:
