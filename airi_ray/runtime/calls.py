@@ -1041,8 +1041,6 @@ class CallPath:
         g = Generation(request_id=request_id or f"req-{uuid.uuid4().hex}", model=info.name)
         g.usage.prompt_tokens = len(prompt_ids)
         entry = _Entry(g.request_id)
-        if request_id is not None:  # entered at the door: handed back if never streamed
-            weakref.finalize(g, self._abandoned, asyncio.get_running_loop(), entry)
         request = AcquireRequest(
             g.request_id,
             info.name,
@@ -1072,6 +1070,10 @@ class CallPath:
             lambda version: self._ids_for(info, version, prompt_ids, encode),
             entry,
         )
+        if request_id is not None:  # entered at the door: handed back if never streamed
+            # Watched on the stream, not on ``g``: ``g.__aiter__()`` hands the stream out
+            # and ``g`` may be freed before the stream's first step takes the entry over.
+            weakref.finalize(g._stream, self._abandoned, asyncio.get_running_loop(), entry)
         return g
 
     async def _ids_for(
