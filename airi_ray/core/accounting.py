@@ -229,7 +229,10 @@ def rebuild(
             service[r.model][r.tenant] += cost
     still_open: dict[str, UsageRecord] = {}
     for rid, r in opens.items():
-        if rid in settles or r.admitted_at < now - OPEN_HORIZON_S:
+        settled = settles.get(rid)
+        # A settle closes the admissions made before it; one made after it (the id let in
+        # again, say after its entry was handed back) is open.
+        if (settled is not None and settled.at >= r.at) or r.admitted_at < now - OPEN_HORIZON_S:
             continue
         still_open[rid] = r
         p = by_tenant[r.tenant]

@@ -1,5 +1,5 @@
-"""The scheduler killed and restarted by Ray: a tenant's budget is still held afterwards
-(issue 21).
+"""The scheduler killed and restarted by Ray: a tenant's budget, and the concurrency slot
+of a call that runs through the restart, are still held afterwards (issue 21).
 
 Before durable accounting a tenant with a 400-token daily budget spent 287, the scheduler
 was killed, and it spent 246 more without a refusal: the restarted process started every
@@ -151,3 +151,46 @@ def test_a_budget_spent_to_90_percent_still_refuses_after_a_kill(airi_app, tenan
     # Without the rebuild the restarted scheduler would have let a whole budget's worth
     # of calls through again; with it, only what the remaining 10% or so allows.
     assert after_restart <= math.ceil((BUDGET - before) / smallest), after_restart
+
+
+def test_a_call_running_through_the_restart_keeps_its_concurrency_slot(airi_app, tenant) -> None:
+    import airi_ray as airi
+
+    tenant(max_concurrent=1, budget_tokens=1_000_000)
+    client = airi.connect("auto", api_key=TENANT_KEY)
+    # A Python stream not read on holds its lease: the call runs until it is closed.
+    pieces = client.chat("tiny-chat", "talk", stream=True, max_tokens=64, ignore_eos=True)
+    assert next(pieces)
+
+    def written() -> bool:
+        stats = scheduler_call(lambda self: self.usage_stats())
+        return stats is not None and stats["pending"] == 0
+
+    wait_for(written, timeout=30, what="the admission to be written")
+    kill_scheduler(airi_app)
+
+    def state() -> Any:
+        return scheduler_call(
+            lambda self: (
+                self.usage_stats()["adopted"],
+                [(r.kind, r.request_id) for r in self.usage.log.load() if r.tenant == TENANT]
+                if self.usage
+                else None,
+            )
+        )
+
+    # The caller's next heartbeat names the call it still runs: its slot is held again.
+    # (Once the stream's entry was handed back as the stream started, and the rebuild
+    # took the call for settled.)
+    try:
+        wait_for(lambda: (s := state()) is not None and s[0] == 1, 30, "the caller's heartbeat")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; adopted and usage records: {state()}") from None
+    r = chat(airi_app)
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+    assert "requests in flight" in r.json()["error"]["message"], r.text
+
+    pieces.close()  # its release reaches the new process: the slot is free again
+    wait_for(lambda: chat(airi_app).status_code == 200, timeout=30, what="the slot to be free")
+    client.close()

@@ -123,6 +123,19 @@ def test_open_admissions_without_a_settle_are_the_calls_possibly_in_flight() -> 
     assert acc.open["running"].prompt_tokens == 42
 
 
+def test_an_admission_made_again_after_its_settle_is_open() -> None:
+    # Let in at the door, handed back (settled with nothing), then admitted afresh under
+    # the same id: the last record decides.
+    records = [
+        opened("again", "a", NOW - 10.0),
+        settle("again", "a", 0, 0, NOW - 9.5),
+        opened("again", "a", NOW - 9.0, prompt=10),
+    ]
+    acc = rebuild(records, [TenantPolicy("a")], NOW)
+    assert list(acc.open) == ["again"]
+    assert acc.open["again"].prompt_tokens == 10
+
+
 def test_records_from_the_future_are_ignored() -> None:
     acc = rebuild([settle("r", "a", 5, 5, NOW + 10.0)], [TenantPolicy("a", budget_tokens=9)], NOW)
     assert acc.budget_spent == {}
