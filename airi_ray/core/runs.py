@@ -211,3 +211,26 @@ def last_status(events: Iterable[Mapping[str, Any]]) -> Mapping[str, Any]:
     if last is None:
         raise ValueError("the run has no recorded start")
     return last
+
+
+@dataclass
+class RunBook:
+    """The limits of runs driven from outside airi's executor (a LangGraph graph calling
+    ``AiriChatModel``), by run id: the first call of a run opens its ``RunLimits``, the
+    later ones share them, so the run's calls together keep its budget and deadline.
+
+    At most ``max_runs`` are kept: the least recently called run is forgotten first.
+    """
+
+    max_runs: int = 10_000
+    runs: dict[str, RunLimits] = field(default_factory=dict)
+
+    def limits(self, run_id: str, options: RunOptions, now: float) -> RunLimits:
+        """The run's limits (opened at ``now`` on its first call), most recent last."""
+        limits = self.runs.pop(run_id, None)
+        if limits is None:
+            limits = RunLimits(options, now)
+        self.runs[run_id] = limits
+        while len(self.runs) > self.max_runs:
+            del self.runs[next(iter(self.runs))]
+        return limits

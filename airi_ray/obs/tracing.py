@@ -27,7 +27,14 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +204,15 @@ class Tracing:
         if not self.enabled:
             return None
         return self._tracer.start_span(name, attributes=_attributes(kind, attributes))
+
+    @staticmethod
+    def remote_parent(trace_id: int) -> Span:
+        """A parent from elsewhere in trace ``trace_id``: spans started under it (``use``)
+        join that trace, each sent to the store as its own local root when it ends, so
+        the calls of a run made by another program (a LangGraph graph) form one trace."""
+        span_id = (trace_id & (2**64 - 1)) or 1
+        ctx = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(1))
+        return NonRecordingSpan(ctx)
 
     @staticmethod
     def end_failed(span: Span | None, e: BaseException) -> None:

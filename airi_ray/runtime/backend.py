@@ -169,6 +169,7 @@ class Backend:
         conversation_id: str | None = None,
         tools: list[dict[str, Any]] | None = None,
         idempotency_key: str | None = None,
+        cap: Callable[[int], int] | None = None,
         **params: Any,
     ) -> Generation:
         """Start a chat generation; iterate the result for ``(text, n_tokens, finish)``.
@@ -181,7 +182,8 @@ class Backend:
         answer is stored, the retry gets that answer without running the model again
         (unless it asks for logprobs, which are not stored: then the model answers again
         and the stored exchange stays the first one's). ``tools`` (OpenAI function tools)
-        are shown to the model by its chat template.
+        are shown to the model by its chat template. ``cap`` maps the prompt's length to
+        the most output tokens allowed (a run's token budget, as ``CallPath.chat``).
 
         Raises:
             InvalidRequest: a bad ``idempotency_key`` (1 to 256 characters).
@@ -195,7 +197,9 @@ class Backend:
         gen_params = generation_params(params)
         parsed = parse_messages(messages)
         if conversation_id is None:
-            return await self._path.chat(model, parsed, gen_params, tenant, options, tools=tools)
+            return await self._path.chat(
+                model, parsed, gen_params, tenant, options, cap, tools=tools
+            )
         new_turns = [{"role": m.role, "content": m.content} for m in parsed if m.role != "system"]
         try:
             history = await self.conversation(conversation_id, tenant)
@@ -213,7 +217,7 @@ class Backend:
                 return await self._replay(model, tenant, retry.answer)
         window = await self._window(model, history, parsed, gen_params)
         g = await self._path.chat(
-            model, parse_messages(window), gen_params, tenant, options, tools=tools
+            model, parse_messages(window), gen_params, tenant, options, cap, tools=tools
         )
         g._stream = self._remember(
             g.__aiter__(), tenant, model, conversation_id, new_turns, idempotency_key
