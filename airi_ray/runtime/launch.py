@@ -25,6 +25,7 @@ from airi_ray.runtime.names import (
     GRAPH_EXECUTOR_NAME,
     NAMESPACE,
     OBSERVER_NAME,
+    ON_HEAD,
     SCHEDULER_NAME,
     get_actor,
     pool_name,
@@ -95,8 +96,8 @@ def start_replica(
 
 
 def start_singleton(cls: type, name: str, *args: Any) -> Any:
-    """A detached, named, restarting actor of ``cls``: created once per cluster, found
-    afterwards (the app layer starts the controller with it).
+    """A detached, named, restarting actor of ``cls`` on the head node: created once per
+    cluster, found afterwards (the app layer starts the controller with it).
     A restarted actor gets the same ``args`` again."""
     return (
         ray.remote(cls)
@@ -106,6 +107,7 @@ def start_singleton(cls: type, name: str, *args: Any) -> Any:
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
+            resources=dict(ON_HEAD),
             max_restarts=-1,
             max_concurrency=_MAX_CONCURRENCY,
         )

@@ -10,6 +10,11 @@ from typing import Any
 import ray
 
 NAMESPACE = "airi"
+# Ray's own resource of the head node (``ray._common.constants.HEAD_NODE_RESOURCE_NAME``):
+# a sliver of it pins an actor there. The control actors and the ingress replicas live on
+# the head, which outlives the workers: a worker node's loss takes only model replicas.
+ON_HEAD = {"node:__internal_head__": 0.001}
+
 CONTROLLER_NAME = "airi-controller"
 SCHEDULER_NAME = "airi-scheduler"
 CONTEXT_STORE_NAME = "airi-context-store"

@@ -42,6 +42,7 @@ from airi_ray.obs.metrics import HttpMetrics
 from airi_ray.runtime import cluster_kv
 from airi_ray.runtime.backend import Backend
 from airi_ray.runtime.calls import Generation
+from airi_ray.runtime.names import ON_HEAD
 from airi_ray.serve import protocol, proxy
 from airi_ray.serve.openapi import document, header, json_body, query
 from airi_ray.serve.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -746,6 +747,7 @@ def run_ingress(spec: IngressSpec) -> None:
         num_replicas=spec.replicas,
         ray_actor_options={
             "num_cpus": 0,
+            "resources": dict(ON_HEAD),  # with the proxy and the control actors
             "runtime_env": {"env_vars": proxy.replica_env(wanted)},
         },
     )
