@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.airi-installed
 
-.PHONY: setup model demo test test-rollouts test-showcase test-fuzz test-unit lint bench bench-smoke notebooks clean
+.PHONY: setup model demo test test-rollouts test-showcase test-multinode test-fuzz test-unit lint bench bench-smoke notebooks clean
 
 setup: $(STAMP) model
 
@@ -43,6 +43,12 @@ test-showcase: setup
 # runs 25): a few minutes more than its ten can spare.
 test-fuzz: setup
 	AIRI_FUZZ_EXAMPLES=100 $(PY) -m pytest -q tests/integration/test_openapi_fuzz.py
+
+# Two Ray nodes on this machine, one removed under load and another joining (issue 21):
+# a cluster and engines of its own, about four minutes; run before changing placement,
+# the controller or migration.
+test-multinode: setup
+	$(PY) -m pytest -q tests/multinode
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
