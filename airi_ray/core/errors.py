@@ -128,3 +128,11 @@ class ReplicaUnavailable(AiriError):
     status = 503
     type = "service_unavailable"
     code = "no_ready_replica"
+
+
+class SchedulerStarting(ReplicaUnavailable):
+    """The scheduler was restarted and has not yet been given the app's spec and replicas:
+    callers wait and ask again (``core.retries.scheduler_retry_delay``), so a restart
+    refuses no call that the scheduler would have served."""
+
+    code = "scheduler_starting"

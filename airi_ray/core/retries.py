@@ -1,5 +1,6 @@
 """What the call path does when a model call fails on its replica: the one retry rule for
-generation and embeddings alike, and how a stream whose replica died moves to another.
+generation and embeddings alike, and how a stream whose replica died moves to another;
+and how long a call waits for a scheduler that died and is being restarted.
 
 The call path classifies the failure (``Failure``) and applies the ``Retry`` this module
 returns; the rule itself has no I/O, so every branch is unit-tested.
@@ -14,6 +15,8 @@ from typing import Any
 
 __all__ = [
     "MAX_ATTEMPTS",
+    "MAX_SCHEDULER_RETRY_S",
+    "SCHEDULER_WAIT_S",
     "Failure",
     "Migration",
     "Replay",
@@ -21,9 +24,15 @@ __all__ = [
     "after_failure",
     "continued_params",
     "migration",
+    "scheduler_retry_delay",
 ]
 
 MAX_ATTEMPTS = 3  # replicas a request may use, migrations included
+# How long calls wait for the scheduler after losing it (its actor died and Ray restarts
+# it: a restart takes a few seconds, and the usage log rebuilds its accounting).
+SCHEDULER_WAIT_S = 30.0
+FIRST_SCHEDULER_RETRY_S = 0.05
+MAX_SCHEDULER_RETRY_S = 1.0
 
 
 class Failure(enum.Enum):
@@ -138,3 +147,22 @@ class Replay:
         self.chars -= cut
         self.tokens -= k
         return text[cut:], ids[k:], k
+
+
+def scheduler_retry_delay(attempt: int, lost_for_s: float) -> float | None:
+    """Seconds to wait before asking the scheduler again, ``attempt`` (0, 1, ...) asks
+    after it was lost ``lost_for_s`` seconds ago; None once it has been gone for
+    ``SCHEDULER_WAIT_S``: the calls waiting on it fail.
+
+    A call admitted or queued when the scheduler died is not the caller's fault: it waits
+    for the restarted scheduler and is queued there again (its admission, rebuilt from the
+    usage log, is not charged twice). The waits double from ``FIRST_SCHEDULER_RETRY_S`` to
+    ``MAX_SCHEDULER_RETRY_S``, so a restart a few seconds long is found within a second of
+    its end, and the last wait ends at the bound.
+    """
+    if attempt < 0 or lost_for_s < 0:
+        raise ValueError("attempt and lost_for_s must not be negative")
+    left = SCHEDULER_WAIT_S - lost_for_s
+    if left <= 0:
+        return None
+    return min(FIRST_SCHEDULER_RETRY_S * 2 ** min(attempt, 32), MAX_SCHEDULER_RETRY_S, left)

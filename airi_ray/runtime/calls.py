@@ -42,6 +42,7 @@ from airi_ray.core.errors import (
     InvalidRequest,
     ModelNotFound,
     ReplicaUnavailable,
+    SchedulerStarting,
     StaleState,
 )
 from airi_ray.core.policy import (
@@ -76,6 +77,7 @@ from airi_ray.core.retries import (
     after_failure,
     continued_params,
     migration,
+    scheduler_retry_delay,
 )
 from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
 from airi_ray.engines.source import resolve_model_source
@@ -596,6 +598,10 @@ class CallPath:
         self._entries = _Coalescer[tuple[AcquireRequest, asyncio.Future[None]]](self._send_entries)
         self._acquires = _Coalescer[AcquireRequest](self._send_acquires)
         self._pending: dict[str, asyncio.Future[Lease]] = {}  # request -> its lease, to come
+        # Requests queued in the scheduler (acquired, no lease yet): sent again to a
+        # restarted scheduler, which lost its queues.
+        self._queued: dict[str, AcquireRequest] = {}
+        self._requeued: set[str] = set()  # failed on a replica, waiting for another
         self._grants: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
         # Requests holding a lease this caller has not handed back yet: every heartbeat
@@ -832,8 +838,8 @@ class CallPath:
 
     async def _enter_batch(self, items: list[tuple[AcquireRequest, asyncio.Future[None]]]) -> None:
         try:
-            results: list[BaseException | None] = await self._scheduler.enter.remote(
-                self.caller_id, [r for r, _ in items]
+            results: list[BaseException | None] = await self._ask_scheduler(
+                lambda: self._scheduler.enter.remote(self.caller_id, [r for r, _ in items])
             )
         except Exception as e:
             results = [unwrap_error(e)] * len(items)
@@ -1479,16 +1485,18 @@ class CallPath:
         lease."""
         future = self._expect_grant(request_id)
         try:
-            lease = await self._scheduler.requeue.remote(
+            lease: Lease | None = await self._scheduler.requeue.remote(
                 self.caller_id, request_id, other_version, pin_version
             )
-        except ray.exceptions.RayTaskError as e:
+        except Exception as e:  # refused, or the scheduler is gone (it lost the lease)
             self._pending.pop(request_id, None)
             raise unwrap_error(e) from None
         if lease is not None:
             self._pending.pop(request_id, None)
             self._held.add(request_id)
             return lease
+        if not future.done():
+            self._requeued.add(request_id)
         return await future
 
     def _expect_grant(self, request_id: str) -> asyncio.Future[Lease]:
@@ -1509,6 +1517,8 @@ class CallPath:
             return await lease
         except asyncio.CancelledError:
             self._pending.pop(request_id, None)
+            self._queued.pop(request_id, None)
+            self._requeued.discard(request_id)
             self._releases.add((request_id, {"error": "cancelled"}, False))
             raise
 
@@ -1517,16 +1527,50 @@ class CallPath:
 
     async def _acquire_batch(self, requests: list[AcquireRequest]) -> None:
         try:
-            results = await self._scheduler.acquire.remote(self.caller_id, requests)
+            results = await self._ask_scheduler(
+                lambda: self._scheduler.acquire.remote(self.caller_id, requests)
+            )
         except Exception as e:
             self._resolve([(r.request_id, unwrap_error(e)) for r in requests])
             return
+        for r, x in zip(requests, results, strict=True):
+            if x is None and r.request_id in self._pending:  # queued: its lease is to come
+                self._queued[r.request_id] = r
         self._resolve(
             [(r.request_id, x) for r, x in zip(requests, results, strict=True) if x is not None]
         )
 
+    async def _ask_scheduler(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` (one call to the scheduler), asked again while the scheduler is
+        being restarted, for up to ``SCHEDULER_WAIT_S`` (``scheduler_retry_delay``).
+
+        Raises:
+            ReplicaUnavailable: the scheduler did not come back in time.
+        """
+        lost_at: float | None = None
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Exception as raised:
+                e = unwrap_error(raised)
+                lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+                if not isinstance(e, (*lost, SchedulerStarting)):
+                    raise
+                now = time.monotonic()
+                lost_at = now if lost_at is None else lost_at
+                delay = scheduler_retry_delay(attempt, now - lost_at)
+                if delay is None:
+                    raise ReplicaUnavailable(f"lost the scheduler: {e}") from None
+                if attempt == 0:
+                    logger.warning("the scheduler is unavailable (%s); asking again", e)
+                await asyncio.sleep(delay)
+                attempt += 1
+
     async def _read_grants(self) -> None:
-        """This process's one stream of grants for its queued requests."""
+        """This process's one stream of grants for its queued requests. When the stream
+        breaks (the scheduler died, or took this caller back), the queued requests are
+        sent again to the scheduler Ray restarted, and a new stream is opened."""
         gen = self._scheduler.grants.options(num_returns="streaming").remote(self.caller_id)
         try:
             async for ref in gen:
@@ -1535,8 +1579,33 @@ class CallPath:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            logger.warning("grant stream lost (%s); queued requests are sent again", e)
+            await self._requeue_lost(e)
+
+    async def _requeue_lost(self, cause: BaseException) -> None:
+        """The scheduler lost its queues: once it answers again (a heartbeat, which also
+        lets it adopt the leases this caller holds), queue the waiting requests there
+        again. A request waiting to go on on another replica after its own failed cannot
+        be queued again (the new scheduler knows no lease of it): it fails."""
+        try:
+            await self._ask_scheduler(
+                lambda: self._scheduler.heartbeat.remote(self.caller_id, sorted(self._held))
+            )
+        except Exception as e:
             err = ReplicaUnavailable(f"lost the scheduler while waiting for a replica: {e}")
+            self._queued.clear()
             self._resolve([(rid, err) for rid in list(self._pending)])
+            return
+        self._grants = spawn(self._read_grants())
+        again = [r for rid, r in self._queued.items() if rid in self._pending]
+        self._queued.clear()
+        stranded = [rid for rid in self._requeued if rid in self._pending]
+        err = ReplicaUnavailable(
+            f"lost the scheduler while waiting for another replica after a failure: {cause}"
+        )
+        self._resolve([(rid, err) for rid in stranded])
+        if again:
+            await self._acquire_batch(again)
 
     async def _heartbeats(self) -> None:
         """Tell the scheduler every HEARTBEAT_S that this caller is alive: the leases of a
@@ -1552,6 +1621,8 @@ class CallPath:
     def _resolve(self, results: list[tuple[str, Lease | BaseException]]) -> None:
         for rid, result in results:
             future = self._pending.pop(rid, None)
+            self._queued.pop(rid, None)
+            self._requeued.discard(rid)
             if future is None or future.done():
                 if isinstance(result, Lease):  # its caller gave up meanwhile: hand it back
                     self._releases.add((rid, {"error": "cancelled"}, False))

@@ -31,7 +31,12 @@ from airi_ray.core.accounting import (
     summarize,
 )
 from airi_ray.core.callers import CallerBook
-from airi_ray.core.errors import AiriError, InvalidRequest, ReplicaUnavailable
+from airi_ray.core.errors import (
+    AiriError,
+    InvalidRequest,
+    ReplicaUnavailable,
+    SchedulerStarting,
+)
 from airi_ray.core.policy import (
     Admission,
     AuditEvent,
@@ -104,6 +109,11 @@ class GlobalScheduler:
         self._entered: dict[str, float] = {}
         self._expirer: asyncio.Task[None] | None = None
         self.config_version: str | None = None  # of the spec last applied
+        # Models of the first spec whose replicas the controller has not yet sent (None:
+        # no spec yet). Until it has sent them all, requests are answered with
+        # SchedulerStarting: a restarted process knows no tenant or replica yet, and would
+        # refuse what it should serve.
+        self._views_to_come: set[str] | None = None
         self._stable: dict[str, str | None] = {}  # per model, as last set with its split
         # Recent TTFTs and arrivals per model: the autoscaler's latency and traffic signals.
         self._ttfts: dict[str, SampleWindow] = defaultdict(lambda: SampleWindow(SIGNAL_WINDOW_S))
@@ -133,8 +143,10 @@ class GlobalScheduler:
 
     def configure(self, spec: dict[str, Any], version: str | None = None) -> None:
         """Apply the app spec's scheduler, tenant and model routing settings."""
-        self.config_version = version
         app = AppSpec.model_validate(spec)
+        if self._views_to_come is None:  # the first spec of this process
+            self._views_to_come = {m.name for m in app.models}
+        self.config_version = version
         s = app.scheduler
         core = self.core
         if s.policy != core.policy and not any(core.queue_depth(m) for m in core.models()):
@@ -311,6 +323,7 @@ class GlobalScheduler:
         A request that entered and is refused before ``acquire`` (say, too long for the
         model) is handed back with ``release`` and has counted as a request.
         """
+        self._check_started()
         now = time.monotonic()
         self.callers.heard(caller_id, now)
         self._sweep_orphans(now)
@@ -334,6 +347,12 @@ class GlobalScheduler:
             results.append(None)
         return results
 
+    def _check_started(self) -> None:
+        if self._views_to_come is None or self._views_to_come:
+            raise SchedulerStarting(
+                "the scheduler is starting (it was restarted); the call is asked again"
+            )
+
     def _check_shape(self, request: AcquireRequest) -> None:
         """The request's size fields that need no tokens, against its tenant's limits."""
         self.policy.check_request_shape(
@@ -353,6 +372,7 @@ class GlobalScheduler:
         ``ReplicaUnavailable``: 503) if it cannot be queued, or ``None`` if it waits: its
         lease (or a timeout error) then arrives on the caller's ``grants`` stream.
         """
+        self._check_started()
         now = time.monotonic()
         results: dict[str, Lease | AiriError | None] = {}
         self._callers.setdefault(caller_id, _Grants())
@@ -709,6 +729,8 @@ class GlobalScheduler:
     ) -> None:
         """The controller's current view of a model's replicas and their engine stats."""
         self.core.set_replicas(model, views)
+        if self._views_to_come:
+            self._views_to_come.discard(model)
         engines = self.metrics.engines.replicas
         for rid in [rid for rid, s in engines.items() if s["model"] == model]:
             del engines[rid]

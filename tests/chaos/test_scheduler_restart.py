@@ -194,3 +194,24 @@ def test_a_call_running_through_the_restart_keeps_its_concurrency_slot(airi_app,
     pieces.close()  # its release reaches the new process: the slot is free again
     wait_for(lambda: chat(airi_app).status_code == 200, timeout=30, what="the slot to be free")
     client.close()
+
+
+def test_calls_queued_when_the_scheduler_dies_are_served_by_the_restarted_one(airi_app) -> None:
+    """A restarted scheduler starts with empty queues: the callers send their queued
+    requests again, and every call completes (before: 8 of 24 failed with 503 "lost the
+    scheduler while waiting for a replica")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def queued() -> int:
+        out = scheduler_call(lambda self: self.outstanding())
+        return 0 if out is None else out["models"].get("tiny-chat", {}).get("queued", 0)
+
+    # 2 replicas with 4 slots each: 24 calls of 128 tokens leave 16 waiting.
+    with ThreadPoolExecutor(24) as pool:
+        calls = [pool.submit(chat, airi_app, KEY, 128) for _ in range(24)]
+        wait_for(lambda: queued() >= 4, timeout=60, what="calls waiting in the queue")
+        kill_scheduler(airi_app)
+        answers = [c.result(timeout=120) for c in calls]
+    failed = [r.text for r in answers if r.status_code != 200]
+    assert not failed, failed
+    assert all(r.json()["usage"]["completion_tokens"] == 128 for r in answers)

@@ -4,6 +4,8 @@ import pytest
 
 from airi_ray.core.retries import (
     MAX_ATTEMPTS,
+    MAX_SCHEDULER_RETRY_S,
+    SCHEDULER_WAIT_S,
     Failure,
     Migration,
     Replay,
@@ -11,6 +13,7 @@ from airi_ray.core.retries import (
     after_failure,
     continued_params,
     migration,
+    scheduler_retry_delay,
 )
 
 
@@ -95,3 +98,26 @@ def test_a_replay_skips_what_the_client_has_even_mid_step() -> None:
     # This step straddles the point where the dead replica stopped.
     assert replay.take("lo wor", [2, 3]) == (" wor", [3], 1)
     assert replay.take("ld", [4]) == ("ld", [4], 0)
+
+
+def test_a_lost_scheduler_is_asked_again_sooner_first_then_once_a_second() -> None:
+    delays = [scheduler_retry_delay(a, 0.0) for a in range(8)]
+    assert delays[0] is not None and delays[0] < 0.1
+    assert all(b >= a for a, b in zip(delays, delays[1:], strict=False))  # type: ignore[operator]
+    assert delays[-1] == MAX_SCHEDULER_RETRY_S
+    # A restart of a few seconds is noticed within a second of its end.
+    clock, attempt = 0.0, 0
+    while clock < 4.0:
+        delay = scheduler_retry_delay(attempt, clock)
+        assert delay is not None
+        clock, attempt = clock + delay, attempt + 1
+    assert clock < 4.0 + MAX_SCHEDULER_RETRY_S
+
+
+def test_the_wait_for_a_lost_scheduler_is_bounded() -> None:
+    assert scheduler_retry_delay(40, SCHEDULER_WAIT_S - 0.2) == pytest.approx(0.2)
+    assert scheduler_retry_delay(3, SCHEDULER_WAIT_S) is None
+    assert scheduler_retry_delay(0, SCHEDULER_WAIT_S + 5) is None
+    assert scheduler_retry_delay(10_000, 1.0) == MAX_SCHEDULER_RETRY_S
+    with pytest.raises(ValueError):
+        scheduler_retry_delay(-1, 0.0)

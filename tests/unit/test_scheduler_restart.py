@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from airi_ray.config import AppSpec
 from airi_ray.core.accounting import UsageRecord
-from airi_ray.core.errors import AiriError
+from airi_ray.core.errors import AiriError, SchedulerStarting
 from airi_ray.core.policy import BudgetExceeded
 from airi_ray.core.routing import ReplicaView
 from airi_ray.core.scheduling import AcquireRequest, Lease
@@ -131,7 +133,30 @@ def test_a_release_before_the_rebuild_is_charged_once_the_log_is_read(tmp_path: 
     r.configure(spec(tmp_path, budget_tokens=100))
     assert r.policy.usage("t", time.time()).budget_spent == 110
     assert r.outstanding()["admissions"] == 0
+    r.set_replicas("m", [ReplicaView("m-0", "m", max_concurrency=8)], [])
     assert isinstance(refused(r, "b"), BudgetExceeded)
+
+
+def test_a_restarted_scheduler_asks_callers_to_wait_until_it_knows_the_app() -> None:
+    """Before the controller has sent the spec and every model's replicas, a request would
+    be refused for an unknown tenant or model: it is told to ask again instead."""
+    r = GlobalScheduler()
+    with pytest.raises(SchedulerStarting):
+        r.enter("c", [AcquireRequest("a", "m", "t")])
+    r.configure(
+        AppSpec.model_validate(
+            {
+                "models": [{"name": "m", "model": "x"}, {"name": "n", "model": "x"}],
+                "tenants": [{"name": "t"}],
+            }
+        ).model_dump()
+    )
+    r.set_replicas("m", [ReplicaView("m-0", "m", max_concurrency=8)], [])
+    with pytest.raises(SchedulerStarting):
+        r.acquire("c", [AcquireRequest("a", "m", "t", prompt_tokens=3)])
+    r.set_replicas("n", [], [])
+    assert r.enter("c", [AcquireRequest("a", "m", "t")]) == [None]
+    assert r.heartbeat("c", []) == 0
 
 
 def test_rate_limits_and_fairness_counters_survive_a_restart(tmp_path: Path) -> None:
