@@ -459,13 +459,18 @@ def worker_node_kill(client: Any, n: int, cluster: Any, worker: list[Any]) -> di
     return row
 
 
+def _is_ingress_replica(name: str) -> bool:
+    """A Serve replica actor of airi's ingress deployment (``SERVE_REPLICA::app#dep#id``)."""
+    return name.startswith("SERVE_REPLICA::") and "#airi-ingress#" in name
+
+
 def ingress_kill(client: Any, n: int) -> dict[str, Any]:
     import ray
 
     replicas = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith("SERVE_REPLICA::") and "Ingress" in a["name"]
+        if _is_ingress_replica(a["name"])
     ]
     if not replicas:
         raise RuntimeError("no ingress replica found among the named actors")
@@ -478,7 +483,7 @@ def ingress_kill(client: Any, n: int) -> dict[str, Any]:
         names_now = {
             a["name"]
             for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith("SERVE_REPLICA::") and "Ingress" in a["name"]
+            if _is_ingress_replica(a["name"])
         }
         return len(names_now) >= len(replicas) and whole(client)()
 
