@@ -461,7 +461,7 @@ class Backend:
             PermissionDenied: the view is shared by other tenants only.
         """
         return dict(
-            await _ask_read(lambda: _feature_server().get.remote(tenant, view, entity_ids, as_of))
+            await _ask_again(lambda: _feature_server().get.remote(tenant, view, entity_ids, as_of))
         )
 
     # -- conversations -------------------------------------------------------------------
@@ -478,7 +478,8 @@ class Backend:
         The turns pass the tenant's input filters first (whichever models they cover: any
         model may read the conversation later), so what they redact is never stored in
         clear. ``request_id``: a retry with the same id appends nothing more and returns
-        the first append's numbers.
+        the first append's numbers; so an append with one is asked again while the store
+        restarts (a kill mid-write fails none), one without is not (it might be stored twice).
 
         Raises:
             ContentBlocked: a blocking filter matched a turn. InvalidRequest: a bad turn
@@ -490,8 +491,13 @@ class Backend:
             request_id = check_idempotency_key(request_id, "request_id")
         turns = filter_turns(await self._path.input_filters(tenant, None), turns)
         store = get_actor(CONTEXT_STORE_NAME)
-        ref = store.append_turns.remote(tenant, conversation_id, turns, request_id)
-        return list(await _ask(ref))
+
+        def append() -> Any:
+            return store.append_turns.remote(tenant, conversation_id, turns, request_id)
+
+        if request_id is not None:
+            return list(await _ask_again(append))
+        return list(await _ask(append()))
 
     async def conversation(
         self, conversation_id: str, tenant: str, last: int | None = None
@@ -659,9 +665,10 @@ def _read(call: Callable[[], Any], timeout_s: float = 60.0) -> Any:
             time.sleep(0.2)
 
 
-async def _ask_read(call: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-    """``_ask`` a read-only actor call, again while the actor restarts (``_read``'s async
-    twin): a read during a restart waits for it instead of failing."""
+async def _ask_again(call: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+    """``_ask`` an actor call that may be repeated (a read, or a write made idempotent by
+    its id), again while the actor restarts (``_read``'s async twin): it waits for the
+    restart instead of failing."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
