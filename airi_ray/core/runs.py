@@ -219,17 +219,34 @@ class RunBook:
     ``AiriChatModel``), by run id: the first call of a run opens its ``RunLimits``, the
     later ones share them, so the run's calls together keep its budget and deadline.
 
+    A run opened here may have been driven before by another process (the graph's process
+    was killed and the graph resumed from its checkpoint): ``progress`` is what the run's
+    recorded ``charged`` events say it spent then, and its limits start from it.
+
     At most ``max_runs`` are kept: the least recently called run is forgotten first.
     """
 
     max_runs: int = 10_000
     runs: dict[str, RunLimits] = field(default_factory=dict)
 
-    def limits(self, run_id: str, options: RunOptions, now: float) -> RunLimits:
-        """The run's limits (opened at ``now`` on its first call), most recent last."""
+    def get(self, run_id: str) -> RunLimits | None:
+        """The run's limits if this book holds them (None: read its progress first)."""
+        return self.runs.get(run_id)
+
+    def limits(
+        self,
+        run_id: str,
+        options: RunOptions,
+        now: float,
+        progress: RunProgress | None = None,
+    ) -> RunLimits:
+        """The run's limits (opened at ``now`` on its first call, from ``progress`` if the
+        run made some before), most recent last."""
         limits = self.runs.pop(run_id, None)
         if limits is None:
             limits = RunLimits(options, now)
+            if progress is not None:
+                limits = RunLimits.resumed(options, now, progress)
         self.runs[run_id] = limits
         while len(self.runs) > self.max_runs:
             del self.runs[next(iter(self.runs))]

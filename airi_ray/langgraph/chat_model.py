@@ -12,17 +12,20 @@ id (``airi trace <thread_id>`` shows the run's calls as one trace, a span per no
 the session id (replica affinity for the run's prompts), and the key into the run's
 ``RunLimits``: ``configurable.airi_token_budget`` and ``airi_deadline_s`` bound the run's
 calls together, and a call the budget or deadline does not allow is refused with airi's
-own ``RunBudgetExceeded`` / ``RunDeadlineExceeded``. The limits live in this process
-(across its LangGraph runs), so they bound the calls of one execution of the run.
+own ``RunBudgetExceeded`` / ``RunDeadlineExceeded``. The calls of a run with limits are
+recorded in the context store as they end, so a run resumed from its checkpoint by
+another process (this one was killed) goes on with what it had spent, as a resumed graph
+run in airi's executor does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 try:
@@ -64,6 +67,8 @@ from airi_ray.langgraph.convert import (
 from airi_ray.obs.tracing import tracing
 from airi_ray.runtime.backend import Backend, BackendThread
 from airi_ray.runtime.calls import Generation
+
+logger = logging.getLogger(__name__)
 
 # Keyword arguments LangChain itself adds to a call, which are not the model's.
 _LANGCHAIN_KWARGS = ("ls_structured_output_format",)
@@ -199,19 +204,38 @@ class AiriChatModel(BaseChatModel):
         messages: list[BaseMessage],
         params: dict[str, Any],
         tools: list[dict[str, Any]],
-    ) -> tuple[Generation, Any, RunLimits | None]:
+    ) -> tuple[Generation, Any, RunLimits | None, Callable[[int], Awaitable[None]] | None]:
         """Start the call on ``backend`` (on its loop), under the run identity if any;
-        returns the generation, its node span and the run's limits."""
+        returns the generation, its node span, the run's limits and, for a run with a
+        budget or deadline, what records the call's tokens durably once it ends."""
         tenant = await backend.tenant_for(self._key())
         openai_messages = to_messages(messages)
         if identity is None:
             g = await backend.chat_generation(
                 self.model, openai_messages, tenant, tools=tools or None, **params
             )
-            return g, None, None
+            return g, None, None, None
+        run_id, options = identity.run_id, identity.options
+        bounded = options.token_budget is not None or options.deadline_s is not None
+        prior = None
+        if bounded and self._runs.get(run_id) is None:  # perhaps resumed after a crash
+            prior = await backend.run_progress(run_id, tenant)
         now = time.monotonic()
-        limits = self._runs.limits(identity.run_id, identity.options, now)
+        limits = self._runs.limits(run_id, options, now, prior)
         limits.check(now)
+        record = None
+        if bounded:
+
+            async def record(tokens: int) -> None:
+                limits.charge(self.model, tokens)
+                seq, elapsed = limits.calls - 1, limits.elapsed(time.monotonic())
+                try:
+                    await backend.record_run_charge(
+                        run_id, tenant, seq, self.model, tokens, elapsed
+                    )
+                except Exception as e:  # the call succeeded; a resume would count less
+                    logger.warning("run %s: a call's %d tokens not recorded: %s", run_id, tokens, e)
+
         options = CallOptions(
             priority=identity.options.priority,
             deadline_s=limits.call_deadline_s(now, 0),
@@ -245,7 +269,7 @@ class AiriChatModel(BaseChatModel):
         except BaseException as e:
             tracing.end_failed(span, e)
             raise
-        return g, span, limits
+        return g, span, limits, record
 
     async def _pieces(
         self,
@@ -256,7 +280,7 @@ class AiriChatModel(BaseChatModel):
         tools: list[dict[str, Any]],
     ) -> AsyncIterator[tuple[str, Generation]]:
         """The answer's text pieces as they come; the run is charged once it ends."""
-        g, span, limits = await self._start(backend, identity, messages, params, tools)
+        g, span, limits, record = await self._start(backend, identity, messages, params, tools)
         stream = g.__aiter__()
         failed: BaseException | None = None
         try:
@@ -267,8 +291,11 @@ class AiriChatModel(BaseChatModel):
             raise
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
-            if limits is not None:
-                limits.charge(self.model, g.usage.prompt_tokens + g.usage.completion_tokens)
+            tokens = g.usage.prompt_tokens + g.usage.completion_tokens
+            if record is not None:
+                await record(tokens)
+            elif limits is not None:
+                limits.charge(self.model, tokens)
             if failed is not None:
                 tracing.end_failed(span, failed)
             else:

@@ -41,6 +41,7 @@ from airi_ray.core.requests import (
     generation_params,
     parse_messages,
 )
+from airi_ray.core.runs import RunProgress, charged_event, progress
 from airi_ray.runtime.calls import Cached, CallPath, Generation, ModelInfo, unwrap_error
 from airi_ray.runtime.names import (
     CONTEXT_STORE_NAME,
@@ -505,6 +506,28 @@ class Backend:
         store = get_actor(CONTEXT_STORE_NAME)
         return list(await _ask(store.conversation.remote(tenant, conversation_id, last)))
 
+    # -- runs driven from outside the executor (LangGraph) ---------------------------------
+
+    async def run_progress(self, run_id: str, tenant: str) -> RunProgress:
+        """What a run driven from outside airi's executor (``AiriChatModel`` in a LangGraph
+        graph) was charged by its earlier processes: its ``charged`` events in the store
+        (none: it is new)."""
+        store = get_actor(CONTEXT_STORE_NAME)
+        try:
+            record = await _ask_again(lambda: store.run.remote(tenant, outside_run_key(run_id)))
+        except NotFound:
+            return RunProgress()
+        return progress(record["events"], [])
+
+    async def record_run_charge(
+        self, run_id: str, tenant: str, seq: int, model: str, tokens: int, elapsed_s: float
+    ) -> None:
+        """Record one call of such a run (its ``seq``-th), durably: a process that resumes
+        the run after this one died starts its budget and deadline from it."""
+        store = get_actor(CONTEXT_STORE_NAME)
+        event = charged_event(model, tokens, elapsed_s, "langgraph")
+        await _ask(store.run_event.remote(tenant, outside_run_key(run_id), seq, event))
+
     # -- observability -------------------------------------------------------------------
 
     async def trace(self, id: str, tenant: str) -> list[dict[str, Any]]:
@@ -609,6 +632,11 @@ def check_idempotency_key(value: Any, what: str = "the Idempotency-Key") -> str:
             "(a UUID, say), the same on every retry of one request"
         )
     return value
+
+
+def outside_run_key(run_id: str) -> str:
+    """The store's key of a run driven from outside the executor: apart from graph runs."""
+    return "langgraph:" + run_id
 
 
 def request_key(id: str) -> str:

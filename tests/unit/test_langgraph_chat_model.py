@@ -10,7 +10,14 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from airi_ray.core.errors import InvalidRequest
-from airi_ray.core.runs import RunBook, RunBudgetExceeded, RunDeadlineExceeded, RunOptions
+from airi_ray.core.runs import (
+    RunBook,
+    RunBudgetExceeded,
+    RunDeadlineExceeded,
+    RunOptions,
+    charged_event,
+    progress,
+)
 from airi_ray.langgraph.convert import (
     ai_message,
     read_tool_calls,
@@ -165,6 +172,25 @@ def test_the_run_book_keeps_a_deadline_from_the_first_call() -> None:
     assert limits.call_deadline_s(104.0, 0) == pytest.approx(6.0)
     with pytest.raises(RunDeadlineExceeded):
         book.limits("t", options, now=111.0).check(111.0)
+
+
+def test_a_run_resumed_in_a_new_process_starts_from_its_recorded_charges() -> None:
+    """The graph's process was killed after two calls; the resumed run's first call here
+    reads their ``charged`` events: the budget and the deadline go on from them."""
+    events = [
+        charged_event("tiny-chat", 40, elapsed_s=2.0, node="intent"),
+        charged_event("tiny-chat", 35, elapsed_s=5.5, node="answer"),
+    ]
+    book = RunBook()
+    assert book.get("t") is None
+    options = RunOptions(token_budget=100, deadline_s=10)
+    limits = book.limits("t", options, now=50.0, progress=progress(events, []))
+    assert (limits.spent, limits.calls, limits.remaining) == (75, 2, 25)
+    assert limits.call_deadline_s(51.0, 0) == pytest.approx(3.5)
+    assert book.get("t") is limits
+    # Read again later (another call of this process): the book's own count stands.
+    limits.charge("tiny-chat", 20)
+    assert book.limits("t", options, 52.0, progress(events, [])).remaining == 5
 
 
 def test_the_run_book_forgets_the_least_recent_run() -> None:
