@@ -32,7 +32,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +192,7 @@ class _Run:
     answered_by: tuple[str, str] | None = None  # the last generative call's model, version
     token: int = FIRST_TOKEN  # this execution's fencing token (claim) on the run
     fenced: Fenced | None = None  # set once a write was refused: another execution owns it
+    replayed: int = 0  # checkpoints it was rebuilt from (after a take-over)
 
     def result(self) -> dict[str, Any]:
         return {
@@ -362,12 +363,22 @@ class GraphExecutor:
         run = self._get(tenant, run_id)
         if run is not None:
             return run
+        return await self._once(tenant, run_id, self._take_over)
+
+    async def _once(
+        self,
+        tenant: str,
+        run_id: str,
+        how: Callable[[str, str], Awaitable[_Run | dict[str, Any]]],
+    ) -> _Run | dict[str, Any]:
+        """``how(tenant, run_id)`` (a take-over or an orphan's cancel), or the one already
+        under way for the run, whichever it is: one at a time per run."""
         key = (tenant, run_id)
         task = self._adopting.get(key)
         if task is None:
             # Registered before any await, so a second caller finds it. Spawned on its
             # own: a caller that hangs up does not cancel the take-over the others await.
-            task = spawn(self._take_over(tenant, run_id))
+            task = spawn(how(tenant, run_id))
             self._adopting[key] = task
 
             def done(t: asyncio.Task[Any], key: tuple[str, str] = key) -> None:
@@ -381,6 +392,39 @@ class GraphExecutor:
 
     async def _take_over(self, tenant: str, run_id: str) -> _Run | dict[str, Any]:
         """Claim an orphaned run, rebuild its state from its record and run what is left."""
+        got = await self._claim(tenant, run_id)
+        if isinstance(got, dict):
+            return got
+        run = got
+        resumed = {"status": "resumed", "replayed_nodes": run.replayed, "token": run.token}
+        await self._store.run_event.remote(
+            tenant, run_id, run.event_seq, resumed | {"elapsed_s": run.limits.elapsed_s}, run.token
+        )
+        run.event_seq += 1
+        self._launch(run)
+        return run
+
+    async def _cancel_orphan(self, tenant: str, run_id: str) -> _Run | dict[str, Any]:
+        """Claim an orphaned run and record its end as cancelled, as it stood at its last
+        checkpoint (an earlier execution that is only stalled is fenced off by the
+        claim); its recorded end if it had one."""
+        got = await self._claim(tenant, run_id)
+        if isinstance(got, dict):
+            return got
+        run = got
+        run.status = "cancelled"
+        run.error = RunCancelled(f"run {run_id!r} was cancelled").to_body()["error"]
+        final = {"status": run.status, "result": run.result(), "elapsed_s": run.limits.elapsed_s}
+        await self._store.run_event.remote(tenant, run_id, run.event_seq, final, run.token)
+        return run.result()
+
+    async def _claim(self, tenant: str, run_id: str) -> _Run | dict[str, Any]:
+        """Claim an orphaned run and rebuild it from its record, not yet running (its
+        ``event_seq`` the next free one); or its recorded end if it has one.
+
+        Raises:
+            NotFound: no such run for this tenant.
+        """
         record = await self._store.run.remote(tenant, run_id)  # NotFound if none
         if (ended := _ended(run_id, record)) is not None:
             return ended
@@ -401,20 +445,23 @@ class GraphExecutor:
         limits = RunLimits.resumed(opts, time.monotonic(), done)
         run = _Run(run_id, tenant, started["graph"], started["inputs"], opts, limits, state)
         run.token = token
-        seq = int(record["next_event_seq"])
-        resumed = {"status": "resumed", "replayed_nodes": len(checkpoints), "token": token}
-        await self._store.run_event.remote(
-            tenant, run_id, seq, resumed | {"elapsed_s": done.elapsed_s}, token
-        )
-        run.event_seq = seq + 1
-        self._launch(run)
+        run.event_seq = int(record["next_event_seq"])
+        run.replayed = len(checkpoints)
         return run
 
     async def cancel(self, tenant: str, run_id: str) -> dict[str, Any]:
-        """Stop a run; its in-flight model calls are aborted."""
+        """Stop a run; its in-flight model calls are aborted. A run no executor holds
+        (orphaned by a restart) is ended as cancelled without being resumed.
+
+        Raises:
+            NotFound: no such run for this tenant.
+        """
         run = self._get(tenant, run_id)
         if run is None:
-            raise NotFound(f"run {run_id!r} not found")
+            got = await self._once(tenant, run_id, self._cancel_orphan)
+            if isinstance(got, dict):
+                return got
+            run = got  # a take-over others asked for came first: stop it
         if run.task is not None and not run.task.done():
             run.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -45,8 +45,8 @@ def _node(path: str, name: str, gate: str | None, chat: bool) -> Any:
     return node
 
 
-def _graph(calls: str, gate: str) -> Any:
-    g = StateGraph(GRAPH, {"x": Field(), "trace": Field(reducer=append)}, inputs=["x"])
+def _graph(calls: str, gate: str, name: str = GRAPH) -> Any:
+    g = StateGraph(name, {"x": Field(), "trace": Field(reducer=append)}, inputs=["x"])
     prev = START
     for name in NODES:
         g.add_node(
@@ -135,3 +135,35 @@ def test_eight_pollers_resume_a_killed_run_once(airi_app, client, tmp_path: Path
     assert [e["model"] for e in got["events"] if e["status"] == CHARGED] == ["tiny-chat"]
     assert results[0]["usage"]["calls"] == 1 and results[0]["usage"]["tokens"] > 0
     assert sorted(c["node"] for c in got["checkpoints"]) == NODES
+
+
+def test_cancelling_an_orphaned_run_ends_it_without_resuming_it(airi_app, client, tmp_path) -> None:
+    """Before: a cancel of a run whose executor had died answered 404 (the new process did
+    not hold it), and the next poller resumed it."""
+    calls, gate = str(tmp_path / "calls.txt"), str(tmp_path / "gate")
+    client.register_graph(_graph(calls, gate, "cancel-orphan"))
+    store = names.get_actor(names.CONTEXT_STORE_NAME)
+    run_id = client.start_run("cancel-orphan", {"x": 1})
+
+    def record() -> dict[str, Any]:
+        return ray.get(store.run.remote("tenant-a", run_id))
+
+    def ran() -> list[str]:
+        return Path(calls).read_text().split() if Path(calls).exists() else []
+
+    wait_for(lambda: len(record()["checkpoints"]) == 2 and "n3" in ran(), what="n3 running")
+    pid = _pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _pid() not in (None, pid), timeout=120, what="the executor to restart")
+
+    cancelled = client.cancel_run(run_id)
+    assert cancelled["status"] == "cancelled", cancelled
+    assert cancelled["error"]["code"] == "run_cancelled", cancelled
+    assert cancelled["state"]["trace"] == ["n1", "n2"]  # as of its last checkpoint
+    Path(gate).touch()
+    assert client.wait_run(run_id)["status"] == "cancelled"  # not resumed by a poller
+    assert client.get_run(run_id)["status"] == "cancelled"
+    assert ran() == ["n1", "n2", "n3"]  # nothing ran after the kill
+    statuses = [e["status"] for e in record()["events"] if e["status"] != CHARGED]
+    assert statuses == ["started", "cancelled"], statuses
