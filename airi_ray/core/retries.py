@@ -9,7 +9,7 @@ returns; the rule itself has no I/O, so every branch is unit-tested.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "after_failure",
     "continued_params",
     "migration",
+    "replayable",
     "scheduler_retry_delay",
 ]
 
@@ -102,16 +103,33 @@ def migration(params: Mapping[str, Any]) -> Migration:
     text: a seeded sampler restarts from its seed, a grammar (structured outputs) from
     its start, and presence and frequency penalties count output tokens only (the sent
     tokens would become prompt tokens). Greedy decoding needs no seed.
+
+    Stop strings replay too. The dead engine held back the text a stop string might
+    begin (up to the longest one's length less a character), which the client never got;
+    a continued request starts after those tokens, so that text would be lost, and a
+    stop string split across the two engines would match in neither. A sampled stream
+    with stop strings has a seed to replay from: ``replayable`` draws it at the start.
     """
     seeded = params.get("seed") is not None and params.get("temperature", 1.0) != 0
     if (
         seeded
+        or params.get("stop")
         or params.get("structured_outputs") is not None
         or params.get("presence_penalty")
         or params.get("frequency_penalty")
     ):
         return Migration.REPLAY
     return Migration.CONTINUE
+
+
+def replayable(params: dict[str, Any], draw_seed: Callable[[], int]) -> dict[str, Any]:
+    """``params``, with a seed from ``draw_seed()`` where the stream would migrate by
+    replay and has none: sampled (temperature above 0) with stop strings. Any seed is as
+    fair a sample as none, and with it a replay gives the text the client was being
+    sent. Other parameters come back as they are (the same dict)."""
+    if params.get("stop") and params.get("seed") is None and params.get("temperature", 1.0) != 0:
+        return params | {"seed": draw_seed()}
+    return params
 
 
 def continued_params(params: Mapping[str, Any], sent: int) -> dict[str, Any]:

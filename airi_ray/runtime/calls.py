@@ -77,6 +77,7 @@ from airi_ray.core.retries import (
     after_failure,
     continued_params,
     migration,
+    replayable,
     scheduler_retry_delay,
 )
 from airi_ray.core.scheduling import AcquireRequest, Lease, block_hashes
@@ -125,6 +126,11 @@ def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> lis
         return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
     ids: list[int] = backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
     return ids
+
+
+def _draw_seed() -> int:
+    """A sampling seed for a request that has none (``replayable``): any is as fair."""
+    return random.getrandbits(63)
 
 
 def _count_tokens(tokenizer: Any, text: str) -> int:
@@ -1070,7 +1076,8 @@ class CallPath:
             g.logprobs,
             request,
             prompt_ids,
-            params.to_dict() | {"max_tokens": max_tokens},
+            # A stream that would migrate by replay needs a seed to give the same text.
+            replayable(params.to_dict() | {"max_tokens": max_tokens}, _draw_seed),
             filters,
             watch,
             lambda version: self._ids_for(info, version, prompt_ids, encode),

@@ -13,6 +13,7 @@ from airi_ray.core.retries import (
     after_failure,
     continued_params,
     migration,
+    replayable,
     scheduler_retry_delay,
 )
 
@@ -78,10 +79,25 @@ def test_streams_without_sampling_state_continue(params: dict) -> None:
         {"temperature": 0.0, "structured_outputs": {"json": {"type": "object"}}},
         {"temperature": 0.0, "presence_penalty": 0.5},
         {"temperature": 0.0, "frequency_penalty": -0.5},
+        {"temperature": 0.0, "stop": ["\n\n"]},  # held back, or split across engines
     ],
 )
 def test_streams_with_sampling_state_replay(params: dict) -> None:
     assert migration(params) is Migration.REPLAY
+
+
+def test_a_sampled_stream_with_stop_strings_gets_a_seed_to_replay_from() -> None:
+    draws = iter([41, 42])
+    sampled = {"temperature": 0.8, "stop": ["END"], "seed": None}
+    assert replayable(sampled, lambda: next(draws)) == sampled | {"seed": 41}
+    assert sampled["seed"] is None  # the caller's own parameters are left alone
+    assert migration(replayable(sampled, lambda: next(draws))) is Migration.REPLAY
+    for kept in (
+        {"temperature": 0.8, "stop": ["END"], "seed": 7},  # its own seed
+        {"temperature": 0.0, "stop": ["END"], "seed": None},  # greedy replays without
+        {"temperature": 0.8, "stop": [], "seed": None},  # continues: nothing held back
+    ):
+        assert replayable(kept, lambda: 1 / 0) is kept
 
 
 def test_a_continued_request_spends_what_is_left_of_its_budget() -> None:
