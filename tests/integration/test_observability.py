@@ -227,6 +227,8 @@ def test_drift_alert_after_a_change_of_topic_and_none_before(airi_app, client) -
     """Support questions fill the reference and then run unchanged for STATIONARY requests
     (alerts counted: the false positives); then the traffic turns to unrelated text and
     the input-embedding drift alert must come within 200 requests."""
+    import ray
+
     import airi_ray as airi
 
     spec = {**airi_app.spec, "observability": {"drift": DRIFT}}
@@ -242,7 +244,20 @@ def test_drift_alert_after_a_change_of_topic_and_none_before(airi_app, client) -
             expected += len(prompts)
             wait_for(lambda: _observed() >= expected, 60, "the observer to take every request")
 
-        send([rng.choice(SUPPORT) for _ in range(DRIFT["reference_size"] + STATIONARY)])
+        def embeddings_judged() -> bool:
+            scores = ray.get(_observer().drift.remote())
+            return any("embedding_psi" in v for k, v in scores.items() if "tiny-chat" in k)
+
+        # Callers see the new drift settings within their config refresh (5 s): until
+        # then their prompts are not embedded. The reference fills from support questions
+        # alone, however many that takes, before the unchanged traffic is counted.
+        send([rng.choice(SUPPORT) for _ in range(DRIFT["reference_size"] + DRIFT["min_samples"])])
+        for _ in range(20):
+            if embeddings_judged():
+                break
+            send([rng.choice(SUPPORT) for _ in range(20)])
+        assert embeddings_judged(), "support questions did not fill the embedding reference"
+        send([rng.choice(SUPPORT) for _ in range(STATIONARY)])
         false_alerts = [a for a in _alerts(client, "drift") if a["id"] not in before]
         assert false_alerts == [], json.dumps(false_alerts, indent=1)
 
@@ -256,7 +271,8 @@ def test_drift_alert_after_a_change_of_topic_and_none_before(airi_app, client) -
                 for a in _alerts(client, "drift.embedding")
                 if a["id"] not in before and a["severity"] != "info"
             ]
-        assert found, "no embedding drift alert after 200 requests of unrelated text"
+        scores = ray.get(_observer().drift.remote())
+        assert found, f"no embedding drift alert after 200 requests of unrelated text: {scores}"
         alert = found[0]
         assert alert["model"] == "tiny-chat" and alert["evidence"]
         print(f"drift alert after {sent} unrelated requests; false alerts: {len(false_alerts)}")
