@@ -54,13 +54,6 @@ _COMPACT_SLACK = 64  # stale entries tolerated before compaction is considered
 
 
 @dataclass(slots=True)
-class _Entry(Generic[T]):
-    tenant: _Tenant
-    key: ItemKey
-    item: T
-
-
-@dataclass(slots=True)
 class _Tenant:
     name: str
     counter: float = 0.0
@@ -71,13 +64,18 @@ class _Tenant:
     checked_out: bool = False  # taken by ``select`` and not yet given back
 
 
+# A queued request's entry: ``(tenant, key, item)``. A plain tuple rather than a class: one
+# is built per request on the scheduler's hot path, where an ``__init__`` is a Python call.
+_Entry = tuple[_Tenant, ItemKey, T]
+
+
 class FairQueue(Generic[T]):
     """The queues of one model's tenants, in VTC (or FCFS) order.
 
     Protocol of the dispatcher: ``select`` checks the next tenant out, ``head`` shows its
-    first request; then either ``start`` (the request got a replica) or ``put_back`` (it did
-    not) returns the tenant to the selection. ``finish`` and ``refund`` close a started
-    request. Items are opaque to this class.
+    first request (``select_head`` does both in one call); then either ``start`` (the
+    request got a replica) or ``put_back`` (it did not) returns the tenant to the selection.
+    ``finish`` and ``refund`` close a started request. Items are opaque to this class.
     """
 
     def __init__(self, policy: Policy = "vtc") -> None:
@@ -100,7 +98,7 @@ class FairQueue(Generic[T]):
 
     def get(self, request_id: str) -> T | None:
         entry = self._entries.get(request_id)
-        return entry.item if entry is not None else None
+        return entry[2] if entry is not None else None
 
     def depth(self, tenant: str) -> int:
         t = self._tenants.get(tenant)
@@ -125,8 +123,8 @@ class FairQueue(Generic[T]):
             return
         for _, _, _, rid in t.heap:
             entry = self._entries.get(rid)
-            if entry is not None and entry.tenant is t:
-                yield entry.item
+            if entry is not None and entry[0] is t:
+                yield entry[2]
 
     # -- queueing -------------------------------------------------------------------------
 
@@ -155,7 +153,7 @@ class FairQueue(Generic[T]):
         if self.policy == "fcfs":
             rank, deadline = 0, 0.0
         key: ItemKey = (_FRONT_RANK if front else rank, deadline, seq, request_id)
-        self._entries[request_id] = _Entry(t, key, item)
+        self._entries[request_id] = (t, key, item)
         heap = t.heap
         heapq.heappush(heap, key)
         t.depth += 1
@@ -172,23 +170,30 @@ class FairQueue(Generic[T]):
         entry = self._entries.pop(request_id, None)
         if entry is None:
             return None
-        t = entry.tenant
+        t, key, item = entry
         t.depth -= 1
         if t.depth == 0:
             self._backlogged -= 1
             t.version += 1  # its selection entry is void
             t.heap.clear()  # every remaining entry is stale
         else:
-            if t.heap[0] is entry.key:  # the head went: clean the top, move in the selection
+            if t.heap[0] is key:  # the head went: clean the top, move in the selection
                 self._clean_head(t)
                 self._push_select(t)
             self._maybe_compact_tenant(t)
-        return entry.item
+        return item
 
     # -- dispatch protocol ----------------------------------------------------------------
 
     def select(self) -> str | None:
         """Check out the backlogged tenant to serve next (smallest counter), or None."""
+        picked = self.select_head()
+        return picked[0] if picked is not None else None
+
+    def select_head(self) -> tuple[str, str, T] | None:
+        """``select``, then ``head``, in one call (the dispatcher's): check out the next
+        tenant and show its first request, as ``(tenant, request_id, item)``; None if no
+        tenant is waiting."""
         heap = self._select
         tenants = self._tenants
         vtc = self.policy == "vtc"
@@ -206,7 +211,8 @@ class FairQueue(Generic[T]):
             else:
                 heapq.heappop(heap)
                 t.checked_out = True
-                return t.name
+                rid = t.heap[0][3]  # the top of a queued tenant's heap is its head
+                return t.name, rid, self._entries[rid][2]
         return None
 
     def head(self, tenant: str) -> tuple[str, T]:
@@ -214,7 +220,7 @@ class FairQueue(Generic[T]):
         t = self._tenants[tenant]
         assert t.depth > 0, f"tenant {tenant} has no queued request"
         rid = t.heap[0][3]
-        return rid, self._entries[rid].item
+        return rid, self._entries[rid][2]
 
     def put_back(self, tenant: str) -> None:
         """Return a checked-out tenant to the selection unchanged."""
@@ -230,20 +236,23 @@ class FairQueue(Generic[T]):
         """
         t = self._tenants[tenant]
         assert t.depth > 0, f"tenant {tenant} has no queued request"
-        rid = heapq.heappop(t.heap)[3]
-        entry = self._entries.pop(rid)
-        t.depth -= 1
-        if t.depth == 0:
-            self._backlogged -= 1
-            t.heap.clear()  # whatever is left is stale
-        elif len(t.heap) > t.depth:  # some entries are stale (cancelled): one may be on top
-            self._clean_head(t)
+        heap = t.heap
+        rid = heapq.heappop(heap)[3]
+        item = self._entries.pop(rid)[2]
         t.in_flight += 1
         self._active[tenant] = t
         t.counter += charge
         t.checked_out = False
-        self._push_select(t)
-        return rid, entry.item
+        depth = t.depth = t.depth - 1
+        if depth == 0:
+            self._backlogged -= 1
+            heap.clear()  # whatever is left is stale
+            t.version += 1  # ``_push_select``: its selection entry, if any, is void
+        else:
+            if len(heap) > depth:  # some entries are stale (cancelled): one may be on top
+                self._clean_head(t)
+            self._push_select(t)
+        return rid, item
 
     def finish(self, tenant: str, charge: float) -> None:
         """A started request ended: charge its output (``charge`` >= 0)."""
@@ -344,11 +353,11 @@ class FairQueue(Generic[T]):
         """Drop stale entries off the top of a queued tenant's heap, so its top is the head."""
         heap = t.heap
         entries = self._entries
-        while (x := entries.get(heap[0][3])) is None or x.key is not heap[0]:
+        while (x := entries.get(heap[0][3])) is None or x[1] is not heap[0]:
             heapq.heappop(heap)
 
     def _maybe_compact_tenant(self, t: _Tenant) -> None:
         if len(t.heap) > 2 * t.depth + _COMPACT_SLACK:
             entries = self._entries
-            t.heap = [e for e in t.heap if (x := entries.get(e[3])) is not None and x.key is e]
+            t.heap = [e for e in t.heap if (x := entries.get(e[3])) is not None and x[1] is e]
             heapq.heapify(t.heap)

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -72,7 +71,6 @@ _RETRY_AFTER_MIN_S = 1.0
 _RETRY_AFTER_MAX_S = 60.0
 _HOLD_EWMA_ALPHA = 0.1
 _HOLD_DEFAULT_S = 1.0
-_NO_VERSIONS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -197,18 +195,19 @@ class ModelStats:
 
 @dataclass(slots=True)
 class _Queued:
+    """A request from enqueue to release: queued, then (with its lease) granted."""
+
     request: AcquireRequest
     enqueued_at: float
     deadline: float  # absolute, on the scheduler's clock; inf for none
     seq: int  # arrival number: the last tie-break, kept across requeues
     requeues: int = 0
+    input_charge: float = 0.0  # once granted: what dispatch added to the tenant's counter
 
 
-@dataclass(slots=True)
-class _Granted:
-    lease: Lease
-    queued: _Queued
-    input_charge: float  # what dispatch added to the tenant's counter (refunded on requeue)
+# A held lease and the request it was granted to, by request id: ``(lease, queued)``. A
+# plain tuple, as one is built per grant on the hot path.
+_Granted = tuple[Lease, _Queued]
 
 
 @dataclass(slots=True)
@@ -450,11 +449,11 @@ class Scheduler:
             kept.append(r)
         if fresh:  # rare (replica start): one pass over the leases
             by_id = {r.replica_id: r for r in fresh}
-            for g in self._leases.values():
-                r = by_id.get(g.lease.replica_id)
+            for lease, _ in self._leases.values():
+                r = by_id.get(lease.replica_id)
                 if r is not None:
                     r.in_flight += 1
-                    r.in_flight_tokens += g.lease.cost_tokens
+                    r.in_flight_tokens += lease.cost_tokens
         for rid in old.keys() - set(new_ids):
             del self._replicas[rid]
         for r in kept:
@@ -596,7 +595,7 @@ class Scheduler:
         g = self._leases.pop(request_id, None)
         if g is None:
             return None
-        lease = g.lease
+        lease = g[0]
         m = self._models[lease.model]
         self._free(m, lease)
         weight = self._weights.get(lease.tenant, 1.0)
@@ -632,7 +631,7 @@ class Scheduler:
         g = self._leases.get(request_id)
         if g is None:
             return False
-        lease, old = g.lease, g.queued
+        lease, old = g
         m = self._models[lease.model]
         if pin_version and not any(
             (r.view.ready or r.view.starting)
@@ -647,7 +646,7 @@ class Scheduler:
             )
         del self._leases[request_id]
         self._free(m, lease)
-        m.queue.refund(lease.tenant, g.input_charge)
+        m.queue.refund(lease.tenant, old.input_charge)
         request = replace(old.request, exclude=old.request.exclude | {lease.replica_id})
         if exclude_version:
             request = replace(request, exclude_versions=request.exclude_versions | {lease.version})
@@ -697,13 +696,13 @@ class Scheduler:
 
     def leases(self, model: str | None = None) -> list[Lease]:
         """The leases held now (of ``model``, or of every model), oldest grant first."""
-        held = (g.lease for g in self._leases.values())
+        held = (lease for lease, _ in self._leases.values())
         return [x for x in held if model is None or x.model == model]
 
     def lease(self, request_id: str) -> Lease | None:
         """The lease a request holds, None if it holds none."""
         g = self._leases.get(request_id)
-        return g.lease if g is not None else None
+        return g[0] if g is not None else None
 
     def virtual_counter(self, model: str, tenant: str) -> float:
         """The tenant's virtual token counter on ``model`` (weighted tokens served)."""
@@ -766,70 +765,46 @@ class Scheduler:
 
     def _dispatch_model(self, model: str, m: _Model, now: float, granted: list[Lease]) -> None:
         q = m.queue
-        replicas = m.replicas
+        # Kept in place as leases come and go (``_refresh`` replaces it only when the
+        # replicas change, never during a dispatch): no scan of the replicas to learn that
+        # every one of them is full, the usual state under a backlog.
+        open_replicas = m.open
         sessions = self._sessions
         sitting_out: list[str] = []  # tenants whose head has no usable replica at all
         try:
-            # ``open`` is kept as leases come and go: no scan of the replicas to learn that
-            # every one of them is full, the usual state under a backlog.
-            while m.open:
-                tenant = q.select()
-                if tenant is None:
+            while open_replicas:
+                picked = q.select_head()
+                if picked is None:
                     return
-                rid, queued = q.head(tenant)
+                tenant, rid, queued = picked
                 request = queued.request
                 cost = request.prompt_tokens + request.max_tokens
-                exclude = request.exclude
-                live = m.live  # versions that take new requests; () when there is no split
-                if request.version is not None:  # pinned: that version, weight or not
-                    live = (request.version,)
-                skip_versions = request.exclude_versions
-                usable_versions: AbstractSet[str] = _NO_VERSIONS  # filled when filtering
-                # The replicas to try. Without exclusions or versions to match, the open ones:
-                # the request may run on every ready replica, and an open one is ready. (The
-                # order of ``fits`` does not matter: ``route`` breaks every tie by id.)
-                usable: Iterable[ReplicaState] = m.open.values()
-                if exclude or live or skip_versions:
-                    usable, usable_versions = [], set()
-                    for r in replicas:
-                        v = r.view
-                        if not v.ready or v.replica_id in exclude:
-                            continue
-                        if live or skip_versions:
-                            if v.version in skip_versions or (live and v.version not in live):
-                                continue
-                            usable_versions.add(v.version)
-                        usable.append(r)
-                    if not usable:
-                        sitting_out.append(tenant)
-                        continue
-                # ``ReplicaState.fits``, inlined: an idle replica takes any one request, else
-                # it needs a slot and, if its KV capacity is known, room for the tokens.
-                fits: list[ReplicaState] = []
-                for r in usable:
-                    v = r.view
-                    n = r.in_flight
-                    if v.ready and (
-                        n == 0
-                        or (
-                            n < v.max_concurrency
-                            and (
-                                v.kv_capacity_tokens is None
-                                or r.in_flight_tokens + cost <= v.kv_capacity_tokens
-                            )
-                        )
-                    ):
-                        fits.append(r)
                 sid = request.session_id
-                # Versions the split chooses between for this request; empty when there is
+                # Versions the split chose between for this request; empty when there was
                 # nothing to choose (no split, or one version usable), the common case.
                 eligible: Sequence[str] = ()
-                if len(live) > 1 and len(usable_versions) > 1:
-                    eligible = [x for x in live if x in usable_versions]
-                    picked = _session_version(m, eligible, sid) if sid else _peek_wrr(m, eligible)
-                    # Only the picked version: if none of its replicas fits now, the request
-                    # waits for one rather than spilling over, so the split stays exact.
-                    fits = [r for r in fits if r.view.version == picked]
+                if (
+                    request.exclude
+                    or m.live
+                    or request.exclude_versions
+                    or request.version is not None
+                ):
+                    found = self._fits_filtered(m, request, cost)
+                    if found is None:
+                        sitting_out.append(tenant)
+                        continue
+                    fits, eligible = found
+                else:
+                    # The request may run on every ready replica, and only an open one has
+                    # a slot. ``ReplicaState.fits`` for an open replica (ready, a slot free):
+                    # an idle one takes any one request, else it needs room for the tokens
+                    # if its KV capacity is known. (The order of ``fits`` does not matter:
+                    # ``route`` breaks every tie by id.)
+                    fits = []
+                    for r in open_replicas.values():
+                        kv = r.view.kv_capacity_tokens
+                        if kv is None or r.in_flight == 0 or r.in_flight_tokens + cost <= kv:
+                            fits.append(r)
                 if not fits:
                     q.put_back(tenant)  # head of line waits for room; see ``dispatch``
                     return
@@ -848,24 +823,25 @@ class Scheduler:
                 q.start(tenant, charge)
                 m.queued -= 1
                 del self._queued_in[rid]
-                r.in_flight += 1
+                n = r.in_flight = r.in_flight + 1
                 r.in_flight_tokens += cost
                 v = r.view
-                if r.in_flight >= v.max_concurrency:
-                    del m.open[v.replica_id]  # it fit, so it was open
+                replica_id = v.replica_id
+                if n >= v.max_concurrency:
+                    del open_replicas[replica_id]  # it fit, so it was open
                 if request.prefix_hashes:  # its first ``blocks`` are there: route counted them
                     r.prefixes.touch_all(request.prefix_hashes[::-1], True, blocks)
                 version = v.version
                 if sid:
                     if reason != "session":  # else ``get`` found it and marked it used
-                        sessions.put((model, sid), v.replica_id)
+                        sessions.put((model, sid), replica_id)
                 elif eligible:
                     _commit_wrr(m, eligible, version)  # granted: the peek becomes the pick
                 lease = _new_lease(
                     rid,
                     model,
                     tenant,
-                    v.replica_id,
+                    replica_id,
                     queued.enqueued_at,
                     now,
                     reason,
@@ -874,9 +850,10 @@ class Scheduler:
                     queued.requeues,
                     version,
                     request.version is None and m.stable is not None and version != m.stable,
-                    r.in_flight,
+                    n,
                 )
-                self._leases[rid] = _Granted(lease, queued, charge)
+                queued.input_charge = charge
+                self._leases[rid] = (lease, queued)
                 m.in_flight += 1
                 m.routes[reason] += 1
                 m.versions[version] = m.versions.get(version, 0) + 1
@@ -884,6 +861,44 @@ class Scheduler:
         finally:
             for tenant in sitting_out:
                 q.put_back(tenant)
+
+    @staticmethod
+    def _fits_filtered(
+        m: _Model, request: AcquireRequest, cost: int
+    ) -> tuple[list[ReplicaState], Sequence[str]] | None:
+        """The replicas that can take a request with exclusions or versions to match now,
+        and the versions a traffic split chose between for it (empty if it had no choice).
+
+        None when no ready replica is usable at all (its tenant sits out the round). When
+        the split has a choice, only the picked version's replicas are returned: if none
+        of them fits now, the request waits for one rather than spilling over, so the split
+        stays exact.
+        """
+        exclude = request.exclude
+        live = m.live  # versions that take new requests; () when there is no split
+        if request.version is not None:  # pinned: that version, weight or not
+            live = (request.version,)
+        skip_versions = request.exclude_versions
+        usable: list[ReplicaState] = []
+        usable_versions: set[str] = set()
+        for r in m.replicas:
+            v = r.view
+            if not v.ready or v.replica_id in exclude:
+                continue
+            if live or skip_versions:
+                if v.version in skip_versions or (live and v.version not in live):
+                    continue
+                usable_versions.add(v.version)
+            usable.append(r)
+        if not usable:
+            return None
+        fits = [r for r in usable if r.fits(cost)]
+        if len(live) > 1 and len(usable_versions) > 1:
+            eligible = [x for x in live if x in usable_versions]
+            sid = request.session_id
+            picked = _session_version(m, eligible, sid) if sid else _peek_wrr(m, eligible)
+            return [r for r in fits if r.view.version == picked], eligible
+        return fits, ()
 
     @staticmethod
     def _round_robin(m: _Model, fits: list[ReplicaState]) -> tuple[ReplicaState, RouteReason, int]:
