@@ -56,11 +56,20 @@ def block_hashes(token_ids: Sequence[int], block_size: int = 16) -> tuple[int, .
     return tuple(hashes)
 
 
+# Runs whose moves ``BoundedLRU.touch_run`` may hold back; beyond it the oldest is applied.
+_PENDING_RUNS = 32
+
+
 class BoundedLRU(Generic[K, V]):
     """A mapping that forgets its least recently used keys beyond ``maxsize``.
 
     Every affinity table (sessions, prefix blocks per replica) is one of these, so memory
     stays bounded however many conversations or prompts pass through.
+
+    Runs of keys (a prompt's block hashes) can be put as a whole with ``touch_run``, which
+    holds back the reordering: what is present is always exact, and the recency order only
+    matters when something is evicted or moved on its own, so the held-back moves are
+    applied then, oldest run first (see ``touch_run``).
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -68,9 +77,14 @@ class BoundedLRU(Generic[K, V]):
             raise ValueError(f"maxsize must be at least 1, got {maxsize}")
         self.maxsize = maxsize
         self._data: OrderedDict[K, V] = OrderedDict()
+        # Runs put by ``touch_run`` whose moves to the end are not applied yet, oldest
+        # first; every key of each is present (nothing was removed since it was put).
+        self._runs: dict[tuple[K, ...], None] = {}
 
     def get(self, key: K) -> V | None:
         """The value of ``key`` (marking it recently used), or None."""
+        if self._runs:
+            self._settle()
         value = self._data.get(key)
         if value is not None:
             self._data.move_to_end(key)
@@ -78,12 +92,16 @@ class BoundedLRU(Generic[K, V]):
 
     def put(self, key: K, value: V) -> None:
         """Set ``key`` as the most recently used entry; evict the oldest beyond the bound."""
+        if self._runs:
+            self._settle()
         self._data[key] = value
         self._data.move_to_end(key)
         while len(self._data) > self.maxsize:
             self._data.popitem(last=False)
 
     def pop(self, key: K) -> V | None:
+        if self._runs:
+            self._settle()
         return self._data.pop(key, None)
 
     def count_leading(self, keys: Iterable[K]) -> int:
@@ -104,11 +122,56 @@ class BoundedLRU(Generic[K, V]):
         the ``maxsize`` most recently put keys whenever it evicts, so evicting once at the
         end leaves what evicting after each put would.
         """
+        if self._runs:
+            self._settle()
         data = self._data
         data.update(zip(keys[: len(keys) - present], repeat(value)))
         deque(map(data.move_to_end, keys), maxlen=0)
         while len(data) > self.maxsize:
             data.popitem(last=False)
+
+    def count_leading_run(self, run: tuple[K, ...]) -> int:
+        """``count_leading(run)``, at once for a run put by ``touch_run`` and not evicted
+        since: one tuple hash instead of a lookup per key."""
+        if run in self._runs:
+            return len(run)
+        return len(list(takewhile(self._data.__contains__, run)))
+
+    def touch_run(self, run: tuple[K, ...], value: V, present: int = 0) -> None:
+        """``touch_all(run[::-1], value, present)``, with the moves held back: the same
+        contents at once, and the same order whenever the order is looked at.
+
+        ``present``: how many of the first keys the caller knows to be here with ``value``
+        (it just counted them). The new keys are written now; moving the run's keys to the
+        end is recorded instead, a run put again only moving to the end of that record.
+        The recorded moves are applied oldest first when an eviction, a single-key
+        operation or ``touch_all`` needs the order, and the oldest beyond
+        ``_PENDING_RUNS``. Applying them in record order at any pace gives the order the
+        eager puts give: each key ends up placed by the last run it was put in, which a
+        later move never undoes. So a prompt prefix routed again and again costs a tuple
+        hash, not a move per block.
+        """
+        data = self._data
+        if present < len(run):
+            data.update(zip(run[present:], repeat(value)))
+        runs = self._runs
+        runs.pop(run, None)
+        runs[run] = None
+        if len(data) > self.maxsize:
+            self._settle()
+            while len(data) > self.maxsize:
+                data.popitem(last=False)
+        elif len(runs) > _PENDING_RUNS:
+            oldest = next(iter(runs))
+            del runs[oldest]
+            deque(map(data.move_to_end, reversed(oldest)), maxlen=0)
+
+    def _settle(self) -> None:
+        """Apply every move ``touch_run`` held back, oldest run first."""
+        data = self._data
+        for run in self._runs:
+            deque(map(data.move_to_end, reversed(run)), maxlen=0)
+        self._runs.clear()
 
     def __contains__(self, key: object) -> bool:
         return key in self._data
@@ -278,7 +341,7 @@ def choose_replica(
         *route(
             candidates,
             session_replica,
-            prefix_hashes,
+            tuple(prefix_hashes),
             preferred_accelerators,
             prefix_load_margin,
         )
@@ -288,7 +351,7 @@ def choose_replica(
 def route(
     candidates: Sequence[ReplicaState],
     session_replica: str | None,
-    prefix_hashes: Sequence[int],
+    prefix_hashes: tuple[int, ...],
     preferred_accelerators: Sequence[str],
     prefix_load_margin: float,
 ) -> tuple[ReplicaState, RouteReason, int]:
@@ -296,13 +359,15 @@ def route(
 
     The scheduler's hot path: positional arguments and a plain tuple, so a decision
     allocates no ``RouteChoice``. The same choice as ``choose_replica`` in every case.
+    ``prefix_hashes`` is a tuple, so a run the replica was sent before is found whole
+    (``BoundedLRU.count_leading_run``).
     """
     if len(candidates) == 1:
         # One candidate (the usual case when a single slot frees up): it is chosen, and
         # only the reason needs working out. With one replica the least load is its own,
         # and the hardware preference cannot have decided anything.
         r = candidates[0]
-        blocks = r.prefixes.count_leading(prefix_hashes) if prefix_hashes else 0
+        blocks = r.prefixes.count_leading_run(prefix_hashes) if prefix_hashes else 0
         if session_replica is not None and r.view.replica_id == session_replica:
             return r, "session", blocks
         if blocks > 0 and prefix_load_margin + _LOAD_EPS >= 0.0:
@@ -312,7 +377,7 @@ def route(
     if session_replica is not None:
         for r in candidates:
             if r.replica_id == session_replica:
-                return r, "session", r.prefix_match(prefix_hashes)
+                return r, "session", r.prefixes.count_leading_run(prefix_hashes)
 
     loads = [r.load for r in candidates]
     min_load = min(loads)
@@ -322,7 +387,7 @@ def route(
         # Longest match; among equal matches the least loaded, then hardware, then id.
         best_i, best_match = -1, 0
         for i, r in enumerate(candidates):
-            m = r.prefix_match(prefix_hashes)
+            m = r.prefixes.count_leading_run(prefix_hashes)
             if m > best_match or (
                 m == best_match
                 and m > 0
@@ -339,7 +404,7 @@ def route(
     # preferred type would otherwise have been the pick.
     reason: RouteReason = "hardware" if any(ranks[i] > ranks[chosen] for i in tied) else "load"
     r = candidates[chosen]
-    return r, reason, r.prefix_match(prefix_hashes) if prefix_hashes else 0
+    return r, reason, r.prefixes.count_leading_run(prefix_hashes) if prefix_hashes else 0
 
 
 def _hardware_rank(accelerator: str, preferred: Sequence[str]) -> int:

@@ -830,7 +830,7 @@ class Scheduler:
                 if n >= v.max_concurrency:
                     del open_replicas[replica_id]  # it fit, so it was open
                 if request.prefix_hashes:  # its first ``blocks`` are there: route counted them
-                    r.prefixes.touch_all(request.prefix_hashes[::-1], True, blocks)
+                    r.prefixes.touch_run(request.prefix_hashes, True, blocks)
                 version = v.version
                 if sid:
                     if reason != "session":  # else ``get`` found it and marked it used

@@ -7,6 +7,7 @@ scan) is checked here against the straightforward version, on random inputs.
 
 from __future__ import annotations
 
+import copy
 import pickle
 import random
 
@@ -65,6 +66,73 @@ def test_count_leading_counts_the_present_run(present: list[int], keys: list[int
         expected += 1
     assert lru.count_leading(keys) == expected
     assert list(lru._data) == order  # counting does not mark anything used
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 2**32), st.sampled_from((1, 3, 8, 30, 200)))
+def test_held_back_runs_are_the_puts_one_by_one(seed: int, maxsize: int) -> None:
+    """Runs put with ``touch_run`` (their moves held back), mixed with single-key puts,
+    gets, pops and eager ``touch_all``: the same contents at every step, the same order
+    whenever it is looked at, and ``count_leading_run`` is ``count_leading``."""
+    rng = random.Random(seed)
+    lazy: BoundedLRU[int, bool] = BoundedLRU(maxsize)
+    plain: BoundedLRU[int, bool] = BoundedLRU(maxsize)
+    # Up to 40 runs: more than are held back, so the oldest are applied as others come.
+    runs = [tuple(rng.sample(range(30), rng.randint(1, 5))) for _ in range(rng.randint(1, 40))]
+    touching = rng.choice((0.6, 0.98))  # at times long stretches of runs alone
+    for _ in range(120):
+        op = rng.random()
+        run = rng.choice(runs)
+        other = (op - touching) / (1 - touching)  # which other operation, in [0, 1)
+        if op < touching:
+            present = plain.count_leading(run)
+            assert lazy.count_leading_run(run) == present == lazy.count_leading(run)
+            lazy.touch_run(run, True, rng.randint(0, present))
+            for k in reversed(run):
+                plain.put(k, True)
+        elif other < 0.25:
+            k = rng.randrange(30)
+            lazy.put(k, True)
+            plain.put(k, True)
+        elif other < 0.5:
+            k = rng.randrange(30)
+            assert lazy.get(k) == plain.get(k)
+        elif other < 0.75:
+            k = rng.randrange(30)
+            assert lazy.pop(k) == plain.pop(k)
+        elif other < 0.9:
+            lazy.touch_all(run, True)
+            plain.touch_all(run, True)
+        else:  # applying the held-back moves at any time gives the order of the puts
+            lazy._settle()
+            assert list(lazy._data.items()) == list(plain._data.items())
+        assert set(lazy._data.items()) == set(plain._data.items())
+        assert len(lazy._runs) <= 32
+        settled = copy.deepcopy(lazy)  # what the order would be if it were looked at now
+        settled._settle()
+        assert list(settled._data.items()) == list(plain._data.items())
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32))
+def test_runs_held_back_beyond_the_bound_are_applied_oldest_first(seed: int) -> None:
+    """Many more distinct runs than are held back, with no eviction to apply them all: the
+    oldest are applied as new ones come, and the order stays the one of the puts."""
+    rng = random.Random(seed)
+    lazy: BoundedLRU[int, bool] = BoundedLRU(1000)
+    plain: BoundedLRU[int, bool] = BoundedLRU(1000)
+    runs = [tuple(rng.sample(range(300), rng.randint(1, 8))) for _ in range(100)]
+    for _ in range(200):
+        run = rng.choice(runs)
+        present = plain.count_leading(run)
+        assert lazy.count_leading_run(run) == present
+        lazy.touch_run(run, True, present)
+        for k in reversed(run):
+            plain.put(k, True)
+        settled = copy.deepcopy(lazy)
+        settled._settle()
+        assert list(settled._data.items()) == list(plain._data.items())
+    assert len(lazy._runs) == 32
 
 
 def _replica(rng: random.Random, rid: str) -> ReplicaState:
