@@ -17,17 +17,19 @@ baseline the fairness benchmark compares against.
 
 Both levels are binary heaps with lazy deletion, so choosing the next request costs
 O(log tenants + log queued), never a scan of the queue:
-- the selection heap holds ``(counter, head key..., version, tenant)``; a tenant's entry is
-  valid only while its ``version`` matches. A new head, or a counter that went down,
-  pushes a fresh entry. A counter that went up (the common case: a charge) pushes
-  nothing: the entry's counter is then a lower bound, which ``select`` re-keys in place
-  once it reaches the top. So a tenant has one entry in the steady state, not one per
-  change;
-- a tenant heap holds ``(rank, deadline, seq, request_id)``, the very tuple its queued
-  entry keeps, so a heap entry is live while it is that request's tuple; its top is kept
-  clean, so the tenant's head is read from it without a search. Every queued request has
-  its one entry there, so the heap holds stale entries only when it is longer than the
-  tenant's depth; without cancels, the top is never checked.
+- the selection heap holds ``(counter, head rank, head deadline, head seq, version,
+  tenant)``; a tenant's entry is valid only while its ``version`` matches, and then its
+  head is the tenant's head. A new head, or a counter that went down, pushes a fresh entry. A counter that
+  went up (the common case: a charge) pushes nothing: the entry's counter is then a lower
+  bound, which ``select`` re-keys in place once it reaches the top. So a tenant has one
+  entry in the steady state, not one per change, and starting its head re-keys that entry
+  in place (one ``heapreplace``);
+- a tenant heap holds ``(rank, deadline, seq, request_id, item)``, the very tuple its
+  queued entry keeps, so a heap entry is live while it is that request's tuple; its top is
+  kept clean, so the tenant's head is read from it without a search. Every queued request
+  has its one entry there, so the heap holds stale entries only when it is longer than the
+  tenant's depth; without cancels, the top is never checked. (``seq`` is unique, so
+  comparisons never reach the request id or the item.)
 Stale entries are dropped when they reach the top, and each heap is compacted once stale
 entries outnumber live ones, so memory stays proportional to what is queued.
 """
@@ -45,36 +47,43 @@ POLICIES: tuple[Policy, ...] = ("vtc", "fcfs")
 
 T = TypeVar("T")
 
-# (rank, deadline, seq, request_id): how requests of one tenant are ordered. The same tuple
-# object sits in the tenant's heap and in the request's entry, which tells a live heap
-# entry from a stale one by identity.
-ItemKey = tuple[int, float, int, str]
+# (rank, deadline, seq, request_id, item): how requests of one tenant are ordered, and the
+# item. The same tuple object sits in the tenant's heap and in the request's entry, which
+# tells a live heap entry from a stale one by identity.
+ItemKey = tuple[int, float, int, str, T]
 _FRONT_RANK = -1  # before every priority class: requeued requests
 _COMPACT_SLACK = 64  # stale entries tolerated before compaction is considered
 
 
 @dataclass(slots=True)
-class _Tenant:
+class _Tenant(Generic[T]):
     name: str
     counter: float = 0.0
-    heap: list[ItemKey] = field(default_factory=list)  # its top is the head, when queued
+    heap: list[ItemKey[T]] = field(default_factory=list)  # its top is the head, when queued
     depth: int = 0  # live queued requests
     in_flight: int = 0  # started, not yet finished or refunded
     version: int = 0  # the selection-heap entry carrying this version is the valid one
     checked_out: bool = False  # taken by ``select`` and not yet given back
 
 
-# A queued request's entry: ``(tenant, key, item)``. A plain tuple rather than a class: one
-# is built per request on the scheduler's hot path, where an ``__init__`` is a Python call.
-_Entry = tuple[_Tenant, ItemKey, T]
+# A queued request's entry: ``(tenant, key)``. A plain tuple rather than a class: one is
+# built per request on the scheduler's hot path, where an ``__init__`` is a Python call.
+_Entry = tuple[_Tenant[T], ItemKey[T]]
+# A tenant's place in the selection: ``(counter, rank, deadline, seq, version, tenant)``,
+# the middle three from its head's key. Entries of two tenants differ by ``seq`` (unique
+# per request), and two of one tenant (a request requeued keeps its seq) by version, so
+# the tenant's record is never compared.
+_Selection = tuple[float, int, float, int, int, "_Tenant[T]"]
 
 
 class FairQueue(Generic[T]):
     """The queues of one model's tenants, in VTC (or FCFS) order.
 
     Protocol of the dispatcher: ``select`` checks the next tenant out, ``head`` shows its
-    first request (``select_head`` does both in one call); then either ``start`` (the
-    request got a replica) or ``put_back`` (it did not) returns the tenant to the selection.
+    first request; then either ``start`` (the request got a replica) or ``put_back`` (it
+    did not) returns the tenant to the selection. The shorter form, for the tenant served
+    next: ``peek`` shows it and its first request without checking it out, then
+    ``start_peeked`` starts that request, or nothing is needed if it waits.
     ``finish`` and ``refund`` close a started request. Items are opaque to this class.
     """
 
@@ -82,11 +91,12 @@ class FairQueue(Generic[T]):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
         self.policy: Policy = policy
-        self._tenants: dict[str, _Tenant] = {}
+        self._tenants: dict[str, _Tenant[T]] = {}
         self._entries: dict[str, _Entry[T]] = {}
-        self._select: list[tuple[float, int, float, int, int, str]] = []
+        self._select: list[_Selection[T]] = []
+        self._peeked: _Selection[T] | None = None  # the top ``peek`` showed
         self._backlogged = 0  # tenants with depth > 0
-        self._active: dict[str, _Tenant] = {}  # tenants with in_flight > 0
+        self._active: dict[str, _Tenant[T]] = {}  # tenants with in_flight > 0
 
     # -- queries --------------------------------------------------------------------------
 
@@ -98,7 +108,7 @@ class FairQueue(Generic[T]):
 
     def get(self, request_id: str) -> T | None:
         entry = self._entries.get(request_id)
-        return entry[2] if entry is not None else None
+        return entry[1][4] if entry is not None else None
 
     def depth(self, tenant: str) -> int:
         t = self._tenants.get(tenant)
@@ -121,10 +131,10 @@ class FairQueue(Generic[T]):
         t = self._tenants.get(tenant)
         if t is None:
             return
-        for _, _, _, rid in t.heap:
-            entry = self._entries.get(rid)
+        for key in t.heap:
+            entry = self._entries.get(key[3])
             if entry is not None and entry[0] is t:
-                yield entry[2]
+                yield entry[1][4]
 
     # -- queueing -------------------------------------------------------------------------
 
@@ -152,8 +162,8 @@ class FairQueue(Generic[T]):
             t = self._tenants[tenant] = _Tenant(tenant)
         if self.policy == "fcfs":
             rank, deadline = 0, 0.0
-        key: ItemKey = (_FRONT_RANK if front else rank, deadline, seq, request_id)
-        self._entries[request_id] = (t, key, item)
+        key: ItemKey[T] = (_FRONT_RANK if front else rank, deadline, seq, request_id, item)
+        self._entries[request_id] = (t, key)
         heap = t.heap
         heapq.heappush(heap, key)
         t.depth += 1
@@ -170,7 +180,7 @@ class FairQueue(Generic[T]):
         entry = self._entries.pop(request_id, None)
         if entry is None:
             return None
-        t, key, item = entry
+        t, key = entry
         t.depth -= 1
         if t.depth == 0:
             self._backlogged -= 1
@@ -181,27 +191,32 @@ class FairQueue(Generic[T]):
                 self._clean_head(t)
                 self._push_select(t)
             self._maybe_compact_tenant(t)
-        return item
+        return key[4]
 
     # -- dispatch protocol ----------------------------------------------------------------
 
     def select(self) -> str | None:
         """Check out the backlogged tenant to serve next (smallest counter), or None."""
-        picked = self.select_head()
-        return picked[0] if picked is not None else None
+        picked = self.peek()
+        if picked is None:
+            return None
+        t = heapq.heappop(self._select)[5]  # its entry, on top: ``put_back`` or ``start``
+        t.checked_out = True  # pushes anew
+        return t.name
 
-    def select_head(self) -> tuple[str, str, T] | None:
-        """``select``, then ``head``, in one call (the dispatcher's): check out the next
-        tenant and show its first request, as ``(tenant, request_id, item)``; None if no
-        tenant is waiting."""
+    def peek(self) -> tuple[str, str, T] | None:
+        """The backlogged tenant to serve next (smallest counter) and its first request, as
+        ``(tenant, request_id, item)``, without checking it out; None if none is waiting.
+
+        ``start_peeked`` starts that request; if it waits instead, nothing needs undoing.
+        """
         heap = self._select
-        tenants = self._tenants
         vtc = self.policy == "vtc"
         while heap:
             top = heap[0]
-            t = tenants[top[5]]
+            t = top[5]
             # Only the entry of the latest version is live: every push bumps the version,
-            # emptying a tenant bumps it, and a checked-out tenant's entry was popped here.
+            # emptying a tenant bumps it, and a checked-out tenant's entry was popped.
             if top[4] != t.version:
                 heapq.heappop(heap)  # stale
             elif vtc and top[0] != t.counter:
@@ -209,18 +224,17 @@ class FairQueue(Generic[T]):
                 # is served once its true key is the smallest.
                 heapq.heapreplace(heap, (t.counter, *top[1:]))
             else:
-                heapq.heappop(heap)
-                t.checked_out = True
-                rid = t.heap[0][3]  # the top of a queued tenant's heap is its head
-                return t.name, rid, self._entries[rid][2]
+                self._peeked = top
+                head = t.heap[0]  # a live entry's tenant is queued: its top is its head
+                return t.name, head[3], head[4]
         return None
 
     def head(self, tenant: str) -> tuple[str, T]:
         """The first queued request of a (backlogged) tenant: ``(request_id, item)``."""
         t = self._tenants[tenant]
         assert t.depth > 0, f"tenant {tenant} has no queued request"
-        rid = t.heap[0][3]
-        return rid, self._entries[rid][2]
+        head = t.heap[0]
+        return head[3], head[4]
 
     def put_back(self, tenant: str) -> None:
         """Return a checked-out tenant to the selection unchanged."""
@@ -235,24 +249,40 @@ class FairQueue(Generic[T]):
         has requests.
         """
         t = self._tenants[tenant]
-        assert t.depth > 0, f"tenant {tenant} has no queued request"
-        heap = t.heap
-        rid = heapq.heappop(heap)[3]
-        item = self._entries.pop(rid)[2]
-        t.in_flight += 1
-        self._active[tenant] = t
-        t.counter += charge
+        key = self._dequeue_head(t, charge)
         t.checked_out = False
+        self._push_select(t)
+        return key[3], key[4]
+
+    def start_peeked(self, charge: float) -> tuple[str, T]:
+        """``start`` for the request ``peek`` just showed (nothing changed the queue since):
+        dequeue it and charge ``charge``. Its tenant's selection entry is re-keyed in place
+        (or dropped, if it has nothing else queued). Returns ``(request_id, item)``."""
+        heap = self._select
+        top = heap[0]
+        assert top is self._peeked, "start_peeked must follow peek, with no change between"
+        t = top[5]
+        # ``_dequeue_head``, inlined: this is the dispatcher's path.
+        tenant_heap = t.heap
+        key = heapq.heappop(tenant_heap)
+        del self._entries[key[3]]
+        t.in_flight += 1
+        self._active[t.name] = t
+        counter = t.counter = t.counter + charge
         depth = t.depth = t.depth - 1
         if depth == 0:
             self._backlogged -= 1
-            heap.clear()  # whatever is left is stale
-            t.version += 1  # ``_push_select``: its selection entry, if any, is void
+            tenant_heap.clear()  # whatever is left is stale
+            heapq.heappop(heap)
+            t.version += 1  # as ``_push_select`` would: no entry of it is live
         else:
-            if len(heap) > depth:  # some entries are stale (cancelled): one may be on top
+            if len(tenant_heap) > depth:  # some are stale (cancelled): one may be on top
                 self._clean_head(t)
-            self._push_select(t)
-        return rid, item
+            # The same version: this stays its one live entry.
+            rank, deadline, seq = tenant_heap[0][:3]
+            counter = counter if self.policy == "vtc" else 0.0
+            heapq.heapreplace(heap, (counter, rank, deadline, seq, top[4], t))
+        return key[3], key[4]
 
     def finish(self, tenant: str, charge: float) -> None:
         """A started request ended: charge its output (``charge`` >= 0)."""
@@ -295,13 +325,31 @@ class FairQueue(Generic[T]):
 
     # -- internals ------------------------------------------------------------------------
 
-    def _end(self, t: _Tenant) -> None:
+    def _dequeue_head(self, t: _Tenant[T], charge: float) -> ItemKey[T]:
+        """Take a tenant's head off its heap (it started) and charge ``charge``; the
+        caller fixes the tenant's selection entry. (Inlined in ``start_peeked``.)"""
+        assert t.depth > 0, f"tenant {t.name} has no queued request"
+        heap = t.heap
+        key = heapq.heappop(heap)
+        del self._entries[key[3]]
+        t.in_flight += 1
+        self._active[t.name] = t
+        t.counter += charge
+        depth = t.depth = t.depth - 1
+        if depth == 0:
+            self._backlogged -= 1
+            heap.clear()  # whatever is left is stale
+        elif len(heap) > depth:  # some entries are stale (cancelled): one may be on top
+            self._clean_head(t)
+        return key
+
+    def _end(self, t: _Tenant[T]) -> None:
         assert t.in_flight > 0, f"tenant {t.name} has nothing in flight"
         t.in_flight -= 1
         if t.in_flight == 0:
             del self._active[t.name]
 
-    def _lift(self, t: _Tenant) -> None:
+    def _lift(self, t: _Tenant[T]) -> None:
         """A tenant just became backlogged: no credit for the time it was idle.
 
         Lifted to the smallest counter among the other backlogged tenants; if none is
@@ -324,8 +372,8 @@ class FairQueue(Generic[T]):
         heap = self._select
         while heap:
             top = heap[0]
-            t = self._tenants[top[5]]
-            if top[4] != t.version:  # stale (see ``select``)
+            t = top[5]
+            if top[4] != t.version:  # stale (see ``peek``)
                 heapq.heappop(heap)
             elif top[0] != t.counter:
                 heapq.heapreplace(heap, (t.counter, *top[1:]))
@@ -333,30 +381,26 @@ class FairQueue(Generic[T]):
                 return top[0]
         return None
 
-    def _push_select(self, t: _Tenant) -> None:
+    def _push_select(self, t: _Tenant[T]) -> None:
         """(Re)insert a tenant in the selection heap under its current counter and head."""
         t.version += 1
         if t.depth == 0 or t.checked_out:
             return
-        rank, deadline, seq, _ = t.heap[0]
         counter = t.counter if self.policy == "vtc" else 0.0
-        heapq.heappush(self._select, (counter, rank, deadline, seq, t.version, t.name))
+        rank, deadline, seq = t.heap[0][:3]
+        heapq.heappush(self._select, (counter, rank, deadline, seq, t.version, t))
         if len(self._select) > 2 * self._backlogged + _COMPACT_SLACK:
-            self._select = [
-                e
-                for e in self._select
-                if e[4] == self._tenants[e[5]].version and self._tenants[e[5]].depth > 0
-            ]
+            self._select = [e for e in self._select if e[4] == e[5].version and e[5].depth > 0]
             heapq.heapify(self._select)
 
-    def _clean_head(self, t: _Tenant) -> None:
+    def _clean_head(self, t: _Tenant[T]) -> None:
         """Drop stale entries off the top of a queued tenant's heap, so its top is the head."""
         heap = t.heap
         entries = self._entries
         while (x := entries.get(heap[0][3])) is None or x[1] is not heap[0]:
             heapq.heappop(heap)
 
-    def _maybe_compact_tenant(self, t: _Tenant) -> None:
+    def _maybe_compact_tenant(self, t: _Tenant[T]) -> None:
         if len(t.heap) > 2 * t.depth + _COMPACT_SLACK:
             entries = self._entries
             t.heap = [e for e in t.heap if (x := entries.get(e[3])) is not None and x[1] is e]

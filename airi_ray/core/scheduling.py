@@ -773,7 +773,7 @@ class Scheduler:
         sitting_out: list[str] = []  # tenants whose head has no usable replica at all
         try:
             while open_replicas:
-                picked = q.select_head()
+                picked = q.peek()  # nothing to undo if the request waits
                 if picked is None:
                     return
                 tenant, rid, queued = picked
@@ -791,6 +791,7 @@ class Scheduler:
                 ):
                     found = self._fits_filtered(m, request, cost)
                     if found is None:
+                        q.select()  # checked out, so the next peek shows another tenant
                         sitting_out.append(tenant)
                         continue
                     fits, eligible = found
@@ -806,8 +807,7 @@ class Scheduler:
                         if kv is None or r.in_flight == 0 or r.in_flight_tokens + cost <= kv:
                             fits.append(r)
                 if not fits:
-                    q.put_back(tenant)  # head of line waits for room; see ``dispatch``
-                    return
+                    return  # head of line waits for room; see ``dispatch``
                 r, reason, blocks = (
                     self._round_robin(m, fits)
                     if self.routing == "round_robin"
@@ -820,7 +820,7 @@ class Scheduler:
                     )
                 )
                 charge = request.prompt_tokens / self._weights.get(tenant, 1.0)
-                q.start(tenant, charge)
+                q.start_peeked(charge)
                 m.queued -= 1
                 del self._queued_in[rid]
                 n = r.in_flight = r.in_flight + 1

@@ -357,3 +357,54 @@ def test_fair_queue_agrees_with_a_scan(seed: int, policy: str) -> None:
         for t in "ABCDE":
             assert q.counter(t) == ref.counter.get(t, 0.0)
             assert q.depth(t) == ref.depth(t)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32))
+def test_requeues_keep_their_seq_and_items_are_never_compared(seed: int) -> None:
+    """Requests started, given back (often refunding nothing, as for prompt_tokens=0) and
+    queued again first in their tenant with their seq, as the scheduler's requeue does,
+    with tenants sitting out rounds: the order a scan gives, and the items (unorderable
+    here) are never compared, however the heaps' entries tie."""
+    rng = random.Random(seed)
+    q: FairQueue[object] = FairQueue()
+    ref = _ScanQueue("vtc")
+    started: list[tuple[str, str, int, float]] = []  # tenant, request id, seq, charge
+    seq_of: dict[str, int] = {}
+    for seq in range(300):
+        op = rng.random()
+        if op < 0.3:
+            tenant, rid = rng.choice("ABC"), f"r{seq}"
+            seq_of[rid] = seq
+            q.push(tenant, rid, object(), rank=0, deadline=1.0, seq=seq)
+            ref.push(tenant, rid, 0, 1.0, seq, False)
+        elif op < 0.6:  # a dispatch round: maybe one tenant sits out, then one starts
+            out = None
+            if rng.random() < 0.3:
+                out = q.select()
+                assert out == ref.select()
+            picked = q.peek()
+            expected = ref.select()
+            assert (picked[0] if picked else None) == expected
+            if picked is not None and expected is not None:
+                charge = float(rng.choice((0, 0, 1, 5)))
+                rid = q.start_peeked(charge)[0]
+                assert rid == ref.start(expected, charge)
+                started.append((expected, rid, seq_of[rid], charge))
+            if out is not None:
+                q.put_back(out)
+                ref.out.discard(out)
+        elif started:
+            tenant, rid, seq0, charge = started.pop(rng.randrange(len(started)))
+            if rng.random() < 0.4:
+                extra = float(rng.choice((0, 5)))
+                q.finish(tenant, extra)
+                ref.end(tenant, extra)
+            else:  # requeued: refunded, then first in its tenant, with its seq
+                q.refund(tenant, charge)
+                ref.end(tenant, -charge)
+                q.push(tenant, rid, object(), rank=0, deadline=1.0, seq=seq0, front=True)
+                ref.push(tenant, rid, 0, 1.0, seq0, True)
+        for t in "ABC":
+            assert q.counter(t) == ref.counter.get(t, 0.0)
+            assert q.depth(t) == ref.depth(t)
