@@ -79,7 +79,7 @@ class BoundedLRU(Generic[K, V]):
         self._data: OrderedDict[K, V] = OrderedDict()
         # Runs put by ``touch_run`` whose moves to the end are not applied yet, oldest
         # first; every key of each is present (nothing was removed since it was put).
-        self._runs: dict[tuple[K, ...], None] = {}
+        self._runs: dict[tuple[K, ...], bool] = {}
 
     def get(self, key: K) -> V | None:
         """The value of ``key`` (marking it recently used), or None."""
@@ -151,20 +151,24 @@ class BoundedLRU(Generic[K, V]):
         later move never undoes. So a prompt prefix routed again and again costs a tuple
         hash, not a move per block.
         """
+        runs = self._runs
+        if runs.pop(run, False):  # recorded already: it only moves to the end of the record
+            runs[run] = True
+            if present == len(run):  # every key is there (the usual case for a hot prompt)
+                return
+        else:
+            runs[run] = True
+            if len(runs) > _PENDING_RUNS:
+                oldest = next(iter(runs))
+                del runs[oldest]
+                deque(map(self._data.move_to_end, reversed(oldest)), maxlen=0)
         data = self._data
         if present < len(run):
             data.update(zip(run[present:], repeat(value)))
-        runs = self._runs
-        runs.pop(run, None)
-        runs[run] = None
-        if len(data) > self.maxsize:
-            self._settle()
-            while len(data) > self.maxsize:
-                data.popitem(last=False)
-        elif len(runs) > _PENDING_RUNS:
-            oldest = next(iter(runs))
-            del runs[oldest]
-            deque(map(data.move_to_end, reversed(oldest)), maxlen=0)
+            if len(data) > self.maxsize:
+                self._settle()
+                while len(data) > self.maxsize:
+                    data.popitem(last=False)
 
     def _settle(self) -> None:
         """Apply every move ``touch_run`` held back, oldest run first."""
