@@ -193,21 +193,14 @@ class ModelStats:
     versions: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Queued:
-    """A request from enqueue to release: queued, then (with its lease) granted."""
-
-    request: AcquireRequest
-    enqueued_at: float
-    deadline: float  # absolute, on the scheduler's clock; inf for none
-    seq: int  # arrival number: the last tie-break, kept across requeues
-    requeues: int = 0
-    input_charge: float = 0.0  # once granted: what dispatch added to the tenant's counter
-
-
-# A held lease and the request it was granted to, by request id: ``(lease, queued)``. A
-# plain tuple, as one is built per grant on the hot path.
-_Granted = tuple[Lease, _Queued]
+# A queued request: ``(request, enqueued_at, deadline, seq, requeues)``; ``deadline`` is
+# absolute, on the scheduler's clock (inf for none), ``seq`` the arrival number (the last
+# tie-break, kept across requeues). A held lease: ``(lease, queued, input_charge)``, the
+# charge being what dispatch added to the tenant's counter (refunded on requeue). Plain
+# tuples rather than classes: one of each is built per request on the hot path, where a
+# class's ``__init__`` is a Python call.
+_Queued = tuple[AcquireRequest, float, float, int, int]
+_Granted = tuple[Lease, _Queued, float]
 
 
 @dataclass(slots=True)
@@ -449,7 +442,7 @@ class Scheduler:
             kept.append(r)
         if fresh:  # rare (replica start): one pass over the leases
             by_id = {r.replica_id: r for r in fresh}
-            for lease, _ in self._leases.values():
+            for lease, _, _ in self._leases.values():
                 r = by_id.get(lease.replica_id)
                 if r is not None:
                     r.in_flight += 1
@@ -539,7 +532,7 @@ class Scheduler:
             )
         deadline = math.inf if request.deadline_s is None else now + request.deadline_s
         self._seq += 1
-        queued = _Queued(request, now, deadline, self._seq)
+        queued: _Queued = (request, now, deadline, self._seq, 0)
         q.push(tenant, rid, queued, rank=_RANK[request.priority], deadline=deadline, seq=self._seq)
         m.queued += 1
         self._queued_in[rid] = request.model
@@ -631,13 +624,14 @@ class Scheduler:
         g = self._leases.get(request_id)
         if g is None:
             return False
-        lease, old = g
+        lease, old, input_charge = g
+        old_request, enqueued_at, deadline, seq, requeues = old
         m = self._models[lease.model]
         if pin_version and not any(
             (r.view.ready or r.view.starting)
             and r.view.version == lease.version
             and r.replica_id != lease.replica_id
-            and r.replica_id not in old.request.exclude
+            and r.replica_id not in old_request.exclude
             for r in m.replicas
         ):
             raise ReplicaUnavailable(
@@ -646,20 +640,20 @@ class Scheduler:
             )
         del self._leases[request_id]
         self._free(m, lease)
-        m.queue.refund(lease.tenant, old.input_charge)
-        request = replace(old.request, exclude=old.request.exclude | {lease.replica_id})
+        m.queue.refund(lease.tenant, input_charge)
+        request = replace(old_request, exclude=old_request.exclude | {lease.replica_id})
         if exclude_version:
             request = replace(request, exclude_versions=request.exclude_versions | {lease.version})
         if pin_version:
             request = replace(request, version=lease.version)
-        queued = _Queued(request, old.enqueued_at, old.deadline, old.seq, old.requeues + 1)
+        queued: _Queued = (request, enqueued_at, deadline, seq, requeues + 1)
         m.queue.push(
             lease.tenant,
             request_id,
             queued,
             rank=_RANK[request.priority],
-            deadline=old.deadline,
-            seq=old.seq,
+            deadline=deadline,
+            seq=seq,
             front=True,
         )
         m.queued += 1
@@ -696,7 +690,7 @@ class Scheduler:
 
     def leases(self, model: str | None = None) -> list[Lease]:
         """The leases held now (of ``model``, or of every model), oldest grant first."""
-        held = (lease for lease, _ in self._leases.values())
+        held = (g[0] for g in self._leases.values())
         return [x for x in held if model is None or x.model == model]
 
     def lease(self, request_id: str) -> Lease | None:
@@ -732,8 +726,8 @@ class Scheduler:
             for tenant in sorted(set(q.tenants()) | set(m.counts)):
                 c = m.counts.get(tenant, _Counts())
                 items = list(q.items(tenant))
-                queued_tokens += sum(x.request.prompt_tokens + x.request.max_tokens for x in items)
-                oldest = min((x.enqueued_at for x in items), default=now)
+                queued_tokens += sum(x[0].prompt_tokens + x[0].max_tokens for x in items)
+                oldest = min((x[1] for x in items), default=now)
                 tenants[tenant] = TenantStats(
                     queue_depth=q.depth(tenant),
                     oldest_wait_s=max(float(now - oldest), 0.0),
@@ -777,7 +771,7 @@ class Scheduler:
                 if picked is None:
                     return
                 tenant, rid, queued = picked
-                request = queued.request
+                request = queued[0]
                 cost = request.prompt_tokens + request.max_tokens
                 sid = request.session_id
                 # Versions the split chose between for this request; empty when there was
@@ -842,18 +836,17 @@ class Scheduler:
                     model,
                     tenant,
                     replica_id,
-                    queued.enqueued_at,
+                    queued[1],
                     now,
                     reason,
                     cost,
                     blocks,
-                    queued.requeues,
+                    queued[4],
                     version,
                     request.version is None and m.stable is not None and version != m.stable,
                     n,
                 )
-                queued.input_charge = charge
-                self._leases[rid] = (lease, queued)
+                self._leases[rid] = (lease, queued, charge)
                 m.in_flight += 1
                 m.routes[reason] += 1
                 m.versions[version] = m.versions.get(version, 0) + 1
