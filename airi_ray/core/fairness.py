@@ -148,18 +148,25 @@ class FairQueue(Generic[T]):
         deadline: float,
         seq: int,
         front: bool = False,
-    ) -> None:
+        limit: int | None = None,
+    ) -> bool:
         """Queue ``item``; ``front`` puts it before everything else of its tenant (requeue).
 
         Args:
             rank: priority class, lower first (ignored under FCFS).
             deadline: absolute deadline, ``inf`` for none (ignored under FCFS).
             seq: arrival number, unique per request; a requeue passes the original one.
+            limit: queue nothing and return False if the tenant has this many queued.
+
+        Returns:
+            True: it is queued.
         """
         assert request_id not in self._entries, f"{request_id} is already queued"
         t = self._tenants.get(tenant)
         if t is None:
             t = self._tenants[tenant] = _Tenant(tenant)
+        elif limit is not None and t.depth >= limit:
+            return False
         if self.policy == "fcfs":
             rank, deadline = 0, 0.0
         key: ItemKey[T] = (_FRONT_RANK if front else rank, deadline, seq, request_id, item)
@@ -174,6 +181,7 @@ class FairQueue(Generic[T]):
             self._push_select(t)
         elif heap[0] is key:  # a new head: the tenant's place in the selection changes
             self._push_select(t)
+        return True
 
     def remove(self, request_id: str) -> T | None:
         """Take a queued request out (cancel); None if it is not queued."""

@@ -33,7 +33,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NoReturn
 
 from airi_ray.core.errors import InvalidRequest, Overloaded, ReplicaUnavailable
 from airi_ray.core.fairness import POLICIES, FairQueue, Policy
@@ -510,30 +510,24 @@ class Scheduler:
                 f"model {request.model!r} has no ready replica{of_versions} ({n} deployed, "
                 f"none ready or starting); retry later"
             )
-        q = m.queue
         tenant_limit = self._tenant_limits.get(tenant, self.max_queued_per_tenant)
-        tenant_depth = q.depth(tenant)
-        if tenant_depth >= tenant_limit:
-            m.tenant_counts(tenant).refused += 1
-            retry = self._retry_after(m)
-            raise Overloaded(
-                f"tenant {tenant!r} has {tenant_depth} requests waiting for model "
-                f"{request.model!r}, the per-tenant limit is {tenant_limit}; retry after "
-                f"{retry:g}s",
-                retry_after_s=retry,
-            )
         if m.queued >= self.max_queue_per_model:
-            m.tenant_counts(tenant).refused += 1
-            retry = self._retry_after(m)
-            raise Overloaded(
-                f"model {request.model!r} has {len(q)} requests waiting, the limit is "
-                f"{self.max_queue_per_model}; retry after {retry:g}s",
-                retry_after_s=retry,
-            )
+            self._refuse(m, request, tenant_limit)
         deadline = math.inf if request.deadline_s is None else now + request.deadline_s
-        self._seq += 1
-        queued: _Queued = (request, now, deadline, self._seq, 0)
-        q.push(tenant, rid, queued, rank=_RANK[request.priority], deadline=deadline, seq=self._seq)
+        seq = self._seq + 1
+        queued: _Queued = (request, now, deadline, seq, 0)
+        # The queue checks the tenant's limit as it pushes: one call, not two.
+        if not m.queue.push(
+            tenant,
+            rid,
+            queued,
+            rank=_RANK[request.priority],
+            deadline=deadline,
+            seq=seq,
+            limit=tenant_limit,
+        ):
+            self._refuse(m, request, tenant_limit)
+        self._seq = seq
         m.queued += 1
         self._queued_in[rid] = request.model
         c = m.counts.get(tenant)  # ``m.tenant_counts``, inlined on the hot path
@@ -928,6 +922,30 @@ class Scheduler:
             if r.view.ready and r.in_flight < r.view.max_concurrency
         }
         m.accepting = _can_take_new_work(m)
+
+    def _refuse(self, m: _Model, request: AcquireRequest, tenant_limit: int) -> NoReturn:
+        """Refuse a request as one of its queue limits is reached: the tenant's if that is
+        full, else the model's, with a Retry-After hint.
+
+        Raises:
+            Overloaded: always.
+        """
+        tenant = request.tenant
+        m.tenant_counts(tenant).refused += 1
+        retry = self._retry_after(m)
+        tenant_depth = m.queue.depth(tenant)
+        if tenant_depth >= tenant_limit:
+            raise Overloaded(
+                f"tenant {tenant!r} has {tenant_depth} requests waiting for model "
+                f"{request.model!r}, the per-tenant limit is {tenant_limit}; retry after "
+                f"{retry:g}s",
+                retry_after_s=retry,
+            )
+        raise Overloaded(
+            f"model {request.model!r} has {len(m.queue)} requests waiting, the limit is "
+            f"{self.max_queue_per_model}; retry after {retry:g}s",
+            retry_after_s=retry,
+        )
 
     def _retry_after(self, m: _Model) -> float:
         """Seconds until the queued work should have drained: a hint for Retry-After."""

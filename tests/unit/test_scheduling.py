@@ -348,6 +348,18 @@ def test_model_queue_limit_is_429() -> None:
     assert (counts["C"].refused, counts["A"].admitted) == (1, 1)
 
 
+def test_a_full_tenant_is_named_before_a_full_model() -> None:
+    s = sched(rv("r1", 1), max_queue_per_model=2, max_queued_per_tenant=2)
+    s.enqueue(req("a", "A"), 0.0)
+    s.enqueue(req("b", "A"), 0.0)
+    with pytest.raises(Overloaded, match="tenant 'A' has 2 requests waiting"):
+        s.enqueue(req("c", "A"), 0.0)
+    with pytest.raises(Overloaded, match="model 'm' has 2 requests waiting"):
+        s.enqueue(req("d", "B"), 0.0)
+    counts = s.stats(0.0)["m"].tenants
+    assert (counts["A"].refused, counts["B"].refused, counts["A"].admitted) == (1, 1, 2)
+
+
 def test_retry_after_follows_observed_hold_time() -> None:
     s = sched(rv("r1", 1), max_queue_per_model=10)
     for i in range(20):
