@@ -19,7 +19,8 @@ scheduler actor receives it ready-made), so building it is timed apart as ``requ
 
 ``decision_us_p50`` is the backlog case (the harder one). Target: under 10 us (issue 22).
 The baseline is the same workload run on the scheduler of ``--baseline-ref`` (by default
-55f5213, before the hot-path work), taken from git into a temporary directory. Rounds
+9603aac, before the second round of hot-path work; 55f5213 is the one before the first),
+taken from git into a temporary directory. Rounds
 alternate between the two, each in a fresh process, so both see the same machine load.
 Also recorded: a floor (the heapq operations a heap-based fair choice needs, and nothing
 else), and the CPython bytecodes and calls one decision executes, which explain the
@@ -52,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "scheduler_core.json"
 TARGET_US = 10.0
-BASELINE_REF = "55f5213"
+BASELINE_REF = "9603aac"
 QUEUED = 10_000
 TENANTS = 100
 REPLICAS = 4
