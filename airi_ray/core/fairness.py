@@ -262,10 +262,10 @@ class FairQueue(Generic[T]):
         self._push_select(t)
         return key[3], key[4]
 
-    def start_peeked(self, charge: float) -> tuple[str, T]:
+    def start_peeked(self, charge: float) -> None:
         """``start`` for the request ``peek`` just showed (nothing changed the queue since):
         dequeue it and charge ``charge``. Its tenant's selection entry is re-keyed in place
-        (or dropped, if it has nothing else queued). Returns ``(request_id, item)``."""
+        (or dropped, if it has nothing else queued)."""
         heap = self._select
         top = heap[0]
         assert top is self._peeked, "start_peeked must follow peek, with no change between"
@@ -290,7 +290,6 @@ class FairQueue(Generic[T]):
             rank, deadline, seq = tenant_heap[0][:3]
             counter = counter if self.policy == "vtc" else 0.0
             heapq.heapreplace(heap, (counter, rank, deadline, seq, top[4], t))
-        return key[3], key[4]
 
     def finish(self, tenant: str, charge: float) -> None:
         """A started request ended: charge its output (``charge`` >= 0)."""

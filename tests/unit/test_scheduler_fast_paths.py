@@ -388,7 +388,8 @@ def test_requeues_keep_their_seq_and_items_are_never_compared(seed: int) -> None
             assert (picked[0] if picked else None) == expected
             if picked is not None and expected is not None:
                 charge = float(rng.choice((0, 0, 1, 5)))
-                rid = q.start_peeked(charge)[0]
+                rid = picked[1]
+                q.start_peeked(charge)
                 assert rid == ref.start(expected, charge)
                 started.append((expected, rid, seq_of[rid], charge))
             if out is not None:
