@@ -315,7 +315,7 @@ class RouteChoice:
     prefix_blocks: int = 0
 
 
-_LOAD_EPS = 1e-9  # loads are ratios of small ints; this makes "equal" robust to rounding
+LOAD_EPS = 1e-9  # loads are ratios of small ints; this makes "equal" robust to rounding
 
 
 def choose_replica(
@@ -374,7 +374,7 @@ def route(
         blocks = r.prefixes.count_leading_run(prefix_hashes) if prefix_hashes else 0
         if session_replica is not None and r.view.replica_id == session_replica:
             return r, "session", blocks
-        if blocks > 0 and prefix_load_margin + _LOAD_EPS >= 0.0:
+        if blocks > 0 and prefix_load_margin + LOAD_EPS >= 0.0:
             return r, "prefix", blocks
         return r, "load", blocks
 
@@ -399,10 +399,10 @@ def route(
                 < (loads[best_i], ranks[best_i], candidates[best_i].replica_id)
             ):
                 best_i, best_match = i, m
-        if best_match > 0 and loads[best_i] - min_load <= prefix_load_margin + _LOAD_EPS:
+        if best_match > 0 and loads[best_i] - min_load <= prefix_load_margin + LOAD_EPS:
             return candidates[best_i], "prefix", best_match
 
-    tied = [i for i, load in enumerate(loads) if load - min_load <= _LOAD_EPS]
+    tied = [i for i, load in enumerate(loads) if load - min_load <= LOAD_EPS]
     chosen = min(tied, key=lambda i: (ranks[i], candidates[i].replica_id))
     # "hardware" only when the preference decided it: an equally loaded replica on a less
     # preferred type would otherwise have been the pick.

@@ -39,6 +39,7 @@ from airi_ray.core.errors import InvalidRequest, Overloaded, ReplicaUnavailable
 from airi_ray.core.fairness import POLICIES, FairQueue, Policy
 from airi_ray.core.requests import PRIORITIES
 from airi_ray.core.routing import (
+    LOAD_EPS,
     ROUTE_REASONS,
     BoundedLRU,
     ReplicaState,
@@ -796,17 +797,28 @@ class Scheduler:
                             fits.append(r)
                 if not fits:
                     return  # head of line waits for room; see ``dispatch``
-                r, reason, blocks = (
-                    self._round_robin(m, fits)
-                    if self.routing == "round_robin"
-                    else route(
+                if self.routing == "round_robin":
+                    r, reason, blocks = self._round_robin(m, fits)
+                elif len(fits) == 1:
+                    # ``route`` with one candidate, inlined: one slot freed under a backlog
+                    # is the usual case. It is chosen; only the reason needs working out.
+                    r = fits[0]
+                    hashes = request.prefix_hashes
+                    blocks = r.prefixes.count_leading_run(hashes) if hashes else 0
+                    if sid and sessions.get((model, sid)) == r.view.replica_id:
+                        reason = "session"
+                    elif blocks > 0 and self.prefix_load_margin + LOAD_EPS >= 0.0:
+                        reason = "prefix"
+                    else:
+                        reason = "load"
+                else:
+                    r, reason, blocks = route(
                         fits,
                         sessions.get((model, sid)) if sid else None,
                         request.prefix_hashes,
                         m.preferred,
                         self.prefix_load_margin,
                     )
-                )
                 charge = request.prompt_tokens / self._weights.get(tenant, 1.0)
                 q.start_peeked(charge)
                 m.queued -= 1

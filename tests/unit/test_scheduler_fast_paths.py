@@ -20,6 +20,7 @@ from airi_ray.core.routing import (
     BoundedLRU,
     ReplicaState,
     ReplicaView,
+    block_hashes,
     choose_replica,
     route,
 )
@@ -409,3 +410,51 @@ def test_requeues_keep_their_seq_and_items_are_never_compared(seed: int) -> None
         for t in "ABC":
             assert q.counter(t) == ref.counter.get(t, 0.0)
             assert q.depth(t) == ref.depth(t)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32))
+def test_one_open_replica_is_routed_as_route_routes_it(seed: int) -> None:
+    """The dispatcher works out the reason itself when one replica can take the head: the
+    same replica, reason and prefix blocks as ``route`` with that one candidate, through
+    sessions, shared prefixes and margins (0 gives the prefix reason at equal load)."""
+    rng = random.Random(seed)
+    s = Scheduler(max_queue_per_model=500, prefix_load_margin=rng.choice((0.0, 0.25)))
+    s.set_replicas("m", [ReplicaView(f"r{i}", "m", rng.randint(1, 2)) for i in range(3)])
+    prompts = [
+        block_hashes(list(range(p * 100, p * 100 + 16 * rng.randint(1, 3)))) for p in range(3)
+    ]
+    leased: list[str] = []
+    checked = 0
+    for n in range(400):
+        sid = rng.choice((None, "s1", "s2", "s3"))
+        hashes = rng.choice(((), *prompts))
+        s.enqueue(
+            AcquireRequest(
+                f"q{n}", "m", rng.choice("AB"), 1, 1, session_id=sid, prefix_hashes=hashes
+            ),
+            0.0,
+        )
+        m = s._models["m"]
+        picked = m.queue.peek()
+        assert picked is not None
+        head = picked[2][0]
+        cost = head.prompt_tokens + head.max_tokens
+        fits = [r for r in m.open.values() if r.fits(cost)]
+        expected = None
+        if len(fits) == 1:
+            remembered = s._sessions._data.get(("m", head.session_id)) if head.session_id else None
+            expected = route(fits, remembered, head.prefix_hashes, (), s.prefix_load_margin)
+        granted = s.dispatch(0.0)
+        if expected is not None:
+            first = granted[0]
+            assert (first.replica_id, first.route, first.prefix_blocks) == (
+                expected[0].replica_id,
+                expected[1],
+                expected[2],
+            )
+            checked += 1
+        leased += [x.request_id for x in granted]
+        while leased and rng.random() < 0.6:
+            s.release(leased.pop(rng.randrange(len(leased))), 1)
+    assert checked > 0  # the path was taken (6 times at least over 1,500 seeds)
