@@ -453,6 +453,8 @@ def main() -> None:
             "load_average_after": [round(x, 2) for x in load_after],
         },
     }
+    if miss_cause is None:  # only a missed target has a cause to name
+        del result["miss_cause"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
