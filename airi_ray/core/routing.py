@@ -79,7 +79,7 @@ class BoundedLRU(Generic[K, V]):
         self._data: OrderedDict[K, V] = OrderedDict()
         # Runs put by ``touch_run`` whose moves to the end are not applied yet, oldest
         # first; every key of each is present (nothing was removed since it was put).
-        self._runs: dict[tuple[K, ...], bool] = {}
+        self._runs: OrderedDict[tuple[K, ...], bool] = OrderedDict()
 
     def get(self, key: K) -> V | None:
         """The value of ``key`` (marking it recently used), or None."""
@@ -98,6 +98,19 @@ class BoundedLRU(Generic[K, V]):
         self._data.move_to_end(key)
         while len(self._data) > self.maxsize:
             self._data.popitem(last=False)
+
+    def swap(self, key: K, value: V) -> V | None:
+        """``get(key)``, then ``put(key, value)``, in one call: the value ``key`` had (None
+        if none), the key now most recently used with ``value``."""
+        if self._runs:
+            self._settle()
+        data = self._data
+        old = data.get(key)
+        data[key] = value
+        data.move_to_end(key)
+        while len(data) > self.maxsize:
+            data.popitem(last=False)
+        return old
 
     def pop(self, key: K) -> V | None:
         if self._runs:
@@ -152,15 +165,14 @@ class BoundedLRU(Generic[K, V]):
         hash, not a move per block.
         """
         runs = self._runs
-        if runs.pop(run, False):  # recorded already: it only moves to the end of the record
-            runs[run] = True
+        if run in runs:  # recorded already: it only moves to the end of the record
+            runs.move_to_end(run)
             if present == len(run):  # every key is there (the usual case for a hot prompt)
                 return
         else:
             runs[run] = True
             if len(runs) > _PENDING_RUNS:
-                oldest = next(iter(runs))
-                del runs[oldest]
+                oldest, _ = runs.popitem(last=False)
                 deque(map(self._data.move_to_end, reversed(oldest)), maxlen=0)
         data = self._data
         if present < len(run):
@@ -169,6 +181,18 @@ class BoundedLRU(Generic[K, V]):
                 self._settle()
                 while len(data) > self.maxsize:
                     data.popitem(last=False)
+
+    def count_and_touch_run(self, run: tuple[K, ...], value: V) -> int:
+        """``count_leading_run(run)``, then ``touch_run(run, value, that count)``, in one
+        call; for a run recorded already (a prompt routed here again) one lookup of it and
+        a move in the record. Returns the count."""
+        runs = self._runs
+        if run in runs:
+            runs.move_to_end(run)
+            return len(run)
+        present = len(list(takewhile(self._data.__contains__, run)))
+        self.touch_run(run, value, present)
+        return present
 
     def _settle(self) -> None:
         """Apply every move ``touch_run`` held back, oldest run first."""

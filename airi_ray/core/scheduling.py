@@ -797,15 +797,21 @@ class Scheduler:
                             fits.append(r)
                 if not fits:
                     return  # head of line waits for room; see ``dispatch``
+                # The replica, why, and how many prompt blocks it holds; then what it now
+                # holds is remembered (the prompt's blocks, the session's replica).
                 if self.routing == "round_robin":
                     r, reason, blocks = self._round_robin(m, fits)
+                    self._remember(model, r, request, reason, blocks)
                 elif len(fits) == 1:
                     # ``route`` with one candidate, inlined: one slot freed under a backlog
                     # is the usual case. It is chosen; only the reason needs working out.
+                    # Counting its blocks and remembering them is one call, as is reading
+                    # the session's replica and remembering the new one.
                     r = fits[0]
+                    replica_id = r.view.replica_id
                     hashes = request.prefix_hashes
-                    blocks = r.prefixes.count_leading_run(hashes) if hashes else 0
-                    if sid and sessions.get((model, sid)) == r.view.replica_id:
+                    blocks = r.prefixes.count_and_touch_run(hashes, True) if hashes else 0
+                    if sid and sessions.swap((model, sid), replica_id) == replica_id:
                         reason = "session"
                     elif blocks > 0 and self.prefix_load_margin + LOAD_EPS >= 0.0:
                         reason = "prefix"
@@ -819,6 +825,7 @@ class Scheduler:
                         m.preferred,
                         self.prefix_load_margin,
                     )
+                    self._remember(model, r, request, reason, blocks)
                 charge = request.prompt_tokens / self._weights.get(tenant, 1.0)
                 q.start_peeked(charge)
                 m.queued -= 1
@@ -829,13 +836,8 @@ class Scheduler:
                 replica_id = v.replica_id
                 if n >= v.max_concurrency:
                     del open_replicas[replica_id]  # it fit, so it was open
-                if request.prefix_hashes:  # its first ``blocks`` are there: route counted them
-                    r.prefixes.touch_run(request.prefix_hashes, True, blocks)
                 version = v.version
-                if sid:
-                    if reason != "session":  # else ``get`` found it and marked it used
-                        sessions.put((model, sid), replica_id)
-                elif eligible:
+                if eligible and not sid:
                     _commit_wrr(m, eligible, version)  # granted: the peek becomes the pick
                 lease = _new_lease(
                     rid,
@@ -860,6 +862,18 @@ class Scheduler:
         finally:
             for tenant in sitting_out:
                 q.put_back(tenant)
+
+    def _remember(
+        self, model: str, r: ReplicaState, request: AcquireRequest, reason: str, blocks: int
+    ) -> None:
+        """Record what a replica chosen for ``request`` now holds: the prompt's blocks (its
+        first ``blocks`` are there already: routing counted them), and the session's
+        replica (unless routing found the session there, which marked it used)."""
+        if request.prefix_hashes:
+            r.prefixes.touch_run(request.prefix_hashes, True, blocks)
+        sid = request.session_id
+        if sid and reason != "session":
+            self._sessions.put((model, sid), r.view.replica_id)
 
     @staticmethod
     def _fits_filtered(

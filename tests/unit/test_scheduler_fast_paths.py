@@ -87,10 +87,17 @@ def test_held_back_runs_are_the_puts_one_by_one(seed: int, maxsize: int) -> None
         other = (op - touching) / (1 - touching)  # which other operation, in [0, 1)
         if op < touching:
             present = plain.count_leading(run)
-            assert lazy.count_leading_run(run) == present == lazy.count_leading(run)
-            lazy.touch_run(run, True, rng.randint(0, present))
+            if rng.random() < 0.5:
+                assert lazy.count_leading_run(run) == present == lazy.count_leading(run)
+                lazy.touch_run(run, True, rng.randint(0, present))
+            else:
+                assert lazy.count_and_touch_run(run, True) == present
             for k in reversed(run):
                 plain.put(k, True)
+        elif other < 0.2:
+            k = rng.randrange(30)
+            assert lazy.swap(k, True) == plain.get(k)  # a get, then a put
+            plain.put(k, True)
         elif other < 0.25:
             k = rng.randrange(30)
             lazy.put(k, True)
