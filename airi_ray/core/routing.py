@@ -404,40 +404,55 @@ def route(
 
     if session_replica is not None:
         for r in candidates:
-            if r.replica_id == session_replica:
+            if r.view.replica_id == session_replica:
                 return r, "session", r.prefixes.count_leading_run(prefix_hashes)
 
-    loads = [r.load for r in candidates]
-    min_load = min(loads)
-    ranks = [_hardware_rank(r.view.accelerator, preferred_accelerators) for r in candidates]
-
-    if prefix_hashes:
-        # Longest match; among equal matches the least loaded, then hardware, then id.
-        best_i, best_match = -1, 0
-        for i, r in enumerate(candidates):
+    # One pass for each candidate's load (``relative_load``, inlined: this runs whenever
+    # several replicas are free), hardware rank (its type's place among the preferred
+    # ones, unlisted types last) and prefix match.
+    n_preferred = len(preferred_accelerators)
+    loads: list[float] = []
+    ranks: list[int] = []
+    matches: list[int] = []
+    # The longest prefix match; among equal matches the least loaded, then hardware, id.
+    best_i, best_match, best_key = -1, 0, (0.0, 0, "")
+    for i, r in enumerate(candidates):
+        v = r.view
+        load = r.in_flight / v.max_concurrency
+        kv = v.kv_capacity_tokens
+        if kv is not None:
+            kv_load = r.in_flight_tokens / kv
+            if kv_load > load:
+                load = kv_load
+        accelerator = v.accelerator
+        rank = (
+            preferred_accelerators.index(accelerator)
+            if accelerator in preferred_accelerators
+            else n_preferred
+        )
+        loads.append(load)
+        ranks.append(rank)
+        if prefix_hashes:
             m = r.prefixes.count_leading_run(prefix_hashes)
+            matches.append(m)
             if m > best_match or (
-                m == best_match
-                and m > 0
-                and (loads[i], ranks[i], r.replica_id)
-                < (loads[best_i], ranks[best_i], candidates[best_i].replica_id)
+                m == best_match and m > 0 and (load, rank, v.replica_id) < best_key
             ):
-                best_i, best_match = i, m
-        if best_match > 0 and loads[best_i] - min_load <= prefix_load_margin + LOAD_EPS:
-            return candidates[best_i], "prefix", best_match
+                best_i, best_match, best_key = i, m, (load, rank, v.replica_id)
+    min_load = min(loads)
+    if best_match > 0 and loads[best_i] - min_load <= prefix_load_margin + LOAD_EPS:
+        return candidates[best_i], "prefix", best_match
 
-    tied = [i for i, load in enumerate(loads) if load - min_load <= LOAD_EPS]
-    chosen = min(tied, key=lambda i: (ranks[i], candidates[i].replica_id))
-    # "hardware" only when the preference decided it: an equally loaded replica on a less
-    # preferred type would otherwise have been the pick.
-    reason: RouteReason = "hardware" if any(ranks[i] > ranks[chosen] for i in tied) else "load"
-    r = candidates[chosen]
-    return r, reason, r.prefixes.count_leading_run(prefix_hashes) if prefix_hashes else 0
-
-
-def _hardware_rank(accelerator: str, preferred: Sequence[str]) -> int:
-    """0 for the most preferred type, larger for less preferred; unlisted types come last."""
-    for i, p in enumerate(preferred):
-        if p == accelerator:
-            return i
-    return len(preferred)
+    # Among the least loaded, the most preferred hardware, then the lowest id. "hardware"
+    # only when the preference decided it: an equally loaded replica on a less preferred
+    # type would otherwise have been the pick.
+    chosen, chosen_key, worst_tied_rank = -1, (0, ""), -1
+    for i, load in enumerate(loads):
+        if load - min_load <= LOAD_EPS:
+            key = (ranks[i], candidates[i].view.replica_id)
+            if chosen < 0 or key < chosen_key:
+                chosen, chosen_key = i, key
+            if ranks[i] > worst_tied_rank:
+                worst_tied_rank = ranks[i]
+    reason: RouteReason = "hardware" if worst_tied_rank > ranks[chosen] else "load"
+    return candidates[chosen], reason, matches[chosen] if prefix_hashes else 0

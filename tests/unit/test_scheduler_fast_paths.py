@@ -180,6 +180,71 @@ def test_route_is_choose_replica(seed: int) -> None:
     assert route(cands, session, hashes, preferred, margin) == got
 
 
+def _route_by_lists(
+    candidates: list[ReplicaState],
+    session_replica: str | None,
+    prefix_hashes: tuple[int, ...],
+    preferred_accelerators: list[str],
+    prefix_load_margin: float,
+) -> tuple[ReplicaState, str, int]:
+    """``route`` for several candidates as it was written before its one-pass form: lists
+    of loads and ranks, a key function for the tie-break. The reference it must agree with."""
+    if session_replica is not None:
+        for r in candidates:
+            if r.replica_id == session_replica:
+                return r, "session", r.prefix_match(prefix_hashes)
+
+    loads = [r.load for r in candidates]
+    min_load = min(loads)
+    ranks = [_rank(r.view.accelerator, preferred_accelerators) for r in candidates]
+
+    if prefix_hashes:
+        # Longest match; among equal matches the least loaded, then hardware, then id.
+        best_i, best_match = -1, 0
+        for i, r in enumerate(candidates):
+            m = r.prefix_match(prefix_hashes)
+            if m > best_match or (
+                m == best_match
+                and m > 0
+                and (loads[i], ranks[i], r.replica_id)
+                < (loads[best_i], ranks[best_i], candidates[best_i].replica_id)
+            ):
+                best_i, best_match = i, m
+        if best_match > 0 and loads[best_i] - min_load <= prefix_load_margin + 1e-9:
+            return candidates[best_i], "prefix", best_match
+
+    tied = [i for i, load in enumerate(loads) if load - min_load <= 1e-9]
+    chosen = min(tied, key=lambda i: (ranks[i], candidates[i].replica_id))
+    # "hardware" only when the preference decided it: an equally loaded replica on a less
+    # preferred type would otherwise have been the pick.
+    reason = "hardware" if any(ranks[i] > ranks[chosen] for i in tied) else "load"
+    r = candidates[chosen]
+    return r, reason, r.prefix_match(prefix_hashes) if prefix_hashes else 0
+
+
+def _rank(accelerator: str, preferred: list[str]) -> int:
+    for i, p in enumerate(preferred):
+        if p == accelerator:
+            return i
+    return len(preferred)
+
+
+@settings(max_examples=400)
+@given(st.integers(0, 2**32))
+def test_route_over_several_replicas_is_the_list_version(seed: int) -> None:
+    rng = random.Random(seed)
+    cands = [_replica(rng, f"r{i}") for i in rng.sample(range(6), rng.randint(2, 5))]
+    session = rng.choice((None, "r0", "r1", "gone"))
+    hashes = tuple(rng.sample(range(6), rng.randint(0, 4)))
+    preferred = rng.sample(("CPU", "L4", "H100"), rng.randint(0, 3))
+    margin = rng.choice((0.0, 0.25, 1.0, -0.5))
+    for r in cands:  # some were sent this prompt through the dispatcher's record of runs
+        if hashes and rng.random() < 0.3:
+            r.prefixes.touch_run(hashes, True, r.prefix_match(hashes))
+    expected = _route_by_lists(cands, session, hashes, preferred, margin)
+    assert route(cands, session, hashes, preferred, margin) == expected
+
+
 def test_new_lease_equals_the_dataclass() -> None:
     args = ("r", "m", "t", "x", 1.0, 2.5, "prefix", 30, 2, 1, "v2", True, 3)
     fast, plain = _new_lease(*args), Lease(*args)  # type: ignore[arg-type]
