@@ -19,17 +19,18 @@ Both levels are binary heaps with lazy deletion, so choosing the next request co
 O(log tenants + log queued), never a scan of the queue:
 - the selection heap holds ``(counter, head rank, head deadline, head seq, version,
   tenant)``; a tenant's entry is valid only while its ``version`` matches, and then its
-  head is the tenant's head. A new head, or a counter that went down, pushes a fresh entry. A counter that
-  went up (the common case: a charge) pushes nothing: the entry's counter is then a lower
-  bound, which ``select`` re-keys in place once it reaches the top. So a tenant has one
-  entry in the steady state, not one per change, and starting its head re-keys that entry
-  in place (one ``heapreplace``);
+  head is the tenant's head. A new head, or a counter that went down, pushes a fresh
+  entry. A counter that went up (the common case: a charge) pushes nothing: the entry's
+  counter is then a lower bound, which ``peek`` re-keys in place once it reaches the top.
+  So a tenant has one entry in the steady state, not one per change, and starting its
+  head re-keys that entry in place (one ``heapreplace``);
 - a tenant heap holds ``(rank, deadline, seq, request_id, item)``, the very tuple its
   queued entry keeps, so a heap entry is live while it is that request's tuple; its top is
   kept clean, so the tenant's head is read from it without a search. Every queued request
   has its one entry there, so the heap holds stale entries only when it is longer than the
-  tenant's depth; without cancels, the top is never checked. (``seq`` is unique, so
-  comparisons never reach the request id or the item.)
+  tenant's depth; without cancels, the top is never checked. (A request's ``seq`` is
+  unique, and its key leaves the heap when it starts, before a requeue pushes it again
+  with that seq: comparisons never reach the request id or the item.)
 Stale entries are dropped when they reach the top, and each heap is compacted once stale
 entries outnumber live ones, so memory stays proportional to what is queued.
 """
@@ -208,8 +209,9 @@ class FairQueue(Generic[T]):
         picked = self.peek()
         if picked is None:
             return None
-        t = heapq.heappop(self._select)[5]  # its entry, on top: ``put_back`` or ``start``
-        t.checked_out = True  # pushes anew
+        # Its entry is on top: out with it (``put_back`` or ``start`` pushes a new one).
+        t = heapq.heappop(self._select)[5]
+        t.checked_out = True
         return t.name
 
     def peek(self) -> tuple[str, str, T] | None:
