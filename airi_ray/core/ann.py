@@ -1,4 +1,4 @@
-"""When a query may use a collection's in-memory ANN index, and when to rebuild it.
+"""The in-memory index's rules: when it may answer, when to rebuild it, how to rerank.
 
 The in-memory index (``airi_ray.data.ann``) is a cache of one LanceDB table at one table
 version. LanceDB stays the source of truth: every write, compaction or index build there
@@ -11,13 +11,29 @@ rows deleted since. So the rules, kept here free of I/O and clocks:
 - a rebuild starts when the cache is behind the table, the table is big enough to be worth
   an index, no rebuild of that table is running (one at a time), and the last failed one
   is not too recent (a table dropped or broken is not read again in a loop).
+
+The cache scans compressed codes (product quantisation) for candidates and reranks them by
+exact cosine from the stored vectors; how many candidates, how many codes per vector and
+the rerank itself are here too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-__all__ = ["AnnView", "should_rebuild", "use_index"]
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "AnnView",
+    "candidates",
+    "code_count",
+    "cosine",
+    "rerank",
+    "should_rebuild",
+    "use_index",
+]
 
 
 @dataclass(frozen=True)
@@ -64,3 +80,69 @@ def should_rebuild(
     if rows < min_rows:
         return False
     return view.failed_at is None or now - view.failed_at >= retry_s
+
+
+def code_count(dim: int, dims_per_code: int) -> int:
+    """How many product-quantisation codes a ``dim``-vector gets: the fewest that divide
+    ``dim`` into equal slices of at most ``dims_per_code`` dimensions.
+
+    Raises:
+        ValueError: ``dim`` or ``dims_per_code`` is below 1.
+    """
+    if dim < 1 or dims_per_code < 1:
+        raise ValueError(f"dim and dims_per_code must be at least 1; got {dim}, {dims_per_code}")
+    return next(m for m in range(math.ceil(dim / dims_per_code), dim + 1) if dim % m == 0)
+
+
+def candidates(limit: int, rows: int, *, per_hit: int, floor: int) -> int | None:
+    """How many rows the compressed scan passes to the exact rerank for a ``limit``-query
+    over ``rows`` rows; None when an exact scan of every row is the cheaper way.
+
+    The scan ranks by approximate scores, so the true top ``limit`` lies somewhere in its
+    first few dozen times ``limit``: ``per_hit`` times ``limit``, at least ``floor`` (which
+    costs nothing next to the scan). Reranking picks its rows at random places in memory,
+    a few times slower per row than a sequential scan; from a quarter of the rows on, an
+    exact scan of them all costs about as much and is exact.
+    """
+    wanted = max(limit * per_hit, floor)
+    return None if 4 * wanted >= rows else wanted
+
+
+def cosine(
+    vectors: npt.NDArray[np.float32], norms: npt.NDArray[np.float32], query: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """Cosine of each row of ``vectors`` (with its precomputed norm) to ``query``; 0 for a
+    zero row."""
+    dots = vectors @ query
+    scale = norms * float(np.linalg.norm(query))
+    out: npt.NDArray[np.float32] = np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0)
+    return out
+
+
+def rerank(
+    vectors: npt.NDArray[np.float32],
+    norms: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+    query: npt.NDArray[np.float32],
+    limit: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """The ``limit`` of ``rows`` most similar to ``query`` by exact cosine, best first.
+
+    Args:
+        vectors: all stored vectors (``rows`` index into them).
+        norms: their norms.
+        rows: the candidates (negative entries, a scan's padding, are dropped).
+        query: the query vector.
+        limit: how many to return (fewer when there are fewer candidates).
+
+    Returns:
+        ``(rows, scores)``, ties in the order the candidates came.
+    """
+    rows = rows[rows >= 0]
+    scores = cosine(vectors[rows], norms[rows], query)
+    if len(rows) > limit:
+        top = np.argpartition(-scores, limit - 1)[:limit]
+        top.sort()  # back in candidate order, so that the stable sort keeps ties in it
+        rows, scores = rows[top], scores[top]
+    order = np.argsort(-scores, kind="stable")
+    return rows[order], scores[order]

@@ -1,4 +1,4 @@
-"""An in-memory HNSW index of one LanceDB chunk table, kept in step with its version.
+"""An in-memory index of one LanceDB chunk table, kept in step with its version.
 
 LanceDB's own indexes (IVF_PQ, IVF_SQ, IVF_HNSW_SQ) reach recall@10 0.98 on 100k 384-dim
 vectors only at about the cost of an exact scan (``benchmarks/retrieval.py``), and a
@@ -10,27 +10,34 @@ table held in memory:
   it) and served only while the table is still at that version (``airi_ray.core.ann``):
   a write, delete or compaction sends queries back to LanceDB until the next snapshot is
   swapped in. Never a stale answer; LanceDB stays the source of truth.
-- one HNSW graph per tenant, not one graph with a tenant filter: a tenant's query walks a
-  graph of its own rows only, so it can neither see another tenant's rows nor lose recall
-  when its rows are a small part of the table (a filtered walk skips most of what it
-  visits). A tenant with fewer than ``graph_min_rows`` rows is scanned exactly, which is
-  faster than a graph walk at that size.
-- the graph's candidates are reranked by exact cosine from the stored vectors, which the
-  snapshot keeps with the chunk id, text and metadata, so a query reads nothing from disk.
+- per tenant, its rows' product-quantisation codes (faiss ``IndexPQFastScan``: one 4-bit
+  code per 2 dimensions, 96 bytes for a 384-dim vector, a sixteenth of its float32 size),
+  not one index with a tenant filter: a tenant's query scans its own rows only, so it can
+  neither see another tenant's rows nor lose recall when its rows are a small part of the
+  table. One codebook, trained on a sample of the table, serves every tenant. A tenant
+  with fewer than ``codes_min_rows`` rows is scanned exactly, which is as fast at that size.
+- the scan's best ``candidates_per_hit`` x k rows are reranked by exact cosine from the
+  stored vectors, which the snapshot keeps with the chunk id, text and metadata, so a query
+  reads nothing from disk.
 - rebuilds run in a background thread, one at a time per table, and are swapped in by one
   reference assignment; queries meanwhile use the old snapshot (if still current) or
-  LanceDB. hnswlib releases the GIL while it builds and searches.
+  LanceDB. faiss releases the GIL while it trains, encodes and scans; a rebuild of 100k x
+  384 takes a few seconds, most of it reading the table.
 
-Library: hnswlib over faiss-cpu's ``IndexHNSWFlat``, both measured by
-``benchmarks/retrieval.py`` on its 100k x 384 vectors with M 32 and ef_construction 200
-(``ann_libraries`` in its JSON). On clustered vectors, where HNSW helps, both reach recall
-1.0 from ef 64, and hnswlib answers faster at every ef (0.37 vs 0.52 ms at ef 64) and builds
-faster (293 vs 328 s on 2 threads of a loaded machine). On uniform random vectors faiss
-finds more per ef, but both reach 0.96-0.98 only at about the cost of an exact scan: an HNSW
-graph cannot help data without neighbourhood structure. hnswlib also takes its thread count
-per call, where faiss uses the calling thread's OpenMP setting.
-The memory cost: the vectors are held twice (the graph's copy, normalised, and the stored
-ones for the rerank), about 2 x 150 MB at 100k x 384.
+Why a compressed scan and not a graph or partitions: uniform random 384-dim vectors (the
+issue's workload) have no neighbourhood structure, so an HNSW graph must visit about as
+many vectors as an exact scan to reach recall 0.98 (hnswlib, M 32: 0.96 at ef 2048, slower
+than NumPy's scan, after 335 s of building), and an IVF index must probe nearly every
+partition. A scan finds them at any structure; an exact float32 scan is bound by memory
+bandwidth (1.5 KB a vector), and the codes cut that 16-fold, scanned from registers with
+SIMD lookups (faiss's "fast scan"). ``benchmarks/retrieval.py`` compares it (``approaches``
+in its JSON) with an 8-bit scalar-quantised scan (faiss ``IndexScalarQuantizer``, 4x
+smaller codes, but decoding each dimension makes it slower than NumPy's float32 scan),
+sign-bit codes (48 bytes, Hamming distance: too coarse, the neighbours hide among tens of
+thousands) and HNSW graphs (hnswlib): on clustered vectors a graph answers somewhat faster,
+but its build takes minutes per rebuild where the codes take seconds, and it fails the
+uniform workload, so one kind of index serves every collection.
+The memory cost: the stored vectors (for the rerank) plus 1/16 of them in codes.
 """
 
 from __future__ import annotations
@@ -43,11 +50,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import hnswlib
+import faiss
 import numpy as np
 import pyarrow as pa
 
-from airi_ray.core.ann import AnnView, should_rebuild, use_index
+from airi_ray.core.ann import AnnView, candidates, code_count, rerank, should_rebuild, use_index
 
 __all__ = ["AnnSpec", "Found", "Snapshot", "TableAnn", "VersionWatch", "build_snapshot"]
 
@@ -55,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 _COLUMNS = ["tenant", "id", "text", "metadata", "vector"]
 QUIET_S = 1.0  # a versions directory untouched this long has no commit in flight
+_ENCODE_BATCH = 16_384  # rows normalised and encoded at a time (bounds the build's copy)
 
 
 class VersionWatch:
@@ -99,30 +107,46 @@ class VersionWatch:
 
 @dataclass(frozen=True)
 class AnnSpec:
-    """How the in-memory HNSW graphs are built and searched.
+    """How the in-memory codes are built and searched.
 
     Attributes:
-        m: graph degree (hnswlib's ``M``); higher reaches more recall per hop on
-            high-dimensional data, at more memory and build time.
-        ef_construction: search breadth while inserting.
-        ef: search breadth per query (at least the ``k`` asked for).
-        graph_min_rows: a tenant with fewer rows is scanned exactly instead.
+        dims_per_code: dimensions per 4-bit product-quantisation code (2: 96 bytes for a
+            384-dim vector); more is a smaller, faster, coarser scan that needs more
+            candidates for the same recall.
+        candidates_per_hit: rows of the compressed scan reranked exactly per hit asked for.
+        min_candidates: rows reranked at least, however few hits are asked for.
+        codes_min_rows: a tenant with fewer rows is scanned exactly instead.
+        train_rows: rows (a seeded sample of the table) the codebook is trained on.
         build_threads: threads one rebuild uses (queries keep the other cores).
         retry_s: how long after a failed rebuild the next one may start.
     """
 
-    m: int = 32
-    ef_construction: int = 200
-    ef: int = 128
-    graph_min_rows: int = 2_000
+    dims_per_code: int = 2
+    candidates_per_hit: int = 40
+    min_candidates: int = 200
+    codes_min_rows: int = 2_000
+    train_rows: int = 20_000
     build_threads: int = 1
     retry_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if min(self.m, self.ef_construction, self.ef, self.graph_min_rows, self.build_threads) < 1:
+        sizes = (
+            self.dims_per_code,
+            self.candidates_per_hit,
+            self.min_candidates,
+            self.codes_min_rows,
+            self.build_threads,
+        )
+        if min(sizes) < 1:
             raise ValueError(
-                "m, ef_construction, ef, graph_min_rows and build_threads must be at least 1; "
-                f"got {self}"
+                "dims_per_code, candidates_per_hit, min_candidates, codes_min_rows and "
+                f"build_threads must be at least 1; got {self}"
+            )
+        if min(self.codes_min_rows, self.train_rows) < 64:
+            # The codebook's k-means (16 centroids per code) needs more points than that.
+            raise ValueError(
+                f"codes_min_rows and train_rows must be at least 64; got {self.codes_min_rows} "
+                f"and {self.train_rows}"
             )
 
 
@@ -138,77 +162,114 @@ class Found:
 
 
 class _Tenant:
-    """One tenant's rows of a snapshot and, above ``graph_min_rows``, its HNSW graph."""
+    """One tenant's rows of a snapshot and, from ``codes_min_rows`` on, their codes."""
 
-    def __init__(self, table: pa.Table, rows: np.ndarray, spec: AnnSpec) -> None:
+    def __init__(
+        self, table: pa.Table, rows: np.ndarray, codebook: Any | None, spec: AnnSpec
+    ) -> None:
         part = table.take(pa.array(rows))
         self.ids: list[str] = part.column("id").to_pylist()
         self.texts: list[str] = part.column("text").to_pylist()
         self.metadata: list[str] = part.column("metadata").to_pylist()
         self.vectors = _vectors(part)
         self.norms = np.linalg.norm(self.vectors, axis=1)
-        self.graph: hnswlib.Index | None = None
+        self.codes: Any | None = None  # a faiss IndexPQFastScan
         started = time.perf_counter()
-        if len(rows) >= spec.graph_min_rows:
-            graph = hnswlib.Index(space="cosine", dim=self.vectors.shape[1])
-            graph.init_index(max_elements=len(rows), ef_construction=spec.ef_construction, M=spec.m)
-            graph.add_items(self.vectors, np.arange(len(rows)), num_threads=spec.build_threads)
-            graph.set_ef(spec.ef)
-            self.graph = graph
-        self.build_s = time.perf_counter() - started
+        if codebook is not None and len(rows) >= spec.codes_min_rows:
+            codes = faiss.clone_index(codebook)  # trained, empty
+            for start in range(0, len(rows), _ENCODE_BATCH):
+                batch = slice(start, start + _ENCODE_BATCH)
+                codes.add(_unit(self.vectors[batch], self.norms[batch]))
+            self.codes = codes
+        self.encode_s = time.perf_counter() - started
 
-    def search(self, query: np.ndarray, limit: int) -> Found:
+    def search(self, query: np.ndarray, limit: int, spec: AnnSpec) -> Found:
         n = len(self.ids)
         limit = min(limit, n)
-        if self.graph is not None and limit < n:
-            # The graph's ef is fixed at build time (set_ef is not safe beside a running
-            # query); a larger k widens the search to k itself.
-            labels, _ = self.graph.knn_query(query, k=limit, num_threads=1)
-            candidates = labels[0].astype(np.int64)
+        wanted = None
+        if self.codes is not None:
+            wanted = candidates(
+                limit, n, per_hit=spec.candidates_per_hit, floor=spec.min_candidates
+            )
+        if wanted is None:
+            rows = np.arange(n)
         else:
-            candidates = np.arange(n)
-        vectors = self.vectors[candidates]
-        scores = _cosine(vectors, self.norms[candidates], query)
-        if len(candidates) > limit:
-            top = np.argpartition(-scores, limit - 1)[:limit]
-            candidates, vectors, scores = candidates[top], vectors[top], scores[top]
-        order = np.argsort(-scores, kind="stable")
-        rows = candidates[order]
+            # OpenMP's thread count is per calling thread: one per query, so that
+            # concurrent queries (and a rebuild) share the cores rather than oversubscribe.
+            faiss.omp_set_num_threads(1)
+            # Inner product of unit codes ranks as cosine does; the query's norm changes
+            # no order, so it is passed as it is.
+            rows = self.codes.search(query[None], wanted)[1][0]
+        rows, scores = rerank(self.vectors, self.norms, rows, query, limit)
         return Found(
             [self.ids[i] for i in rows],
             [self.texts[i] for i in rows],
             [self.metadata[i] for i in rows],
-            vectors[order],
-            scores[order],
+            self.vectors[rows],
+            scores,
         )
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A table's rows at one version, by tenant."""
+    """A table's rows at one version, by tenant.
+
+    Attributes:
+        train_s: seconds spent training the codebook.
+        encode_s: seconds spent encoding every tenant's rows.
+        build_s: seconds the whole build took, reading the table included.
+    """
 
     version: int
     tenants: dict[str, _Tenant]
     dim: int
+    train_s: float = 0.0
+    encode_s: float = 0.0
+    build_s: float = 0.0
 
-    def search(self, tenant: str, query: np.ndarray, limit: int) -> Found:
+    def search(self, tenant: str, query: np.ndarray, limit: int, spec: AnnSpec) -> Found:
         """The tenant's ``limit`` rows nearest to ``query`` (none if it has no rows)."""
         rows = self.tenants.get(tenant)
         if rows is None:
             empty = np.zeros(0, dtype=np.float32)
             return Found([], [], [], np.zeros((0, self.dim), dtype=np.float32), empty)
-        return rows.search(query, limit)
+        return rows.search(query, limit, spec)
 
 
 def build_snapshot(table: Any, version: int, dim: int, spec: AnnSpec) -> Snapshot:
-    """Read ``table`` (a LanceDB table pinned to ``version``) and build its graphs."""
+    """Read ``table`` (a LanceDB table pinned to ``version``) and encode its tenants' rows."""
+    started = time.perf_counter()
+    faiss.omp_set_num_threads(spec.build_threads)  # this thread's, as for queries
     data = table.search().select(_COLUMNS).limit(None).to_arrow()
     tenants = np.asarray(data.column("tenant").to_pylist(), dtype=object)
     names, inverse = np.unique(tenants, return_inverse=True) if len(tenants) else ([], [])
-    by_tenant = {
-        str(name): _Tenant(data, np.flatnonzero(inverse == i), spec) for i, name in enumerate(names)
-    }
-    return Snapshot(version, by_tenant, dim)
+    groups = {str(name): np.flatnonzero(inverse == i) for i, name in enumerate(names)}
+    coded = [rows for rows in groups.values() if len(rows) >= spec.codes_min_rows]
+    t0 = time.perf_counter()
+    codebook = _train(data, np.concatenate(coded), dim, spec) if coded else None
+    train_s = time.perf_counter() - t0
+    by_tenant = {name: _Tenant(data, rows, codebook, spec) for name, rows in groups.items()}
+    return Snapshot(
+        version,
+        by_tenant,
+        dim,
+        train_s=train_s,
+        encode_s=sum(t.encode_s for t in by_tenant.values()),
+        build_s=time.perf_counter() - started,
+    )
+
+
+def _train(data: pa.Table, rows: np.ndarray, dim: int, spec: AnnSpec) -> Any:
+    """An empty ``IndexPQFastScan`` whose codebook is trained on a seeded sample of
+    ``rows`` (the same rows give the same codebook)."""
+    if len(rows) > spec.train_rows:
+        rows = np.sort(np.random.default_rng(0).choice(rows, spec.train_rows, replace=False))
+    sample = _vectors(data.take(pa.array(rows)))
+    index = faiss.IndexPQFastScan(
+        dim, code_count(dim, spec.dims_per_code), 4, faiss.METRIC_INNER_PRODUCT
+    )
+    index.train(_unit(sample, np.linalg.norm(sample, axis=1)))
+    return index
 
 
 class TableAnn:
@@ -218,7 +279,7 @@ class TableAnn:
         name: the table's name (for logs).
         open_at: opens a private handle of the table pinned to a version.
         dim: the vector dimension.
-        spec: graph settings.
+        spec: how the codes are built and searched.
         min_rows: a table with fewer rows gets no snapshot (LanceDB alone serves it).
         clock: monotonic seconds, for the retry delay after a failed rebuild.
     """
@@ -261,7 +322,7 @@ class TableAnn:
         view = AnnView(index_version=None if snapshot is None else snapshot.version)
         if snapshot is None or not use_index(view, version, filtered=filtered):
             return None
-        return snapshot.search(tenant, query, limit)
+        return snapshot.search(tenant, query, limit, self._spec)
 
     def refresh(self, version: int, rows: int) -> bool:
         """Start a background rebuild from ``version`` if one is due; returns whether."""
@@ -283,18 +344,14 @@ class TableAnn:
             self._thread.start()
         return True
 
-    def set_ef(self, ef: int) -> None:
-        """Change the search breadth of the served graphs (benchmarks: hnswlib's ``ef`` is
-        read by running queries, so change it only while none runs)."""
-        snapshot = self._snapshot
-        for rows in snapshot.tenants.values() if snapshot is not None else ():
-            if rows.graph is not None:
-                rows.graph.set_ef(ef)
+    def tune(self, **changes: Any) -> None:
+        """Change the query settings (benchmarks: ``candidates_per_hit``, ``min_candidates``);
+        the build settings take effect from the next rebuild."""
+        self._spec = replace(self._spec, **changes)
 
-    def graph_build_s(self) -> float:
-        """Seconds the served snapshot spent building graphs (reading the table excluded)."""
-        snapshot = self._snapshot
-        return sum(t.build_s for t in snapshot.tenants.values()) if snapshot else 0.0
+    def snapshot(self) -> Snapshot | None:
+        """The snapshot served now (None: none yet)."""
+        return self._snapshot
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a running rebuild; returns whether none is running now."""
@@ -322,11 +379,14 @@ class TableAnn:
             self._snapshot = snapshot
             self._view = AnnView(index_version=version)
         logger.info(
-            "in-memory index of %s at version %d: %d tenants in %.1f s",
+            "in-memory index of %s at version %d: %d tenants in %.1f s (codebook %.1f s, "
+            "encoding %.1f s)",
             self.name,
             version,
             len(snapshot.tenants),
             time.perf_counter() - started,
+            snapshot.train_s,
+            snapshot.encode_s,
         )
 
 
@@ -337,7 +397,7 @@ def _vectors(table: pa.Table) -> np.ndarray:
     return np.ascontiguousarray(flat.to_numpy(zero_copy_only=False).reshape(len(table), dim))
 
 
-def _cosine(vectors: np.ndarray, norms: np.ndarray, query: np.ndarray) -> np.ndarray:
-    dots = vectors @ query
-    scale = norms * float(np.linalg.norm(query))
-    return np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0)
+def _unit(vectors: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """The rows scaled to unit length (a zero row stays zero), as the codes hold them."""
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return np.ascontiguousarray(vectors * scale[:, None], dtype=np.float32)

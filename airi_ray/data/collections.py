@@ -20,7 +20,8 @@ table, the vector dimension, whether the table is complete and which version is 
 - An ANN index (see ``IndexSpec``) is built once a table reaches ``index_min_rows``; below
   that, search is exact.
 - From the same size on, queries without a metadata filter are answered from an in-memory
-  HNSW index of the table (``airi_ray.data.ann``), rebuilt in the background after writes
+  index of the table (``airi_ray.data.ann``: a scan of compressed codes per tenant, its
+  candidates reranked exactly from the stored vectors), rebuilt in the background after writes
   and used only while the table is at the version it was built from; until then queries go
   to LanceDB as above. LanceDB stays the store and the source of truth.
 
@@ -297,7 +298,7 @@ class CollectionStore:
         max_document_chars: longest document text accepted.
         embed_batch: texts per call to the embed function.
         index: the ANN index to build and its query settings.
-        ann: the in-memory HNSW index that serves unfiltered queries of a table with at
+        ann: the in-memory index that serves unfiltered queries of a table with at
             least ``index_min_rows`` rows (None: LanceDB serves every query).
         progress: show a tqdm bar while embedding (ingest and re-embedding).
         read_consistency_s: how stale a read may be relative to other processes' writes

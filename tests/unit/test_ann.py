@@ -7,13 +7,15 @@ random vector, so exact answers are computed with NumPy from the same vectors.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from airi_ray.core.ann import AnnView, should_rebuild, use_index
+from airi_ray.core.ann import AnnView, candidates, code_count, rerank, should_rebuild, use_index
 from airi_ray.core.chunking import Chunker
 from airi_ray.data import ann as ann_module
 from airi_ray.data import collections as collections_module
@@ -58,16 +60,61 @@ def test_one_rebuild_at_a_time_of_a_big_enough_table_and_retry_after_a_delay() -
     assert due(AnnView(failed_at=70.0))
 
 
+def test_codes_split_the_vector_into_equal_slices_of_at_most_the_asked_width() -> None:
+    assert code_count(384, 2) == 192
+    assert code_count(384, 3) == 128
+    assert code_count(24, 5) == 6  # 5 does not divide 24: slices of 4
+    assert code_count(25, 2) == 25  # an odd dimension: one code per dimension
+    assert code_count(7, 1) == 7
+    with pytest.raises(ValueError, match="at least 1"):
+        code_count(384, 0)
+
+
+def test_candidates_grow_with_k_and_give_way_to_an_exact_scan() -> None:
+    assert candidates(10, 100_000, per_hit=40, floor=200) == 400
+    assert candidates(1, 100_000, per_hit=40, floor=200) == 200  # the floor
+    assert candidates(40, 100_000, per_hit=40, floor=200) == 1_600  # an MMR pool
+    # From a quarter of the rows on, scanning them all exactly is as cheap.
+    assert candidates(10, 1_601, per_hit=40, floor=200) == 400
+    assert candidates(10, 1_600, per_hit=40, floor=200) is None
+    assert candidates(1_000, 100_000, per_hit=40, floor=200) is None
+
+
+def test_rerank_orders_candidates_by_exact_cosine_and_drops_padding() -> None:
+    vectors = np.array([[1, 0], [0, 1], [3, 3], [-1, 0], [0, 0]], dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1)
+    query = np.array([2, 1], dtype=np.float32)
+    rows, scores = rerank(vectors, norms, np.array([3, 1, 4, 0, 2, -1, -1]), query, 3)
+    assert rows.tolist() == [2, 0, 1]
+    want = [3 / np.sqrt(10), 2 / np.sqrt(5), 1 / np.sqrt(5)]
+    assert scores == pytest.approx(want, abs=1e-6)
+    # Fewer candidates than asked: all of them; a zero vector scores 0, not NaN.
+    rows, scores = rerank(vectors, norms, np.array([4, 3]), query, 5)
+    assert rows.tolist() == [4, 3] and scores.tolist() == pytest.approx([0.0, -2 / np.sqrt(5)])
+    # Ties keep the candidates' order.
+    same = np.ones((4, 2), dtype=np.float32)
+    rows, _ = rerank(same, np.linalg.norm(same, axis=1), np.array([2, 0, 3, 1]), query, 2)
+    assert rows.tolist() == [2, 0]
+
+
 def test_ann_spec_is_checked_when_made() -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        AnnSpec(ef=0)
+        AnnSpec(candidates_per_hit=0)
+    with pytest.raises(ValueError, match="at least 64"):
+        AnnSpec(codes_min_rows=10)
 
 
 # -- the cache on LanceDB ----------------------------------------------------------------
 
 
+# Few candidates, so that the 450 rows of the big tenant are scanned through their codes
+# (20 x k candidates: a quarter of them at most up to k = 5), the exact rerank then
+# finding the same top-k as an exact scan.
+SPEC = AnnSpec(codes_min_rows=100, candidates_per_hit=20, min_candidates=10)
+
+
 def make_store(tmp_path: Path, **ann: Any) -> CollectionStore:
-    spec = AnnSpec(**{"m": 16, "ef_construction": 100, "ef": 100, "graph_min_rows": 100, **ann})
+    spec = replace(SPEC, **ann)
     return CollectionStore(str(tmp_path / "db"), progress=False, index_min_rows=200, ann=spec)
 
 
@@ -105,7 +152,7 @@ class LanceCalls:
 @pytest.fixture
 def two_tenants(tmp_path: Path) -> CollectionStore:
     store = make_store(tmp_path)
-    ingest(store, range(0, 450), "big")  # a graph of its own
+    ingest(store, range(0, 450), "big")  # codes of its own
     ingest(store, range(450, 500), "small")  # scanned exactly
     col = store.open("c")
     assert col.wait_for_ann(*MODEL, timeout=60)
@@ -117,6 +164,11 @@ def test_answers_equal_exact_search_per_tenant(
 ) -> None:
     lance = LanceCalls(monkeypatch)
     col = two_tenants.open("c")
+    snapshot = two_tenants._anns[col.table_for(*MODEL).name].snapshot()
+    assert snapshot is not None
+    assert snapshot.tenants["big"].codes is not None  # scanned through its codes
+    assert snapshot.tenants["small"].codes is None  # too few rows: scanned exactly
+    assert candidates(5, 450, per_hit=20, floor=10) is not None
     queries = np.random.default_rng(1).standard_normal((20, DIM)).astype(np.float32)
     for q in queries:
         for tenant, rows in (("big", range(0, 450)), ("small", range(450, 500))):
@@ -238,6 +290,58 @@ def test_a_dropped_collection_forgets_its_index(two_tenants: CollectionStore) ->
     assert name in two_tenants._anns
     two_tenants.drop("c")
     assert name not in two_tenants._anns
+
+
+class ArrowTable:
+    """The one read ``build_snapshot`` makes of a LanceDB table, from an Arrow table."""
+
+    def __init__(self, data: pa.Table) -> None:
+        self._data = data
+
+    def search(self) -> ArrowTable:
+        return self
+
+    def select(self, columns: list[str]) -> ArrowTable:
+        return ArrowTable(self._data.select(columns))
+
+    def limit(self, n: None) -> ArrowTable:
+        return self
+
+    def to_arrow(self) -> pa.Table:
+        return self._data
+
+
+def test_the_compressed_scan_and_rerank_find_the_exact_neighbours() -> None:
+    # Uniform random vectors, the hardest case for the codes (no structure to exploit):
+    # 3,000 rows, so that 400 candidates for k = 10 go through the codes.
+    rng = np.random.default_rng(3)
+    n, dim, k = 3_000, 64, 10
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    data = pa.table(
+        {
+            "tenant": ["t"] * n,
+            "id": [f"r{i}#0" for i in range(n)],
+            "text": [str(i) for i in range(n)],
+            "metadata": ["{}"] * n,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        }
+    )
+    spec = AnnSpec()
+    snapshot = ann_module.build_snapshot(ArrowTable(data), 1, dim, spec)
+    assert snapshot.tenants["t"].codes is not None and candidates(k, n, per_hit=40, floor=200)
+    queries = rng.standard_normal((50, dim)).astype(np.float32)
+    recall = []
+    for q in queries:
+        found = snapshot.search("t", q, k, spec)
+        want = set(exact_ids(vectors, q, k))
+        recall.append(len(want & {int(i.split("#")[0][1:]) for i in found.ids}) / k)
+        assert list(found.scores) == sorted(found.scores, reverse=True)
+    assert np.mean(recall) >= 0.98
+
+
+def exact_ids(vectors: np.ndarray, q: np.ndarray, k: int) -> list[int]:
+    scores = vectors @ q / np.linalg.norm(vectors, axis=1)
+    return [int(i) for i in np.argsort(-scores)[:k]]
 
 
 class FakeTable:
