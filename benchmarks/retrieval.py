@@ -73,7 +73,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from airi_ray.core.ann import rerank  # noqa: E402
 from airi_ray.core.chunking import Chunker  # noqa: E402
 from airi_ray.data.ann import AnnSpec  # noqa: E402
 from airi_ray.data.collections import (  # noqa: E402
@@ -412,7 +411,7 @@ def compare_approaches(
     import hnswlib  # noqa: PLC0415 (a benchmark-only dependency)
 
     rows = snapshot.tenants[TENANT]
-    stored, norms = rows.vectors, rows.norms
+    stored = rows.vectors
     # Row numbers of the snapshot (the table's order) -> the benchmark's (the truth's).
     number = np.array([int(i.split("#")[0][1:]) for i in rows.ids])
     unit = normalise(stored)
@@ -421,7 +420,7 @@ def compare_approaches(
 
     def scan(name: str, build_s: float, search: Callable[[np.ndarray, int], Any], r: int) -> None:
         def answer(q: np.ndarray) -> set[int]:
-            found = rerank(stored, norms, np.asarray(search(q, r), dtype=np.int64), q, K)[0]
+            found = rows.rerank(np.asarray(search(q, r)), q, K)[0]
             return {int(i) for i in number[found]}
 
         out.append(

@@ -29,7 +29,6 @@ __all__ = [
     "AnnView",
     "candidates",
     "code_count",
-    "cosine",
     "rerank",
     "should_rebuild",
     "use_index",
@@ -108,38 +107,29 @@ def candidates(limit: int, rows: int, *, per_hit: int, floor: int) -> int | None
     return None if 4 * wanted >= rows else wanted
 
 
-def cosine(
-    vectors: npt.NDArray[np.float32], norms: npt.NDArray[np.float32], query: npt.NDArray[np.float32]
-) -> npt.NDArray[np.float32]:
-    """Cosine of each row of ``vectors`` (with its precomputed norm) to ``query``; 0 for a
-    zero row."""
-    dots = vectors @ query
-    scale = norms * float(np.linalg.norm(query))
-    out: npt.NDArray[np.float32] = np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0)
-    return out
-
-
 def rerank(
-    vectors: npt.NDArray[np.float32],
-    norms: npt.NDArray[np.float32],
     rows: npt.NDArray[np.int64],
-    query: npt.NDArray[np.float32],
+    dots: npt.NDArray[np.float32],
+    norms: npt.NDArray[np.float32],
+    query_norm: float,
     limit: int,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """The ``limit`` of ``rows`` most similar to ``query`` by exact cosine, best first.
+    """The ``limit`` candidates most similar to the query by exact cosine, best first.
 
     Args:
-        vectors: all stored vectors (``rows`` index into them).
-        norms: their norms.
-        rows: the candidates (negative entries, a scan's padding, are dropped).
-        query: the query vector.
+        rows: the candidates' row numbers.
+        dots: each candidate's exact dot product with the query.
+        norms: each candidate's norm.
+        query_norm: the query's norm.
         limit: how many to return (fewer when there are fewer candidates).
 
     Returns:
-        ``(rows, scores)``, ties in the order the candidates came.
+        ``(rows, scores)``; a zero vector scores 0; ties keep the candidates' order.
     """
-    rows = rows[rows >= 0]
-    scores = cosine(vectors[rows], norms[rows], query)
+    scale = norms * query_norm
+    scores: npt.NDArray[np.float32] = np.divide(
+        dots, scale, out=np.zeros_like(dots), where=scale > 0
+    )
     if len(rows) > limit:
         top = np.argpartition(-scores, limit - 1)[:limit]
         top.sort()  # back in candidate order, so that the stable sort keeps ties in it

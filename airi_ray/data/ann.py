@@ -183,6 +183,15 @@ class _Tenant:
             self.codes = codes
         self.encode_s = time.perf_counter() - started
 
+    def rerank(
+        self, rows: np.ndarray, query: np.ndarray, limit: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``limit`` of candidate ``rows`` nearest ``query`` (a contiguous float32
+        vector) by exact cosine from the stored vectors: ``(rows, scores)``, best first."""
+        rows = np.ascontiguousarray(rows[rows >= 0], dtype=np.int64)  # -1: a scan's padding
+        dots = _dots(self.vectors, rows, query)
+        return rerank(rows, dots, self.norms[rows], float(np.linalg.norm(query)), limit)
+
     def search(self, query: np.ndarray, limit: int, spec: AnnSpec) -> Found:
         n = len(self.ids)
         limit = min(limit, n)
@@ -191,16 +200,19 @@ class _Tenant:
             wanted = candidates(
                 limit, n, per_hit=spec.candidates_per_hit, floor=spec.min_candidates
             )
+        query = np.ascontiguousarray(query, dtype=np.float32)
         if wanted is None:
             rows = np.arange(n)
+            rows, scores = rerank(
+                rows, self.vectors @ query, self.norms, float(np.linalg.norm(query)), limit
+            )
         else:
             # OpenMP's thread count is per calling thread: one per query, so that
             # concurrent queries (and a rebuild) share the cores rather than oversubscribe.
             faiss.omp_set_num_threads(1)
             # Inner product of unit codes ranks as cosine does; the query's norm changes
             # no order, so it is passed as it is.
-            rows = self.codes.search(query[None], wanted)[1][0]
-        rows, scores = rerank(self.vectors, self.norms, rows, query, limit)
+            rows, scores = self.rerank(self.codes.search(query[None], wanted)[1][0], query, limit)
         return Found(
             [self.ids[i] for i in rows],
             [self.texts[i] for i in rows],
@@ -395,6 +407,22 @@ def _vectors(table: pa.Table) -> np.ndarray:
     flat = (column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()).flatten()
     dim = column.type.list_size
     return np.ascontiguousarray(flat.to_numpy(zero_copy_only=False).reshape(len(table), dim))
+
+
+def _dots(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``vectors[rows] @ query``, read in place: NumPy would copy the rows out first, which
+    took half of a 400-row rerank (0.04 of 0.08 ms)."""
+    out = np.empty(len(rows), dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(out),
+        faiss.swig_ptr(query),
+        faiss.swig_ptr(vectors),
+        faiss.swig_ptr(rows),
+        vectors.shape[1],
+        1,
+        len(rows),
+    )
+    return out
 
 
 def _unit(vectors: np.ndarray, norms: np.ndarray) -> np.ndarray:

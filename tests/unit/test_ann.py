@@ -80,21 +80,23 @@ def test_candidates_grow_with_k_and_give_way_to_an_exact_scan() -> None:
     assert candidates(1_000, 100_000, per_hit=40, floor=200) is None
 
 
-def test_rerank_orders_candidates_by_exact_cosine_and_drops_padding() -> None:
+def test_rerank_orders_candidates_by_exact_cosine() -> None:
     vectors = np.array([[1, 0], [0, 1], [3, 3], [-1, 0], [0, 0]], dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1)
     query = np.array([2, 1], dtype=np.float32)
-    rows, scores = rerank(vectors, norms, np.array([3, 1, 4, 0, 2, -1, -1]), query, 3)
-    assert rows.tolist() == [2, 0, 1]
-    want = [3 / np.sqrt(10), 2 / np.sqrt(5), 1 / np.sqrt(5)]
-    assert scores == pytest.approx(want, abs=1e-6)
+
+    def ranked(rows: list[int], limit: int) -> tuple[list[int], list[float]]:
+        r = np.array(rows, dtype=np.int64)
+        got = rerank(r, vectors[r] @ query, np.linalg.norm(vectors[r], axis=1), np.sqrt(5.0), limit)
+        return got[0].tolist(), got[1].tolist()
+
+    rows, scores = ranked([3, 1, 4, 0, 2], 3)
+    assert rows == [2, 0, 1]
+    assert scores == pytest.approx([3 / np.sqrt(10), 2 / np.sqrt(5), 1 / np.sqrt(5)], abs=1e-6)
     # Fewer candidates than asked: all of them; a zero vector scores 0, not NaN.
-    rows, scores = rerank(vectors, norms, np.array([4, 3]), query, 5)
-    assert rows.tolist() == [4, 3] and scores.tolist() == pytest.approx([0.0, -2 / np.sqrt(5)])
+    assert ranked([4, 3], 5) == ([4, 3], pytest.approx([0.0, -2 / np.sqrt(5)]))
     # Ties keep the candidates' order.
-    same = np.ones((4, 2), dtype=np.float32)
-    rows, _ = rerank(same, np.linalg.norm(same, axis=1), np.array([2, 0, 3, 1]), query, 2)
-    assert rows.tolist() == [2, 0]
+    same = np.ones(4, dtype=np.float32)
+    assert rerank(np.array([2, 0, 3, 1]), same, same, 1.0, 2)[0].tolist() == [2, 0]
 
 
 def test_ann_spec_is_checked_when_made() -> None:
