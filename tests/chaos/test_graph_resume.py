@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,25 +69,41 @@ def _pid() -> int | None:
         return None
 
 
-def test_eight_pollers_resume_a_killed_run_once(airi_app, client, tmp_path: Path) -> None:
-    calls, gate = str(tmp_path / "calls.txt"), str(tmp_path / "gate")
-    client.register_graph(_graph(calls, gate))
-    store = names.get_actor(names.CONTEXT_STORE_NAME)
-    run_id = client.start_run(GRAPH, {"x": 1})
+@dataclass
+class _Killed:
+    """A run whose executor was SIGKILLed while its node n3 waited at the gate."""
 
-    def record() -> dict[str, Any]:
-        return ray.get(store.run.remote("tenant-a", run_id))
+    run_id: str
+    calls: Path  # one line per node execution
+    gate: Path  # n3 waits until this file exists
 
-    def ran() -> list[str]:
-        return Path(calls).read_text().split() if Path(calls).exists() else []
+    def record(self) -> dict[str, Any]:
+        store = names.get_actor(names.CONTEXT_STORE_NAME)
+        return ray.get(store.run.remote("tenant-a", self.run_id))
 
-    wait_for(lambda: len(record()["checkpoints"]) == 2 and "n3" in ran(), what="n3 running")
+    def ran(self) -> list[str]:
+        return self.calls.read_text().split() if self.calls.exists() else []
+
+
+def _kill_in_n3(client, tmp_path: Path, graph: str) -> _Killed:
+    """Start a run of a new graph ``graph``, kill the executor in n3 and wait for its
+    restart (n3 stays gated)."""
+    calls, gate = tmp_path / "calls.txt", tmp_path / "gate"
+    client.register_graph(_graph(str(calls), str(gate), graph))
+    run = _Killed(client.start_run(graph, {"x": 1}), calls, gate)
+    wait_for(lambda: len(run.record()["checkpoints"]) == 2 and "n3" in run.ran(), what="n3 running")
     pid = _pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: _pid() not in (None, pid), timeout=120, what="the executor to restart")
+    return run
+
+
+def test_eight_pollers_resume_a_killed_run_once(airi_app, client, tmp_path: Path) -> None:
+    killed = _kill_in_n3(client, tmp_path, GRAPH)
+    run_id, record, ran = killed.run_id, killed.record, killed.ran
     # Only once the old process is gone may n3 finish (in its new incarnation).
-    Path(gate).touch()
+    killed.gate.touch()
 
     start = threading.Barrier(POLLERS)
     retries = {"n": 0}
@@ -140,28 +157,13 @@ def test_eight_pollers_resume_a_killed_run_once(airi_app, client, tmp_path: Path
 def test_cancelling_an_orphaned_run_ends_it_without_resuming_it(airi_app, client, tmp_path) -> None:
     """Before: a cancel of a run whose executor had died answered 404 (the new process did
     not hold it), and the next poller resumed it."""
-    calls, gate = str(tmp_path / "calls.txt"), str(tmp_path / "gate")
-    client.register_graph(_graph(calls, gate, "cancel-orphan"))
-    store = names.get_actor(names.CONTEXT_STORE_NAME)
-    run_id = client.start_run("cancel-orphan", {"x": 1})
-
-    def record() -> dict[str, Any]:
-        return ray.get(store.run.remote("tenant-a", run_id))
-
-    def ran() -> list[str]:
-        return Path(calls).read_text().split() if Path(calls).exists() else []
-
-    wait_for(lambda: len(record()["checkpoints"]) == 2 and "n3" in ran(), what="n3 running")
-    pid = _pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: _pid() not in (None, pid), timeout=120, what="the executor to restart")
-
+    killed = _kill_in_n3(client, tmp_path, "cancel-orphan")
+    run_id, record, ran = killed.run_id, killed.record, killed.ran
     cancelled = client.cancel_run(run_id)
     assert cancelled["status"] == "cancelled", cancelled
     assert cancelled["error"]["code"] == "run_cancelled", cancelled
     assert cancelled["state"]["trace"] == ["n1", "n2"]  # as of its last checkpoint
-    Path(gate).touch()
+    killed.gate.touch()
     assert client.wait_run(run_id)["status"] == "cancelled"  # not resumed by a poller
     assert client.get_run(run_id)["status"] == "cancelled"
     assert ran() == ["n1", "n2", "n3"]  # nothing ran after the kill
