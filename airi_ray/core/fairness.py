@@ -134,8 +134,10 @@ class FairQueue(Generic[T]):
             return
         for key in t.heap:
             entry = self._entries.get(key[3])
-            if entry is not None and entry[0] is t:
-                yield entry[1][4]
+            # ``entry[1] is key``: a stale key (cancelled) may share its request id with
+            # the live one of a request queued again.
+            if entry is not None and entry[1] is key:
+                yield key[4]
 
     # -- queueing -------------------------------------------------------------------------
 

@@ -46,6 +46,15 @@ def test_lift_on_becoming_backlogged() -> None:
     assert q.counter("A") == 150
 
 
+def test_items_count_a_request_queued_again_after_a_cancel_once() -> None:
+    q: FairQueue[str] = FairQueue()
+    push(q, "A", "r2", seq=1)
+    push(q, "A", "r1", seq=2)
+    assert q.remove("r1") == "r1"  # not the head: its key stays in the heap, stale
+    push(q, "A", "r1", seq=3)
+    assert sorted(q.items("A")) == ["r1", "r2"]
+
+
 def test_refund_is_the_only_decrease() -> None:
     q: FairQueue[str] = FairQueue()
     push(q, "A", "a1", 1)
