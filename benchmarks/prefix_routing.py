@@ -1,24 +1,27 @@
-"""Prefix-cache affinity against round-robin routing, on two replicas of the tiny model.
+"""Prefix-cache affinity against round-robin routing where the caches cannot hold it all.
 
-Workload: 32 conversations of 3 turns each (a conversation's next turn starts when its
-previous answer is complete), every conversation starting with the same long system
-prompt (several hundred tokens); each turn carries the whole history, as chat clients send
-it. Conversations run ``CONCURRENCY`` at a time, below the 16 slots of the two replicas, so
-the router has a choice; a second scenario runs all 32 at once, saturating the slots:
-then a request goes to whichever replica frees a slot first, and routing cannot help
-(reported as ``saturated``). The same workload runs twice in one run: with
-``scheduler.routing: affinity`` (the prompt's chained 16-token block hashes steer it to the
-replica that served the longest matching prefix, unless that replica is loaded beyond the
-margin) and with ``round_robin``. Each run uses its own system prompt text, so the
-second run cannot hit blocks the first one cached.
+Workload (issue 22): ``AGENTS`` agents, each with its own system prompt of about
+``SYSTEM_TOKENS`` tokens (distinct from the first block on), each serving
+``CONVERSATIONS_PER_AGENT`` conversations of ``TURNS`` turns; a conversation's next turn
+starts when its previous answer is complete and carries the whole history, as chat clients
+send it. Conversations are taken in turn across the agents (many agents active at once),
+``CONCURRENCY`` at a time, below the two replicas' slots, so the router has a choice.
 
-Each replica's KV cache is limited to ``KV_BLOCKS`` blocks of 16 tokens (vLLM's
-``num_gpu_blocks_override``): a replica in production shares its cache with much other
-traffic, and a conversation's earlier turns survive only where they are hot. Reported:
-vLLM's own prefix-cache hit rate (hit tokens / queried tokens, summed over replicas) and
-TTFT p50 per routing.
+Each replica's KV cache (vLLM's ``num_gpu_blocks_override``) holds about ``CACHE_SHARE`` of
+the agents' system prompts together: larger than one replica's cache, smaller than both.
+Round robin sends every agent to both replicas, whose caches then cycle through more
+prompts than they hold; affinity (the prompt's chained 16-token block hashes steer it to
+the replica that served the longest matching prefix, unless that replica is loaded beyond
+the margin) can split the agents between them. Both run in one process, one after the
+other, each on a fresh deployment and with its own prompt texts (the second cannot hit
+blocks the first cached).
 
-    python benchmarks/prefix_routing.py
+Reported per routing: vLLM's own prefix-cache hit rate (hit tokens / queried tokens,
+summed over the replicas), TTFT p50/p99 and output tokens/s. The issue also asks for an
+oracle that knows every replica's cache contents (from vLLM's KV cache events); it is not
+built yet, so ``oracle`` is null.
+
+    python benchmarks/prefix_routing.py [--smoke]
 
 Writes ``benchmarks/results/prefix_routing.json``.
 """
@@ -41,12 +44,21 @@ from airi_ray.core.stats import percentile  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefix_routing.json"
 KEY = "sk-airi-9f0000000001-benchPrefixTenant0001"
-CONVERSATIONS = 32
+AGENTS = 16
+CONVERSATIONS_PER_AGENT = 3
 TURNS = 3
-ANSWER_TOKENS = 48
-SLOTS = 8
-CONCURRENCY = 12
-KV_BLOCKS = 384  # 6,144 tokens per replica
+SYSTEM_TOKENS = 600
+ANSWER_TOKENS = 32
+SLOTS = 4  # per replica
+CONCURRENCY = 6  # conversations at a time, below the 8 slots of the two replicas
+BLOCK = 16
+CACHE_SHARE = 0.6  # of all the agents' system prompts, per replica
+MAX_MODEL_LEN = 1024
+# A conversation's turns after its system prompt, at the most: questions, answers, template.
+HISTORY_TOKENS = 192
+# The blocks a replica holds: the share of the prompts, and room for the histories of the
+# requests running on it (their blocks are in use; the cache keeps what is left over).
+KV_BLOCKS = int(CACHE_SHARE * AGENTS * SYSTEM_TOKENS / BLOCK) + SLOTS * HISTORY_TOKENS // BLOCK
 
 
 def spec(model_dir: str, routing: str) -> dict[str, Any]:
@@ -63,7 +75,7 @@ def spec(model_dir: str, routing: str) -> dict[str, Any]:
                 "max_concurrency": SLOTS,
                 "engine": {
                     "dtype": "float32",
-                    "max_model_len": 1024,
+                    "max_model_len": MAX_MODEL_LEN,
                     "enforce_eager": True,
                     "num_gpu_blocks_override": KV_BLOCKS,
                 },
@@ -75,17 +87,25 @@ def spec(model_dir: str, routing: str) -> dict[str, Any]:
     }
 
 
-def system_prompt(tag: str) -> str:
-    policies = (
-        "Returns are free within 60 days for unused items with the receipt. "
-        "Refunds go to the original payment method within 5 business days. "
-        "Standard shipping takes 3 to 5 days; express shipping takes 1 to 2 days. "
-        "Nimbus Plus members get free express shipping and early access to sales. "
-        "Warranty claims need a photo of the defect and the order number. "
-    )
-    return f"[{tag}] You are the Nimbus Gear support assistant. Follow these policies. " + (
-        policies * 4
-    )
+FACTS = (
+    "Returns are free within {d} days for unused items with the receipt.",
+    "Refunds go to the original payment method within {d} business days.",
+    "Standard shipping takes {d} days; express shipping takes one or two days.",
+    "Members get free express shipping and early access to sales in week {d}.",
+    "Warranty claims need a photo of the defect and order number {d}.",
+    "Gift cards can be used online and in store for {d} years.",
+)
+
+
+def system_prompt(tokenizer: Any, run: str, agent: int) -> str:
+    """Agent ``agent``'s system prompt for the run ``run``: about ``SYSTEM_TOKENS``
+    tokens, its own from the first token (the tag comes first)."""
+    head = f"[{run} agent {agent}] You are support assistant number {agent}. Policies:"
+    text, i = head, 0
+    while len(tokenizer(text)["input_ids"]) < SYSTEM_TOKENS:
+        text += " " + FACTS[i % len(FACTS)].format(d=agent * 7 + i)
+        i += 1
+    return text
 
 
 QUESTIONS = [
@@ -95,7 +115,9 @@ QUESTIONS = [
 ]
 
 
-async def conversation(client: Any, system: str, i: int, ttfts: list[float]) -> None:
+async def conversation(
+    client: Any, system: str, i: int, ttfts: list[float], tokens: list[int]
+) -> None:
     messages = [{"role": "system", "content": system}]
     for turn in range(TURNS):
         messages.append({"role": "user", "content": QUESTIONS[turn].format(i=i)})
@@ -104,6 +126,7 @@ async def conversation(client: Any, system: str, i: int, ttfts: list[float]) -> 
         )
         answer = await g.text()
         ttfts.append(g.usage.ttft_s or 0.0)
+        tokens.append(g.usage.completion_tokens)
         messages.append({"role": "assistant", "content": answer})
 
 
@@ -121,46 +144,53 @@ async def cache_counters() -> tuple[int, int]:
     return hits, queries
 
 
-async def run(routing: str, concurrency: int) -> dict[str, Any]:
+async def run(routing: str) -> dict[str, Any]:
     from airi_ray.client import AsyncClient
 
     client = AsyncClient(api_key=KEY)
     await client.warm()
+    tokenizer = client.backend._path._models["tiny-chat"].tokenizer
+    prompts = [system_prompt(tokenizer, routing, a) for a in range(AGENTS)]
+    # Taken in turn across the agents: conversation k is agent k % AGENTS's.
+    todo = [(prompts[k % AGENTS], k) for k in range(AGENTS * CONVERSATIONS_PER_AGENT)]
     h0, q0 = await cache_counters()
     ttfts: list[float] = []
+    tokens: list[int] = []
     t0 = time.perf_counter()
-    system = system_prompt(f"{routing} {concurrency}")
-    todo = list(range(CONVERSATIONS))
 
     async def worker() -> None:
         while todo:
-            await conversation(client, system, todo.pop(0), ttfts)
+            system, k = todo.pop(0)
+            await conversation(client, system, k, ttfts, tokens)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
     wall = time.perf_counter() - t0
     await asyncio.sleep(1.0)  # the engines' last stats reach the replicas each step
     h1, q1 = await cache_counters()
-    prompt_tokens = len(client.backend._path._models["tiny-chat"].tokenizer(system)["input_ids"])
     return {
         "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 3),
         "hit_tokens": h1 - h0,
         "queried_tokens": q1 - q0,
         "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1),
         "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
+        "tokens_per_s": round(sum(tokens) / wall, 1),
+        "requests": len(ttfts),
         "wall_s": round(wall, 1),
-        "system_prompt_tokens": prompt_tokens,
+        "system_prompt_tokens": round(
+            sum(len(tokenizer(p)["input_ids"]) for p in prompts) / AGENTS
+        ),
     }
 
 
 def main() -> int:
-    global RESULTS, CONVERSATIONS, TURNS, CONCURRENCY
+    global RESULTS, AGENTS, CONVERSATIONS_PER_AGENT, TURNS, CONCURRENCY
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
     )
     args = parser.parse_args()
-    if args.smoke:  # checks the path works, not its speed
-        CONVERSATIONS, TURNS, CONCURRENCY = 2, 2, 2
+    if args.smoke:  # checks the path works, not its speed (the cache keeps its size)
+        AGENTS, CONVERSATIONS_PER_AGENT, TURNS, CONCURRENCY = 2, 1, 2, 2
         RESULTS = RESULTS.parent / "smoke" / RESULTS.name
     import ray
 
@@ -171,49 +201,57 @@ def main() -> int:
     ray.init(num_cpus=2, namespace="airi", log_to_driver=False, include_dashboard=False)
     out: dict[str, Any] = {}
     try:
-        for concurrency in (CONCURRENCY, CONVERSATIONS):
-            for routing in ("affinity", "round_robin"):
-                print(f"routing {routing}, {concurrency} conversations at a time ...", flush=True)
-                airi.deploy(spec(model_dir, routing))
-                out[f"{routing}@{concurrency}"] = asyncio.run(run(routing, concurrency))
+        for routing in ("affinity", "round_robin"):
+            print(f"routing {routing} ...", flush=True)
+            airi.deploy(spec(model_dir, routing))
+            out[routing] = asyncio.run(run(routing))
     finally:
         airi.shutdown()
         ray.shutdown()
 
-    a, r = out[f"affinity@{CONCURRENCY}"], out[f"round_robin@{CONCURRENCY}"]
-    sa, sr = out[f"affinity@{CONVERSATIONS}"], out[f"round_robin@{CONVERSATIONS}"]
+    a, r = out["affinity"], out["round_robin"]
     result = {
         "workload": {
-            "conversations": CONVERSATIONS,
+            "agents": AGENTS,
+            "conversations_per_agent": CONVERSATIONS_PER_AGENT,
             "turns": TURNS,
             "answer_tokens": ANSWER_TOKENS,
             "concurrent_conversations": CONCURRENCY,
             "replicas": 2,
             "slots_per_replica": SLOTS,
             "kv_blocks_per_replica": KV_BLOCKS,
-            "block_size": 16,
+            "block_size": BLOCK,
             "system_prompt_tokens": a["system_prompt_tokens"],
+            "cache_share_of_prompts_per_replica": round(
+                KV_BLOCKS * BLOCK / (AGENTS * a["system_prompt_tokens"]), 2
+            ),
+            "smoke": args.smoke,
         },
         "affinity": a,
         "round_robin": r,
+        "oracle": None,
         "hit_rate_ratio": round(a["hit_rate"] / max(r["hit_rate"], 1e-9), 2),
-        "saturated": {
-            "concurrent_conversations": CONVERSATIONS,
-            "affinity": sa,
-            "round_robin": sr,
-            "hit_rate_ratio": round(sa["hit_rate"] / max(sr["hit_rate"], 1e-9), 2),
+        "affinity_vs_oracle": None,
+        "targets": {
+            "hit_rate_ratio": ">= 2",
+            "affinity_vs_oracle": ">= 0.9 (oracle not built)",
+            "ttft": "affinity's p50 and p99 lower than round_robin's",
         },
-        "targets": {"hit_rate_ratio": ">= 2", "ttft_p50": "affinity lower than round_robin"},
+        "met": {
+            "hit_rate_ratio": a["hit_rate"] >= 2 * r["hit_rate"],
+            "ttft": a["ttft_p50_ms"] < r["ttft_p50_ms"] and a["ttft_p99_ms"] < r["ttft_p99_ms"],
+        },
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"\n{'routing@concurrency':<20} {'hit rate':>9} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'wall s':>7}"
+        f"\n{'routing':<12} {'hit rate':>9} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+        f"{'tok/s':>8} {'wall s':>7}"
     )
     for name, x in out.items():
         print(
-            f"{name:<20} {x['hit_rate']:>9.3f} {x['ttft_p50_ms']:>12.1f} "
-            f"{x['ttft_p99_ms']:>12.1f} {x['wall_s']:>7.1f}"
+            f"{name:<12} {x['hit_rate']:>9.3f} {x['ttft_p50_ms']:>12.1f} "
+            f"{x['ttft_p99_ms']:>12.1f} {x['tokens_per_s']:>8.1f} {x['wall_s']:>7.1f}"
         )
     print(f"hit-rate ratio {result['hit_rate_ratio']} (target >= 2); wrote {RESULTS}")
     return 0
