@@ -305,6 +305,9 @@ class Scheduler:
         self._replicas: dict[str, ReplicaState] = {}
         self._queued_in: dict[str, str] = {}  # request id -> model, while queued
         self._leases: dict[str, _Granted] = {}
+        # Leases another scheduler process granted, still running (``adopt``): they take
+        # their replica's slot and tokens until ``drop_adopted``.
+        self._adopted: dict[str, Lease] = {}
         self._sessions: BoundedLRU[tuple[str, str], str] = BoundedLRU(max_sessions)
         self._seq = 0
 
@@ -443,7 +446,8 @@ class Scheduler:
             kept.append(r)
         if fresh:  # rare (replica start): one pass over the leases
             by_id = {r.replica_id: r for r in fresh}
-            for lease, _, _ in self._leases.values():
+            held = [g[0] for g in self._leases.values()]
+            for lease in [*held, *self._adopted.values()]:
                 r = by_id.get(lease.replica_id)
                 if r is not None:
                     r.in_flight += 1
@@ -454,6 +458,42 @@ class Scheduler:
             self._replicas[r.replica_id] = r
         m.replicas = sorted(kept, key=lambda r: r.replica_id)
         self._refresh(m)
+
+    def adopt(self, request_id: str, model: str, replica_id: str, cost_tokens: int) -> None:
+        """Count a call that runs on ``replica_id`` under a lease an earlier process of the
+        scheduler granted (its caller named it after a restart): it holds a slot and
+        ``cost_tokens`` of the replica's KV tokens until ``drop_adopted``. Not a lease of
+        this scheduler (it cannot be requeued, and its tenant's counter is not charged),
+        only the load it puts on the replica, so routing and admission see it. A replica
+        not known yet counts it once ``set_replicas`` brings it. Adopting an id again, or
+        one this scheduler granted, changes nothing.
+
+        Raises:
+            ValueError: ``cost_tokens`` is negative.
+        """
+        if cost_tokens < 0:
+            raise ValueError(f"cost_tokens must not be negative, got {cost_tokens}")
+        if request_id in self._adopted or request_id in self._leases:
+            return
+        lease = Lease(request_id, model, "", replica_id, 0.0, 0.0, cost_tokens=cost_tokens)
+        self._adopted[request_id] = lease
+        m = self._model(model)
+        m.in_flight += 1
+        r = self._replicas.get(replica_id)
+        if r is not None:  # as ``_free`` will find it
+            r.in_flight += 1
+            r.in_flight_tokens += cost_tokens
+            if r.in_flight >= r.view.max_concurrency:
+                m.open.pop(replica_id, None)
+
+    def drop_adopted(self, request_id: str) -> bool:
+        """An adopted call ended (released, or its caller is gone): its replica's slot and
+        tokens are free again. False if ``request_id`` was not adopted."""
+        lease = self._adopted.pop(request_id, None)
+        if lease is None:
+            return False
+        self._free(self._models[lease.model], lease)
+        return True
 
     def mark_unready(self, replica_id: str) -> None:
         """Stop routing to a replica (a call on it failed); the controller decides its fate

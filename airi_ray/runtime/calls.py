@@ -614,6 +614,9 @@ class CallPath:
         # names them, and the scheduler takes back any other lease it books under this
         # caller (a release that never arrived cannot hold a slot for good).
         self._held: set[str] = set()
+        # The replica and KV-token cost of each held lease, sent with the heartbeats: a
+        # restarted scheduler counts the calls still running on each replica.
+        self._placed: dict[str, tuple[str, int]] = {}
         self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](self._send_releases)
         self._audit_events = _Coalescer[AuditEvent](
             lambda items: self._scheduler.audit.remote(items)
@@ -1501,6 +1504,7 @@ class CallPath:
         if lease is not None:
             self._pending.pop(request_id, None)
             self._held.add(request_id)
+            self._placed[request_id] = (lease.replica_id, lease.cost_tokens)
             return lease
         if not future.done():
             self._requeued.add(request_id)
@@ -1596,7 +1600,7 @@ class CallPath:
         be queued again (the new scheduler knows no lease of it): it fails."""
         try:
             await self._ask_scheduler(
-                lambda: self._scheduler.heartbeat.remote(self.caller_id, sorted(self._held))
+                lambda: self._scheduler.heartbeat.remote(self.caller_id, *self._holding())
             )
         except Exception as e:
             err = ReplicaUnavailable(f"lost the scheduler while waiting for a replica: {e}")
@@ -1614,13 +1618,18 @@ class CallPath:
         if again:
             await self._acquire_batch(again)
 
+    def _holding(self) -> tuple[list[str], dict[str, tuple[str, int]]]:
+        """What a heartbeat says this caller holds: its entries and leases, and where
+        each lease runs."""
+        return sorted(self._held), dict(self._placed)
+
     async def _heartbeats(self) -> None:
         """Tell the scheduler every HEARTBEAT_S that this caller is alive: the leases of a
         caller that falls silent are taken back (it ended or died without releasing)."""
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                ref = self._scheduler.heartbeat.remote(self.caller_id, sorted(self._held))
+                ref = self._scheduler.heartbeat.remote(self.caller_id, *self._holding())
                 ref.future().add_done_callback(_log_failure("a heartbeat"))
             except Exception as e:  # a restarting scheduler: the next beat reaches it
                 logger.debug("heartbeat not sent: %s", e)
@@ -1636,6 +1645,7 @@ class CallPath:
                 continue
             if isinstance(result, Lease):
                 self._held.add(rid)
+                self._placed[rid] = (result.replica_id, result.cost_tokens)
                 future.set_result(result)
             else:
                 self._held.discard(rid)  # refused, or expired in the queue: nothing held
@@ -1644,6 +1654,7 @@ class CallPath:
     def _send_releases(self, items: list[tuple[str, dict[str, Any], bool]]) -> None:
         for rid, _, _ in items:
             self._held.discard(rid)
+            self._placed.pop(rid, None)
         ref = self._scheduler.release.remote(items, self.caller_id)
         ref.future().add_done_callback(_log_failure("releases"))
 

@@ -382,7 +382,7 @@ class GlobalScheduler:
         for request in requests:
             rid = request.request_id
             self._arrivals[request.model].add(now, 1)
-            if self._orphans.pop(rid, None) is not None or self._adopted.pop(rid, None) is not None:
+            if self._orphans.pop(rid, None) is not None or self._unadopt(rid):
                 self._entered[rid] = now  # entered at the previous process: its slot is held
             entered = self._admissions.get(rid) if self._entered.pop(rid, None) else None
             try:
@@ -485,10 +485,19 @@ class GlobalScheduler:
             if self._callers.get(caller_id) is grants:  # not taken back already
                 self._take_back(caller_id, "closed its grant stream")
 
-    def heartbeat(self, caller_id: str, held: list[str] | None = None) -> int:
+    def heartbeat(
+        self,
+        caller_id: str,
+        held: list[str] | None = None,
+        placed: dict[str, tuple[str, int]] | None = None,
+    ) -> int:
         """The caller is alive (sent every few seconds, whatever it is doing), and still
         holds the leases ``held``: any other lease booked under it lost its release and
-        is taken back (see ``CallerBook.unheld``). Returns how many were."""
+        is taken back (see ``CallerBook.unheld``). Returns how many were.
+
+        ``placed`` gives the replica and KV-token cost of each held lease: a call that
+        runs under a lease of the previous process (after a restart) then keeps its
+        replica's slot and tokens in routing as well as its tenant's concurrency."""
         now = time.monotonic()
         self.callers.heard(caller_id, now)
         if held is None:
@@ -498,6 +507,10 @@ class GlobalScheduler:
                 if self._orphans.pop(rid, None) is not None:
                     self._adopted[rid] = now
                     self.callers.add(caller_id, rid, now)
+                    admission = self._admissions.get(rid)
+                    where = (placed or {}).get(rid)
+                    if admission is not None and where is not None:
+                        self.core.adopt(rid, admission.model, where[0], int(where[1]))
             self._sweep_orphans(now)
         lost = self.callers.unheld(caller_id, held, self._granted_at, now)
         if lost:
@@ -509,6 +522,14 @@ class GlobalScheduler:
             )
             self.release([(rid, {"error": "release_lost"}, False) for rid in lost], caller_id)
         return len(lost)
+
+    def _unadopt(self, request_id: str) -> bool:
+        """Forget a call adopted from the previous process (it ended); False if it was not
+        one. Its replica's slot and tokens are free again."""
+        if self._adopted.pop(request_id, None) is None:
+            return False
+        self.core.drop_adopted(request_id)
+        return True
 
     def _granted_at(self, request_id: str) -> float | None:
         """When the request's lease was granted, or it entered (a caller holds both)."""
@@ -559,7 +580,7 @@ class GlobalScheduler:
             self.callers.remove(request_id)
             if request_id in self._adopted or request_id in self._orphans:
                 # Admitted by the previous process: charge what it used, free its slot.
-                self._adopted.pop(request_id, None)
+                self._unadopt(request_id)
                 self._orphans.pop(request_id, None)
                 self._settle(request_id, usage.prompt_tokens, usage.completion_tokens)
                 continue
@@ -672,7 +693,7 @@ class GlobalScheduler:
         if (
             self.core.cancel(request_id)
             or self._entered.pop(request_id, None) is not None
-            or self._adopted.pop(request_id, None) is not None
+            or self._unadopt(request_id)
         ):
             self._settle(request_id, 0, 0)
         waiting = self._waiting.pop(request_id, None)

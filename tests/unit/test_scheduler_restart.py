@@ -109,6 +109,30 @@ def test_calls_in_flight_at_the_restart_keep_their_concurrency_slots(tmp_path: P
     assert r.outstanding()["admissions"] == 0 and r.outstanding()["callers"] == {}
 
 
+def test_calls_running_at_the_restart_keep_their_replicas_load(tmp_path: Path) -> None:
+    """Before: the restarted scheduler counted adopted calls against their tenant's
+    concurrency only, and saw their replica as idle."""
+    s = start(tmp_path)
+    placed = {}
+    for rid in ("a", "b"):
+        assert s.enter("c", [AcquireRequest(rid, "m", "t")]) == [None]
+        [lease] = s.acquire("c", [AcquireRequest(rid, "m", "t", 100, 50)])
+        assert isinstance(lease, Lease)
+        placed[rid] = (lease.replica_id, lease.cost_tokens)
+    assert s.usage is not None
+    s.usage.flush()
+    r = start(tmp_path)
+    assert r.replica_in_flight("m") == {"m-0": 0}  # nobody has said what runs yet
+    r.heartbeat("c", ["a", "b"], placed)
+    assert r.replica_in_flight("m") == {"m-0": 2}
+    [view] = r.core.replicas("m")
+    assert view.in_flight_tokens == 300
+    r.release([("a", {"prompt_tokens": 100, "completion_tokens": 50}, False)], "c")
+    assert r.replica_in_flight("m") == {"m-0": 1}
+    r.caller_gone("c")  # b's caller is gone: its slot is free too
+    assert r.replica_in_flight("m") == {"m-0": 0}
+
+
 def test_an_adopted_call_its_caller_forgets_is_taken_back_after_the_ttl(tmp_path: Path) -> None:
     s = start(tmp_path, max_concurrent=1)
     assert s.enter("c", [AcquireRequest("a", "m", "t")]) == [None]

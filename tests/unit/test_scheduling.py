@@ -205,6 +205,40 @@ def test_head_of_line_blocks_smaller_requests_behind_a_large_one() -> None:
     assert [lease.request_id for lease in s.dispatch(3.0)] == ["b-big", "a-small"]
 
 
+def test_adopted_calls_hold_their_replicas_slots_and_tokens_until_dropped() -> None:
+    """A restarted scheduler counts the calls its callers still run under the previous
+    process's leases, so it neither overfills their replica nor routes as if it idled."""
+    s = sched(rv("a", 2, kv_capacity_tokens=1000), rv("b", 2, kv_capacity_tokens=1000))
+    s.adopt("old-1", "m", "a", 300)
+    s.adopt("old-2", "m", "a", 300)
+    s.adopt("old-2", "m", "a", 300)  # named by the next heartbeat too: counted once
+    assert {v.replica_id: (v.in_flight, v.in_flight_tokens) for v in s.replicas("m")} == {
+        "a": (2, 600),
+        "b": (0, 0),
+    }
+    for i in range(3):
+        s.enqueue(req(f"q{i}"), 0.0)
+    assert [lease.replica_id for lease in s.dispatch(0.0)] == ["b", "b"]  # a is full
+    assert s.in_flight("m") == 4 and [x.request_id for x in s.leases("m")] == ["q0", "q1"]
+    assert s.drop_adopted("old-1") and not s.drop_adopted("old-1")
+    assert [lease.replica_id for lease in s.dispatch(1.0)] == ["a"]
+    assert s.release("old-2") is None  # not a lease of this scheduler
+    assert s.drop_adopted("old-2") and s.in_flight("m") == 3
+
+
+def test_an_adopted_call_on_a_replica_not_known_yet_counts_once_it_is() -> None:
+    s = Scheduler()
+    s.adopt("old", "m", "r1", 500)  # the heartbeat came before the controller's views
+    s.set_replicas("m", [rv("r1", 1, kv_capacity_tokens=1000)])
+    assert s.replicas("m")[0].in_flight == 1
+    s.enqueue(req("q"), 0.0)
+    assert s.dispatch(0.0) == []
+    s.drop_adopted("old")
+    assert [lease.request_id for lease in s.dispatch(1.0)] == ["q"]
+    with pytest.raises(ValueError, match="cost_tokens"):
+        s.adopt("bad", "m", "r1", -1)
+
+
 # -- routing ------------------------------------------------------------------------------
 
 
