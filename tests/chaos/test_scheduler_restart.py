@@ -20,6 +20,7 @@ import pytest
 import ray
 
 from airi_ray.runtime import names
+from airi_ray.runtime.scheduler import ORPHAN_GRACE_S
 from tests.conftest import KEY, wait_for
 
 TENANT = "tenant-budget"
@@ -215,3 +216,16 @@ def test_calls_queued_when_the_scheduler_dies_are_served_by_the_restarted_one(ai
     failed = [r.text for r in answers if r.status_code != 200]
     assert not failed, failed
     assert all(r.json()["usage"]["completion_tokens"] == 128 for r in answers)
+
+    # A call that ended just before the kill may have lost its settle record with the old
+    # process: the new one rebuilds it as still running, no caller names it, and its
+    # tenant's slot is freed once the grace period is over (not held for good).
+    def admissions() -> int | None:
+        out = scheduler_call(lambda self: self.outstanding())
+        return None if out is None else out["admissions"]
+
+    wait_for(
+        lambda: admissions() == 0,
+        timeout=ORPHAN_GRACE_S + 15,
+        what="the calls admitted before the restart to be settled",
+    )
