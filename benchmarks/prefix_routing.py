@@ -12,9 +12,10 @@ the agents' system prompts together: larger than one replica's cache, smaller th
 Round robin sends every agent to both replicas, whose caches then cycle through more
 prompts than they hold; affinity (the prompt's chained 16-token block hashes steer it to
 the replica that served the longest matching prefix, unless that replica is loaded beyond
-the margin) can split the agents between them. Both run in one process, one after the
-other, each on a fresh deployment and with its own prompt texts (the second cannot hit
-blocks the first cached).
+the margin) can split the agents between them. Both run in one process: a pass that warms
+the engines (not counted), then ``ROUNDS`` rounds in which the two take turns going first,
+each pass on a redeployment with that routing and with prompt texts of its own (no pass
+can hit blocks another cached).
 
 Reported per routing: vLLM's own prefix-cache hit rate (hit tokens / queried tokens,
 summed over the replicas), TTFT p50/p99 and output tokens/s. The issue also asks for an
@@ -46,6 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "prefix_routing.json"
 KEY = "sk-airi-9f0000000001-benchPrefixTenant0001"
 AGENTS = 16
 CONVERSATIONS_PER_AGENT = 3
+ROUNDS = 2  # passes per routing, alternating which goes first
 TURNS = 3
 SYSTEM_TOKENS = 600
 ANSWER_TOKENS = 32
@@ -144,15 +146,16 @@ async def cache_counters() -> tuple[int, int]:
     return hits, queries
 
 
-async def run(routing: str) -> dict[str, Any]:
+async def run(tag: str, agents: int, per_agent: int) -> dict[str, Any]:
+    """One pass of the workload, with prompt texts of its own (``tag``): what it measured."""
     from airi_ray.client import AsyncClient
 
     client = AsyncClient(api_key=KEY)
     await client.warm()
     tokenizer = client.backend._path._models["tiny-chat"].tokenizer
-    prompts = [system_prompt(tokenizer, routing, a) for a in range(AGENTS)]
-    # Taken in turn across the agents: conversation k is agent k % AGENTS's.
-    todo = [(prompts[k % AGENTS], k) for k in range(AGENTS * CONVERSATIONS_PER_AGENT)]
+    prompts = [system_prompt(tokenizer, tag, a) for a in range(agents)]
+    # Taken in turn across the agents: conversation k is agent k % agents's.
+    todo = [(prompts[k % agents], k) for k in range(agents * per_agent)]
     h0, q0 = await cache_counters()
     ttfts: list[float] = []
     tokens: list[int] = []
@@ -168,29 +171,44 @@ async def run(routing: str) -> dict[str, Any]:
     await asyncio.sleep(1.0)  # the engines' last stats reach the replicas each step
     h1, q1 = await cache_counters()
     return {
-        "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 3),
-        "hit_tokens": h1 - h0,
-        "queried_tokens": q1 - q0,
+        "hits": h1 - h0,
+        "queries": q1 - q0,
+        "ttfts": ttfts,
+        "tokens": sum(tokens),
+        "wall_s": wall,
+        "prompt_tokens": [len(tokenizer(p)["input_ids"]) for p in prompts],
+    }
+
+
+def summary(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One routing's passes together: hit rate over all their tokens, TTFTs pooled."""
+    hits, queries = sum(p["hits"] for p in passes), sum(p["queries"] for p in passes)
+    ttfts = [t for p in passes for t in p["ttfts"]]
+    wall = sum(p["wall_s"] for p in passes)
+    prompt_tokens = [n for p in passes for n in p["prompt_tokens"]]
+    return {
+        "hit_rate": round(hits / max(queries, 1), 3),
+        "hit_tokens": hits,
+        "queried_tokens": queries,
         "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1),
         "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
-        "tokens_per_s": round(sum(tokens) / wall, 1),
+        "tokens_per_s": round(sum(p["tokens"] for p in passes) / wall, 1),
         "requests": len(ttfts),
         "wall_s": round(wall, 1),
-        "system_prompt_tokens": round(
-            sum(len(tokenizer(p)["input_ids"]) for p in prompts) / AGENTS
-        ),
+        "pass_hit_rates": [round(p["hits"] / max(p["queries"], 1), 3) for p in passes],
+        "system_prompt_tokens": round(sum(prompt_tokens) / len(prompt_tokens)),
     }
 
 
 def main() -> int:
-    global RESULTS, AGENTS, CONVERSATIONS_PER_AGENT, TURNS, CONCURRENCY
+    global RESULTS, AGENTS, CONVERSATIONS_PER_AGENT, TURNS, CONCURRENCY, ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
     )
     args = parser.parse_args()
     if args.smoke:  # checks the path works, not its speed (the cache keeps its size)
-        AGENTS, CONVERSATIONS_PER_AGENT, TURNS, CONCURRENCY = 2, 1, 2, 2
+        AGENTS, CONVERSATIONS_PER_AGENT, TURNS, CONCURRENCY, ROUNDS = 2, 1, 2, 2, 1
         RESULTS = RESULTS.parent / "smoke" / RESULTS.name
     import ray
 
@@ -199,16 +217,25 @@ def main() -> int:
 
     model_dir = str(ensure_tiny_model())
     ray.init(num_cpus=2, namespace="airi", log_to_driver=False, include_dashboard=False)
-    out: dict[str, Any] = {}
+    passes: dict[str, list[dict[str, Any]]] = {"affinity": [], "round_robin": []}
     try:
-        for routing in ("affinity", "round_robin"):
-            print(f"routing {routing} ...", flush=True)
-            airi.deploy(spec(model_dir, routing))
-            out[routing] = asyncio.run(run(routing))
+        # A pass warms the engines first (not counted), then the routings take turns
+        # going first, so neither gains from the order.
+        airi.deploy(spec(model_dir, "round_robin"))
+        asyncio.run(run("warm-up", min(AGENTS, 4), 1))
+        for i in range(ROUNDS):
+            order = ("affinity", "round_robin") if i % 2 == 0 else ("round_robin", "affinity")
+            for routing in order:
+                print(f"round {i + 1}/{ROUNDS}: routing {routing} ...", flush=True)
+                airi.deploy(spec(model_dir, routing))
+                passes[routing].append(
+                    asyncio.run(run(f"{routing} {i}", AGENTS, CONVERSATIONS_PER_AGENT))
+                )
     finally:
         airi.shutdown()
         ray.shutdown()
 
+    out = {routing: summary(p) for routing, p in passes.items()}
     a, r = out["affinity"], out["round_robin"]
     result = {
         "workload": {
@@ -217,6 +244,7 @@ def main() -> int:
             "turns": TURNS,
             "answer_tokens": ANSWER_TOKENS,
             "concurrent_conversations": CONCURRENCY,
+            "rounds": ROUNDS,
             "replicas": 2,
             "slots_per_replica": SLOTS,
             "kv_blocks_per_replica": KV_BLOCKS,
