@@ -35,7 +35,12 @@ V = TypeVar("V")
 _ROOT_HASH = 0
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int = 16) -> tuple[int, ...]:
+# Tokens per prompt block, as callers hash prompts (``block_hashes``) and vLLM's prefix
+# cache keys them by default.
+BLOCK_TOKENS = 16
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int = BLOCK_TOKENS) -> tuple[int, ...]:
     """Chained hashes of the full ``block_size``-token blocks of a prompt.
 
     Block ``i``'s hash covers blocks ``0..i`` (it hashes its parent's hash with its own
@@ -111,6 +116,21 @@ class BoundedLRU(Generic[K, V]):
         while len(data) > self.maxsize:
             data.popitem(last=False)
         return old
+
+    def resize(self, maxsize: int) -> None:
+        """Hold at most ``maxsize`` keys from now on, forgetting the least recently used
+        beyond it at once.
+
+        Raises:
+            ValueError: ``maxsize`` is below 1.
+        """
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be at least 1, got {maxsize}")
+        if self._runs:
+            self._settle()
+        self.maxsize = maxsize
+        while len(self._data) > maxsize:
+            self._data.popitem(last=False)
 
     def pop(self, key: K) -> V | None:
         if self._runs:

@@ -39,6 +39,7 @@ from airi_ray.core.errors import InvalidRequest, Overloaded, ReplicaUnavailable
 from airi_ray.core.fairness import POLICIES, FairQueue, Policy
 from airi_ray.core.requests import PRIORITIES
 from airi_ray.core.routing import (
+    BLOCK_TOKENS,
     LOAD_EPS,
     ROUTE_REASONS,
     BoundedLRU,
@@ -438,11 +439,14 @@ class Scheduler:
                     f"replica id {v.replica_id} is already used by model {other.view.model!r}"
                 )
             r = old.get(v.replica_id)
+            blocks = self._prefix_blocks(v)
             if r is None:
-                r = ReplicaState(v, BoundedLRU(self.prefix_blocks_per_replica))
+                r = ReplicaState(v, BoundedLRU(blocks))
                 fresh.append(r)
             else:
                 r.view = v
+                if r.prefixes.maxsize != blocks:  # its KV capacity became known
+                    r.prefixes.resize(blocks)
             kept.append(r)
         if fresh:  # rare (replica start): one pass over the leases
             by_id = {r.replica_id: r for r in fresh}
@@ -494,6 +498,15 @@ class Scheduler:
             return False
         self._free(self._models[lease.model], lease)
         return True
+
+    def _prefix_blocks(self, view: ReplicaView) -> int:
+        """How many prompt blocks to remember as sent to a replica: no more than its KV
+        cache holds (when known), so a prompt the engine must have evicted since is not
+        taken for a cache hit; ``prefix_blocks_per_replica`` at the most."""
+        kv = view.kv_capacity_tokens
+        if kv is None:
+            return self.prefix_blocks_per_replica
+        return max(1, min(self.prefix_blocks_per_replica, kv // BLOCK_TOKENS))
 
     def mark_unready(self, replica_id: str) -> None:
         """Stop routing to a replica (a call on it failed); the controller decides its fate

@@ -242,6 +242,38 @@ def test_an_adopted_call_on_a_replica_not_known_yet_counts_once_it_is() -> None:
 # -- routing ------------------------------------------------------------------------------
 
 
+def test_prefix_memory_holds_no_more_blocks_than_the_replicas_kv_cache() -> None:
+    """A prompt the engine must have evicted is not taken for a cache hit: each replica
+    remembers at most as many blocks as its KV cache holds (64 tokens: 4 blocks here)."""
+    s = sched(rv("a", 8, kv_capacity_tokens=64), rv("b", 8, kv_capacity_tokens=64))
+    first, second = tuple(range(4)), tuple(range(10, 14))
+
+    def route(rid: str, hashes: tuple[int, ...]) -> tuple[str, str, int]:
+        s.enqueue(req(rid, prefix_hashes=hashes), 0.0)
+        [lease] = s.dispatch(0.0)
+        s.release(rid)
+        return lease.replica_id, lease.route, lease.prefix_blocks
+
+    assert route("q1", first) == ("a", "load", 0)
+    assert route("q2", first) == ("a", "prefix", 4)
+    assert route("q3", second) == ("a", "load", 0)  # a's cache now holds these 4 blocks
+    assert route("q4", first) == ("a", "load", 0)  # not "prefix": evicted by q3's
+
+
+def test_prefix_memory_shrinks_once_the_kv_capacity_is_known() -> None:
+    s = sched(rv("a", 8))  # capacity unknown: the configured bound
+    for i, hashes in enumerate((tuple(range(4)), tuple(range(10, 14)))):
+        s.enqueue(req(f"q{i}", prefix_hashes=hashes), 0.0)
+        s.dispatch(0.0)
+        s.release(f"q{i}")
+    s.set_replicas("m", [rv("a", 8, kv_capacity_tokens=64)])  # reported once it started
+    # The most recent prompt's 4 blocks were kept, the older one's forgotten.
+    s.enqueue(req("recent", prefix_hashes=tuple(range(10, 14))), 0.0)
+    s.enqueue(req("older", prefix_hashes=tuple(range(4))), 0.0)
+    routed = [(x.request_id, x.prefix_blocks) for x in s.dispatch(0.0)]
+    assert routed == [("recent", 4), ("older", 0)]
+
+
 def test_least_relative_load_then_id() -> None:
     s = sched(rv("a", 4), rv("b", 8), rv("c", 8))
     for i in range(3):
