@@ -1503,8 +1503,7 @@ class CallPath:
             raise unwrap_error(e) from None
         if lease is not None:
             self._pending.pop(request_id, None)
-            self._held.add(request_id)
-            self._placed[request_id] = (lease.replica_id, lease.cost_tokens)
+            self._hold(lease)
             return lease
         if not future.done():
             self._requeued.add(request_id)
@@ -1618,6 +1617,12 @@ class CallPath:
         if again:
             await self._acquire_batch(again)
 
+    def _hold(self, lease: Lease) -> None:
+        """A lease is this caller's until it is released: its heartbeats name it, and
+        where it runs."""
+        self._held.add(lease.request_id)
+        self._placed[lease.request_id] = (lease.replica_id, lease.cost_tokens)
+
     def _holding(self) -> tuple[list[str], dict[str, tuple[str, int]]]:
         """What a heartbeat says this caller holds: its entries and leases, and where
         each lease runs."""
@@ -1644,8 +1649,7 @@ class CallPath:
                     self._releases.add((rid, {"error": "cancelled"}, False))
                 continue
             if isinstance(result, Lease):
-                self._held.add(rid)
-                self._placed[rid] = (result.replica_id, result.cost_tokens)
+                self._hold(result)
                 future.set_result(result)
             else:
                 self._held.discard(rid)  # refused, or expired in the queue: nothing held
