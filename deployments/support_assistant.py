@@ -12,7 +12,8 @@ The graph (``assistant_graph``), for each turn of a conversation:
 3. ``retrieve``: the knowledge-base chunks closest to the query (the tenant's own copy of
    the KB; a follow-up question is searched together with the previous one);
 4. ``answer``: the specialised model for the intent (``ROUTES``: ``orders-assistant`` or
-   ``care-assistant``) answers from the retrieved chunks;
+   ``care-assistant``) answers from the retrieved chunks, in a prompt fitted to its context
+   window (``ctx.fit``: the chunks, then the newest turns that still fit);
 5. ``check``: retrieval relevance (best similarity) and grounding (similarity between the
    answer and the chunks it cites); when either is low, ``rewrite`` the query with the
    intent's vocabulary and retrieve again, at most ``MAX_RETRIEVALS`` times;
@@ -118,18 +119,19 @@ def intent_node(classifier: IntentClassifier) -> Any:
 
 
 async def answer(view: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    """The intent's specialised model answers from the retrieved sources."""
+    """The intent's specialised model answers from the retrieved sources, in a prompt that
+    fits its context window: the sources always, then as much of the conversation as still
+    fits, newest first (``ctx.fit``)."""
     model = ROUTES[view["intent"]]
-    return {"model": model, "answer": await ctx.chat(model, _messages(view), **ANSWER)}
-
-
-def _messages(view: dict[str, Any]) -> list[dict[str, str]]:
     sources = "\n\n".join(f"[{h['id']}] {h['text']}" for h in view["hits"])
-    return [
-        {"role": "system", "content": f"Answer from these Nimbus Gear sources:\n{sources}"},
-        *view["history"],
-        {"role": "user", "content": view["question"]},
-    ]
+    turns = [*view["history"], {"role": "user", "content": view["question"]}]
+    window = await ctx.fit(
+        model,
+        turns,
+        system=f"Answer from these Nimbus Gear sources:\n{sources}",
+        max_tokens=ANSWER["max_tokens"],
+    )
+    return {"model": model, "answer": await ctx.chat(model, list(window.messages), **ANSWER)}
 
 
 async def check(view: dict[str, Any], ctx: Any) -> dict[str, Any]:

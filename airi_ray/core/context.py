@@ -44,6 +44,27 @@ class ChunkLike(Protocol):
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """A chunk as the builder takes it, from a hit as a graph's state holds it (a dict)."""
+
+    id: str
+    text: str
+    score: float = 0.0
+
+    @classmethod
+    def of(cls, hit: ChunkLike | Mapping[str, Any]) -> ChunkLike:
+        """``hit`` itself, or the chunk of a ``{"id", "text", "score"}`` mapping."""
+        if not isinstance(hit, Mapping):
+            return hit
+        try:
+            return cls(str(hit["id"]), str(hit["text"]), float(hit.get("score", 0.0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidRequest(
+                f"a chunk needs an 'id', a 'text' and a numeric 'score', got {sorted(hit)}"
+            ) from e
+
+
+@dataclass(frozen=True)
 class ContextWindow:
     """The prompt to send and what was left out of it.
 

@@ -24,7 +24,7 @@ from typing import Any
 import ray
 
 from airi_ray.config import ANONYMOUS_TENANT
-from airi_ray.core.context import build_context, retried
+from airi_ray.core.context import retried
 from airi_ray.core.errors import (
     AuthenticationError,
     InvalidRequest,
@@ -58,8 +58,6 @@ KEYS_TTL_S = 2.0
 # A key ring older than this is not used (503): revoked keys must not keep working while
 # the controller is unreachable. Long enough to ride out a controller restart.
 KEYS_MAX_AGE_S = 120.0
-TEMPLATE_TOKENS = 8  # chat-template tokens around one message, at most, for the models we serve
-DEFAULT_RESERVE_TOKENS = 512  # kept for the answer when a conversation call sets no max_tokens
 RESUME_ATTEMPTS = 5
 RESUME_BACKOFF_S = 0.2
 
@@ -247,19 +245,10 @@ class Backend:
         params: GenerationParams,
     ) -> list[dict[str, str]]:
         """The conversation so far plus ``messages``, cut to what fits the model's window."""
-        info = await self._path.model(model, "generate")
-        assert info.max_model_len is not None
         system = "\n".join(m.content for m in messages if m.role == "system")
         turns = [{"role": t["role"], "content": t["content"]} for t in history]
         turns += [{"role": m.role, "content": m.content} for m in messages if m.role != "system"]
-        tokenizer = info.tokenizer
-
-        def count(text: str) -> int:
-            # Content tokens plus the chat template's few tokens around each message.
-            return len(tokenizer.encode(text, add_special_tokens=False)) + TEMPLATE_TOKENS
-
-        reserve = params.max_tokens or min(DEFAULT_RESERVE_TOKENS, info.max_model_len // 4)
-        window = build_context(system, [], turns, info.max_model_len, count, reserve)
+        window = await self._path.fit(model, None, system, [], turns, params.max_tokens)
         return [dict(m) for m in window.messages]
 
     async def _remember(

@@ -28,7 +28,15 @@ import random
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +44,7 @@ import ray
 from opentelemetry import trace as otel_trace
 
 from airi_ray.config import SYSTEM_TENANT
+from airi_ray.core.context import ChunkLike, ContextWindow, build_context
 from airi_ray.core.errors import (
     AiriError,
     ContextWindowExceeded,
@@ -110,6 +119,8 @@ REFUSAL_PREFIX_CHARS = 200  # refusals show at the start of an answer
 # tokenizer takes about 0.3 us a character (16k characters: 5 ms), which on the event loop
 # would stall every stream the process serves. Shorter ones cost less than the thread hop.
 OFFLOAD_CHARS = 2_048
+TEMPLATE_TOKENS = 8  # chat-template tokens around one message, at most, for the models we serve
+DEFAULT_RESERVE_TOKENS = 512  # kept for the answer when a fitted call sets no max_tokens
 
 
 def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -683,6 +694,33 @@ class CallPath:
         if info.tokenizer is None:
             info.tokenizer = await self._tokenizer(info.source)
         return info
+
+    async def fit(
+        self,
+        model: str,
+        tenant: str | None,
+        system: str,
+        chunks: Sequence[ChunkLike],
+        turns: Sequence[Mapping[str, str]],
+        max_tokens: int | None,
+    ) -> ContextWindow:
+        """``build_context`` in ``model``'s window and tokenizer: the system prompt, the
+        chunks that fit (best first) and the newest turns that fit, with ``max_tokens``
+        (or ``DEFAULT_RESERVE_TOKENS``, at most a quarter of the window) kept for the
+        answer. Each message counts ``TEMPLATE_TOKENS`` more for the chat template."""
+        info = await self.model(model, "generate", tenant)
+        assert info.max_model_len is not None
+        tokenizer, window = info.tokenizer, info.max_model_len
+        reserve = max_tokens or min(DEFAULT_RESERVE_TOKENS, window // 4)
+
+        def count(text: str) -> int:
+            return _count_tokens(tokenizer, text) + TEMPLATE_TOKENS
+
+        def fit() -> ContextWindow:
+            return build_context(system, chunks, turns, window, count, reserve)
+
+        chars = len(system) + sum(len(c.text) for c in chunks) + sum(len(str(t)) for t in turns)
+        return await self._cpu(chars, fit)
 
     async def _window_for(self, info: ModelInfo, prompt_tokens: int, params: Any) -> ModelInfo:
         """``info``, fetched again when the call does not fit its cached context window:

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ import ray
 from pydantic import BaseModel
 
 from airi_ray.core.claims import FIRST_TOKEN
+from airi_ray.core.context import Chunk, ChunkLike, ContextWindow
 from airi_ray.core.errors import (
     AiriError,
     Fenced,
@@ -129,6 +130,23 @@ class RunContext:
         the answer is generated to its JSON schema and returned parsed into it."""
         call = ModelCall("chat", model, lambda _: messages, "-", params)
         return (await self._executor._model_call(self._run, call, {}, "-"))["-"]
+
+    async def fit(
+        self,
+        model: str,
+        turns: list[dict[str, str]],
+        *,
+        system: str = "",
+        chunks: Sequence[ChunkLike | Mapping[str, Any]] = (),
+        max_tokens: int | None = None,
+    ) -> ContextWindow:
+        """The prompt for ``model`` that fits its context window with ``max_tokens`` kept
+        for the answer (``airi_ray.core.context.build_context``): the system prompt and the
+        last user turn always (or ContextWindowExceeded), then ``chunks`` best first (a
+        retrieve node's hits), then the newest earlier ``turns``. ``.messages`` is what to
+        send, ``.cited_ids`` the chunks placed in it."""
+        hits = [Chunk.of(c) for c in chunks]
+        return await self._executor._path().fit(model, self.tenant, system, hits, turns, max_tokens)
 
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         call = ModelCall("embed", model, lambda _: texts, "-")

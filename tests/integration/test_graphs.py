@@ -407,3 +407,37 @@ def test_a_chat_node_with_a_response_format_gets_a_parsed_answer(client) -> None
         run = client.run_graph("structured", {"question": question})
         assert run["status"] == "finished", run
         Verdict.model_validate(run["state"]["decision"])
+
+
+def test_a_node_fits_a_long_conversation_and_its_sources_into_the_window(client) -> None:
+    """``ctx.fit``: sources first, then the newest turns that fit the 1024-token window
+    with the answer's tokens kept; the model then takes the prompt as it is."""
+    old = [
+        {"role": r, "content": f"turn {i}: " + "the tent pole bent in the wind again " * 12}
+        for i, r in zip(range(20), ["user", "assistant"] * 10, strict=True)
+    ]
+    hits = [
+        {"id": "care#1", "text": "Dry the tent before you store it.", "score": 0.9},
+        {"id": "care#2", "text": "Poles are covered for two years.", "score": 0.7},
+    ]
+
+    async def answer(view: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        turns = [*old, {"role": "user", "content": view["question"]}]
+        window = await ctx.fit(
+            "tiny-chat", turns, system="Answer from the sources.", chunks=hits, max_tokens=64
+        )
+        text = await ctx.chat("tiny-chat", list(window.messages), max_tokens=64, ignore_eos=True)
+        kept = len(window.messages) - 1
+        return {"answer": text, "cited": list(window.cited_ids), "kept": kept}
+
+    fields = {"question": Field(), "answer": Field(), "cited": Field(), "kept": Field()}
+    g = StateGraph("fitted", fields, inputs=["question"])
+    g.add_node("answer", answer, reads=["question"], writes=["answer", "cited", "kept"])
+    g.add_edge(START, "answer").add_edge("answer", END)
+    client.register_graph(g.compile())
+    run = client.run_graph("fitted", {"question": "Is a bent pole covered?"})
+    assert run["status"] == "finished", run["error"]
+    state = run["state"]
+    assert state["cited"] == ["care#1", "care#2"]
+    assert 1 < state["kept"] < len(old) + 1  # the question and the newest turns, not all 20
+    assert run["usage"]["calls"] == 1

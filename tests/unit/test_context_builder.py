@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from airi_ray.core.context import CONTEXT_HEADER, build_context
+from airi_ray.core.context import CONTEXT_HEADER, Chunk, build_context
 from airi_ray.core.errors import ContextWindowExceeded, InvalidRequest
 
 
@@ -119,3 +119,16 @@ def test_malformed_conversations_are_refused(turns: list[dict[str, str]]) -> Non
 def test_negative_reserve_is_refused() -> None:
     with pytest.raises(InvalidRequest, match="reserve_output"):
         build_context("S", [], [user("q")], 100, count, reserve_output=-1)
+
+
+def test_a_hit_as_a_graph_state_holds_it_is_a_chunk() -> None:
+    hit = {"id": "kb#1", "text": "Boots can be returned for 30 days.", "score": 0.8}
+    window = build_context("", [Chunk.of(hit)], [{"role": "user", "content": "q"}], 100, len)
+    assert window.cited_ids == ("kb#1",)
+    assert "[kb#1] Boots can be returned" in window.messages[0]["content"]
+    chunk = Chunk("kb#2", "text", 0.1)
+    assert Chunk.of(chunk) is chunk
+    with pytest.raises(InvalidRequest, match="'id', a 'text' and a numeric 'score'"):
+        Chunk.of({"text": "no id"})
+    with pytest.raises(InvalidRequest, match="numeric 'score'"):
+        Chunk.of({"id": "x", "text": "t", "score": "high"})
