@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,10 @@ def main() -> int:
 
     ensure_tiny_model()
     spec = airi.load_spec(sa.SPEC)
+    # The run's own state (conversations, usage log, drift windows): the stored turns of an
+    # earlier run would be the next run's memory.
+    state = tempfile.mkdtemp(prefix="airi-assistant-bench-")
+    spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": state})})
     ray.init(num_cpus=2, namespace="airi", log_to_driver=False, include_dashboard=False)
     try:
         airi.deploy(spec)

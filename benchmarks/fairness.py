@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ SLOTS = 8
 RATE_RATIO = 8
 
 
+# The run's own usage log, conversations and drift windows: none of an earlier run's.
+STATE = tempfile.mkdtemp(prefix="airi-fairness-bench-")
+
+
 def spec(model_dir: str, policy: str) -> dict[str, Any]:
     return {
         "name": "fairness",
@@ -62,6 +67,7 @@ def spec(model_dir: str, policy: str) -> dict[str, Any]:
                 "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
             }
         ],
+        "storage": {"uri": STATE},  # a run reads no state of the runs before it
         "tenants": [
             {"name": "A", "api_keys": [KEYS["A"]]},
             {"name": "B", "api_keys": [KEYS["B"]]},

@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -56,6 +57,10 @@ TARGET_GAP_MS = 200.0
 TARGET_TTFT_P99_RATIO = 1.5
 
 
+# The run's own usage log, conversations and drift windows: none of an earlier run's.
+STATE = tempfile.mkdtemp(prefix="airi-noisy-bench-")
+
+
 def spec(model_dir: str) -> dict[str, Any]:
     return {
         "name": "noisy",
@@ -71,6 +76,7 @@ def spec(model_dir: str) -> dict[str, Any]:
                 "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
             }
         ],
+        "storage": {"uri": STATE},  # a run reads no state of the runs before it
         "tenants": [
             {"name": "tenant-a", "api_keys": [KEY_A]},
             {"name": "tenant-b", "api_keys": [KEY_B]},

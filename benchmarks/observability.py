@@ -32,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "observability.json"
 KEY = "sk-airi-be0000000001-observabilityBench01"
+
+
+# The run's own usage log, conversations and drift windows: none of an earlier run's.
+STATE = tempfile.mkdtemp(prefix="airi-obs-bench-")
 
 
 def spec(model_dir: str) -> dict[str, Any]:
@@ -55,6 +60,7 @@ def spec(model_dir: str) -> dict[str, Any]:
             | common
             | {"engine": engine},
         ],
+        "storage": {"uri": STATE},  # a run reads no state of the runs before it
         "tenants": [{"name": "bench", "api_keys": [KEY]}],
         "observability": {"drift": {"embedder": "minilm", "sample": 1.0}},
     }

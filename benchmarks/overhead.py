@@ -42,6 +42,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -78,6 +79,10 @@ SERVE_LLM_START_TIMEOUT_S = 300
 
 # One stream: yields the number of new tokens per chunk.
 Stream = Callable[[int], AsyncIterator[int]]
+
+
+# The run's own usage log, conversations and drift windows: none of an earlier run's.
+STATE = tempfile.mkdtemp(prefix="airi-overhead-bench-")
 
 
 def engine_kwargs(model_dir: str) -> dict[str, Any]:
@@ -173,6 +178,7 @@ def airi_spec(model_dir: str) -> dict[str, Any]:
                 },
             }
         ],
+        "storage": {"uri": STATE},  # a run reads no state of the runs before it
         "tenants": [{"name": "bench", "api_keys": [KEY]}],
         "ingress": {"port": HTTP_PORT},
     }

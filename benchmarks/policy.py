@@ -27,6 +27,7 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,6 +80,10 @@ PII = {
     17: "Customer: For the refund please use the card 4111 1111 1111 1111 as before.",
 }
 BLOCKLIST = ("project falcon", "internal use only", "acme secret", "kill switch", "rm -rf")
+
+
+# The run's own usage log, conversations and drift windows: none of an earlier run's.
+STATE = tempfile.mkdtemp(prefix="airi-policy-bench-")
 
 
 def support_prompt(chars: int = PROMPT_CHARS) -> str:
@@ -236,6 +241,7 @@ def semantic_runtime_ms(prompt: str, samples: int = 30) -> float:
                 "engine": {"dtype": "float32", "enforce_eager": True},
             }
         ],
+        "storage": {"uri": STATE},  # a run reads no state of the runs before it
         "tenants": [
             {
                 "name": "bench",

@@ -34,6 +34,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,10 @@ HISTORY_TOKENS = 192
 KV_BLOCKS = int(CACHE_SHARE * AGENTS * SYSTEM_TOKENS / BLOCK) + SLOTS * HISTORY_TOKENS // BLOCK
 
 
+# The run's own usage log, conversations and drift windows: none of an earlier run's.
+STATE = tempfile.mkdtemp(prefix="airi-prefix-routing-bench-")
+
+
 def spec(model_dir: str, routing: str) -> dict[str, Any]:
     return {
         "name": "prefix-routing",
@@ -83,6 +88,7 @@ def spec(model_dir: str, routing: str) -> dict[str, Any]:
                 },
             }
         ],
+        "storage": {"uri": STATE},  # a run reads no state of the runs before it
         "tenants": [{"name": "bench", "api_keys": [KEY]}],
         "scheduler": {"routing": routing},
         "ingress": {"enabled": False},
