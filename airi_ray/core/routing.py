@@ -32,7 +32,7 @@ V = TypeVar("V")
 
 # Root of the hash chain. Not ``None``: before Python 3.12 ``hash(None)`` depends on the
 # object's address, so it would differ between the caller's process and the scheduler's.
-_ROOT_HASH = 0
+ROOT_HASH = 0
 
 
 # Tokens per prompt block, as callers hash prompts (``block_hashes``) and vLLM's prefix
@@ -40,7 +40,9 @@ _ROOT_HASH = 0
 BLOCK_TOKENS = 16
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int = BLOCK_TOKENS) -> tuple[int, ...]:
+def block_hashes(
+    token_ids: Sequence[int], block_size: int = BLOCK_TOKENS, parent: int = ROOT_HASH
+) -> tuple[int, ...]:
     """Chained hashes of the full ``block_size``-token blocks of a prompt.
 
     Block ``i``'s hash covers blocks ``0..i`` (it hashes its parent's hash with its own
@@ -48,13 +50,16 @@ def block_hashes(token_ids: Sequence[int], block_size: int = BLOCK_TOKENS) -> tu
     first ``k`` blocks. A trailing partial block is left out: a cache cannot reuse it
     either. Only ints are hashed, so the values agree across processes.
 
+    ``parent``: the hash of the block before ``token_ids`` (the root by default), to hash
+    a prompt's blocks from the middle on, as ``core.kv_events`` does for an engine's
+    stored blocks.
+
     Raises:
         ValueError: ``block_size`` is not positive.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size}")
     hashes: list[int] = []
-    parent = _ROOT_HASH
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash((parent, tuple(token_ids[start : start + block_size])))
         hashes.append(parent)
@@ -136,6 +141,18 @@ class BoundedLRU(Generic[K, V]):
         if self._runs:
             self._settle()
         return self._data.pop(key, None)
+
+    def discard_all(self, keys: Iterable[K]) -> None:
+        """Remove each of ``keys`` that is present."""
+        if self._runs:
+            self._settle()
+        pop = self._data.pop
+        for key in keys:
+            pop(key, None)
+
+    def clear(self) -> None:
+        self._runs.clear()
+        self._data.clear()
 
     def count_leading(self, keys: Iterable[K]) -> int:
         """How many of ``keys``, from the first, are present (without marking them used)."""
@@ -246,6 +263,9 @@ class ReplicaView:
             instead of being refused with 503.
         version: the model version it serves, ``""`` if unnamed; a traffic split between
             versions (``Scheduler.set_traffic``) decides which versions take new requests.
+        cache_events: its engine reports what its prefix cache holds
+            (``Scheduler.observe_cache``), so routing reads that instead of remembering
+            what it sent there.
     """
 
     replica_id: str
@@ -258,6 +278,7 @@ class ReplicaView:
     in_flight_tokens: int = 0
     starting: bool = False
     version: str = ""
+    cache_events: bool = False
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -298,13 +319,16 @@ class ReplicaState:
     """The scheduler's mutable record of one replica (mutated in place: it is on the hot path).
 
     ``prefixes`` holds the block hashes recently routed here, a stand-in for the replica's
-    prefix cache that the scheduler can read without asking the replica.
+    prefix cache that the scheduler can read without asking the replica; for a replica
+    with ``view.cache_events``, the hashes its engine reports it holds instead.
+    ``cache_synced``: those reports started from a full snapshot of its cache.
     """
 
     view: ReplicaView
     prefixes: BoundedLRU[int, bool]
     in_flight: int = 0
     in_flight_tokens: int = 0
+    cache_synced: bool = False
 
     @property
     def replica_id(self) -> str:

@@ -37,6 +37,7 @@ from typing import Literal, NoReturn
 
 from airi_ray.core.errors import InvalidRequest, Overloaded, ReplicaUnavailable
 from airi_ray.core.fairness import POLICIES, FairQueue, Policy
+from airi_ray.core.kv_events import CacheDelta
 from airi_ray.core.requests import PRIORITIES
 from airi_ray.core.routing import (
     BLOCK_TOKENS,
@@ -193,6 +194,8 @@ class ModelStats:
     tenants: dict[str, TenantStats]
     queued_tokens: int = 0  # prompt + max_tokens of every queued request
     versions: dict[str, int] = field(default_factory=dict)
+    # Blocks the engines report holding, over the replicas that report (``cache_events``).
+    engine_cache_blocks: int = 0
 
 
 # A queued request: ``(request, enqueued_at, deadline, seq, requeues)``; ``deadline`` is
@@ -508,6 +511,28 @@ class Scheduler:
             return self.prefix_blocks_per_replica
         return max(1, min(self.prefix_blocks_per_replica, kv // BLOCK_TOKENS))
 
+    def observe_cache(self, replica_id: str, delta: CacheDelta) -> bool:
+        """What a replica's engine reports its prefix cache now holds (``core.kv_events``),
+        for routing to read instead of its own record of what it sent there.
+
+        Returns False when the report cannot be applied and the replica should send a full
+        snapshot (``delta.cleared``) next: the scheduler does not know the replica (yet),
+        or it has not had a snapshot from it (it restarted, or the replica is new).
+        """
+        r = self._replicas.get(replica_id)
+        if r is None or not r.view.cache_events:
+            return False
+        if delta.cleared:
+            r.prefixes.clear()
+            r.cache_synced = True
+        elif not r.cache_synced:
+            return False
+        if delta.removed:
+            r.prefixes.discard_all(delta.removed)
+        if delta.stored:
+            r.prefixes.touch_all(delta.stored, True)
+        return True
+
     def mark_unready(self, replica_id: str) -> None:
         """Stop routing to a replica (a call on it failed); the controller decides its fate
         and a later ``set_replicas`` may mark it ready again."""
@@ -794,6 +819,9 @@ class Scheduler:
                 tenants=tenants,
                 queued_tokens=queued_tokens,
                 versions=dict(m.versions),
+                engine_cache_blocks=sum(
+                    len(r.prefixes) for r in m.replicas if r.view.cache_events and r.cache_synced
+                ),
             )
         return out
 
@@ -863,7 +891,12 @@ class Scheduler:
                     r = fits[0]
                     replica_id = r.view.replica_id
                     hashes = request.prefix_hashes
-                    blocks = r.prefixes.count_and_touch_run(hashes, True) if hashes else 0
+                    if not hashes:
+                        blocks = 0
+                    elif r.view.cache_events:  # the engine reports what it holds
+                        blocks = r.prefixes.count_leading_run(hashes)
+                    else:
+                        blocks = r.prefixes.count_and_touch_run(hashes, True)
                     if sid and sessions.swap((model, sid), replica_id) == replica_id:
                         reason = "session"
                     elif blocks > 0 and self.prefix_load_margin + LOAD_EPS >= 0.0:
@@ -922,7 +955,7 @@ class Scheduler:
         """Record what a replica chosen for ``request`` now holds: the prompt's blocks (its
         first ``blocks`` are there already: routing counted them), and the session's
         replica (unless routing found the session there, which marked it used)."""
-        if request.prefix_hashes:
+        if request.prefix_hashes and not r.view.cache_events:
             r.prefixes.touch_run(request.prefix_hashes, True, blocks)
         sid = request.session_id
         if sid and reason != "session":

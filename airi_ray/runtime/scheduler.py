@@ -37,6 +37,7 @@ from airi_ray.core.errors import (
     ReplicaUnavailable,
     SchedulerStarting,
 )
+from airi_ray.core.kv_events import CacheDelta
 from airi_ray.core.policy import (
     Admission,
     AuditEvent,
@@ -762,6 +763,11 @@ class GlobalScheduler:
         self.metrics.replicas.labels(model, "starting").set(sum(1 for v in views if v.starting))
         self._dispatch()
 
+    def observe_cache(self, replica_id: str, delta: CacheDelta) -> bool:
+        """A replica's report of what its engine's prefix cache now holds (see
+        ``core.scheduling.Scheduler.observe_cache``); False asks it for a full snapshot."""
+        return self.core.observe_cache(replica_id, delta)
+
     def snapshot(self) -> dict[str, Any]:
         """Queue depth, leases and replica views per model, for ``airi status``."""
         stats = self.core.stats(time.monotonic())
@@ -770,6 +776,7 @@ class GlobalScheduler:
                 "queue_depth": self.core.queue_depth(m),
                 "in_flight": self.core.in_flight(m),
                 "routes": stats[m].routes if m in stats else {},
+                "engine_cache_blocks": stats[m].engine_cache_blocks if m in stats else 0,
                 "tenants": (
                     {t: dataclasses.asdict(x) for t, x in stats[m].tenants.items()}
                     if m in stats

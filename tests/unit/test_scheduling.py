@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airi_ray.core.errors import InvalidRequest, Overloaded, ReplicaUnavailable
+from airi_ray.core.kv_events import CacheDelta
 from airi_ray.core.scheduling import (
     AcquireRequest,
     Lease,
@@ -684,3 +685,30 @@ def test_round_robin_routing_rotates_and_ignores_affinity() -> None:
     assert picks == [("a", "round_robin"), ("b", "round_robin")] * 2
     with pytest.raises(ValueError, match="routing must be one of affinity, round_robin"):
         Scheduler(routing="random")  # type: ignore[arg-type]
+
+
+# -- prefix tables from the engines' own cache reports -------------------------------------
+
+
+def test_a_replica_that_reports_its_cache_is_routed_by_what_it_holds() -> None:
+    s = sched(rv("a", cache_events=True), rv("b", cache_events=True))
+    h = tuple(range(100, 108))
+    # Not synced yet: a change is refused, and the replica is asked for a snapshot.
+    assert not s.observe_cache("b", CacheDelta(stored=h))
+    assert not s.observe_cache("gone", CacheDelta(stored=h, cleared=True))
+    assert s.observe_cache("b", CacheDelta(stored=h[:5], cleared=True))
+    assert s.observe_cache("a", CacheDelta(cleared=True))
+    s.enqueue(req("q0", prefix_hashes=h), 0.0)
+    [lease] = s.dispatch(0.0)
+    assert (lease.replica_id, lease.route, lease.prefix_blocks) == ("b", "prefix", 5)
+    s.release("q0", 1)
+    # Routing wrote nothing of its own: b still holds 5 blocks, until b evicts them.
+    assert s.observe_cache("b", CacheDelta(removed=h[3:5]))
+    s.enqueue(req("q1", prefix_hashes=h), 1.0)
+    [lease] = s.dispatch(1.0)
+    assert (lease.replica_id, lease.prefix_blocks) == ("b", 3)
+
+
+def test_cache_reports_are_ignored_for_a_replica_that_does_not_send_them() -> None:
+    s = sched(rv("a"))
+    assert not s.observe_cache("a", CacheDelta(stored=(1, 2), cleared=True))
