@@ -22,6 +22,7 @@ from airi_ray.core.errors import AuthenticationError, InvalidRequest
 from airi_ray.core.policy.keys import parse_key_id
 from airi_ray.core.registry import version_key
 from airi_ray.core.rollout import Constraint, RolloutError
+from airi_ray.core.routing import BLOCK_TOKENS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,32}$"
@@ -106,6 +107,7 @@ ENGINE_FIELDS = (
     "kv_cache_gib",
     "engine",
     "placement",
+    "prefix_cache_view",
 )
 
 
@@ -206,6 +208,12 @@ class ModelSpec(_Spec):
         description="Place replicas on accelerator pools (placement groups); unset: the "
         "replica actor asks Ray for `num_cpus`/`num_gpus`/`resources` directly.",
     )
+    prefix_cache_view: Literal["estimate", "engine"] = Field(
+        "estimate",
+        description="What prefix-cache routing knows of each replica's cache: `estimate`: "
+        "the prompts sent to it, as many blocks as its KV cache holds; `engine`: what the "
+        "engine reports it holds (vLLM's KV cache events), exact but a step behind.",
+    )
     tool_parser: str | None = Field(
         None,
         description="vLLM tool-call parser that reads this model's tool calls (e.g. `hermes`, "
@@ -252,6 +260,27 @@ class ModelSpec(_Spec):
         if name not in known:
             raise ValueError(f"tool_parser {name!r} is not one of vLLM's: {', '.join(known)}")
         return name
+
+    @model_validator(mode="after")
+    def _cache_view_valid(self) -> ModelSpec:
+        if self.prefix_cache_view == "engine":
+            if self.task != "generate":
+                raise ValueError(
+                    "prefix_cache_view: engine needs task: generate (embedding engines have "
+                    "no prefix cache to report)"
+                )
+            if "kv_events_config" in self.engine:
+                raise ValueError(
+                    "prefix_cache_view: engine sets the engine's kv_events_config itself; "
+                    "remove engine.kv_events_config, or use prefix_cache_view: estimate"
+                )
+            block = self.engine.get("block_size")
+            if block is not None and (not isinstance(block, int) or block % BLOCK_TOKENS):
+                raise ValueError(
+                    f"prefix_cache_view: engine needs engine.block_size to be a multiple of "
+                    f"{BLOCK_TOKENS} (the router's block), got {block!r}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _versions_valid(self) -> ModelSpec:

@@ -69,6 +69,7 @@ class ReplicaRecord:
             starting=self.state == "loading",
             kv_capacity_tokens=self.kv_capacity_tokens,
             version=self.spec.version,
+            cache_events=self.spec.prefix_cache_view == "engine",
         )
 
     def record(self) -> dict[str, Any]:

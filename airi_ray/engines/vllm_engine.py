@@ -90,8 +90,12 @@ def _stat_logger_class(stats: EngineStats) -> Any:
     return _Recorder
 
 
-def engine_args(spec: ModelSpec) -> Any:
-    """The ``AsyncEngineArgs`` of a model spec; unknown engine keys are refused by name."""
+def engine_args(spec: ModelSpec, kv_events_endpoint: str | None = None) -> Any:
+    """The ``AsyncEngineArgs`` of a model spec; unknown engine keys are refused by name.
+
+    ``kv_events_endpoint``: a ZMQ address the engine publishes its KV cache events on
+    (``prefix_cache_view: engine``), None for none.
+    """
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     allowed = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
@@ -124,6 +128,12 @@ def engine_args(spec: ModelSpec) -> Any:
         kwargs["structured_outputs_config"] = StructuredOutputsConfig(
             **kwargs["structured_outputs_config"]
         )
+    if kv_events_endpoint is not None:
+        from vllm.config.kv_events import KVEventsConfig
+
+        kwargs["kv_events_config"] = KVEventsConfig(
+            enable_kv_cache_events=True, publisher="zmq", endpoint=kv_events_endpoint
+        )
     return AsyncEngineArgs(**kwargs)
 
 
@@ -148,17 +158,18 @@ def explain_failure(e: BaseException) -> tuple[bool, str]:
 class Engine:
     """One vLLM engine serving generation or embeddings for one model spec."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, kv_events_endpoint: str | None = None) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.spec = spec
         self.stats = EngineStats()
         self._llm = AsyncLLM.from_engine_args(
-            engine_args(spec), stat_loggers=[_stat_logger_class(self.stats)]
+            engine_args(spec, kv_events_endpoint), stat_loggers=[_stat_logger_class(self.stats)]
         )
         self.max_model_len: int = self._llm.model_config.max_model_len
         # Tokens the KV cache holds, as the engine core sized it (None if it did not say).
         cache = self._llm.vllm_config.cache_config
+        self.block_size: int = cache.block_size
         self.kv_capacity_tokens: int | None = (
             cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
         )

@@ -23,6 +23,7 @@ from airi_ray.core.batching import BatchWindow
 from airi_ray.core.errors import InvalidRequest, ReplicaUnavailable
 from airi_ray.core.requests import Logprobs
 from airi_ray.engines.vllm_engine import Engine, explain_failure
+from airi_ray.runtime.cache_events import CacheReporter, new_endpoint
 from airi_ray.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
@@ -65,13 +66,20 @@ class ModelReplica:
         self._batch_items: dict[str, _EmbedCall] = {}
         self._batch_wake = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
+        self._cache_reporter: CacheReporter | None = None
 
     async def start(self) -> dict[str, Any]:
         """Load the engine (slow: weights, warm-up) and report what callers need."""
         # One load, however many callers ask (a restarted controller asks again).
         if self._loading is None:
-            self._loading = asyncio.ensure_future(asyncio.to_thread(Engine, self.spec))
+            endpoint = None
+            if self.spec.prefix_cache_view == "engine":
+                endpoint = new_endpoint()
+                self._cache_reporter = CacheReporter(self.replica_id, endpoint)
+            self._loading = asyncio.ensure_future(asyncio.to_thread(Engine, self.spec, endpoint))
         self._engine = await asyncio.shield(self._loading)
+        if self._cache_reporter is not None:
+            self._cache_reporter.start()
         return {
             "replica_id": self.replica_id,
             "max_model_len": self._engine.max_model_len,
@@ -260,6 +268,7 @@ class ModelReplica:
             "in_flight": sum(len(c.tasks) for c in self._channels.values()),
             "embed_batches": sum(self._batch.batch_sizes.values()),
             "embed_batch_items": sum(k * n for k, n in self._batch.batch_sizes.items()),
+            **(self._cache_reporter.stats() if self._cache_reporter is not None else {}),
         }
 
     def shutdown(self) -> None:
@@ -268,6 +277,8 @@ class ModelReplica:
         import psutil
 
         children = psutil.Process().children(recursive=True)
+        if self._cache_reporter is not None:
+            self._cache_reporter.stop()
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -26,10 +27,27 @@ def test_later_turns_of_a_session_go_to_the_same_replica(client) -> None:
     assert routes("tiny-chat").get("session", 0) >= before + 2
 
 
+def engine_cache_blocks(model: str) -> int:
+    snapshot = ray.get(names.get_actor(names.SCHEDULER_NAME).snapshot.remote())
+    return int(snapshot[model]["engine_cache_blocks"])
+
+
 def test_a_shared_prompt_prefix_is_routed_to_the_replica_that_cached_it(client) -> None:
-    system = "You are the Nimbus Gear support assistant. Policies: " + "returns are free. " * 30
+    # tiny-chat runs with ``prefix_cache_view: engine``: routing reads what the engines'
+    # KV cache events say they hold, so the first prompt's blocks must reach the
+    # scheduler from the engine before the next two can follow them. Its own from the
+    # first token, and long enough for two of the CPU backend's 128-token blocks.
+    system = f"[{uuid.uuid4().hex}] You are the Nimbus Gear support assistant. Policies: "
+    system += "returns are free. " * 70
     before = routes("tiny-chat").get("prefix", 0)
-    for i in range(3):
+    known = engine_cache_blocks("tiny-chat")
+    client.complete("tiny-chat", f"{system} Question 0:", max_tokens=2)
+    wait_for(
+        lambda: engine_cache_blocks("tiny-chat") >= known + 8,
+        timeout=10,
+        what="the engine's cache events at the scheduler",
+    )
+    for i in (1, 2):
         client.complete("tiny-chat", f"{system} Question {i}:", max_tokens=2)
     assert routes("tiny-chat").get("prefix", 0) >= before + 2
 

@@ -53,6 +53,44 @@ def test_quickstart_spec_is_valid() -> None:
         ({"scheduler": {"policy": "lottery"}}, "scheduler.policy"),
         ({"scheduler": {"routing": "random"}}, "scheduler.routing"),
         ({"models": [{"name": "a", "model": "x", "max_batch_size": 0}]}, "max_batch_size"),
+        (
+            {"models": [{"name": "a", "model": "x", "prefix_cache_view": "exact"}]},
+            "models.0.prefix_cache_view",
+        ),
+        (
+            {
+                "models": [
+                    {"name": "a", "model": "x", "task": "embed", "prefix_cache_view": "engine"}
+                ]
+            },
+            "needs task: generate",
+        ),
+        (
+            {
+                "models": [
+                    {
+                        "name": "a",
+                        "model": "x",
+                        "prefix_cache_view": "engine",
+                        "engine": {"kv_events_config": {}},
+                    }
+                ]
+            },
+            "remove engine.kv_events_config",
+        ),
+        (
+            {
+                "models": [
+                    {
+                        "name": "a",
+                        "model": "x",
+                        "prefix_cache_view": "engine",
+                        "engine": {"block_size": 8},
+                    }
+                ]
+            },
+            "block_size to be a multiple of 16",
+        ),
     ],
 )
 def test_bad_specs_name_the_problem(data: dict, match: str) -> None:

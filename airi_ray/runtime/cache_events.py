@@ -1,0 +1,147 @@
+"""A replica's engine tells the scheduler what its prefix cache holds (``prefix_cache_view:
+engine``).
+
+The engine core publishes vLLM's KV cache events on a ZMQ socket of this replica's own (an
+``ipc://`` path). ``CacheReporter`` reads them on a thread, keeps a ``core.kv_events``
+mirror in the router's block hashes, and every ``REPORT_PERIOD_S`` sends the scheduler
+what changed. The scheduler answers False when it cannot apply a change (it restarted,
+or does not know this replica yet), and the next report is then a full snapshot; a gap in
+the events' sequence numbers (missed events) starts the mirror over the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+import uuid
+from typing import Any
+
+from airi_ray.core.kv_events import CacheMirror
+from airi_ray.runtime import names
+
+logger = logging.getLogger(__name__)
+
+REPORT_PERIOD_S = 0.05
+_RECV_TIMEOUT_MS = 200  # how often the reader thread looks at its stop flag
+
+
+def new_endpoint() -> str:
+    """A fresh ``ipc://`` address for one engine's events (the path's length stays well
+    under the 107 bytes a Unix socket allows)."""
+    return f"ipc://{os.path.join(tempfile.gettempdir(), f'airi-kv-{uuid.uuid4().hex[:12]}')}"
+
+
+class CacheReporter:
+    """Follows one engine's KV cache events and reports them to the scheduler."""
+
+    def __init__(self, replica_id: str, endpoint: str) -> None:
+        import zmq
+
+        self.replica_id = replica_id
+        self.endpoint = endpoint
+        self.mirror = CacheMirror()
+        self.events = 0
+        self.gaps = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._snapshot_next = True
+        # Subscribed before the engine starts publishing, so no early event is missed.
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.setsockopt(zmq.RCVTIMEO, _RECV_TIMEOUT_MS)
+        self._sock.connect(endpoint)
+        self._thread = threading.Thread(target=self._read, name="airi-kv-events", daemon=True)
+        self._thread.start()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start reporting (on the running event loop)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._report_loop())
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+        self._thread.join(timeout=1.0)
+
+    def _read(self) -> None:
+        import msgspec
+        import zmq
+        from vllm.distributed.kv_events import (
+            AllBlocksCleared,
+            BlockRemoved,
+            BlockStored,
+            KVEventBatch,
+        )
+
+        decode = msgspec.msgpack.Decoder(type=KVEventBatch).decode
+        last_seq: int | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    _topic, seq_bytes, payload = self._sock.recv_multipart()
+                except zmq.Again:
+                    continue
+                seq = int.from_bytes(seq_bytes, "big", signed=True)
+                batch = decode(payload)
+                with self._lock:
+                    m = self.mirror
+                    if last_seq is not None and seq != last_seq + 1:
+                        # Events were missed: what the mirror holds is unknown. Start over.
+                        self.gaps += 1
+                        logger.warning(
+                            "replica %s missed KV cache events %d..%d; its cache view starts over",
+                            self.replica_id,
+                            last_seq + 1,
+                            seq - 1,
+                        )
+                        m.cleared()
+                    last_seq = seq
+                    for e in batch.events:
+                        self.events += 1
+                        if isinstance(e, BlockStored):
+                            if e.medium in (None, "GPU") and not e.lora_name:
+                                m.stored(
+                                    e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size
+                                )
+                        elif isinstance(e, BlockRemoved):
+                            if e.medium in (None, "GPU"):
+                                m.removed(e.block_hashes)
+                        elif isinstance(e, AllBlocksCleared):
+                            m.cleared()
+        except Exception:  # the view stops following; routing falls back on load
+            logger.exception("replica %s stopped reading its KV cache events", self.replica_id)
+        finally:
+            self._sock.close(linger=0)
+
+    async def _report_loop(self) -> None:
+        scheduler: Any = None
+        while True:
+            await asyncio.sleep(REPORT_PERIOD_S)
+            with self._lock:
+                snapshot = self._snapshot_next
+                delta = self.mirror.snapshot() if snapshot else self.mirror.take()
+            if not delta:
+                continue
+            try:
+                if scheduler is None:
+                    scheduler = names.get_actor(names.SCHEDULER_NAME)
+                applied = await scheduler.observe_cache.remote(self.replica_id, delta)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # restarting: the next report is a snapshot
+                logger.info("replica %s: cache report not delivered: %s", self.replica_id, e)
+                scheduler, applied = None, False
+            self._snapshot_next = not applied
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "kv_events": self.events,
+            "kv_event_gaps": self.gaps,
+            "kv_blocks_mirrored": len(self.mirror),
+            "kv_unknown_parents": self.mirror.unknown_parents,
+        }
