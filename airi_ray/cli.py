@@ -235,6 +235,8 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"\n{'MODEL':<20} {'QUEUED':>6} {'LEASED':>6}  ROUTES")
         for name, m in status["scheduler"].items():
             routes = ", ".join(f"{k} {v}" for k, v in m["routes"].items() if v) or "-"
+            if m.get("engine_cache_blocks"):  # prefix_cache_view: engine
+                routes += f"  (engines report {m['engine_cache_blocks']} cached blocks)"
             print(f"{name:<20} {m['queue_depth']:>6} {m['in_flight']:>6}  {routes}")
     print(f"\n{'REPLICA':<32} {'STATE':<9} {'ACCEL':<6} {'RUN':>4} {'WAIT':>4} {'KV%':>5}")
     for r in status["replicas"]:
