@@ -10,7 +10,7 @@ every routing:
 - ``agent_calls``: a graph node's calls, one turn each (its system prompt and a question).
 
 Conversations come in a seeded random order over the agents (each agent equally often),
-``CONCURRENCY`` at a time, below the two replicas' slots, so the router has a choice. Each
+``CONCURRENCY`` at a time, below the replicas' slots, so the router has a choice. Each
 agent's first conversation is served before the counting starts (``WARM_START``): a
 running service has served every agent before, so the figures are the steady state;
 ``hit_rate_from_cold`` counts from the first request as well.
@@ -71,9 +71,10 @@ TURNS = 3
 SYSTEM_TOKENS = 600
 ANSWER_TOKENS = 32
 SLOTS = 4  # per replica
-CONCURRENCY = 6  # conversations at a time, below the 8 slots of the two replicas
+REPLICAS = 2  # --replicas
+CONCURRENCY = 6  # conversations at a time (3 per replica), below the replicas' slots
 BLOCK = 32  # tokens per KV block: the engines' block_size (the CPU backend's default is 128)
-CACHE_SHARE = 0.6  # of all the agents' system prompts, per replica
+CACHE_SHARE = 0.6  # of all the agents' system prompts, per replica: 1.2 / REPLICAS
 MAX_MODEL_LEN = 1024
 # A conversation's turns after its system prompt, at the most: questions, answers, template.
 HISTORY_TOKENS = 192
@@ -103,8 +104,8 @@ def spec(model_dir: str, name: str) -> dict[str, Any]:
             {
                 "name": "tiny-chat",
                 "model": model_dir,
-                "replicas": 2,
-                "num_cpus": 0.5,
+                "replicas": REPLICAS,
+                "num_cpus": 1.0 / REPLICAS,
                 "cpu_threads": 1,
                 "kv_cache_gib": 1,
                 "max_concurrency": SLOTS,
@@ -290,7 +291,7 @@ def measure(model_dir: str, turns: int, per_agent: int, view: list[str | None]) 
             "answer_tokens": ANSWER_TOKENS,
             "concurrent_conversations": CONCURRENCY,
             "rounds": ROUNDS,
-            "replicas": 2,
+            "replicas": REPLICAS,
             "slots_per_replica": SLOTS,
             "kv_blocks_per_replica": KV_BLOCKS,
             "block_size": BLOCK,
@@ -337,12 +338,28 @@ def table(title: str, result: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    global RESULTS, AGENTS, CONCURRENCY, ROUNDS
+    global RESULTS, AGENTS, CONCURRENCY, ROUNDS, REPLICAS, CACHE_SHARE, KV_BLOCKS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=REPLICAS,
+        help="replicas of the model; their caches hold 1.2x the prompts together, and 3 "
+        "conversations per replica run at once (writes prefix_routing_rN.json unless 2)",
+    )
     args = parser.parse_args()
+    if args.replicas < 2:
+        parser.error("--replicas must be 2 or more: with one there is nothing to route")
+    if args.replicas != REPLICAS:
+        REPLICAS, CONCURRENCY = args.replicas, 3 * args.replicas
+        CACHE_SHARE = 1.2 / REPLICAS
+        KV_BLOCKS = (
+            int(CACHE_SHARE * AGENTS * SYSTEM_TOKENS / BLOCK) + SLOTS * HISTORY_TOKENS // BLOCK
+        )
+        RESULTS = RESULTS.with_name(f"prefix_routing_r{REPLICAS}.json")
     shapes = {"conversations": (TURNS, CONVERSATIONS_PER_AGENT), "agent_calls": AGENT_CALLS}
     if args.smoke:  # checks the path works, not its speed (the cache keeps its size)
         AGENTS, CONCURRENCY, ROUNDS = 2, 2, 1
