@@ -72,6 +72,7 @@ SYSTEM_TOKENS = 600
 ANSWER_TOKENS = 32
 SLOTS = 4  # per replica
 REPLICAS = 2  # --replicas
+LOAD_MARGIN = 0.25  # --load-margin: the scheduler's prefix_load_margin (its default)
 CONCURRENCY = 6  # conversations at a time (3 per replica), below the replicas' slots
 BLOCK = 32  # tokens per KV block: the engines' block_size (the CPU backend's default is 128)
 CACHE_SHARE = 0.6  # of all the agents' system prompts, per replica: 1.2 / REPLICAS
@@ -121,7 +122,7 @@ def spec(model_dir: str, name: str) -> dict[str, Any]:
         ],
         "storage": {"uri": STATE},  # a run reads no state of the runs before it
         "tenants": [{"name": "bench", "api_keys": [KEY]}],
-        "scheduler": {"routing": routing},
+        "scheduler": {"routing": routing, "prefix_load_margin": LOAD_MARGIN},
         "ingress": {"enabled": False},
     }
 
@@ -292,6 +293,7 @@ def measure(model_dir: str, turns: int, per_agent: int, view: list[str | None]) 
             "concurrent_conversations": CONCURRENCY,
             "rounds": ROUNDS,
             "replicas": REPLICAS,
+            "prefix_load_margin": LOAD_MARGIN,
             "slots_per_replica": SLOTS,
             "kv_blocks_per_replica": KV_BLOCKS,
             "block_size": BLOCK,
@@ -338,7 +340,7 @@ def table(title: str, result: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    global RESULTS, AGENTS, CONCURRENCY, ROUNDS, REPLICAS, CACHE_SHARE, KV_BLOCKS
+    global RESULTS, AGENTS, CONCURRENCY, ROUNDS, REPLICAS, CACHE_SHARE, KV_BLOCKS, LOAD_MARGIN
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--smoke", action="store_true", help="the smallest workload; writes results/smoke/"
@@ -350,7 +352,15 @@ def main() -> int:
         help="replicas of the model; their caches hold 1.2x the prompts together, and 3 "
         "conversations per replica run at once (writes prefix_routing_rN.json unless 2)",
     )
+    parser.add_argument(
+        "--load-margin",
+        type=float,
+        default=LOAD_MARGIN,
+        help="the scheduler's prefix_load_margin: how much busier (a fraction of a "
+        "replica's slots) the replica holding a prefix may be and still get the request",
+    )
     args = parser.parse_args()
+    LOAD_MARGIN = args.load_margin
     if args.replicas < 2:
         parser.error("--replicas must be 2 or more: with one there is nothing to route")
     if args.replicas != REPLICAS:
