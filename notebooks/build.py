@@ -785,51 +785,60 @@ SCHEDULING: list[Cell] = [
         r"""
         ## Prefix-affinity routing
 
-        vLLM keeps the attention state (KV cache) of recent prompts in blocks of 16 tokens
-        and reuses it when a new prompt starts with the same tokens: a **prefix-cache hit**
-        skips that part of the prompt's computation. The cache lives on one replica, so
-        only a request sent to the replica that computed the prefix can hit. **Affinity
-        routing** hashes a prompt's 16-token blocks in a chain (each hash covers all blocks
-        before it) and sends the request to the replica that was sent the longest matching
-        prefix, unless that replica is busier than the least-loaded one by more than a
-        margin. **Round-robin** takes turns and ignores the content.
+        vLLM keeps the attention state (KV cache) of recent prompts in blocks and reuses
+        it when a new prompt starts with the same tokens: a **prefix-cache hit** skips that
+        part of the prompt's computation. The cache lives on one replica, so only a request
+        sent to the replica that computed the prefix can hit. **Affinity routing** hashes a
+        prompt's 16-token blocks in a chain (each hash covers all blocks before it) and
+        sends the request to the replica holding the longest matching prefix, unless that
+        replica is busier than the least-loaded one by more than a margin. What a replica
+        holds is the router's own estimate (`affinity`), or what the engines' KV cache
+        events report (`oracle`, `prefix_cache_view: engine`). **Round robin** takes turns
+        and ignores the content.
 
-        The benchmark: 32 conversations of 3 turns on 2 replicas, all sharing one long
-        system prompt, each turn resending the whole history. Run 12 conversations at a
-        time (free slots, so the router has a choice) and all 32 at once (`saturated`).
+        The benchmark: 16 agents, each with its own ~600-token system prompt, on fleets
+        whose caches together hold 1.2x the prompts (larger than one replica's cache,
+        smaller than all of them): 2 replicas (`prefix_routing.json`) and 4
+        (`prefix_routing_r4.json`, if present). Two shapes: conversations of 3 turns, each
+        turn resending the whole history, and one-turn agent calls (`agent_calls`).
         """
     ),
     code(
         r"""
-        scenarios = [(routing["workload"]["concurrent_conversations"], routing)]
-        if "saturated" in routing:
-            saturated = routing["saturated"]
-            scenarios.append((saturated["concurrent_conversations"], saturated))
-        WAYS = ("affinity", "round_robin")
-        for n, s in scenarios:
+        runs = [("2 replicas", routing)]
+        if (RESULTS / "prefix_routing_r4.json").exists():
+            runs.append(("4 replicas", json.loads((RESULTS / "prefix_routing_r4.json").read_text())))
+        WAYS = ("affinity", "round_robin", "oracle")
+        scenarios = []  # (label, one shape's results)
+        for fleet, r in runs:
+            scenarios.append((f"{fleet}, conversations", r))
+            if r.get("agent_calls"):
+                scenarios.append((f"{fleet}, agent calls", r["agent_calls"]))
+        for label, s in scenarios:
             line = ", ".join(f"{way} {s[way]['hit_rate']:.3f}" for way in WAYS)
-            print(f"{n:>3} conversations at a time: hit rate {line}; ratio {s['hit_rate_ratio']}")
+            print(f"{label}: hit rate {line}; ratio {s['hit_rate_ratio']}")
         """
     ),
     code(
         r"""
         x = np.arange(len(scenarios))
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+        width = 0.27
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
         for i, way in enumerate(WAYS):
-            offset = (i - 0.5) * 0.38
+            offset = (i - 1) * width
             hits = [s[way]["hit_rate"] for _, s in scenarios]
-            bars = left.bar(x + offset, hits, width=0.38, label=way)
-            left.bar_label(bars, fmt="%.3f")
+            bars = left.bar(x + offset, hits, width=width, label=way)
+            left.bar_label(bars, fmt="%.2f", fontsize=7)
             p50 = [s[way]["ttft_p50_ms"] for _, s in scenarios]
             p99 = [s[way]["ttft_p99_ms"] for _, s in scenarios]
-            right.bar(x + offset, p50, width=0.38, label=f"{way} p50")
-            right.scatter(x + offset, p99, marker="_", s=300, color="black")
-        labels = [f"{n} at a time" for n, _ in scenarios]
-        left.set_xticks(x, labels)
+            right.bar(x + offset, p50, width=width, label=f"{way} p50")
+            right.scatter(x + offset, p99, marker="_", s=200, color="black")
+        labels = [label.replace(", ", "\n") for label, _ in scenarios]
+        left.set_xticks(x, labels, fontsize=8)
         left.set_ylim(0, 1.05)
         left.set_ylabel("vLLM prefix-cache hit rate")
         left.legend(fontsize=8, loc="lower right")
-        right.set_xticks(x, labels)
+        right.set_xticks(x, labels, fontsize=8)
         right.set_ylabel("time to first token, ms (bar p50, dash p99)")
         right.legend(fontsize=8)
         fig.tight_layout()
@@ -840,29 +849,20 @@ SCHEDULING: list[Cell] = [
         r"""
         ## The honest result
 
-        The target was twice round-robin's hit rate, and the benchmark misses it. As the
-        README explains, the shared system prompt ends up cached on **both** replicas under
-        either routing, so only each conversation's own history can make a difference: for
-        this workload the ceiling is roughly 1.1x, not 2x. With all 32 conversations at
-        once every slot is busy and a request goes wherever a slot frees first, so routing
-        cannot help there (the saturated ratio can fall below 1). The file also holds a
-        time-to-first-token target; the cell checks both from the file.
+        The targets: affinity at least twice round robin's hit rate, at least 0.9 of the
+        oracle's, and lower TTFT p50 and p99 than round robin. The oracle does no better
+        than affinity, so affinity's estimate does not drift on this workload. Round robin
+        still reuses within a conversation (its next turn lands on the same replica 1 time
+        in N), which on 2 replicas keeps its hit rate too high for 2x to be reachable by
+        any router; on 4 it is. The cell checks each target from the files.
         """
     ),
     code(
         r"""
-        import operator
-
-        OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-        target = routing["targets"]["hit_rate_ratio"]
-        op, value = target.split()
-        ratio = routing["hit_rate_ratio"]
-        verdict = "met" if OPS[op](ratio, float(value)) else "missed"
-        print(f"hit-rate ratio {ratio} (target {target}): {verdict}")
-        a, rr = routing["affinity"]["ttft_p50_ms"], routing["round_robin"]["ttft_p50_ms"]
-        verdict = "met" if a < rr else "missed"
-        print(f"TTFT p50: affinity {a} ms, round-robin {rr} ms")
-        print(f"target ({routing['targets']['ttft_p50']}): {verdict}")
+        for label, s in scenarios:
+            met = ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in s["met"].items())
+            print(f"{label}: ratio {s['hit_rate_ratio']}, affinity/oracle {s['affinity_vs_oracle']}; {met}")
+        print("targets:", routing["targets"])
         """
     ),
 ]
