@@ -169,7 +169,6 @@ class Engine:
         self.max_model_len: int = self._llm.model_config.max_model_len
         # Tokens the KV cache holds, as the engine core sized it (None if it did not say).
         cache = self._llm.vllm_config.cache_config
-        self.block_size: int = cache.block_size
         self.kv_capacity_tokens: int | None = (
             cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
         )
