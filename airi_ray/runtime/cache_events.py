@@ -12,6 +12,7 @@ the events' sequence numbers (missed events) starts the mirror over the same way
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -63,10 +64,14 @@ class CacheReporter:
             self._task = asyncio.create_task(self._report_loop())
 
     def stop(self) -> None:
+        """Stop reading and reporting, and remove the socket's file (the engine, stopped
+        first, leaves it behind)."""
         self._stop.set()
         if self._task is not None:
             self._task.cancel()
         self._thread.join(timeout=1.0)
+        with contextlib.suppress(OSError):
+            os.unlink(self.endpoint.removeprefix("ipc://"))
 
     def _read(self) -> None:
         import msgspec

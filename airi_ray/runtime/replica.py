@@ -277,8 +277,6 @@ class ModelReplica:
         import psutil
 
         children = psutil.Process().children(recursive=True)
-        if self._cache_reporter is not None:
-            self._cache_reporter.stop()
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
@@ -287,3 +285,5 @@ class ModelReplica:
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+        if self._cache_reporter is not None:  # after the engine: it removes the socket
+            self._cache_reporter.stop()
