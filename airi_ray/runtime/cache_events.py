@@ -35,6 +35,32 @@ def new_endpoint() -> str:
     return f"ipc://{os.path.join(tempfile.gettempdir(), f'airi-kv-{uuid.uuid4().hex[:12]}')}"
 
 
+def _own_tier(e: Any) -> bool:
+    """An event about this engine's own device cache, in its first KV cache group: not an
+    offloading tier's, not a remote one's, and not a hybrid model's other groups (whose
+    blocks share their hashes with the first group's, so their evictions would take the
+    first group's blocks out of the mirror)."""
+    return (
+        e.medium in (None, "GPU")
+        and getattr(e, "locality", None) != "REMOTE"
+        and getattr(e, "group_idx", None) in (None, 0)
+    )
+
+
+def _mirrored(e: Any) -> bool:
+    """A stored block the router can key: one of ``_own_tier``, and hashed from its tokens
+    alone. Blocks hashed with more than tokens (a LoRA adapter, images, a cache salt,
+    prompt embeddings) or from a sliding window are left out, with their children (whose
+    parent the mirror then does not hold): the router's hashes cannot tell them apart
+    from a plain prompt's."""
+    return (
+        _own_tier(e)
+        and not e.lora_name
+        and not any(getattr(e, "extra_keys", None) or ())
+        and getattr(e, "kv_cache_spec_sliding_window", None) is None
+    )
+
+
 class CacheReporter:
     """Follows one engine's KV cache events and reports them to the scheduler."""
 
@@ -109,12 +135,12 @@ class CacheReporter:
                     for e in batch.events:
                         self.events += 1
                         if isinstance(e, BlockStored):
-                            if e.medium in (None, "GPU") and not e.lora_name:
+                            if _mirrored(e):
                                 m.stored(
                                     e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size
                                 )
                         elif isinstance(e, BlockRemoved):
-                            if e.medium in (None, "GPU"):
+                            if _own_tier(e):
                                 m.removed(e.block_hashes)
                         elif isinstance(e, AllBlocksCleared):
                             m.cleared()
