@@ -209,10 +209,12 @@ class ModelSpec(_Spec):
         "replica actor asks Ray for `num_cpus`/`num_gpus`/`resources` directly.",
     )
     prefix_cache_view: Literal["estimate", "engine"] = Field(
-        "estimate",
-        description="What prefix-cache routing knows of each replica's cache: `estimate`: "
-        "the prompts sent to it, as many blocks as its KV cache holds; `engine`: what the "
-        "engine reports it holds (vLLM's KV cache events), exact but a step behind.",
+        "engine",
+        description="What prefix-cache routing knows of each replica's cache: `engine`: what "
+        "the engine reports it holds (vLLM's KV cache events), exact but a step behind; "
+        "`estimate`: the prompts sent to it, as many blocks as its KV cache holds. Unset: "
+        "`engine` where the engine can report (a generation model, no `kv_events_config` "
+        "of its own, a `block_size` that is a multiple of 16), else `estimate`.",
     )
     tool_parser: str | None = Field(
         None,
@@ -260,6 +262,23 @@ class ModelSpec(_Spec):
         if name not in known:
             raise ValueError(f"tool_parser {name!r} is not one of vLLM's: {', '.join(known)}")
         return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_cache_view(cls, data: Any) -> Any:
+        """Unset ``prefix_cache_view``: ``engine`` where the engine can report its cache,
+        else ``estimate`` (whatever is malformed is left for the fields to refuse)."""
+        if not isinstance(data, dict) or data.get("prefix_cache_view") is not None:
+            return data
+        engine = data.get("engine", {})
+        block = engine.get("block_size") if isinstance(engine, dict) else None
+        can_report = (
+            data.get("task", "generate") == "generate"
+            and isinstance(engine, dict)
+            and "kv_events_config" not in engine
+            and (block is None or (isinstance(block, int) and block % BLOCK_TOKENS == 0))
+        )
+        return {**data, "prefix_cache_view": "engine" if can_report else "estimate"}
 
     @model_validator(mode="after")
     def _cache_view_valid(self) -> ModelSpec:

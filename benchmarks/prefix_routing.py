@@ -27,7 +27,8 @@ The routings (``ROUTINGS``):
   holds is the router's own estimate (``prefix_cache_view: estimate``).
 - ``round_robin``: every request to the next replica, whatever it holds.
 - ``oracle``: affinity routing on what the engines report they hold, read from vLLM's KV
-  cache events (``prefix_cache_view: engine``): every block stored and evicted.
+  cache events (``prefix_cache_view: engine``, airi's default): every block stored and
+  evicted.
 
 Each routing runs ``ROUNDS`` passes in one process, taking turns going first, each pass
 on a redeployment with that routing and with prompt texts of its own (no pass can hit

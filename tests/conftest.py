@@ -115,7 +115,8 @@ def airi_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
                 # One whole (fake) H100 per replica, from the H100 pool (L4 if it is full).
                 "placement": {"accelerator_types": ["H100", "L4"]},
                 "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
-                # Routing follows the engines' KV cache events (the default estimates).
+                # Routing follows the engines' KV cache events (the default, said here
+                # because the prefix-routing test relies on it).
                 "prefix_cache_view": "engine",
                 **engine_common,
             },

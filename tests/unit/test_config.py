@@ -216,3 +216,21 @@ def test_bad_groups_name_the_problem() -> None:
     ]
     with pytest.raises(InvalidRequest, match="one group only"):
         parse_spec(_versioned(groups=twice))
+
+
+@pytest.mark.parametrize(
+    "model, view",
+    [
+        ({}, "engine"),
+        ({"task": "embed"}, "estimate"),
+        ({"engine": {"block_size": 8}}, "estimate"),
+        ({"engine": {"block_size": 32}}, "engine"),
+        ({"engine": {"kv_events_config": {"enable_kv_cache_events": True}}}, "estimate"),
+        ({"prefix_cache_view": "estimate"}, "estimate"),
+    ],
+)
+def test_the_cache_view_defaults_to_the_engines_where_they_can_report(
+    model: dict, view: str
+) -> None:
+    spec = parse_spec({"models": [{"name": "a", "model": "x", **model}]})
+    assert spec.models[0].prefix_cache_view == view
