@@ -26,6 +26,9 @@ from airi_ray.runtime import names
 logger = logging.getLogger(__name__)
 
 REPORT_PERIOD_S = 0.05
+# After a report the scheduler could not take: a snapshot next, but not sooner than this
+# (a replica's snapshot can be megabytes; a restarting scheduler should not get 20 a second).
+SNAPSHOT_RETRY_S = 1.0
 _RECV_TIMEOUT_MS = 200  # how often the reader thread looks at its stop flag
 
 
@@ -151,8 +154,9 @@ class CacheReporter:
 
     async def _report_loop(self) -> None:
         scheduler: Any = None
+        applied = True
         while True:
-            await asyncio.sleep(REPORT_PERIOD_S)
+            await asyncio.sleep(REPORT_PERIOD_S if applied else SNAPSHOT_RETRY_S)
             with self._lock:
                 snapshot = self._snapshot_next
                 delta = self.mirror.snapshot() if snapshot else self.mirror.take()
