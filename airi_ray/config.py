@@ -155,6 +155,28 @@ class RolloutSpec(_Spec):
         return steps
 
 
+def _engine_view_refusal(task: object, engine: dict[str, Any]) -> str | None:
+    """Why a model's engine cannot report its cache (``prefix_cache_view: engine``), or
+    None if it can."""
+    if task != "generate":
+        return (
+            "prefix_cache_view: engine needs task: generate (embedding engines have "
+            "no prefix cache to report)"
+        )
+    if "kv_events_config" in engine:
+        return (
+            "prefix_cache_view: engine sets the engine's kv_events_config itself; "
+            "remove engine.kv_events_config, or use prefix_cache_view: estimate"
+        )
+    block = engine.get("block_size")
+    if block is not None and (not isinstance(block, int) or block % BLOCK_TOKENS):
+        return (
+            f"prefix_cache_view: engine needs engine.block_size to be a multiple of "
+            f"{BLOCK_TOKENS} (the router's block), got {block!r}"
+        )
+    return None
+
+
 class ModelSpec(_Spec):
     """One served model and how its replicas run."""
 
@@ -271,34 +293,18 @@ class ModelSpec(_Spec):
         if not isinstance(data, dict) or data.get("prefix_cache_view") is not None:
             return data
         engine = data.get("engine", {})
-        block = engine.get("block_size") if isinstance(engine, dict) else None
         can_report = (
-            data.get("task", "generate") == "generate"
-            and isinstance(engine, dict)
-            and "kv_events_config" not in engine
-            and (block is None or (isinstance(block, int) and block % BLOCK_TOKENS == 0))
+            isinstance(engine, dict)
+            and _engine_view_refusal(data.get("task", "generate"), engine) is None
         )
         return {**data, "prefix_cache_view": "engine" if can_report else "estimate"}
 
     @model_validator(mode="after")
     def _cache_view_valid(self) -> ModelSpec:
         if self.prefix_cache_view == "engine":
-            if self.task != "generate":
-                raise ValueError(
-                    "prefix_cache_view: engine needs task: generate (embedding engines have "
-                    "no prefix cache to report)"
-                )
-            if "kv_events_config" in self.engine:
-                raise ValueError(
-                    "prefix_cache_view: engine sets the engine's kv_events_config itself; "
-                    "remove engine.kv_events_config, or use prefix_cache_view: estimate"
-                )
-            block = self.engine.get("block_size")
-            if block is not None and (not isinstance(block, int) or block % BLOCK_TOKENS):
-                raise ValueError(
-                    f"prefix_cache_view: engine needs engine.block_size to be a multiple of "
-                    f"{BLOCK_TOKENS} (the router's block), got {block!r}"
-                )
+            refusal = _engine_view_refusal(self.task, self.engine)
+            if refusal is not None:
+                raise ValueError(refusal)
         return self
 
     @model_validator(mode="after")
