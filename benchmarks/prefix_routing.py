@@ -80,9 +80,16 @@ CACHE_SHARE = 0.6  # of all the agents' system prompts, per replica: 1.2 / REPLI
 MAX_MODEL_LEN = 1024
 # A conversation's turns after its system prompt, at the most: questions, answers, template.
 HISTORY_TOKENS = 192
-# The blocks a replica holds: the share of the prompts, and room for the histories of the
-# requests running on it (their blocks are in use; the cache keeps what is left over).
-KV_BLOCKS = int(CACHE_SHARE * AGENTS * SYSTEM_TOKENS / BLOCK) + SLOTS * HISTORY_TOKENS // BLOCK
+
+
+def kv_blocks(cache_share: float) -> int:
+    """The blocks a replica holds: ``cache_share`` of the prompts, and room for the
+    histories of the requests running on it (their blocks are in use; the cache keeps what
+    is left over)."""
+    return int(cache_share * AGENTS * SYSTEM_TOKENS / BLOCK) + SLOTS * HISTORY_TOKENS // BLOCK
+
+
+KV_BLOCKS = kv_blocks(CACHE_SHARE)
 
 
 # The run's own usage log, conversations and drift windows: none of an earlier run's.
@@ -197,7 +204,8 @@ async def run(tag: str, agents: int, per_agent: int, turns: int) -> dict[str, An
     tokenizer = client.backend._path._models["tiny-chat"].tokenizer
     prompts = [system_prompt(tokenizer, tag, a) for a in range(agents)]
 
-    async def serve(first: int, n: int, ttfts: list[float], tokens: list[int]) -> None:
+    async def serve(first: int, n: int, ttfts: list[float], tokens: list[int]) -> float:
+        """Conversations ``first..first+n``; the seconds they took."""
         # Each agent as often as the others, in an order of the run's own (seeded): a
         # fixed cycle would let round robin split the agents by parity on its own.
         who = [k % agents for k in range(first, first + n)]
@@ -209,8 +217,11 @@ async def run(tag: str, agents: int, per_agent: int, turns: int) -> dict[str, An
                 system, k = todo.pop(0)
                 await conversation(client, system, k, turns, ttfts, tokens)
 
+        t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        wall = time.perf_counter() - t0
         await asyncio.sleep(1.0)  # the engines' last stats reach the replicas each step
+        return wall
 
     # Each agent's first conversation (not counted): a running service has served every
     # agent before, so the counted ones measure the steady state, not the cold start.
@@ -219,9 +230,7 @@ async def run(tag: str, agents: int, per_agent: int, turns: int) -> dict[str, An
     h0, q0 = await cache_counters()
     ttfts: list[float] = []
     tokens: list[int] = []
-    t0 = time.perf_counter()
-    await serve(agents, agents * per_agent, ttfts, tokens)
-    wall = time.perf_counter() - t0 - 1.0
+    wall = await serve(agents, agents * per_agent, ttfts, tokens)
     h1, q1 = await cache_counters()
     return {
         "hits": h1 - h0,
@@ -367,9 +376,7 @@ def main() -> int:
     if args.replicas != REPLICAS:
         REPLICAS, CONCURRENCY = args.replicas, 3 * args.replicas
         CACHE_SHARE = 1.2 / REPLICAS
-        KV_BLOCKS = (
-            int(CACHE_SHARE * AGENTS * SYSTEM_TOKENS / BLOCK) + SLOTS * HISTORY_TOKENS // BLOCK
-        )
+        KV_BLOCKS = kv_blocks(CACHE_SHARE)
         RESULTS = RESULTS.with_name(f"prefix_routing_r{REPLICAS}.json")
     shapes = {"conversations": (TURNS, CONVERSATIONS_PER_AGENT), "agent_calls": AGENT_CALLS}
     if args.smoke:  # checks the path works, not its speed (the cache keeps its size)
