@@ -134,6 +134,10 @@ def test_metrics_are_labelled_by_model_and_tenant(oai, airi_app) -> None:
         "airi_http_responses_total",
     ):
         assert needle in text, needle
+    # Each replica counts the responses it sent; of three more reads, one is the second at
+    # some replica (there are two), which counted the first.
+    texts = [httpx.get(f"{airi_app.base_url}/metrics").text for _ in range(3)]
+    assert any('airi_http_responses_total{code="200",route="/metrics"}' in t for t in texts)
 
 
 def test_a_retried_chat_with_one_idempotency_key_stores_the_exchange_once(oai, client) -> None:
