@@ -547,6 +547,18 @@ class IngressSpec(_Spec):
         description="Ingress replicas: each parses, authenticates, renders and tokenizes on "
         "its own event loop, so one busy replica does not hold the others' streams.",
     )
+    refusals_per_s: float = Field(
+        10.0,
+        ge=0,
+        description="Each ingress replica answers a tenant's refused requests (4xx: invalid, "
+        "too large, unauthenticated, over its limits) beyond `refusal_burst` at most this "
+        "many per second; the others wait, up to 2 s, holding the client's connection rather "
+        "than the CPU, so a flood of refused requests cannot crowd out the engines and other "
+        "tenants. Accepted requests are never paced. 0: answer every refusal at once.",
+    )
+    refusal_burst: int = Field(
+        30, ge=1, description="Refusals per tenant answered at once before pacing starts."
+    )
     stream_interval_ms: float = Field(
         STREAM_INTERVAL_MS,
         ge=0,

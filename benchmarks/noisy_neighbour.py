@@ -1,8 +1,8 @@
 """Can one tenant stall another at the front door? Tenant B streams while tenant A floods.
 
 airi is started with its defaults (HAProxy in front of the ingress replicas, as `airi up`
-starts it). Tenant A has no rate limits: the worst case, where the front door alone must
-cope. Tenant B streams chat completions over HTTP with the official ``openai`` client
+starts it, and refusals paced per tenant: ``ingress.refusals_per_s``). Tenant A has no rate
+limits: the worst case, where the front door alone must cope. Tenant B streams chat completions over HTTP with the official ``openai`` client
 (``B_STREAMS`` at once, ``B_TOKENS`` tokens each, ``ignore_eos``), and every TTFT and every
 gap between two content chunks is recorded. Phases, each ``--seconds`` long:
 
@@ -83,6 +83,16 @@ def spec(model_dir: str) -> dict[str, Any]:
         ],
         "ingress": {"port": PORT},  # everything else: airi's defaults
     }
+
+
+def _pacing() -> str:
+    """airi's default refusal pacing, which this run is under."""
+    from airi_ray.config import IngressSpec
+
+    d = IngressSpec()
+    if d.refusals_per_s == 0:
+        return "off"
+    return f"{d.refusals_per_s:g}/s per tenant per ingress replica after {d.refusal_burst}"
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -261,6 +271,7 @@ def main() -> int:
             "long_valid_chars": LONG_VALID_CHARS,
             "a_limits": "none",
             "front_door": "airi defaults (HAProxy, default ingress replicas)",
+            "refusal_pacing": _pacing(),
             "smoke": args.smoke,
         },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

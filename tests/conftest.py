@@ -133,7 +133,14 @@ def airi_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
             {"name": "tenant-a", "api_keys": [KEY]},
             {"name": "tenant-b", "api_keys": [OTHER_KEY]},
         ],
-        "ingress": {"port": port, "max_body_bytes": 65536},
+        # Refusals beyond 30 are paced at 20/s per replica, below what the pacing test's
+        # flood sends (about 60/s per replica on two cores).
+        "ingress": {
+            "port": port,
+            "max_body_bytes": 65536,
+            "refusals_per_s": 20,
+            "refusal_burst": 30,
+        },
         "storage": {"uri": str(tmp_path_factory.mktemp("state"))},
         "features": [
             {

@@ -301,6 +301,11 @@ class HttpMetrics:
         self.responses = Counter(
             "airi_http_responses", "HTTP responses", ["route", "code"], registry=self.registry
         )
+        self.refusals_paced = Counter(
+            "airi_http_refusals_paced",
+            "Refusals answered late because their tenant's refusals were over its pace",
+            registry=self.registry,
+        )
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

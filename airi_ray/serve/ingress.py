@@ -38,6 +38,8 @@ from airi_ray.core.errors import (
     Overloaded,
     PayloadTooLarge,
 )
+from airi_ray.core.pacing import RefusalPacer
+from airi_ray.core.policy.errors import RateLimited
 from airi_ray.obs.metrics import HttpMetrics
 from airi_ray.runtime import cluster_kv
 from airi_ray.runtime.backend import Backend
@@ -98,16 +100,53 @@ def _error(status: int, message: str, type_: str, code: str | None = None) -> JS
     )
 
 
+UNAUTHENTICATED = "(unauthenticated)"  # the pace key of refusals that name no tenant
+
+
+class _Refusals:
+    """This replica's refusal pacer (``pace_refusals``)."""
+
+    pacer: RefusalPacer | None = None
+
+
+refusals = _Refusals()
+
+
 # Serve ships the ``Ingress`` class to its replicas by value, with copies of the module
 # globals its methods name; the app's handlers and middleware are this module's own. State
 # both sides share is reached through functions, which travel by reference.
+def pace_refusals(spec: IngressSpec) -> None:
+    """Pace this replica's refusals as ``spec`` says (``refusals_per_s``, ``refusal_burst``)."""
+    rate = spec.refusals_per_s
+    refusals.pacer = RefusalPacer(rate, spec.refusal_burst) if rate > 0 else None
+
+
 def http_metrics_text() -> bytes:
-    """This replica's HTTP metrics (responses by route and status)."""
+    """This replica's HTTP metrics (responses by route and status, paced refusals)."""
     return http_metrics.text()
+
+
+async def _paced(request: Request, status: int, error: BaseException | None = None) -> None:
+    """Wait out the pace of the tenant's refusals (``RefusalPacer``) before answering one.
+
+    Paced: the 4xx answers a request earns by itself (invalid, too large, unauthenticated,
+    over its tenant's limits), keyed by the tenant the request authenticated as. Not paced:
+    a full server's 429 (``Overloaded``), which is no fault of the tenant, and 5xx.
+    """
+    pacer = refusals.pacer
+    if pacer is None or not 400 <= status < 500:
+        return
+    if isinstance(error, Overloaded) and not isinstance(error, RateLimited):
+        return
+    delay = pacer.delay(getattr(request.state, "tenant", None) or UNAUTHENTICATED, time.monotonic())
+    if delay > 0:
+        http_metrics.refusals_paced.inc()
+        await asyncio.sleep(delay)
 
 
 @app.exception_handler(AiriError)
 async def _airi_error(request: Request, e: AiriError) -> JSONResponse:
+    await _paced(request, e.status, e)
     headers = {}
     if isinstance(e, Overloaded) and e.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
@@ -116,6 +155,7 @@ async def _airi_error(request: Request, e: AiriError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    await _paced(request, e.status_code)
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
     return _error(
         e.status_code,
@@ -412,6 +452,7 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
 class Ingress:
     async def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = IngressSpec.model_validate(spec)
+        pace_refusals(self.spec)
         # Built in the serving event loop, where requests run; tokenizers load before the
         # replica reports ready, so the first request does not wait for them.
         # The backend takes each call's tenant from the route, which authenticates the
@@ -456,7 +497,9 @@ class Ingress:
         scheme, _, key = header.partition(" ")
         if header and scheme.lower() != "bearer":
             raise AuthenticationError("the Authorization header must be `Bearer <key>`")
-        return await self.backend.tenant_for(key.strip() or None)
+        tenant = await self.backend.tenant_for(key.strip() or None)
+        request.state.tenant = tenant  # its refusals are paced as its own (``_paced``)
+        return tenant
 
     # -- routes --------------------------------------------------------------------------
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
+
 import httpx
 import openai
 import pytest
 
-from tests.conftest import KEY
+from tests.conftest import KEY, OTHER_KEY
 
 GOOD = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -153,3 +157,52 @@ def test_openai_client_sees_typed_errors(oai) -> None:
         oai.chat.completions.create(
             model="tiny-chat", messages=GOOD["messages"], max_tokens=100_000
         )
+
+
+def _paced_most(app) -> float:
+    """The most refusals paced so far by one ingress replica, of those a few /metrics hit."""
+    most = 0.0
+    for _ in range(8):  # HAProxy spreads them over the replicas; each counts its own
+        text = httpx.get(app.base_url + "/metrics", timeout=30).text
+        found = re.search(r"^airi_http_refusals_paced_total ([0-9.e+]+)$", text, re.M)
+        assert found, "the ingress exports airi_http_refusals_paced_total"
+        most = max(most, float(found.group(1)))
+    return most
+
+
+def test_a_flood_of_refusals_is_paced_without_delaying_another_tenant(airi_app) -> None:
+    """Tenant B sends 240 invalid requests at once: beyond its burst, each ingress replica
+    answers them at the session's pace (20/s after 30), so its last answers wait. Tenant
+    A's invalid request, sent in the middle of the flood, is answered at once."""
+    bad = b'{"model": "tiny-chat", "messages": ['
+    before = _paced_most(airi_app)
+
+    async def one(client: httpx.AsyncClient, key: str) -> float:
+        t0 = time.perf_counter()
+        r = await client.post(
+            "/v1/chat/completions",
+            content=bad,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        assert_error(r, 400, "not valid JSON")
+        return time.perf_counter() - t0
+
+    async def main() -> tuple[list[float], float]:
+        limits = httpx.Limits(max_connections=64)
+        async with (
+            httpx.AsyncClient(base_url=airi_app.base_url, timeout=60, limits=limits) as flood,
+            httpx.AsyncClient(base_url=airi_app.base_url, timeout=60) as quiet,
+        ):
+            b = [asyncio.create_task(one(flood, OTHER_KEY)) for _ in range(240)]
+            while sum(t.done() for t in b) < 80:  # the flood is under way, and paced
+                await asyncio.sleep(0.01)
+            a = await one(quiet, KEY)
+            return await asyncio.gather(*b), a
+
+    b_waits, a_wait = asyncio.run(main())
+    assert _paced_most(airi_app) > before
+    # /metrics shows the responses the replica counted (both replicas answered 400s).
+    text = httpx.get(airi_app.base_url + "/metrics", timeout=30).text
+    assert 'airi_http_responses_total{code="400",route="/v1/chat/completions"}' in text
+    # B's slowest answers waited out its pace; A's, sent meanwhile, did not wait for it.
+    assert max(b_waits) > 2 * a_wait, (max(b_waits), a_wait)
