@@ -75,6 +75,7 @@ class CacheReporter:
         self.mirror = CacheMirror()
         self.events = 0
         self.gaps = 0
+        self.failed = False  # the reader died: the view is empty from then on
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._snapshot_next = True
@@ -147,8 +148,14 @@ class CacheReporter:
                                 m.removed(e.block_hashes)
                         elif isinstance(e, AllBlocksCleared):
                             m.cleared()
-        except Exception:  # the view stops following; routing falls back on load
+        except Exception:
+            # The view can no longer follow the engine: empty it, and the next report has
+            # the scheduler forget it too, so routing to this replica falls back on load
+            # instead of on blocks the engine may long have evicted.
             logger.exception("replica %s stopped reading its KV cache events", self.replica_id)
+            with self._lock:
+                self.mirror.cleared()
+                self.failed = True
         finally:
             self._sock.close(linger=0)
 
@@ -179,4 +186,5 @@ class CacheReporter:
             "kv_event_gaps": self.gaps,
             "kv_blocks_mirrored": len(self.mirror),
             "kv_unknown_parents": self.mirror.unknown_parents,
+            "kv_events_failed": int(self.failed),
         }

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 import zmq
 
+from airi_ray.core.kv_events import CacheDelta
 from airi_ray.core.routing import block_hashes
 from airi_ray.runtime.cache_events import CacheReporter, new_endpoint
 
@@ -103,6 +104,21 @@ def test_a_gap_in_the_sequence_starts_the_mirror_over(wired) -> None:
     settle(pub, reporter, stored([7], None, PROMPT[32:64]))
     assert reporter.stats()["kv_event_gaps"] == 1
     assert reporter.mirror.snapshot().stored == block_hashes(PROMPT[32:64])
+
+
+def test_a_reader_that_dies_empties_the_view_it_can_no_longer_follow(wired) -> None:
+    pub, reporter = wired
+    settle(pub, reporter, stored([1, 2], None, PROMPT[:64]))
+    reporter.mirror.take()  # reported
+    pub.seq += 1
+    pub.sock.send_multipart((b"", pub.seq.to_bytes(8, "big"), b"not a batch"))
+    deadline = time.monotonic() + 10
+    while not reporter.failed:
+        assert time.monotonic() < deadline, "the reader did not stop on a batch it cannot read"
+        time.sleep(0.01)
+    # The next report tells the scheduler to forget this replica's blocks.
+    assert reporter.mirror.take() == CacheDelta((), (), True)
+    assert reporter.stats()["kv_events_failed"] == 1
 
 
 def test_stop_removes_the_socket_file() -> None:
