@@ -10,7 +10,8 @@ prompts, the tiny demo model on one engine. Ways:
   (e) Ray Serve LLM (``ray.serve.llm``), if it can serve the model on CPU;
   (f) vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) on the
       same engine arguments and environment, driven by the same client and workload as (c).
-      It runs before the Ray cluster starts, so no other engine shares the cores with it.
+      It runs before the Ray cluster starts, so no other engine shares the cores with it,
+      at the niceness Ray gives airi's processes (15), so neither gets the CPU first.
 
 ``ratio_http_vs_vllm_server`` = c/f is the HTTP path against vLLM's own server (target
 >= 1.0, with (c)'s TTFT p50 no higher than (f)'s); ``ratio_http_vs_raw`` = c/a.
@@ -304,6 +305,16 @@ def vllm_server_args(model_dir: str) -> list[str]:
     return args + ["--disable-uvicorn-access-log", "--host", "127.0.0.1", "--port", str(VLLM_PORT)]
 
 
+# Ray starts its workers at this niceness (the raylet's ``worker_niceness``), so airi's
+# ingress, scheduler and engine all run at it; vLLM's server runs at it too, or (c)/(f)
+# would set an engine and a front door that get the CPU first against ones that do not.
+RAY_WORKER_NICENESS = 15
+
+
+def _as_ray_worker() -> None:
+    os.nice(RAY_WORKER_NICENESS - os.nice(0))
+
+
 def way_vllm_server(model_dir: str, rounds: int) -> dict[str, Any]:
     """Start vLLM's server in its own process group, wait for /health, measure, stop it."""
     import httpx
@@ -321,6 +332,7 @@ def way_vllm_server(model_dir: str, rounds: int) -> dict[str, Any]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its engine core is a child: stop the whole group
+            preexec_fn=_as_ray_worker,
         )
     try:
         deadline = time.monotonic() + VLLM_START_TIMEOUT_S
@@ -458,6 +470,7 @@ def main() -> int:
             "model": "tiny demo Llama (airi_ray.models.tiny)",
             "engine": engine_kwargs("<tiny>"),
             "env": ENGINE_ENV,
+            "vllm_server_niceness": RAY_WORKER_NICENESS,
             "smoke": args.smoke,
         },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
