@@ -315,8 +315,8 @@ def _as_ray_worker() -> None:
     os.nice(RAY_WORKER_NICENESS - os.nice(0))
 
 
-def way_vllm_server(model_dir: str, rounds: int) -> dict[str, Any]:
-    """Start vLLM's server in its own process group, wait for /health, measure, stop it."""
+def start_vllm_server(model_dir: str) -> subprocess.Popen[Any]:
+    """Start vLLM's server in its own process group and wait for /health."""
     import httpx
 
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "airi-bench-vllm-server.log"
@@ -342,12 +342,21 @@ def way_vllm_server(model_dir: str, rounds: int) -> dict[str, Any]:
                 raise RuntimeError(f"vLLM's server exited with {proc.returncode}:\n{tail}")
             try:
                 if httpx.get(f"http://127.0.0.1:{VLLM_PORT}/health", timeout=2).status_code == 200:
-                    break
+                    return proc
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vLLM's server not healthy within {VLLM_START_TIMEOUT_S}s")
             time.sleep(0.5)
+    except BaseException:
+        stop_group(proc)
+        raise
+
+
+def way_vllm_server(model_dir: str, rounds: int) -> dict[str, Any]:
+    """vLLM's server, started, measured and stopped."""
+    proc = start_vllm_server(model_dir)
+    try:
         return asyncio.run(
             measure(openai_stream(f"http://127.0.0.1:{VLLM_PORT}/v1", "tiny-chat"), rounds)
         )
