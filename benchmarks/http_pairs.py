@@ -51,7 +51,6 @@ def main() -> int:
     import ray
 
     import airi_ray as airi
-    from airi_ray.core.stats import percentile
     from airi_ray.models.tiny import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model())
@@ -77,7 +76,7 @@ def main() -> int:
                     for way in pair["order"]:
                         r = await overhead.one_round(streams[way])
                         pair[f"{way}_tokens_per_s"] = round(r["tokens"] / r["wall_s"], 1)
-                        pair[f"{way}_ttft_p50_ms"] = round(1000 * percentile(r["ttfts"], 50), 1)
+                        pair[f"{way}_ttft_p50_ms"] = overhead.ttft_ms(r["ttfts"], 50)
                         ttfts[way] += r["ttfts"]
                     pair["ratio"] = round(pair["c_tokens_per_s"] / pair["f_tokens_per_s"], 3)
                     pairs.append(pair)
@@ -97,8 +96,8 @@ def main() -> int:
     ratios = [p["ratio"] for p in pairs]
     ttft = {
         way: {
-            "ttft_p50_ms": round(1000 * percentile(ts, 50), 1),
-            "ttft_p99_ms": round(1000 * percentile(ts, 99), 1),
+            "ttft_p50_ms": overhead.ttft_ms(ts, 50),
+            "ttft_p99_ms": overhead.ttft_ms(ts, 99),
         }
         for way, ts in ttfts.items()
     }

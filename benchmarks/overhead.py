@@ -115,18 +115,23 @@ async def one_round(stream: Stream) -> dict[str, Any]:
     return {"tokens": sum(n for n, _ in results), "wall_s": wall, "ttfts": [t for _, t in results]}
 
 
+def ttft_ms(ttfts: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``ttfts`` (seconds), in milliseconds."""
+    from airi_ray.core.stats import percentile
+
+    return round(1000 * percentile(ttfts, q), 1)
+
+
 async def measure(stream: Stream, rounds: int) -> dict[str, Any]:
     await one_round(stream)  # warm-up
     runs = [await one_round(stream) for _ in range(rounds)]
-    from airi_ray.core.stats import percentile
-
     rates = [r["tokens"] / r["wall_s"] for r in runs]
     ttfts = [t for r in runs for t in r["ttfts"]]
     return {
         "tokens_per_s": round(statistics.median(rates), 1),
         "tokens_per_s_rounds": [round(x, 1) for x in rates],
-        "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1),
-        "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
+        "ttft_p50_ms": ttft_ms(ttfts, 50),
+        "ttft_p99_ms": ttft_ms(ttfts, 99),
     }
 
 
