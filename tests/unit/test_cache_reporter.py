@@ -29,9 +29,12 @@ class Publisher:
         self.encode = msgspec.msgpack.Encoder().encode
 
     def send(self, *events: object) -> None:
+        self.send_payload(self.encode(kv_events.KVEventBatch(ts=time.time(), events=list(events))))
+
+    def send_payload(self, payload: bytes) -> None:
+        """The next batch's frame around ``payload``, whatever it holds."""
         self.seq += 1
-        batch = kv_events.KVEventBatch(ts=time.time(), events=list(events))
-        self.sock.send_multipart((b"", self.seq.to_bytes(8, "big"), self.encode(batch)))
+        self.sock.send_multipart((b"", self.seq.to_bytes(8, "big"), payload))
 
 
 def stored(hashes: list[int], parent: int | None, tokens: list[int], **extra: object) -> object:
@@ -110,8 +113,7 @@ def test_a_reader_that_dies_empties_the_view_it_can_no_longer_follow(wired) -> N
     pub, reporter = wired
     settle(pub, reporter, stored([1, 2], None, PROMPT[:64]))
     reporter.mirror.take()  # reported
-    pub.seq += 1
-    pub.sock.send_multipart((b"", pub.seq.to_bytes(8, "big"), b"not a batch"))
+    pub.send_payload(b"not a batch")
     deadline = time.monotonic() + 10
     while not reporter.failed:
         assert time.monotonic() < deadline, "the reader did not stop on a batch it cannot read"
