@@ -523,22 +523,35 @@ def _checking_input(watch: _Watch, model: str) -> Iterator[None]:
 
 class _SetUp:
     """One call's set-up, until its stream (or lease) takes over: a failure hands back the
-    front-door entry it got, if it got one, and ends the call's span failed."""
+    front-door entry it got, if it got one, and ends the call's span failed.
+
+    A call whose door checks were deferred to ``acquire`` (``deferred``) and that is
+    refused before it gets there is counted at the door now, as if it had entered first:
+    a refusal for length still costs the tenant a request, and the door's own refusal (a
+    429 over the request rate, say) is the one the caller sees.
+    """
 
     def __init__(self, path: CallPath, request_id: str, watch: _Watch) -> None:
         self.path = path
         self.request_id = request_id
         self.watch = watch
         self.entered = False
+        self.deferred: AcquireRequest | None = None
 
-    def __enter__(self) -> _SetUp:
+    async def __aenter__(self) -> _SetUp:
         return self
 
-    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
-        if error is not None:
-            if self.entered:
-                self.path._leave(self.request_id)
-            tracing.end_failed(self.watch.span, error)
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        if error is None:
+            return
+        if self.entered:
+            self.path._leave(self.request_id)
+        elif self.deferred is not None and isinstance(error, AiriError):
+            refusal = await self.path._count_refused(self.deferred)
+            if refusal is not None:
+                tracing.end_failed(self.watch.span, refusal)
+                raise refusal from error
+        tracing.end_failed(self.watch.span, error)
 
 
 def _door(
@@ -775,12 +788,13 @@ class CallPath:
         rid = f"req-{uuid.uuid4().hex}"
         shape = (len(messages), sum(len(m.content) for m in messages))
         watch = await self._watch(model, tenant, rid)
-        with _SetUp(self, rid, watch) as setup:
+        async with _SetUp(self, rid, watch) as setup:
             filters, contents = await self._admit(
                 setup,
                 _door(rid, model, tenant, params, shape),
                 [(m.content, "document" if m.role == "tool" else "prompt") for m in messages],
                 semantic=[m.content for m in messages if m.role in ("user", "tool")],
+                defer_door=True,
             )
             if watch.text is not None:
                 users = [c for m, c in zip(messages, contents, strict=True) if m.role == "user"]
@@ -801,7 +815,18 @@ class CallPath:
             ids = await self._cpu(shape[1], render, info.tokenizer)
             info = await self._window_for(info, len(ids), params)
             return self._generation(
-                info, ids, params, tenant, options, filters, cap, shape, rid, watch, render
+                info,
+                ids,
+                params,
+                tenant,
+                options,
+                filters,
+                cap,
+                shape,
+                rid,
+                watch,
+                render,
+                entered=setup.entered,
             )
 
     async def complete(
@@ -821,12 +846,13 @@ class CallPath:
         rid = f"req-{uuid.uuid4().hex}"
         shape = (0, len(text))
         watch = await self._watch(model, tenant, rid)
-        with _SetUp(self, rid, watch) as setup:
+        async with _SetUp(self, rid, watch) as setup:
             filters, [clean] = await self._admit(
                 setup,
                 _door(rid, model, tenant, params, shape),
                 [(text, "prompt")],
                 semantic=[text],
+                defer_door=True,
             )
             if watch.text is not None:
                 watch.text = clean
@@ -841,7 +867,18 @@ class CallPath:
                 ids, remake = await self._cpu(len(clean), encode, info.tokenizer), encode
             info = await self._window_for(info, len(ids), params)
             g = self._generation(
-                info, ids, params, tenant, options, filters, cap, shape, rid, watch, remake
+                info,
+                ids,
+                params,
+                tenant,
+                options,
+                filters,
+                cap,
+                shape,
+                rid,
+                watch,
+                remake,
+                entered=setup.entered,
             )
             g.prompt_text = clean
             return g
@@ -868,6 +905,28 @@ class CallPath:
         except BaseException:
             self._held.discard(request.request_id)
             raise
+
+    async def _cheap_set_up(self, door: AcquireRequest, semantic: bool) -> bool:
+        """Whether a call's set-up costs too little to be worth charging first: a prompt
+        short enough to tokenize on the loop (``OFFLOAD_CHARS``) and no semantic filter,
+        which would embed it on a model first. A flood of such calls costs the loop about
+        what the door's own round trip would."""
+        if door.prompt_chars > OFFLOAD_CHARS:
+            return False
+        if not semantic:
+            return True
+        spec = await self._filter_spec(door.tenant, door.model)
+        return spec is None or not spec["semantic_model"]
+
+    async def _count_refused(self, door: AcquireRequest) -> AiriError | None:
+        """Count a call refused before ``acquire`` at the door, as if it had entered first
+        (``_SetUp``): returns the door's own refusal, if it has one."""
+        try:
+            await self._enter(door)
+        except AiriError as e:
+            return e
+        self._leave(door.request_id)
+        return None
 
     def _leave(self, request_id: str) -> None:
         """Hand back an entry whose call never reached ``acquire`` (it counted as a request)."""
@@ -1008,15 +1067,24 @@ class CallPath:
         door: AcquireRequest,
         inputs: list[tuple[str, str]],
         semantic: list[str] | None = None,
+        defer_door: bool = False,
     ) -> tuple[FilterSet | None, list[str]]:
         """The set-up every model call shares, under the call's span and a policy span: the
         scheduler's front door (``door``: shape, ACL, limits; no tokens counted yet), the
         tenant's filters for the model, the semantic check of ``semantic`` texts, and the
-        ``inputs`` ``(text, where)`` as the filters pass them (redacted), in order."""
+        ``inputs`` ``(text, where)`` as the filters pass them (redacted), in order.
+
+        With ``defer_door``, a call whose set-up is cheap (``_cheap_set_up``) skips the
+        door: ``acquire`` makes the same checks in the same scheduler call, one round trip
+        fewer, and ``setup`` counts a refusal before that at the door (``_SetUp``).
+        """
         model, tenant, rid = door.model, door.tenant, door.request_id
         with _checking_input(setup.watch, model):
-            await self._enter(door)
-            setup.entered = True
+            if defer_door and await self._cheap_set_up(door, bool(semantic)):
+                setup.deferred = door
+            else:
+                await self._enter(door)
+                setup.entered = True
             filters = await self._filters(tenant, model)
             if semantic:
                 await self._semantic_check(tenant, model, semantic, rid)
@@ -1071,9 +1139,11 @@ class CallPath:
         request_id: str | None = None,
         watch: _Watch | None = None,
         encode: Callable[[Any], list[int]] | None = None,
+        entered: bool = False,
     ) -> Generation:
         """``prompt_ids`` are the stable version's tokens; ``encode(tokenizer)`` makes them
-        again for a version whose weights differ (None: the ids are the only form)."""
+        again for a version whose weights differ (None: the ids are the only form).
+        ``entered``: the call holds a front-door entry, which its stream takes over."""
         assert info.max_model_len is not None
         if not prompt_ids:
             raise InvalidRequest(
@@ -1093,7 +1163,7 @@ class CallPath:
             max_tokens = min(max_tokens, cap(len(prompt_ids)))
         g = Generation(request_id=request_id or f"req-{uuid.uuid4().hex}", model=info.name)
         g.usage.prompt_tokens = len(prompt_ids)
-        entry = _Entry(g.request_id)
+        entry = _Entry(g.request_id, open=entered)
         request = AcquireRequest(
             g.request_id,
             info.name,
@@ -1124,7 +1194,7 @@ class CallPath:
             lambda version: self._ids_for(info, version, prompt_ids, encode),
             entry,
         )
-        if request_id is not None:  # entered at the door: handed back if never streamed
+        if entered:  # handed back if never streamed
             # Watched on the stream, not on ``g``: ``g.__aiter__()`` hands the stream out
             # and ``g`` may be freed before the stream's first step takes the entry over.
             weakref.finalize(g._stream, self._abandoned, asyncio.get_running_loop(), entry)
@@ -1288,7 +1358,7 @@ class CallPath:
         ]
         rid = f"emb-{uuid.uuid4().hex}"
         watch = await self._watch(model, tenant, rid, sample=False)
-        with _SetUp(self, rid, watch) as setup:
+        async with _SetUp(self, rid, watch) as setup:
             _, clean = await self._admit(
                 setup,
                 AcquireRequest(rid, model, tenant, inputs=len(texts)),

@@ -152,6 +152,33 @@ def test_prompts_refused_for_their_length_count_against_the_request_rate(
     wait_for(handed_back, timeout=10, what="the refused requests' entries to come back")
 
 
+def test_short_prompts_refused_before_acquire_count_against_the_request_rate(
+    airi_app, limit_tenant_b
+) -> None:
+    from tests.conftest import wait_for
+
+    # A short prompt's door checks are made by ``acquire``; refused before it, the call
+    # still counts as a request, and once over the rate it is told so.
+    limit_tenant_b(rpm=3)
+    over = {**CHAT, "max_tokens": 5000}  # more than the context window leaves
+    for _ in range(3):
+        r = post(airi_app, "/v1/chat/completions", over)
+        assert r.status_code == 400, r.text
+        assert "max_tokens" in r.json()["error"]["message"]
+    refused = post(airi_app, "/v1/chat/completions", CHAT)
+    assert refused.status_code == 429, refused.text
+    again = post(airi_app, "/v1/chat/completions", over)
+    assert again.status_code == 429, again.text
+    assert "over its 3 requests/minute limit" in again.json()["error"]["message"]
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
+
+    def handed_back() -> bool:
+        out = ray.get(scheduler.outstanding.remote())
+        return out["entered"] == 0 and out["admissions"] == 0
+
+    wait_for(handed_back, timeout=10, what="the refused requests' entries to come back")
+
+
 def test_a_spent_budget_answers_429_naming_the_budget(airi_app, limit_tenant_b) -> None:
     limit_tenant_b(budget_tokens=5, budget_period_s=3600)
     first = post(airi_app, "/v1/chat/completions", CHAT)  # charged with its real tokens
