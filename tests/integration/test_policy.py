@@ -36,6 +36,19 @@ def post(app, path: str, body: dict[str, Any], key: str = OTHER_KEY) -> httpx.Re
     )
 
 
+def wait_for_entries_handed_back() -> None:
+    """Every front-door entry and policy admission is back with the scheduler."""
+    from tests.conftest import wait_for
+
+    scheduler = names.get_actor(names.SCHEDULER_NAME)
+
+    def handed_back() -> bool:
+        out = ray.get(scheduler.outstanding.remote())
+        return out["entered"] == 0 and out["admissions"] == 0
+
+    wait_for(handed_back, timeout=10, what="the refused requests' entries to come back")
+
+
 def test_a_model_outside_the_tenants_acl_is_refused_on_every_surface(
     airi_app, limit_tenant_b
 ) -> None:
@@ -129,8 +142,6 @@ def test_over_the_request_rate_answers_429_and_other_tenants_are_unaffected(
 def test_prompts_refused_for_their_length_count_against_the_request_rate(
     airi_app, limit_tenant_b
 ) -> None:
-    from tests.conftest import wait_for
-
     limit_tenant_b(rpm=3)
     # Long enough to be tokenized on the worker thread, too long for the context window.
     long = {**CHAT, "messages": [{"role": "user", "content": "tents and boots " * 1500}]}
@@ -143,20 +154,12 @@ def test_prompts_refused_for_their_length_count_against_the_request_rate(
     assert "over its 3 requests/minute limit" in refused.json()["error"]["message"]
     # A tenant over its rate is refused at the door, before its prompt is tokenized.
     assert post(airi_app, "/v1/chat/completions", long).status_code == 429
-    scheduler = names.get_actor(names.SCHEDULER_NAME)
-
-    def handed_back() -> bool:
-        out = ray.get(scheduler.outstanding.remote())
-        return out["entered"] == 0 and out["admissions"] == 0
-
-    wait_for(handed_back, timeout=10, what="the refused requests' entries to come back")
+    wait_for_entries_handed_back()
 
 
 def test_short_prompts_refused_before_acquire_count_against_the_request_rate(
     airi_app, limit_tenant_b
 ) -> None:
-    from tests.conftest import wait_for
-
     # A short prompt's door checks are made by ``acquire``; refused before it, the call
     # still counts as a request, and once over the rate it is told so.
     limit_tenant_b(rpm=3)
@@ -170,13 +173,7 @@ def test_short_prompts_refused_before_acquire_count_against_the_request_rate(
     again = post(airi_app, "/v1/chat/completions", over)
     assert again.status_code == 429, again.text
     assert "over its 3 requests/minute limit" in again.json()["error"]["message"]
-    scheduler = names.get_actor(names.SCHEDULER_NAME)
-
-    def handed_back() -> bool:
-        out = ray.get(scheduler.outstanding.remote())
-        return out["entered"] == 0 and out["admissions"] == 0
-
-    wait_for(handed_back, timeout=10, what="the refused requests' entries to come back")
+    wait_for_entries_handed_back()
 
 
 def test_a_spent_budget_answers_429_naming_the_budget(airi_app, limit_tenant_b) -> None:
