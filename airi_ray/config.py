@@ -230,6 +230,15 @@ class ModelSpec(_Spec):
         description="Place replicas on accelerator pools (placement groups); unset: the "
         "replica actor asks Ray for `num_cpus`/`num_gpus`/`resources` directly.",
     )
+    prefill_budget_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Prompt tokens that may wait for their prefill on one replica at once; "
+        "more wait in airi's fair queue, so one tenant's flood of long prompts cannot queue "
+        "in the engine ahead of another tenant's call. A replica with none waiting takes any "
+        "one prompt. Unset: one engine step's worth (vLLM's `max_num_batched_tokens`); "
+        "0: no limit.",
+    )
     prefix_cache_view: Literal["estimate", "engine"] = Field(
         "engine",
         description="What prefix-cache routing knows of each replica's cache: `engine`: what "

@@ -47,6 +47,7 @@ class ReplicaRecord:
     state: str = "loading"
     max_model_len: int | None = None
     kv_capacity_tokens: int | None = None
+    step_tokens: int | None = None  # tokens one engine step computes at most
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     probe_failures: int = 0
     last_probe: float = 0.0
@@ -70,7 +71,16 @@ class ReplicaRecord:
             kv_capacity_tokens=self.kv_capacity_tokens,
             version=self.spec.version,
             cache_events=self.spec.prefix_cache_view == "engine",
+            prefill_budget_tokens=self.prefill_budget_tokens,
         )
+
+    @property
+    def prefill_budget_tokens(self) -> int | None:
+        """The spec's ``prefill_budget_tokens`` (0: none), else one engine step's worth."""
+        budget = self.spec.prefill_budget_tokens
+        if budget is None:
+            return self.step_tokens
+        return budget or None
 
     def record(self) -> dict[str, Any]:
         """What a restarted controller needs to adopt this replica again."""
@@ -80,6 +90,7 @@ class ReplicaRecord:
             "started_at": self.started_at,
             "max_model_len": self.max_model_len,
             "kv_capacity_tokens": self.kv_capacity_tokens,
+            "step_tokens": self.step_tokens,
             "lease": dataclasses.asdict(self.lease) if self.lease else None,
         }
 

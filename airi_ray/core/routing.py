@@ -266,6 +266,10 @@ class ReplicaView:
         cache_events: its engine reports what its prefix cache holds
             (``Scheduler.observe_cache``), so routing reads that instead of remembering
             what it sent there.
+        prefill_budget_tokens: prompt tokens that may wait for their prefill on it at once
+            (about one engine step's worth), None for no limit. Beyond it, requests wait
+            in the scheduler's fair queue instead of the engine's first-come queue, so a
+            tenant's flood of long prompts cannot queue ahead of another tenant's call.
     """
 
     replica_id: str
@@ -279,6 +283,7 @@ class ReplicaView:
     starting: bool = False
     version: str = ""
     cache_events: bool = False
+    prefill_budget_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -290,6 +295,11 @@ class ReplicaView:
             raise ValueError(
                 f"replica {self.replica_id}: kv_capacity_tokens must be positive or None, "
                 f"got {self.kv_capacity_tokens}"
+            )
+        if self.prefill_budget_tokens is not None and self.prefill_budget_tokens < 1:
+            raise ValueError(
+                f"replica {self.replica_id}: prefill_budget_tokens must be positive or None, "
+                f"got {self.prefill_budget_tokens}"
             )
 
     @property
@@ -329,6 +339,7 @@ class ReplicaState:
     in_flight: int = 0
     in_flight_tokens: int = 0
     cache_synced: bool = False
+    prefill_tokens: int = 0  # prompt tokens leased here whose first token is not out yet
 
     @property
     def replica_id(self) -> str:
@@ -344,12 +355,14 @@ class ReplicaState:
     def has_slot(self) -> bool:
         return self.view.ready and self.in_flight < self.view.max_concurrency
 
-    def fits(self, cost_tokens: int) -> bool:
-        """Whether a request of ``cost_tokens`` may start here now.
+    def fits(self, cost_tokens: int, prompt_tokens: int = 0) -> bool:
+        """Whether a request of ``cost_tokens`` (``prompt_tokens`` of them to prefill) may
+        start here now.
 
         An idle replica takes any one request: a request bigger than the KV capacity but
         within the context window would otherwise wait forever. The engine then runs it
-        alone, which is the best it can do.
+        alone, which is the best it can do. Likewise a replica with no prefill pending
+        takes any one prompt, however long.
         """
         v = self.view
         if not v.ready:
@@ -359,7 +372,18 @@ class ReplicaState:
         if self.in_flight >= v.max_concurrency:
             return False
         kv = v.kv_capacity_tokens
-        return kv is None or self.in_flight_tokens + cost_tokens <= kv
+        if kv is not None and self.in_flight_tokens + cost_tokens > kv:
+            return False
+        return self.prefill_fits(prompt_tokens)
+
+    def prefill_fits(self, prompt_tokens: int) -> bool:
+        """Whether ``prompt_tokens`` more may wait for their prefill here now."""
+        budget = self.view.prefill_budget_tokens
+        return (
+            budget is None
+            or self.prefill_tokens == 0
+            or self.prefill_tokens + prompt_tokens <= budget
+        )
 
     def prefix_match(self, hashes: Sequence[int]) -> int:
         """How many leading blocks of ``hashes`` were routed here and are still remembered."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, NoReturn
 
@@ -309,6 +309,9 @@ class Scheduler:
         self._replicas: dict[str, ReplicaState] = {}
         self._queued_in: dict[str, str] = {}  # request id -> model, while queued
         self._leases: dict[str, _Granted] = {}
+        # Leases on replicas with a prefill budget whose first token is not out yet:
+        # request id -> (replica id, prompt tokens it counts against the budget).
+        self._prefilling: dict[str, tuple[str, int]] = {}
         # Leases another scheduler process granted, still running (``adopt``): they take
         # their replica's slot and tokens until ``drop_adopted``.
         self._adopted: dict[str, Lease] = {}
@@ -459,6 +462,10 @@ class Scheduler:
                 if r is not None:
                     r.in_flight += 1
                     r.in_flight_tokens += lease.cost_tokens
+            for replica_id, tokens in self._prefilling.values():
+                r = by_id.get(replica_id)
+                if r is not None:
+                    r.prefill_tokens += tokens
         for rid in old.keys() - set(new_ids):
             del self._replicas[rid]
         for r in kept:
@@ -671,6 +678,26 @@ class Scheduler:
             m.hold_s += _HOLD_EWMA_ALPHA * (held - m.hold_s)
         return lease
 
+    def prefilled(self, request_ids: Iterable[str]) -> bool:
+        """The first tokens of these leases are out: their prompts no longer count against
+        their replicas' prefill budgets. Whether any did (then ``dispatch`` may grant
+        more). Ids not waiting for their prefill are ignored."""
+        freed = False
+        for rid in request_ids:
+            p = self._prefilling.pop(rid, None)
+            if p is None:
+                continue
+            r = self._replicas.get(p[0])
+            if r is not None:
+                r.prefill_tokens -= p[1]
+                freed = True
+        return freed
+
+    def prefill_pending(self) -> tuple[int, int]:
+        """Leases awaiting their first token on budgeted replicas, and the prompt tokens
+        their replicas count for them: both 0 once every call has started or ended."""
+        return len(self._prefilling), sum(r.prefill_tokens for r in self._replicas.values())
+
     def requeue(
         self, request_id: str, exclude_version: bool = False, pin_version: bool = False
     ) -> bool:
@@ -872,9 +899,13 @@ class Scheduler:
                     # if its KV capacity is known. (The order of ``fits`` does not matter:
                     # ``route`` breaks every tie by id.)
                     fits = []
+                    prompt = request.prompt_tokens
                     for r in open_replicas.values():
                         kv = r.view.kv_capacity_tokens
-                        if kv is None or r.in_flight == 0 or r.in_flight_tokens + cost <= kv:
+                        if r.in_flight == 0 or (
+                            (kv is None or r.in_flight_tokens + cost <= kv)
+                            and r.prefill_fits(prompt)
+                        ):
                             fits.append(r)
                 if not fits:
                     return  # head of line waits for room; see ``dispatch``
@@ -920,6 +951,11 @@ class Scheduler:
                 r.in_flight_tokens += cost
                 v = r.view
                 replica_id = v.replica_id
+                if v.prefill_budget_tokens is not None:
+                    # Blocks its engine holds already are not prefilled again.
+                    prefill = max(request.prompt_tokens - blocks * BLOCK_TOKENS, 1)
+                    r.prefill_tokens += prefill
+                    self._prefilling[rid] = (replica_id, prefill)
                 if n >= v.max_concurrency:
                     del open_replicas[replica_id]  # it fit, so it was open
                 version = v.version
@@ -991,7 +1027,7 @@ class Scheduler:
             usable.append(r)
         if not usable:
             return None
-        fits = [r for r in usable if r.fits(cost)]
+        fits = [r for r in usable if r.fits(cost, request.prompt_tokens)]
         if len(live) > 1 and len(usable_versions) > 1:
             eligible = [x for x in live if x in usable_versions]
             sid = request.session_id
@@ -1016,9 +1052,12 @@ class Scheduler:
         """Give back a lease's slot and tokens (its replica may be gone already)."""
         m.in_flight -= 1
         r = self._replicas.get(lease.replica_id)
+        prefilling = self._prefilling.pop(lease.request_id, None) if self._prefilling else None
         if r is not None:
             r.in_flight -= 1
             r.in_flight_tokens -= lease.cost_tokens
+            if prefilling is not None:
+                r.prefill_tokens -= prefilling[1]
             v = r.view
             if v.ready and r.in_flight < v.max_concurrency:
                 # Open (again). On the replica's own model: an id removed from one model and

@@ -642,6 +642,14 @@ class CallPath:
         # restarted scheduler counts the calls still running on each replica.
         self._placed: dict[str, tuple[str, int]] = {}
         self._releases = _Coalescer[tuple[str, dict[str, Any], bool]](self._send_releases)
+        # Leases whose first tokens are out: their replicas' prefill budgets have room.
+        self._prefills = _Coalescer[str](
+            lambda ids: (
+                self._scheduler.prefilled.remote(ids)
+                .future()
+                .add_done_callback(_log_failure("prefills"))
+            )
+        )
         self._audit_events = _Coalescer[AuditEvent](
             lambda items: self._scheduler.audit.remote(items)
         )
@@ -1253,9 +1261,13 @@ class CallPath:
                 call_ids = ids + sent_ids if sent_ids and replay is None else ids
                 try:
                     channel = self._channel(lease.replica_id)
+                    prefilled = False
                     async for text, new_ids, finish, lp in channel.generate(
                         request.request_id, call_ids, call_params
                     ):
+                        if not prefilled:  # this lease's prompt no longer waits
+                            self._prefills.add(request.request_id)
+                            prefilled = True
                         if replay is not None:
                             text, new_ids, k = replay.take(text, new_ids)
                             if lp is not None and k:

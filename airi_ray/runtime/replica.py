@@ -84,6 +84,7 @@ class ModelReplica:
             "replica_id": self.replica_id,
             "max_model_len": self._engine.max_model_len,
             "kv_capacity_tokens": self._engine.kv_capacity_tokens,
+            "step_tokens": getattr(self._engine, "step_tokens", None),
         }
 
     # -- generation over channels ------------------------------------------------------

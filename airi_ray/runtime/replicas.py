@@ -140,6 +140,7 @@ class ReplicaSet:
                     rec["max_model_len"],
                     rec["kv_capacity_tokens"],
                 )
+                r.step_tokens = rec.get("step_tokens")
                 self._note(f"adopted replica {rid} ({spec.key})")
             else:  # it was loading: wait for it as its starter would have
                 self._note(f"adopting replica {rid} ({spec.key}), still loading")
@@ -173,6 +174,7 @@ class ReplicaSet:
         if r.state != "loading":
             return  # stopped while loading
         r.max_model_len, r.kv_capacity_tokens = info["max_model_len"], info["kv_capacity_tokens"]
+        r.step_tokens = info.get("step_tokens")
         r.state, r.last_probe = "ready", time.monotonic()
         self.start_failures.pop(key, None)
         self._note(f"replica {r.replica_id} {'adopted' if adopted else 'ready'}")

@@ -606,6 +606,12 @@ class GlobalScheduler:
             self.metrics.record_call(lease, usage)
         self._dispatch()
 
+    def prefilled(self, request_ids: list[str]) -> None:
+        """These calls' first tokens are out: their prompts no longer hold their replicas'
+        prefill budgets, and what waited for room may be granted."""
+        if self.core.prefilled(request_ids):
+            self._dispatch()
+
     def _wait(self, request_id: str, caller_id: str, now: float) -> None:
         expires = now + self.queue_timeout_s
         self._waiting[request_id] = (caller_id, expires)
@@ -817,6 +823,8 @@ class GlobalScheduler:
             "waiting": len(self._waiting),
             "admissions": len(self._admissions),
             "entered": len(self._entered),
+            # Leases awaiting their first token, and the prefill tokens replicas count.
+            "prefilling": list(core.prefill_pending()),
         }
 
     def timeline_stats(self) -> dict[str, Any]:

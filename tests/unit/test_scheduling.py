@@ -206,6 +206,60 @@ def test_head_of_line_blocks_smaller_requests_behind_a_large_one() -> None:
     assert [lease.request_id for lease in s.dispatch(3.0)] == ["b-big", "a-small"]
 
 
+def test_prompts_past_the_prefill_budget_wait_in_the_fair_queue() -> None:
+    s = sched(rv("r1", 64, prefill_budget_tokens=1000))
+    for i in range(4):
+        s.enqueue(req(f"a{i}", "A", prompt=900), 0.0)
+    assert [lease.request_id for lease in s.dispatch(0.0)] == ["a0"]  # alone: any length
+    assert s.replicas("m")[0].in_flight == 1
+    # a1 waits for room here, in the fair queue, and not in the engine's first-come queue.
+    s.enqueue(req("b0", "B", prompt=50), 1.0)
+    assert s.dispatch(1.0) == []
+    assert s.prefilled(["a0"])
+    # B was lifted to A's counter as it came back, and A's head is older: b0 waited behind
+    # it, and now goes beside a1's prefill (950 of 1000); a2 waits.
+    assert {lease.request_id for lease in s.dispatch(2.0)} == {"a1", "b0"}
+    assert not s.prefilled(["a0", "unknown"])  # told twice, or never leased: no change
+    s.prefilled(["b0"])
+    assert s.dispatch(2.5) == []
+    s.release("a1")  # ended before its first token: its prefill is handed back too
+    assert [lease.request_id for lease in s.dispatch(3.0)] == ["a2"]
+    assert s.prefill_pending() == (1, 900)
+    s.requeue("a2")  # its replica failed it: nothing is left counted there
+    assert s.prefill_pending() == (0, 0)
+
+
+def test_cached_prompt_blocks_do_not_count_against_the_prefill_budget() -> None:
+    s = sched(rv("r1", 64, prefill_budget_tokens=200))
+    ids = list(range(320))  # 20 blocks of 16 tokens
+    hashes = block_hashes(ids)
+    s.enqueue(req("first", prompt=320, prefix_hashes=hashes), 0.0)
+    assert len(s.dispatch(0.0)) == 1
+    s.prefilled(["first"])
+    s.enqueue(req("long", prompt=300), 1.0)
+    assert len(s.dispatch(1.0)) == 1  # 300 tokens to prefill: fits only as the one
+    # The same prompt again: every block is cached there, so one token to prefill.
+    s.enqueue(req("again", prompt=320, prefix_hashes=hashes), 2.0)
+    assert [lease.request_id for lease in s.dispatch(2.0)] == []  # 300 + 320 over 200
+    s.prefilled(["long"])
+    s.enqueue(req("third", prompt=150), 3.0)
+    granted = [lease.request_id for lease in s.dispatch(3.0)]
+    assert granted[0] == "again" and "third" in granted  # "again" counted as 1 token
+
+
+def test_without_a_prefill_budget_prompts_go_to_the_engine_at_once() -> None:
+    s = sched(rv("r1", 64))
+    for i in range(4):
+        s.enqueue(req(f"a{i}", prompt=900), 0.0)
+    assert len(s.dispatch(0.0)) == 4
+    assert not s.prefilled(["a0"])
+
+
+def test_a_prefill_budget_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="prefill_budget_tokens must be positive"):
+        rv("r1", prefill_budget_tokens=0)
+
+
 def test_adopted_calls_hold_their_replicas_slots_and_tokens_until_dropped() -> None:
     """A restarted scheduler counts the calls its callers still run under the previous
     process's leases, so it neither overfills their replica nor routes as if it idled."""
