@@ -90,6 +90,10 @@ def _stat_logger_class(stats: EngineStats) -> Any:
     return _Recorder
 
 
+# A long prompt's prefill chunk per engine step, as a share of the context window: 1/8.
+LONG_PREFILL_SHARE = 8
+
+
 def engine_args(spec: ModelSpec, kv_events_endpoint: str | None = None) -> Any:
     """The ``AsyncEngineArgs`` of a model spec; unknown engine keys are refused by name.
 
@@ -134,7 +138,14 @@ def engine_args(spec: ModelSpec, kv_events_endpoint: str | None = None) -> Any:
         kwargs["kv_events_config"] = KVEventsConfig(
             enable_kv_cache_events=True, publisher="zmq", endpoint=kv_events_endpoint
         )
-    return AsyncEngineArgs(**kwargs)
+    args = AsyncEngineArgs(**kwargs)
+    if spec.task == "generate" and "long_prefill_token_threshold" not in spec.engine:
+        # A step computes at most this much of any one prompt while others wait (vLLM's
+        # chunked prefill): a long prompt then slows each step it shares with another
+        # tenant's call by a little, over several steps, not by a whole prefill at once.
+        window = spec.engine.get("max_model_len") or args.create_model_config().max_model_len
+        args.long_prefill_token_threshold = max(int(window) // LONG_PREFILL_SHARE, 16)
+    return args
 
 
 def explain_failure(e: BaseException) -> tuple[bool, str]:
@@ -172,6 +183,8 @@ class Engine:
         self.kv_capacity_tokens: int | None = (
             cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
         )
+        # Tokens one engine step computes at most (prefill chunks and decodes together).
+        self.step_tokens: int | None = self._llm.vllm_config.scheduler_config.max_num_batched_tokens
 
     def _sampling(self, params: dict[str, Any]) -> Any:
         from vllm import SamplingParams
