@@ -182,6 +182,8 @@ def _leftovers(outstanding: dict[str, Any]) -> list[str]:
         for k in ("callers", "waiting", "admissions", "entered")
         if outstanding[k]
     ]
+    if any(outstanding.get("prefilling", ())):
+        out.append(f"prefilling (leases, tokens)={outstanding['prefilling']}")
     return out
 
 
